@@ -1,0 +1,73 @@
+"""aqueue: an asyncio-native task queue on Redis Streams."""
+
+from aqueue._context import JobContext, current_job
+from aqueue._exceptions import (
+    AqueueError,
+    BrokerConnectionError,
+    BrokerError,
+    CancelExecution,
+    ConfigurationError,
+    JobCancelled,
+    JobError,
+    JobExpired,
+    JobNotFound,
+    JobRevoked,
+    LockTimeout,
+    PayloadTooLarge,
+    RateLimitExceeded,
+    RetryTask,
+    SerializationError,
+    TaskError,
+    TaskLocked,
+    TaskTimeout,
+)
+from aqueue._jobs import Job, JobInfo, ResultGroup
+from aqueue._periodic import Schedule, crontab, every
+from aqueue._queue import Queue
+from aqueue._signals import Signal
+from aqueue._states import JobState
+from aqueue._tasks import AsyncTask, SyncTask, Task, TaskCall
+from aqueue._worker import Worker
+from aqueue.brokers import Broker, MemoryBroker, RedisBroker
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AqueueError",
+    "AsyncTask",
+    "Broker",
+    "BrokerConnectionError",
+    "BrokerError",
+    "CancelExecution",
+    "ConfigurationError",
+    "Job",
+    "JobCancelled",
+    "JobContext",
+    "JobError",
+    "JobExpired",
+    "JobInfo",
+    "JobNotFound",
+    "JobRevoked",
+    "JobState",
+    "LockTimeout",
+    "MemoryBroker",
+    "PayloadTooLarge",
+    "Queue",
+    "RateLimitExceeded",
+    "RedisBroker",
+    "ResultGroup",
+    "RetryTask",
+    "Schedule",
+    "SerializationError",
+    "Signal",
+    "SyncTask",
+    "Task",
+    "TaskCall",
+    "TaskError",
+    "TaskLocked",
+    "TaskTimeout",
+    "Worker",
+    "crontab",
+    "current_job",
+    "every",
+]

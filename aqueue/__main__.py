@@ -1,0 +1,5 @@
+import sys
+
+from aqueue._cli import main
+
+sys.exit(main())

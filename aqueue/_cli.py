@@ -1,0 +1,115 @@
+"""`aqueue run module:queue`: a thin command line around `Worker`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+import anyio
+
+from aqueue._exceptions import BrokerConnectionError
+from aqueue._queue import Queue
+from aqueue._worker import Worker
+
+logger = logging.getLogger("aqueue")
+
+EXIT_USAGE = 2
+
+
+class TargetError(Exception):
+    """The `module:attribute` given on the command line does not name a Queue."""
+
+
+def load_queue(target: str) -> Queue:
+    module_name, sep, attribute = target.partition(":")
+    if not sep or not module_name or not attribute:
+        raise TargetError(f"expected module:attribute (e.g. app:queue), got {target!r}")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and module_name.startswith(exc.name):
+            raise TargetError(f"cannot import module {module_name!r}: {exc}") from None
+        raise
+    queue = getattr(module, attribute, None)
+    if queue is None:
+        raise TargetError(f"module {module_name!r} has no attribute {attribute!r}")
+    if not isinstance(queue, Queue):
+        raise TargetError(f"{target} is a {type(queue).__name__}, not an aqueue.Queue")
+    return queue
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="aqueue", description="aqueue task queue")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="run a worker for a queue")
+    run.add_argument("target", help="the queue, as module:attribute (e.g. app:queue)")
+    run.add_argument("--concurrency", type=int, default=100, help="jobs at once (default 100)")
+    run.add_argument("--shutdown-timeout", type=float, default=30.0,
+                     help="seconds running jobs get to finish on SIGTERM (default 30)")
+    run.add_argument("--no-scheduler", action="store_true",
+                     help="do not promote delayed jobs or enqueue periodic ones")
+    verbosity = run.add_mutually_exclusive_group()
+    verbosity.add_argument("-v", "--verbose", action="store_true", help="log debug lines")
+    verbosity.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
+    run.add_argument("--logfile", help="write the log to this file instead of stderr")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    handler: logging.Handler = (
+        logging.FileHandler(args.logfile) if args.logfile else logging.StreamHandler()
+    )
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    if args.concurrency < 1:
+        print("aqueue: --concurrency must be at least 1", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        queue = load_queue(args.target)
+    except TargetError as exc:
+        print(f"aqueue: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    worker = Worker(queue, concurrency=args.concurrency, scheduler=not args.no_scheduler,
+                    shutdown_timeout=args.shutdown_timeout)
+    return anyio.run(_serve, worker)
+
+
+async def _serve(worker: Worker) -> int:
+    try:
+        await worker.queue.connect()
+    except BrokerConnectionError as exc:
+        print(f"aqueue: {exc}", file=sys.stderr)
+        return 1
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_watch_signals, worker)
+        await worker.run()
+        tg.cancel_scope.cancel()
+    await worker.queue.close()
+    return 0
+
+
+async def _watch_signals(worker: Worker) -> None:
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        stopping = False
+        async for signum in signals:
+            name = signal.Signals(signum).name
+            if not stopping:
+                stopping = True
+                logger.warning("%s received: finishing running jobs for up to %ss "
+                               "(send it again to exit at once)", name, worker.shutdown_timeout)
+                worker.stop()
+            else:
+                logger.warning("%s received again: exiting at once; running jobs return after "
+                               "the visibility timeout", name)
+                logging.shutdown()
+                os._exit(128 + signum)

@@ -1,0 +1,73 @@
+"""The running job's context, reached from task code through `current_job()`."""
+
+from __future__ import annotations
+
+import time
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from aqueue._exceptions import AqueueError, TaskTimeout
+from aqueue._serialization import dumps
+from aqueue._time import to_datetime
+
+if TYPE_CHECKING:
+    from aqueue._queue import Queue
+    from aqueue.brokers import Delivery
+
+_current: ContextVar[JobContext | None] = ContextVar("aqueue_current_job", default=None)
+
+
+@dataclass(eq=False)
+class JobContext:
+    """What a running task can learn about, and report on, its own job."""
+
+    id: str
+    task_name: str
+    attempt: int
+    queue: Queue = field(repr=False)
+    _delivery: Delivery = field(repr=False)
+    _deadline: float | None = field(default=None, repr=False)  # time.time() based
+
+    @property
+    def deadline(self) -> datetime | None:
+        """When the job's timeout strikes (UTC), or None without a timeout."""
+        return to_datetime(self._deadline)
+
+    @property
+    def time_remaining(self) -> float | None:
+        """Seconds until the deadline (never negative), or None without a timeout."""
+        if self._deadline is None:
+            return None
+        return max(0.0, self._deadline - time.time())
+
+    def check_timeout(self) -> None:
+        """Raise `TaskTimeout` once past the deadline: for loops that rarely `await`."""
+        if self._deadline is not None and time.time() >= self._deadline:
+            raise TaskTimeout(f"job {self.id} ({self.task_name}) ran past its deadline")
+
+    async def set_progress(
+        self, done: float, total: float | None = None, message: str | None = None
+    ) -> None:
+        """Record progress, visible in `job.info().progress`."""
+        progress = dumps({"done": done, "total": total, "message": message})
+        await self.queue.broker.set_progress(
+            self.queue.name, self.id, self._delivery.token, progress
+        )
+
+
+def current_job() -> JobContext:
+    """The context of the job running in this task; raises outside a job."""
+    context = _current.get()
+    if context is None:
+        raise AqueueError("current_job() was called outside a running job")
+    return context
+
+
+def _enter(context: JobContext) -> Any:
+    return _current.set(context)
+
+
+def _leave(token: Any) -> None:
+    _current.reset(token)

@@ -1,0 +1,127 @@
+"""The error tree.
+
+    AqueueError
+    ├── ConfigurationError          bad arguments to the public API
+    ├── SerializationError          a value JSON cannot carry (fails at enqueue)
+    │   └── PayloadTooLarge         over the queue's payload bound
+    ├── BrokerError                 the broker failed (Redis errors are translated once, at its boundary)
+    │   └── BrokerConnectionError   the broker cannot be reached
+    ├── TaskTimeout                 a job ran past its deadline (not a TimeoutError: it is retried)
+    ├── TaskLocked                  a task's lock is held elsewhere
+    ├── LockTimeout                 `queue.lock()` could not be acquired in time
+    ├── RateLimitExceeded           over a rate limit
+    └── JobError                    about one job's outcome
+        ├── JobNotFound
+        ├── TaskError               the task failed for good; `.metadata` says how
+        ├── JobCancelled
+        ├── JobRevoked
+        └── JobExpired
+
+`RetryTask` and `CancelExecution` are control flow raised by task code, so they stand outside the root:
+a handler catching `AqueueError` never swallows them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class AqueueError(Exception):
+    """Root of every error aqueue raises."""
+
+
+class ConfigurationError(AqueueError, ValueError):
+    """An argument to the public API is invalid."""
+
+
+class SerializationError(AqueueError, TypeError):
+    """A value cannot be carried as JSON."""
+
+
+class PayloadTooLarge(SerializationError):
+    """An encoded payload is over the queue's `max_payload_size`."""
+
+
+class BrokerError(AqueueError):
+    """The broker failed to carry out an operation."""
+
+
+class BrokerConnectionError(BrokerError, ConnectionError):
+    """The broker cannot be reached."""
+
+
+class TaskTimeout(AqueueError):
+    """A job ran past its deadline."""
+
+
+class TaskLocked(AqueueError):
+    """A task's lock is held by another job."""
+
+
+class LockTimeout(AqueueError):
+    """A lock could not be acquired within its timeout."""
+
+
+class RateLimitExceeded(AqueueError):
+    """A rate limit is used up for the current window."""
+
+    def __init__(self, key: str, retry_after: float) -> None:
+        super().__init__(f"rate limit {key!r} exceeded; retry after {retry_after:.3f}s")
+        self.key = key
+        self.retry_after = retry_after
+
+
+class JobError(AqueueError):
+    """About one job's outcome."""
+
+    def __init__(self, message: str, job_id: str | None = None) -> None:
+        super().__init__(message)
+        self.job_id = job_id
+
+
+class JobNotFound(JobError):
+    """No job with this id exists (never enqueued, or its record expired)."""
+
+
+class TaskError(JobError):
+    """The task failed for good.
+
+    `metadata` holds `error` (repr of the exception), `type` (its class name), `traceback` (text),
+    `job_id`, `attempt` and `retries_left`.
+    """
+
+    def __init__(self, metadata: dict[str, Any]) -> None:
+        super().__init__(f"{metadata.get('error')}", job_id=metadata.get("job_id"))
+        self.metadata = metadata
+
+
+class JobCancelled(JobError):
+    """The job was cancelled."""
+
+
+class JobRevoked(JobError):
+    """The job was revoked before it ran."""
+
+
+class JobExpired(JobError):
+    """The job was not started before its expiry."""
+
+
+class RetryTask(Exception):  # noqa: N818 - the name users know from huey
+    """Raise in a task to run it again after `delay` seconds, whatever its retry count."""
+
+    def __init__(self, delay: float | None = None) -> None:
+        super().__init__(f"retry requested (delay={delay})")
+        self.delay = delay
+
+
+class CancelExecution(Exception):  # noqa: N818 - the name users know from huey
+    """Raise in a task to stop it.
+
+    `retry=None` follows the task's retry policy, `True` retries regardless, `False` never retries:
+    the job ends `cancelled`.
+    """
+
+    def __init__(self, retry: bool | None = None) -> None:
+        super().__init__(f"execution cancelled (retry={retry})")
+        self.retry = retry

@@ -1,0 +1,176 @@
+"""Job handles, their recorded state, and groups of results."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
+
+import anyio
+
+from aqueue._exceptions import (
+    JobCancelled,
+    JobExpired,
+    JobNotFound,
+    JobRevoked,
+    TaskError,
+)
+from aqueue._serialization import loads
+from aqueue._states import JobState
+from aqueue._time import to_datetime
+
+if TYPE_CHECKING:
+    from aqueue._queue import Queue
+    from aqueue.brokers import JobRecord
+
+R = TypeVar("R")
+
+
+@dataclass(frozen=True, slots=True)
+class JobInfo:
+    """A snapshot of a job's record. Times are timezone-aware UTC datetimes."""
+
+    id: str
+    task: str
+    state: JobState
+    args: list[Any]
+    kwargs: dict[str, Any]
+    attempt: int
+    progress: dict[str, Any] | None
+    enqueued_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    result: Any
+    error: dict[str, Any] | None
+    """The last error's metadata (as in `TaskError.metadata`), also while a retry waits."""
+    worker: str | None
+    dead_reason: str | None = None
+    """Why the job is in the dead letters, when it is."""
+
+    @classmethod
+    def from_record(cls, record: JobRecord) -> JobInfo:
+        try:
+            call = loads(record.payload) if record.payload else {}
+        except ValueError:
+            call = {}  # an undecodable payload is still listed (it sits in the dead letters)
+        if not isinstance(call, dict):
+            call = {}
+        args, kwargs = call.get("args"), call.get("kwargs")
+        return cls(
+            id=record.id,
+            task=record.task,
+            state=JobState(record.state),
+            args=args if isinstance(args, list) else [],
+            kwargs=kwargs if isinstance(kwargs, dict) else {},
+            attempt=record.attempt,
+            progress=loads(record.progress) if record.progress else None,
+            enqueued_at=to_datetime(record.enqueued_at),
+            started_at=to_datetime(record.started_at),
+            finished_at=to_datetime(record.finished_at),
+            result=loads(record.result) if record.result else None,
+            error=loads(record.error) if record.error else None,
+            worker=record.worker,
+            dead_reason=record.dead_reason,
+        )
+
+
+def outcome(record: JobRecord) -> Any:
+    """The value of a finished job, or the error that stands for its outcome."""
+    state = record.state
+    if state == JobState.SUCCEEDED:
+        return loads(record.result) if record.result else None
+    if state == JobState.FAILED:
+        metadata = loads(record.error) if record.error else {}
+        metadata.setdefault("job_id", record.id)
+        metadata.setdefault("error", record.dead_reason or "failed")
+        metadata.setdefault("type", "")
+        metadata.setdefault("traceback", "")
+        metadata.setdefault("attempt", record.attempt)
+        metadata.setdefault("retries_left", 0)
+        if record.dead_reason:
+            metadata.setdefault("reason", record.dead_reason)
+        raise TaskError(metadata)
+    if state == JobState.CANCELLED:
+        raise JobCancelled(f"job {record.id} was cancelled", job_id=record.id)
+    if state == JobState.REVOKED:
+        raise JobRevoked(f"job {record.id} was revoked", job_id=record.id)
+    if state == JobState.EXPIRED:
+        raise JobExpired(f"job {record.id} expired before it ran", job_id=record.id)
+    raise AssertionError(f"job {record.id} is not finished ({state})")
+
+
+class Job(Generic[R]):
+    """A handle on one job. `queue.job(id)` and the handle `enqueue` returns are interchangeable."""
+
+    __slots__ = ("id", "queue")
+
+    def __init__(self, queue: Queue, job_id: str) -> None:
+        self.queue = queue
+        self.id = job_id
+
+    def __repr__(self) -> str:
+        return f"<Job {self.id} on {self.queue.name!r}>"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Job) and (other.queue.name, other.id) == (self.queue.name, self.id)
+
+    def __hash__(self) -> int:
+        return hash((self.queue.name, self.id))
+
+    async def result(self, timeout: float | None = None) -> R:
+        """The job's value, waiting up to `timeout` seconds (None: forever) for it to finish.
+
+        Raises `TaskError` (failed), `JobCancelled`, `JobRevoked`, `JobExpired`, `JobNotFound`
+        (unknown id: at once) or `TimeoutError` (not finished in time).
+        """
+        record = await self.queue.broker.wait(self.queue.name, self.id, timeout)
+        if record is None:
+            raise JobNotFound(f"no job {self.id} on queue {self.queue.name!r}", job_id=self.id)
+        if record.state not in _FINAL:
+            raise TimeoutError(f"job {self.id} did not finish within {timeout}s ({record.state})")
+        return cast(R, outcome(record))
+
+    async def state(self) -> JobState | None:
+        record = await self.queue.broker.get(self.queue.name, self.id)
+        return None if record is None else JobState(record.state)
+
+    async def info(self) -> JobInfo | None:
+        record = await self.queue.broker.get(self.queue.name, self.id)
+        return None if record is None else JobInfo.from_record(record)
+
+
+_FINAL = {s.value for s in JobState if s.is_final}
+
+
+class ResultGroup(Generic[R]):
+    """Several jobs whose values are wanted together, in order."""
+
+    def __init__(self, jobs: Sequence[Job[Any]]) -> None:
+        self.jobs: list[Job[Any]] = list(jobs)
+
+    def __len__(self) -> int:
+        return len(self.jobs)
+
+    def __iter__(self) -> Iterator[Job[Any]]:
+        return iter(self.jobs)
+
+    def __getitem__(self, index: int) -> Job[Any]:
+        return self.jobs[index]
+
+    async def get(self, timeout: float | None = None) -> list[R]:
+        """Every job's value in order; raises the first error met, like `Job.result`."""
+        with anyio.fail_after(timeout):
+            return [await job.result() for job in self.jobs]
+
+    async def as_completed(self, timeout: float | None = None) -> AsyncIterator[R]:
+        """Values in the order the jobs finish; raises the first error met."""
+        # Plain asyncio tasks, not a task group: a generator must not yield inside a cancel scope.
+        waiters = [asyncio.ensure_future(job.result()) for job in self.jobs]
+        try:
+            for next_done in asyncio.as_completed(waiters, timeout=timeout):
+                yield cast(R, await next_done)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()

@@ -1,0 +1,309 @@
+"""Queue: the entry point. Picks the broker, registers tasks, enqueues, and observes jobs."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from contextlib import asynccontextmanager
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
+
+from aqueue._exceptions import ConfigurationError
+from aqueue._jobs import Job, JobInfo
+from aqueue._serialization import encode_call
+from aqueue._signals import Handler, Signal, Signals
+from aqueue._states import JobState
+from aqueue._tasks import (
+    AsyncTask,
+    CallOptions,
+    SyncTask,
+    Task,
+    TaskPolicy,
+    default_name,
+    timedelta_or_seconds,
+)
+from aqueue._time import Seconds, When, epoch, seconds
+from aqueue.brokers import Broker, MemoryBroker, NewJob, RedisBroker
+
+if TYPE_CHECKING:
+    from aqueue._worker import Worker
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+DEFAULT_RESULT_TTL = 86400.0
+DEFAULT_VISIBILITY_TIMEOUT = 60.0
+DEFAULT_MAX_DELIVERIES = 10
+DEFAULT_MAX_PAYLOAD = 1 << 20
+
+EnqueueCall = tuple[Task[Any, Any], Sequence[Any], dict[str, Any], CallOptions]
+
+
+def broker_from_url(url: str) -> Broker:
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    if scheme == "memory":
+        return MemoryBroker()
+    if scheme in ("redis", "rediss", "unix"):
+        return RedisBroker(url)
+    raise ConfigurationError(
+        "a queue URL starts with redis://, rediss://, unix:// or memory://, got "
+        f"{url.split('://', 1)[0]!r}"
+    )
+
+
+class TaskDecorator:
+    """What `@queue.task(...)` returns: registers the function it decorates."""
+
+    def __init__(self, queue: Queue, name: str | None, policy: TaskPolicy) -> None:
+        self._queue, self._name, self._policy = queue, name, policy
+
+    @overload
+    def __call__(self, fn: Callable[P, Coroutine[Any, Any, R]], /) -> AsyncTask[P, R]: ...
+    @overload
+    def __call__(self, fn: Callable[P, R], /) -> SyncTask[P, R]: ...
+    def __call__(self, fn: Callable[P, Any], /) -> Task[P, Any]:
+        return self._queue._register(fn, self._name, self._policy)
+
+
+class Queue:
+    """A named queue on a broker.
+
+    `Queue("redis://...")`, `Queue("memory://")` or `Queue(broker=...)`. It connects on first use;
+    `async with queue` or `await queue.close()` releases its connections.
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        broker: Broker | None = None,
+        name: str = "default",
+        result_ttl: Seconds = DEFAULT_RESULT_TTL,
+        immediate: bool = False,
+        default_timeout: Seconds | None = None,
+        visibility_timeout: Seconds = DEFAULT_VISIBILITY_TIMEOUT,
+        max_deliveries: int = DEFAULT_MAX_DELIVERIES,
+        max_payload_size: int = DEFAULT_MAX_PAYLOAD,
+    ) -> None:
+        if (url is None) == (broker is None):
+            raise ConfigurationError("give a queue URL or a broker (one of them)")
+        if not name or "{" in name or "}" in name:
+            raise ConfigurationError(f"queue name {name!r} must be non-empty, without braces")
+        if max_deliveries < 1:
+            raise ConfigurationError(f"max_deliveries must be >= 1, got {max_deliveries}")
+        self.broker: Broker = broker if broker is not None else broker_from_url(str(url))
+        self.name = name
+        self.result_ttl = seconds(result_ttl, "result_ttl")
+        self.immediate = immediate
+        self.default_timeout = timedelta_or_seconds(default_timeout)
+        self.visibility_timeout = seconds(visibility_timeout, "visibility_timeout")
+        if self.visibility_timeout < 1:
+            raise ConfigurationError("visibility_timeout must be at least 1 second")
+        self.max_deliveries = max_deliveries
+        self.max_payload_size = max_payload_size
+        self.tasks: dict[str, Task[Any, Any]] = {}
+        self.signals = Signals()
+        self._connected = False
+
+    def __repr__(self) -> str:
+        return f"<Queue {self.name!r} on {self.broker.url}>"
+
+    # --- connection ------------------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        await self.broker.connect()
+        self._connected = True
+
+    async def close(self) -> None:
+        self._connected = False
+        await self.broker.close()
+
+    async def __aenter__(self) -> Queue:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # --- tasks -----------------------------------------------------------------------------------
+
+    @overload
+    def task(self, fn: Callable[P, Coroutine[Any, Any, R]], /) -> AsyncTask[P, R]: ...
+    @overload
+    def task(self, fn: Callable[P, R], /) -> SyncTask[P, R]: ...
+    @overload
+    def task(
+        self,
+        *,
+        retries: int = 0,
+        retry_delay: Seconds = 0.0,
+        retry_backoff: float = 1.0,
+        timeout: Seconds | None = None,
+        priority: int = 0,
+        expires: When | None = None,
+        name: str | None = None,
+    ) -> TaskDecorator: ...
+    def task(
+        self,
+        fn: Callable[..., Any] | None = None,
+        /,
+        *,
+        retries: int = 0,
+        retry_delay: Seconds = 0.0,
+        retry_backoff: float = 1.0,
+        timeout: Seconds | None = None,
+        priority: int = 0,
+        expires: When | None = None,
+        name: str | None = None,
+    ) -> Task[Any, Any] | TaskDecorator:
+        """Register a function as a task: `@queue.task` or `@queue.task(retries=3, ...)`."""
+        policy = TaskPolicy(
+            retries=retries,
+            retry_delay=seconds(retry_delay, "retry_delay"),
+            retry_backoff=retry_backoff,
+            timeout=timedelta_or_seconds(timeout) or self.default_timeout,
+            priority=priority,
+            expires=expires,
+        )
+        decorator = TaskDecorator(self, name, policy)
+        return decorator if fn is None else decorator(fn)
+
+    def _register(self, fn: Callable[P, Any], name: str | None, policy: TaskPolicy) -> Task[P, Any]:
+        if not callable(fn):
+            raise ConfigurationError(f"@queue.task decorates a function, got {fn!r}")
+        task_name = name or default_name(fn)
+        if task_name in self.tasks and self.tasks[task_name].fn is not fn:
+            raise ConfigurationError(f"a task named {task_name!r} is already registered")
+        kind: type[Task[P, Any]] = AsyncTask if _is_async(fn) else SyncTask
+        task = kind(self, fn, task_name, policy)
+        self.tasks[task_name] = task
+        return task
+
+    # --- enqueueing ------------------------------------------------------------------------------
+
+    async def _enqueue_calls(self, calls: Sequence[EnqueueCall]) -> list[Job[Any]]:
+        now = time.time()
+        new_jobs = [self._new_job(task, args, kwargs, call, now) for task, args, kwargs, call in calls]
+        if not self._connected:
+            await self.connect()
+        ids = await self.broker.enqueue(self.name, new_jobs)
+        jobs = [Job[Any](self, job_id) for job_id in ids]
+        if self.signals.wants(Signal.ENQUEUED) or self.signals.wants(Signal.SCHEDULED):
+            for new, job in zip(new_jobs, jobs, strict=True):
+                signal = Signal.SCHEDULED if new.eta and new.eta > now else Signal.ENQUEUED
+                await self.signals.send(signal, _SignalJob(job.id, new.task))
+        if self.immediate:
+            from aqueue._worker import run_immediately
+
+            await run_immediately(self, [j for n, j in zip(new_jobs, jobs, strict=True)
+                                         if not (n.eta and n.eta > now)])
+        return jobs
+
+    def _new_job(
+        self,
+        task: Task[Any, Any],
+        args: Sequence[Any],
+        kwargs: dict[str, Any],
+        call: CallOptions,
+        now: float,
+    ) -> NewJob:
+        overrides: dict[str, Any] = {}
+        if call.timeout is not None:
+            overrides["timeout"] = timedelta_or_seconds(call.timeout)
+        if call.retries is not None:
+            overrides["retries"] = call.retries
+        payload = encode_call(task.name, args, kwargs, overrides, self.max_payload_size)
+        eta: float | None = None
+        if call.eta is not None:
+            eta = epoch(call.eta, now, "eta")
+        elif call.delay is not None:
+            eta = epoch(call.delay, now, "delay")
+        expires = call.expires if call.expires is not None else task.policy.expires
+        return NewJob(
+            id=uuid.uuid4().hex,
+            task=task.name,
+            payload=payload,
+            priority=call.priority if call.priority is not None else task.policy.priority,
+            eta=eta,
+            expires=None if expires is None else epoch(expires, max(now, eta or now), "expires"),
+            key=call.key,
+            enqueued_at=now,
+        )
+
+    # --- observing -------------------------------------------------------------------------------
+
+    def job(self, job_id: str) -> Job[Any]:
+        """A handle on a job from its id alone."""
+        return Job(self, job_id)
+
+    async def jobs(
+        self, state: JobState | str | None = None, task: str | None = None, limit: int = 100
+    ) -> list[JobInfo]:
+        """Jobs newest first, filtered by state and task name."""
+        if state is not None:
+            state = JobState(state)
+        records = await self.broker.jobs(self.name, state, task, limit)
+        return [JobInfo.from_record(r) for r in records]
+
+    async def dead_letters(self, limit: int = 100) -> list[JobInfo]:
+        """Jobs that failed for good, newest first, with `dead_reason` saying why."""
+        return [JobInfo.from_record(r) for r in await self.broker.dead_letters(self.name, limit)]
+
+    async def retry(self, job_id: str) -> bool:
+        """Run a dead-lettered job again with a fresh attempt count. False if it is not one."""
+        return await self.broker.retry(self.name, job_id, time.time())
+
+    async def purge_dead_letters(self) -> int:
+        return await self.broker.purge_dead_letters(self.name)
+
+    # --- signals and workers ---------------------------------------------------------------------
+
+    def on(self, *signals: Signal) -> Callable[[Handler], Handler]:
+        """Register a sync or async handler `(signal, job, exc=None)`; no signals means all."""
+
+        def register(handler: Handler) -> Handler:
+            self.signals.connect(handler, signals)
+            return handler
+
+        return register
+
+    @asynccontextmanager
+    async def worker(
+        self,
+        concurrency: int = 100,
+        *,
+        scheduler: bool = True,
+        shutdown_timeout: float = 30.0,
+    ) -> AsyncIterator[Worker]:
+        """Run a worker in the background of the current task; it stops gracefully on exit."""
+        from aqueue._worker import Worker
+
+        worker = Worker(self, concurrency=concurrency, scheduler=scheduler,
+                        shutdown_timeout=shutdown_timeout)
+        async with worker.running():
+            yield worker
+
+
+class _SignalJob:
+    """What a signal handler receives for a job: its id and task name."""
+
+    __slots__ = ("id", "task_name")
+
+    def __init__(self, job_id: str, task_name: str) -> None:
+        self.id, self.task_name = job_id, task_name
+
+    def __repr__(self) -> str:
+        return f"<job {self.id} {self.task_name}>"
+
+
+def _is_async(fn: Callable[..., Any]) -> bool:
+    import inspect
+
+    return inspect.iscoroutinefunction(fn)
+

@@ -1,0 +1,161 @@
+"""Tasks: a function registered on a queue, callable here and now or enqueued to run on a worker."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Coroutine, Iterable
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, cast
+
+from aqueue._exceptions import ConfigurationError
+from aqueue._time import Seconds, When
+
+if TYPE_CHECKING:
+    from aqueue._jobs import Job, ResultGroup
+    from aqueue._queue import Queue
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+@dataclass(frozen=True, slots=True)
+class TaskPolicy:
+    """How a task's jobs run. Set on the decorator; some fields overridable per call."""
+
+    retries: int = 0
+    retry_delay: float = 0.0
+    retry_backoff: float = 1.0
+    timeout: float | None = None
+    priority: int = 0
+    expires: When | None = None
+
+    def __post_init__(self) -> None:
+        if self.retries < 0:
+            raise ConfigurationError(f"retries must be >= 0, got {self.retries}")
+        if self.retry_delay < 0 or self.retry_backoff < 1:
+            raise ConfigurationError("retry_delay must be >= 0 and retry_backoff >= 1")
+        if self.timeout is not None and self.timeout <= 0:
+            raise ConfigurationError(f"timeout must be > 0, got {self.timeout}")
+
+    def retry_wait(self, attempt: int) -> float:
+        """Seconds before attempt `attempt + 1`."""
+        return float(self.retry_delay * self.retry_backoff ** (attempt - 1))
+
+
+@dataclass(frozen=True, slots=True)
+class CallOptions:
+    """Options of one enqueue, on top of the task's policy."""
+
+    delay: Seconds | None = None
+    eta: datetime | None = None
+    priority: int | None = None
+    expires: When | None = None
+    timeout: Seconds | None = None
+    retries: int | None = None
+    key: str | None = None
+
+
+class Task(Generic[P, R]):
+    """A registered task. Subclasses type the direct call for async and plain functions."""
+
+    def __init__(self, queue: Queue, fn: Callable[P, Any], name: str, policy: TaskPolicy) -> None:
+        self.queue = queue
+        self.fn = fn
+        self.name = name
+        self.policy = policy
+        self.is_async = inspect.iscoroutinefunction(fn)
+        self.__doc__ = fn.__doc__
+        self.__name__ = getattr(fn, "__name__", name)
+        self.__wrapped__ = fn
+
+    def __repr__(self) -> str:
+        return f"<Task {self.name} on {self.queue.name!r}>"
+
+    def options(
+        self,
+        *,
+        delay: Seconds | None = None,
+        eta: datetime | None = None,
+        priority: int | None = None,
+        expires: When | None = None,
+        timeout: Seconds | None = None,
+        retries: int | None = None,
+        key: str | None = None,
+    ) -> TaskCall[P, R]:
+        """A configured copy: `.enqueue(...)` takes the task's own arguments, none stolen."""
+        if delay is not None and eta is not None:
+            raise ConfigurationError("give delay or eta, not both")
+        if retries is not None and retries < 0:
+            raise ConfigurationError(f"retries must be >= 0, got {retries}")
+        return TaskCall(self, CallOptions(delay, eta, priority, expires, timeout, retries, key))
+
+    async def enqueue(self, *args: P.args, **kwargs: P.kwargs) -> Job[R]:
+        return await TaskCall(self, CallOptions()).enqueue(*args, **kwargs)
+
+    async def schedule(
+        self,
+        args: Iterable[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        *,
+        delay: Seconds | None = None,
+        eta: datetime | None = None,
+    ) -> Job[R]:
+        """Enqueue to run after `delay` seconds or at `eta`."""
+        call = self.options(delay=delay, eta=eta)
+        jobs = await self.queue._enqueue_calls([(self, tuple(args), kwargs or {}, call.call)])
+        return cast("Job[R]", jobs[0])
+
+    async def map(self, items: Iterable[Any]) -> ResultGroup[R]:
+        """Enqueue one job per item (a tuple of arguments, or a single argument) in bulk."""
+        from aqueue._jobs import ResultGroup
+
+        calls = [
+            (self, item if isinstance(item, tuple) else (item,), {}, CallOptions())
+            for item in items
+        ]
+        return ResultGroup(await self.queue._enqueue_calls(calls))
+
+
+class AsyncTask(Task[P, R]):
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, R]:
+        """Run the function here and now, unchanged: no queue involved."""
+        return cast("Coroutine[Any, Any, R]", self.fn(*args, **kwargs))
+
+
+class SyncTask(Task[P, R]):
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Run the function here and now, unchanged: no queue involved."""
+        return cast(R, self.fn(*args, **kwargs))
+
+
+class TaskCall(Generic[P, R]):
+    """A task with per-call options, from `task.options(...)`."""
+
+    def __init__(self, task: Task[P, R], call: CallOptions) -> None:
+        self.task = task
+        self.call = call
+
+    async def enqueue(self, *args: P.args, **kwargs: P.kwargs) -> Job[R]:
+        jobs = await self.task.queue._enqueue_calls([(self.task, args, kwargs, self.call)])
+        return cast("Job[R]", jobs[0])
+
+    def with_options(self, **changes: Any) -> TaskCall[P, R]:
+        return TaskCall(self.task, replace(self.call, **changes))
+
+
+def policy_for_call(policy: TaskPolicy, overrides: dict[str, Any]) -> TaskPolicy:
+    """The policy a job runs under: the task's, with the call's overrides."""
+    if not overrides:
+        return policy
+    return replace(policy, **{k: v for k, v in overrides.items() if k in ("retries", "timeout")})
+
+
+def default_name(fn: Callable[..., Any]) -> str:
+    return f"{fn.__module__}.{fn.__qualname__}"
+
+
+def timedelta_or_seconds(value: Seconds | None) -> float | None:
+    if value is None:
+        return None
+    return value.total_seconds() if isinstance(value, timedelta) else float(value)

@@ -1,0 +1,33 @@
+"""Conversions of the times users give (seconds, timedelta, datetime) to epoch seconds."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from aqueue._exceptions import ConfigurationError
+
+Seconds = float | int | timedelta
+When = float | int | timedelta | datetime
+
+
+def seconds(value: Seconds, what: str) -> float:
+    result = value.total_seconds() if isinstance(value, timedelta) else float(value)
+    if result < 0:
+        raise ConfigurationError(f"{what} must not be negative, got {value!r}")
+    return result
+
+
+def aware(moment: datetime) -> datetime:
+    """Naive datetimes mean UTC."""
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
+
+
+def epoch(value: When, now: float, what: str) -> float:
+    """An absolute time (datetime) or one relative to `now` (seconds or timedelta)."""
+    if isinstance(value, datetime):
+        return aware(value).timestamp()
+    return now + seconds(value, what)
+
+
+def to_datetime(value: float | None) -> datetime | None:
+    return None if value is None else datetime.fromtimestamp(value, UTC)

@@ -1,0 +1,69 @@
+"""Writes completions to the broker in batches: whatever ended while the last write was in flight
+goes in the next one, so a busy worker makes one round trip for many jobs."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import anyio
+
+from aqueue._exceptions import BrokerConnectionError, BrokerError
+from aqueue.brokers import Broker, Completion
+
+logger = logging.getLogger("aqueue")
+
+MAX_BATCH = 500
+
+
+class Completer:
+    def __init__(
+        self,
+        broker: Broker,
+        queue: str,
+        result_ttl: float,
+        on_written: Callable[[list[Completion]], None],
+    ) -> None:
+        self._broker, self._queue, self._ttl = broker, queue, result_ttl
+        self._on_written = on_written
+        self._pending: list[Completion] = []
+        self._wake = anyio.Event()
+        self._idle = anyio.Event()
+        self._idle.set()
+
+    def put(self, completion: Completion) -> None:
+        self._pending.append(completion)
+        self._idle = anyio.Event() if self._idle.is_set() else self._idle
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Write batches until cancelled."""
+        while True:
+            await self._wake.wait()
+            self._wake = anyio.Event()
+            while self._pending:
+                batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
+                await self._write(batch)
+            self._idle.set()
+
+    async def drained(self) -> None:
+        """Wait until everything put so far is written."""
+        await self._idle.wait()
+
+    async def _write(self, batch: list[Completion]) -> None:
+        backoff = 0.05
+        while True:
+            try:
+                await self._broker.finish(self._queue, batch, self._ttl)
+                break
+            except BrokerConnectionError as exc:
+                # Outcomes are never dropped for a lost connection: wait for the broker to return.
+                logger.warning("cannot write %d job outcome(s), retrying: %s", len(batch), exc)
+                await anyio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+            except BrokerError:
+                # Not a connection problem: the leases lapse and the jobs are delivered again.
+                logger.exception("writing %d job outcome(s) failed; they will be redelivered",
+                                 len(batch))
+                break
+        self._on_written(batch)

@@ -1,0 +1,143 @@
+"""Runs one delivery in its own cancel scope and says how it ended."""
+
+from __future__ import annotations
+
+import time
+import traceback
+from dataclasses import dataclass, field
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from aqueue._context import JobContext, _enter, _leave
+from aqueue._exceptions import CancelExecution, RetryTask, SerializationError, TaskTimeout
+from aqueue._serialization import dumps, encode_result, loads
+from aqueue._signals import Signal
+from aqueue._tasks import TaskPolicy, policy_for_call
+from aqueue.brokers import Completion, Delivery, Outcome
+
+if TYPE_CHECKING:
+    from aqueue._queue import Queue
+
+
+@dataclass(eq=False)
+class RunningJob:
+    """A delivery being executed, with the cancel scope that can stop it."""
+
+    delivery: Delivery
+    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    interrupted: bool = False
+    """Set when the worker shuts down: the job is handed back, not failed."""
+
+    def interrupt(self) -> None:
+        self.interrupted = True
+        self.scope.cancel()
+
+
+def _metadata(exc: BaseException, d: Delivery, retries_left: int) -> dict[str, Any]:
+    return {
+        "error": repr(exc),
+        "type": type(exc).__name__,
+        "traceback": "".join(traceback.format_exception(exc)),
+        "job_id": d.job_id,
+        "attempt": d.attempt,
+        "retries_left": retries_left,
+    }
+
+
+def dead(d: Delivery, reason: str) -> Completion:
+    """A delivery no worker can run (unknown task, undecodable payload): straight to the dead letters."""
+    error = {"error": reason, "type": "", "traceback": "", "job_id": d.job_id,
+             "attempt": d.attempt, "retries_left": 0}
+    return Completion(d, Outcome.FAILED, time.time(), error=dumps(error), reason=reason)
+
+
+async def execute(queue: Queue, running: RunningJob) -> Completion | None:
+    """Run the job; return its completion, or None when it was interrupted (hand it back)."""
+    d = running.delivery
+    task = queue.tasks.get(d.task)
+    if task is None:
+        return dead(d, f"unknown task {d.task!r}: not registered on this worker")
+    try:
+        call = loads(d.payload)
+        args, kwargs, overrides = call["args"], call["kwargs"], call.get("options") or {}
+        if not (isinstance(args, list) and isinstance(kwargs, dict) and isinstance(overrides, dict)):
+            raise TypeError("args must be a list, kwargs and options objects")
+        policy = policy_for_call(task.policy, overrides)
+    except (ValueError, TypeError, KeyError) as exc:
+        return dead(d, f"undecodable payload: {exc!r}")
+
+    deadline = time.time() + policy.timeout if policy.timeout else None
+    context = JobContext(d.job_id, d.task, d.attempt, queue, d, deadline)
+    signals = queue.signals
+    if signals.wants(Signal.EXECUTING):
+        await signals.send(Signal.EXECUTING, context)
+    error: BaseException | None = None
+    value: Any = None
+    with running.scope:
+        if policy.timeout:
+            running.scope.deadline = anyio.current_time() + policy.timeout
+        token = _enter(context)
+        try:
+            if task.is_async:
+                value = await task.fn(*args, **kwargs)
+            else:
+                value = await anyio.to_thread.run_sync(partial(task.fn, *args, **kwargs))
+        except Exception as exc:  # the job's failure, judged below; cancellation passes through
+            error = exc
+        finally:
+            _leave(token)
+    if running.scope.cancelled_caught:
+        if running.interrupted:
+            if signals.wants(Signal.INTERRUPTED):
+                await signals.send(Signal.INTERRUPTED, context)
+            return None
+        error = TaskTimeout(f"job {d.job_id} ({d.task}) timed out after {policy.timeout}s")
+        if signals.wants(Signal.TIMEOUT):
+            await signals.send(Signal.TIMEOUT, context, error)
+    if error is None:
+        try:
+            result = encode_result(value)
+        except SerializationError as exc:  # retrying would give the same value: fail for good
+            return await _fail(queue, context, policy, exc, retry=False)
+        if signals.wants(Signal.COMPLETE):
+            await signals.send(Signal.COMPLETE, context)
+        return Completion(d, Outcome.SUCCEEDED, time.time(), result=result)
+    if isinstance(error, RetryTask):
+        return await _retry(queue, context, policy, error, error.delay)
+    if isinstance(error, CancelExecution) and error.retry is not None:
+        if error.retry:
+            return await _retry(queue, context, policy, error, None)
+        if signals.wants(Signal.CANCELLED):
+            await signals.send(Signal.CANCELLED, context, error)
+        meta = _metadata(error, d, 0)
+        return Completion(d, Outcome.CANCELLED, time.time(), error=dumps(meta))
+    return await _fail(queue, context, policy, error, retry=True)
+
+
+async def _retry(
+    queue: Queue, context: JobContext, policy: TaskPolicy, error: BaseException,
+    delay: float | None,
+) -> Completion:
+    d = context._delivery
+    now = time.time()
+    if queue.signals.wants(Signal.RETRYING):
+        await queue.signals.send(Signal.RETRYING, context, error)
+    meta = _metadata(error, d, max(0, policy.retries - d.attempt + 1))
+    return Completion(d, Outcome.RETRY, now, error=dumps(meta),
+                      retry_at=now + delay if delay else None)
+
+
+async def _fail(
+    queue: Queue, context: JobContext, policy: TaskPolicy, error: BaseException, *, retry: bool
+) -> Completion:
+    d = context._delivery
+    retries_left = policy.retries - (d.attempt - 1)
+    if retry and retries_left > 0:
+        return await _retry(queue, context, policy, error, policy.retry_wait(d.attempt))
+    if queue.signals.wants(Signal.ERROR):
+        await queue.signals.send(Signal.ERROR, context, error)
+    meta = _metadata(error, d, 0)
+    reason = f"failed after {d.attempt} attempt(s): {type(error).__name__}"
+    return Completion(d, Outcome.FAILED, time.time(), error=dumps(meta), reason=reason)

@@ -1,0 +1,258 @@
+"""The worker: one event loop running a fetcher, the jobs it hands out, and the services beside them.
+
+    fetcher ──receive/reclaim──▶ one task per job (own cancel scope) ──▶ completer ──finish──▶ broker
+    lease renewer: renews every held lease in one call     scheduler: promotes due jobs
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
+
+import anyio
+from anyio.abc import TaskGroup, TaskStatus
+
+from aqueue._exceptions import BrokerConnectionError, BrokerError, ConfigurationError
+from aqueue._worker._completer import Completer
+from aqueue._worker._executor import RunningJob, execute
+from aqueue.brokers import Completion, Delivery
+
+if TYPE_CHECKING:
+    from aqueue._queue import Queue
+
+logger = logging.getLogger("aqueue")
+
+FETCH_BLOCK = 1.0  # seconds a receive waits for a job; bounds how long a stop request waits
+SCHEDULER_TICK = 0.1  # a due job waits at most this long to become ready
+PROMOTE_BATCH = 1000
+
+
+def consumer_name() -> str:
+    return f"{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:6]}"
+
+
+class Worker:
+    """Runs a queue's jobs: up to `concurrency` at once, each in its own cancel scope."""
+
+    def __init__(
+        self,
+        queue: Queue,
+        *,
+        concurrency: int = 100,
+        scheduler: bool = True,
+        shutdown_timeout: float = 30.0,
+        name: str | None = None,
+    ) -> None:
+        if concurrency < 1:
+            raise ConfigurationError(f"concurrency must be >= 1, got {concurrency}")
+        if shutdown_timeout < 0:
+            raise ConfigurationError("shutdown_timeout must not be negative")
+        self.queue = queue
+        self.concurrency = concurrency
+        self.scheduler = scheduler
+        self.shutdown_timeout = shutdown_timeout
+        self.name = name or consumer_name()
+        self.jobs_done = 0
+        self._running: dict[str, RunningJob] = {}
+        self._held: dict[str, Delivery] = {}  # leased until their outcome is written
+        self._handed_back: list[Delivery] = []
+        self._stop_requested = False
+        self._wake_fetcher = anyio.Event()
+        self._all_idle = anyio.Event()
+        self._completer: Completer | None = None
+        self._services: TaskGroup | None = None
+        self._fetch_ended = anyio.Event()
+
+    def __repr__(self) -> str:
+        return f"<Worker {self.name} on {self.queue!r}>"
+
+    def stop(self) -> None:
+        """Stop taking jobs; running jobs get `shutdown_timeout` seconds, then are handed back."""
+        if self._stop_requested:
+            return
+        self._stop_requested = True
+        self._wake_fetcher.set()
+        if self._services is not None:
+            self._services.start_soon(self._unblock_fetcher)
+
+    async def _unblock_fetcher(self) -> None:
+        # The fetcher may be waiting in `receive`; end the wait without losing what it claims.
+        # Retry briefly: the interrupt can land just before the wait begins.
+        while not self._fetch_ended.is_set():
+            try:
+                await self.queue.broker.interrupt_receive(self.queue.name, self.name)
+            except BrokerError:
+                return  # the receive times out by itself
+            with anyio.move_on_after(0.05):
+                await self._fetch_ended.wait()
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[Worker]:
+        """Run in the background of the current task; stop gracefully on exit."""
+        async with anyio.create_task_group() as tg:
+            await tg.start(self.run)
+            try:
+                yield self
+            finally:
+                self.stop()
+
+    async def run(self, *, task_status: TaskStatus[Worker] = anyio.TASK_STATUS_IGNORED) -> None:
+        queue = self.queue
+        await queue.connect()
+        logger.info(
+            "worker %s: queue %r on %s, concurrency %d, tasks: %s",
+            self.name, queue.name, queue.broker.url, self.concurrency,
+            ", ".join(sorted(queue.tasks)) or "(none)",
+        )
+        self._completer = Completer(queue.broker, queue.name, queue.result_ttl, self._written)
+        async with anyio.create_task_group() as services:
+            self._services = services
+            if self._stop_requested:  # stopped before it started
+                services.start_soon(self._unblock_fetcher)
+            services.start_soon(self._completer.run)
+            services.start_soon(self._renew_leases)
+            if self.scheduler:
+                services.start_soon(self._promote_due)
+            async with anyio.create_task_group() as jobs:
+                task_status.started(self)
+                try:
+                    await self._fetch(jobs)
+                finally:
+                    self._fetch_ended.set()
+                await self._wind_down()
+            await self._release(self._handed_back)
+            await self._completer.drained()
+            services.cancel_scope.cancel()
+        logger.info("worker %s stopped after %d job(s)", self.name, self.jobs_done)
+
+    # --- fetching --------------------------------------------------------------------------------
+
+    async def _fetch(self, jobs: TaskGroup) -> None:
+        queue, broker = self.queue, self.queue.broker
+        reclaim_every = max(1.0, queue.visibility_timeout / 4)
+        next_reclaim = 0.0
+        backoff = 0.05
+        while not self._stop_requested:
+            free = self.concurrency - len(self._running)
+            if free <= 0:
+                self._wake_fetcher = anyio.Event()
+                await self._wake_fetcher.wait()
+                continue
+            try:
+                deliveries: list[Delivery] = []
+                if time.monotonic() >= next_reclaim:
+                    next_reclaim = time.monotonic() + reclaim_every
+                    deliveries = await broker.reclaim(queue.name, self.name, free,
+                                                      queue.visibility_timeout, queue.max_deliveries)
+                    for d in deliveries:
+                        logger.warning("job %s (%s) taken over from a silent worker", d.job_id, d.task)
+                if not deliveries:
+                    deliveries = await broker.receive(queue.name, self.name, free, FETCH_BLOCK,
+                                                      queue.max_deliveries)
+                backoff = 0.05
+            except BrokerConnectionError as exc:
+                logger.warning("broker unreachable, retrying in %.2fs: %s", backoff, exc)
+                await anyio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            except BrokerError:
+                logger.exception("receiving jobs failed, retrying in %.2fs", backoff)
+                await anyio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            for d in deliveries:
+                self._held[d.job_id] = d
+                if self._stop_requested:
+                    self._handed_back.append(d)
+                else:
+                    running = RunningJob(d)
+                    self._running[d.job_id] = running
+                    jobs.start_soon(self._run_job, running, name=f"aqueue job {d.job_id}")
+
+    async def _run_job(self, running: RunningJob) -> None:
+        d = running.delivery
+        try:
+            completion = await execute(self.queue, running)
+        except Exception:
+            # A fault of aqueue's own, not of the task: hand the job back rather than lose it.
+            logger.exception("job %s (%s): internal error, handing it back", d.job_id, d.task)
+            completion = None
+        finally:
+            del self._running[d.job_id]
+            self._wake_fetcher.set()
+            if not self._running:
+                self._all_idle.set()
+        if completion is None:
+            self._handed_back.append(d)
+        else:
+            self.jobs_done += 1
+            assert self._completer is not None
+            self._completer.put(completion)
+
+    def _written(self, completions: list[Completion]) -> None:
+        for c in completions:
+            if self._held.get(c.delivery.job_id) is c.delivery:
+                del self._held[c.delivery.job_id]
+
+    # --- stopping --------------------------------------------------------------------------------
+
+    async def _wind_down(self) -> None:
+        if not self._running:
+            return
+        logger.info("worker %s stopping: waiting up to %ss for %d running job(s)",
+                    self.name, self.shutdown_timeout, len(self._running))
+        self._all_idle = anyio.Event()
+        with anyio.move_on_after(self.shutdown_timeout):
+            await self._all_idle.wait()
+        for running in list(self._running.values()):
+            logger.warning("job %s (%s) interrupted by shutdown: handing it back",
+                           running.delivery.job_id, running.delivery.task)
+            running.interrupt()
+
+    async def _release(self, deliveries: list[Delivery]) -> None:
+        if not deliveries:
+            return
+        with anyio.CancelScope(shield=True):
+            try:
+                await self.queue.broker.release(self.queue.name, deliveries)
+            except BrokerError as exc:
+                logger.warning("could not hand back %d job(s) (they return after the "
+                               "visibility timeout): %s", len(deliveries), exc)
+        for d in deliveries:
+            self._held.pop(d.job_id, None)
+        deliveries.clear()
+
+    # --- services --------------------------------------------------------------------------------
+
+    async def _renew_leases(self) -> None:
+        queue = self.queue
+        while True:
+            await anyio.sleep(queue.visibility_timeout / 3)
+            held = list(self._held.values())
+            if not held:
+                continue
+            try:
+                lost = await queue.broker.renew(queue.name, self.name, held)
+            except BrokerError as exc:
+                logger.warning("renewing %d lease(s) failed: %s", len(held), exc)
+                continue
+            for job_id in lost:
+                logger.warning("job %s: lease lost (another worker took it over)", job_id)
+
+    async def _promote_due(self) -> None:
+        queue = self.queue
+        while True:
+            try:
+                nxt = await queue.broker.promote_due(queue.name, time.time(), PROMOTE_BATCH)
+            except BrokerError as exc:
+                logger.warning("promoting due jobs failed: %s", exc)
+                await anyio.sleep(1.0)
+                continue
+            wait = SCHEDULER_TICK if nxt is None else min(SCHEDULER_TICK, nxt - time.time())
+            await anyio.sleep(max(wait, 0.0))

@@ -1,0 +1,231 @@
+"""The broker interface: the atomic domain operations every queue feature is built from.
+
+A broker stores opaque payloads plus the few fields it indexes; serialization lives above it. Every
+method is one atomic step (one Lua script on Redis, one await-free critical section in memory), so
+several workers calling it at once cannot interleave inside it.
+
+Every method takes the queue name first: one broker instance can serve several queues, and several
+`Queue` objects given the same broker share its jobs, as several processes share one Redis.
+Times are epoch seconds (`float`), read from the caller's clock.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+@dataclass(slots=True, frozen=True)
+class NewJob:
+    """A job as a producer hands it over."""
+
+    id: str
+    task: str
+    payload: bytes
+    priority: int = 0
+    eta: float | None = None
+    """When it may run (epoch seconds); None, or a time already past, means at once."""
+    expires: float | None = None
+    """A job not started by then ends `expired` instead of running."""
+    key: str | None = None
+    """Idempotency key: while a job enqueued with this key is live, enqueue returns that job's id."""
+    enqueued_at: float = 0.0
+
+
+@dataclass(slots=True)
+class JobRecord:
+    """Everything the broker keeps about one job."""
+
+    id: str
+    task: str
+    state: str
+    payload: bytes
+    priority: int = 0
+    attempt: int = 1
+    enqueued_at: float = 0.0
+    eta: float | None = None
+    expires: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    worker: str | None = None
+    result: bytes | None = None
+    error: bytes | None = None
+    progress: bytes | None = None
+    key: str | None = None
+    dead_reason: str | None = None
+
+
+@dataclass(slots=True)
+class Delivery:
+    """One hand-over of a job to a worker, leased to it until finished, released or lost."""
+
+    job_id: str
+    task: str
+    payload: bytes
+    attempt: int
+    """1-based; grows by one with each retry (not with a redelivery)."""
+    token: int
+    """Fencing token: grows with every delivery of the job. Operations carrying a stale token
+    (the job was since delivered again) change nothing."""
+    priority: int
+    enqueued_at: float
+    receipt: str
+    """The broker's own handle for this delivery (on Redis, the stream entry id)."""
+
+
+class Outcome(StrEnum):
+    """How a delivery ends."""
+
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"  # for good: the job also enters the dead letters with `reason`
+    CANCELLED = "cancelled"
+    RETRY = "retry"  # attempt + 1, ready again at `retry_at`
+
+
+@dataclass(slots=True)
+class Completion:
+    """What a worker reports when a delivery ends."""
+
+    delivery: Delivery
+    outcome: Outcome
+    finished_at: float
+    result: bytes | None = None
+    error: bytes | None = None
+    retry_at: float | None = None
+    reason: str | None = None
+    """Why a failed job is in the dead letters."""
+
+
+class Broker(ABC):
+    """Abstract async broker. `MemoryBroker` and `RedisBroker` are the two shipped implementations."""
+
+    url: str = ""
+    """Where the broker lives, for log lines: never carries a password."""
+
+    @abstractmethod
+    async def connect(self) -> None:
+        """Open connections. Idempotent. Raises `BrokerConnectionError` when unreachable."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Release connections. Idempotent; the broker may connect again afterwards."""
+
+    # --- producing -------------------------------------------------------------------------------
+
+    @abstractmethod
+    async def enqueue(self, queue: str, jobs: Sequence[NewJob]) -> list[str]:
+        """Store each job and make it ready (state `pending`) or scheduled (`scheduled`, when its
+        eta is in the future). Each job is one atomic step; the list is not one transaction.
+
+        Returns the id under which each job lives: its own, or, when its idempotency key names a
+        job that is still live (not in a final state), that job's id, and nothing is stored.
+        Enqueueing an id that already exists replaces nothing and returns the id.
+        """
+
+    # --- consuming -------------------------------------------------------------------------------
+
+    @abstractmethod
+    async def receive(
+        self, queue: str, consumer: str, count: int, timeout: float, max_deliveries: int
+    ) -> list[Delivery]:
+        """Lease up to `count` ready jobs to `consumer`, highest priority first, then oldest first.
+
+        Waits up to `timeout` seconds for the first job (no busy polling), returns at once when
+        some are ready. Each returned job is now `running`: `started_at`, `worker = consumer` set,
+        its token grown by one, its delivery count grown by one. A job whose delivery count would
+        pass `max_deliveries` is not returned: it ends `failed` in the dead letters with the reason.
+        A job past its `expires` is not returned: it ends `expired`. Returns [] on timeout.
+        """
+
+    @abstractmethod
+    async def interrupt_receive(self, queue: str, consumer: str) -> bool:
+        """Make a `receive` of `consumer` that is waiting return now, as if its timeout passed,
+        without losing any job. True if one was waiting; a no-op (False) otherwise."""
+
+    @abstractmethod
+    async def reclaim(
+        self, queue: str, consumer: str, count: int, idle: float, max_deliveries: int
+    ) -> list[Delivery]:
+        """Take over up to `count` leased jobs whose lease has not been renewed for `idle` seconds
+        (their worker died) and lease them to `consumer`, exactly as `receive` would. Never waits."""
+
+    @abstractmethod
+    async def renew(self, queue: str, consumer: str, deliveries: Sequence[Delivery]) -> list[str]:
+        """Renew the leases of these deliveries held by `consumer`, all in one step.
+
+        Returns the ids of jobs whose lease `consumer` no longer holds (it lapsed and another
+        worker took the job over, or the job was finished elsewhere): their lease is not touched.
+        """
+
+    @abstractmethod
+    async def finish(
+        self, queue: str, completions: Sequence[Completion], result_ttl: float
+    ) -> list[bool]:
+        """End each delivery as its completion says, each in one atomic step: drop the lease and
+        the ready entry, store the outcome, wake anyone waiting on the job.
+
+        - SUCCEEDED / CANCELLED / FAILED: final; `finished_at`, `result` / `error` stored; the
+          idempotency key is freed. SUCCEEDED and CANCELLED records expire after `result_ttl`
+          seconds. FAILED puts the job in the dead letters with `reason`; its record is kept
+          until it is retried or purged.
+        - RETRY: `attempt` + 1, delivery count reset; `scheduled` until `retry_at`, or
+          `pending` at once when `retry_at` is None or past.
+
+        Returns, for each, whether it applied. A completion whose token is stale (the job has been
+        delivered again since) changes nothing and gives False: the newer delivery owns the job.
+        """
+
+    @abstractmethod
+    async def release(self, queue: str, deliveries: Sequence[Delivery]) -> None:
+        """Hand leased jobs back unfinished (a worker shutting down): each is `pending` again and
+        ready at once for any worker; its delivery count is lowered by one, because a hand-back is
+        not a failed delivery. Stale tokens are ignored."""
+
+    @abstractmethod
+    async def promote_due(self, queue: str, now: float, limit: int) -> float | None:
+        """Make up to `limit` scheduled jobs whose eta is <= `now` ready (`pending`).
+
+        Returns the eta of the earliest job still scheduled, or None when none is. Safe to call
+        from many workers at once: each job is promoted once.
+        """
+
+    # --- observing -------------------------------------------------------------------------------
+
+    @abstractmethod
+    async def get(self, queue: str, job_id: str) -> JobRecord | None:
+        """The job's record, or None when unknown (never enqueued, or expired)."""
+
+    @abstractmethod
+    async def wait(self, queue: str, job_id: str, timeout: float | None) -> JobRecord | None:
+        """Wait, without polling, until the job is in a final state, and return its record.
+
+        Returns None at once when the job is unknown. When `timeout` (seconds; None waits forever)
+        passes first, returns the record as it stands then (not final).
+        """
+
+    @abstractmethod
+    async def jobs(
+        self, queue: str, state: str | None, task: str | None, limit: int
+    ) -> list[JobRecord]:
+        """Up to `limit` records, newest enqueued first, filtered by state and task when given."""
+
+    @abstractmethod
+    async def set_progress(self, queue: str, job_id: str, token: int, progress: bytes) -> bool:
+        """Store a running job's progress. False (and nothing stored) when the token is stale."""
+
+    # --- dead letters ----------------------------------------------------------------------------
+
+    @abstractmethod
+    async def dead_letters(self, queue: str, limit: int) -> list[JobRecord]:
+        """Up to `limit` dead-lettered records, newest first. Dead letters do not expire."""
+
+    @abstractmethod
+    async def retry(self, queue: str, job_id: str, now: float) -> bool:
+        """Take a job out of the dead letters and make it ready again with a fresh attempt count
+        (attempt 1, delivery count 0, result and error cleared). False when it is not a dead letter."""
+
+    @abstractmethod
+    async def purge_dead_letters(self, queue: str) -> int:
+        """Delete every dead-lettered job and its record. Returns how many."""

@@ -1,0 +1,348 @@
+"""In-memory broker: the Redis broker's twin in one process, for tests and single-process use.
+
+Every method is one await-free critical section, so it is atomic under asyncio, as each Redis
+method is one Lua script. Only `receive` and `wait` await, and only on an `anyio.Event`.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+import anyio
+
+from aqueue._states import FINAL_STATES, JobState
+from aqueue.brokers._base import Broker, Completion, Delivery, JobRecord, NewJob, Outcome
+
+
+@dataclass(slots=True)
+class _Queue:
+    """The state of one queue name."""
+
+    records: dict[str, JobRecord] = field(default_factory=dict)  # insertion order = enqueue order
+    tokens: dict[str, int] = field(default_factory=dict)
+    deliveries: dict[str, int] = field(default_factory=dict)
+    entries: dict[str, int] = field(default_factory=dict)
+    """The job's live heap entry (its receipt); older heap entries for it are stale, skipped."""
+    ready: list[tuple[int, int, str]] = field(default_factory=list)  # (-priority, entry, id)
+    scheduled: list[tuple[float, int, str]] = field(default_factory=list)  # (eta, entry, id)
+    leases: dict[str, tuple[str, float]] = field(default_factory=dict)  # id -> consumer, renewed
+    expiry: dict[str, float] = field(default_factory=dict)  # id -> epoch time the record goes
+    dead: dict[str, None] = field(default_factory=dict)  # insertion order = order of death
+    keys: dict[str, str] = field(default_factory=dict)  # idempotency key -> job id
+    done: dict[str, anyio.Event] = field(default_factory=dict)  # set when the job ends
+    wakeup: anyio.Event | None = None  # set when a job becomes ready
+    receivers: dict[str, anyio.CancelScope] = field(default_factory=dict)  # consumer -> receive
+
+
+class MemoryBroker(Broker):
+    """Jobs in dicts and heaps; leases timed with `time.monotonic()`.
+
+    `result_ttl` is how long the record of a job that expires before it runs is kept (`finish`
+    takes its own ttl; `receive` has none to pass).
+    """
+
+    url = "memory://"
+
+    def __init__(self, *, result_ttl: float = 86_400.0) -> None:
+        self._queues: dict[str, _Queue] = {}
+        self._seq = itertools.count(1)
+        self._result_ttl = result_ttl
+
+    async def connect(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass  # the jobs stay: connecting again finds them, as with Redis
+
+    # --- producing -------------------------------------------------------------------------------
+
+    async def enqueue(self, queue: str, jobs: Sequence[NewJob]) -> list[str]:
+        q = self._queue(queue)
+        now = time.time()
+        out: list[str] = []
+        for job in jobs:
+            live = q.keys.get(job.key) if job.key is not None else None
+            old = self._record(q, live) if live is not None else None
+            if live is not None and old is not None and old.state not in FINAL_STATES:
+                out.append(live)
+                continue
+            if self._record(q, job.id) is None:
+                rec = JobRecord(id=job.id, task=job.task, state=JobState.PENDING.value,
+                                payload=job.payload, priority=job.priority,
+                                enqueued_at=job.enqueued_at or now, eta=job.eta,
+                                expires=job.expires, key=job.key)
+                q.records[job.id] = rec
+                if job.eta is not None and job.eta > now:
+                    self._schedule(q, rec, job.eta)
+                else:
+                    self._make_ready(q, rec)
+                if job.key is not None:
+                    q.keys[job.key] = job.id
+            out.append(job.id)
+        return out
+
+    # --- consuming -------------------------------------------------------------------------------
+
+    async def receive(
+        self, queue: str, consumer: str, count: int,
+        timeout: float,  # noqa: ASYNC109 - the Broker contract's signature
+        max_deliveries: int,
+    ) -> list[Delivery]:
+        q = self._queue(queue)
+        with anyio.move_on_after(timeout) as scope:
+            q.receivers[consumer] = scope  # for interrupt_receive
+            try:
+                while count > 0:
+                    out: list[Delivery] = []
+                    while q.ready and len(out) < count:
+                        _, entry, job_id = heapq.heappop(q.ready)
+                        rec = q.records.get(job_id)
+                        if rec and q.entries.get(job_id) == entry and rec.state == "pending":
+                            if d := self._deliver(q, rec, consumer, max_deliveries):
+                                out.append(d)
+                    if out:
+                        return out
+                    if q.wakeup is None:
+                        q.wakeup = anyio.Event()
+                    # The only await: a cancel lands here, before any job is taken.
+                    await q.wakeup.wait()
+            finally:
+                if q.receivers.get(consumer) is scope:
+                    del q.receivers[consumer]
+        return []
+
+    async def interrupt_receive(self, queue: str, consumer: str) -> bool:
+        scope = self._queue(queue).receivers.pop(consumer, None)
+        if scope is None or scope.cancel_called:
+            return False
+        scope.cancel()  # the receive returns [] as on timeout
+        return True
+
+    async def reclaim(
+        self, queue: str, consumer: str, count: int, idle: float, max_deliveries: int
+    ) -> list[Delivery]:
+        q = self._queue(queue)
+        cutoff = time.monotonic() - idle
+        lapsed = [q.records[i] for i, (_, renewed) in q.leases.items() if renewed <= cutoff]
+        # In the order receive hands jobs out, as Redis scans its bands.
+        lapsed.sort(key=lambda r: (-r.priority, q.entries[r.id]))
+        out: list[Delivery] = []
+        for rec in lapsed:
+            if len(out) >= count:
+                break
+            if d := self._deliver(q, rec, consumer, max_deliveries):
+                out.append(d)
+        return out
+
+    async def renew(self, queue: str, consumer: str, deliveries: Sequence[Delivery]) -> list[str]:
+        q = self._queue(queue)
+        lost: list[str] = []
+        now = time.monotonic()
+        for d in deliveries:
+            if self._holds(q, d) and q.leases[d.job_id][0] == consumer:
+                q.leases[d.job_id] = (consumer, now)
+            else:
+                lost.append(d.job_id)
+        return lost
+
+    async def finish(
+        self, queue: str, completions: Sequence[Completion], result_ttl: float
+    ) -> list[bool]:
+        q = self._queue(queue)
+        out: list[bool] = []
+        for c in completions:
+            if not self._holds(q, c.delivery):
+                out.append(False)
+                continue
+            rec = q.records[c.delivery.job_id]
+            del q.leases[rec.id]
+            if c.error is not None:
+                rec.error = c.error
+            if c.outcome == Outcome.RETRY:
+                rec.attempt += 1
+                q.deliveries[rec.id] = 0
+                if c.retry_at is not None and c.retry_at > c.finished_at:
+                    self._schedule(q, rec, c.retry_at)
+                else:
+                    self._make_ready(q, rec)
+            else:
+                if c.outcome == Outcome.SUCCEEDED:
+                    rec.result, rec.error = c.result, None  # no error left from a retry
+                self._finalize(q, rec, c.outcome.value, c.finished_at, result_ttl, c.reason)
+            out.append(True)
+        return out
+
+    async def release(self, queue: str, deliveries: Sequence[Delivery]) -> None:
+        q = self._queue(queue)
+        for d in deliveries:
+            if self._holds(q, d):
+                del q.leases[d.job_id]
+                q.deliveries[d.job_id] -= 1  # a hand-back is not a failed delivery
+                self._make_ready(q, q.records[d.job_id])
+
+    async def promote_due(self, queue: str, now: float, limit: int) -> float | None:
+        q = self._queue(queue)
+        promoted = 0
+        while q.scheduled:
+            eta, entry, job_id = q.scheduled[0]
+            rec = q.records.get(job_id)
+            live = rec is not None and q.entries.get(job_id) == entry
+            if live and (eta > now or promoted >= limit):
+                return eta
+            heapq.heappop(q.scheduled)
+            if rec is not None and live:
+                self._make_ready(q, rec)
+                promoted += 1
+        return None
+
+    # --- observing -------------------------------------------------------------------------------
+
+    async def get(self, queue: str, job_id: str) -> JobRecord | None:
+        rec = self._record(self._queue(queue), job_id)
+        return replace(rec) if rec else None
+
+    async def wait(
+        self, queue: str, job_id: str,
+        timeout: float | None,  # noqa: ASYNC109 - the Broker contract's signature
+    ) -> JobRecord | None:
+        q = self._queue(queue)
+        rec = self._record(q, job_id)
+        if rec is None or rec.state in FINAL_STATES:
+            return replace(rec) if rec else None
+        done = q.done.get(job_id)
+        if done is None:
+            done = q.done[job_id] = anyio.Event()
+        with anyio.move_on_after(timeout):  # None: no deadline
+            await done.wait()
+        if q.done.get(job_id) is done and done.statistics().tasks_waiting == 0:
+            del q.done[job_id]  # the last waiter gave up: don't keep the event for ever
+        rec = self._record(q, job_id)
+        return replace(rec) if rec else None
+
+    async def jobs(
+        self, queue: str, state: str | None, task: str | None, limit: int
+    ) -> list[JobRecord]:
+        q = self._queue(queue)
+        found = [
+            rec for job_id in reversed(list(q.records))
+            if (rec := self._record(q, job_id))
+            and (state is None or rec.state == state) and (task is None or rec.task == task)
+        ]
+        # A stable sort keeps the later-enqueued of equal `enqueued_at` first.
+        found.sort(key=lambda r: r.enqueued_at, reverse=True)
+        return [replace(r) for r in found[: max(limit, 0)]]
+
+    async def set_progress(self, queue: str, job_id: str, token: int, progress: bytes) -> bool:
+        q = self._queue(queue)
+        if q.tokens.get(job_id) != token or job_id not in q.leases:
+            return False
+        q.records[job_id].progress = progress
+        return True
+
+    # --- dead letters ----------------------------------------------------------------------------
+
+    async def dead_letters(self, queue: str, limit: int) -> list[JobRecord]:
+        q = self._queue(queue)
+        newest_first = list(reversed(q.dead))[: max(limit, 0)]
+        return [replace(q.records[job_id]) for job_id in newest_first]
+
+    async def retry(self, queue: str, job_id: str, now: float) -> bool:
+        q = self._queue(queue)
+        if job_id not in q.dead:
+            return False
+        del q.dead[job_id]
+        rec = q.records[job_id]
+        rec.attempt = 1
+        rec.result = rec.error = rec.dead_reason = rec.progress = rec.worker = None
+        rec.started_at = rec.finished_at = None
+        q.deliveries[job_id] = 0
+        self._make_ready(q, rec)
+        return True
+
+    async def purge_dead_letters(self, queue: str) -> int:
+        q = self._queue(queue)
+        count = len(q.dead)
+        for job_id in q.dead:
+            self._drop(q, job_id)
+        q.dead.clear()
+        return count
+
+    # --- the critical sections' parts (none awaits) ----------------------------------------------
+
+    def _queue(self, name: str) -> _Queue:
+        q = self._queues.get(name)
+        if q is None:
+            q = self._queues[name] = _Queue()
+        return q
+
+    def _record(self, q: _Queue, job_id: str) -> JobRecord | None:
+        """The live record; one whose time is up is dropped here (lazily, as Redis EXPIREs)."""
+        expiry = q.expiry.get(job_id)
+        if expiry is not None and time.time() >= expiry:
+            self._drop(q, job_id)
+        return q.records.get(job_id)
+
+    def _drop(self, q: _Queue, job_id: str) -> None:
+        for index in (q.records, q.tokens, q.deliveries, q.entries, q.leases, q.expiry, q.done):
+            index.pop(job_id, None)
+
+    def _holds(self, q: _Queue, d: Delivery) -> bool:
+        """Whether `d` is the job's current lease (not stale, not ended)."""
+        return d.job_id in q.leases and q.tokens.get(d.job_id) == d.token
+
+    def _make_ready(self, q: _Queue, rec: JobRecord) -> None:
+        rec.state = JobState.PENDING.value
+        entry = q.entries[rec.id] = next(self._seq)
+        heapq.heappush(q.ready, (-rec.priority, entry, rec.id))
+        if q.wakeup is not None:
+            q.wakeup.set()  # wakes every blocked receive; each then takes what it can
+            q.wakeup = None
+
+    def _schedule(self, q: _Queue, rec: JobRecord, eta: float) -> None:
+        rec.state, rec.eta = JobState.SCHEDULED.value, eta
+        entry = q.entries[rec.id] = next(self._seq)
+        heapq.heappush(q.scheduled, (eta, entry, rec.id))
+
+    def _deliver(
+        self, q: _Queue, rec: JobRecord, consumer: str, max_deliveries: int
+    ) -> Delivery | None:
+        """Lease `rec` to `consumer`, or end it (expired, or delivered too often) and give None."""
+        now = time.time()
+        if rec.expires is not None and rec.expires < now:
+            self._finalize(q, rec, JobState.EXPIRED.value, now, self._result_ttl, None)
+            return None
+        deliveries = q.deliveries[rec.id] = q.deliveries.get(rec.id, 0) + 1
+        if deliveries > max_deliveries:
+            reason = (f"delivered {deliveries} times without finishing "
+                      f"(max_deliveries={max_deliveries})")
+            self._finalize(q, rec, JobState.FAILED.value, now, self._result_ttl, reason)
+            return None
+        token = q.tokens[rec.id] = q.tokens.get(rec.id, 0) + 1
+        rec.state, rec.started_at, rec.worker = JobState.RUNNING.value, now, consumer
+        q.leases[rec.id] = (consumer, time.monotonic())
+        return Delivery(job_id=rec.id, task=rec.task, payload=rec.payload, attempt=rec.attempt,
+                        token=token, priority=rec.priority, enqueued_at=rec.enqueued_at,
+                        receipt=str(q.entries[rec.id]))
+
+    def _finalize(
+        self, q: _Queue, rec: JobRecord, state: str, finished_at: float, ttl: float,
+        reason: str | None,
+    ) -> None:
+        """A final state: free the key, wake waiters; dead letters stay, other records expire."""
+        rec.state, rec.finished_at = state, finished_at
+        q.leases.pop(rec.id, None)
+        q.entries.pop(rec.id, None)  # any heap entry left for it is now stale
+        if rec.key is not None and q.keys.get(rec.key) == rec.id:
+            del q.keys[rec.key]
+        if state == JobState.FAILED:
+            rec.dead_reason = reason
+            q.dead[rec.id] = None
+        else:
+            q.expiry[rec.id] = time.time() + ttl
+        done = q.done.pop(rec.id, None)
+        if done is not None:
+            done.set()

@@ -1,0 +1,383 @@
+"""The Redis Streams broker.
+
+Layout (every key built in `_keys.py`, all under the queue's hash tag):
+- one stream per priority band, read through one consumer group; a worker leases a job by reading
+  its entry (it stays in the group's pending list until acked) and the lease is the entry's idle
+  time, renewed while the job runs and taken over with XAUTOCLAIM once it lapses;
+- a hash per job (its record), a sorted set of scheduled jobs, an index for listing, dead letters;
+- one Lua script per operation, so every state change is atomic and one round trip.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import anyio
+import redis.asyncio as aioredis
+from redis import exceptions as redis_errors
+from redis.commands.core import AsyncScript
+
+from aqueue._states import FINAL_STATES
+from aqueue.brokers._base import Broker, Completion, Delivery, JobRecord, NewJob
+from aqueue.brokers._keys import GROUP, Keys
+from aqueue.brokers._scripts import NAMES, source
+
+ENQUEUE_CHUNK = 500  # jobs per enqueue script call: bounds how long one call holds Redis
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for log lines and error messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    user = f"{parts.username}:***@" if parts.username else ":***@"
+    return urlunsplit((parts.scheme, user + host, parts.path, parts.query, parts.fragment))
+
+
+def _text(value: bytes | str | None) -> str | None:
+    if value is None:
+        return None
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _number(value: bytes | None) -> float | None:
+    return float(value) if value not in (None, b"") else None
+
+
+def _record(job_id: str, fields: dict[bytes, bytes]) -> JobRecord:
+    get = fields.get
+    return JobRecord(
+        id=job_id,
+        task=(get(b"task") or b"").decode(),
+        state=(get(b"state") or b"").decode(),
+        payload=get(b"payload") or b"",
+        priority=int(get(b"priority") or 0),
+        attempt=int(get(b"attempt") or 1),
+        enqueued_at=float(get(b"enqueued_at") or 0),
+        eta=_number(get(b"eta")),
+        expires=_number(get(b"expires")),
+        started_at=_number(get(b"started_at")),
+        finished_at=_number(get(b"finished_at")),
+        worker=_text(get(b"worker")) or None,
+        result=get(b"result"),
+        error=get(b"error"),
+        progress=get(b"progress"),
+        key=_text(get(b"key")) or None,
+        dead_reason=_text(get(b"dead_reason")),
+    )
+
+
+def _delivery(row: list[bytes]) -> Delivery:
+    job_id, task, payload, attempt, token, band, enqueued_at, entry = row
+    return Delivery(
+        job_id=job_id.decode(),
+        task=task.decode(),
+        payload=payload,
+        attempt=int(attempt),
+        token=int(token),
+        priority=int(band),
+        enqueued_at=float(enqueued_at),
+        receipt=entry.decode(),
+    )
+
+
+def _opt(value: float | str | None) -> str:
+    return "" if value is None else repr(value) if isinstance(value, float) else str(value)
+
+
+class RedisBroker(Broker):
+    """Broker on Redis Streams. Give it a URL (`redis://`, `rediss://`, `unix://`) or a client."""
+
+    def __init__(
+        self,
+        url: str = "redis://127.0.0.1:6379/0",
+        *,
+        client: aioredis.Redis | None = None,
+        **client_options: Any,
+    ) -> None:
+        self.url = redact(url) if client is None else "redis://(client)"
+        self._connect_url = url
+        self._client_options = client_options
+        self._client = client
+        self._owns_client = client is None
+        self._scripts: dict[str, AsyncScript] = {}
+        self._keys: dict[str, Keys] = {}
+        # Per queue: the priority bands last seen, highest first, for blocking reads.
+        self._bands: dict[str, list[str]] = {}
+        # Per consumer: its own connection for blocking reads, and that connection's CLIENT ID
+        # while a read is blocked on it, so `interrupt_receive` can CLIENT UNBLOCK it.
+        self._readers: dict[str, aioredis.Redis] = {}
+        self._blocked: dict[str, int] = {}
+
+    # --- lifecycle -------------------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        if self._client is None:
+            self._client = aioredis.Redis.from_url(
+                self._connect_url,
+                socket_keepalive=True,
+                health_check_interval=30,
+                **self._client_options,
+            )
+        if not self._scripts:
+            self._scripts = {n: self._client.register_script(source(n)) for n in NAMES}
+        async with self._translated():
+            await self._client.ping()
+
+    async def close(self) -> None:
+        readers, self._readers = self._readers, {}
+        for reader in readers.values():
+            await reader.aclose(close_connection_pool=False)
+        if self._client is not None and self._owns_client:
+            await self._client.aclose()
+            self._client = None
+            self._scripts = {}
+
+    @property
+    def client(self) -> aioredis.Redis:
+        if self._client is None:
+            raise RuntimeError("RedisBroker is not connected: call `await broker.connect()` first")
+        return self._client
+
+    @asynccontextmanager
+    async def _translated(self) -> AsyncIterator[None]:
+        """Redis errors become aqueue errors here, once; the URL in them never has a password."""
+        from aqueue._exceptions import BrokerConnectionError, BrokerError
+
+        try:
+            yield
+        except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
+            raise BrokerConnectionError(f"cannot reach Redis at {self.url}: {exc}") from None
+        except redis_errors.RedisError as exc:
+            raise BrokerError(f"Redis at {self.url} failed: {exc}") from exc
+
+    async def _run(self, queue: str, name: str, args: Sequence[Any]) -> Any:
+        if self._client is None:
+            await self.connect()
+        async with self._translated():
+            return await self._scripts[name](keys=[self._key(queue).prefix], args=list(args))
+
+    def _key(self, queue: str) -> Keys:
+        keys = self._keys.get(queue)
+        if keys is None:
+            keys = self._keys[queue] = Keys(queue)
+        return keys
+
+    # --- producing -------------------------------------------------------------------------------
+
+    async def enqueue(self, queue: str, jobs: Sequence[NewJob]) -> list[str]:
+        if self._client is None:
+            await self.connect()
+        chunks = [jobs[i : i + ENQUEUE_CHUNK] for i in range(0, len(jobs), ENQUEUE_CHUNK)]
+        if len(chunks) == 1:
+            ids = await self._run(queue, "enqueue", self._enqueue_args(chunks[0]))
+            return [i.decode() for i in ids]
+        prefix = self._key(queue).prefix
+        async with self._translated():
+            async with self.client.pipeline(transaction=False) as pipe:
+                for chunk in chunks:
+                    await self._scripts["enqueue"](
+                        keys=[prefix], args=self._enqueue_args(chunk), client=pipe
+                    )
+                replies = await pipe.execute()
+        return [i.decode() for reply in replies for i in reply]
+
+    @staticmethod
+    def _enqueue_args(jobs: Sequence[NewJob]) -> list[Any]:
+        args: list[Any] = [repr(jobs[0].enqueued_at or time.time())]
+        for job in jobs:
+            args += [job.id, job.task, job.payload, job.priority, _opt(job.eta),
+                     _opt(job.expires), job.key or ""]
+        return args
+
+    # --- consuming -------------------------------------------------------------------------------
+
+    async def receive(
+        self, queue: str, consumer: str, count: int, timeout: float, max_deliveries: int
+    ) -> list[Delivery]:
+        ttl = 86400  # records that end here (expired, dead) are kept a day
+        reply = await self._run(
+            queue, "receive", [consumer, count, repr(time.time()), max_deliveries, ttl]
+        )
+        self._bands[queue] = bands = [b.decode() for b in reply[0]]
+        found = [_delivery(row) for row in reply[1:]]
+        if found or timeout <= 0:
+            return found
+        # Nothing ready: block on every band's stream until an entry arrives, then lease it.
+        keys = self._key(queue)
+        streams = {keys.stream(b): ">" for b in bands}
+        async with self._translated():
+            reader = self._readers.get(consumer)
+            if reader is None:
+                reader = aioredis.Redis(
+                    connection_pool=self.client.connection_pool, single_connection_client=True
+                )
+                self._readers[consumer] = reader
+            self._blocked[consumer] = await reader.client_id()
+            try:
+                entries = await reader.xreadgroup(
+                    GROUP, consumer, streams, count=count, block=max(1, int(timeout * 1000))
+                )
+            except redis_errors.ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                return []  # the server lost its data (a restart): the next receive recreates it
+            finally:
+                self._blocked.pop(consumer, None)
+        if not entries:
+            return []
+        pairs: list[Any] = []
+        for stream, rows in entries:
+            band = stream.decode().rsplit(":", 1)[1]
+            for entry_id, _fields in rows:
+                pairs += [band, entry_id]
+        reply = await self._run(
+            queue, "start", [consumer, repr(time.time()), max_deliveries, ttl, *pairs]
+        )
+        return [_delivery(row) for row in reply]
+
+    async def interrupt_receive(self, queue: str, consumer: str) -> bool:
+        client_id = self._blocked.get(consumer)
+        if client_id is None or self._client is None:
+            return False
+        async with self._translated():
+            # The blocked read returns as if it timed out: no entry is claimed and then lost.
+            return bool(await self.client.client_unblock(client_id))
+
+    async def reclaim(
+        self, queue: str, consumer: str, count: int, idle: float, max_deliveries: int
+    ) -> list[Delivery]:
+        reply = await self._run(
+            queue,
+            "reclaim",
+            [consumer, count, repr(time.time()), max_deliveries, 86400, int(idle * 1000)],
+        )
+        return [_delivery(row) for row in reply]
+
+    async def renew(self, queue: str, consumer: str, deliveries: Sequence[Delivery]) -> list[str]:
+        if not deliveries:
+            return []
+        args: list[Any] = [consumer]
+        for d in deliveries:
+            args += [d.priority, d.receipt, d.job_id]
+        lost = await self._run(queue, "renew", args)
+        return [i.decode() for i in lost]
+
+    async def finish(
+        self, queue: str, completions: Sequence[Completion], result_ttl: float
+    ) -> list[bool]:
+        if not completions:
+            return []
+        args: list[Any] = [result_ttl]
+        for c in completions:
+            d = c.delivery
+            args += [d.job_id, d.token, d.priority, d.receipt, c.outcome.value, c.result or b"",
+                     c.error or b"", _opt(c.retry_at), c.reason or "", repr(c.finished_at)]
+        applied = await self._run(queue, "finish", args)
+        return [bool(a) for a in applied]
+
+    async def release(self, queue: str, deliveries: Sequence[Delivery]) -> None:
+        if not deliveries:
+            return
+        args: list[Any] = []
+        for d in deliveries:
+            args += [d.job_id, d.token, d.priority, d.receipt]
+        await self._run(queue, "release", args)
+
+    async def promote_due(self, queue: str, now: float, limit: int) -> float | None:
+        nxt = await self._run(queue, "promote", [repr(now), limit])
+        return float(nxt) if nxt else None
+
+    # --- observing -------------------------------------------------------------------------------
+
+    async def get(self, queue: str, job_id: str) -> JobRecord | None:
+        if self._client is None:
+            await self.connect()
+        async with self._translated():
+            fields = await self.client.hgetall(self._key(queue).job(job_id))
+        return _record(job_id, fields) if fields else None
+
+    async def wait(self, queue: str, job_id: str, timeout: float | None) -> JobRecord | None:
+        if self._client is None:
+            await self.connect()
+        channel = self._key(queue).done_channel(job_id)
+        async with self._translated():
+            pubsub = self.client.pubsub()
+            try:
+                # Subscribe before reading the record, so a finish in between is not missed.
+                await pubsub.subscribe(channel)
+                record = await self.get(queue, job_id)
+                if record is None or record.state in FINAL_STATES:
+                    return record
+                with anyio.move_on_after(timeout):
+                    while True:
+                        message = await pubsub.get_message(
+                            ignore_subscribe_messages=True, timeout=None
+                        )
+                        if message is not None and message["type"] == "message":
+                            break
+            finally:
+                await pubsub.aclose()
+            return await self.get(queue, job_id)
+
+    async def jobs(
+        self, queue: str, state: str | None, task: str | None, limit: int
+    ) -> list[JobRecord]:
+        if self._client is None:
+            await self.connect()
+        keys = self._key(queue)
+        found: list[JobRecord] = []
+        start, page = 0, max(limit, 100)
+        async with self._translated():
+            while len(found) < limit:
+                ids = await self.client.zrevrange(keys.index, start, start + page - 1)
+                if not ids:
+                    break
+                start += page
+                async with self.client.pipeline(transaction=False) as pipe:
+                    for raw in ids:
+                        pipe.hgetall(keys.job(raw.decode()))
+                    rows = await pipe.execute()
+                gone = [raw for raw, fields in zip(ids, rows, strict=True) if not fields]
+                if gone:  # records that expired: forget them in the index as well
+                    await self.client.zrem(keys.index, *gone)
+                    start -= len(gone)
+                for raw, fields in zip(ids, rows, strict=True):
+                    if not fields:
+                        continue
+                    record = _record(raw.decode(), fields)
+                    if (state is None or record.state == state) and (
+                        task is None or record.task == task
+                    ):
+                        found.append(record)
+        return found[:limit]
+
+    async def set_progress(self, queue: str, job_id: str, token: int, progress: bytes) -> bool:
+        return bool(await self._run(queue, "progress", [job_id, token, progress]))
+
+    # --- dead letters ----------------------------------------------------------------------------
+
+    async def dead_letters(self, queue: str, limit: int) -> list[JobRecord]:
+        if self._client is None:
+            await self.connect()
+        keys = self._key(queue)
+        async with self._translated():
+            ids = await self.client.zrevrange(keys.dead, 0, limit - 1)
+            async with self.client.pipeline(transaction=False) as pipe:
+                for raw in ids:
+                    pipe.hgetall(keys.job(raw.decode()))
+                rows = await pipe.execute()
+        return [_record(raw.decode(), f) for raw, f in zip(ids, rows, strict=True) if f]
+
+    async def retry(self, queue: str, job_id: str, now: float) -> bool:
+        return bool(await self._run(queue, "retry", [job_id, repr(now)]))
+
+    async def purge_dead_letters(self, queue: str) -> int:
+        return int(await self._run(queue, "purge", []))

@@ -1,0 +1,12 @@
+-- Take a job out of the dead letters and make it ready with a fresh attempt count.
+-- KEYS[1] prefix
+-- ARGV: job id, now
+local id = ARGV[1]
+if redis.call('ZREM', prefix .. 'dead', id) == 0 then return 0 end
+local jk = job_key(id)
+if redis.call('EXISTS', jk) == 0 then return 0 end
+redis.call('HDEL', jk, 'result', 'error', 'dead_reason', 'finished_at', 'started_at', 'worker',
+  'progress')
+redis.call('HSET', jk, 'attempt', 1, 'deliveries', 0)
+make_ready(id, jk, redis.call('HGET', jk, 'priority') or '0')
+return 1

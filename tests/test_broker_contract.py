@@ -1,0 +1,416 @@
+"""The Broker contract, checked through the Broker methods only, on every backend."""
+
+from __future__ import annotations
+
+import time
+
+import anyio
+import pytest
+
+from aqueue.brokers._base import Broker, Completion, Delivery, JobRecord, NewJob, Outcome
+
+MAX = 5  # max_deliveries where a test does not care
+
+
+def new(job_id: str, *, task: str = "t", priority: int = 0, eta: float | None = None,
+        expires: float | None = None, key: str | None = None, enqueued_at: float = 0.0) -> NewJob:
+    return NewJob(id=job_id, task=task, payload=b"p-" + job_id.encode(), priority=priority,
+                  eta=eta, expires=expires, key=key, enqueued_at=enqueued_at)
+
+
+async def take(broker: Broker, queue: str, consumer: str = "w1", max_deliveries: int = MAX,
+               count: int = 1) -> list[Delivery]:
+    """Receive what is ready now (waits only briefly when nothing is)."""
+    return await broker.receive(queue, consumer, count, 0.1, max_deliveries)
+
+
+async def take_one(broker: Broker, queue: str, consumer: str = "w1",
+                   max_deliveries: int = MAX) -> Delivery:
+    [d] = await broker.receive(queue, consumer, 1, 5, max_deliveries)
+    return d
+
+
+def done(d: Delivery, outcome: Outcome = Outcome.SUCCEEDED, *, result: bytes | None = None,
+         error: bytes | None = None, retry_at: float | None = None,
+         reason: str | None = None) -> Completion:
+    return Completion(delivery=d, outcome=outcome, finished_at=time.time(), result=result,
+                      error=error, retry_at=retry_at, reason=reason)
+
+
+async def record(broker: Broker, queue: str, job_id: str) -> JobRecord:
+    rec = await broker.get(queue, job_id)
+    assert rec is not None
+    return rec
+
+
+async def test_enqueue_stores_pending_and_scheduled(broker: Broker, queue_name: str) -> None:
+    later = time.time() + 60
+    ids = await broker.enqueue(queue_name, [new("a", priority=3), new("b", eta=later)])
+    assert ids == ["a", "b"]
+    a = await record(broker, queue_name, "a")
+    assert (a.state, a.task, a.payload, a.priority, a.attempt) == ("pending", "t", b"p-a", 3, 1)
+    assert (await record(broker, queue_name, "b")).state == "scheduled"
+    assert await broker.get(queue_name, "nope") is None
+    # An existing id replaces nothing.
+    assert await broker.enqueue(queue_name, [NewJob(id="a", task="other", payload=b"x")]) == ["a"]
+    assert (await record(broker, queue_name, "a")).payload == b"p-a"
+
+
+async def test_past_eta_is_ready_at_once(broker: Broker, queue_name: str) -> None:
+    await broker.enqueue(queue_name, [new("a", eta=time.time() - 5)])
+    assert (await record(broker, queue_name, "a")).state == "pending"
+    assert [d.job_id for d in await take(broker, queue_name)] == ["a"]
+
+
+async def test_queues_are_separate(broker: Broker, queue_name: str) -> None:
+    await broker.enqueue(queue_name, [new("a")])
+    assert await take(broker, queue_name + "-other") == []
+    assert await broker.get(queue_name + "-other", "a") is None
+    assert [d.job_id for d in await take(broker, queue_name)] == ["a"]
+
+
+async def test_idempotency_key(broker: Broker, queue_name: str) -> None:
+    assert await broker.enqueue(queue_name, [new("a", key="k")]) == ["a"]
+    assert await broker.enqueue(queue_name, [new("b", key="k")]) == ["a"]
+    assert await broker.get(queue_name, "b") is None
+    d = await take_one(broker, queue_name)
+    assert await broker.enqueue(queue_name, [new("c", key="k")]) == ["a"]  # running is live
+    assert await broker.finish(queue_name, [done(d)], 60) == [True]
+    assert await broker.enqueue(queue_name, [new("c", key="k")]) == ["c"]
+    assert (await record(broker, queue_name, "c")).state == "pending"
+
+
+async def test_priority_then_fifo(broker: Broker, queue_name: str) -> None:
+    await broker.enqueue(queue_name, [new("low1"), new("high1", priority=5), new("low2"),
+                                      new("high2", priority=5), new("mid", priority=2)])
+    order = [(await take_one(broker, queue_name)).job_id for _ in range(5)]
+    assert order == ["high1", "high2", "mid", "low1", "low2"]
+
+
+async def test_receive_returns_empty_on_timeout(broker: Broker, queue_name: str) -> None:
+    with anyio.fail_after(5):
+        assert await broker.receive(queue_name, "w1", 3, 0.05, MAX) == []
+
+
+async def test_receive_wakes_when_a_job_arrives(broker: Broker, queue_name: str) -> None:
+    got: list[Delivery] = []
+
+    async def receiver() -> None:
+        got.extend(await broker.receive(queue_name, "w1", 1, 30, MAX))
+
+    with anyio.fail_after(5):  # well under the receive timeout: it must be woken
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(receiver)
+            await anyio.wait_all_tasks_blocked()
+            await broker.enqueue(queue_name, [new("a")])
+    assert [d.job_id for d in got] == ["a"]
+
+
+async def interrupt(broker: Broker, queue: str, consumer: str, returned: anyio.Event) -> None:
+    """Interrupt `consumer`'s receive. It may still be on its way to blocking (a Redis round trip),
+    or have returned by itself: try until one of the two happens."""
+    await anyio.wait_all_tasks_blocked()
+    while not await broker.interrupt_receive(queue, consumer):
+        with anyio.move_on_after(0.01):
+            await returned.wait()
+        if returned.is_set():
+            return
+
+
+async def test_interrupt_receive_returns_empty(broker: Broker, queue_name: str) -> None:
+    assert await broker.interrupt_receive(queue_name, "w1") is False  # none is waiting
+    got: list[list[Delivery]] = []
+    returned = anyio.Event()
+
+    async def receiver() -> None:
+        got.append(await broker.receive(queue_name, "w1", 1, 30, MAX))
+        returned.set()
+
+    with anyio.fail_after(5):  # well under the receive timeout
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(receiver)
+            await interrupt(broker, queue_name, "w1", returned)
+    assert got == [[]]
+    assert await broker.interrupt_receive(queue_name, "w1") is False
+
+
+async def test_interrupt_receive_loses_no_job(broker: Broker, queue_name: str) -> None:
+    got: list[Delivery] = []
+    returned = anyio.Event()
+
+    async def receiver() -> None:
+        got.extend(await broker.receive(queue_name, "w1", 1, 30, MAX))
+        returned.set()
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(receiver)
+            await anyio.wait_all_tasks_blocked()
+            await broker.enqueue(queue_name, [new("a")])
+            await interrupt(broker, queue_name, "w1", returned)
+    # Either the receive got the job or it is still there for the next one: never lost.
+    delivered = got + await take(broker, queue_name)
+    assert [d.job_id for d in delivered] == ["a"]
+
+
+async def test_receive_leases_and_token_grows(broker: Broker, queue_name: str) -> None:
+    await broker.enqueue(queue_name, [new("a", task="send")])
+    d = await take_one(broker, queue_name, consumer="w1")
+    assert (d.job_id, d.task, d.payload, d.attempt, d.priority) == ("a", "send", b"p-a", 1, 0)
+    rec = await record(broker, queue_name, "a")
+    assert (rec.state, rec.worker) == ("running", "w1")
+    assert rec.started_at is not None
+    assert await take(broker, queue_name) == []  # leased: not handed out twice
+    await broker.release(queue_name, [d])
+    d2 = await take_one(broker, queue_name, consumer="w2")
+    assert d2.token > d.token
+    assert (await record(broker, queue_name, "a")).worker == "w2"
+
+
+async def test_finish_succeeded_and_wait(broker: Broker, queue_name: str) -> None:
+    await broker.enqueue(queue_name, [new("a")])
+    d = await take_one(broker, queue_name)
+    assert await broker.finish(queue_name, [done(d, result=b"42")], 60) == [True]
+    rec = await record(broker, queue_name, "a")
+    assert (rec.state, rec.result) == ("succeeded", b"42")
+    assert rec.finished_at is not None
+    with anyio.fail_after(5):
+        waited = await broker.wait(queue_name, "a", None)
+    assert waited is not None
+    assert (waited.state, waited.result) == ("succeeded", b"42")
+    assert await broker.wait(queue_name, "nope", 10) is None
+    assert await take(broker, queue_name) == []
+
+
+async def test_final_records_expire_but_dead_letters_stay(broker: Broker, queue_name: str) -> None:
+    await broker.enqueue(queue_name, [new("ok"), new("bad")])
+    d_ok, d_bad = await take_one(broker, queue_name), await take_one(broker, queue_name)
+    await broker.finish(queue_name, [done(d_ok), done(d_bad, Outcome.FAILED, reason="r")], 1)
+    assert (await record(broker, queue_name, "ok")).state == "succeeded"
+    await anyio.sleep(1.5)  # lets the 1s result_ttl run out; no outcome is awaited here
+    assert await broker.get(queue_name, "ok") is None
+    assert await broker.wait(queue_name, "ok", 10) is None
+    assert [r.id for r in await broker.jobs(queue_name, None, None, 10)] == ["bad"]
+    assert [r.id for r in await broker.dead_letters(queue_name, 10)] == ["bad"]
+
+
+async def test_wait_timeout_returns_current_record(broker: Broker, queue_name: str) -> None:
+    await broker.enqueue(queue_name, [new("a")])
+    with anyio.fail_after(5):
+        rec = await broker.wait(queue_name, "a", 0.05)
+    assert rec is not None
+    assert rec.state == "pending"
+
+
+async def test_concurrent_waiters_all_woken(broker: Broker, queue_name: str) -> None:
+    await broker.enqueue(queue_name, [new("a")])
+    seen: list[JobRecord | None] = []
+
+    async def waiter() -> None:
+        seen.append(await broker.wait(queue_name, "a", 30))
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(waiter)
+            tg.start_soon(waiter)
+            await anyio.wait_all_tasks_blocked()
+            d = await take_one(broker, queue_name)
+            await broker.finish(queue_name, [done(d, result=b"r")], 60)
+    assert [(r.state, r.result) if r else None for r in seen] == [("succeeded", b"r")] * 2
+
+
+async def test_retry_outcome_schedules_next_attempt(broker: Broker, queue_name: str) -> None:
+    await broker.enqueue(queue_name, [new("a")])
+    d = await take_one(broker, queue_name)
+    now = time.time()
+    retry_at = now + 60
+    assert await broker.finish(queue_name, [done(d, Outcome.RETRY, retry_at=retry_at,
+                                                 error=b"oops")], 60) == [True]
+    rec = await record(broker, queue_name, "a")
+    assert (rec.state, rec.attempt, rec.error) == ("scheduled", 2, b"oops")
+    assert await take(broker, queue_name) == []
+    assert await broker.promote_due(queue_name, now, 100) == pytest.approx(retry_at)
+    assert (await record(broker, queue_name, "a")).state == "scheduled"
+    assert await broker.promote_due(queue_name, retry_at + 1, 100) is None
+    assert (await record(broker, queue_name, "a")).state == "pending"
+    d2 = await take_one(broker, queue_name)
+    assert d2.attempt == 2
+    # Without retry_at it is ready at once.
+    await broker.finish(queue_name, [done(d2, Outcome.RETRY)], 60)
+    assert (await take_one(broker, queue_name)).attempt == 3
+
+
+async def test_retry_outcome_resets_delivery_count(broker: Broker, queue_name: str) -> None:
+    await broker.enqueue(queue_name, [new("a")])
+    for attempt in (1, 2, 3):
+        d = await take_one(broker, queue_name, max_deliveries=1)
+        assert d.attempt == attempt
+        assert await broker.finish(queue_name, [done(d, Outcome.RETRY)], 60) == [True]
+
+
+async def test_promote_due_limit_and_next_eta(broker: Broker, queue_name: str) -> None:
+    now = time.time()
+    await broker.enqueue(queue_name, [new("a", eta=now + 10), new("b", eta=now + 20),
+                                      new("c", eta=now + 30)])
+    assert await broker.promote_due(queue_name, now, 100) == pytest.approx(now + 10)
+    assert await broker.promote_due(queue_name, now + 25, 1) == pytest.approx(now + 20)
+    assert [(await record(broker, queue_name, i)).state for i in "abc"] == [
+        "pending", "scheduled", "scheduled"]
+    assert await broker.promote_due(queue_name, now + 25, 100) == pytest.approx(now + 30)
+    assert [d.job_id for d in await take(broker, queue_name, count=5)] == ["a", "b"]
+
+
+async def test_reclaim_and_renew(broker: Broker, queue_name: str) -> None:
+    await broker.enqueue(queue_name, [new("a")])
+    d1 = await take_one(broker, queue_name, consumer="w1")
+    assert await broker.renew(queue_name, "w1", [d1]) == []
+    assert await broker.reclaim(queue_name, "w2", 10, 60, MAX) == []  # renewed just now
+    [d2] = await broker.reclaim(queue_name, "w2", 10, 0, MAX)
+    assert (d2.job_id, d2.attempt) == ("a", 1)
+    assert d2.token > d1.token
+    assert (await record(broker, queue_name, "a")).worker == "w2"
+    assert await broker.renew(queue_name, "w1", [d1]) == ["a"]
+    assert await broker.renew(queue_name, "w2", [d2]) == []
+    assert await broker.renew(queue_name, "w1", [d2]) == ["a"]  # w2's lease, not w1's
+    assert await broker.reclaim(queue_name, "w3", 10, 60, MAX) == []
+
+
+async def test_renew_keeps_lease_from_reclaim(broker: Broker, queue_name: str) -> None:
+    await broker.enqueue(queue_name, [new("a"), new("b")])
+    [da, db] = [await take_one(broker, queue_name) for _ in range(2)]
+    await anyio.sleep(0.5)  # ages both leases; no outcome is awaited here
+    assert await broker.renew(queue_name, "w1", [da]) == []
+    # Only the lease left unrenewed is older than 0.3s.
+    assert [d.job_id for d in await broker.reclaim(queue_name, "w2", 10, 0.3, MAX)] == ["b"]
+    assert await broker.renew(queue_name, "w1", [da, db]) == ["b"]
+
+
+async def test_stale_token_changes_nothing(broker: Broker, queue_name: str) -> None:
+    await broker.enqueue(queue_name, [new("a")])
+    d1 = await take_one(broker, queue_name, consumer="w1")
+    [d2] = await broker.reclaim(queue_name, "w2", 1, 0, MAX)
+    assert await broker.finish(queue_name, [done(d1, result=b"old")], 60) == [False]
+    assert await broker.set_progress(queue_name, "a", d1.token, b"old") is False
+    await broker.release(queue_name, [d1])
+    rec = await record(broker, queue_name, "a")
+    assert (rec.state, rec.worker, rec.result, rec.progress) == ("running", "w2", None, None)
+    assert await broker.finish(queue_name, [done(d2, result=b"new")], 60) == [True]
+    assert (await record(broker, queue_name, "a")).result == b"new"
+
+
+async def test_release_makes_ready_without_counting(broker: Broker, queue_name: str) -> None:
+    await broker.enqueue(queue_name, [new("a")])
+    d = await take_one(broker, queue_name, max_deliveries=1)
+    await broker.release(queue_name, [d])
+    assert (await record(broker, queue_name, "a")).state == "pending"
+    d = await take_one(broker, queue_name, consumer="w2", max_deliveries=1)
+    await broker.release(queue_name, [d])
+    d = await take_one(broker, queue_name, max_deliveries=1)
+    assert (d.job_id, d.attempt) == ("a", 1)
+
+
+async def test_max_deliveries_dead_letters(broker: Broker, queue_name: str) -> None:
+    await broker.enqueue(queue_name, [new("a")])
+    await take_one(broker, queue_name, consumer="w1", max_deliveries=2)
+    assert len(await broker.reclaim(queue_name, "w2", 1, 0, 2)) == 1
+    assert await broker.reclaim(queue_name, "w3", 1, 0, 2) == []
+    rec = await record(broker, queue_name, "a")
+    assert rec.state == "failed"
+    assert rec.finished_at is not None
+    assert rec.dead_reason is not None
+    assert "delivered 3 times" in rec.dead_reason
+    assert "max_deliveries=2" in rec.dead_reason
+    assert [r.id for r in await broker.dead_letters(queue_name, 10)] == ["a"]
+    assert await take(broker, queue_name) == []
+    assert await broker.reclaim(queue_name, "w4", 1, 0, 2) == []
+
+
+async def test_expired_job_is_not_delivered(broker: Broker, queue_name: str) -> None:
+    await broker.enqueue(queue_name, [new("a", expires=time.time() - 1), new("b")])
+    assert [d.job_id for d in await take(broker, queue_name, count=5)] == ["b"]
+    rec = await record(broker, queue_name, "a")
+    assert rec.state == "expired"
+    assert rec.finished_at is not None
+    with anyio.fail_after(5):
+        waited = await broker.wait(queue_name, "a", None)
+    assert waited is not None
+    assert waited.state == "expired"
+    assert await broker.dead_letters(queue_name, 10) == []
+
+
+async def test_failed_dead_letters_retry_and_purge(broker: Broker, queue_name: str) -> None:
+    await broker.enqueue(queue_name, [new("a")])
+    d = await take_one(broker, queue_name)
+    await broker.finish(queue_name, [done(d, Outcome.RETRY, error=b"first")], 60)
+    d = await take_one(broker, queue_name)
+    assert d.attempt == 2
+    assert await broker.finish(queue_name, [done(d, Outcome.FAILED, error=b"err",
+                                                 reason="boom")], 60) == [True]
+    [dead] = await broker.dead_letters(queue_name, 10)
+    assert (dead.id, dead.state, dead.error, dead.dead_reason) == ("a", "failed", b"err", "boom")
+    assert dead.finished_at is not None
+    assert (await record(broker, queue_name, "a")).state == "failed"
+
+    await broker.enqueue(queue_name, [new("b")])
+    assert await broker.retry(queue_name, "b", time.time()) is False  # not a dead letter
+    assert await broker.retry(queue_name, "a", time.time()) is True
+    assert await broker.retry(queue_name, "a", time.time()) is False
+    assert await broker.dead_letters(queue_name, 10) == []
+    rec = await record(broker, queue_name, "a")
+    assert (rec.state, rec.attempt, rec.error, rec.result, rec.dead_reason, rec.finished_at) == (
+        "pending", 1, None, None, None, None)
+    db = await take_one(broker, queue_name)  # b was ready before a came back
+    da = await take_one(broker, queue_name)
+    assert (db.job_id, da.job_id, da.attempt) == ("b", "a", 1)
+
+    await broker.finish(queue_name, [done(db, Outcome.FAILED, reason="x")], 60)
+    await broker.finish(queue_name, [done(da, Outcome.FAILED, reason="y")], 60)
+    assert [r.id for r in await broker.dead_letters(queue_name, 10)] == ["a", "b"]
+    assert [r.id for r in await broker.dead_letters(queue_name, 1)] == ["a"]
+    assert await broker.purge_dead_letters(queue_name) == 2
+    assert await broker.dead_letters(queue_name, 10) == []
+    assert await broker.get(queue_name, "a") is None
+    assert await broker.retry(queue_name, "a", time.time()) is False
+
+
+async def test_retry_from_dead_letters_resets_delivery_count(
+    broker: Broker, queue_name: str
+) -> None:
+    await broker.enqueue(queue_name, [new("a")])
+    await take_one(broker, queue_name, max_deliveries=1)
+    assert await broker.reclaim(queue_name, "w2", 1, 0, 1) == []  # second delivery: dead
+    assert await broker.retry(queue_name, "a", time.time()) is True
+    assert (await take_one(broker, queue_name, max_deliveries=1)).job_id == "a"
+
+
+async def test_jobs_filters_newest_first(broker: Broker, queue_name: str) -> None:
+    for job_id, task in [("j1", "x"), ("j2", "y"), ("j3", "x"), ("j4", "y")]:
+        await broker.enqueue(queue_name, [new(job_id, task=task, enqueued_at=time.time())])
+    assert [r.id for r in await broker.jobs(queue_name, None, None, 10)] == ["j4", "j3", "j2", "j1"]
+    assert [r.id for r in await broker.jobs(queue_name, None, None, 2)] == ["j4", "j3"]
+    assert [r.id for r in await broker.jobs(queue_name, None, "x", 10)] == ["j3", "j1"]
+    d = await take_one(broker, queue_name)  # j1
+    assert [r.id for r in await broker.jobs(queue_name, "running", None, 10)] == [d.job_id]
+    assert [r.id for r in await broker.jobs(queue_name, "pending", "y", 10)] == ["j4", "j2"]
+
+
+async def test_set_progress(broker: Broker, queue_name: str) -> None:
+    await broker.enqueue(queue_name, [new("a")])
+    d1 = await take_one(broker, queue_name)
+    assert await broker.set_progress(queue_name, "a", d1.token, b"50%") is True
+    assert (await record(broker, queue_name, "a")).progress == b"50%"
+    [d2] = await broker.reclaim(queue_name, "w2", 1, 0, MAX)
+    assert await broker.set_progress(queue_name, "a", d1.token, b"stale") is False
+    assert (await record(broker, queue_name, "a")).progress == b"50%"
+    assert await broker.set_progress(queue_name, "a", d2.token, b"60%") is True
+    assert (await record(broker, queue_name, "a")).progress == b"60%"
+
+
+async def test_returned_records_are_copies(broker: Broker, queue_name: str) -> None:
+    await broker.enqueue(queue_name, [new("a")])
+    rec = await record(broker, queue_name, "a")
+    rec.state, rec.payload = "succeeded", b"changed"
+    [listed] = await broker.jobs(queue_name, None, None, 10)
+    listed.attempt = 99
+    again = await record(broker, queue_name, "a")
+    assert (again.state, again.payload, again.attempt) == ("pending", b"p-a", 1)

@@ -1,0 +1,280 @@
+"""Tasks and jobs (SPEC 2-3) on both brokers."""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import anyio
+import pytest
+
+from aqueue import (
+    JobInfo,
+    JobNotFound,
+    JobState,
+    PayloadTooLarge,
+    Queue,
+    SerializationError,
+    TaskError,
+    current_job,
+)
+
+
+async def test_direct_call_runs_function_unchanged(queue: Queue) -> None:
+    @queue.task
+    async def add(a: int, b: int) -> int:
+        return a + b
+
+    @queue.task
+    def mul(a: int, b: int) -> int:
+        return a * b
+
+    assert await add(1, 2) == 3
+    assert mul(3, 4) == 12
+    assert await queue.jobs() == []  # nothing was enqueued
+
+
+async def test_enqueue_and_result(queue: Queue) -> None:
+    @queue.task
+    async def add(a: int, b: int = 0) -> int:
+        return a + b
+
+    async with queue.worker(concurrency=4):
+        job = await add.enqueue(1, b=2)
+        assert await job.result(timeout=10) == 3
+        assert await job.state() == JobState.SUCCEEDED
+        # A handle from the id alone is interchangeable with the one enqueue returned.
+        same = queue.job(job.id)
+        assert same == job
+        assert await same.result(timeout=1) == 3
+
+
+async def test_plain_def_runs_in_a_worker_thread(queue: Queue) -> None:
+    import threading
+
+    main_thread = threading.get_ident()
+
+    @queue.task
+    def where() -> bool:
+        return threading.get_ident() != main_thread
+
+    async with queue.worker():
+        assert await (await where.enqueue()).result(timeout=10) is True
+
+
+async def test_rich_arguments_round_trip_as_json(queue: Queue) -> None:
+    @dataclasses.dataclass
+    class Point:
+        x: int
+        y: int
+
+    @queue.task
+    async def echo(*args: object, **kwargs: object) -> object:
+        return [list(args), kwargs]
+
+    moment = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    ident = uuid.UUID(int=7)
+    async with queue.worker():
+        job = await echo.enqueue(Point(1, 2), moment, ident, flag=True)
+        value = await job.result(timeout=10)
+    assert value == [[{"x": 1, "y": 2}, "2026-01-02T03:04:05+00:00", str(ident)], {"flag": True}]
+
+
+async def test_unserializable_argument_fails_at_enqueue_naming_it(queue: Queue) -> None:
+    @queue.task
+    async def take(a: object, b: object = None) -> None:
+        return None
+
+    with pytest.raises(SerializationError, match="argument 'b'"):
+        await take.enqueue(1, b={1, 2})
+    with pytest.raises(SerializationError, match="argument 0"):
+        await take.enqueue(object())
+    assert await queue.jobs() == []
+
+
+async def test_payload_over_the_bound_is_refused(broker: object, queue_name: str) -> None:
+    from aqueue.brokers import Broker
+
+    assert isinstance(broker, Broker)
+    small = Queue(broker=broker, name=queue_name, max_payload_size=1000)
+
+    @small.task
+    async def take(data: str) -> None:
+        return None
+
+    with pytest.raises(PayloadTooLarge, match="max_payload_size"):
+        await take.enqueue("x" * 2000)
+    await take.enqueue("x" * 100)
+    assert len(await small.jobs()) == 1
+
+
+async def test_unserializable_result_fails_the_job_not_the_worker(queue: Queue) -> None:
+    @queue.task(retries=3)
+    async def bad() -> object:
+        return {1, 2, 3}
+
+    @queue.task
+    async def good() -> int:
+        return 1
+
+    async with queue.worker():
+        job = await bad.enqueue()
+        with pytest.raises(TaskError) as caught:
+            await job.result(timeout=10)
+        assert caught.value.metadata["type"] == "SerializationError"
+        assert caught.value.metadata["attempt"] == 1  # not retried: it would fail the same way
+        assert await (await good.enqueue()).result(timeout=10) == 1
+
+
+async def test_unknown_job_id_raises_at_once(queue: Queue) -> None:
+    with anyio.fail_after(2):
+        with pytest.raises(JobNotFound):
+            await queue.job("no-such-job").result()
+    assert await queue.job("no-such-job").state() is None
+    assert await queue.job("no-such-job").info() is None
+
+
+async def test_result_timeout_when_not_finished(queue: Queue) -> None:
+    @queue.task
+    async def later() -> None:
+        return None
+
+    job = await later.enqueue()  # no worker runs
+    with pytest.raises(TimeoutError):
+        await job.result(timeout=0.1)
+    assert await job.state() == JobState.PENDING
+
+
+async def test_schedule_with_delay_and_eta(queue: Queue) -> None:
+    @queue.task
+    async def add(a: int, b: int) -> int:
+        return a + b
+
+    delayed = await add.schedule((1, 2), delay=0.2)
+    at = await add.schedule(kwargs={"a": 2, "b": 2}, eta=datetime.now(UTC) + timedelta(seconds=0.2))
+    assert await delayed.state() == JobState.SCHEDULED
+    assert await at.state() == JobState.SCHEDULED
+    async with queue.worker():
+        assert await delayed.result(timeout=10) == 3
+        assert await at.result(timeout=10) == 4
+    info = await delayed.info()
+    assert info is not None and info.started_at is not None and info.enqueued_at is not None
+    assert info.started_at - info.enqueued_at >= timedelta(seconds=0.2)
+
+
+async def test_options_do_not_steal_keyword_names(queue: Queue) -> None:
+    @queue.task
+    async def echo(delay: int, key: str, priority: int) -> list[object]:
+        return [delay, key, priority]
+
+    async with queue.worker():
+        job = await echo.options(priority=5).enqueue(delay=1, key="k", priority=2)
+        assert await job.result(timeout=10) == [1, "k", 2]
+
+
+async def test_idempotency_key_returns_the_live_job(queue: Queue) -> None:
+    @queue.task
+    async def send(to: str) -> str:
+        return to
+
+    first = await send.options(key="welcome:1").enqueue("a@example.com")
+    again = await send.options(key="welcome:1").enqueue("a@example.com")
+    assert again.id == first.id
+    async with queue.worker():
+        assert await first.result(timeout=10) == "a@example.com"
+    # Once finished, the key is free: a new job is made.
+    fresh = await send.options(key="welcome:1").enqueue("a@example.com")
+    assert fresh.id != first.id
+
+
+async def test_map_enqueues_in_bulk(queue: Queue) -> None:
+    @queue.task
+    async def add(a: int, b: int) -> int:
+        return a + b
+
+    async with queue.worker():
+        group = await add.map([(1, 2), (3, 4), (5, 6)])
+        assert await group.get(timeout=10) == [3, 7, 11]
+        single = await add.map([])
+        assert await single.get(timeout=1) == []
+
+
+async def test_as_completed_yields_every_value(queue: Queue) -> None:
+    @queue.task
+    async def nap(n: int) -> int:
+        await anyio.sleep(n / 100)
+        return n
+
+    async with queue.worker():
+        group = await nap.map([3, 1, 2])
+        seen = [v async for v in group.as_completed(timeout=10)]
+    assert sorted(seen) == [1, 2, 3]
+
+
+async def test_context_inside_a_running_job(queue: Queue) -> None:
+    @queue.task(timeout=30)
+    async def introspect() -> dict[str, object]:
+        ctx = current_job()
+        ctx.check_timeout()  # well before the deadline: no error
+        await ctx.set_progress(5, 10, "halfway")
+        remaining = ctx.time_remaining
+        return {
+            "id": ctx.id,
+            "task": ctx.task_name,
+            "attempt": ctx.attempt,
+            "remaining_ok": remaining is not None and 0 < remaining <= 30,
+            "deadline_aware": ctx.deadline is not None and ctx.deadline.tzinfo is not None,
+        }
+
+    async with queue.worker():
+        job = await introspect.enqueue()
+        value = await job.result(timeout=10)
+    assert value == {"id": job.id, "task": introspect.name, "attempt": 1,
+                     "remaining_ok": True, "deadline_aware": True}
+    info = await job.info()
+    assert info is not None
+    assert info.progress == {"done": 5, "total": 10, "message": "halfway"}
+
+
+async def test_info_fields(queue: Queue) -> None:
+    @queue.task
+    async def add(a: int, b: int) -> int:
+        return a + b
+
+    async with queue.worker() as worker:
+        job = await add.enqueue(2, b=3)
+        await job.result(timeout=10)
+    info = await job.info()
+    assert isinstance(info, JobInfo)
+    assert (info.id, info.task, info.state) == (job.id, add.name, JobState.SUCCEEDED)
+    assert (info.args, info.kwargs, info.attempt, info.result) == ([2], {"b": 3}, 1, 5)
+    assert info.worker == worker.name and info.error is None
+    assert info.enqueued_at and info.started_at and info.finished_at
+    assert info.enqueued_at <= info.started_at <= info.finished_at
+    assert info.finished_at.tzinfo is not None
+
+
+async def test_jobs_lists_newest_first_with_filters(queue: Queue) -> None:
+    @queue.task
+    async def a() -> None:
+        return None
+
+    @queue.task
+    async def b() -> None:
+        raise ValueError("no")
+
+    first = await a.enqueue()
+    second = await b.enqueue()
+    third = await a.enqueue()
+    listed = await queue.jobs()
+    assert [i.id for i in listed] == [third.id, second.id, first.id]
+    assert [i.id for i in await queue.jobs(task=a.name)] == [third.id, first.id]
+    assert [i.id for i in await queue.jobs(limit=1)] == [third.id]
+    async with queue.worker():
+        await first.result(timeout=10)
+        await third.result(timeout=10)
+        with pytest.raises(TaskError):
+            await second.result(timeout=10)
+    assert [i.id for i in await queue.jobs(state="failed")] == [second.id]
+    assert [i.id for i in await queue.jobs(state=JobState.SUCCEEDED)] == [third.id, first.id]

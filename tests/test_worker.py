@@ -1,0 +1,372 @@
+"""The worker (SPEC 4) on both brokers: retries, timeouts, cancellation, concurrency, leases."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import anyio
+import pytest
+
+from aqueue import (
+    CancelExecution,
+    JobCancelled,
+    JobState,
+    Queue,
+    RetryTask,
+    Signal,
+    TaskError,
+    current_job,
+)
+from aqueue.brokers import Broker, NewJob
+
+
+async def test_retries_wait_with_backoff_then_succeed(queue: Queue) -> None:
+    starts: list[float] = []
+
+    @queue.task(retries=2, retry_delay=0.05, retry_backoff=2.0)
+    async def flaky() -> int:
+        starts.append(time.monotonic())
+        if current_job().attempt < 3:
+            raise ValueError("not yet")
+        return current_job().attempt
+
+    async with queue.worker():
+        job = await flaky.enqueue()
+        assert await job.result(timeout=10) == 3
+    assert starts[1] - starts[0] >= 0.05
+    assert starts[2] - starts[1] >= 0.1
+    info = await job.info()
+    assert info is not None and info.attempt == 3 and info.error is None
+
+
+async def test_spent_retries_fail_with_metadata_and_dead_letter(queue: Queue) -> None:
+    @queue.task(retries=1)
+    async def broken() -> None:
+        raise ValueError("broken for good")
+
+    async with queue.worker():
+        job = await broken.enqueue()
+        with pytest.raises(TaskError) as caught:
+            await job.result(timeout=10)
+    meta = caught.value.metadata
+    assert meta["error"] == repr(ValueError("broken for good"))
+    assert meta["type"] == "ValueError"
+    assert "broken for good" in meta["traceback"] and "Traceback" in meta["traceback"]
+    assert (meta["job_id"], meta["attempt"], meta["retries_left"]) == (job.id, 2, 0)
+    dead = await queue.dead_letters()
+    assert [d.id for d in dead] == [job.id]
+    assert dead[0].dead_reason is not None and "ValueError" in dead[0].dead_reason
+
+
+async def test_retry_task_retries_regardless_of_count(queue: Queue) -> None:
+    @queue.task(retries=0)
+    async def again() -> int:
+        if current_job().attempt == 1:
+            raise RetryTask(delay=0.05)
+        return current_job().attempt
+
+    async with queue.worker():
+        assert await (await again.enqueue()).result(timeout=10) == 2
+
+
+async def test_cancel_execution(queue: Queue) -> None:
+    @queue.task(retries=3)
+    async def stop_for_good() -> None:
+        raise CancelExecution(retry=False)
+
+    @queue.task(retries=0)
+    async def stop_and_retry() -> int:
+        if current_job().attempt == 1:
+            raise CancelExecution(retry=True)
+        return current_job().attempt
+
+    @queue.task(retries=0)
+    async def stop_by_policy() -> None:
+        raise CancelExecution()
+
+    async with queue.worker():
+        cancelled = await stop_for_good.enqueue()
+        with pytest.raises(JobCancelled):
+            await cancelled.result(timeout=10)
+        assert await cancelled.state() == JobState.CANCELLED
+        assert await (await stop_and_retry.enqueue()).result(timeout=10) == 2
+        with pytest.raises(TaskError):
+            await (await stop_by_policy.enqueue()).result(timeout=10)
+
+
+async def test_timeout_cancels_cooperatively_and_is_retried(queue: Queue) -> None:
+    cleanups: list[int] = []
+
+    @queue.task(timeout=0.2, retries=1)
+    async def slow() -> None:
+        try:
+            await anyio.sleep(30)
+        finally:
+            cleanups.append(current_job().attempt)
+
+    async with queue.worker():
+        job = await slow.enqueue()
+        with pytest.raises(TaskError) as caught:
+            await job.result(timeout=10)
+    assert caught.value.metadata["type"] == "TaskTimeout"
+    assert caught.value.metadata["attempt"] == 2
+    assert cleanups == [1, 2]
+
+
+async def test_per_call_timeout_and_retries_override(queue: Queue) -> None:
+    @queue.task(retries=5)
+    async def slow() -> None:
+        await anyio.sleep(30)
+
+    async with queue.worker():
+        job = await slow.options(timeout=0.1, retries=0).enqueue()
+        with pytest.raises(TaskError) as caught:
+            await job.result(timeout=10)
+    assert caught.value.metadata["attempt"] == 1
+
+
+async def test_concurrency_is_bounded(queue: Queue) -> None:
+    running = 0
+    peak = 0
+    gate = anyio.Event()
+
+    @queue.task
+    async def hold() -> None:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        if running == 5:
+            gate.set()
+        await gate.wait()
+        running -= 1
+
+    async with queue.worker(concurrency=5):
+        group = await hold.map([() for _ in range(20)])
+        await group.get(timeout=10)
+    assert peak == 5
+
+
+async def test_coroutine_jobs_run_concurrently(queue: Queue) -> None:
+    arrived = 0
+    everyone = anyio.Event()
+
+    @queue.task
+    async def meet() -> None:
+        nonlocal arrived
+        arrived += 1
+        if arrived == 10:
+            everyone.set()
+        await everyone.wait()  # completes only if all ten run at once
+
+    async with queue.worker(concurrency=10):
+        await (await meet.map([() for _ in range(10)])).get(timeout=10)
+
+
+async def test_higher_priority_runs_first(queue: Queue) -> None:
+    order: list[str] = []
+
+    @queue.task
+    async def record(label: str) -> None:
+        order.append(label)
+
+    @queue.task(priority=5)
+    async def urgent(label: str) -> None:
+        order.append(label)
+
+    await record.enqueue("low-1")
+    await record.enqueue("low-2")
+    await urgent.enqueue("mid")
+    await record.options(priority=10).enqueue("high")
+    await record.options(priority=-1).enqueue("lowest")
+    async with queue.worker(concurrency=1):
+        await (await record.enqueue("last")).result(timeout=10)
+    assert order == ["high", "mid", "low-1", "low-2", "last", "lowest"]
+
+
+async def test_unknown_task_goes_to_dead_letters(broker: Broker, queue_name: str) -> None:
+    producer = Queue(broker=broker, name=queue_name)
+    worker_side = Queue(broker=broker, name=queue_name)
+
+    @producer.task(name="ghost")
+    async def ghost() -> None:
+        return None
+
+    @worker_side.task
+    async def known() -> int:
+        return 1
+
+    async with worker_side.worker():
+        job = await ghost.enqueue()
+        with pytest.raises(TaskError, match="unknown task 'ghost'"):
+            await worker_side.job(job.id).result(timeout=10)
+        assert await (await known.enqueue()).result(timeout=10) == 1  # still running
+    dead = await worker_side.dead_letters()
+    assert dead[0].id == job.id and "unknown task" in str(dead[0].dead_reason)
+
+
+async def test_undecodable_payload_goes_to_dead_letters(queue: Queue) -> None:
+    @queue.task(name="victim")
+    async def victim() -> int:
+        return 1
+
+    bad = [NewJob(id=uuid.uuid4().hex, task="victim", payload=p, enqueued_at=time.time())
+           for p in (b"\xff\x00 not json", b"[1, 2]", b'{"args": 5, "kwargs": {}}')]
+    await queue.broker.enqueue(queue.name, bad)
+    async with queue.worker():
+        for new in bad:
+            with pytest.raises(TaskError, match="undecodable payload"):
+                await queue.job(new.id).result(timeout=10)
+        assert await (await victim.enqueue()).result(timeout=10) == 1
+    assert {d.id for d in await queue.dead_letters()} == {b.id for b in bad}
+
+
+async def test_dead_letter_retry_runs_again(queue: Queue) -> None:
+    fail = True
+
+    @queue.task
+    async def sometimes() -> str:
+        if fail:
+            raise ValueError("down")
+        return "up"
+
+    async with queue.worker():
+        job = await sometimes.enqueue()
+        with pytest.raises(TaskError):
+            await job.result(timeout=10)
+        fail = False
+        assert await queue.retry(job.id) is True
+        assert await job.result(timeout=10) == "up"
+        assert await queue.retry(job.id) is False  # no longer a dead letter
+    assert await queue.dead_letters() == []
+
+
+async def test_shutdown_hands_running_jobs_back(queue: Queue) -> None:
+    started = anyio.Event()
+    cleaned_up = anyio.Event()
+    interrupted: list[str] = []
+
+    @queue.task
+    async def long_job() -> str:
+        if current_job().attempt == 1 and not started.is_set():
+            started.set()
+            try:
+                await anyio.sleep(60)
+            finally:
+                cleaned_up.set()
+        return "second run"
+
+    @queue.on(Signal.INTERRUPTED)
+    def on_interrupt(signal: Signal, job: object, exc: BaseException | None = None) -> None:
+        interrupted.append(getattr(job, "id", ""))
+
+    job = await long_job.enqueue()
+    async with queue.worker(shutdown_timeout=0.1):
+        with anyio.fail_after(10):
+            await started.wait()
+    assert cleaned_up.is_set()
+    assert interrupted == [job.id]
+    assert await job.state() == JobState.PENDING
+    async with queue.worker():
+        assert await job.result(timeout=10) == "second run"
+    info = await job.info()
+    assert info is not None and info.attempt == 1  # a hand-back is not a retry
+
+
+async def test_job_of_a_dead_worker_is_redelivered(queue: Queue) -> None:
+    @queue.task
+    async def work() -> str:
+        return current_job().id
+
+    job = await work.enqueue()
+    # A worker that takes the job and dies: it never renews nor finishes.
+    taken = await queue.broker.receive(queue.name, "dead-worker", 1, 0, queue.max_deliveries)
+    assert [d.job_id for d in taken] == [job.id]
+    assert await job.state() == JobState.RUNNING
+    async with queue.worker():
+        assert await job.result(timeout=15) == job.id
+
+
+async def test_running_job_lease_is_renewed(broker: Broker, queue_name: str) -> None:
+    q = Queue(broker=broker, name=queue_name, visibility_timeout=1)
+    runs = 0
+
+    @q.task
+    async def long_job() -> int:
+        nonlocal runs
+        runs += 1
+        await anyio.sleep(2.5)  # well past the visibility timeout
+        return runs
+
+    job = await long_job.enqueue()
+    async with q.worker(), q.worker():  # a second worker would take a lapsed lease
+        assert await job.result(timeout=15) == 1
+    assert runs == 1
+
+
+async def test_poison_message_goes_to_dead_letters(broker: Broker, queue_name: str) -> None:
+    q = Queue(broker=broker, name=queue_name, visibility_timeout=1, max_deliveries=2)
+
+    @q.task
+    async def work() -> None:
+        return None
+
+    job = await work.enqueue()
+    # Two deliveries to workers that die before finishing.
+    assert await broker.receive(q.name, "dead-1", 1, 0, q.max_deliveries)
+    assert await broker.reclaim(q.name, "dead-2", 1, 0, q.max_deliveries)
+    async with q.worker():
+        with pytest.raises(TaskError, match="max_deliveries=2"):
+            await job.result(timeout=15)
+    dead = await q.dead_letters()
+    assert [d.id for d in dead] == [job.id]
+
+
+async def test_signals_reach_sync_and_async_handlers(queue: Queue) -> None:
+    seen: list[tuple[Signal, str]] = []
+
+    @queue.on(Signal.ENQUEUED, Signal.EXECUTING, Signal.COMPLETE)
+    def sync_handler(signal: Signal, job: object, exc: BaseException | None = None) -> None:
+        seen.append((signal, getattr(job, "task_name", "")))
+
+    @queue.on(Signal.RETRYING, Signal.ERROR)
+    async def async_handler(signal: Signal, job: object, exc: BaseException | None = None) -> None:
+        seen.append((signal, type(exc).__name__))
+
+    @queue.on(Signal.COMPLETE)
+    def broken_handler(signal: Signal, job: object, exc: BaseException | None = None) -> None:
+        raise RuntimeError("a handler's error is logged, not raised")
+
+    @queue.task(name="ok")
+    async def ok() -> None:
+        return None
+
+    @queue.task(name="bad", retries=1)
+    async def bad() -> None:
+        raise KeyError("x")
+
+    async with queue.worker():
+        await (await ok.enqueue()).result(timeout=10)
+        with pytest.raises(TaskError):
+            await (await bad.enqueue()).result(timeout=10)
+    assert seen[:3] == [(Signal.ENQUEUED, "ok"), (Signal.EXECUTING, "ok"), (Signal.COMPLETE, "ok")]
+    assert (Signal.RETRYING, "KeyError") in seen and (Signal.ERROR, "KeyError") in seen
+
+
+async def test_immediate_mode_runs_inside_enqueue(queue: Queue) -> None:
+    queue.immediate = True
+    calls = 0
+
+    @queue.task(retries=1)
+    async def add(a: int, b: int) -> int:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise ValueError("first attempt fails")
+        return a + b
+
+    job = await add.enqueue(1, 2)
+    assert await job.state() == JobState.SUCCEEDED
+    assert await job.result(timeout=0) == 3
+    later = await add.schedule((1, 1), delay=60)
+    assert await later.state() == JobState.SCHEDULED  # stored, not run
