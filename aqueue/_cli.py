@@ -71,6 +71,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logger.addHandler(handler)
     logger.setLevel(level)
+    try:
+        return _run(args)
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.concurrency < 1:
         print("aqueue: --concurrency must be at least 1", file=sys.stderr)
         return EXIT_USAGE

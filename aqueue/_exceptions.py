@@ -107,7 +107,7 @@ class JobExpired(JobError):
     """The job was not started before its expiry."""
 
 
-class RetryTask(Exception):  # noqa: N818 - the name users know from huey
+class RetryTask(Exception):
     """Raise in a task to run it again after `delay` seconds, whatever its retry count."""
 
     def __init__(self, delay: float | None = None) -> None:
@@ -115,7 +115,7 @@ class RetryTask(Exception):  # noqa: N818 - the name users know from huey
         self.delay = delay
 
 
-class CancelExecution(Exception):  # noqa: N818 - the name users know from huey
+class CancelExecution(Exception):
     """Raise in a task to stop it.
 
     `retry=None` follows the task's retry policy, `True` retries regardless, `False` never retries:

@@ -59,7 +59,9 @@ class TaskDecorator:
         self._queue, self._name, self._policy = queue, name, policy
 
     @overload
-    def __call__(self, fn: Callable[P, Coroutine[Any, Any, R]], /) -> AsyncTask[P, R]: ...
+    def __call__(  # type: ignore[overload-overlap]  # a coroutine function is matched first
+        self, fn: Callable[P, Coroutine[Any, Any, R]], /
+    ) -> AsyncTask[P, R]: ...
     @overload
     def __call__(self, fn: Callable[P, R], /) -> SyncTask[P, R]: ...
     def __call__(self, fn: Callable[P, Any], /) -> Task[P, Any]:
@@ -134,7 +136,9 @@ class Queue:
     # --- tasks -----------------------------------------------------------------------------------
 
     @overload
-    def task(self, fn: Callable[P, Coroutine[Any, Any, R]], /) -> AsyncTask[P, R]: ...
+    def task(  # type: ignore[overload-overlap]  # a coroutine function is matched first
+        self, fn: Callable[P, Coroutine[Any, Any, R]], /
+    ) -> AsyncTask[P, R]: ...
     @overload
     def task(self, fn: Callable[P, R], /) -> SyncTask[P, R]: ...
     @overload
@@ -152,7 +156,6 @@ class Queue:
     def task(
         self,
         fn: Callable[..., Any] | None = None,
-        /,
         *,
         retries: int = 0,
         retry_delay: Seconds = 0.0,

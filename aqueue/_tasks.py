@@ -110,7 +110,7 @@ class Task(Generic[P, R]):
         """Enqueue one job per item (a tuple of arguments, or a single argument) in bulk."""
         from aqueue._jobs import ResultGroup
 
-        calls = [
+        calls: list[tuple[Task[Any, Any], tuple[Any, ...], dict[str, Any], CallOptions]] = [
             (self, item if isinstance(item, tuple) else (item,), {}, CallOptions())
             for item in items
         ]

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import TypeAlias
 
 from aqueue._exceptions import ConfigurationError
 
-Seconds = float | int | timedelta
-When = float | int | timedelta | datetime
+Seconds: TypeAlias = float | int | timedelta
+When: TypeAlias = float | int | timedelta | datetime
 
 
 def seconds(value: Seconds, what: str) -> float:

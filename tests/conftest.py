@@ -144,7 +144,7 @@ def _no_proxy_env() -> Iterator[None]:
 async def queue(broker: Broker, queue_name: str) -> AsyncIterator[Queue]:
     """A queue with a fresh name on each backend; short visibility timeout for redelivery tests."""
     q = Queue(broker=broker, name=queue_name, visibility_timeout=2)
-    yield q
+    return q
 
 
 async def drained(queue: Queue, job_ids: list[str], timeout: float = 10) -> None:
@@ -152,3 +152,11 @@ async def drained(queue: Queue, job_ids: list[str], timeout: float = 10) -> None
     with anyio.fail_after(timeout):
         for job_id in job_ids:
             await queue.broker.wait(queue.name, job_id, None)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, exitstatus: int) -> None:
+    """Under CI nothing may skip: a skipped Redis test would hide a broken broker."""
+    skipped = terminalreporter.stats.get("skipped", [])
+    if os.environ.get("CI") and skipped:
+        terminalreporter.write_line(f"CI: {len(skipped)} test(s) skipped; failing the run", red=True)
+        terminalreporter._session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -159,7 +159,9 @@ async def test_schedule_with_delay_and_eta(queue: Queue) -> None:
         assert await delayed.result(timeout=10) == 3
         assert await at.result(timeout=10) == 4
     info = await delayed.info()
-    assert info is not None and info.started_at is not None and info.enqueued_at is not None
+    assert info is not None
+    assert info.started_at is not None
+    assert info.enqueued_at is not None
     assert info.started_at - info.enqueued_at >= timedelta(seconds=0.2)
 
 
@@ -249,8 +251,11 @@ async def test_info_fields(queue: Queue) -> None:
     assert isinstance(info, JobInfo)
     assert (info.id, info.task, info.state) == (job.id, add.name, JobState.SUCCEEDED)
     assert (info.args, info.kwargs, info.attempt, info.result) == ([2], {"b": 3}, 1, 5)
-    assert info.worker == worker.name and info.error is None
-    assert info.enqueued_at and info.started_at and info.finished_at
+    assert info.worker == worker.name
+    assert info.error is None
+    assert info.enqueued_at
+    assert info.started_at
+    assert info.finished_at
     assert info.enqueued_at <= info.started_at <= info.finished_at
     assert info.finished_at.tzinfo is not None
 

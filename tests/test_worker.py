@@ -37,7 +37,9 @@ async def test_retries_wait_with_backoff_then_succeed(queue: Queue) -> None:
     assert starts[1] - starts[0] >= 0.05
     assert starts[2] - starts[1] >= 0.1
     info = await job.info()
-    assert info is not None and info.attempt == 3 and info.error is None
+    assert info is not None
+    assert info.attempt == 3
+    assert info.error is None
 
 
 async def test_spent_retries_fail_with_metadata_and_dead_letter(queue: Queue) -> None:
@@ -52,11 +54,13 @@ async def test_spent_retries_fail_with_metadata_and_dead_letter(queue: Queue) ->
     meta = caught.value.metadata
     assert meta["error"] == repr(ValueError("broken for good"))
     assert meta["type"] == "ValueError"
-    assert "broken for good" in meta["traceback"] and "Traceback" in meta["traceback"]
+    assert "broken for good" in meta["traceback"]
+    assert "Traceback" in meta["traceback"]
     assert (meta["job_id"], meta["attempt"], meta["retries_left"]) == (job.id, 2, 0)
     dead = await queue.dead_letters()
     assert [d.id for d in dead] == [job.id]
-    assert dead[0].dead_reason is not None and "ValueError" in dead[0].dead_reason
+    assert dead[0].dead_reason is not None
+    assert "ValueError" in dead[0].dead_reason
 
 
 async def test_retry_task_retries_regardless_of_count(queue: Queue) -> None:
@@ -202,7 +206,8 @@ async def test_unknown_task_goes_to_dead_letters(broker: Broker, queue_name: str
             await worker_side.job(job.id).result(timeout=10)
         assert await (await known.enqueue()).result(timeout=10) == 1  # still running
     dead = await worker_side.dead_letters()
-    assert dead[0].id == job.id and "unknown task" in str(dead[0].dead_reason)
+    assert dead[0].id == job.id
+    assert "unknown task" in str(dead[0].dead_reason)
 
 
 async def test_undecodable_payload_goes_to_dead_letters(queue: Queue) -> None:
@@ -270,7 +275,8 @@ async def test_shutdown_hands_running_jobs_back(queue: Queue) -> None:
     async with queue.worker():
         assert await job.result(timeout=10) == "second run"
     info = await job.info()
-    assert info is not None and info.attempt == 1  # a hand-back is not a retry
+    assert info is not None
+    assert info.attempt == 1
 
 
 async def test_job_of_a_dead_worker_is_redelivered(queue: Queue) -> None:
@@ -350,7 +356,8 @@ async def test_signals_reach_sync_and_async_handlers(queue: Queue) -> None:
         with pytest.raises(TaskError):
             await (await bad.enqueue()).result(timeout=10)
     assert seen[:3] == [(Signal.ENQUEUED, "ok"), (Signal.EXECUTING, "ok"), (Signal.COMPLETE, "ok")]
-    assert (Signal.RETRYING, "KeyError") in seen and (Signal.ERROR, "KeyError") in seen
+    assert (Signal.RETRYING, "KeyError") in seen
+    assert (Signal.ERROR, "KeyError") in seen
 
 
 async def test_immediate_mode_runs_inside_enqueue(queue: Queue) -> None:

@@ -89,7 +89,7 @@ class MemoryBroker(Broker):
 
     async def receive(
         self, queue: str, consumer: str, count: int,
-        timeout: float,  # noqa: ASYNC109 - the Broker contract's signature
+        timeout: float,
         max_deliveries: int,
     ) -> list[Delivery]:
         q = self._queue(queue)
@@ -207,7 +207,7 @@ class MemoryBroker(Broker):
 
     async def wait(
         self, queue: str, job_id: str,
-        timeout: float | None,  # noqa: ASYNC109 - the Broker contract's signature
+        timeout: float | None,
     ) -> JobRecord | None:
         q = self._queue(queue)
         rec = self._record(q, job_id)

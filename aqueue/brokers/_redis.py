@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import anyio
@@ -120,11 +120,11 @@ class RedisBroker(Broker):
 
     async def connect(self) -> None:
         if self._client is None:
+            options: dict[str, Any] = {"health_check_interval": 30}
+            if not self._connect_url.startswith("unix:"):
+                options["socket_keepalive"] = True  # notice a dead peer on an idle TCP connection
             self._client = aioredis.Redis.from_url(
-                self._connect_url,
-                socket_keepalive=True,
-                health_check_interval=30,
-                **self._client_options,
+                self._connect_url, **{**options, **self._client_options}
             )
         if not self._scripts:
             self._scripts = {n: self._client.register_script(source(n)) for n in NAMES}
@@ -222,8 +222,9 @@ class RedisBroker(Broker):
                 self._readers[consumer] = reader
             self._blocked[consumer] = await reader.client_id()
             try:
-                entries = await reader.xreadgroup(
-                    GROUP, consumer, streams, count=count, block=max(1, int(timeout * 1000))
+                entries: Any = await reader.xreadgroup(
+                    GROUP, consumer, cast(Any, streams), count=count,
+                    block=max(1, int(timeout * 1000)),
                 )
             except redis_errors.ResponseError as exc:
                 if "NOGROUP" not in str(exc):
@@ -301,7 +302,9 @@ class RedisBroker(Broker):
         if self._client is None:
             await self.connect()
         async with self._translated():
-            fields = await self.client.hgetall(self._key(queue).job(job_id))
+            fields: dict[bytes, bytes] = await self.client.hgetall(  # type: ignore[assignment]
+                self._key(queue).job(job_id)
+            )
         return _record(job_id, fields) if fields else None
 
     async def wait(self, queue: str, job_id: str, timeout: float | None) -> JobRecord | None:
@@ -324,7 +327,7 @@ class RedisBroker(Broker):
                         if message is not None and message["type"] == "message":
                             break
             finally:
-                await pubsub.aclose()
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
             return await self.get(queue, job_id)
 
     async def jobs(
@@ -337,7 +340,7 @@ class RedisBroker(Broker):
         start, page = 0, max(limit, 100)
         async with self._translated():
             while len(found) < limit:
-                ids = await self.client.zrevrange(keys.index, start, start + page - 1)
+                ids: Any = await self.client.zrevrange(keys.index, start, start + page - 1)
                 if not ids:
                     break
                 start += page
@@ -369,7 +372,7 @@ class RedisBroker(Broker):
             await self.connect()
         keys = self._key(queue)
         async with self._translated():
-            ids = await self.client.zrevrange(keys.dead, 0, limit - 1)
+            ids: Any = await self.client.zrevrange(keys.dead, 0, limit - 1)
             async with self.client.pipeline(transaction=False) as pipe:
                 for raw in ids:
                     pipe.hgetall(keys.job(raw.decode()))

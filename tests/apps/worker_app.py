@@ -1,0 +1,26 @@
+"""A queue for the subprocess tests, configured from the environment."""
+
+from __future__ import annotations
+
+import os
+
+import anyio
+
+from aqueue import Queue
+
+queue = Queue(
+    os.environ.get("AQUEUE_URL", "redis://127.0.0.1:1/0"),
+    name=os.environ.get("AQUEUE_QUEUE", "default"),
+    visibility_timeout=float(os.environ.get("AQUEUE_VISIBILITY", "60")),
+)
+
+
+@queue.task(name="add")
+async def add(a: int, b: int) -> int:
+    return a + b
+
+
+@queue.task(name="nap")
+async def nap(seconds: float, tag: int = 0) -> int:
+    await anyio.sleep(seconds)
+    return tag

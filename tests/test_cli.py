@@ -1,0 +1,204 @@
+"""The worker as users run it: `aqueue run module:queue` in processes of its own, against Redis."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+
+import anyio
+import pytest
+
+from aqueue import JobState, Queue
+from aqueue._cli import main
+from tests.conftest import RedisServer, start_redis
+
+ROOT = Path(__file__).resolve().parent.parent
+APP = "tests.apps.worker_app:queue"
+
+pytestmark = pytest.mark.subprocess
+
+
+class WorkerProcess:
+    def __init__(self, url: str, queue_name: str, *flags: str, visibility: float = 60) -> None:
+        self.log = Path(os.environ.get("TMPDIR", "/tmp")) / f"aqueue-worker-{queue_name}-{time.time_ns()}.log"
+        env = {**os.environ, "AQUEUE_URL": url, "AQUEUE_QUEUE": queue_name,
+               "AQUEUE_VISIBILITY": str(visibility)}
+        with self.log.open("w") as stderr:  # the child keeps its own copy of the descriptor
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "aqueue", "run", APP, *flags],
+                cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=stderr,
+            )
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=40)
+
+
+@pytest.fixture
+def workers() -> Iterator[list[WorkerProcess]]:
+    started: list[WorkerProcess] = []
+    yield started
+    for w in started:
+        if w.process.poll() is None:
+            w.process.kill()
+            w.process.wait()
+
+
+async def poll_until(predicate: Callable[[], Awaitable[bool]], timeout: float) -> None:
+    """Poll an async predicate with a deadline (for state in another process: nothing to wait on)."""
+    with anyio.fail_after(timeout):
+        while not await predicate():  # noqa: ASYNC110 - the state lives in another process
+            await anyio.sleep(0.02)
+
+
+def client_queue(url: str, name: str) -> Queue:
+    from tests.apps import worker_app
+
+    q = Queue(url, name=name)
+    for task in worker_app.queue.tasks.values():  # the worker's tasks, under the same names
+        q.task(name=task.name)(task.fn)
+    return q
+
+
+async def test_jobs_enqueued_by_another_process_all_complete(
+    redis_url: str, queue_name: str, workers: list[WorkerProcess]
+) -> None:
+    workers.append(WorkerProcess(redis_url, queue_name))
+    env = {**os.environ, "AQUEUE_URL": redis_url, "AQUEUE_QUEUE": queue_name}
+    with anyio.fail_after(60):
+        produced = await anyio.run_process(
+            [sys.executable, "-m", "tests.apps.produce", "1000"], cwd=ROOT, env=env, check=True
+        )
+    ids = produced.stdout.decode().split()
+    assert len(ids) == 1000
+    async with client_queue(redis_url, queue_name) as q:
+        with anyio.fail_after(60):
+            values = [await q.job(job_id).result() for job_id in ids]
+    assert values == [i + i for i in range(1000)]
+    assert workers[0].stop() == 0
+
+
+async def test_kill_9_mid_job_loses_nothing(
+    redis_url: str, queue_name: str, workers: list[WorkerProcess]
+) -> None:
+    first = WorkerProcess(redis_url, queue_name, "--concurrency", "10", visibility=1)
+    workers.append(first)
+    async with client_queue(redis_url, queue_name) as q:
+        nap = q.tasks["nap"]
+        jobs = [await nap.enqueue(0.5, i) for i in range(30)]
+
+        async def some_running() -> bool:
+            return any([await j.state() == JobState.RUNNING for j in jobs])
+
+        await poll_until(some_running, 30)
+        first.process.kill()  # kill -9: no chance to hand anything back
+        assert first.process.wait(timeout=10) == -signal.SIGKILL
+        workers.append(WorkerProcess(redis_url, queue_name, "--concurrency", "10", visibility=1))
+        with anyio.fail_after(60):
+            values = [await j.result() for j in jobs]
+    assert values == list(range(30))
+    assert workers[1].stop() == 0
+
+
+async def test_sigterm_lets_the_running_job_finish(
+    redis_url: str, queue_name: str, workers: list[WorkerProcess]
+) -> None:
+    worker = WorkerProcess(redis_url, queue_name, "--shutdown-timeout", "10")
+    workers.append(worker)
+    async with client_queue(redis_url, queue_name) as q:
+        job = await q.tasks["nap"].enqueue(1.0, 7)
+
+        async def running() -> bool:
+            return await job.state() == JobState.RUNNING
+
+        await poll_until(running, 30)
+        started = time.monotonic()
+        worker.process.send_signal(signal.SIGTERM)
+        assert worker.process.wait(timeout=12) == 0
+        assert time.monotonic() - started < 10 + 2
+        assert await job.state() == JobState.SUCCEEDED
+        assert await job.result(timeout=1) == 7
+
+
+async def test_worker_carries_on_after_redis_restarts(
+    queue_name: str, workers: list[WorkerProcess]
+) -> None:
+    server: RedisServer = start_redis()
+    try:
+        workers.append(WorkerProcess(server.url, queue_name))
+        async with client_queue(server.url, queue_name) as q:
+            assert await (await q.tasks["add"].enqueue(1, 1)).result(timeout=30) == 2
+        server.stop()
+        server.start()  # same port, empty: the worker must find its way back
+        async with client_queue(server.url, queue_name) as q:
+            assert await (await q.tasks["add"].enqueue(2, 2)).result(timeout=60) == 4
+        assert workers[0].process.poll() is None
+        assert workers[0].stop() == 0
+        assert "broker unreachable" in workers[0].output()
+    finally:
+        server.stop()
+
+
+async def test_password_url_works_and_never_shows(
+    queue_name: str, workers: list[WorkerProcess]
+) -> None:
+    server = start_redis("--requirepass", "s3cret-pw")
+    try:
+        url = f"redis://:s3cret-pw@127.0.0.1:{server.port}/0"
+        worker = WorkerProcess(url, queue_name)
+        workers.append(worker)
+        async with client_queue(url, queue_name) as q:
+            assert await (await q.tasks["add"].enqueue(3, 4)).result(timeout=30) == 7
+        assert worker.stop() == 0
+        log = worker.output()
+        assert f"redis://:***@127.0.0.1:{server.port}/0" in log
+        assert "s3cret-pw" not in log
+        # A wrong password: a clear error, still without the password.
+        bad = WorkerProcess(f"redis://:wrong-pw@127.0.0.1:{server.port}/0", queue_name)
+        workers.append(bad)
+        assert bad.process.wait(timeout=30) == 1
+        assert "wrong-pw" not in bad.output()
+    finally:
+        server.stop()
+
+
+def test_unreachable_redis_at_start_is_one_line_and_exit_1(queue_name: str) -> None:
+    port = __import__("tests.conftest", fromlist=["free_port"]).free_port()
+    env = {**os.environ, "AQUEUE_URL": f"redis://127.0.0.1:{port}/0", "AQUEUE_QUEUE": queue_name}
+    done = subprocess.run([sys.executable, "-m", "aqueue", "run", APP], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    lines = [line for line in done.stderr.splitlines() if "aqueue:" in line]
+    assert len(lines) == 1
+    assert f"127.0.0.1:{port}" in lines[0]
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        ("nosuchmodule:queue", "cannot import module 'nosuchmodule'"),
+        ("tests.apps.worker_app:missing", "has no attribute 'missing'"),
+        ("tests.apps.worker_app:add", "not an aqueue.Queue"),
+        ("no-colon", "expected module:attribute"),
+    ],
+)
+def test_bad_target_exits_2(target: str, message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", target]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_python_dash_m_entry_point() -> None:
+    done = subprocess.run([sys.executable, "-m", "aqueue", "run", "nosuchmodule:queue"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "cannot import module" in done.stderr

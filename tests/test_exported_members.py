@@ -1,0 +1,35 @@
+"""The public surface: sorted `__all__`, every name importable, private modules stay private."""
+
+from __future__ import annotations
+
+import aqueue
+import aqueue.brokers
+
+
+def test_all_is_sorted_and_importable() -> None:
+    for module in (aqueue, aqueue.brokers):
+        assert list(module.__all__) == sorted(module.__all__)
+        for name in module.__all__:
+            assert getattr(module, name) is not None, name
+
+
+def test_contract_names_are_exported() -> None:
+    wanted = {
+        "Queue", "MemoryBroker", "RedisBroker", "Broker", "Job", "JobState", "JobInfo",
+        "ResultGroup", "JobContext", "current_job", "TaskError", "JobCancelled", "JobRevoked",
+        "JobExpired", "JobNotFound", "JobError", "AqueueError", "TaskTimeout", "RetryTask",
+        "CancelExecution", "Signal", "crontab", "every", "LockTimeout", "TaskLocked",
+        "RateLimitExceeded", "SerializationError",
+    }
+    assert wanted <= set(aqueue.__all__)
+    assert {"Broker", "MemoryBroker", "RedisBroker"} <= set(aqueue.brokers.__all__)
+
+
+def test_error_tree() -> None:
+    for error in (aqueue.TaskError, aqueue.JobCancelled, aqueue.JobRevoked, aqueue.JobExpired,
+                  aqueue.JobNotFound):
+        assert issubclass(error, aqueue.JobError)
+    assert issubclass(aqueue.JobError, aqueue.AqueueError)
+    assert not issubclass(aqueue.TaskTimeout, TimeoutError)
+    assert not issubclass(aqueue.RetryTask, aqueue.AqueueError)
+    assert not issubclass(aqueue.CancelExecution, aqueue.AqueueError)

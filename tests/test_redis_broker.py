@@ -1,0 +1,112 @@
+"""What only the Redis broker has: its streams, scripts, keys and URLs."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import pytest
+import redis
+
+from aqueue import Queue, TaskError
+from aqueue.brokers import RedisBroker
+from aqueue.brokers._keys import GROUP, Keys
+from aqueue.brokers._redis import redact
+from aqueue.brokers._scripts import NAMES, source
+from tests.conftest import RedisServer, start_redis
+
+
+def test_every_lua_script_loads(redis_server: RedisServer) -> None:
+    client = redis.Redis(port=redis_server.port)
+    try:
+        for name in NAMES:
+            assert client.script_load(source(name))  # a syntax error fails here, not in a worker
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://:pw@host:6379/0", "redis://:***@host:6379/0"),
+        ("rediss://user:pw@host:6380/1", "rediss://user:***@host:6380/1"),
+        ("redis://host:6379/0", "redis://host:6379/0"),
+        ("unix:///run/redis.sock", "unix:///run/redis.sock"),
+    ],
+)
+def test_urls_are_shown_without_password(url: str, shown: str) -> None:
+    assert redact(url) == shown
+    assert RedisBroker(url).url == shown
+
+
+def test_url_schemes_pick_the_broker() -> None:
+    assert isinstance(Queue("rediss://127.0.0.1:6380/0").broker, RedisBroker)
+    assert isinstance(Queue("unix:///tmp/x.sock").broker, RedisBroker)
+    with pytest.raises(ValueError, match="redis://, rediss://, unix:// or memory://"):
+        Queue("amqp://localhost")
+
+
+def test_keys_share_one_hash_tag() -> None:
+    keys = Keys("emails")
+    names = [keys.priorities, keys.scheduled, keys.index, keys.dead, keys.stream(5),
+             keys.job("j"), keys.idempotency("k"), keys.done_channel("j")]
+    assert all(name.startswith("aqueue:{emails}:") for name in names)
+    with pytest.raises(ValueError, match="braces"):
+        Keys("a{b}")
+
+
+async def test_malformed_stream_entry_goes_to_dead_letters(redis_url: str, queue_name: str) -> None:
+    queue = Queue(redis_url, name=queue_name)
+
+    @queue.task
+    async def ok() -> int:
+        return 1
+
+    async with queue:
+        await queue.broker.receive(queue.name, "setup", 1, 0, 10)  # creates the stream and group
+        client = redis.asyncio.Redis.from_url(redis_url)
+        keys = Keys(queue_name)
+        junk = await client.xadd(keys.stream(0), {"garbage": "x"})
+        await client.xadd(keys.stream(0), {"id": "no-such-record"})
+        await client.aclose()
+        async with queue.worker():
+            assert await (await ok.enqueue()).result(timeout=10) == 1
+        dead = {d.id: d for d in await queue.dead_letters()}
+        with pytest.raises(TaskError):
+            await queue.job("no-such-record").result(timeout=1)
+    assert dead[f"entry-{junk.decode()}"].dead_reason == "malformed stream entry: no job id"
+    assert "no job record" in str(dead["no-such-record"].dead_reason)
+
+
+async def test_finished_entries_leave_the_stream(redis_url: str, queue_name: str) -> None:
+    queue = Queue(redis_url, name=queue_name)
+
+    @queue.task
+    async def noop() -> None:
+        return None
+
+    async with queue, queue.worker():
+        await (await noop.map([() for _ in range(50)])).get(timeout=30)
+        client = redis.asyncio.Redis.from_url(redis_url)
+        stream = Keys(queue_name).stream(0)
+        length = await client.xlen(stream)
+        pending = await client.xpending(stream, GROUP)
+        await client.aclose()
+    assert length == 0
+    assert pending["pending"] == 0
+
+
+async def test_unix_socket_url() -> None:
+    socket_path = Path(tempfile.mkdtemp(prefix="aqueue-sock-")) / "redis.sock"
+    server = start_redis("--unixsocket", str(socket_path), "--unixsocketperm", "700")
+    try:
+        queue = Queue(f"unix://{socket_path}", name="sock")
+
+        @queue.task
+        async def add(a: int, b: int) -> int:
+            return a + b
+
+        async with queue, queue.worker():
+            assert await (await add.enqueue(2, 3)).result(timeout=10) == 5
+    finally:
+        server.stop()
