@@ -22,8 +22,10 @@ from aqueue._exceptions import (
     TaskTimeout,
 )
 from aqueue._jobs import Job, JobInfo, ResultGroup
+from aqueue._locks import Lock
 from aqueue._periodic import Schedule, crontab, every
 from aqueue._queue import Queue
+from aqueue._ratelimit import RateLimit
 from aqueue._signals import Signal
 from aqueue._states import JobState
 from aqueue._tasks import AsyncTask, SyncTask, Task, TaskCall
@@ -49,10 +51,12 @@ __all__ = [
     "JobNotFound",
     "JobRevoked",
     "JobState",
+    "Lock",
     "LockTimeout",
     "MemoryBroker",
     "PayloadTooLarge",
     "Queue",
+    "RateLimit",
     "RateLimitExceeded",
     "RedisBroker",
     "ResultGroup",

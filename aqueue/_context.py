@@ -47,6 +47,10 @@ class JobContext:
         if self._deadline is not None and time.time() >= self._deadline:
             raise TaskTimeout(f"job {self.id} ({self.task_name}) ran past its deadline")
 
+    async def cancelled(self) -> bool:
+        """Whether someone asked to cancel this job (for long jobs that check between steps)."""
+        return bool(await self.queue.broker.cancel_requested(self.queue.name, [self.id]))
+
     async def set_progress(
         self, done: float, total: float | None = None, message: str | None = None
     ) -> None:

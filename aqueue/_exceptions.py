@@ -65,10 +65,12 @@ class LockTimeout(AqueueError):
 class RateLimitExceeded(AqueueError):
     """A rate limit is used up for the current window."""
 
-    def __init__(self, key: str, retry_after: float) -> None:
+    def __init__(self, key: str, retry_after: float, reschedule: bool = False) -> None:
         super().__init__(f"rate limit {key!r} exceeded; retry after {retry_after:.3f}s")
         self.key = key
         self.retry_after = retry_after
+        self.reschedule = reschedule
+        """Inside a job: run it again in the next window, without using a retry."""
 
 
 class JobError(AqueueError):

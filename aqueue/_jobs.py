@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -139,6 +140,30 @@ class Job(Generic[R]):
     async def info(self) -> JobInfo | None:
         record = await self.queue.broker.get(self.queue.name, self.id)
         return None if record is None else JobInfo.from_record(record)
+
+    async def cancel(self) -> bool:
+        """Cancel the job: a waiting one never runs; a running one is stopped within a second (its
+        cancel scope is cancelled, its cleanup runs) and ends `cancelled`, neither retried nor run
+        again. False when the job is unknown or already finished."""
+        verdict = await self.queue.broker.cancel(
+            self.queue.name, self.id, time.time(), self.queue.result_ttl
+        )
+        return verdict is not None
+
+    async def revoke(self) -> bool:
+        """Revoke the job: when a worker meets it, it ends `revoked` instead of running.
+        False when the job is unknown or already finished."""
+        return await self.queue.broker.revoke(self.queue.name, self.id, True)
+
+    async def restore(self) -> bool:
+        """Undo `revoke`: the job runs when met. False when unknown or already finished."""
+        return await self.queue.broker.revoke(self.queue.name, self.id, False)
+
+    async def is_revoked(self) -> bool:
+        """Whether the job, or its whole task, is revoked."""
+        record = await self.queue.broker.get(self.queue.name, self.id)
+        task = record.task if record is not None else ""
+        return await self.queue.broker.revoked(self.queue.name, self.id, task, time.time())
 
 
 _FINAL = {s.value for s in JobState if s.is_final}

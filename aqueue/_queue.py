@@ -11,8 +11,11 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
 from aqueue._exceptions import ConfigurationError
 from aqueue._jobs import Job, JobInfo
+from aqueue._locks import Lock
+from aqueue._periodic import Schedule
+from aqueue._ratelimit import RateLimit
 from aqueue._serialization import encode_call
-from aqueue._signals import Handler, Signal, Signals
+from aqueue._signals import Handler, Signal, SignalJob, Signals
 from aqueue._states import JobState
 from aqueue._tasks import (
     AsyncTask,
@@ -68,6 +71,17 @@ class TaskDecorator:
         return self._queue._register(fn, self._name, self._policy)
 
 
+class _PeriodicDecorator(TaskDecorator):
+    def __init__(self, queue: Queue, schedule: Schedule, inner: TaskDecorator) -> None:
+        super().__init__(queue, inner._name, inner._policy)
+        self._schedule = schedule
+
+    def __call__(self, fn: Callable[..., Any], /) -> Task[Any, Any]:  # type: ignore[override]
+        task = self._queue._register(fn, self._name, self._policy)
+        self._queue.schedules[task.name] = self._schedule
+        return task
+
+
 class Queue:
     """A named queue on a broker.
 
@@ -105,6 +119,8 @@ class Queue:
         self.max_deliveries = max_deliveries
         self.max_payload_size = max_payload_size
         self.tasks: dict[str, Task[Any, Any]] = {}
+        self.schedules: dict[str, Schedule] = {}
+        """Periodic task name -> its schedule; the worker's scheduler enqueues each tick once."""
         self.signals = Signals()
         self._connected = False
 
@@ -177,6 +193,26 @@ class Queue:
         decorator = TaskDecorator(self, name, policy)
         return decorator if fn is None else decorator(fn)
 
+    def periodic(
+        self,
+        schedule: Schedule,
+        *,
+        retries: int = 0,
+        retry_delay: Seconds = 0.0,
+        retry_backoff: float = 1.0,
+        timeout: Seconds | None = None,
+        priority: int = 0,
+        name: str | None = None,
+    ) -> TaskDecorator:
+        """Register a task (taking no arguments) that runs at each tick of `schedule`:
+        `@queue.periodic(crontab(minute="*/5"))` or `@queue.periodic(every(seconds=10))`.
+        However many workers run, each tick is enqueued once; missed ticks are not replayed."""
+        if not isinstance(schedule, Schedule):
+            raise ConfigurationError(f"periodic() takes a crontab(...) or every(...), got {schedule!r}")
+        inner = self.task(retries=retries, retry_delay=retry_delay, retry_backoff=retry_backoff,
+                          timeout=timeout, priority=priority, name=name)
+        return _PeriodicDecorator(self, schedule, inner)
+
     def _register(self, fn: Callable[P, Any], name: str | None, policy: TaskPolicy) -> Task[P, Any]:
         if not callable(fn):
             raise ConfigurationError(f"@queue.task decorates a function, got {fn!r}")
@@ -200,7 +236,7 @@ class Queue:
         if self.signals.wants(Signal.ENQUEUED) or self.signals.wants(Signal.SCHEDULED):
             for new, job in zip(new_jobs, jobs, strict=True):
                 signal = Signal.SCHEDULED if new.eta and new.eta > now else Signal.ENQUEUED
-                await self.signals.send(signal, _SignalJob(job.id, new.task))
+                await self.signals.send(signal, SignalJob(job.id, new.task))
         if self.immediate:
             from aqueue._worker import run_immediately
 
@@ -265,6 +301,16 @@ class Queue:
     async def purge_dead_letters(self) -> int:
         return await self.broker.purge_dead_letters(self.name)
 
+    # --- coordination ----------------------------------------------------------------------------
+
+    def lock(self, name: str, ttl: float = 30.0, timeout: float | None = None) -> Lock:
+        """A distributed lock: `async with queue.lock("name"):` or a decorator below `@queue.task`."""
+        return Lock(self, name, ttl=ttl, timeout=timeout)
+
+    def rate_limit(self, key: str, limit: int, per: float, retry: bool = True) -> RateLimit:
+        """A rate limit shared by every worker: `async with` or a decorator below `@queue.task`."""
+        return RateLimit(self, key, limit=limit, per=per, retry=retry)
+
     # --- signals and workers ---------------------------------------------------------------------
 
     def on(self, *signals: Signal) -> Callable[[Handler], Handler]:
@@ -291,18 +337,6 @@ class Queue:
                         shutdown_timeout=shutdown_timeout)
         async with worker.running():
             yield worker
-
-
-class _SignalJob:
-    """What a signal handler receives for a job: its id and task name."""
-
-    __slots__ = ("id", "task_name")
-
-    def __init__(self, job_id: str, task_name: str) -> None:
-        self.id, self.task_name = job_id, task_name
-
-    def __repr__(self) -> str:
-        return f"<job {self.id} {self.task_name}>"
 
 
 def _is_async(fn: Callable[..., Any]) -> bool:

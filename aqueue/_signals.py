@@ -51,3 +51,15 @@ class Signals:
             except Exception:
                 logger.exception("signal handler %r failed on %s for job %s", handler, signal,
                                  getattr(job, "id", job))
+
+
+class SignalJob:
+    """What a signal handler receives for a job outside a running one: its id and task name."""
+
+    __slots__ = ("id", "task_name")
+
+    def __init__(self, job_id: str, task_name: str) -> None:
+        self.id, self.task_name = job_id, task_name
+
+    def __repr__(self) -> str:
+        return f"<job {self.id} {self.task_name}>"

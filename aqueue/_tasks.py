@@ -106,6 +106,25 @@ class Task(Generic[P, R]):
         jobs = await self.queue._enqueue_calls([(self, tuple(args), kwargs or {}, call.call)])
         return cast("Job[R]", jobs[0])
 
+    async def revoke(self, once: bool = False, until: When | None = None) -> None:
+        """Revoke every job of this task a worker meets (they end `revoked`): until `restore()`,
+        until `until` (seconds, timedelta or datetime), or, with `once`, only the next one."""
+        import time
+
+        from aqueue._time import epoch
+
+        deadline = None if until is None else epoch(until, time.time(), "until")
+        await self.queue.broker.revoke_task(self.queue.name, self.name, once, deadline)
+
+    async def restore(self) -> bool:
+        """Undo `revoke()`. False when the task was not revoked."""
+        return await self.queue.broker.restore_task(self.queue.name, self.name)
+
+    async def is_revoked(self) -> bool:
+        import time
+
+        return await self.queue.broker.revoked(self.queue.name, None, self.name, time.time())
+
     async def map(self, items: Iterable[Any]) -> ResultGroup[R]:
         """Enqueue one job per item (a tuple of arguments, or a single argument) in bulk."""
         from aqueue._jobs import ResultGroup

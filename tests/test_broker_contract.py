@@ -327,7 +327,8 @@ async def test_max_deliveries_dead_letters(broker: Broker, queue_name: str) -> N
 
 async def test_expired_job_is_not_delivered(broker: Broker, queue_name: str) -> None:
     await broker.enqueue(queue_name, [new("a", expires=time.time() - 1), new("b")])
-    assert [d.job_id for d in await take(broker, queue_name, count=5)] == ["b"]
+    taken = await take(broker, queue_name, count=5)
+    assert [(d.job_id, d.ended) for d in taken] == [("a", "expired"), ("b", None)]
     rec = await record(broker, queue_name, "a")
     assert rec.state == "expired"
     assert rec.finished_at is not None

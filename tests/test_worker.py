@@ -182,9 +182,10 @@ async def test_higher_priority_runs_first(queue: Queue) -> None:
     await record.enqueue("low-2")
     await urgent.enqueue("mid")
     await record.options(priority=10).enqueue("high")
-    await record.options(priority=-1).enqueue("lowest")
+    lowest = await record.options(priority=-1).enqueue("lowest")
+    await record.enqueue("last")
     async with queue.worker(concurrency=1):
-        await (await record.enqueue("last")).result(timeout=10)
+        await lowest.result(timeout=10)
     assert order == ["high", "mid", "low-1", "low-2", "last", "lowest"]
 
 

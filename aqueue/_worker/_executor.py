@@ -11,7 +11,14 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from aqueue._context import JobContext, _enter, _leave
-from aqueue._exceptions import CancelExecution, RetryTask, SerializationError, TaskTimeout
+from aqueue._exceptions import (
+    CancelExecution,
+    RateLimitExceeded,
+    RetryTask,
+    SerializationError,
+    TaskLocked,
+    TaskTimeout,
+)
 from aqueue._serialization import dumps, encode_result, loads
 from aqueue._signals import Signal
 from aqueue._tasks import TaskPolicy, policy_for_call
@@ -29,9 +36,15 @@ class RunningJob:
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     interrupted: bool = False
     """Set when the worker shuts down: the job is handed back, not failed."""
+    cancel_requested: bool = False
+    """Set by `job.cancel()`: the job ends `cancelled`, neither retried nor run again."""
 
     def interrupt(self) -> None:
         self.interrupted = True
+        self.scope.cancel()
+
+    def request_cancel(self) -> None:
+        self.cancel_requested = True
         self.scope.cancel()
 
 
@@ -93,6 +106,10 @@ async def execute(queue: Queue, running: RunningJob) -> Completion | None:
             if signals.wants(Signal.INTERRUPTED):
                 await signals.send(Signal.INTERRUPTED, context)
             return None
+        if running.cancel_requested:
+            if signals.wants(Signal.CANCELLED):
+                await signals.send(Signal.CANCELLED, context)
+            return Completion(d, Outcome.CANCELLED, time.time())
         error = TaskTimeout(f"job {d.job_id} ({d.task}) timed out after {policy.timeout}s")
         if signals.wants(Signal.TIMEOUT):
             await signals.send(Signal.TIMEOUT, context, error)
@@ -106,6 +123,14 @@ async def execute(queue: Queue, running: RunningJob) -> Completion | None:
         return Completion(d, Outcome.SUCCEEDED, time.time(), result=result)
     if isinstance(error, RetryTask):
         return await _retry(queue, context, policy, error, error.delay)
+    if isinstance(error, RateLimitExceeded) and error.reschedule:
+        # Over a rate limit: run again in the next window, without using a retry.
+        if signals.wants(Signal.RATE_LIMITED):
+            await signals.send(Signal.RATE_LIMITED, context, error)
+        now = time.time()
+        return Completion(d, Outcome.DEFER, now, retry_at=now + error.retry_after)
+    if isinstance(error, TaskLocked) and signals.wants(Signal.LOCKED):
+        await signals.send(Signal.LOCKED, context, error)
     if isinstance(error, CancelExecution) and error.retry is not None:
         if error.retry:
             return await _retry(queue, context, policy, error, None)

@@ -25,6 +25,8 @@ async def run_immediately(queue: Queue, jobs: Sequence[Job[Any]]) -> None:
     while waiting and idle_rounds < 2:
         deliveries = await broker.receive(name, CONSUMER, 100, 0, queue.max_deliveries)
         for d in deliveries:
+            if d.ended:
+                continue  # ended by the broker (expired, revoked, cancelled)
             completion = await execute(queue, RunningJob(d))
             if completion is not None:
                 await broker.finish(name, [completion], queue.result_ttl)

@@ -13,12 +13,15 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
 from aqueue._exceptions import BrokerConnectionError, BrokerError, ConfigurationError
+from aqueue._signals import Signal, SignalJob
+from aqueue._tasks import CallOptions
 from aqueue._worker._completer import Completer
 from aqueue._worker._executor import RunningJob, execute
 from aqueue.brokers import Completion, Delivery
@@ -31,6 +34,9 @@ logger = logging.getLogger("aqueue")
 FETCH_BLOCK = 1.0  # seconds a receive waits for a job; bounds how long a stop request waits
 SCHEDULER_TICK = 0.1  # a due job waits at most this long to become ready
 PROMOTE_BATCH = 1000
+CANCEL_CHECK = 2.0  # how often to look for cancel requests whose push was missed
+
+ENDED_SIGNALS = {"expired": Signal.EXPIRED, "revoked": Signal.REVOKED, "cancelled": Signal.CANCELLED}
 
 
 def consumer_name() -> str:
@@ -117,8 +123,10 @@ class Worker:
                 services.start_soon(self._unblock_fetcher)
             services.start_soon(self._completer.run)
             services.start_soon(self._renew_leases)
+            services.start_soon(self._listen_cancel)
+            services.start_soon(self._check_cancel)
             if self.scheduler:
-                services.start_soon(self._promote_due)
+                services.start_soon(self._schedule)
             async with anyio.create_task_group() as jobs:
                 task_status.started(self)
                 try:
@@ -167,6 +175,10 @@ class Worker:
                 backoff = min(backoff * 2, 5.0)
                 continue
             for d in deliveries:
+                if d.ended is not None:  # the broker ended it (expired, revoked, cancelled)
+                    if self.queue.signals.wants(ENDED_SIGNALS[d.ended]):
+                        await self.queue.signals.send(ENDED_SIGNALS[d.ended], SignalJob(d.job_id, d.task))
+                    continue
                 self._held[d.job_id] = d
                 if self._stop_requested:
                     self._handed_back.append(d)
@@ -245,14 +257,63 @@ class Worker:
             for job_id in lost:
                 logger.warning("job %s: lease lost (another worker took it over)", job_id)
 
-    async def _promote_due(self) -> None:
-        queue = self.queue
+    async def _listen_cancel(self) -> None:
+        """Cancel requests are pushed; a lost connection is listened on again after a pause."""
         while True:
             try:
-                nxt = await queue.broker.promote_due(queue.name, time.time(), PROMOTE_BATCH)
+                await self.queue.broker.listen_cancel(self.queue.name, self._cancel_job)
             except BrokerError as exc:
-                logger.warning("promoting due jobs failed: %s", exc)
+                logger.warning("listening for cancel requests failed, again in 1s: %s", exc)
+                await anyio.sleep(1.0)
+
+    async def _check_cancel(self) -> None:
+        """The fallback for a cancel request whose push was missed (e.g. while reconnecting)."""
+        while True:
+            await anyio.sleep(CANCEL_CHECK)
+            if not self._running:
+                continue
+            try:
+                requested = await self.queue.broker.cancel_requested(self.queue.name, list(self._running))
+            except BrokerError as exc:
+                logger.warning("checking for cancel requests failed: %s", exc)
+                continue
+            for job_id in requested:
+                self._cancel_job(job_id)
+
+    def _cancel_job(self, job_id: str) -> None:
+        running = self._running.get(job_id)
+        if running is not None and not running.cancel_requested:
+            logger.info("job %s (%s): cancel requested", job_id, running.delivery.task)
+            running.request_cancel()
+
+    async def _schedule(self) -> None:
+        """Promote due jobs and enqueue periodic ticks; every worker does it, the broker makes each
+        step happen once."""
+        queue = self.queue
+        next_ticks = {name: schedule.next_after(datetime.now(UTC))
+                      for name, schedule in queue.schedules.items()}
+        while True:
+            now = time.time()
+            try:
+                nxt = await queue.broker.promote_due(queue.name, now, PROMOTE_BATCH)
+                for name, tick in next_ticks.items():
+                    if tick.timestamp() <= now:
+                        await self._enqueue_tick(name, tick.timestamp(), now)
+                        # The next tick after now: ticks missed while down are not replayed.
+                        next_ticks[name] = queue.schedules[name].next_after(datetime.fromtimestamp(now, UTC))
+            except BrokerError as exc:
+                logger.warning("scheduling failed: %s", exc)
                 await anyio.sleep(1.0)
                 continue
-            wait = SCHEDULER_TICK if nxt is None else min(SCHEDULER_TICK, nxt - time.time())
-            await anyio.sleep(max(wait, 0.0))
+            wait = SCHEDULER_TICK if nxt is None else nxt - time.time()
+            for tick in next_ticks.values():
+                wait = min(wait, tick.timestamp() - time.time())
+            await anyio.sleep(min(max(wait, 0.0), SCHEDULER_TICK))
+
+    async def _enqueue_tick(self, name: str, tick: float, now: float) -> None:
+        queue = self.queue
+        job = queue._new_job(queue.tasks[name], (), {}, CallOptions(), now)
+        if await queue.broker.enqueue_tick(queue.name, tick, job):
+            logger.debug("periodic %s: tick %s enqueued as job %s", name, tick, job.id)
+            if queue.signals.wants(Signal.ENQUEUED):
+                await queue.signals.send(Signal.ENQUEUED, SignalJob(job.id, name))

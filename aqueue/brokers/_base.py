@@ -12,7 +12,7 @@ Times are epoch seconds (`float`), read from the caller's clock.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -73,6 +73,9 @@ class Delivery:
     enqueued_at: float
     receipt: str
     """The broker's own handle for this delivery (on Redis, the stream entry id)."""
+    ended: str | None = None
+    """Set when the broker ended the job instead of leasing it (`expired` or `revoked`): the worker
+    only reports it; it holds no lease."""
 
 
 class Outcome(StrEnum):
@@ -82,6 +85,7 @@ class Outcome(StrEnum):
     FAILED = "failed"  # for good: the job also enters the dead letters with `reason`
     CANCELLED = "cancelled"
     RETRY = "retry"  # attempt + 1, ready again at `retry_at`
+    DEFER = "defer"  # ready again at `retry_at`, attempt unchanged (a rate limit, not a failure)
 
 
 @dataclass(slots=True)
@@ -135,8 +139,10 @@ class Broker(ABC):
         Waits up to `timeout` seconds for the first job (no busy polling), returns at once when
         some are ready. Each returned job is now `running`: `started_at`, `worker = consumer` set,
         its token grown by one, its delivery count grown by one. A job whose delivery count would
-        pass `max_deliveries` is not returned: it ends `failed` in the dead letters with the reason.
-        A job past its `expires` is not returned: it ends `expired`. Returns [] on timeout.
+        pass `max_deliveries` is not leased: it ends `failed` in the dead letters with the reason.
+        A job past its `expires` ends `expired`, a revoked job (its own flag, or its task revoked)
+        ends `revoked`: both are returned with `ended` set and no lease, so the worker can report
+        them. Returns [] on timeout.
         """
 
     @abstractmethod
@@ -171,7 +177,7 @@ class Broker(ABC):
           seconds. FAILED puts the job in the dead letters with `reason`; its record is kept
           until it is retried or purged.
         - RETRY: `attempt` + 1, delivery count reset; `scheduled` until `retry_at`, or
-          `pending` at once when `retry_at` is None or past.
+          `pending` at once when `retry_at` is None or past. DEFER: the same, attempt unchanged.
 
         Returns, for each, whether it applied. A completion whose token is stale (the job has been
         delivered again since) changes nothing and gives False: the newer delivery owns the job.
@@ -229,3 +235,72 @@ class Broker(ABC):
     @abstractmethod
     async def purge_dead_letters(self, queue: str) -> int:
         """Delete every dead-lettered job and its record. Returns how many."""
+
+    # --- control ---------------------------------------------------------------------------------
+
+    @abstractmethod
+    async def cancel(self, queue: str, job_id: str, now: float, result_ttl: float) -> str | None:
+        """Cancel a job. A `pending` or `scheduled` job ends `cancelled` at once and never runs
+        ("cancelled"). A `running` one is marked and its worker told through `listen_cancel`
+        ("requested"): the worker ends it `cancelled`. None when unknown or already final."""
+
+    @abstractmethod
+    async def listen_cancel(self, queue: str, on_request: Callable[[str], None]) -> None:
+        """Until cancelled, call `on_request(job_id)` for each cancel request of a running job, as
+        it is made (pushed, not polled). Requests made while not listening are not replayed:
+        `cancel_requested` is the fallback check."""
+
+    @abstractmethod
+    async def cancel_requested(self, queue: str, job_ids: Sequence[str]) -> list[str]:
+        """Which of these jobs have a cancel request pending."""
+
+    @abstractmethod
+    async def revoke(self, queue: str, job_id: str, revoked: bool) -> bool:
+        """Set (or, with False, clear) a job's revoked flag; a revoked job that a worker meets ends
+        `revoked` instead of running. False when the job is unknown or final."""
+
+    @abstractmethod
+    async def revoke_task(
+        self, queue: str, task: str, once: bool, until: float | None
+    ) -> None:
+        """Revoke every job of `task` that a worker meets: all of them until restored, or until
+        `until`, or (`once`) only the next one met."""
+
+    @abstractmethod
+    async def restore_task(self, queue: str, task: str) -> bool:
+        """Undo `revoke_task`. False when the task was not revoked."""
+
+    @abstractmethod
+    async def revoked(self, queue: str, job_id: str | None, task: str, now: float) -> bool:
+        """Whether the job (when given) or its task is revoked at `now`."""
+
+    @abstractmethod
+    async def enqueue_tick(self, queue: str, tick: float, job: NewJob) -> bool:
+        """Enqueue a periodic task's job for `tick` unless a job for this task and a tick at or
+        after it was enqueued already: however many schedulers call it, each tick is enqueued
+        once. True when this call enqueued it."""
+
+    @abstractmethod
+    async def lock_acquire(self, queue: str, name: str, token: str, ttl: float) -> bool:
+        """Take the lock for `token` for `ttl` seconds if it is free (or its ttl lapsed)."""
+
+    @abstractmethod
+    async def lock_extend(self, queue: str, name: str, token: str, ttl: float) -> bool:
+        """Extend the lock to `ttl` seconds from now, only if `token` holds it."""
+
+    @abstractmethod
+    async def lock_release(self, queue: str, name: str, token: str) -> bool:
+        """Free the lock, only if `token` holds it, and wake its waiters."""
+
+    @abstractmethod
+    async def lock_wait(self, queue: str, name: str, timeout: float | None) -> None:
+        """Wait, without polling, until the lock is released, its ttl lapses, or `timeout` passes
+        (None: no limit). Returns at once when the lock is free."""
+
+    @abstractmethod
+    async def rate_limit_hit(
+        self, queue: str, key: str, limit: int, per: float, now: float
+    ) -> float:
+        """Count one hit in the current window of `per` seconds (windows aligned to the epoch).
+        Returns 0 when admitted (at most `limit` are per window), else the seconds until the next
+        window."""

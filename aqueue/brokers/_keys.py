@@ -14,7 +14,7 @@ GROUP = "workers"
 class Keys:
     """Key names of one queue."""
 
-    __slots__ = ("dead", "index", "prefix", "priorities", "scheduled")
+    __slots__ = ("dead", "index", "prefix", "priorities", "revoked_tasks", "scheduled")
 
     def __init__(self, queue: str) -> None:
         if "{" in queue or "}" in queue:
@@ -24,6 +24,7 @@ class Keys:
         self.scheduled = self.prefix + "scheduled"  # zset: job id -> eta
         self.index = self.prefix + "index"  # zset: job id -> enqueued_at, for listing
         self.dead = self.prefix + "dead"  # zset: job id -> when it died
+        self.revoked_tasks = self.prefix + "revoked_tasks"  # hash: task -> "<once>|<until>"
 
     def stream(self, priority: int | str) -> str:
         """One stream per priority band in use."""
@@ -35,6 +36,10 @@ class Keys:
 
     def idempotency(self, key: str) -> str:
         return f"{self.prefix}key:{key}"
+
+    def lock(self, name: str) -> str:
+        """A lock's key, and the channel its release is announced on."""
+        return f"{self.prefix}lock:{name}"
 
     def done_channel(self, job_id: str) -> str:
         """Pub/sub channel announcing that a job reached a final state."""

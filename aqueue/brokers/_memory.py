@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 import anyio
@@ -36,6 +37,14 @@ class _Queue:
     done: dict[str, anyio.Event] = field(default_factory=dict)  # set when the job ends
     wakeup: anyio.Event | None = None  # set when a job becomes ready
     receivers: dict[str, anyio.CancelScope] = field(default_factory=dict)  # consumer -> receive
+    cancel: set[str] = field(default_factory=set)  # running jobs with a cancel request
+    cancel_listeners: list[Callable[[str], None]] = field(default_factory=list)
+    revoked: set[str] = field(default_factory=set)  # jobs revoked one by one
+    revoked_tasks: dict[str, tuple[bool, float | None]] = field(default_factory=dict)  # once, until
+    ticks: dict[str, float] = field(default_factory=dict)  # periodic task -> last tick enqueued
+    locks: dict[str, tuple[str, float]] = field(default_factory=dict)  # name -> token, deadline
+    lock_released: dict[str, anyio.Event] = field(default_factory=dict)
+    rates: dict[str, tuple[int, int]] = field(default_factory=dict)  # key -> window, hits
 
 
 class MemoryBroker(Broker):
@@ -63,27 +72,26 @@ class MemoryBroker(Broker):
     async def enqueue(self, queue: str, jobs: Sequence[NewJob]) -> list[str]:
         q = self._queue(queue)
         now = time.time()
-        out: list[str] = []
-        for job in jobs:
-            live = q.keys.get(job.key) if job.key is not None else None
-            old = self._record(q, live) if live is not None else None
-            if live is not None and old is not None and old.state not in FINAL_STATES:
-                out.append(live)
-                continue
-            if self._record(q, job.id) is None:
-                rec = JobRecord(id=job.id, task=job.task, state=JobState.PENDING.value,
-                                payload=job.payload, priority=job.priority,
-                                enqueued_at=job.enqueued_at or now, eta=job.eta,
-                                expires=job.expires, key=job.key)
-                q.records[job.id] = rec
-                if job.eta is not None and job.eta > now:
-                    self._schedule(q, rec, job.eta)
-                else:
-                    self._make_ready(q, rec)
-                if job.key is not None:
-                    q.keys[job.key] = job.id
-            out.append(job.id)
-        return out
+        return [self._store(q, job, now) for job in jobs]
+
+    def _store(self, q: _Queue, job: NewJob, now: float) -> str:
+        live = q.keys.get(job.key) if job.key is not None else None
+        old = self._record(q, live) if live is not None else None
+        if live is not None and old is not None and old.state not in FINAL_STATES:
+            return live
+        if self._record(q, job.id) is None:
+            rec = JobRecord(id=job.id, task=job.task, state=JobState.PENDING.value,
+                            payload=job.payload, priority=job.priority,
+                            enqueued_at=job.enqueued_at or now, eta=job.eta,
+                            expires=job.expires, key=job.key)
+            q.records[job.id] = rec
+            if job.eta is not None and job.eta > now:
+                self._schedule(q, rec, job.eta)
+            else:
+                self._make_ready(q, rec)
+            if job.key is not None:
+                q.keys[job.key] = job.id
+        return job.id
 
     # --- consuming -------------------------------------------------------------------------------
 
@@ -162,8 +170,8 @@ class MemoryBroker(Broker):
             del q.leases[rec.id]
             if c.error is not None:
                 rec.error = c.error
-            if c.outcome == Outcome.RETRY:
-                rec.attempt += 1
+            if c.outcome in (Outcome.RETRY, Outcome.DEFER):
+                rec.attempt += c.outcome == Outcome.RETRY
                 q.deliveries[rec.id] = 0
                 if c.retry_at is not None and c.retry_at > c.finished_at:
                     self._schedule(q, rec, c.retry_at)
@@ -289,6 +297,8 @@ class MemoryBroker(Broker):
     def _drop(self, q: _Queue, job_id: str) -> None:
         for index in (q.records, q.tokens, q.deliveries, q.entries, q.leases, q.expiry, q.done):
             index.pop(job_id, None)
+        q.cancel.discard(job_id)
+        q.revoked.discard(job_id)
 
     def _holds(self, q: _Queue, d: Delivery) -> bool:
         """Whether `d` is the job's current lease (not stale, not ended)."""
@@ -310,11 +320,22 @@ class MemoryBroker(Broker):
     def _deliver(
         self, q: _Queue, rec: JobRecord, consumer: str, max_deliveries: int
     ) -> Delivery | None:
-        """Lease `rec` to `consumer`, or end it (expired, or delivered too often) and give None."""
+        """Lease `rec` to `consumer`; or end it here: a notice when cancelled, revoked or expired
+        (the worker reports those), None when delivered too often (it goes to the dead letters)."""
         now = time.time()
-        if rec.expires is not None and rec.expires < now:
-            self._finalize(q, rec, JobState.EXPIRED.value, now, self._result_ttl, None)
-            return None
+        ended: str | None = None
+        if rec.id in q.cancel:
+            ended = JobState.CANCELLED.value
+        elif rec.id in q.revoked or self._task_revoked(q, rec.task, now):
+            ended = JobState.REVOKED.value
+        elif rec.expires is not None and rec.expires < now:
+            ended = JobState.EXPIRED.value
+        if ended is not None:
+            receipt = str(q.entries.get(rec.id, 0))
+            self._finalize(q, rec, ended, now, self._result_ttl, None)
+            return Delivery(job_id=rec.id, task=rec.task, payload=b"", attempt=rec.attempt,
+                            token=0, priority=rec.priority, enqueued_at=rec.enqueued_at,
+                            receipt=receipt, ended=ended)
         deliveries = q.deliveries[rec.id] = q.deliveries.get(rec.id, 0) + 1
         if deliveries > max_deliveries:
             reason = (f"delivered {deliveries} times without finishing "
@@ -346,3 +367,134 @@ class MemoryBroker(Broker):
         done = q.done.pop(rec.id, None)
         if done is not None:
             done.set()
+
+    def _task_revoked(self, q: _Queue, task: str, now: float) -> bool:
+        """Whether the task is revoked now; a revocation for one job only is used up here."""
+        revocation = q.revoked_tasks.get(task)
+        if revocation is None:
+            return False
+        once, until = revocation
+        if until is not None and until <= now:
+            del q.revoked_tasks[task]
+            return False
+        if once:
+            del q.revoked_tasks[task]
+        return True
+
+    def _lock_holder(self, q: _Queue, name: str) -> str | None:
+        held = q.locks.get(name)
+        if held is None:
+            return None
+        if held[1] <= time.monotonic():  # its ttl lapsed: free, as the Redis key expires
+            del q.locks[name]
+            self._wake_lock_waiters(q, name)
+            return None
+        return held[0]
+
+    def _wake_lock_waiters(self, q: _Queue, name: str) -> None:
+        released = q.lock_released.pop(name, None)
+        if released is not None:
+            released.set()
+
+    # --- control ---------------------------------------------------------------------------------
+
+    async def cancel(self, queue: str, job_id: str, now: float, result_ttl: float) -> str | None:
+        q = self._queue(queue)
+        rec = self._record(q, job_id)
+        if rec is None or rec.state in FINAL_STATES:
+            return None
+        if rec.state == JobState.RUNNING:
+            q.cancel.add(job_id)  # outlives the push: a redelivery ends the job
+            for listener in list(q.cancel_listeners):
+                listener(job_id)
+            return "requested"
+        self._finalize(q, rec, JobState.CANCELLED.value, now, result_ttl, None)
+        return JobState.CANCELLED.value
+
+    async def listen_cancel(self, queue: str, on_request: Callable[[str], None]) -> None:
+        q = self._queue(queue)
+        q.cancel_listeners.append(on_request)
+        try:
+            await anyio.sleep_forever()
+        finally:
+            q.cancel_listeners.remove(on_request)
+
+    async def cancel_requested(self, queue: str, job_ids: Sequence[str]) -> list[str]:
+        q = self._queue(queue)
+        return [job_id for job_id in job_ids if job_id in q.cancel]
+
+    async def revoke(self, queue: str, job_id: str, revoked: bool) -> bool:
+        q = self._queue(queue)
+        rec = self._record(q, job_id)
+        if rec is None or rec.state in FINAL_STATES:
+            return False
+        if revoked:
+            q.revoked.add(job_id)
+        else:
+            q.revoked.discard(job_id)
+        return True
+
+    async def revoke_task(self, queue: str, task: str, once: bool, until: float | None) -> None:
+        self._queue(queue).revoked_tasks[task] = (once, until)
+
+    async def restore_task(self, queue: str, task: str) -> bool:
+        return self._queue(queue).revoked_tasks.pop(task, None) is not None
+
+    async def revoked(self, queue: str, job_id: str | None, task: str, now: float) -> bool:
+        q = self._queue(queue)
+        if job_id is not None and job_id in q.revoked:
+            return True
+        revocation = q.revoked_tasks.get(task)
+        return revocation is not None and (revocation[1] is None or revocation[1] > now)
+
+    async def enqueue_tick(self, queue: str, tick: float, job: NewJob) -> bool:
+        q = self._queue(queue)
+        last = q.ticks.get(job.task)
+        if last is not None and last >= tick:
+            return False
+        q.ticks[job.task] = tick
+        self._store(q, job, time.time())
+        return True
+
+    async def lock_acquire(self, queue: str, name: str, token: str, ttl: float) -> bool:
+        q = self._queue(queue)
+        if self._lock_holder(q, name) is not None:
+            return False
+        q.locks[name] = (token, time.monotonic() + ttl)
+        return True
+
+    async def lock_extend(self, queue: str, name: str, token: str, ttl: float) -> bool:
+        q = self._queue(queue)
+        if self._lock_holder(q, name) != token:
+            return False
+        q.locks[name] = (token, time.monotonic() + ttl)
+        return True
+
+    async def lock_release(self, queue: str, name: str, token: str) -> bool:
+        q = self._queue(queue)
+        if self._lock_holder(q, name) != token:
+            return False
+        del q.locks[name]
+        self._wake_lock_waiters(q, name)
+        return True
+
+    async def lock_wait(self, queue: str, name: str, timeout: float | None) -> None:
+        q = self._queue(queue)
+        if self._lock_holder(q, name) is None:
+            return
+        released = q.lock_released.get(name)
+        if released is None:
+            released = q.lock_released[name] = anyio.Event()
+        wait = q.locks[name][1] - time.monotonic()  # a holder that dies frees it after its ttl
+        if timeout is not None:
+            wait = min(wait, timeout)
+        with anyio.move_on_after(wait):
+            await released.wait()
+
+    async def rate_limit_hit(self, queue: str, key: str, limit: int, per: float, now: float) -> float:
+        q = self._queue(queue)
+        window = math.floor(now / per)
+        current, hits = q.rates.get(key, (window, 0))
+        hits = hits + 1 if current == window else 1
+        q.rates[key] = (window, hits)
+        return 0.0 if hits <= limit else max((window + 1) * per - now, 0.001)

@@ -10,8 +10,9 @@ Layout (every key built in `_keys.py`, all under the queue's hash tag):
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, cast
 from urllib.parse import urlsplit, urlunsplit
@@ -75,7 +76,7 @@ def _record(job_id: str, fields: dict[bytes, bytes]) -> JobRecord:
 
 
 def _delivery(row: list[bytes]) -> Delivery:
-    job_id, task, payload, attempt, token, band, enqueued_at, entry = row
+    job_id, task, payload, attempt, token, band, enqueued_at, entry = row[:8]
     return Delivery(
         job_id=job_id.decode(),
         task=task.decode(),
@@ -85,6 +86,7 @@ def _delivery(row: list[bytes]) -> Delivery:
         priority=int(band),
         enqueued_at=float(enqueued_at),
         receipt=entry.decode(),
+        ended=row[8].decode() if len(row) > 8 else None,
     )
 
 
@@ -384,3 +386,116 @@ class RedisBroker(Broker):
 
     async def purge_dead_letters(self, queue: str) -> int:
         return int(await self._run(queue, "purge", []))
+
+    # --- control ---------------------------------------------------------------------------------
+
+    async def cancel(self, queue: str, job_id: str, now: float, result_ttl: float) -> str | None:
+        verdict = await self._run(queue, "cancel", [job_id, repr(now), result_ttl])
+        return verdict.decode() if verdict else None
+
+    async def listen_cancel(self, queue: str, on_request: Callable[[str], None]) -> None:
+        if self._client is None:
+            await self.connect()
+        async with self._translated():
+            pubsub = self.client.pubsub()
+            try:
+                await pubsub.subscribe(self._key(queue).prefix + "cancel")
+                while True:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
+                    if message is not None and message["type"] == "message":
+                        on_request(message["data"].decode())
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def cancel_requested(self, queue: str, job_ids: Sequence[str]) -> list[str]:
+        if not job_ids:
+            return []
+        keys = self._key(queue)
+        async with self._translated():
+            async with self.client.pipeline(transaction=False) as pipe:
+                for job_id in job_ids:
+                    pipe.hget(keys.job(job_id), "cancel")
+                flags = await pipe.execute()
+        return [job_id for job_id, flag in zip(job_ids, flags, strict=True) if flag == b"1"]
+
+    async def revoke(self, queue: str, job_id: str, revoked: bool) -> bool:
+        return bool(await self._run(queue, "revoke", [job_id, "1" if revoked else "0"]))
+
+    async def revoke_task(self, queue: str, task: str, once: bool, until: float | None) -> None:
+        if self._client is None:
+            await self.connect()
+        async with self._translated():
+            await self.client.hset(self._key(queue).revoked_tasks, task,
+                                   f"{int(once)}|{_opt(until)}")
+
+    async def restore_task(self, queue: str, task: str) -> bool:
+        if self._client is None:
+            await self.connect()
+        async with self._translated():
+            return bool(await self.client.hdel(self._key(queue).revoked_tasks, task))
+
+    async def revoked(self, queue: str, job_id: str | None, task: str, now: float) -> bool:
+        if self._client is None:
+            await self.connect()
+        keys = self._key(queue)
+        async with self._translated():
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.hget(keys.revoked_tasks, task)
+                if job_id is not None:
+                    pipe.hget(keys.job(job_id), "revoked")
+                replies = await pipe.execute()
+        if len(replies) > 1 and replies[1] == b"1":
+            return True
+        if replies[0] is None:
+            return False
+        till = replies[0].decode().split("|", 1)[1]
+        return not till or float(till) > now
+
+    async def enqueue_tick(self, queue: str, tick: float, job: NewJob) -> bool:
+        args = self._enqueue_args([job])
+        return bool(await self._run(queue, "tick", [args[0], repr(tick), *args[1:]]))
+
+    async def lock_acquire(self, queue: str, name: str, token: str, ttl: float) -> bool:
+        if self._client is None:
+            await self.connect()
+        async with self._translated():
+            return bool(await self.client.set(
+                self._key(queue).lock(name), token, nx=True, px=max(1, int(ttl * 1000))
+            ))
+
+    async def lock_extend(self, queue: str, name: str, token: str, ttl: float) -> bool:
+        return bool(await self._run(queue, "lock_extend", [name, token, max(1, int(ttl * 1000))]))
+
+    async def lock_release(self, queue: str, name: str, token: str) -> bool:
+        return bool(await self._run(queue, "lock_release", [name, token]))
+
+    async def lock_wait(self, queue: str, name: str, timeout: float | None) -> None:
+        if self._client is None:
+            await self.connect()
+        key = self._key(queue).lock(name)
+        async with self._translated():
+            pubsub = self.client.pubsub()
+            try:
+                await pubsub.subscribe(key)  # before reading the ttl: a release between is heard
+                pttl = await self.client.pttl(key)
+                if pttl == -2:
+                    return  # free
+                wait = pttl / 1000 if pttl > 0 else None  # -1: no ttl (set by hand)
+                if timeout is not None:
+                    wait = timeout if wait is None else min(wait, timeout)
+                with anyio.move_on_after(wait):
+                    while True:
+                        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
+                        if message is not None and message["type"] == "message":
+                            return
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def rate_limit_hit(self, queue: str, key: str, limit: int, per: float, now: float) -> float:
+        window = math.floor(now / per)
+        admitted = await self._run(
+            queue, "rate_limit", [key, window, limit, max(1, math.ceil(per * 1000))]
+        )
+        return 0.0 if admitted else max((window + 1) * per - now, 0.001)

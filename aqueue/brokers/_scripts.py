@@ -10,17 +10,23 @@ from functools import cache
 from importlib import resources
 
 NAMES = (
+    "cancel",
     "enqueue",
     "finish",
+    "lock_extend",
+    "lock_release",
     "progress",
     "promote",
     "purge",
+    "rate_limit",
     "receive",
     "reclaim",
     "release",
     "renew",
     "retry",
+    "revoke",
     "start",
+    "tick",
 )
 
 

@@ -45,6 +45,46 @@ local function make_ready(id, jk, p)
   redis.call('HSET', jk, 'state', 'pending', 'entry', entry)
 end
 
+-- Store a new job, ready now or scheduled for its eta. Returns the id it lives under: an existing
+-- live job's id when the idempotency key names one.
+local function store_job(now, id, task, payload, p, eta, expires, key)
+  if key ~= '' then
+    local existing = redis.call('GET', prefix .. 'key:' .. key)
+    if existing then
+      local state = redis.call('HGET', job_key(existing), 'state')
+      if state and not FINAL[state] then return existing end
+    end
+  end
+  local jk = job_key(id)
+  if redis.call('EXISTS', jk) == 1 then return id end
+  redis.call('HSET', jk, 'task', task, 'payload', payload, 'priority', p, 'attempt', 1,
+    'enqueued_at', now, 'token', 0, 'deliveries', 0, 'expires', expires, 'key', key)
+  if eta ~= '' and tonumber(eta) > tonumber(now) then
+    redis.call('HSET', jk, 'state', 'scheduled', 'eta', eta)
+    redis.call('ZADD', prefix .. 'scheduled', eta, id)
+  else
+    make_ready(id, jk, p)
+  end
+  redis.call('ZADD', prefix .. 'index', now, id)
+  if key ~= '' then redis.call('SET', prefix .. 'key:' .. key, id) end
+  return id
+end
+
+-- Whether a task is revoked now; a revocation for one job only is used up here.
+-- Stored as "<once 0|1>|<until or empty>".
+local function task_revoked(task, now)
+  local hkey = prefix .. 'revoked_tasks'
+  local v = redis.call('HGET', hkey, task)
+  if not v then return false end
+  local once, till = string.match(v, '^(%d)|(.*)$')
+  if till ~= '' and tonumber(till) <= tonumber(now) then
+    redis.call('HDEL', hkey, task)
+    return false
+  end
+  if once == '1' then redis.call('HDEL', hkey, task) end
+  return true
+end
+
 -- A final state: free the idempotency key, wake waiters; dead letters are kept, others expire.
 local function finalize(id, jk, state, now, ttl, reason)
   redis.call('HSET', jk, 'state', state, 'finished_at', now)
@@ -81,7 +121,7 @@ local function start(s, p, entry, fields, consumer, now, max_deliveries, ttl)
   end
   local jk = job_key(id)
   local rec = redis.call('HMGET', jk, 'state', 'task', 'payload', 'attempt', 'enqueued_at',
-    'expires', 'deliveries', 'token', 'entry')
+    'expires', 'deliveries', 'token', 'entry', 'revoked', 'cancel')
   if not rec[1] then
     drop_entry(s, entry)
     redis.call('HSET', jk, 'task', '', 'payload', '', 'priority', p, 'attempt', 1,
@@ -94,10 +134,19 @@ local function start(s, p, entry, fields, consumer, now, max_deliveries, ttl)
     drop_entry(s, entry)
     return nil
   end
-  if rec[6] and rec[6] ~= '' and tonumber(rec[6]) < tonumber(now) then
+  -- Ended here rather than run: the worker gets a notice (9th field) so it can report it.
+  local ended = nil
+  if rec[11] == '1' then
+    ended = 'cancelled'
+  elseif rec[10] == '1' or task_revoked(rec[2], now) then
+    ended = 'revoked'
+  elseif rec[6] and rec[6] ~= '' and tonumber(rec[6]) < tonumber(now) then
+    ended = 'expired'
+  end
+  if ended then
     drop_entry(s, entry)
-    finalize(id, jk, 'expired', now, ttl, nil)
-    return nil
+    finalize(id, jk, ended, now, ttl, nil)
+    return {id, rec[2], '', rec[4], '0', p, rec[5], entry, ended}
   end
   local deliveries = tonumber(rec[7] or '0') + 1
   if deliveries > tonumber(max_deliveries) then

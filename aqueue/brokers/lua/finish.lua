@@ -15,8 +15,8 @@ for i = 2, #ARGV, 10 do
   else
     drop_entry(stream_key(p), entry)
     if err ~= '' then redis.call('HSET', jk, 'error', err) end
-    if outcome == 'retry' then
-      redis.call('HINCRBY', jk, 'attempt', 1)
+    if outcome == 'retry' or outcome == 'defer' then
+      if outcome == 'retry' then redis.call('HINCRBY', jk, 'attempt', 1) end
       redis.call('HSET', jk, 'deliveries', 0)
       if retry_at ~= '' and tonumber(retry_at) > tonumber(now) then
         redis.call('HSET', jk, 'state', 'scheduled', 'eta', retry_at, 'entry', '')

@@ -1,0 +1,114 @@
+"""Distributed locks: token-owned, renewed while held, released only by their holder."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import anyio
+
+from aqueue._decorating import around
+from aqueue._exceptions import BrokerError, ConfigurationError, LockTimeout, TaskLocked
+
+if TYPE_CHECKING:
+    from aqueue._queue import Queue
+
+logger = logging.getLogger("aqueue")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Lock:
+    """`async with queue.lock("name", ttl=30, timeout=None):`, or a decorator below `@queue.task`.
+
+    Waits up to `timeout` seconds (None: for ever; 0: not at all) and raises `LockTimeout`. While
+    held it is renewed every `ttl / 3` seconds, so a long holder never loses it; if the holder dies
+    it frees itself after `ttl`. As a task decorator a held lock raises `TaskLocked` at once, and
+    the job is retried by its task's policy.
+    """
+
+    def __init__(self, queue: Queue, name: str, ttl: float = 30.0, timeout: float | None = None) -> None:
+        if not name:
+            raise ConfigurationError("a lock needs a name")
+        if ttl <= 0:
+            raise ConfigurationError(f"lock ttl must be > 0, got {ttl}")
+        if timeout is not None and timeout < 0:
+            raise ConfigurationError(f"lock timeout must be >= 0 or None, got {timeout}")
+        self.queue, self.name, self.ttl, self.timeout = queue, name, float(ttl), timeout
+        # One Lock object may be entered by several tasks at once: each holds its own token.
+        self._stacks: dict[object, AsyncExitStack] = {}
+
+    def __repr__(self) -> str:
+        return f"<Lock {self.name!r} ttl={self.ttl}>"
+
+    async def __aenter__(self) -> Lock:
+        stack = AsyncExitStack()
+        await stack.enter_async_context(self.held(self.timeout))
+        self._stacks[anyio.get_current_task().id] = stack
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool | None:
+        return await self._stacks.pop(anyio.get_current_task().id).__aexit__(exc_type, exc, tb)
+
+    def __call__(self, fn: F) -> F:
+        """As a task decorator: the job runs holding the lock, or raises `TaskLocked`."""
+        return around(fn, self._for_job)  # type: ignore[return-value]
+
+    @asynccontextmanager
+    async def _for_job(self) -> AsyncIterator[None]:
+        try:
+            token = await self._acquire(0)
+        except LockTimeout:
+            raise TaskLocked(f"lock {self.name!r} is held by another job") from None
+        async with self._keep(token):
+            yield
+
+    @asynccontextmanager
+    async def held(self, timeout: float | None) -> AsyncIterator[None]:
+        token = await self._acquire(timeout)
+        async with self._keep(token):
+            yield
+
+    async def _acquire(self, timeout: float | None) -> str:
+        broker, queue = self.queue.broker, self.queue.name
+        token = uuid.uuid4().hex
+        deadline = None if timeout is None else anyio.current_time() + timeout
+        while not await broker.lock_acquire(queue, self.name, token, self.ttl):
+            remaining = None if deadline is None else deadline - anyio.current_time()
+            if remaining is not None and remaining <= 0:
+                raise LockTimeout(f"lock {self.name!r} not acquired within {timeout}s")
+            await broker.lock_wait(queue, self.name, remaining)  # woken when it is released
+        return token
+
+    @asynccontextmanager
+    async def _keep(self, token: str) -> AsyncIterator[None]:
+        """Renew while the body runs; release on the way out, whatever ends the body."""
+        # A plain task, not a task group around the body: the body's own errors reach the caller
+        # unwrapped, as from any `async with`.
+        renewer = asyncio.get_running_loop().create_task(self._renew(token))
+        try:
+            yield
+        finally:
+            renewer.cancel()
+            with anyio.CancelScope(shield=True):
+                await asyncio.gather(renewer, return_exceptions=True)
+                await self.queue.broker.lock_release(self.queue.name, self.name, token)
+
+    async def _renew(self, token: str) -> None:
+        while True:
+            await anyio.sleep(self.ttl / 3)
+            try:
+                extended = await self.queue.broker.lock_extend(self.queue.name, self.name, token, self.ttl)
+            except BrokerError as exc:
+                logger.warning("renewing lock %r failed, trying again: %s", self.name, exc)
+                continue
+            if not extended:
+                logger.error("lock %r was lost while held (its ttl ran out)", self.name)
+                return

@@ -1,0 +1,17 @@
+-- Cancel a job: at once when it waits, by request (pushed to its worker) when it runs.
+-- KEYS[1] prefix
+-- ARGV: job id, now, result_ttl
+-- Returns 'cancelled', 'requested', or false (unknown or final).
+local id, now, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local jk = job_key(id)
+local state = redis.call('HGET', jk, 'state')
+if not state or FINAL[state] then return false end
+if state == 'running' then
+  -- The flag outlives a missed message: `start` ends the job if it is delivered again.
+  redis.call('HSET', jk, 'cancel', '1')
+  redis.call('PUBLISH', prefix .. 'cancel', id)
+  return 'requested'
+end
+if state == 'scheduled' then redis.call('ZREM', prefix .. 'scheduled', id) end
+finalize(id, jk, 'cancelled', now, ttl, nil)  -- a waiting stream entry is dropped when met
+return 'cancelled'

@@ -1,0 +1,8 @@
+-- Release a lock, only for its holder, and wake whoever waits for it.
+-- KEYS[1] prefix
+-- ARGV: name, token
+local key = prefix .. 'lock:' .. ARGV[1]
+if redis.call('GET', key) ~= ARGV[2] then return 0 end
+redis.call('DEL', key)
+redis.call('PUBLISH', key, 'released')
+return 1

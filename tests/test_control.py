@@ -1,0 +1,354 @@
+"""Control (SPEC 5) on both brokers: expiry, revoke, cancel, periodic, locks, rate limits."""
+
+from __future__ import annotations
+
+import math
+import time
+from datetime import UTC, datetime, timedelta
+
+import anyio
+import anyio.lowlevel
+import pytest
+
+from aqueue import (
+    JobCancelled,
+    JobExpired,
+    JobRevoked,
+    JobState,
+    LockTimeout,
+    Queue,
+    RateLimitExceeded,
+    Signal,
+    TaskError,
+    current_job,
+    every,
+)
+from aqueue.brokers import Broker
+
+
+def recorder(queue: Queue, *signals: Signal) -> list[tuple[Signal, str]]:
+    seen: list[tuple[Signal, str]] = []
+
+    @queue.on(*signals)
+    def record(signal: Signal, job: object, exc: BaseException | None = None) -> None:
+        seen.append((signal, getattr(job, "id", "")))
+
+    return seen
+
+
+async def test_expired_job_never_runs(queue: Queue) -> None:
+    seen = recorder(queue, Signal.EXPIRED)
+    ran: list[int] = []
+
+    @queue.task
+    async def work(n: int) -> None:
+        ran.append(n)
+
+    late = await work.options(expires=datetime.now(UTC) - timedelta(seconds=1)).enqueue(1)
+    fresh = await work.options(expires=60).enqueue(2)
+    async with queue.worker():
+        await fresh.result(timeout=10)
+        with pytest.raises(JobExpired):
+            await late.result(timeout=10)
+    assert ran == [2]
+    assert await late.state() == JobState.EXPIRED
+    assert seen == [(Signal.EXPIRED, late.id)]
+
+
+async def test_revoke_and_restore_a_job(queue: Queue) -> None:
+    seen = recorder(queue, Signal.REVOKED)
+
+    @queue.task
+    async def work(n: int) -> int:
+        return n
+
+    revoked = await work.enqueue(1)
+    restored = await work.enqueue(2)
+    assert await revoked.revoke() is True
+    assert await restored.revoke() is True
+    assert await restored.is_revoked() is True
+    assert await restored.restore() is True
+    assert await restored.is_revoked() is False
+    async with queue.worker():
+        assert await restored.result(timeout=10) == 2
+        with pytest.raises(JobRevoked):
+            await revoked.result(timeout=10)
+    assert seen == [(Signal.REVOKED, revoked.id)]
+    assert await revoked.revoke() is False  # final: nothing to revoke
+
+
+async def test_revoke_a_task_for_good_once_and_until(queue: Queue) -> None:
+    @queue.task
+    async def work(n: int) -> int:
+        return n
+
+    await work.revoke(once=True)
+    assert await work.is_revoked() is True
+    first = await work.enqueue(1)
+    second = await work.enqueue(2)
+    async with queue.worker(concurrency=1):
+        with pytest.raises(JobRevoked):
+            await first.result(timeout=10)
+        assert await second.result(timeout=10) == 2  # `once` was used up
+        await work.revoke()
+        third = await work.enqueue(3)
+        with pytest.raises(JobRevoked):
+            await third.result(timeout=10)
+        assert await work.restore() is True
+        assert await work.restore() is False
+        assert await (await work.enqueue(4)).result(timeout=10) == 4
+        await work.revoke(until=datetime.now(UTC) - timedelta(seconds=1))  # already over
+        assert await work.is_revoked() is False
+        assert await (await work.enqueue(5)).result(timeout=10) == 5
+
+
+async def test_cancel_waiting_jobs(queue: Queue) -> None:
+    @queue.task
+    async def work() -> None:
+        raise AssertionError("a cancelled job never runs")
+
+    pending = await work.enqueue()
+    scheduled = await work.schedule(delay=0.1)
+    assert await pending.cancel() is True
+    assert await scheduled.cancel() is True
+    async with queue.worker():
+        with pytest.raises(JobCancelled):
+            await pending.result(timeout=10)
+        with pytest.raises(JobCancelled):
+            await scheduled.result(timeout=10)
+    assert await pending.state() == JobState.CANCELLED
+    assert await pending.cancel() is False  # already final
+    assert await queue.job("unknown").cancel() is False
+
+
+async def test_cancel_a_running_job(queue: Queue) -> None:
+    seen = recorder(queue, Signal.CANCELLED, Signal.RETRYING)
+    started = anyio.Event()
+    cleaned_up = anyio.Event()
+    runs = 0
+
+    @queue.task(retries=3)
+    async def long_job() -> None:
+        nonlocal runs
+        runs += 1
+        started.set()
+        try:
+            assert await current_job().cancelled() is False
+            await anyio.sleep(60)
+        finally:
+            cleaned_up.set()
+
+    async with queue.worker():
+        job = await long_job.enqueue()
+        with anyio.fail_after(10):
+            await started.wait()
+        asked = time.monotonic()
+        assert await job.cancel() is True
+        with anyio.fail_after(10):
+            await cleaned_up.wait()
+        assert time.monotonic() - asked < 1.0
+        with pytest.raises(JobCancelled):
+            await job.result(timeout=10)
+    assert runs == 1
+    assert seen == [(Signal.CANCELLED, job.id)]
+    assert await job.state() == JobState.CANCELLED
+
+
+async def test_cancel_request_survives_a_redelivery(queue: Queue) -> None:
+    @queue.task
+    async def work() -> None:
+        raise AssertionError("a cancelled job never runs again")
+
+    job = await work.enqueue()
+    # Its worker dies while it runs; the cancel request is made in between.
+    assert await queue.broker.receive(queue.name, "dead-worker", 1, 0, 10)
+    assert await job.cancel() is True
+    assert await job.state() == JobState.RUNNING
+    async with queue.worker():
+        with pytest.raises(JobCancelled):
+            await job.result(timeout=15)
+
+
+async def test_periodic_ticks_are_enqueued_once(broker: Broker, queue_name: str) -> None:
+    queue = Queue(broker=broker, name=queue_name)
+    runs: list[float] = []
+    third = anyio.Event()
+
+    @queue.periodic(every(seconds=1), name="beat")
+    async def beat() -> None:
+        runs.append(time.time())
+        if len(runs) == 3:
+            third.set()
+
+    assert list(queue.schedules) == ["beat"]
+    async with queue.worker(), queue.worker():  # two schedulers compete for each tick
+        with anyio.fail_after(10):
+            await third.wait()
+    jobs = await queue.jobs(task="beat")
+    seconds = [math.floor(j.enqueued_at.timestamp()) for j in jobs if j.enqueued_at]
+    assert len(seconds) == len(set(seconds))  # never two jobs for one tick
+    assert len(runs) <= len(jobs) <= len(runs) + 1  # a last tick may be enqueued, not yet run
+
+
+async def test_tick_claim_is_atomic(broker: Broker, queue_name: str) -> None:
+    from aqueue.brokers import NewJob
+
+    def job(i: int) -> NewJob:
+        return NewJob(id=f"j{i}", task="beat", payload=b'{"args":[],"kwargs":{}}', enqueued_at=time.time())
+
+    assert await broker.enqueue_tick(queue_name, 100.0, job(1)) is True
+    assert await broker.enqueue_tick(queue_name, 100.0, job(2)) is False
+    assert await broker.enqueue_tick(queue_name, 99.0, job(3)) is False
+    assert await broker.enqueue_tick(queue_name, 101.0, job(4)) is True
+    assert [r.id for r in await broker.jobs(queue_name, None, None, 10)] == ["j4", "j1"]
+
+
+async def test_lock_is_exclusive(queue: Queue) -> None:
+    inside = 0
+    peak = 0
+
+    async def contend() -> None:
+        nonlocal inside, peak
+        for _ in range(5):
+            async with queue.lock("shared", ttl=5):
+                inside += 1
+                peak = max(peak, inside)
+                await anyio.lowlevel.checkpoint()  # let the others try while it is held
+                inside -= 1
+
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+            for _ in range(4):
+                tg.start_soon(contend)
+    assert peak == 1
+
+
+async def test_lock_timeout_zero_and_prompt_wakeup(queue: Queue, monkeypatch: pytest.MonkeyPatch) -> None:
+    waiting = anyio.Event()
+    release = anyio.Event()
+    acquired = anyio.Event()
+    broker_wait = queue.broker.lock_wait
+
+    async def observed_wait(q: str, name: str, timeout: float | None) -> None:
+        waiting.set()  # the waiter found the lock held and now blocks on it
+        await broker_wait(q, name, timeout)
+
+    monkeypatch.setattr(queue.broker, "lock_wait", observed_wait)
+
+    held = anyio.Event()
+
+    async def hold() -> None:
+        async with queue.lock("door", ttl=30):
+            held.set()
+            await release.wait()
+
+    async def wait_for_it() -> None:
+        async with queue.lock("door", timeout=10):
+            acquired.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(hold)
+        with anyio.fail_after(5):
+            await held.wait()
+        with pytest.raises(LockTimeout):
+            async with queue.lock("door", timeout=0):
+                pass
+        tg.start_soon(wait_for_it)
+        with anyio.fail_after(5):
+            await waiting.wait()
+        released_at = time.monotonic()
+        release.set()
+        with anyio.fail_after(5):
+            await acquired.wait()
+        woken_after = time.monotonic() - released_at
+    assert woken_after < 0.5  # woken by the release, not by a polling loop
+
+
+async def test_lock_released_on_error_and_cancel(queue: Queue) -> None:
+    with pytest.raises(ValueError, match="inside"):
+        async with queue.lock("l"):
+            raise ValueError("inside")
+    with anyio.move_on_after(0.1):
+        async with queue.lock("l"):
+            await anyio.sleep(10)
+    async with queue.lock("l", timeout=0):
+        pass  # free again both times
+
+
+async def test_lock_is_renewed_while_held(queue: Queue) -> None:
+    async with queue.lock("long", ttl=0.5):
+        await anyio.sleep(1.2)  # more than twice the ttl
+        with pytest.raises(LockTimeout):
+            async with queue.lock("long", timeout=0):
+                pass
+
+
+async def test_dead_holders_lock_frees_after_ttl(queue: Queue) -> None:
+    assert await queue.broker.lock_acquire(queue.name, "orphan", "dead-holder", 0.3)
+    start = time.monotonic()
+    async with queue.lock("orphan", timeout=5):
+        waited = time.monotonic() - start
+    assert 0.2 <= waited < 2
+    assert await queue.broker.lock_release(queue.name, "orphan", "dead-holder") is False
+
+
+async def test_lock_decorator_raises_task_locked_and_retries(queue: Queue) -> None:
+    seen = recorder(queue, Signal.LOCKED)
+    locked = anyio.Event()
+    queue.on(Signal.LOCKED)(lambda signal, job, exc=None: locked.set())
+
+    @queue.task(retries=5, retry_delay=0.2)
+    @queue.lock("report")
+    async def report() -> int:
+        return current_job().attempt
+
+    async with queue.worker():
+        async with queue.lock("report"):
+            job = await report.enqueue()
+            with anyio.fail_after(10):
+                await locked.wait()
+        assert await job.result(timeout=10) >= 2
+    assert seen[0] == (Signal.LOCKED, job.id)
+
+
+async def test_rate_limit_context_manager(queue: Queue) -> None:
+    limit = queue.rate_limit("api", limit=3, per=3600)
+    for _ in range(3):
+        async with limit:
+            pass
+    with pytest.raises(RateLimitExceeded) as caught:
+        async with limit:
+            pass
+    assert 0 < caught.value.retry_after <= 3600
+
+
+async def test_rate_limited_jobs_wait_for_the_next_window(queue: Queue) -> None:
+    seen = recorder(queue, Signal.RATE_LIMITED)
+    runs: list[tuple[float, int]] = []
+
+    @queue.task
+    @queue.rate_limit("sends", limit=2, per=1)
+    async def send(n: int) -> int:
+        runs.append((time.time(), current_job().attempt))
+        return n
+
+    async with queue.worker():
+        group = await send.map(range(5))
+        assert await group.get(timeout=20) == [0, 1, 2, 3, 4]
+    windows = [math.floor(t) for t, _ in runs]
+    assert max(windows.count(w) for w in windows) <= 2
+    assert all(attempt == 1 for _, attempt in runs)  # rescheduled without using a retry
+    assert seen
+
+
+async def test_rate_limit_without_retry_fails_by_policy(queue: Queue) -> None:
+    @queue.task
+    @queue.rate_limit("strict", limit=1, per=3600, retry=False)
+    async def once() -> int:
+        return 1
+
+    async with queue.worker(concurrency=1):
+        assert await (await once.enqueue()).result(timeout=10) == 1
+        with pytest.raises(TaskError) as caught:
+            await (await once.enqueue()).result(timeout=10)
+    assert caught.value.metadata["type"] == "RateLimitExceeded"
