@@ -1,0 +1,59 @@
+"""A queue for the cross-process control tests; what jobs observe is written to Redis."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import anyio
+import redis.asyncio as aioredis
+
+from aqueue import Queue, current_job, every
+
+URL = os.environ.get("AQUEUE_URL", "redis://127.0.0.1:1/0")
+NAME = os.environ.get("AQUEUE_QUEUE", "default")
+queue = Queue(URL, name=NAME)
+_client: aioredis.Redis | None = None
+
+
+def probe(key: str) -> str:
+    """Where the tests read what the jobs saw."""
+    return f"probe:{NAME}:{key}"
+
+
+async def redis() -> aioredis.Redis:
+    global _client
+    if _client is None:
+        _client = aioredis.Redis.from_url(URL)
+    return _client
+
+
+@queue.periodic(every(seconds=1), name="beat")
+async def beat() -> None:
+    await (await redis()).rpush(probe("beats"), current_job().id)
+
+
+@queue.task(name="exclusive")
+async def exclusive() -> None:
+    client = await redis()
+    async with queue.lock("shared", ttl=10):
+        if await client.incr(probe("inside")) > 1:
+            await client.rpush(probe("overlaps"), current_job().id)
+        await anyio.sleep(0.005)
+        await client.decr(probe("inside"))
+
+
+@queue.task(name="limited")
+@queue.rate_limit("five-per-second", limit=5, per=1)
+async def limited() -> None:
+    await (await redis()).rpush(probe("runs"), repr(time.time()))
+
+
+@queue.task(name="long", retries=3)
+async def long() -> None:
+    client = await redis()
+    await client.set(probe("started"), current_job().id)
+    try:
+        await anyio.sleep(60)
+    finally:
+        await client.set(probe("cleaned"), "1")
