@@ -37,6 +37,7 @@ class TaskPolicy:
             raise ConfigurationError("retry_delay must be >= 0 and retry_backoff >= 1")
         if self.timeout is not None and self.timeout <= 0:
             raise ConfigurationError(f"timeout must be > 0, got {self.timeout}")
+        check_priority(self.priority)
 
     def retry_wait(self, attempt: int) -> float:
         """Seconds before attempt `attempt + 1`."""
@@ -88,6 +89,12 @@ class Task(Generic[P, R]):
             raise ConfigurationError("give delay or eta, not both")
         if retries is not None and retries < 0:
             raise ConfigurationError(f"retries must be >= 0, got {retries}")
+        if priority is not None:
+            check_priority(priority)
+        if timeout is not None and timedelta_or_seconds(timeout) <= 0:  # type: ignore[operator]
+            raise ConfigurationError(f"timeout must be > 0, got {timeout}")
+        if key is not None and not key:
+            raise ConfigurationError("an idempotency key must not be empty")
         return TaskCall(self, CallOptions(delay, eta, priority, expires, timeout, retries, key))
 
     async def enqueue(self, *args: P.args, **kwargs: P.kwargs) -> Job[R]:
@@ -171,7 +178,14 @@ def policy_for_call(policy: TaskPolicy, overrides: dict[str, Any]) -> TaskPolicy
 
 
 def default_name(fn: Callable[..., Any]) -> str:
-    return f"{fn.__module__}.{fn.__qualname__}"
+    """The function's own name (`queue.jobs(task="add")`): the same whichever way its module was
+    imported (`app`, `examples.app`, `__main__`). Two tasks of one name on a queue are refused."""
+    return str(fn.__name__)
+
+
+def check_priority(priority: object) -> None:
+    if not isinstance(priority, int) or isinstance(priority, bool):
+        raise ConfigurationError(f"priority must be an int, got {priority!r}")
 
 
 def timedelta_or_seconds(value: Seconds | None) -> float | None:

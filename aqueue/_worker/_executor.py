@@ -38,21 +38,43 @@ class RunningJob:
     """Set when the worker shuts down: the job is handed back, not failed."""
     cancel_requested: bool = False
     """Set by `job.cancel()`: the job ends `cancelled`, neither retried nor run again."""
+    lost: bool = False
+    """Set when another worker took the job over: stop it here and write nothing."""
 
     def interrupt(self) -> None:
         self.interrupted = True
         self.scope.cancel()
+
+    def abandon(self) -> None:
+        self.lost = True
+        self.interrupt()
 
     def request_cancel(self) -> None:
         self.cancel_requested = True
         self.scope.cancel()
 
 
+def _utf8(text: str) -> str:
+    """Text JSON can carry: a lone surrogate (from os.fsdecode, say) becomes an escape."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def safe_repr(exc: BaseException) -> str:
+    try:
+        return _utf8(repr(exc))
+    except Exception:  # a broken __repr__ must not cost us the job
+        return f"<{type(exc).__name__} (repr failed)>"
+
+
 def _metadata(exc: BaseException, d: Delivery, retries_left: int) -> dict[str, Any]:
+    try:
+        trace = _utf8("".join(traceback.format_exception(exc)))
+    except Exception:
+        trace = ""
     return {
-        "error": repr(exc),
+        "error": safe_repr(exc),
         "type": type(exc).__name__,
-        "traceback": "".join(traceback.format_exception(exc)),
+        "traceback": trace,
         "job_id": d.job_id,
         "attempt": d.attempt,
         "retries_left": retries_left,
@@ -96,7 +118,11 @@ async def execute(queue: Queue, running: RunningJob) -> Completion | None:
             if task.is_async:
                 value = await task.fn(*args, **kwargs)
             else:
-                value = await anyio.to_thread.run_sync(partial(task.fn, *args, **kwargs))
+                # A thread cannot be stopped: on a timeout or shutdown it is left to finish in the
+                # background and its result is dropped.
+                value = await anyio.to_thread.run_sync(
+                    partial(task.fn, *args, **kwargs), abandon_on_cancel=True
+                )
         except Exception as exc:  # the job's failure, judged below; cancellation passes through
             error = exc
         finally:

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
@@ -23,7 +24,7 @@ from aqueue._exceptions import BrokerConnectionError, BrokerError, Configuration
 from aqueue._signals import Signal, SignalJob
 from aqueue._tasks import CallOptions
 from aqueue._worker._completer import Completer
-from aqueue._worker._executor import RunningJob, execute
+from aqueue._worker._executor import RunningJob, dead, execute, safe_repr
 from aqueue.brokers import Completion, Delivery
 
 if TYPE_CHECKING:
@@ -41,6 +42,16 @@ ENDED_SIGNALS = {"expired": Signal.EXPIRED, "revoked": Signal.REVOKED, "cancelle
 
 def consumer_name() -> str:
     return f"{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:6]}"
+
+
+class _Started:
+    """The task status `run` reports to: ends the wait in `running()` once the worker is up."""
+
+    scope: anyio.CancelScope | None = None
+
+    def started(self, value: object = None) -> None:
+        if self.scope is not None:
+            self.scope.cancel()
 
 
 class Worker:
@@ -84,7 +95,7 @@ class Worker:
             return
         self._stop_requested = True
         self._wake_fetcher.set()
-        if self._services is not None:
+        if self._services is not None:  # still running
             self._services.start_soon(self._unblock_fetcher)
 
     async def _unblock_fetcher(self) -> None:
@@ -100,13 +111,30 @@ class Worker:
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[Worker]:
-        """Run in the background of the current task; stop gracefully on exit."""
-        async with anyio.create_task_group() as tg:
-            await tg.start(self.run)
-            try:
-                yield self
-            finally:
-                self.stop()
+        """Run in the background of the current task; stop gracefully on exit, however the body
+        ends (an error or a cancellation included): running jobs finish or are handed back."""
+        # A plain task rather than a task group around the body, so the body's own errors reach
+        # the caller unwrapped and do not cancel the worker before it can stop gracefully.
+        started = _Started()
+        task = asyncio.get_running_loop().create_task(self.run(task_status=started))
+        with anyio.CancelScope() as scope:
+            started.scope = scope
+            await asyncio.wait([task])  # returns only if `run` ends (fails) before it has started
+        if task.done():
+            task.result()  # raises why it failed to start
+            raise RuntimeError("the worker stopped before it started")
+        try:
+            yield self
+        finally:
+            self.stop()
+            with anyio.CancelScope(shield=True), anyio.move_on_after(self.shutdown_timeout + 10):
+                await asyncio.wait([task])
+            if not task.done():
+                task.cancel()
+                with anyio.CancelScope(shield=True):
+                    await asyncio.wait([task])
+        if not task.cancelled() and task.exception() is not None:
+            raise task.exception()  # type: ignore[misc]
 
     async def run(self, *, task_status: TaskStatus[Worker] = anyio.TASK_STATUS_IGNORED) -> None:
         queue = self.queue
@@ -135,8 +163,10 @@ class Worker:
                     self._fetch_ended.set()
                 await self._wind_down()
             await self._release(self._handed_back)
-            await self._completer.drained()
+            with anyio.move_on_after(max(self.shutdown_timeout, 1.0)):  # a broker that is gone
+                await self._completer.drained()
             services.cancel_scope.cancel()
+        self._services = None
         logger.info("worker %s stopped after %d job(s)", self.name, self.jobs_done)
 
     # --- fetching --------------------------------------------------------------------------------
@@ -169,7 +199,7 @@ class Worker:
                 await anyio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
-            except BrokerError:
+            except Exception:  # a broker error or a fault of aqueue's own: log it, never die of it
                 logger.exception("receiving jobs failed, retrying in %.2fs", backoff)
                 await anyio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
@@ -178,6 +208,13 @@ class Worker:
                 if d.ended is not None:  # the broker ended it (expired, revoked, cancelled)
                     if self.queue.signals.wants(ENDED_SIGNALS[d.ended]):
                         await self.queue.signals.send(ENDED_SIGNALS[d.ended], SignalJob(d.job_id, d.task))
+                    continue
+                already = self._running.get(d.job_id)
+                if already is not None:
+                    # Our own running job came back to us (its lease lapsed while the event loop
+                    # was blocked): it goes on running, now under the new delivery.
+                    already.delivery = d
+                    self._held[d.job_id] = d
                     continue
                 self._held[d.job_id] = d
                 if self._stop_requested:
@@ -188,21 +225,28 @@ class Worker:
                     jobs.start_soon(self._run_job, running, name=f"aqueue job {d.job_id}")
 
     async def _run_job(self, running: RunningJob) -> None:
-        d = running.delivery
+        job_id = running.delivery.job_id
         try:
             completion = await execute(self.queue, running)
-        except Exception:
-            # A fault of aqueue's own, not of the task: hand the job back rather than lose it.
-            logger.exception("job %s (%s): internal error, handing it back", d.job_id, d.task)
-            completion = None
+        except Exception as exc:
+            # A fault of aqueue's own, not of the task: into the dead letters with the reason,
+            # so it is neither lost nor handed round for ever.
+            logger.exception("job %s (%s): internal error", job_id, running.delivery.task)
+            completion = dead(running.delivery, f"internal error: {safe_repr(exc)}")
         finally:
-            del self._running[d.job_id]
+            if self._running.get(job_id) is running:
+                del self._running[job_id]
             self._wake_fetcher.set()
             if not self._running:
                 self._all_idle.set()
+        d = running.delivery  # the newest delivery, should the job have come back to us
         if completion is None:
-            self._handed_back.append(d)
+            if running.lost:
+                self._held.pop(job_id, None)  # another worker owns it now
+            else:
+                self._handed_back.append(d)
         else:
+            completion.delivery = d
             self.jobs_done += 1
             assert self._completer is not None
             self._completer.put(completion)
@@ -255,7 +299,13 @@ class Worker:
                 logger.warning("renewing %d lease(s) failed: %s", len(held), exc)
                 continue
             for job_id in lost:
-                logger.warning("job %s: lease lost (another worker took it over)", job_id)
+                logger.warning("job %s: lease lost (another worker took it over): stopping it here",
+                               job_id)
+                running = self._running.get(job_id)
+                if running is not None:
+                    running.abandon()
+                else:
+                    self._held.pop(job_id, None)
 
     async def _listen_cancel(self) -> None:
         """Cancel requests are pushed; a lost connection is listened on again after a pause."""

@@ -328,7 +328,8 @@ class MemoryBroker(Broker):
             ended = JobState.CANCELLED.value
         elif rec.id in q.revoked or self._task_revoked(q, rec.task, now):
             ended = JobState.REVOKED.value
-        elif rec.expires is not None and rec.expires < now:
+        elif rec.expires is not None and rec.expires < now and not q.tokens.get(rec.id):
+            # `expires` is about starting: a job that already started is never expired afterwards
             ended = JobState.EXPIRED.value
         if ended is not None:
             receipt = str(q.entries.get(rec.id, 0))

@@ -140,7 +140,8 @@ local function start(s, p, entry, fields, consumer, now, max_deliveries, ttl)
     ended = 'cancelled'
   elseif rec[10] == '1' or task_revoked(rec[2], now) then
     ended = 'revoked'
-  elseif rec[6] and rec[6] ~= '' and tonumber(rec[6]) < tonumber(now) then
+  elseif rec[6] and rec[6] ~= '' and tonumber(rec[6]) < tonumber(now) and (rec[8] or '0') == '0' then
+    -- `expires` is about starting: a job that already started is never expired afterwards
     ended = 'expired'
   end
   if ended then

@@ -1,0 +1,125 @@
+"""Regressions: what a careful review found breaking, on both brokers."""
+
+from __future__ import annotations
+
+import time
+
+import anyio
+import pytest
+
+from aqueue import ConfigurationError, JobState, Queue, TaskError
+from aqueue.brokers import Broker, NewJob
+
+
+async def test_blocked_event_loop_does_not_run_a_job_twice(broker: Broker, queue_name: str) -> None:
+    queue = Queue(broker=broker, name=queue_name, visibility_timeout=1)
+    runs = 0
+
+    @queue.task
+    async def hog() -> int:
+        nonlocal runs
+        runs += 1
+        time.sleep(1.6)  # blocks the whole event loop past the visibility timeout  # noqa: ASYNC251
+        return runs
+
+    @queue.task
+    async def after() -> str:
+        return "worker alive"
+
+    async with queue.worker() as worker:
+        job = await hog.enqueue()
+        assert await job.result(timeout=20) == 1
+        assert await (await after.enqueue()).result(timeout=10) == "worker alive"
+    assert runs == 1
+    assert worker.jobs_done == 2
+
+
+async def test_unencodable_error_text_still_dead_letters(queue: Queue) -> None:
+    @queue.task
+    async def bad_bytes() -> None:
+        raise ValueError("cannot parse " + b"\xff".decode("utf-8", "surrogateescape"))
+
+    async with queue.worker():
+        job = await bad_bytes.enqueue()
+        with pytest.raises(TaskError) as caught:
+            await job.result(timeout=10)
+    assert "cannot parse" in caught.value.metadata["error"]
+    assert [d.id for d in await queue.dead_letters()] == [job.id]
+
+
+async def test_worker_block_error_still_stops_gracefully(queue: Queue) -> None:
+    started = anyio.Event()
+
+    @queue.task
+    async def long_job() -> None:
+        started.set()
+        await anyio.sleep(60)
+
+    async def run_and_fail() -> None:
+        async with queue.worker(shutdown_timeout=0.1):
+            with anyio.fail_after(10):
+                await started.wait()
+            raise RuntimeError("the body failed")
+
+    job = await long_job.enqueue()
+    with pytest.raises(RuntimeError, match="the body failed"):  # unwrapped, not an ExceptionGroup
+        await run_and_fail()
+    assert await job.state() == JobState.PENDING  # handed back, not left running
+
+
+def test_bad_options_fail_at_once(queue: Queue) -> None:
+    @queue.task
+    async def work() -> None:
+        return None
+
+    with pytest.raises(ConfigurationError, match="priority"):
+        work.options(priority=1.5)  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="priority"):
+        queue.task(priority="high")(work.fn)  # type: ignore[call-overload]
+    with pytest.raises(ConfigurationError, match="timeout"):
+        work.options(timeout=0)
+    with pytest.raises(ConfigurationError, match="key"):
+        work.options(key="")
+
+
+def test_default_task_name_is_the_function_name(queue: Queue) -> None:
+    @queue.task
+    async def add(a: int, b: int) -> int:
+        return a + b
+
+    assert add.name == "add"
+    with pytest.raises(ConfigurationError, match="already registered"):
+        @queue.task
+        async def add(a: int, b: int) -> int:  # a second task of the same name
+            return a - b
+
+
+async def test_sync_task_times_out(queue: Queue) -> None:
+    gate = anyio.Event()
+
+    @queue.task(timeout=0.2)
+    def stuck() -> str:
+        anyio.from_thread.run(gate.wait)  # holds its thread until the test lets go
+        return "too late"
+
+    async with queue.worker():
+        job = await stuck.enqueue()
+        with pytest.raises(TaskError) as caught:
+            await job.result(timeout=10)
+        gate.set()
+    assert caught.value.metadata["type"] == "TaskTimeout"
+
+
+async def test_started_job_is_not_expired_on_redelivery(queue: Queue) -> None:
+    @queue.task
+    async def work() -> str:
+        return "ran"
+
+    job_id = "started-then-orphaned"
+    await queue.broker.enqueue(queue.name, [NewJob(
+        id=job_id, task="work", payload=b'{"args":[],"kwargs":{}}', expires=time.time() + 0.3,
+        enqueued_at=time.time())])
+    assert await queue.broker.receive(queue.name, "dead-worker", 1, 0, 10)  # started in time
+    await anyio.sleep(0.4)  # lets its `expires` pass while it is running elsewhere
+    async with queue.worker():
+        assert await queue.job(job_id).result(timeout=15) == "ran"
