@@ -123,3 +123,31 @@ async def test_started_job_is_not_expired_on_redelivery(queue: Queue) -> None:
     await anyio.sleep(0.4)  # lets its `expires` pass while it is running elsewhere
     async with queue.worker():
         assert await queue.job(job_id).result(timeout=15) == "ran"
+
+
+async def test_many_waiters_and_busy_jobs_share_connections(queue: Queue) -> None:
+    from aqueue import current_job
+
+    @queue.task
+    async def step(n: int) -> int:
+        await current_job().set_progress(1, 1)
+        return n
+
+    async with queue.worker(concurrency=100):
+        group = await step.map(range(300))
+        seen = [v async for v in group.as_completed(timeout=60)]
+    assert sorted(seen) == list(range(300))
+
+
+async def test_decode_responses_client_is_refused(redis_url: str) -> None:
+    import redis.asyncio as aioredis
+
+    from aqueue import BrokerError
+    from aqueue.brokers import RedisBroker
+
+    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        with pytest.raises(BrokerError, match="decode_responses=False"):
+            await RedisBroker(client=client).connect()
+    finally:
+        await client.aclose()

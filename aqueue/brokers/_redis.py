@@ -22,12 +22,17 @@ import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
 from redis.commands.core import AsyncScript
 
+from aqueue._exceptions import BrokerConnectionError, BrokerError
 from aqueue._states import FINAL_STATES
 from aqueue.brokers._base import Broker, Completion, Delivery, JobRecord, NewJob
 from aqueue.brokers._keys import GROUP, Keys
+from aqueue.brokers._notifier import Notifier
 from aqueue.brokers._scripts import NAMES, source
 
 ENQUEUE_CHUNK = 500  # jobs per enqueue script call: bounds how long one call holds Redis
+# Errors that pass (a failover, a server loading its data): retried like a lost connection.
+TRANSIENT = {"READONLY", "LOADING", "BUSY", "TRYAGAIN", "MASTERDOWN", "CLUSTERDOWN"}
+RECHECK = 10.0  # a waiter re-reads the state this often, in case a notification was lost
 
 
 def redact(url: str) -> str:
@@ -117,23 +122,38 @@ class RedisBroker(Broker):
         # while a read is blocked on it, so `interrupt_receive` can CLIENT UNBLOCK it.
         self._readers: dict[str, aioredis.Redis] = {}
         self._blocked: dict[str, int] = {}
+        self._notifier: Notifier | None = None
 
     # --- lifecycle -------------------------------------------------------------------------------
 
     async def connect(self) -> None:
         if self._client is None:
-            options: dict[str, Any] = {"health_check_interval": 30}
+            options: dict[str, Any] = {
+                "health_check_interval": 30,
+                # Callers wait for a free connection rather than fail: a worker's jobs, its
+                # fetcher and every `job.result()` of a web process share this pool.
+                "max_connections": 200,
+                "timeout": 30,
+            }
             if not self._connect_url.startswith("unix:"):
                 options["socket_keepalive"] = True  # notice a dead peer on an idle TCP connection
-            self._client = aioredis.Redis.from_url(
+            pool = aioredis.BlockingConnectionPool.from_url(
                 self._connect_url, **{**options, **self._client_options}
             )
+            self._client = aioredis.Redis.from_pool(pool)
+        if self._client.get_connection_kwargs().get("decode_responses"):  # type: ignore[no-untyped-call]
+            raise BrokerError("RedisBroker needs a client with decode_responses=False")
+        if self._notifier is None:
+            self._notifier = Notifier(self._client)
         if not self._scripts:
             self._scripts = {n: self._client.register_script(source(n)) for n in NAMES}
         async with self._translated():
             await self._client.ping()
 
     async def close(self) -> None:
+        if self._notifier is not None:
+            notifier, self._notifier = self._notifier, None
+            await notifier.close()
         readers, self._readers = self._readers, {}
         for reader in readers.values():
             await reader.aclose(close_connection_pool=False)
@@ -151,13 +171,15 @@ class RedisBroker(Broker):
     @asynccontextmanager
     async def _translated(self) -> AsyncIterator[None]:
         """Redis errors become aqueue errors here, once; the URL in them never has a password."""
-        from aqueue._exceptions import BrokerConnectionError, BrokerError
-
         try:
             yield
+        except BrokerError:
+            raise  # translated already, by an inner call
         except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
             raise BrokerConnectionError(f"cannot reach Redis at {self.url}: {exc}") from None
         except redis_errors.RedisError as exc:
+            if str(exc).split(" ", 1)[0] in TRANSIENT:
+                raise BrokerConnectionError(f"Redis at {self.url} is unavailable: {exc}") from None
             raise BrokerError(f"Redis at {self.url} failed: {exc}") from exc
 
     async def _run(self, queue: str, name: str, args: Sequence[Any]) -> Any:
@@ -312,25 +334,20 @@ class RedisBroker(Broker):
     async def wait(self, queue: str, job_id: str, timeout: float | None) -> JobRecord | None:
         if self._client is None:
             await self.connect()
+        assert self._notifier is not None
         channel = self._key(queue).done_channel(job_id)
-        async with self._translated():
-            pubsub = self.client.pubsub()
-            try:
-                # Subscribe before reading the record, so a finish in between is not missed.
-                await pubsub.subscribe(channel)
+        deadline = None if timeout is None else anyio.current_time() + timeout
+        while True:
+            async with self._translated(), self._notifier.listen(channel) as heard:
+                # Subscribed (confirmed) before reading: a finish after this read is heard.
                 record = await self.get(queue, job_id)
                 if record is None or record.state in FINAL_STATES:
                     return record
-                with anyio.move_on_after(timeout):
-                    while True:
-                        message = await pubsub.get_message(
-                            ignore_subscribe_messages=True, timeout=None
-                        )
-                        if message is not None and message["type"] == "message":
-                            break
-            finally:
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
-            return await self.get(queue, job_id)
+                remaining = None if deadline is None else deadline - anyio.current_time()
+                if remaining is not None and remaining <= 0:
+                    return record
+                with anyio.move_on_after(RECHECK if remaining is None else min(remaining, RECHECK)):
+                    await heard.wait()
 
     async def jobs(
         self, queue: str, state: str | None, task: str | None, limit: int
@@ -473,25 +490,17 @@ class RedisBroker(Broker):
     async def lock_wait(self, queue: str, name: str, timeout: float | None) -> None:
         if self._client is None:
             await self.connect()
+        assert self._notifier is not None
         key = self._key(queue).lock(name)
-        async with self._translated():
-            pubsub = self.client.pubsub()
-            try:
-                await pubsub.subscribe(key)  # before reading the ttl: a release between is heard
-                pttl = await self.client.pttl(key)
-                if pttl == -2:
-                    return  # free
-                wait = pttl / 1000 if pttl > 0 else None  # -1: no ttl (set by hand)
-                if timeout is not None:
-                    wait = timeout if wait is None else min(wait, timeout)
-                with anyio.move_on_after(wait):
-                    while True:
-                        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
-                        if message is not None and message["type"] == "message":
-                            return
-            finally:
-                with anyio.CancelScope(shield=True):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+        async with self._translated(), self._notifier.listen(key) as released:
+            pttl = await self.client.pttl(key)  # read after subscribing: a release between is heard
+            if pttl == -2:
+                return  # free
+            wait = pttl / 1000 if pttl > 0 else RECHECK  # -1: no ttl (set by hand)
+            if timeout is not None:
+                wait = min(wait, timeout)
+            with anyio.move_on_after(wait):
+                await released.wait()
 
     async def rate_limit_hit(self, queue: str, key: str, limit: int, per: float, now: float) -> float:
         window = math.floor(now / per)
