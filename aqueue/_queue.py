@@ -111,6 +111,8 @@ class Queue:
         self.broker: Broker = broker if broker is not None else broker_from_url(str(url))
         self.name = name
         self.result_ttl = seconds(result_ttl, "result_ttl")
+        if self.result_ttl < 1:
+            raise ConfigurationError("result_ttl must be at least 1 second")
         self.immediate = immediate
         self.default_timeout = timedelta_or_seconds(default_timeout)
         self.visibility_timeout = seconds(visibility_timeout, "visibility_timeout")

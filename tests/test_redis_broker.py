@@ -110,3 +110,27 @@ async def test_unix_socket_url() -> None:
             assert await (await add.enqueue(2, 3)).result(timeout=10) == 5
     finally:
         server.stop()
+
+
+async def test_clean_stop_leaves_no_consumer_and_prunes_index(redis_url: str, queue_name: str) -> None:
+    import anyio
+
+    queue = Queue(redis_url, name=queue_name, result_ttl=1)
+
+    @queue.task
+    async def noop() -> None:
+        return None
+
+    async with queue:
+        async with queue.worker() as worker:
+            await (await noop.enqueue()).result(timeout=10)
+        client = redis.asyncio.Redis.from_url(redis_url)
+        try:
+            consumers = await client.xinfo_consumers(Keys(queue_name).stream(0), GROUP)
+            assert worker.name not in [c["name"].decode() for c in consumers]
+            await anyio.sleep(2.1)  # lets the 1 s result_ttl run out (Redis expires keys itself)
+            assert await client.zcard(Keys(queue_name).index) == 1
+            assert await queue.broker.prune(queue_name, 0, 100) == 0
+            assert await client.zcard(Keys(queue_name).index) == 0
+        finally:
+            await client.aclose()

@@ -151,3 +151,57 @@ async def test_decode_responses_client_is_refused(redis_url: str) -> None:
             await RedisBroker(client=client).connect()
     finally:
         await client.aclose()
+
+
+async def test_lapsed_lease_found_behind_many_live_ones(broker: Broker, queue_name: str) -> None:
+    payload = b'{"args":[],"kwargs":{}}'
+    await broker.enqueue(queue_name, [NewJob(id=f"j{i:03}", task="t", payload=payload,
+                                             enqueued_at=time.time()) for i in range(41)])
+    live = await broker.receive(queue_name, "live", 40, 0, 10)
+    dead = await broker.receive(queue_name, "dead", 1, 0, 10)
+    assert len(live) == 40
+    assert [d.job_id for d in dead] == ["j040"]
+    await anyio.sleep(0.35)  # lets every lease age past the idle threshold below
+    assert await broker.renew(queue_name, "live", live) == []
+    taken = await broker.reclaim(queue_name, "rescuer", 1, 0.3, 10)
+    assert [d.job_id for d in taken] == ["j040"]
+
+
+async def test_blocking_receive_never_returns_more_than_count(broker: Broker, queue_name: str) -> None:
+    payload = b'{"args":[],"kwargs":{}}'
+    got: list[list[str]] = []
+
+    async def receiver() -> None:
+        got.append([d.job_id for d in await broker.receive(queue_name, "w", 1, 5, 10)])
+
+    await broker.enqueue(queue_name, [NewJob(id="seed", task="t", payload=payload, priority=7,
+                                             enqueued_at=time.time())])
+    assert await broker.receive(queue_name, "w0", 1, 0, 10)  # band 7 exists now, and is empty
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(receiver)
+        await anyio.sleep(0.1)  # the receiver is blocked by now (a pause in the test's own body)
+        await broker.enqueue(queue_name, [
+            NewJob(id=f"b{p}", task="t", payload=payload, priority=p, enqueued_at=time.time())
+            for p in (0, 7)
+        ])
+    assert len(got[0]) == 1
+    rest = await broker.receive(queue_name, "w2", 10, 0, 10)
+    assert sorted([*got[0], *(d.job_id for d in rest)]) == ["b0", "b7"]  # nothing lost
+
+
+async def test_immediate_mode_runs_only_its_own_jobs(broker: Broker, queue_name: str) -> None:
+    producer = Queue(broker=broker, name=queue_name)
+    immediate = Queue(broker=broker, name=queue_name, immediate=True)
+
+    @producer.task(name="report")
+    async def report() -> None:
+        return None
+
+    @immediate.task(name="ping")
+    async def ping() -> str:
+        return "pong"
+
+    other = await report.enqueue()
+    own = await ping.enqueue()
+    assert await own.result(timeout=0) == "pong"
+    assert await producer.job(other.id).state() == JobState.PENDING  # left for a real worker

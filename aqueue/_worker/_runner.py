@@ -36,6 +36,8 @@ FETCH_BLOCK = 1.0  # seconds a receive waits for a job; bounds how long a stop r
 SCHEDULER_TICK = 0.1  # a due job waits at most this long to become ready
 PROMOTE_BATCH = 1000
 CANCEL_CHECK = 2.0  # how often to look for cancel requests whose push was missed
+PRUNE_EVERY = 10.0  # seconds between two pages of pruning expired records' leftovers
+PRUNE_PAGE = 1000
 
 ENDED_SIGNALS = {"expired": Signal.EXPIRED, "revoked": Signal.REVOKED, "cancelled": Signal.CANCELLED}
 
@@ -155,6 +157,7 @@ class Worker:
             services.start_soon(self._check_cancel)
             if self.scheduler:
                 services.start_soon(self._schedule)
+                services.start_soon(self._prune)
             async with anyio.create_task_group() as jobs:
                 task_status.started(self)
                 try:
@@ -167,6 +170,11 @@ class Worker:
                 await self._completer.drained()
             services.cancel_scope.cancel()
         self._services = None
+        with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+            try:
+                await queue.broker.forget_consumer(queue.name, self.name)
+            except BrokerError as exc:
+                logger.warning("could not remove consumer %s: %s", self.name, exc)
         logger.info("worker %s stopped after %d job(s)", self.name, self.jobs_done)
 
     # --- fetching --------------------------------------------------------------------------------
@@ -359,6 +367,16 @@ class Worker:
             for tick in next_ticks.values():
                 wait = min(wait, tick.timestamp() - time.time())
             await anyio.sleep(min(max(wait, 0.0), SCHEDULER_TICK))
+
+    async def _prune(self) -> None:
+        """Forget index entries of expired records, a page at a time."""
+        offset = 0
+        while True:
+            await anyio.sleep(PRUNE_EVERY)
+            try:
+                offset = await self.queue.broker.prune(self.queue.name, offset, PRUNE_PAGE)
+            except BrokerError as exc:
+                logger.warning("pruning expired records failed: %s", exc)
 
     async def _enqueue_tick(self, name: str, tick: float, now: float) -> None:
         queue = self.queue

@@ -146,6 +146,23 @@ class Broker(ABC):
         """
 
     @abstractmethod
+    async def claim(
+        self, queue: str, consumer: str, job_id: str, max_deliveries: int
+    ) -> Delivery | None:
+        """Lease this one job if it is ready (`pending`), as `receive` would; None otherwise.
+        Immediate mode runs its own jobs with it, never another producer's."""
+
+    @abstractmethod
+    async def forget_consumer(self, queue: str, consumer: str) -> None:
+        """A worker stopped cleanly: drop what the broker keeps for `consumer` (a consumer that
+        still holds leases is kept, so they can be taken over)."""
+
+    @abstractmethod
+    async def prune(self, queue: str, offset: int, limit: int) -> int:
+        """Forget what is left of expired records (index entries), looking at `limit` of them
+        from `offset`, oldest first. Returns the offset to pass next time (0: start over)."""
+
+    @abstractmethod
     async def interrupt_receive(self, queue: str, consumer: str) -> bool:
         """Make a `receive` of `consumer` that is waiting return now, as if its timeout passed,
         without losing any job. True if one was waiting; a no-op (False) otherwise."""

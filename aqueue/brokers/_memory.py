@@ -123,6 +123,25 @@ class MemoryBroker(Broker):
                     del q.receivers[consumer]
         return []
 
+    async def claim(
+        self, queue: str, consumer: str, job_id: str, max_deliveries: int
+    ) -> Delivery | None:
+        q = self._queue(queue)
+        rec = self._record(q, job_id)
+        if rec is None or rec.state != JobState.PENDING:
+            return None
+        return self._deliver(q, rec, consumer, max_deliveries)  # its heap entry is now stale
+
+    async def forget_consumer(self, queue: str, consumer: str) -> None:
+        self._queue(queue).receivers.pop(consumer, None)
+
+    async def prune(self, queue: str, offset: int, limit: int) -> int:
+        q = self._queue(queue)
+        now = time.time()
+        for job_id in [i for i, at in q.expiry.items() if at <= now]:
+            self._drop(q, job_id)
+        return 0
+
     async def interrupt_receive(self, queue: str, consumer: str) -> bool:
         scope = self._queue(queue).receivers.pop(consumer, None)
         if scope is None or scope.cancel_called:

@@ -258,15 +258,32 @@ class RedisBroker(Broker):
                 self._blocked.pop(consumer, None)
         if not entries:
             return []
-        pairs: list[Any] = []
+        read: list[tuple[int, bytes]] = []
         for stream, rows in entries:
-            band = stream.decode().rsplit(":", 1)[1]
-            for entry_id, _fields in rows:
-                pairs += [band, entry_id]
+            band = int(stream.decode().rsplit(":", 1)[1])
+            read += [(band, entry_id) for entry_id, _fields in rows]
+        read.sort(key=lambda r: -r[0])  # highest band first: what is past `count` is put back
+        pairs: list[Any] = [x for band, entry_id in read for x in (band, entry_id)]
         reply = await self._run(
-            queue, "start", [consumer, repr(time.time()), max_deliveries, ttl, *pairs]
+            queue, "start", [consumer, repr(time.time()), max_deliveries, ttl, count, *pairs]
         )
         return [_delivery(row) for row in reply]
+
+    async def claim(
+        self, queue: str, consumer: str, job_id: str, max_deliveries: int
+    ) -> Delivery | None:
+        row = await self._run(queue, "claim", [job_id, consumer, repr(time.time()), max_deliveries, 86400])
+        return _delivery(row) if row else None
+
+    async def forget_consumer(self, queue: str, consumer: str) -> None:
+        reader = self._readers.pop(consumer, None)
+        if reader is not None:
+            await reader.aclose(close_connection_pool=False)
+        await self._run(queue, "forget", [consumer])
+
+    async def prune(self, queue: str, offset: int, limit: int) -> int:
+        removed, seen = await self._run(queue, "prune", [offset, limit])
+        return 0 if seen < limit else offset + seen - removed
 
     async def interrupt_receive(self, queue: str, consumer: str) -> bool:
         client_id = self._blocked.get(consumer)
@@ -390,6 +407,8 @@ class RedisBroker(Broker):
         if self._client is None:
             await self.connect()
         keys = self._key(queue)
+        if limit <= 0:
+            return []
         async with self._translated():
             ids: Any = await self.client.zrevrange(keys.dead, 0, limit - 1)
             async with self.client.pipeline(transaction=False) as pipe:

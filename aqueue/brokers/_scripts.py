@@ -11,12 +11,15 @@ from importlib import resources
 
 NAMES = (
     "cancel",
+    "claim",
     "enqueue",
     "finish",
+    "forget",
     "lock_extend",
     "lock_release",
     "progress",
     "promote",
+    "prune",
     "purge",
     "rate_limit",
     "receive",
