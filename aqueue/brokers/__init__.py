@@ -1,11 +1,24 @@
 """Brokers: the abstract interface and its two implementations."""
 
-from aqueue.brokers._base import Broker, Completion, Delivery, JobRecord, NewJob, Outcome
+from aqueue.brokers._base import (
+    BatchSpec,
+    Broker,
+    ChordSpec,
+    Completion,
+    Delivery,
+    JobRecord,
+    NewJob,
+    Outcome,
+    Template,
+    WorkflowLinks,
+)
 from aqueue.brokers._memory import MemoryBroker
 from aqueue.brokers._redis import RedisBroker
 
 __all__ = [
+    "BatchSpec",
     "Broker",
+    "ChordSpec",
     "Completion",
     "Delivery",
     "JobRecord",
@@ -13,4 +26,6 @@ __all__ = [
     "NewJob",
     "Outcome",
     "RedisBroker",
+    "Template",
+    "WorkflowLinks",
 ]

@@ -32,6 +32,51 @@ class NewJob:
     key: str | None = None
     """Idempotency key: while a job enqueued with this key is live, enqueue returns that job's id."""
     enqueued_at: float = 0.0
+    links: WorkflowLinks | None = None
+    """Its place in a workflow, if any."""
+
+
+@dataclass(slots=True, frozen=True)
+class Template:
+    """A job to create later (an error handler, a batch callback): its task, payload, priority."""
+
+    task: str
+    payload: bytes
+    priority: int = 0
+
+
+@dataclass(slots=True, frozen=True)
+class WorkflowLinks:
+    """How a job is tied to others. The broker acts on them when the job reaches a final state."""
+
+    waiting: bool = False
+    """Neither ready nor scheduled: a pipeline step or chord callback, activated by a workflow."""
+    chord: str | None = None
+    slot: int | None = None
+    """Its value (or error) fills this slot of the chord; the last to arrive fires the callback."""
+    batch: str | None = None
+    next: str | None = None
+    """The next pipeline step: skipped (ends `cancelled`, with this job's error) if this one
+    does not succeed."""
+    on_error: Template | None = None
+    """Created, with the error as its first argument, if this job fails for good."""
+
+
+@dataclass(slots=True, frozen=True)
+class ChordSpec:
+    id: str
+    size: int
+    callback: str
+    """A waiting job, activated with the member values in order as its first argument."""
+
+
+@dataclass(slots=True, frozen=True)
+class BatchSpec:
+    id: str
+    size: int
+    on_success: Template | None = None
+    on_failure: Template | None = None
+    on_complete: Template | None = None
 
 
 @dataclass(slots=True)
@@ -100,6 +145,9 @@ class Completion:
     retry_at: float | None = None
     reason: str | None = None
     """Why a failed job is in the dead letters."""
+    activate: tuple[tuple[str, bytes], ...] = ()
+    """With a success: waiting jobs to make ready, with their payloads (the next pipeline step,
+    its arguments built from this job's value), in the same atomic step."""
 
 
 class Broker(ABC):
@@ -119,9 +167,22 @@ class Broker(ABC):
     # --- producing -------------------------------------------------------------------------------
 
     @abstractmethod
-    async def enqueue(self, queue: str, jobs: Sequence[NewJob]) -> list[str]:
+    async def enqueue(
+        self,
+        queue: str,
+        jobs: Sequence[NewJob],
+        chords: Sequence[ChordSpec] = (),
+        batches: Sequence[BatchSpec] = (),
+    ) -> list[str]:
         """Store each job and make it ready (state `pending`) or scheduled (`scheduled`, when its
-        eta is in the future). Each job is one atomic step; the list is not one transaction.
+        eta is in the future, or while it waits on a workflow). Each job is one atomic step; the
+        list is not one transaction, except that a call with chords or batches stores them and
+        all its jobs in one atomic step.
+
+        Whenever a job reaches a final state (finished, cancelled, expired, revoked, dead), the
+        broker applies its `WorkflowLinks` in the same atomic step: chord slots (each member
+        counted once), batch counts and callbacks (each fired once), skipping the rest of a
+        pipeline, creating the error handler.
 
         Returns the id under which each job lives: its own, or, when its idempotency key names a
         job that is still live (not in a final state), that job's id, and nothing is stored.

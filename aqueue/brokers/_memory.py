@@ -16,7 +16,48 @@ from dataclasses import dataclass, field, replace
 import anyio
 
 from aqueue._states import FINAL_STATES, JobState
-from aqueue.brokers._base import Broker, Completion, Delivery, JobRecord, NewJob, Outcome
+from aqueue.brokers._base import (
+    BatchSpec,
+    Broker,
+    ChordSpec,
+    Completion,
+    Delivery,
+    JobRecord,
+    NewJob,
+    Outcome,
+    Template,
+    WorkflowLinks,
+)
+
+ARGS_HEAD = b'{"args":['
+ERROR_HEAD = b'{"__aqueue_error__":'
+
+
+def prepend_arg(payload: bytes, value: bytes) -> bytes:
+    """Payloads are written by aqueue with "args" first: put a value in front of the arguments."""
+    rest = payload[len(ARGS_HEAD):]
+    return ARGS_HEAD + value + (rest if rest.startswith(b"]") else b"," + rest)
+
+
+def error_marker(error: bytes | None) -> bytes:
+    return ERROR_HEAD + (error or b"{}") + b"}"
+
+
+@dataclass(slots=True)
+class _Chord:
+    size: int
+    callback: str
+    slots: dict[int, bytes] = field(default_factory=dict)
+    fired: bool = False
+
+
+@dataclass(slots=True)
+class _Batch:
+    size: int
+    callbacks: dict[str, Template]
+    members: dict[str, str] = field(default_factory=dict)  # job id -> final state
+    fired: set[str] = field(default_factory=set)
+
 
 
 @dataclass(slots=True)
@@ -45,6 +86,10 @@ class _Queue:
     locks: dict[str, tuple[str, float]] = field(default_factory=dict)  # name -> token, deadline
     lock_released: dict[str, anyio.Event] = field(default_factory=dict)
     rates: dict[str, tuple[int, int]] = field(default_factory=dict)  # key -> window, hits
+    links: dict[str, WorkflowLinks] = field(default_factory=dict)
+    waiting: set[str] = field(default_factory=set)  # jobs a workflow will activate
+    chords: dict[str, _Chord] = field(default_factory=dict)
+    batches: dict[str, _Batch] = field(default_factory=dict)
 
 
 class MemoryBroker(Broker):
@@ -69,9 +114,21 @@ class MemoryBroker(Broker):
 
     # --- producing -------------------------------------------------------------------------------
 
-    async def enqueue(self, queue: str, jobs: Sequence[NewJob]) -> list[str]:
+    async def enqueue(
+        self,
+        queue: str,
+        jobs: Sequence[NewJob],
+        chords: Sequence[ChordSpec] = (),
+        batches: Sequence[BatchSpec] = (),
+    ) -> list[str]:
         q = self._queue(queue)
         now = time.time()
+        for c in chords:
+            q.chords[c.id] = _Chord(c.size, c.callback)
+        for b in batches:
+            callbacks = {kind: t for kind, t in (("success", b.on_success), ("failure", b.on_failure),
+                                                  ("complete", b.on_complete)) if t is not None}
+            q.batches[b.id] = _Batch(b.size, callbacks)
         return [self._store(q, job, now) for job in jobs]
 
     def _store(self, q: _Queue, job: NewJob, now: float) -> str:
@@ -85,7 +142,12 @@ class MemoryBroker(Broker):
                             enqueued_at=job.enqueued_at or now, eta=job.eta,
                             expires=job.expires, key=job.key)
             q.records[job.id] = rec
-            if job.eta is not None and job.eta > now:
+            if job.links is not None:
+                q.links[job.id] = job.links
+            if job.links is not None and job.links.waiting:
+                rec.state = JobState.SCHEDULED.value
+                q.waiting.add(job.id)
+            elif job.eta is not None and job.eta > now:
                 self._schedule(q, rec, job.eta)
             else:
                 self._make_ready(q, rec)
@@ -200,6 +262,9 @@ class MemoryBroker(Broker):
                 if c.outcome == Outcome.SUCCEEDED:
                     rec.result, rec.error = c.result, None  # no error left from a retry
                 self._finalize(q, rec, c.outcome.value, c.finished_at, result_ttl, c.reason)
+                if c.outcome == Outcome.SUCCEEDED:
+                    for job_id, payload in c.activate:
+                        self._activate(q, job_id, payload)
             out.append(True)
         return out
 
@@ -318,6 +383,8 @@ class MemoryBroker(Broker):
             index.pop(job_id, None)
         q.cancel.discard(job_id)
         q.revoked.discard(job_id)
+        q.links.pop(job_id, None)
+        q.waiting.discard(job_id)
 
     def _holds(self, q: _Queue, d: Delivery) -> bool:
         """Whether `d` is the job's current lease (not stale, not ended)."""
@@ -384,9 +451,75 @@ class MemoryBroker(Broker):
             q.dead[rec.id] = None
         else:
             q.expiry[rec.id] = time.time() + ttl
+        self._after_final(q, rec, state, finished_at, ttl)
         done = q.done.pop(rec.id, None)
         if done is not None:
             done.set()
+
+    # --- workflows: what ending a job means for the jobs around it --------------------------------
+
+    def _activate(self, q: _Queue, job_id: str, payload: bytes | None) -> None:
+        """A waiting job becomes ready (once), with a new payload if given."""
+        if job_id not in q.waiting:
+            return
+        q.waiting.discard(job_id)
+        rec = q.records[job_id]
+        if payload:
+            rec.payload = payload
+        self._make_ready(q, rec)
+
+    def _after_final(self, q: _Queue, rec: JobRecord, state: str, now: float, ttl: float) -> None:
+        links = q.links.get(rec.id)
+        if links is None:
+            return
+        if state != JobState.SUCCEEDED:
+            if links.next is not None and links.next in q.waiting:
+                # The rest of the pipeline is skipped; the last step carries the error to its chord.
+                q.waiting.discard(links.next)
+                skipped = q.records[links.next]
+                skipped.error = rec.error
+                self._finalize(q, skipped, JobState.CANCELLED.value, now, ttl, None)
+            if state == JobState.FAILED and links.on_error is not None:
+                t = links.on_error
+                handler = NewJob(id=f"{rec.id}:error", task=t.task, priority=t.priority,
+                                 payload=prepend_arg(t.payload, error_marker(rec.error)), enqueued_at=now)
+                self._store(q, handler, now)
+        if links.chord is not None and links.slot is not None:
+            value = (rec.result or b"null") if state == JobState.SUCCEEDED else error_marker(rec.error)
+            self._chord_arrive(q, links.chord, links.slot, value)
+        if links.batch is not None:
+            self._batch_arrive(q, links.batch, rec.id, state, now)
+
+    def _chord_arrive(self, q: _Queue, chord_id: str, slot: int, value: bytes) -> None:
+        chord = q.chords.get(chord_id)
+        if chord is None:
+            return
+        old = chord.slots.get(slot)
+        if old is not None and not old.startswith(ERROR_HEAD):
+            return  # counted once; a value is final
+        chord.slots[slot] = value  # a retried member may replace its error
+        if old is not None or len(chord.slots) < chord.size or chord.fired:
+            return
+        chord.fired = True
+        values = b"[" + b",".join(chord.slots[i] for i in range(chord.size)) + b"]"
+        callback = q.records[chord.callback]
+        self._activate(q, chord.callback, prepend_arg(callback.payload, values))
+
+    def _batch_arrive(self, q: _Queue, batch_id: str, job_id: str, state: str, now: float) -> None:
+        batch = q.batches.get(batch_id)
+        if batch is None or batch.members.get(job_id) == state:
+            return
+        batch.members[job_id] = state
+        if len(batch.members) < batch.size:
+            return
+        succeeded = sum(s == JobState.SUCCEEDED for s in batch.members.values())
+        for kind in ("complete", "success" if succeeded == batch.size else "failure"):
+            template = batch.callbacks.get(kind)
+            if template is not None and kind not in batch.fired:
+                batch.fired.add(kind)
+                self._store(q, NewJob(id=f"{batch_id}:{kind}", task=template.task,
+                                      payload=template.payload, priority=template.priority,
+                                      enqueued_at=now), now)
 
     def _task_revoked(self, q: _Queue, task: str, now: float) -> bool:
         """Whether the task is revoked now; a revocation for one job only is used up here."""

@@ -24,7 +24,16 @@ from redis.commands.core import AsyncScript
 
 from aqueue._exceptions import BrokerConnectionError, BrokerError
 from aqueue._states import FINAL_STATES
-from aqueue.brokers._base import Broker, Completion, Delivery, JobRecord, NewJob
+from aqueue.brokers._base import (
+    BatchSpec,
+    Broker,
+    ChordSpec,
+    Completion,
+    Delivery,
+    JobRecord,
+    NewJob,
+    WorkflowLinks,
+)
 from aqueue.brokers._keys import GROUP, Keys
 from aqueue.brokers._notifier import Notifier
 from aqueue.brokers._scripts import NAMES, source
@@ -93,6 +102,31 @@ def _delivery(row: list[bytes]) -> Delivery:
         receipt=entry.decode(),
         ended=row[8].decode() if len(row) > 8 else None,
     )
+
+
+def _pairs(pairs: Sequence[tuple[bytes, bytes]]) -> bytes:
+    """Name/value pairs in one argument: \x1f between name and value, \x1e after each. Neither
+    byte occurs raw in a payload (JSON escapes control characters) or an id."""
+    return b"".join(name + b"\x1f" + value + b"\x1e" for name, value in pairs)
+
+
+def _links(links: WorkflowLinks | None) -> bytes:
+    if links is None:
+        return b""
+    fields: list[tuple[bytes, bytes]] = []
+    if links.waiting:
+        fields.append((b"waiting", b"1"))
+    if links.chord is not None:
+        fields += [(b"chord", links.chord.encode()), (b"slot", str(links.slot).encode())]
+    if links.batch is not None:
+        fields.append((b"batch", links.batch.encode()))
+    if links.next is not None:
+        fields.append((b"next", links.next.encode()))
+    if links.on_error is not None:
+        t = links.on_error
+        fields += [(b"err_task", t.task.encode()), (b"err_payload", t.payload),
+                   (b"err_priority", str(t.priority).encode())]
+    return _pairs(fields)
 
 
 def _opt(value: float | str | None) -> str:
@@ -196,9 +230,18 @@ class RedisBroker(Broker):
 
     # --- producing -------------------------------------------------------------------------------
 
-    async def enqueue(self, queue: str, jobs: Sequence[NewJob]) -> list[str]:
+    async def enqueue(
+        self,
+        queue: str,
+        jobs: Sequence[NewJob],
+        chords: Sequence[ChordSpec] = (),
+        batches: Sequence[BatchSpec] = (),
+    ) -> list[str]:
         if self._client is None:
             await self.connect()
+        if chords or batches:  # a workflow is stored whole, in one step
+            ids = await self._run(queue, "enqueue", self._enqueue_args(jobs, chords, batches))
+            return [i.decode() for i in ids]
         chunks = [jobs[i : i + ENQUEUE_CHUNK] for i in range(0, len(jobs), ENQUEUE_CHUNK)]
         if len(chunks) == 1:
             ids = await self._run(queue, "enqueue", self._enqueue_args(chunks[0]))
@@ -214,11 +257,21 @@ class RedisBroker(Broker):
         return [i.decode() for reply in replies for i in reply]
 
     @staticmethod
-    def _enqueue_args(jobs: Sequence[NewJob]) -> list[Any]:
-        args: list[Any] = [repr(jobs[0].enqueued_at or time.time())]
+    def _enqueue_args(
+        jobs: Sequence[NewJob], chords: Sequence[ChordSpec] = (), batches: Sequence[BatchSpec] = ()
+    ) -> list[Any]:
+        args: list[Any] = [repr(jobs[0].enqueued_at or time.time()) if jobs else repr(time.time())]
+        args.append(len(chords))
+        for c in chords:
+            args += [c.id, c.size, c.callback]
+        args.append(len(batches))
+        for b in batches:
+            args += [b.id, b.size]
+            for t in (b.on_success, b.on_failure, b.on_complete):
+                args += [t.task, t.payload, t.priority] if t else ["", "", ""]
         for job in jobs:
             args += [job.id, job.task, job.payload, job.priority, _opt(job.eta),
-                     _opt(job.expires), job.key or ""]
+                     _opt(job.expires), job.key or "", _links(job.links)]
         return args
 
     # --- consuming -------------------------------------------------------------------------------
@@ -321,7 +374,8 @@ class RedisBroker(Broker):
         for c in completions:
             d = c.delivery
             args += [d.job_id, d.token, d.priority, d.receipt, c.outcome.value, c.result or b"",
-                     c.error or b"", _opt(c.retry_at), c.reason or "", repr(c.finished_at)]
+                     c.error or b"", _opt(c.retry_at), c.reason or "", repr(c.finished_at),
+                     _pairs([(job_id.encode(), payload) for job_id, payload in c.activate])]
         applied = await self._run(queue, "finish", args)
         return [bool(a) for a in applied]
 
@@ -489,7 +543,8 @@ class RedisBroker(Broker):
         return not till or float(till) > now
 
     async def enqueue_tick(self, queue: str, tick: float, job: NewJob) -> bool:
-        args = self._enqueue_args([job])
+        args = [repr(job.enqueued_at or time.time()), job.id, job.task, job.payload, job.priority,
+                _opt(job.eta), _opt(job.expires), job.key or ""]
         return bool(await self._run(queue, "tick", [args[0], repr(tick), *args[1:]]))
 
     async def lock_acquire(self, queue: str, name: str, token: str, ttl: float) -> bool:

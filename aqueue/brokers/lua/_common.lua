@@ -46,8 +46,10 @@ local function make_ready(id, jk, p)
 end
 
 -- Store a new job, ready now or scheduled for its eta. Returns the id it lives under: an existing
--- live job's id when the idempotency key names one.
-local function store_job(now, id, task, payload, p, eta, expires, key)
+-- live job's id when the idempotency key names one. `extra` holds more record fields (workflow
+-- links); with waiting = '1' among them the job waits, neither ready nor scheduled, until a
+-- workflow step activates it.
+local function store_job(now, id, task, payload, p, eta, expires, key, extra)
   if key ~= '' then
     local existing = redis.call('GET', prefix .. 'key:' .. key)
     if existing then
@@ -59,7 +61,14 @@ local function store_job(now, id, task, payload, p, eta, expires, key)
   if redis.call('EXISTS', jk) == 1 then return id end
   redis.call('HSET', jk, 'task', task, 'payload', payload, 'priority', p, 'attempt', 1,
     'enqueued_at', now, 'token', 0, 'deliveries', 0, 'expires', expires, 'key', key)
-  if eta ~= '' and tonumber(eta) > tonumber(now) then
+  local waiting = false
+  if extra and #extra > 0 then
+    redis.call('HSET', jk, unpack(extra))
+    for i = 1, #extra, 2 do if extra[i] == 'waiting' then waiting = true end end
+  end
+  if waiting then
+    redis.call('HSET', jk, 'state', 'scheduled')
+  elseif eta ~= '' and tonumber(eta) > tonumber(now) then
     redis.call('HSET', jk, 'state', 'scheduled', 'eta', eta)
     redis.call('ZADD', prefix .. 'scheduled', eta, id)
   else
@@ -68,6 +77,30 @@ local function store_job(now, id, task, payload, p, eta, expires, key)
   redis.call('ZADD', prefix .. 'index', now, id)
   if key ~= '' then redis.call('SET', prefix .. 'key:' .. key, id) end
   return id
+end
+
+-- A waiting job (a pipeline step, a chord callback) becomes ready, with a new payload if given.
+-- Once only: a job that is not waiting is left as it is.
+local function activate(id, payload)
+  local jk = job_key(id)
+  if redis.call('HGET', jk, 'waiting') ~= '1' then return end
+  redis.call('HDEL', jk, 'waiting')
+  if payload and payload ~= '' then redis.call('HSET', jk, 'payload', payload) end
+  make_ready(id, jk, redis.call('HGET', jk, 'priority') or '0')
+end
+
+-- Payloads are written by aqueue with "args" first: put a value in front of the arguments.
+local ARGS_HEAD = '{"args":['
+local function prepend_arg(payload, value)
+  local rest = string.sub(payload, #ARGS_HEAD + 1)
+  if string.sub(rest, 1, 1) == ']' then return ARGS_HEAD .. value .. rest end
+  return ARGS_HEAD .. value .. ',' .. rest
+end
+
+local ERROR_HEAD = '{"__aqueue_error__":'
+local function error_marker(err)
+  if not err or err == '' then err = '{}' end
+  return ERROR_HEAD .. err .. '}'
 end
 
 -- Whether a task is revoked now; a revocation for one job only is used up here.
@@ -85,8 +118,88 @@ local function task_revoked(task, now)
   return true
 end
 
--- A final state: free the idempotency key, wake waiters; dead letters are kept, others expire.
-local function finalize(id, jk, state, now, ttl, reason)
+local finalize
+
+-- A chord member ended: its value (or its error) fills its slot, counted once; the last one to
+-- arrive fires the callback with every value in member order. A member retried from the dead
+-- letters may replace its error with a value, without being counted again.
+local function chord_arrive(cid, slot, value, ttl)
+  local ck = prefix .. 'chord:' .. cid
+  local size = redis.call('HGET', ck, 'size')
+  if not size then return end
+  local field = 's' .. slot
+  local old = redis.call('HGET', ck, field)
+  if old and string.sub(old, 1, #ERROR_HEAD) ~= ERROR_HEAD then return end
+  redis.call('HSET', ck, field, value)
+  if old then return end
+  if redis.call('HINCRBY', ck, 'arrived', 1) < tonumber(size) then return end
+  if redis.call('HSETNX', ck, 'fired', '1') == 0 then return end
+  local parts = {}
+  for i = 0, tonumber(size) - 1 do parts[#parts + 1] = redis.call('HGET', ck, 's' .. i) end
+  local callback = redis.call('HGET', ck, 'callback')
+  local payload = redis.call('HGET', job_key(callback), 'payload') or ''
+  activate(callback, prepend_arg(payload, '[' .. table.concat(parts, ',') .. ']'))
+  redis.call('EXPIRE', ck, math.max(1, math.ceil(ttl)))
+end
+
+-- A batch member ended: count it, and fire each callback once when its moment comes. A failed
+-- member retried into success is counted again, so on_success can still fire (once).
+local function batch_arrive(bid, id, state, now)
+  local bk = prefix .. 'batch:' .. bid
+  local size = tonumber(redis.call('HGET', bk, 'size') or '0')
+  if size == 0 then return end
+  local prev = redis.call('HGET', bk, 'm:' .. id)
+  if prev == state then return end
+  redis.call('HSET', bk, 'm:' .. id, state)
+  if not prev then redis.call('HINCRBY', bk, 'ended', 1) end
+  if state == 'succeeded' then
+    redis.call('HINCRBY', bk, 'ok', 1)
+  elseif prev == 'succeeded' then
+    redis.call('HINCRBY', bk, 'ok', -1)
+  end
+  local ended = tonumber(redis.call('HGET', bk, 'ended'))
+  if ended < size then return end
+  local ok = tonumber(redis.call('HGET', bk, 'ok') or '0')
+  local fire = {'complete'}
+  if ok == size then fire[2] = 'success' else fire[2] = 'failure' end
+  for _, kind in ipairs(fire) do
+    local cb = redis.call('HMGET', bk, kind .. '_task', kind .. '_payload', kind .. '_priority')
+    if cb[1] and redis.call('HSETNX', bk, 'fired_' .. kind, '1') == 1 then
+      store_job(now, bid .. ':' .. kind, cb[1], cb[2], cb[3], '', '', '', nil)
+    end
+  end
+end
+
+-- What ending a job means for the workflow around it.
+local function after_final(id, jk, state, now, ttl)
+  local wf = redis.call('HMGET', jk, 'chord', 'slot', 'batch', 'next', 'err_task', 'err_payload',
+    'err_priority', 'result', 'error')
+  if state ~= 'succeeded' then
+    if wf[4] and wf[4] ~= '' then
+      -- The rest of the pipeline is skipped; the last step carries the error to its chord.
+      local nk = job_key(wf[4])
+      if redis.call('HGET', nk, 'waiting') == '1' then
+        redis.call('HDEL', nk, 'waiting')
+        if wf[9] then redis.call('HSET', nk, 'error', wf[9]) end
+        finalize(wf[4], nk, 'cancelled', now, ttl, nil)
+      end
+    end
+    if state == 'failed' and wf[5] and wf[5] ~= '' then
+      store_job(now, id .. ':error', wf[5], prepend_arg(wf[6], error_marker(wf[9])), wf[7],
+        '', '', '', nil)
+    end
+  end
+  if wf[1] and wf[1] ~= '' then
+    local value = wf[8]
+    if state ~= 'succeeded' then value = error_marker(wf[9]) elseif not value or value == '' then value = 'null' end
+    chord_arrive(wf[1], wf[2], value, ttl)
+  end
+  if wf[3] and wf[3] ~= '' then batch_arrive(wf[3], id, state, now) end
+end
+
+-- A final state: free the idempotency key, wake waiters, tell the workflow; dead letters are
+-- kept, other records expire.
+finalize = function(id, jk, state, now, ttl, reason)
   redis.call('HSET', jk, 'state', state, 'finished_at', now)
   local key = redis.call('HGET', jk, 'key')
   if key and key ~= '' and redis.call('GET', prefix .. 'key:' .. key) == id then
@@ -98,6 +211,7 @@ local function finalize(id, jk, state, now, ttl, reason)
   else
     redis.call('EXPIRE', jk, math.max(1, math.ceil(ttl)))
   end
+  after_final(id, jk, state, now, ttl)
   redis.call('PUBLISH', done_channel(id), state)
 end
 

@@ -1,11 +1,12 @@
 -- End deliveries, each as its completion says.
 -- KEYS[1] prefix
--- ARGV: result_ttl, then 10 per completion: job id, token, band, entry id, outcome, result,
---       error, retry_at ('' = now), reason, finished_at
+-- ARGV: result_ttl, then 11 per completion: job id, token, band, entry id, outcome, result,
+--       error, retry_at ('' = now), reason, finished_at, and activations: the next pipeline
+--       step's "id\31payload\30" ('' when none), applied with a success only
 -- Returns 1 per applied completion, 0 where the token was stale (a newer delivery owns the job).
 local ttl = tonumber(ARGV[1])
 local out = {}
-for i = 2, #ARGV, 10 do
+for i = 2, #ARGV, 11 do
   local id, token, p, entry, outcome, result, err, retry_at, reason, now =
     ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5], ARGV[i + 6],
     ARGV[i + 7], ARGV[i + 8], ARGV[i + 9]
@@ -30,6 +31,11 @@ for i = 2, #ARGV, 10 do
         redis.call('HDEL', jk, 'error')
       end
       finalize(id, jk, outcome, now, ttl, reason)
+      if outcome == 'succeeded' then
+        for next_id, payload in string.gmatch(ARGV[i + 10], '([^\31\30]*)\31([^\30]*)\30') do
+          activate(next_id, payload)
+        end
+      end
     end
     out[#out + 1] = 1
   end

@@ -8,5 +8,5 @@ local hkey = prefix .. 'ticks'
 local last = redis.call('HGET', hkey, task)
 if last and tonumber(last) >= tonumber(tick) then return 0 end
 redis.call('HSET', hkey, task, tick)
-store_job(now, ARGV[3], task, ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9])
+store_job(now, ARGV[3], task, ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9], nil)
 return 1
