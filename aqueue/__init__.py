@@ -30,6 +30,7 @@ from aqueue._signals import Signal
 from aqueue._states import JobState
 from aqueue._tasks import AsyncTask, SyncTask, Task, TaskCall
 from aqueue._worker import Worker
+from aqueue._workflows import Batch, BatchState, Chord, ChordResult, Group, Pipeline, Signature, chord, group
 from aqueue.brokers import Broker, MemoryBroker, RedisBroker
 
 __version__ = "0.1.0"
@@ -37,11 +38,16 @@ __version__ = "0.1.0"
 __all__ = [
     "AqueueError",
     "AsyncTask",
+    "Batch",
+    "BatchState",
     "Broker",
     "BrokerConnectionError",
     "BrokerError",
     "CancelExecution",
+    "Chord",
+    "ChordResult",
     "ConfigurationError",
+    "Group",
     "Job",
     "JobCancelled",
     "JobContext",
@@ -55,6 +61,7 @@ __all__ = [
     "LockTimeout",
     "MemoryBroker",
     "PayloadTooLarge",
+    "Pipeline",
     "Queue",
     "RateLimit",
     "RateLimitExceeded",
@@ -64,6 +71,7 @@ __all__ = [
     "Schedule",
     "SerializationError",
     "Signal",
+    "Signature",
     "SyncTask",
     "Task",
     "TaskCall",
@@ -71,7 +79,9 @@ __all__ = [
     "TaskLocked",
     "TaskTimeout",
     "Worker",
+    "chord",
     "crontab",
     "current_job",
     "every",
+    "group",
 ]

@@ -29,6 +29,8 @@ class JobContext:
     queue: Queue = field(repr=False)
     _delivery: Delivery = field(repr=False)
     _deadline: float | None = field(default=None, repr=False)  # time.time() based
+    batch_id: str | None = None
+    """The batch this job is a member or a callback of."""
 
     @property
     def deadline(self) -> datetime | None:

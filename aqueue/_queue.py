@@ -10,7 +10,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
 from aqueue._exceptions import ConfigurationError
-from aqueue._jobs import Job, JobInfo
+from aqueue._jobs import Job, JobInfo, ResultGroup
 from aqueue._locks import Lock
 from aqueue._periodic import Schedule
 from aqueue._ratelimit import RateLimit
@@ -27,6 +27,17 @@ from aqueue._tasks import (
     timedelta_or_seconds,
 )
 from aqueue._time import Seconds, When, epoch, seconds
+from aqueue._workflows import (
+    Batch,
+    Chord,
+    ChordResult,
+    Group,
+    Node,
+    Pipeline,
+    Plan,
+    Signature,
+    _Membership,
+)
 from aqueue.brokers import Broker, MemoryBroker, NewJob, RedisBroker
 
 if TYPE_CHECKING:
@@ -276,6 +287,46 @@ class Queue:
             key=call.key,
             enqueued_at=now,
         )
+
+    # --- workflows -------------------------------------------------------------------------------
+
+    @overload
+    async def enqueue(self, workflow: Chord) -> ChordResult[Any]: ...
+    @overload
+    async def enqueue(self, workflow: Signature[Any] | Pipeline | Group) -> ResultGroup[Any]: ...
+    async def enqueue(self, workflow: Node) -> ResultGroup[Any] | ChordResult[Any]:
+        """Enqueue a signature, pipeline, group or chord, stored in one atomic step.
+
+        A signature or pipeline gives a `ResultGroup` of every step; a group, one of its members'
+        values; a chord, a `ChordResult`."""
+        plan = Plan(self)
+        _jobs, handle = plan.add(workflow, _Membership())
+        await self._store_plan(plan)
+        return handle  # type: ignore[no-any-return]
+
+    async def batch(
+        self,
+        members: Sequence[Signature[Any] | Pipeline | Chord],
+        *,
+        on_success: Signature[Any] | None = None,
+        on_failure: Signature[Any] | None = None,
+        on_complete: Signature[Any] | None = None,
+    ) -> Batch:
+        """Enqueue jobs tracked together, with callbacks that each fire once (see `Batch`)."""
+        if not members:
+            raise ConfigurationError("a batch needs at least one member")
+        plan = Plan(self)
+        handle = plan.batch(list(members), on_success, on_failure, on_complete)
+        await self._store_plan(plan)
+        return handle
+
+    async def _store_plan(self, plan: Plan) -> None:
+        if not self._connected:
+            await self.connect()
+        await self.broker.enqueue(self.name, plan.jobs, plan.chords, plan.batches)
+        if self.signals.wants(Signal.ENQUEUED):
+            for job in plan.jobs:
+                await self.signals.send(Signal.ENQUEUED, SignalJob(job.id, job.task))
 
     # --- observing -------------------------------------------------------------------------------
 

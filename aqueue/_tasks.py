@@ -14,6 +14,7 @@ from aqueue._time import Seconds, When
 if TYPE_CHECKING:
     from aqueue._jobs import Job, ResultGroup
     from aqueue._queue import Queue
+    from aqueue._workflows import Signature
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -132,6 +133,12 @@ class Task(Generic[P, R]):
 
         return await self.queue.broker.revoked(self.queue.name, None, self.name, time.time())
 
+    def s(self, *args: P.args, **kwargs: P.kwargs) -> Signature[R]:
+        """A signature: this task with these arguments, for a workflow (pipeline, group, chord)."""
+        from aqueue._workflows import Signature
+
+        return Signature(self, args, kwargs)
+
     async def map(self, items: Iterable[Any]) -> ResultGroup[R]:
         """Enqueue one job per item (a tuple of arguments, or a single argument) in bulk."""
         from aqueue._jobs import ResultGroup
@@ -165,6 +172,12 @@ class TaskCall(Generic[P, R]):
     async def enqueue(self, *args: P.args, **kwargs: P.kwargs) -> Job[R]:
         jobs = await self.task.queue._enqueue_calls([(self.task, args, kwargs, self.call)])
         return cast("Job[R]", jobs[0])
+
+    def s(self, *args: P.args, **kwargs: P.kwargs) -> Signature[R]:
+        """A signature with these options, for a workflow."""
+        from aqueue._workflows import Signature
+
+        return Signature(self.task, args, kwargs, self.call)
 
     def with_options(self, **changes: Any) -> TaskCall[P, R]:
         return TaskCall(self.task, replace(self.call, **changes))

@@ -16,10 +16,11 @@ from aqueue._exceptions import (
     RateLimitExceeded,
     RetryTask,
     SerializationError,
+    TaskError,
     TaskLocked,
     TaskTimeout,
 )
-from aqueue._serialization import dumps, encode_result, loads
+from aqueue._serialization import dumps, encode_call, encode_result, loads
 from aqueue._signals import Signal
 from aqueue._tasks import TaskPolicy, policy_for_call
 from aqueue.brokers import Completion, Delivery, Outcome
@@ -103,8 +104,10 @@ async def execute(queue: Queue, running: RunningJob) -> Completion | None:
     except (ValueError, TypeError, KeyError) as exc:
         return dead(d, f"undecodable payload: {exc!r}")
 
+    if overrides.get("wf_in") and args:
+        args[0] = _errors_restored(args[0])
     deadline = time.time() + policy.timeout if policy.timeout else None
-    context = JobContext(d.job_id, d.task, d.attempt, queue, d, deadline)
+    context = JobContext(d.job_id, d.task, d.attempt, queue, d, deadline, overrides.get("batch_id"))
     signals = queue.signals
     if signals.wants(Signal.EXECUTING):
         await signals.send(Signal.EXECUTING, context)
@@ -144,9 +147,16 @@ async def execute(queue: Queue, running: RunningJob) -> Completion | None:
             result = encode_result(value)
         except SerializationError as exc:  # retrying would give the same value: fail for good
             return await _fail(queue, context, policy, exc, retry=False)
+        activate: tuple[tuple[str, bytes], ...] = ()
+        following = overrides.get("next")
+        if following:
+            try:
+                activate = ((following["id"], _next_payload(queue, d.task, value, following)),)
+            except SerializationError as exc:  # the next step's arguments cannot be stored
+                return await _fail(queue, context, policy, exc, retry=False)
         if signals.wants(Signal.COMPLETE):
             await signals.send(Signal.COMPLETE, context)
-        return Completion(d, Outcome.SUCCEEDED, time.time(), result=result)
+        return Completion(d, Outcome.SUCCEEDED, time.time(), result=result, activate=activate)
     if isinstance(error, RetryTask):
         return await _retry(queue, context, policy, error, error.delay)
     if isinstance(error, RateLimitExceeded) and error.reschedule:
@@ -165,6 +175,30 @@ async def execute(queue: Queue, running: RunningJob) -> Completion | None:
         meta = _metadata(error, d, 0)
         return Completion(d, Outcome.CANCELLED, time.time(), error=dumps(meta))
     return await _fail(queue, context, policy, error, retry=True)
+
+
+def _next_payload(queue: Queue, task: str, value: Any, following: dict[str, Any]) -> bytes:
+    """The next pipeline step's arguments: a tuple extends its *args, a dict updates its
+    **kwargs, None passes nothing, any other value comes first."""
+    args, kwargs = list(following["args"]), dict(following["kwargs"])
+    if isinstance(value, tuple):
+        args = [*value, *args]
+    elif isinstance(value, dict):
+        kwargs.update(value)
+    elif value is not None:
+        args = [value, *args]
+    return encode_call(task, args, kwargs, following["options"], queue.max_payload_size)
+
+
+def _errors_restored(value: Any) -> Any:
+    """A chord callback's values or an error handler's first argument: errors come back as
+    `TaskError`s."""
+    if isinstance(value, list):
+        return [_errors_restored(v) for v in value]
+    if isinstance(value, dict) and len(value) == 1 and "__aqueue_error__" in value:
+        metadata = value["__aqueue_error__"]
+        return TaskError(metadata if isinstance(metadata, dict) else {"error": str(metadata)})
+    return value
 
 
 async def _retry(

@@ -1,0 +1,306 @@
+"""Workflows: signatures, pipelines, groups, chords and batches, compiled into jobs linked so that
+the broker carries them forward atomically (see `WorkflowLinks`).
+
+    add.s(1, 2).then(add, 3)                    a pipeline: each value feeds the next step
+    group([add.s(1, 1), add.s(2, 2)])           jobs side by side
+    chord([fetch.s(u) for u in urls], merge.s())   members side by side, then a callback
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Generic, TypeAlias, TypeVar
+
+from aqueue._exceptions import ConfigurationError
+from aqueue._jobs import Job, ResultGroup
+from aqueue._serialization import encode_call
+from aqueue._states import JobState
+from aqueue._tasks import CallOptions, Task, timedelta_or_seconds
+from aqueue._time import epoch
+from aqueue.brokers import BatchSpec, ChordSpec, NewJob, Template, WorkflowLinks
+
+if TYPE_CHECKING:
+    from aqueue._queue import Queue
+
+R = TypeVar("R")
+
+
+class Signature(Generic[R]):
+    """A task with its arguments, to run later as part of a workflow: `task.s(*args, **kwargs)`."""
+
+    def __init__(
+        self,
+        task: Task[Any, R],
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        call: CallOptions | None = None,
+        on_error: Signature[Any] | None = None,
+    ) -> None:
+        self.task, self.args, self.kwargs = task, tuple(args), dict(kwargs or {})
+        self.call = call or CallOptions()
+        self.on_error = on_error
+
+    def __repr__(self) -> str:
+        return f"{self.task.name}.s({', '.join(map(repr, self.args))})"
+
+    def then(self, task: Task[Any, Any] | Signature[Any], *args: Any, **kwargs: Any) -> Pipeline:
+        """Run `task` with this step's value: a tuple extends its *args, a dict updates its
+        **kwargs, None passes nothing, anything else comes first in *args."""
+        return Pipeline([self]).then(task, *args, **kwargs)
+
+    def error(self, handler: Task[Any, Any] | Signature[Any], *args: Any, **kwargs: Any) -> Signature[R]:
+        """Run `handler(exc, *args, **kwargs)` if this step fails for good."""
+        return Signature(self.task, self.args, self.kwargs, self.call, signature(handler, args, kwargs))
+
+
+class Pipeline:
+    """Steps run one after another, each fed the previous step's value."""
+
+    def __init__(self, steps: Sequence[Signature[Any]]) -> None:
+        self.steps = list(steps)
+
+    def __repr__(self) -> str:
+        return " -> ".join(map(repr, self.steps))
+
+    def then(self, task: Task[Any, Any] | Signature[Any], *args: Any, **kwargs: Any) -> Pipeline:
+        return Pipeline([*self.steps, signature(task, args, kwargs)])
+
+    def error(self, handler: Task[Any, Any] | Signature[Any], *args: Any, **kwargs: Any) -> Pipeline:
+        """Run `handler(exc, ...)` if any step fails for good; the steps after it are skipped."""
+        return Pipeline([step.error(handler, *args, **kwargs) for step in self.steps])
+
+
+class Group:
+    """Members run side by side; `queue.enqueue(group)` gives their values in member order."""
+
+    def __init__(self, members: Iterable[Node]) -> None:
+        self.members = list(members)
+
+    def error(self, handler: Task[Any, Any] | Signature[Any], *args: Any, **kwargs: Any) -> Group:
+        return Group([m.error(handler, *args, **kwargs) for m in self.members])
+
+
+class Chord:
+    """Members side by side, then `callback(values, ...)` once every member has ended. A member
+    that fails for good puts its error (a `TaskError`) in its place: a chord always completes."""
+
+    def __init__(self, members: Iterable[Node], callback: Signature[Any] | Pipeline) -> None:
+        self.members = list(members)
+        if not self.members:
+            raise ConfigurationError("a chord needs at least one member")
+        for m in self.members:
+            if isinstance(m, Group):
+                raise ConfigurationError("a chord member is a signature, a pipeline or a chord, not a group")
+        self.callback = callback if isinstance(callback, Pipeline) else Pipeline([callback])
+
+    def then(self, task: Task[Any, Any] | Signature[Any], *args: Any, **kwargs: Any) -> Chord:
+        """Attaches to the callback: it feeds `task`."""
+        return Chord(self.members, self.callback.then(task, *args, **kwargs))
+
+    def error(self, handler: Task[Any, Any] | Signature[Any], *args: Any, **kwargs: Any) -> Chord:
+        """Attaches to the callback."""
+        return Chord(self.members, self.callback.error(handler, *args, **kwargs))
+
+
+Node: TypeAlias = Signature[Any] | Pipeline | Group | Chord
+
+
+def group(members: Iterable[Node]) -> Group:
+    return Group(members)
+
+
+def chord(members: Iterable[Node], callback: Signature[Any] | Pipeline) -> Chord:
+    return Chord(members, callback)
+
+
+def signature(
+    task: Task[Any, Any] | Signature[Any], args: Sequence[Any], kwargs: dict[str, Any]
+) -> Signature[Any]:
+    if isinstance(task, Signature):
+        if args or kwargs:
+            raise ConfigurationError("give arguments to the task or to its signature, not both")
+        return task
+    if isinstance(task, Task):
+        return Signature(task, args, kwargs)
+    raise ConfigurationError(f"expected a task or a signature, got {task!r}")
+
+
+# --- results -----------------------------------------------------------------------------------
+
+
+class ChordResult(Generic[R]):
+    """A chord's handles: `results` (its members), `callback` (the callback job),
+    `pipeline_results` (the callback and the steps `then()` added after it)."""
+
+    def __init__(self, results: ResultGroup[Any], pipeline_results: ResultGroup[Any]) -> None:
+        self.results = results
+        self.pipeline_results = pipeline_results
+        self.callback: Job[Any] = pipeline_results[0]
+
+    @property
+    def id(self) -> str:
+        return self.callback.id
+
+    async def get(self, timeout: float | None = None) -> R:
+        """The chord's final value: its callback's, or the last `then()` step's."""
+        job: Job[R] = self.pipeline_results[len(self.pipeline_results) - 1]
+        return await job.result(timeout)
+
+
+@dataclass(frozen=True, slots=True)
+class BatchState:
+    size: int
+    succeeded: int
+    failed: int
+    cancelled: int
+    unfinished: int
+
+    @property
+    def finished(self) -> bool:
+        return self.unfinished == 0
+
+
+class Batch:
+    """Jobs tracked together, with callbacks: `on_complete` once every member has ended,
+    `on_success` once all succeeded (also after failed members are retried into success),
+    `on_failure` once all have ended and one failed. Each fires once."""
+
+    def __init__(self, queue: Queue, batch_id: str, members: ResultGroup[Any]) -> None:
+        self.queue, self.id, self.members = queue, batch_id, members
+
+    def callback(self, kind: str) -> Job[Any]:
+        """The job an `on_<kind>` callback runs as (it exists once fired)."""
+        return self.queue.job(f"{self.id}:{kind}")
+
+    async def state(self) -> BatchState:
+        states = [await job.state() for job in self.members]
+        count = states.count
+        unfinished = sum(1 for s in states if s is None or not s.is_final)
+        return BatchState(len(states), count(JobState.SUCCEEDED), count(JobState.FAILED),
+                          count(JobState.CANCELLED), unfinished)
+
+    async def retry_failed(self) -> int:
+        """Run the failed members again (from the dead letters). Returns how many."""
+        retried = 0
+        for job in self.members:
+            if await job.state() == JobState.FAILED and await self.queue.retry(job.id):
+                retried += 1
+        return retried
+
+
+# --- compiling a workflow into linked jobs ------------------------------------------------------
+
+
+@dataclass
+class _Membership:
+    waiting: bool = False
+    chord: str | None = None
+    slot: int | None = None
+    batch: str | None = None
+
+
+@dataclass
+class Plan:
+    queue: Queue
+    now: float = field(default_factory=time.time)
+    jobs: list[NewJob] = field(default_factory=list)
+    chords: list[ChordSpec] = field(default_factory=list)
+    batches: list[BatchSpec] = field(default_factory=list)
+
+    def add(self, node: Node, member: _Membership) -> tuple[list[Job[Any]], Any]:
+        """Compile `node`; returns its jobs in order (its last is the one whose value it ends
+        with) and the handle `queue.enqueue` gives for it."""
+        if isinstance(node, Signature):
+            node = Pipeline([node])
+        if isinstance(node, Pipeline):
+            jobs = self._pipeline(node.steps, member)
+            return jobs, ResultGroup(jobs)
+        if isinstance(node, Group):
+            if member.chord is not None or member.waiting or member.batch is not None:
+                raise ConfigurationError("a group cannot be a chord member, a batch member or a pipeline step")
+            ends = [self.add(m, replace(member))[0][-1] for m in node.members]
+            return ends, ResultGroup(ends)
+        if isinstance(node, Chord):
+            chord_id = uuid.uuid4().hex
+            # The callback waits; it carries the chord's own membership onward (nesting).
+            callback_jobs = self._pipeline(node.callback.steps, replace(member, waiting=True), chord_input=True)
+            self.chords.append(ChordSpec(chord_id, len(node.members), callback_jobs[0].id))
+            ends = [self.add(m, _Membership(chord=chord_id, slot=i, batch=None))[0][-1]
+                    for i, m in enumerate(node.members)]
+            return callback_jobs, ChordResult(ResultGroup(ends), ResultGroup(callback_jobs))
+        raise ConfigurationError(f"cannot enqueue {node!r}: expected a signature, pipeline, group or chord")
+
+    def _pipeline(self, steps: list[Signature[Any]], member: _Membership,
+                  chord_input: bool = False) -> list[Job[Any]]:
+        ids = [uuid.uuid4().hex for _ in steps]
+        following: dict[str, Any] | None = None  # the next step, as the worker needs it
+        new_jobs: list[NewJob] = []
+        for index in reversed(range(len(steps))):
+            step, last = steps[index], index == len(steps) - 1
+            options = self._options(step, member, following, chord_input=chord_input and index == 0)
+            links = WorkflowLinks(
+                waiting=member.waiting or index > 0,
+                chord=member.chord if last else None,
+                slot=member.slot if last else None,
+                batch=member.batch if last else None,
+                next=ids[index + 1] if not last else None,
+                on_error=self._template(step.on_error, member.batch) if step.on_error else None,
+            )
+            new_jobs.append(self._job(ids[index], step, options, links))
+            following = {"id": ids[index], "args": list(step.args), "kwargs": step.kwargs,
+                         "options": options}
+        self.jobs.extend(reversed(new_jobs))
+        return [Job(self.queue, job_id) for job_id in ids]
+
+    def _options(self, step: Signature[Any], member: _Membership, following: dict[str, Any] | None,
+                 chord_input: bool) -> dict[str, Any]:
+        options: dict[str, Any] = {}
+        if step.call.timeout is not None:
+            options["timeout"] = timedelta_or_seconds(step.call.timeout)
+        if step.call.retries is not None:
+            options["retries"] = step.call.retries
+        if following is not None:
+            options["next"] = following
+        if chord_input:
+            options["wf_in"] = True  # its first argument holds member values and errors
+        if member.batch is not None:
+            options["batch_id"] = member.batch
+        return options
+
+    def _job(self, job_id: str, step: Signature[Any], options: dict[str, Any], links: WorkflowLinks) -> NewJob:
+        queue, task, call = self.queue, step.task, step.call
+        payload = encode_call(task.name, step.args, step.kwargs, options, queue.max_payload_size)
+        expires = call.expires if call.expires is not None else task.policy.expires
+        return NewJob(
+            id=job_id, task=task.name, payload=payload,
+            priority=call.priority if call.priority is not None else task.policy.priority,
+            expires=None if expires is None else epoch(expires, self.now, "expires"),
+            enqueued_at=self.now, links=links,
+        )
+
+    def _template(self, sig: Signature[Any], batch: str | None) -> Template:
+        options: dict[str, Any] = {"wf_in": True}
+        if batch is not None:
+            options["batch_id"] = batch
+        payload = encode_call(sig.task.name, sig.args, sig.kwargs, options, self.queue.max_payload_size)
+        priority = sig.call.priority if sig.call.priority is not None else sig.task.policy.priority
+        return Template(sig.task.name, payload, priority)
+
+    def batch(self, members: Sequence[Node], on_success: Signature[Any] | None,
+              on_failure: Signature[Any] | None, on_complete: Signature[Any] | None) -> Batch:
+        batch_id = uuid.uuid4().hex
+        ends = [self.add(m, _Membership(batch=batch_id))[0][-1] for m in members]
+
+        def template(sig: Signature[Any] | None) -> Template | None:
+            if sig is None:
+                return None
+            options = {"batch_id": batch_id}
+            payload = encode_call(sig.task.name, sig.args, sig.kwargs, options, self.queue.max_payload_size)
+            return Template(sig.task.name, payload, sig.task.policy.priority)
+
+        self.batches.append(BatchSpec(batch_id, len(ends), template(on_success), template(on_failure),
+                                      template(on_complete)))
+        return Batch(self.queue, batch_id, ResultGroup(ends))
