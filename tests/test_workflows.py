@@ -1,0 +1,273 @@
+"""Workflows (SPEC 6) on both brokers: pipelines, groups, chords, batches; under retries and
+redelivery, chords fire once and batches re-evaluate."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from typing import Any
+
+import anyio
+import pytest
+
+from aqueue import (
+    ChordResult,
+    JobState,
+    Queue,
+    TaskError,
+    chord,
+    current_job,
+    group,
+)
+from aqueue.brokers import Broker
+
+
+def arithmetic(queue: Queue) -> Any:
+    @queue.task
+    async def add(a: int, b: int) -> int:
+        return a + b
+
+    return add
+
+
+async def test_pipeline_passes_each_value_on(queue: Queue) -> None:
+    add = arithmetic(queue)
+    async with queue.worker():
+        res = await queue.enqueue(add.s(1, 2).then(add, 3).then(add, 4).then(add, 5))
+        assert await res.get(timeout=10) == [3, 6, 10, 15]
+
+
+async def test_tuples_extend_args_dicts_update_kwargs_none_passes_nothing(queue: Queue) -> None:
+    @queue.task
+    async def fib(a: int, b: int) -> tuple[int, int]:
+        return b, a + b
+
+    @queue.task
+    async def as_kwargs(n: int) -> dict[str, int]:
+        return {"x": n, "y": n * 2}
+
+    @queue.task
+    async def takes(x: int, y: int, z: int = 0) -> int:
+        return x + y + z
+
+    @queue.task
+    async def nothing() -> None:
+        return None
+
+    @queue.task
+    async def constant(value: str = "default") -> str:
+        return value
+
+    async with queue.worker():
+        res = await queue.enqueue(fib.s(0, 1).then(fib).then(fib).then(fib).then(fib))
+        assert await res.get(timeout=10) == [[1, 1], [1, 2], [2, 3], [3, 5], [5, 8]]
+        res = await queue.enqueue(as_kwargs.s(1).then(takes, z=10))
+        assert await res.get(timeout=10) == [{"x": 1, "y": 2}, 13]
+        res = await queue.enqueue(nothing.s().then(constant))
+        assert await res.get(timeout=10) == [None, "default"]
+
+
+async def test_error_handler_gets_the_error_and_the_rest_is_skipped(queue: Queue) -> None:
+    add = arithmetic(queue)
+    handled: list[tuple[str, str]] = []
+    done = anyio.Event()
+
+    @queue.task
+    async def boom(x: int) -> int:
+        raise ValueError(f"boom {x}")
+
+    @queue.task
+    async def on_error(exc: TaskError, tag: str) -> None:
+        handled.append((exc.metadata["type"], tag))
+        done.set()
+
+    async with queue.worker():
+        res = await queue.enqueue(add.s(1, 1).then(boom).then(add, 1).error(on_error, "pipe"))
+        with pytest.raises(TaskError, match="boom 2"):
+            await res.get(timeout=10)
+        with anyio.fail_after(10):
+            await done.wait()
+        assert await res[2].state() == JobState.CANCELLED  # skipped
+        assert await res[0].result(timeout=1) == 2
+    assert handled == [("ValueError", "pipe")]
+
+
+async def test_group_of_mixed_tasks_and_as_completed(queue: Queue) -> None:
+    add = arithmetic(queue)
+
+    @queue.task
+    def shout(word: str) -> str:
+        return word.upper()
+
+    @queue.task
+    async def nap(n: int) -> int:
+        await anyio.sleep(n / 100)
+        return n
+
+    async with queue.worker():
+        res = await queue.enqueue(group([add.s(1, 2), shout.s("hi"), nap.s(3), add.s(2, 2).then(add, 1)]))
+        assert await res.get(timeout=10) == [3, "HI", 3, 5]
+        res = await queue.enqueue(group([nap.s(n) for n in (5, 1, 3)]))
+        assert sorted([v async for v in res.as_completed(timeout=10)]) == [1, 3, 5]
+        mapped = await add.map([(1, 1), (2, 2)])
+        assert await mapped.get(timeout=10) == [2, 4]
+
+
+async def test_chord_with_a_failing_member_still_completes(queue: Queue) -> None:
+    add = arithmetic(queue)
+
+    @queue.task
+    async def boom() -> None:
+        raise KeyError("lost")
+
+    @queue.task
+    async def nothing() -> None:
+        return None
+
+    @queue.task
+    async def summarize(values: list[Any], label: str) -> list[Any]:
+        return [f"error:{v.metadata['type']}" if isinstance(v, TaskError) else v for v in values] + [label]
+
+    async with queue.worker():
+        c = await queue.enqueue(chord([add.s(1, 1), boom.s(), nothing.s(), add.s(2, 2)], summarize.s("end")))
+        assert isinstance(c, ChordResult)
+        assert await c.get(timeout=10) == [2, "error:KeyError", None, 4, "end"]
+        assert [await j.state() for j in c.results] == [
+            JobState.SUCCEEDED, JobState.FAILED, JobState.SUCCEEDED, JobState.SUCCEEDED]
+        assert await c.callback.result(timeout=1) == [2, "error:KeyError", None, 4, "end"]
+
+
+async def test_nested_chords_and_chords_of_pipelines(queue: Queue) -> None:
+    add = arithmetic(queue)
+
+    @queue.task
+    async def total(values: list[Any]) -> int:
+        return sum(v if isinstance(v, int) else total_of(v) for v in values)
+
+    def total_of(values: list[Any]) -> int:
+        return sum(values)
+
+    async with queue.worker():
+        inner = chord([add.s(1, 1), add.s(2, 2)], total.s())  # 6
+        pipe = add.s(10, 10).then(add, 1)  # 21
+        c = await queue.enqueue(chord([inner, pipe, add.s(0, 1)], total.s()))
+        assert await c.get(timeout=10) == 6 + 21 + 1
+        then = await queue.enqueue(chord([add.s(1, 2), add.s(3, 4)], total.s()).then(add, 100))
+        assert await then.get(timeout=10) == 110
+        assert await then.pipeline_results.get(timeout=1) == [10, 110]
+
+
+async def test_dynamic_fan_out_from_inside_a_task(queue: Queue) -> None:
+    add = arithmetic(queue)
+
+    @queue.task
+    async def total(values: list[int]) -> int:
+        return sum(values)
+
+    @queue.task
+    async def fan_out(n: int) -> str:
+        c = await queue.enqueue(chord([add.s(i, i) for i in range(n)], total.s()))
+        return c.callback.id
+
+    async with queue.worker():
+        callback_id = await (await fan_out.enqueue(5)).result(timeout=10)
+        assert await queue.job(callback_id).result(timeout=10) == 20
+
+
+async def test_redelivered_member_is_counted_once(broker: Broker, queue_name: str) -> None:
+    queue = Queue(broker=broker, name=queue_name, visibility_timeout=1)
+    add = arithmetic(queue)
+    runs = Counter[int]()
+
+    @queue.task
+    async def slow(n: int) -> int:
+        runs[n] += 1
+        return n
+
+    @queue.task
+    async def total(values: list[int]) -> list[int]:
+        return values
+
+    c = await queue.enqueue(chord([slow.s(1), add.s(2, 0)], total.s()))
+    # One member is taken by a worker that dies; it is delivered again after its lease lapses.
+    taken = await broker.receive(queue_name, "dead-worker", 1, 0, 10)
+    assert len(taken) == 1
+    async with queue.worker():
+        assert await c.get(timeout=20) == [1, 2]
+    # The dead worker's stale report changes nothing.
+    from aqueue.brokers import Completion, Outcome
+
+    late = Completion(taken[0], Outcome.SUCCEEDED, 0.0, result=b"999")
+    assert await broker.finish(queue_name, [late], 60) == [False]
+    assert await c.callback.result(timeout=1) == [1, 2]
+
+
+async def test_many_chords_with_random_failures_fire_exactly_once(queue: Queue) -> None:
+    rng = random.Random(7)
+    plan = {(c, m): rng.random() < 0.3 for c in range(200) for m in range(10)}  # fails at first?
+    fired = Counter[int]()
+
+    @queue.task(retries=2)
+    async def member(c: int, m: int) -> int:
+        if plan[(c, m)] and current_job().attempt == 1:
+            raise RuntimeError("flaky")
+        return m
+
+    @queue.task
+    async def callback(values: list[int], c: int) -> int:
+        fired[c] += 1
+        return sum(values)
+
+    async with queue.worker(concurrency=200):
+        chords = [await queue.enqueue(chord([member.s(c, m) for m in range(10)], callback.s(c)))
+                  for c in range(200)]
+        values = [await c.get(timeout=60) for c in chords]
+    assert values == [45] * 200
+    assert fired == Counter(dict.fromkeys(range(200), 1))
+
+
+async def test_batch_on_success_after_a_failed_member_is_retried(queue: Queue) -> None:
+    healthy = False
+    calls: list[tuple[str, str | None]] = []
+    success = anyio.Event()
+    complete = anyio.Event()
+
+    @queue.task
+    async def member(n: int) -> int:
+        if n == 2 and not healthy:
+            raise ConnectionError("upstream down")
+        calls.append(("member", current_job().batch_id))
+        return n
+
+    @queue.task
+    async def on_success(label: str) -> None:
+        calls.append((f"success:{label}", current_job().batch_id))
+        success.set()
+
+    @queue.task
+    async def on_failure() -> None:
+        calls.append(("failure", current_job().batch_id))
+
+    @queue.task
+    async def on_complete() -> None:
+        calls.append(("complete", current_job().batch_id))
+        complete.set()
+
+    async with queue.worker():
+        b = await queue.batch([member.s(1), member.s(2), member.s(3)], on_success=on_success.s("all"),
+                              on_failure=on_failure.s(), on_complete=on_complete.s())
+        with anyio.fail_after(10):
+            await complete.wait()
+        await b.callback("failure").result(timeout=10)
+        state = await b.state()
+        assert (state.size, state.succeeded, state.failed, state.finished) == (3, 2, 1, True)
+        healthy = True
+        assert await b.retry_failed() == 1
+        with anyio.fail_after(10):
+            await success.wait()
+        await b.callback("success").result(timeout=10)
+        assert (await b.state()).succeeded == 3
+        assert await b.retry_failed() == 0
+    kinds = Counter(kind for kind, _ in calls)
+    assert kinds == Counter({"member": 3, "complete": 1, "failure": 1, "success:all": 1})
+    assert {batch_id for _, batch_id in calls} == {b.id}
