@@ -137,3 +137,45 @@ async def test_cancel_reaches_a_job_in_another_process(
     finally:
         await client.aclose()
     assert all(p.poll() is None for p in two_workers)  # both still running
+
+
+async def test_chord_fires_once_when_a_member_worker_is_killed(
+    redis_url: str, queue_name: str, tmp_path: Path
+) -> None:
+    from aqueue import chord
+
+    env = {**os.environ, "AQUEUE_URL": redis_url, "AQUEUE_QUEUE": queue_name, "AQUEUE_VISIBILITY": "1"}
+
+    def start(i: int) -> subprocess.Popen[bytes]:
+        with (tmp_path / f"w{i}.log").open("w") as log:
+            return subprocess.Popen([sys.executable, "-m", "aqueue", "run", "tests.apps.control_app:queue",
+                                     "--concurrency", "20"], cwd=ROOT, env=env,
+                                    stdout=subprocess.DEVNULL, stderr=log)
+
+    client = aioredis.Redis.from_url(redis_url)
+    victim = start(0)
+    rescuer: subprocess.Popen[bytes] | None = None
+    try:
+        async with client_queue(redis_url, queue_name) as q:
+            member, gather = q.tasks["member"], q.tasks["gather"]
+            c = await q.enqueue(chord([member.s(n) for n in range(10)], gather.s()))  # type: ignore[attr-defined]
+
+            async def members_running() -> bool:
+                return int(await client.llen(probe(queue_name, "member-starts"))) >= 5
+
+            await poll_until(members_running, 30)
+            victim.kill()  # kill -9 while members run
+            victim.wait(timeout=10)
+            rescuer = start(1)
+            assert await c.get(timeout=60) == list(range(10))
+            callbacks = await client.lrange(probe(queue_name, "callbacks"), 0, -1)
+            starts = [int(n) for n in await client.lrange(probe(queue_name, "member-starts"), 0, -1)]
+    finally:
+        await client.aclose()
+        for p in (victim, rescuer):
+            if p is not None and p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                p.wait(timeout=30)
+    assert len(callbacks) == 1  # the callback fired exactly once
+    assert sorted(set(starts)) == list(range(10))
+    assert len(starts) > 10  # some members did run twice (redelivered), yet each counted once

@@ -12,7 +12,7 @@ from aqueue import Queue, current_job, every
 
 URL = os.environ.get("AQUEUE_URL", "redis://127.0.0.1:1/0")
 NAME = os.environ.get("AQUEUE_QUEUE", "default")
-queue = Queue(URL, name=NAME)
+queue = Queue(URL, name=NAME, visibility_timeout=float(os.environ.get("AQUEUE_VISIBILITY", "60")))
 _client: aioredis.Redis | None = None
 
 
@@ -57,3 +57,16 @@ async def long() -> None:
         await anyio.sleep(60)
     finally:
         await client.set(probe("cleaned"), "1")
+
+
+@queue.task(name="member")
+async def member(n: int) -> int:
+    await (await redis()).rpush(probe("member-starts"), n)
+    await anyio.sleep(1.0)  # long enough that the kill lands while members run
+    return n
+
+
+@queue.task(name="gather")
+async def gather(values: list[int]) -> list[int]:
+    await (await redis()).rpush(probe("callbacks"), current_job().id)
+    return values
