@@ -202,3 +202,28 @@ def test_python_dash_m_entry_point() -> None:
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert "cannot import module" in done.stderr
+
+
+async def test_second_signal_exits_at_once(
+    redis_url: str, queue_name: str, workers: list[WorkerProcess]
+) -> None:
+    worker = WorkerProcess(redis_url, queue_name, "--shutdown-timeout", "30")
+    workers.append(worker)
+    async with client_queue(redis_url, queue_name) as q:
+        job = await q.tasks["nap"].enqueue(30.0, 1)
+
+        async def running() -> bool:
+            return await job.state() == JobState.RUNNING
+
+        async def first_signal_heard() -> bool:
+            return "send it again to exit at once" in worker.output()
+
+        await poll_until(running, 30)
+        worker.process.send_signal(signal.SIGTERM)
+        await poll_until(first_signal_heard, 10)
+        started = time.monotonic()
+        worker.process.send_signal(signal.SIGTERM)
+        assert worker.process.wait(timeout=5) == 128 + signal.SIGTERM
+        assert time.monotonic() - started < 3
+        # Not handed back: it returns after the visibility timeout, as for a crash.
+        assert await job.state() == JobState.RUNNING
