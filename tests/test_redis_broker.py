@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -130,7 +131,8 @@ async def test_clean_stop_leaves_no_consumer_and_prunes_index(redis_url: str, qu
             assert worker.name not in [c["name"].decode() for c in consumers]
             await anyio.sleep(2.1)  # lets the 1 s result_ttl run out (Redis expires keys itself)
             assert await client.zcard(Keys(queue_name).index) == 1
-            assert await queue.broker.prune(queue_name, 0, 100) == 0
+            assert await queue.broker.prune(queue_name, time.time(), 100) == 1
             assert await client.zcard(Keys(queue_name).index) == 0
+            assert await queue.broker.prune(queue_name, time.time(), 100) == 0
         finally:
             await client.aclose()

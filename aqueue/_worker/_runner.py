@@ -37,7 +37,7 @@ SCHEDULER_TICK = 0.1  # a due job waits at most this long to become ready
 PROMOTE_BATCH = 1000
 CANCEL_CHECK = 2.0  # how often to look for cancel requests whose push was missed
 PRUNE_EVERY = 10.0  # seconds between two pages of pruning expired records' leftovers
-PRUNE_PAGE = 1000
+PRUNE_PAGE = 5000
 
 ENDED_SIGNALS = {"expired": Signal.EXPIRED, "revoked": Signal.REVOKED, "cancelled": Signal.CANCELLED}
 
@@ -369,12 +369,13 @@ class Worker:
             await anyio.sleep(min(max(wait, 0.0), SCHEDULER_TICK))
 
     async def _prune(self) -> None:
-        """Forget index entries of expired records, a page at a time."""
-        offset = 0
+        """Forget what is left of expired records, a page per step until none are left."""
         while True:
             await anyio.sleep(PRUNE_EVERY)
             try:
-                offset = await self.queue.broker.prune(self.queue.name, offset, PRUNE_PAGE)
+                removed = PRUNE_PAGE
+                while removed == PRUNE_PAGE:  # page by page until none are left
+                    removed = await self.queue.broker.prune(self.queue.name, time.time(), PRUNE_PAGE)
             except BrokerError as exc:
                 logger.warning("pruning expired records failed: %s", exc)
 

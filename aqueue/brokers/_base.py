@@ -219,9 +219,9 @@ class Broker(ABC):
         still holds leases is kept, so they can be taken over)."""
 
     @abstractmethod
-    async def prune(self, queue: str, offset: int, limit: int) -> int:
-        """Forget what is left of expired records (index entries), looking at `limit` of them
-        from `offset`, oldest first. Returns the offset to pass next time (0: start over)."""
+    async def prune(self, queue: str, now: float, limit: int) -> int:
+        """Forget what is left of up to `limit` records that expired by `now` (their entries in
+        the listing index). Returns how many; fewer than `limit` means none are left."""
 
     @abstractmethod
     async def interrupt_receive(self, queue: str, consumer: str) -> bool:

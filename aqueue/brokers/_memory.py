@@ -197,12 +197,12 @@ class MemoryBroker(Broker):
     async def forget_consumer(self, queue: str, consumer: str) -> None:
         self._queue(queue).receivers.pop(consumer, None)
 
-    async def prune(self, queue: str, offset: int, limit: int) -> int:
+    async def prune(self, queue: str, now: float, limit: int) -> int:
         q = self._queue(queue)
-        now = time.time()
-        for job_id in [i for i, at in q.expiry.items() if at <= now]:
+        expired = [job_id for job_id, at in q.expiry.items() if at <= now][:limit]
+        for job_id in expired:
             self._drop(q, job_id)
-        return 0
+        return len(expired)
 
     async def interrupt_receive(self, queue: str, consumer: str) -> bool:
         scope = self._queue(queue).receivers.pop(consumer, None)

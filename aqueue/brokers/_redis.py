@@ -334,9 +334,8 @@ class RedisBroker(Broker):
             await reader.aclose(close_connection_pool=False)
         await self._run(queue, "forget", [consumer])
 
-    async def prune(self, queue: str, offset: int, limit: int) -> int:
-        removed, seen = await self._run(queue, "prune", [offset, limit])
-        return 0 if seen < limit else offset + seen - removed
+    async def prune(self, queue: str, now: float, limit: int) -> int:
+        return int(await self._run(queue, "prune", [repr(now), limit]))
 
     async def interrupt_receive(self, queue: str, consumer: str) -> bool:
         client_id = self._blocked.get(consumer)

@@ -210,6 +210,8 @@ finalize = function(id, jk, state, now, ttl, reason)
     redis.call('ZADD', prefix .. 'dead', now, id)
   else
     redis.call('EXPIRE', jk, math.max(1, math.ceil(ttl)))
+    -- So that pruning finds exactly the index entries whose records have expired.
+    redis.call('ZADD', prefix .. 'expiring', tonumber(now) + ttl, id)
   end
   after_final(id, jk, state, now, ttl)
   redis.call('PUBLISH', done_channel(id), state)

@@ -1,14 +1,13 @@
--- Forget index entries of jobs whose records expired.
+-- Forget index entries of jobs whose records have expired.
 -- KEYS[1] prefix
--- ARGV: offset, limit (a page of the index, oldest first)
--- Returns {removed, entries looked at}.
-local ikey = prefix .. 'index'
-local ids = redis.call('ZRANGE', ikey, ARGV[1], tonumber(ARGV[1]) + tonumber(ARGV[2]) - 1)
-local removed = 0
-for _, id in ipairs(ids) do
-  if redis.call('EXISTS', job_key(id)) == 0 then
-    redis.call('ZREM', ikey, id)
-    removed = removed + 1
-  end
+-- ARGV: now, limit
+-- Returns how many were forgotten (fewer than limit: none are left).
+local ekey, ikey = prefix .. 'expiring', prefix .. 'index'
+local ids = redis.call('ZRANGEBYSCORE', ekey, '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+if #ids == 0 then return 0 end
+for i = 1, #ids, 1000 do
+  local chunk = {unpack(ids, i, math.min(i + 999, #ids))}
+  redis.call('ZREM', ikey, unpack(chunk))
+  redis.call('ZREM', ekey, unpack(chunk))
 end
-return {removed, #ids}
+return #ids
