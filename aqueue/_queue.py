@@ -23,6 +23,7 @@ from aqueue._tasks import (
     SyncTask,
     Task,
     TaskPolicy,
+    call_overrides,
     default_name,
     timedelta_or_seconds,
 )
@@ -38,7 +39,7 @@ from aqueue._workflows import (
     Signature,
     _Membership,
 )
-from aqueue.brokers import Broker, MemoryBroker, NewJob, RedisBroker
+from aqueue.brokers import Broker, MemoryBroker, NewJob, RedisBroker, WorkflowLinks
 
 if TYPE_CHECKING:
     from aqueue._worker import Worker
@@ -264,13 +265,15 @@ class Queue:
         kwargs: dict[str, Any],
         call: CallOptions,
         now: float,
+        *,
+        job_id: str | None = None,
+        options: dict[str, Any] | None = None,
+        links: WorkflowLinks | None = None,
     ) -> NewJob:
-        overrides: dict[str, Any] = {}
-        if call.timeout is not None:
-            overrides["timeout"] = timedelta_or_seconds(call.timeout)
-        if call.retries is not None:
-            overrides["retries"] = call.retries
-        payload = encode_call(task.name, args, kwargs, overrides, self.max_payload_size)
+        """One job: the task's policy with the call's options; `options` and `links` carry
+        its place in a workflow."""
+        payload = encode_call(task.name, args, kwargs, {**call_overrides(call), **(options or {})},
+                              self.max_payload_size)
         eta: float | None = None
         if call.eta is not None:
             eta = epoch(call.eta, now, "eta")
@@ -278,7 +281,7 @@ class Queue:
             eta = epoch(call.delay, now, "delay")
         expires = call.expires if call.expires is not None else task.policy.expires
         return NewJob(
-            id=uuid.uuid4().hex,
+            id=job_id or uuid.uuid4().hex,
             task=task.name,
             payload=payload,
             priority=call.priority if call.priority is not None else task.policy.priority,
@@ -286,6 +289,7 @@ class Queue:
             expires=None if expires is None else epoch(expires, max(now, eta or now), "expires"),
             key=call.key,
             enqueued_at=now,
+            links=links,
         )
 
     # --- workflows -------------------------------------------------------------------------------

@@ -183,6 +183,16 @@ class TaskCall(Generic[P, R]):
         return TaskCall(self.task, replace(self.call, **changes))
 
 
+def call_overrides(call: CallOptions) -> dict[str, Any]:
+    """The per-call options a job carries in its payload for the worker."""
+    overrides: dict[str, Any] = {}
+    if call.timeout is not None:
+        overrides["timeout"] = timedelta_or_seconds(call.timeout)
+    if call.retries is not None:
+        overrides["retries"] = call.retries
+    return overrides
+
+
 def policy_for_call(policy: TaskPolicy, overrides: dict[str, Any]) -> TaskPolicy:
     """The policy a job runs under: the task's, with the call's overrides."""
     if not overrides:

@@ -18,8 +18,7 @@ from aqueue._exceptions import ConfigurationError
 from aqueue._jobs import Job, ResultGroup
 from aqueue._serialization import encode_call
 from aqueue._states import JobState
-from aqueue._tasks import CallOptions, Task, timedelta_or_seconds
-from aqueue._time import epoch
+from aqueue._tasks import CallOptions, Task, call_overrides
 from aqueue.brokers import BatchSpec, ChordSpec, NewJob, Template, WorkflowLinks
 
 if TYPE_CHECKING:
@@ -240,7 +239,7 @@ class Plan:
         new_jobs: list[NewJob] = []
         for index in reversed(range(len(steps))):
             step, last = steps[index], index == len(steps) - 1
-            options = self._options(step, member, following, chord_input=chord_input and index == 0)
+            options = self._options(member, following, chord_input=chord_input and index == 0)
             links = WorkflowLinks(
                 waiting=member.waiting or index > 0,
                 chord=member.chord if last else None,
@@ -249,19 +248,20 @@ class Plan:
                 next=ids[index + 1] if not last else None,
                 on_error=self._template(step.on_error, member.batch) if step.on_error else None,
             )
-            new_jobs.append(self._job(ids[index], step, options, links))
+            job = self.queue._new_job(step.task, step.args, step.kwargs, step.call, self.now,
+                                      job_id=ids[index], options=options, links=links)
+            new_jobs.append(job)
+            # What the worker running the step before needs to start this one with its value.
             following = {"id": ids[index], "args": list(step.args), "kwargs": step.kwargs,
-                         "options": options}
+                         "options": {**call_overrides(step.call), **options}}
         self.jobs.extend(reversed(new_jobs))
         return [Job(self.queue, job_id) for job_id in ids]
 
-    def _options(self, step: Signature[Any], member: _Membership, following: dict[str, Any] | None,
-                 chord_input: bool) -> dict[str, Any]:
+    @staticmethod
+    def _options(member: _Membership, following: dict[str, Any] | None, chord_input: bool) -> dict[str, Any]:
+        """What the worker needs beyond the call's own options: the next step, how to read its
+        first argument, its batch."""
         options: dict[str, Any] = {}
-        if step.call.timeout is not None:
-            options["timeout"] = timedelta_or_seconds(step.call.timeout)
-        if step.call.retries is not None:
-            options["retries"] = step.call.retries
         if following is not None:
             options["next"] = following
         if chord_input:
@@ -269,17 +269,6 @@ class Plan:
         if member.batch is not None:
             options["batch_id"] = member.batch
         return options
-
-    def _job(self, job_id: str, step: Signature[Any], options: dict[str, Any], links: WorkflowLinks) -> NewJob:
-        queue, task, call = self.queue, step.task, step.call
-        payload = encode_call(task.name, step.args, step.kwargs, options, queue.max_payload_size)
-        expires = call.expires if call.expires is not None else task.policy.expires
-        return NewJob(
-            id=job_id, task=task.name, payload=payload,
-            priority=call.priority if call.priority is not None else task.policy.priority,
-            expires=None if expires is None else epoch(expires, self.now, "expires"),
-            enqueued_at=self.now, links=links,
-        )
 
     def _template(self, sig: Signature[Any], batch: str | None) -> Template:
         options: dict[str, Any] = {"wf_in": True}
