@@ -52,9 +52,18 @@ class Completer:
 
     async def _write(self, batch: list[Completion]) -> None:
         backoff = 0.05
+        sent = [c.delivery for c in batch]
         while True:
             try:
-                await self._broker.finish(self._queue, batch, self._ttl)
+                applied = await self._broker.finish(self._queue, batch, self._ttl)
+                # A completion whose job came back to this worker while it was being written was
+                # refused under its old delivery: write it again under the new one.
+                retry = [c for c, ok, d in zip(batch, applied, sent, strict=True)
+                         if not ok and c.delivery is not d]
+                batch = [c for c, ok, d in zip(batch, applied, sent, strict=True)
+                         if ok or c.delivery is d]
+                for c in retry:
+                    self.put(c)
                 break
             except BrokerConnectionError as exc:
                 # Outcomes are never dropped for a lost connection: wait for the broker to return.

@@ -80,6 +80,7 @@ class Worker:
         self.jobs_done = 0
         self._running: dict[str, RunningJob] = {}
         self._held: dict[str, Delivery] = {}  # leased until their outcome is written
+        self._completing: dict[str, Completion] = {}  # ended, outcome not yet written
         self._handed_back: list[Delivery] = []
         self._stop_requested = False
         self._wake_fetcher = anyio.Event()
@@ -217,12 +218,7 @@ class Worker:
                     if self.queue.signals.wants(ENDED_SIGNALS[d.ended]):
                         await self.queue.signals.send(ENDED_SIGNALS[d.ended], SignalJob(d.job_id, d.task))
                     continue
-                already = self._running.get(d.job_id)
-                if already is not None:
-                    # Our own running job came back to us (its lease lapsed while the event loop
-                    # was blocked): it goes on running, now under the new delivery.
-                    already.delivery = d
-                    self._held[d.job_id] = d
+                if self._adopt(d):
                     continue
                 self._held[d.job_id] = d
                 if self._stop_requested:
@@ -255,14 +251,33 @@ class Worker:
                 self._handed_back.append(d)
         else:
             completion.delivery = d
+            self._completing[d.job_id] = completion
             self.jobs_done += 1
             assert self._completer is not None
             self._completer.put(completion)
 
+    def _adopt(self, d: Delivery) -> bool:
+        """A job of our own came back to us (its lease lapsed while the event loop was blocked):
+        if it still runs, it goes on under the new delivery; if it ended and its outcome waits to
+        be written, the outcome is written under the new delivery. True if adopted."""
+        running = self._running.get(d.job_id)
+        completing = self._completing.get(d.job_id)
+        if running is None and completing is None:
+            return False
+        if running is not None:
+            running.delivery = d
+        if completing is not None:
+            completing.delivery = d
+        self._held[d.job_id] = d
+        return True
+
     def _written(self, completions: list[Completion]) -> None:
         for c in completions:
-            if self._held.get(c.delivery.job_id) is c.delivery:
-                del self._held[c.delivery.job_id]
+            job_id = c.delivery.job_id
+            if self._completing.get(job_id) is c:
+                del self._completing[job_id]
+            if self._held.get(job_id) is c.delivery:
+                del self._held[job_id]
 
     # --- stopping --------------------------------------------------------------------------------
 
@@ -298,22 +313,24 @@ class Worker:
         queue = self.queue
         while True:
             await anyio.sleep(queue.visibility_timeout / 3)
-            held = list(self._held.values())
+            held = dict(self._held)
             if not held:
                 continue
             try:
-                lost = await queue.broker.renew(queue.name, self.name, held)
+                lost = await queue.broker.renew(queue.name, self.name, list(held.values()))
             except BrokerError as exc:
                 logger.warning("renewing %d lease(s) failed: %s", len(held), exc)
                 continue
             for job_id in lost:
-                logger.warning("job %s: lease lost (another worker took it over): stopping it here",
+                renewed = held[job_id]
+                if self._held.get(job_id) is not renewed or job_id in self._completing:
+                    continue  # finished, or delivered anew, while the renewal was under way
+                logger.warning("job %s: its lease was taken over by another worker: stopping it here",
                                job_id)
+                del self._held[job_id]
                 running = self._running.get(job_id)
-                if running is not None:
+                if running is not None and running.delivery is renewed:
                     running.abandon()
-                else:
-                    self._held.pop(job_id, None)
 
     async def _listen_cancel(self) -> None:
         """Cancel requests are pushed; a lost connection is listened on again after a pause."""
