@@ -1,0 +1,291 @@
+"""What every driver shares: the job probe, worker processes, and the workloads themselves.
+
+Stdlib only: this module is imported inside each library's own virtualenv, and by its worker processes.
+A driver module (`<lib>_driver.py`) defines the library's tasks plus a `Driver` subclass with a few
+hooks (enqueue one, enqueue a batch, fill the queue, one round trip, the worker command line).
+Hooks may be sync or async: sync-only libraries are called as they are, from the same loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+NAP = 0.05  # seconds each I/O-bound job sleeps
+
+
+def redis_url() -> str:
+    # Set by the harness to its private server; there is deliberately no default (never port 6379).
+    url = os.environ.get("BENCH_REDIS_URL")
+    if not url:
+        raise SystemExit("BENCH_REDIS_URL is not set: run benchmarks through `python -m benchmarks.peers`")
+    return url
+
+
+def concurrency(default: int) -> int:
+    """The worker's concurrency for libraries that only take it in code (BENCH_CONCURRENCY)."""
+    return int(os.environ.get("BENCH_CONCURRENCY") or default)
+
+
+# --- the probe: each job appends "start end" to a file --------------------------------------------------
+# One O_APPEND write per job: no network round trip, atomic for short lines across threads and
+# processes, and it survives fork-per-job workers (the fd is reopened in each new pid).
+
+_probe: tuple[int, int] | None = None  # (pid, fd)
+
+
+def record(start: float, jobs: int = 1) -> None:
+    """Record `jobs` jobs that started at `start` and end now (jobs > 1: a batch, one write)."""
+    global _probe
+    if _probe is None or _probe[0] != os.getpid():
+        fd = os.open(os.environ["BENCH_PROBE"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        _probe = (os.getpid(), fd)
+    os.write(_probe[1], b"%.6f %.6f\n" % (start, time.time()) * jobs)
+
+
+def wait_for_jobs(path: str, n: int, timeout: float, workers: list[subprocess.Popen[bytes]]) -> list[float]:
+    """Block until n jobs have recorded themselves; return [first start, last end]."""
+    deadline = time.monotonic() + timeout
+    seen, offset = 0, 0
+    while seen < n:
+        if os.path.exists(path):
+            with open(path, "rb") as f:
+                f.seek(offset)
+                chunk = f.read()
+            offset += len(chunk)
+            seen += chunk.count(b"\n")
+        dead = [w for w in workers if w.poll() is not None]
+        if dead:
+            raise RuntimeError(f"worker exited with code {dead[0].returncode} after {seen}/{n} jobs")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timeout after {timeout:.0f}s with {seen}/{n} jobs done")
+        time.sleep(0.01)
+    starts, ends = [], []
+    with open(path, "rb") as f:
+        for line in f:
+            s, e = line.split()
+            starts.append(float(s))
+            ends.append(float(e))
+    return [min(starts), max(ends)]
+
+
+# --- worker processes ------------------------------------------------------------------------------------
+
+
+def start_workers(cmd: list[str], procs: int, env: dict[str, str], log: str) -> list[subprocess.Popen[bytes]]:
+    """Each worker in its own session, so its whole process tree can be measured and killed by pid."""
+    pids_file = os.environ.get("BENCH_PIDS")
+    workers = []
+    with open(log, "ab") as out:
+        for _ in range(procs):
+            w = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **env}, stdout=out, stderr=out,
+                                 stdin=subprocess.DEVNULL, start_new_session=True)
+            workers.append(w)
+            if pids_file:  # the harness kills what is listed here if this driver dies first
+                with open(pids_file, "a") as f:
+                    f.write(f"{w.pid}\n")
+    return workers
+
+
+def session_pids(sid: int) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[3]) == sid:  # field 6 of stat: the session id
+                pids.append(int(entry))
+    return pids
+
+
+def peak_rss_mb(workers: list[subprocess.Popen[bytes]]) -> float:
+    """Sum of VmHWM over every process of the workers' sessions (forked children included)."""
+    total_kb = 0
+    for w in workers:
+        for pid in session_pids(w.pid):
+            try:
+                with open(f"/proc/{pid}/status") as f:
+                    total_kb += next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+            except (OSError, StopIteration):
+                continue
+    return total_kb / 1024
+
+
+def stop_workers(workers: list[subprocess.Popen[bytes]]) -> None:
+    # Measurements are taken already: SIGKILL the whole session, no graceful shutdown to wait for.
+    for w in workers:
+        try:
+            os.killpg(w.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    for w in workers:
+        w.wait(timeout=10)
+
+
+# --- the driver interface and the workloads --------------------------------------------------------------
+
+
+async def call(hook: Callable[..., Any], *args: Any) -> Any:
+    result = hook(*args)
+    return await result if inspect.isawaitable(result) else result
+
+
+class Driver:
+    """One library. Subclasses set the hooks; `bulk_na` says why a library has no batch enqueue."""
+
+    bulk_na: str | None = None
+    io_na: str | None = None
+
+    def worker_cmd(self, concurrency: int | None, kind: str) -> tuple[list[str], dict[str, str]]:
+        """Command line and extra environment of one worker process (concurrency None = default)."""
+        raise NotImplementedError
+
+    def open(self) -> Awaitable[None] | None:
+        return None
+
+    def close(self) -> Awaitable[None] | None:
+        return None
+
+    def enqueue_one(self) -> Any:
+        """Enqueue one no-op job."""
+        raise NotImplementedError
+
+    def enqueue_bulk(self, n: int, kind: str) -> Any:
+        """Enqueue n jobs of `kind` ("noop" or "nap") with the library's batch API."""
+        raise NotImplementedError
+
+    def fill(self, n: int, kind: str) -> Any:
+        """Queue n jobs before a worker starts (not timed): the fastest way the library offers."""
+        return self.enqueue_bulk(n, kind)
+
+    def round_trip(self, i: int) -> Any:
+        """Enqueue echo(i) and wait for its result (10 s at most)."""
+        raise NotImplementedError
+
+
+async def gather_chunks(enqueue: Callable[[], Awaitable[Any]], n: int, size: int = 100) -> None:
+    """Bulk enqueue for libraries without a batch API: `size` enqueues in flight at a time."""
+    for done in range(0, n, size):
+        await asyncio.gather(*(enqueue() for _ in range(min(size, n - done))))
+
+
+async def w_enqueue(d: Driver, n: int) -> dict[str, Any]:
+    await call(d.open)
+    try:
+        start = time.perf_counter()
+        for _ in range(n):
+            await call(d.enqueue_one)
+        out: dict[str, Any] = {"one": n / (time.perf_counter() - start)}
+        if d.bulk_na:
+            out["bulk_na"] = d.bulk_na
+        else:
+            start = time.perf_counter()
+            await call(d.enqueue_bulk, n, "noop")
+            out["bulk"] = n / (time.perf_counter() - start)
+    finally:
+        await call(d.close)
+    return out
+
+
+async def w_drain(d: Driver, n: int, conc: int | None, procs: int, kind: str, timeout: float,
+                  workdir: str) -> dict[str, Any]:
+    if kind == "nap" and d.io_na:
+        return {"na": d.io_na}
+    await call(d.open)
+    try:
+        await call(d.fill, n, kind)
+    finally:
+        await call(d.close)
+    probe = os.path.join(workdir, "probe")
+    cmd, env = d.worker_cmd(conc, kind)
+    env = {**env, "BENCH_PROBE": probe}
+    workers = start_workers(cmd, procs, env, os.path.join(workdir, "worker.log"))
+    try:
+        first, last = wait_for_jobs(probe, n, timeout, workers)
+        rss = peak_rss_mb(workers)
+    finally:
+        stop_workers(workers)
+    shown = [f"{k}={v}" for k, v in env.items() if k == "BENCH_CONCURRENCY" and v] + cmd
+    return {"seconds": last - first, "rate": n / (last - first), "rss_mb": rss, "cmd": shown}
+
+
+async def w_latency(d: Driver, rounds: int, cap: float, workdir: str) -> dict[str, Any]:
+    cmd, env = d.worker_cmd(None, "echo")
+    workers = start_workers(cmd, 1, env, os.path.join(workdir, "worker.log"))
+    try:
+        await call(d.open)
+        try:
+            # The first round trip waits out the worker's start-up; it is not counted. It may be
+            # tried again (a job finishing while the worker starts must not fail the whole run).
+            warmup_failures = 0
+            while True:
+                try:
+                    async with asyncio.timeout(30):  # (in this task: some clients are task-bound)
+                        await call(d.round_trip, -1)
+                    break
+                except Exception:
+                    warmup_failures += 1
+                    if warmup_failures == 3:
+                        raise
+            samples = []
+            stop_at = time.monotonic() + cap
+            for i in range(rounds):
+                t = time.perf_counter()
+                try:
+                    async with asyncio.timeout(15):
+                        value = await call(d.round_trip, i)
+                except Exception as exc:
+                    raise RuntimeError(f"round trip {i + 1} of {rounds}: {type(exc).__name__} {exc}") from exc
+                if value != i:
+                    raise RuntimeError(f"round trip {i + 1} returned {value!r}, not {i}")
+                samples.append((time.perf_counter() - t) * 1000)
+                if time.monotonic() > stop_at:
+                    break
+        finally:
+            await call(d.close)
+    finally:
+        stop_workers(workers)
+    samples.sort()
+    return {"p50": statistics.median(samples), "p99": samples[max(0, int(len(samples) * 0.99) - 1)],
+            "rounds": len(samples), "warmup_failures": warmup_failures}
+
+
+def run(d: Driver, argv: list[str]) -> None:
+    """`python -m benchmarks.drivers LIB WORKLOAD [options]`: prints one `BENCH-RESULT {json}` line."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("workload", choices=["enqueue", "drain", "io", "latency"])
+    parser.add_argument("--n", type=int, default=20_000)
+    parser.add_argument("--concurrency", type=int, default=None)
+    parser.add_argument("--procs", type=int, default=1)
+    parser.add_argument("--timeout", type=float, default=150)
+    parser.add_argument("--cap", type=float, default=20, help="seconds at most for the latency rounds")
+    parser.add_argument("--workdir", required=True)
+    args = parser.parse_args(argv)
+    try:
+        if args.workload == "enqueue":
+            coro = w_enqueue(d, args.n)
+        elif args.workload == "latency":
+            coro = w_latency(d, args.n, args.cap, args.workdir)
+        else:
+            kind = "noop" if args.workload == "drain" else "nap"
+            coro = w_drain(d, args.n, args.concurrency, args.procs, kind, args.timeout, args.workdir)
+        out = asyncio.run(coro)
+    except Exception as exc:
+        out = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+    print("BENCH-RESULT " + json.dumps(out), flush=True)
+    sys.stdout.flush()

@@ -1,0 +1,55 @@
+"""saq: the worker is `saq benchmarks.drivers.saq_driver.settings` (concurrency from the env)."""
+
+import asyncio
+import os
+import sys
+import time
+
+from saq import Queue
+
+from benchmarks.drivers import _common as c
+
+queue = Queue.from_url(c.redis_url())
+
+
+async def noop(ctx):
+    c.record(time.time())
+
+
+async def nap(ctx):
+    start = time.time()
+    await asyncio.sleep(c.NAP)
+    c.record(start)
+
+
+async def echo(ctx, *, x):
+    return x
+
+
+settings = {"queue": queue, "functions": [noop, nap, echo], "concurrency": c.concurrency(10)}  # default 10
+
+
+class Driver(c.Driver):
+    # saq has no batch enqueue (`Queue.map` enqueues with gather, then waits for the results)
+
+    def worker_cmd(self, concurrency, kind):
+        cmd = [os.path.join(os.path.dirname(sys.executable), "saq"), "benchmarks.drivers.saq_driver.settings"]
+        return cmd, {"BENCH_CONCURRENCY": str(concurrency or "")}
+
+    async def open(self):
+        await queue.connect()
+
+    async def close(self):
+        await queue.disconnect()
+
+    async def enqueue_one(self):
+        await queue.enqueue("noop")
+
+    async def enqueue_bulk(self, n, kind):
+        await c.gather_chunks(lambda: queue.enqueue(kind), n)
+
+    async def round_trip(self, i):
+        # Job.refresh(until_complete=...) waits on pub/sub; Queue.apply would poll every 0.5 s.
+        job = await queue.enqueue("echo", x=i)
+        await job.refresh(until_complete=10)
+        return job.result
