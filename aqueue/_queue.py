@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
@@ -233,7 +234,7 @@ class Queue:
         task_name = name or default_name(fn)
         if task_name in self.tasks and self.tasks[task_name].fn is not fn:
             raise ConfigurationError(f"a task named {task_name!r} is already registered")
-        kind: type[Task[P, Any]] = AsyncTask if _is_async(fn) else SyncTask
+        kind: type[Task[P, Any]] = AsyncTask if inspect.iscoroutinefunction(fn) else SyncTask
         task = kind(self, fn, task_name, policy)
         self.tasks[task_name] = task
         return task
@@ -394,10 +395,3 @@ class Queue:
                         shutdown_timeout=shutdown_timeout)
         async with worker.running():
             yield worker
-
-
-def _is_async(fn: Callable[..., Any]) -> bool:
-    import inspect
-
-    return inspect.iscoroutinefunction(fn)
-

@@ -202,6 +202,11 @@ class RedisBroker(Broker):
             raise RuntimeError("RedisBroker is not connected: call `await broker.connect()` first")
         return self._client
 
+    async def _ready(self) -> None:
+        """A queue connects on first use."""
+        if self._client is None:
+            await self.connect()
+
     @asynccontextmanager
     async def _translated(self) -> AsyncIterator[None]:
         """Redis errors become aqueue errors here, once; the URL in them never has a password."""
@@ -217,8 +222,7 @@ class RedisBroker(Broker):
             raise BrokerError(f"Redis at {self.url} failed: {exc}") from exc
 
     async def _run(self, queue: str, name: str, args: Sequence[Any]) -> Any:
-        if self._client is None:
-            await self.connect()
+        await self._ready()
         async with self._translated():
             return await self._scripts[name](keys=[self._key(queue).prefix], args=list(args))
 
@@ -237,8 +241,7 @@ class RedisBroker(Broker):
         chords: Sequence[ChordSpec] = (),
         batches: Sequence[BatchSpec] = (),
     ) -> list[str]:
-        if self._client is None:
-            await self.connect()
+        await self._ready()
         if chords or batches:  # a workflow is stored whole, in one step
             ids = await self._run(queue, "enqueue", self._enqueue_args(jobs, chords, batches))
             return [i.decode() for i in ids]
@@ -393,8 +396,7 @@ class RedisBroker(Broker):
     # --- observing -------------------------------------------------------------------------------
 
     async def get(self, queue: str, job_id: str) -> JobRecord | None:
-        if self._client is None:
-            await self.connect()
+        await self._ready()
         async with self._translated():
             fields: dict[bytes, bytes] = await self.client.hgetall(  # type: ignore[assignment]
                 self._key(queue).job(job_id)
@@ -402,8 +404,7 @@ class RedisBroker(Broker):
         return _record(job_id, fields) if fields else None
 
     async def wait(self, queue: str, job_id: str, timeout: float | None) -> JobRecord | None:
-        if self._client is None:
-            await self.connect()
+        await self._ready()
         assert self._notifier is not None
         channel = self._key(queue).done_channel(job_id)
         deadline = None if timeout is None else anyio.current_time() + timeout
@@ -422,8 +423,7 @@ class RedisBroker(Broker):
     async def jobs(
         self, queue: str, state: str | None, task: str | None, limit: int
     ) -> list[JobRecord]:
-        if self._client is None:
-            await self.connect()
+        await self._ready()
         keys = self._key(queue)
         found: list[JobRecord] = []
         start, page = 0, max(limit, 100)
@@ -457,8 +457,7 @@ class RedisBroker(Broker):
     # --- dead letters ----------------------------------------------------------------------------
 
     async def dead_letters(self, queue: str, limit: int) -> list[JobRecord]:
-        if self._client is None:
-            await self.connect()
+        await self._ready()
         keys = self._key(queue)
         if limit <= 0:
             return []
@@ -483,8 +482,7 @@ class RedisBroker(Broker):
         return verdict.decode() if verdict else None
 
     async def listen_cancel(self, queue: str, on_request: Callable[[str], None]) -> None:
-        if self._client is None:
-            await self.connect()
+        await self._ready()
         async with self._translated():
             pubsub = self.client.pubsub()
             try:
@@ -512,21 +510,18 @@ class RedisBroker(Broker):
         return bool(await self._run(queue, "revoke", [job_id, "1" if revoked else "0"]))
 
     async def revoke_task(self, queue: str, task: str, once: bool, until: float | None) -> None:
-        if self._client is None:
-            await self.connect()
+        await self._ready()
         async with self._translated():
             await self.client.hset(self._key(queue).revoked_tasks, task,
                                    f"{int(once)}|{_opt(until)}")
 
     async def restore_task(self, queue: str, task: str) -> bool:
-        if self._client is None:
-            await self.connect()
+        await self._ready()
         async with self._translated():
             return bool(await self.client.hdel(self._key(queue).revoked_tasks, task))
 
     async def revoked(self, queue: str, job_id: str | None, task: str, now: float) -> bool:
-        if self._client is None:
-            await self.connect()
+        await self._ready()
         keys = self._key(queue)
         async with self._translated():
             async with self.client.pipeline(transaction=False) as pipe:
@@ -547,8 +542,7 @@ class RedisBroker(Broker):
         return bool(await self._run(queue, "tick", [args[0], repr(tick), *args[1:]]))
 
     async def lock_acquire(self, queue: str, name: str, token: str, ttl: float) -> bool:
-        if self._client is None:
-            await self.connect()
+        await self._ready()
         async with self._translated():
             return bool(await self.client.set(
                 self._key(queue).lock(name), token, nx=True, px=max(1, int(ttl * 1000))
@@ -561,8 +555,7 @@ class RedisBroker(Broker):
         return bool(await self._run(queue, "lock_release", [name, token]))
 
     async def lock_wait(self, queue: str, name: str, timeout: float | None) -> None:
-        if self._client is None:
-            await self.connect()
+        await self._ready()
         assert self._notifier is not None
         key = self._key(queue).lock(name)
         async with self._translated(), self._notifier.listen(key) as released:
