@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -408,3 +409,24 @@ async def account(url: str, probe_url: str, name: str, expected: dict[str, Any],
     done = collections.Counter((e.job, e.attempt) for e in ends)
     acc.completed_more_than_once = len({job for (job, _), n in done.items() if n > 1})
     return acc
+
+
+def mixed_calls(count: int, seed: int, weights: Sequence[int]) -> list[tuple[int, str, int]]:
+    """`work` calls: instant, sleeping 10-200 ms, flaky (retried) or doomed, drawn with `weights`."""
+    rng = random.Random(seed)
+    kinds = rng.choices(["instant", "sleep", "flaky", "doomed"], weights=weights, k=count)
+    return [(i, kind, rng.randint(10, 200)) for i, kind in enumerate(kinds)]
+
+
+async def enqueue_in_waves(
+    work: Any, calls: list[tuple[int, str, int]], waves: int, pause: float, expected: dict[str, Any]
+) -> None:
+    """Enqueue `calls` in `waves` bulk groups `pause` seconds apart (load while faults happen),
+    recording what each job must end with."""
+    per = len(calls) // waves
+    for wave in range(waves):
+        chunk = calls[wave * per:(wave + 1) * per]
+        group = await work.map(chunk)
+        for job, (i, kind, _ms) in zip(group.jobs, chunk, strict=True):
+            expected[job.id] = DEAD if kind == "doomed" else i * 2
+        await anyio.sleep(pause)

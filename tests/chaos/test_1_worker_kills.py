@@ -9,14 +9,22 @@ worker); visibility timeout 2 s.
 
 from __future__ import annotations
 
-import random
 import time
 from typing import Any
 
 import anyio
 import pytest
 
-from tests.chaos._support import DEAD, Workers, account, client_queue, left, report_scenario, wait_final
+from tests.chaos._support import (
+    Workers,
+    account,
+    client_queue,
+    enqueue_in_waves,
+    left,
+    mixed_calls,
+    report_scenario,
+    wait_final,
+)
 from tests.conftest import RedisServer
 
 pytestmark = pytest.mark.chaos
@@ -28,12 +36,6 @@ KILL_EVERY = 1.5
 CONCURRENCY = 50
 
 
-def plan(count: int) -> list[tuple[int, str, int]]:
-    rng = random.Random(20240501)
-    kinds = rng.choices(["instant", "sleep", "flaky", "doomed"], weights=[35, 50, 10, 5], k=count)
-    return [(i, kind, rng.randint(10, 200)) for i, kind in enumerate(kinds)]
-
-
 async def test_kill_9_and_restart_every_1_5s_loses_nothing(
     redis_under_test: RedisServer, workers: Workers, chaos_name: str
 ) -> None:
@@ -42,20 +44,14 @@ async def test_kill_9_and_restart_every_1_5s_loses_nothing(
     pool = [workers.start(concurrency=CONCURRENCY) for _ in range(3)]
     for w in pool:
         await w.started()
-    calls = plan(JOBS)
+    calls = mixed_calls(JOBS, seed=20240501, weights=[35, 50, 10, 5])
     expected: dict[str, Any] = {}
     kills = 0
     async with client_queue(redis_under_test.url, chaos_name) as q:
         work = q.tasks["work"]
 
         async def produce() -> None:
-            per = JOBS // WAVES
-            for wave in range(WAVES):
-                chunk = calls[wave * per:(wave + 1) * per]
-                group = await work.map(chunk)
-                for job, (i, kind, _ms) in zip(group.jobs, chunk, strict=True):
-                    expected[job.id] = DEAD if kind == "doomed" else i * 2
-                await anyio.sleep(KILL_EVERY * KILLS / WAVES)
+            await enqueue_in_waves(work, calls, WAVES, KILL_EVERY * KILLS / WAVES, expected)
 
         async def kill_schedule() -> None:
             nonlocal kills

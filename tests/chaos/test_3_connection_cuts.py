@@ -8,14 +8,23 @@ visibility timeout 2 s.
 
 from __future__ import annotations
 
-import random
 import time
 from typing import Any
 
 import anyio
 import pytest
 
-from tests.chaos._support import DEAD, Proxy, Workers, account, client_queue, left, report_scenario, wait_final
+from tests.chaos._support import (
+    Proxy,
+    Workers,
+    account,
+    client_queue,
+    enqueue_in_waves,
+    left,
+    mixed_calls,
+    report_scenario,
+    wait_final,
+)
 from tests.conftest import RedisServer
 
 pytestmark = pytest.mark.chaos
@@ -30,9 +39,7 @@ async def test_workers_resume_after_every_connection_is_dropped(
     redis_under_test: RedisServer, workers: Workers, chaos_name: str
 ) -> None:
     started = time.monotonic()
-    rng = random.Random(7)
-    kinds = rng.choices(["instant", "sleep", "flaky", "doomed"], weights=[40, 45, 10, 5], k=JOBS)
-    calls = [(i, kind, rng.randint(10, 200)) for i, kind in enumerate(kinds)]
+    calls = mixed_calls(JOBS, seed=7, weights=[40, 45, 10, 5])
     expected: dict[str, Any] = {}
     dropped: list[int] = []
     with Proxy(redis_under_test.port) as proxy:
@@ -44,13 +51,7 @@ async def test_workers_resume_after_every_connection_is_dropped(
             work = q.tasks["work"]
 
             async def produce() -> None:
-                per = JOBS // WAVES
-                for wave in range(WAVES):
-                    chunk = calls[wave * per:(wave + 1) * per]
-                    group = await work.map(chunk)
-                    for job, (i, kind, _ms) in zip(group.jobs, chunk, strict=True):
-                        expected[job.id] = DEAD if kind == "doomed" else i * 2
-                    await anyio.sleep(CUT_EVERY * CUTS / WAVES)
+                await enqueue_in_waves(work, calls, WAVES, CUT_EVERY * CUTS / WAVES, expected)
 
             async def cut_schedule() -> None:
                 for _ in range(CUTS):
