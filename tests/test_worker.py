@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import time
 import uuid
 
@@ -165,6 +166,21 @@ async def test_coroutine_jobs_run_concurrently(queue: Queue) -> None:
 
     async with queue.worker(concurrency=10):
         await (await meet.map([() for _ in range(10)])).get(timeout=10)
+
+
+async def test_each_job_starts_from_a_clean_context(queue: Queue) -> None:
+    # Jobs share long-lived runner tasks: a context variable one job sets must not reach the next.
+    tag: contextvars.ContextVar[int] = contextvars.ContextVar("tag")
+
+    @queue.task
+    async def mark(i: int) -> int | None:
+        seen = tag.get(None)
+        tag.set(i)
+        return seen
+
+    async with queue.worker(concurrency=1):
+        group = await mark.map([(i,) for i in range(20)])
+        assert await group.get(timeout=10) == [None] * 20
 
 
 async def test_higher_priority_runs_first(queue: Queue) -> None:

@@ -1,17 +1,20 @@
 """The worker: one event loop running a fetcher, the jobs it hands out, and the services beside them.
 
-    fetcher ──receive/reclaim──▶ one task per job (own cancel scope) ──▶ completer ──finish──▶ broker
+    fetcher ──receive/reclaim──▶ runners (a job at a time, each in its own cancel scope)
+            ──▶ completer ──finish──▶ broker
     lease renewer: renews every held lease in one call     scheduler: promotes due jobs
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import os
 import socket
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -44,6 +47,14 @@ ENDED_SIGNALS = {"expired": Signal.EXPIRED, "revoked": Signal.REVOKED, "cancelle
 
 def consumer_name() -> str:
     return f"{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:6]}"
+
+
+_UNSET = object()
+
+
+def _context_changed(clean: list[tuple[contextvars.ContextVar[object], object]]) -> bool:
+    context = contextvars.copy_context()
+    return len(context) != len(clean) or any(context.get(var, _UNSET) is not value for var, value in clean)
 
 
 class _Started:
@@ -88,6 +99,13 @@ class Worker:
         self._completer: Completer | None = None
         self._services: TaskGroup | None = None
         self._fetch_ended = anyio.Event()
+        # Jobs wait here for a runner. Runners are long-lived tasks, added while none is idle (up to
+        # `concurrency`): a busy worker does not pay for a new task per job.
+        self._ready: deque[RunningJob] = deque()
+        self._idle_runners: list[anyio.Event] = []
+        self._runners = 0
+        self._runners_done = False
+        self._jobs: TaskGroup | None = None
 
     def __repr__(self) -> str:
         return f"<Worker {self.name} on {self.queue!r}>"
@@ -160,12 +178,14 @@ class Worker:
                 services.start_soon(self._schedule)
                 services.start_soon(self._prune)
             async with anyio.create_task_group() as jobs:
+                self._jobs = jobs
                 task_status.started(self)
                 try:
-                    await self._fetch(jobs)
+                    await self._fetch()
                 finally:
                     self._fetch_ended.set()
                 await self._wind_down()
+                self._end_runners()
             await self._release(self._handed_back)
             with anyio.move_on_after(max(self.shutdown_timeout, 1.0)):  # a broker that is gone
                 await self._completer.drained()
@@ -180,7 +200,7 @@ class Worker:
 
     # --- fetching --------------------------------------------------------------------------------
 
-    async def _fetch(self, jobs: TaskGroup) -> None:
+    async def _fetch(self) -> None:
         queue, broker = self.queue, self.queue.broker
         reclaim_every = max(1.0, queue.visibility_timeout / 4)
         next_reclaim = 0.0
@@ -226,7 +246,43 @@ class Worker:
                 else:
                     running = RunningJob(d)
                     self._running[d.job_id] = running
-                    jobs.start_soon(self._run_job, running, name=f"aqueue job {d.job_id}")
+                    self._ready.append(running)
+                    self._wake_runner()
+
+    # --- running ---------------------------------------------------------------------------------
+
+    def _wake_runner(self) -> None:
+        if self._idle_runners:
+            self._idle_runners.pop().set()
+        elif self._runners < self.concurrency:
+            assert self._jobs is not None
+            self._runners += 1
+            self._jobs.start_soon(self._runner, name="aqueue runner")
+
+    async def _runner(self) -> None:
+        """Runs ready jobs one after another; waits while there are none, until the worker stops.
+        Every job starts from the context the runner started with: a runner whose job set a context
+        variable ends, and a fresh one takes its place."""
+        clean = list(contextvars.copy_context().items())
+        while True:
+            while self._ready:
+                await self._run_job(self._ready.popleft())
+                if _context_changed(clean):
+                    self._runners -= 1
+                    if self._ready:
+                        self._wake_runner()
+                    return
+            if self._runners_done:
+                return
+            wake = anyio.Event()
+            self._idle_runners.append(wake)
+            await wake.wait()
+
+    def _end_runners(self) -> None:
+        self._runners_done = True
+        idle, self._idle_runners = self._idle_runners, []
+        for wake in idle:
+            wake.set()
 
     async def _run_job(self, running: RunningJob) -> None:
         job_id = running.delivery.job_id
