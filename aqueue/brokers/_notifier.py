@@ -20,9 +20,28 @@ from redis import exceptions as redis_errors
 logger = logging.getLogger("aqueue")
 
 
+class Listener:
+    """What `listen` yields. `wait()` returns at the next message on the channel, or when the
+    connection was lost: then `lost` is set, and the caller re-reads its state and listens again."""
+
+    __slots__ = ("_heard", "lost")
+
+    def __init__(self) -> None:
+        self._heard = anyio.Event()
+        self.lost = False
+
+    def _wake(self, *, lost: bool = False) -> None:
+        self.lost = self.lost or lost
+        self._heard.set()
+
+    async def wait(self) -> None:
+        await self._heard.wait()
+        self._heard = anyio.Event()
+
+
 @dataclass
 class _Channel:
-    waiters: set[anyio.Event] = field(default_factory=set)
+    waiters: set[Listener] = field(default_factory=set)
     sent: int = 0  # SUBSCRIBE commands sent for this channel
     confirmed: int = 0  # their confirmations read back
     confirmation: anyio.Event = field(default_factory=anyio.Event)
@@ -36,10 +55,9 @@ class Notifier:
         self._commands = asyncio.Lock()  # SUBSCRIBE / UNSUBSCRIBE go out one at a time
 
     @asynccontextmanager
-    async def listen(self, channel: str) -> AsyncIterator[anyio.Event]:
-        """Subscribed (confirmed) for the body; the event is set when a message arrives, and also
-        when the connection was lost (the caller re-reads its state and listens again)."""
-        heard = anyio.Event()
+    async def listen(self, channel: str) -> AsyncIterator[Listener]:
+        """Subscribed (confirmed) for the body."""
+        heard = Listener()
         state = self._channels.get(channel)
         if state is None:
             state = self._channels[channel] = _Channel()
@@ -106,7 +124,7 @@ class Notifier:
                 state.confirmation = anyio.Event()
             elif message["type"] == "message":
                 for heard in state.waiters:
-                    heard.set()
+                    heard._wake()
 
     def _lost(self, exc: BaseException) -> None:
         """Every subscription is gone with the connection: wake everyone to re-check and re-listen."""
@@ -116,6 +134,6 @@ class Notifier:
             state.confirmed = state.sent  # release anyone waiting for a confirmation
             state.confirmation.set()
             for heard in state.waiters:
-                heard.set()
+                heard._wake(lost=True)
         # redis-py re-subscribes the old channels on reconnect; start from a clean slate instead.
         self._pubsub.channels.clear()

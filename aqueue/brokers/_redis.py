@@ -410,15 +410,17 @@ class RedisBroker(Broker):
         deadline = None if timeout is None else anyio.current_time() + timeout
         while True:
             async with self._translated(), self._notifier.listen(channel) as heard:
-                # Subscribed (confirmed) before reading: a finish after this read is heard.
-                record = await self.get(queue, job_id)
-                if record is None or record.state in FINAL_STATES:
-                    return record
-                remaining = None if deadline is None else deadline - anyio.current_time()
-                if remaining is not None and remaining <= 0:
-                    return record
-                with anyio.move_on_after(RECHECK if remaining is None else min(remaining, RECHECK)):
-                    await heard.wait()
+                # Subscribed (confirmed) before reading: a finish after this read is heard. The
+                # subscription stays while the job runs, so each message costs one read.
+                while not heard.lost:
+                    record = await self.get(queue, job_id)
+                    if record is None or record.state in FINAL_STATES:
+                        return record
+                    remaining = None if deadline is None else deadline - anyio.current_time()
+                    if remaining is not None and remaining <= 0:
+                        return record
+                    with anyio.move_on_after(RECHECK if remaining is None else min(remaining, RECHECK)):
+                        await heard.wait()
 
     async def jobs(
         self, queue: str, state: str | None, task: str | None, limit: int
