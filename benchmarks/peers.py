@@ -63,7 +63,8 @@ class Lib:
 # The tuned concurrency of each library is the best of a small sweep on this 2-core machine (see RESULTS.md).
 # Notes say what a user of that library runs into; they go into RESULTS.md.
 LIBS = [
-    Lib("raw", [], ["redis", "hiredis"], None, venv="aqueue",
+    # The same packages as aqueue's, so whichever of the two runs first fills the shared venv.
+    Lib("raw", ["-e", ROOT, "hiredis"], ["redis", "hiredis"], None, venv="aqueue",
         note="the limit: redis-py asyncio + hiredis, bare XADD / XREADGROUP COUNT 100 + XACK, no queue logic."),
     Lib("aqueue", ["-e", ROOT, "hiredis"], ["aqueue", "redis", "hiredis", "anyio"], 500,
         note="this working tree, installed editable."),
