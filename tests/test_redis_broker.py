@@ -97,6 +97,31 @@ async def test_finished_entries_leave_the_stream(redis_url: str, queue_name: str
     assert pending["pending"] == 0
 
 
+async def test_entries_ended_before_they_ran_leave_the_stream_on_prune(
+    redis_url: str, queue_name: str
+) -> None:
+    queue = Queue(redis_url, name=queue_name)
+
+    @queue.task
+    async def noop() -> None:
+        return None
+
+    async with queue:
+        cancelled = [await noop.enqueue() for _ in range(3)]
+        for job in cancelled:
+            assert await job.cancel()
+        # A worker meets the three cancelled entries and acks them without running anything.
+        assert await queue.broker.receive(queue_name, "w", 10, 0, 5) == []
+        client = redis.asyncio.Redis.from_url(redis_url)
+        try:
+            stream = Keys(queue_name).stream(0)
+            assert await client.xlen(stream) == 3
+            await queue.broker.prune(queue_name, time.time(), 100)
+            assert await client.xlen(stream) == 0
+        finally:
+            await client.aclose()
+
+
 async def test_unix_socket_url() -> None:
     socket_path = Path(tempfile.mkdtemp(prefix="aqueue-sock-")) / "redis.sock"
     server = start_redis("--unixsocket", str(socket_path), "--unixsocketperm", "700")

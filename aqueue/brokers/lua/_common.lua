@@ -34,15 +34,43 @@ local function live(jk, token)
   return rec[1] == token and rec[2] == 'running'
 end
 
+-- An entry is done with: acked here, and trimmed off its stream by `trim_acked` (a trim per
+-- batch costs less than an XDEL per entry).
 local function drop_entry(s, entry)
   redis.call('XACK', s, GROUP, entry)
-  redis.call('XDEL', s, entry)
 end
 
--- Put a job on its band's stream, ready for any worker.
-local function make_ready(id, jk, p)
+-- Stream ids compare as (ms, seq) pairs.
+local function id_after(a, b)
+  local ams, aseq = string.match(a, '^(%d+)-(%d+)$')
+  local bms, bseq = string.match(b, '^(%d+)-(%d+)$')
+  ams, bms = tonumber(ams), tonumber(bms)
+  return ams > bms or (ams == bms and tonumber(aseq) > tonumber(bseq))
+end
+
+-- Trim the entries of a stream that are done with: those older than both `read` (an entry the
+-- group has delivered: every older entry was delivered too) and the oldest still pending. What
+-- was delivered and is not pending was acked.
+local function trim_acked(s, read)
+  local ms, seq = string.match(read, '^(%d+)-(%d+)$')
+  local floor = ms .. '-' .. (tonumber(seq) + 1)
+  local pending = redis.call('XPENDING', s, GROUP)
+  if pending[1] > 0 and id_after(floor, pending[2]) then floor = pending[2] end
+  redis.call('XTRIM', s, 'MINID', floor)
+end
+
+-- Append name/value pairs to a list of HSET arguments.
+local function with(fields, ...)
+  local more = {...}
+  for i = 1, #more do fields[#fields + 1] = more[i] end
+  return fields
+end
+
+-- Put a job on its band's stream, ready for any worker; `fields` are more record fields to write
+-- in the same HSET.
+local function make_ready(id, jk, p, fields)
   local entry = redis.call('XADD', ensure_stream(p), '*', 'id', id)
-  redis.call('HSET', jk, 'state', 'pending', 'entry', entry)
+  redis.call('HSET', jk, unpack(with(fields or {}, 'state', 'pending', 'entry', entry)))
 end
 
 -- Store a new job, ready now or scheduled for its eta. Returns the id it lives under: an existing
@@ -59,20 +87,24 @@ local function store_job(now, id, task, payload, p, eta, expires, key, extra)
   end
   local jk = job_key(id)
   if redis.call('EXISTS', jk) == 1 then return id end
-  redis.call('HSET', jk, 'task', task, 'payload', payload, 'priority', p, 'attempt', 1,
-    'enqueued_at', now, 'token', 0, 'deliveries', 0, 'expires', expires, 'key', key)
+  -- One HSET for the whole record; empty fields are left out (a missing field reads as empty).
+  local fields = {'task', task, 'payload', payload, 'priority', p, 'attempt', 1, 'enqueued_at', now}
+  if expires ~= '' then with(fields, 'expires', expires) end
+  if key ~= '' then with(fields, 'key', key) end
   local waiting = false
-  if extra and #extra > 0 then
-    redis.call('HSET', jk, unpack(extra))
-    for i = 1, #extra, 2 do if extra[i] == 'waiting' then waiting = true end end
+  if extra then
+    for i = 1, #extra, 2 do
+      with(fields, extra[i], extra[i + 1])
+      if extra[i] == 'waiting' then waiting = true end
+    end
   end
   if waiting then
-    redis.call('HSET', jk, 'state', 'scheduled')
+    redis.call('HSET', jk, unpack(with(fields, 'state', 'scheduled')))
   elseif eta ~= '' and tonumber(eta) > tonumber(now) then
-    redis.call('HSET', jk, 'state', 'scheduled', 'eta', eta)
+    redis.call('HSET', jk, unpack(with(fields, 'state', 'scheduled', 'eta', eta)))
     redis.call('ZADD', prefix .. 'scheduled', eta, id)
   else
-    make_ready(id, jk, p)
+    make_ready(id, jk, p, fields)
   end
   redis.call('ZADD', prefix .. 'index', now, id)
   if key ~= '' then redis.call('SET', prefix .. 'key:' .. key, id) end
@@ -170,50 +202,63 @@ local function batch_arrive(bid, id, state, now)
   end
 end
 
+-- The record fields that ending a job looks at, read in one call (missing ones are false).
+local END_FIELDS = {'token', 'state', 'key', 'chord', 'slot', 'batch', 'next', 'err_task',
+  'err_payload', 'err_priority', 'result', 'error'}
+local function end_fields(jk)
+  local values = redis.call('HMGET', jk, unpack(END_FIELDS))
+  local rec = {}
+  for i, name in ipairs(END_FIELDS) do rec[name] = values[i] end
+  return rec
+end
+
+local function set(value) return value and value ~= '' end
+
 -- What ending a job means for the workflow around it.
-local function after_final(id, jk, state, now, ttl)
-  local wf = redis.call('HMGET', jk, 'chord', 'slot', 'batch', 'next', 'err_task', 'err_payload',
-    'err_priority', 'result', 'error')
+local function after_final(id, state, now, ttl, rec)
+  if not (set(rec.chord) or set(rec.batch) or set(rec.next) or set(rec.err_task)) then return end
   if state ~= 'succeeded' then
-    if wf[4] and wf[4] ~= '' then
+    if set(rec.next) then
       -- The rest of the pipeline is skipped; the last step carries the error to its chord.
-      local nk = job_key(wf[4])
+      local nk = job_key(rec.next)
       if redis.call('HGET', nk, 'waiting') == '1' then
         redis.call('HDEL', nk, 'waiting')
-        if wf[9] then redis.call('HSET', nk, 'error', wf[9]) end
-        finalize(wf[4], nk, 'cancelled', now, ttl, nil)
+        if rec.error then redis.call('HSET', nk, 'error', rec.error) end
+        finalize(rec.next, nk, 'cancelled', now, ttl, nil)
       end
     end
-    if state == 'failed' and wf[5] and wf[5] ~= '' then
-      store_job(now, id .. ':error', wf[5], prepend_arg(wf[6], error_marker(wf[9])), wf[7],
-        '', '', '', nil)
+    if state == 'failed' and set(rec.err_task) then
+      store_job(now, id .. ':error', rec.err_task, prepend_arg(rec.err_payload, error_marker(rec.error)),
+        rec.err_priority, '', '', '', nil)
     end
   end
-  if wf[1] and wf[1] ~= '' then
-    local value = wf[8]
-    if state ~= 'succeeded' then value = error_marker(wf[9]) elseif not value or value == '' then value = 'null' end
-    chord_arrive(wf[1], wf[2], value, ttl)
+  if set(rec.chord) then
+    local value = rec.result
+    if state ~= 'succeeded' then value = error_marker(rec.error) elseif not set(value) then value = 'null' end
+    chord_arrive(rec.chord, rec.slot, value, ttl)
   end
-  if wf[3] and wf[3] ~= '' then batch_arrive(wf[3], id, state, now) end
+  if set(rec.batch) then batch_arrive(rec.batch, id, state, now) end
 end
 
 -- A final state: free the idempotency key, wake waiters, tell the workflow; dead letters are
--- kept, other records expire.
-finalize = function(id, jk, state, now, ttl, reason)
-  redis.call('HSET', jk, 'state', state, 'finished_at', now)
-  local key = redis.call('HGET', jk, 'key')
-  if key and key ~= '' and redis.call('GET', prefix .. 'key:' .. key) == id then
-    redis.call('DEL', prefix .. 'key:' .. key)
+-- kept, other records expire. `rec` is the job's `end_fields` when the caller read them already
+-- (with what it changes since), `fields` more record fields to write in the same HSET.
+finalize = function(id, jk, state, now, ttl, reason, rec, fields)
+  rec = rec or end_fields(jk)
+  fields = with(fields or {}, 'state', state, 'finished_at', now)
+  if state == 'failed' and set(reason) then with(fields, 'dead_reason', reason) end
+  redis.call('HSET', jk, unpack(fields))
+  if set(rec.key) and redis.call('GET', prefix .. 'key:' .. rec.key) == id then
+    redis.call('DEL', prefix .. 'key:' .. rec.key)
   end
   if state == 'failed' then
-    if reason and reason ~= '' then redis.call('HSET', jk, 'dead_reason', reason) end
     redis.call('ZADD', prefix .. 'dead', now, id)
   else
     redis.call('EXPIRE', jk, math.max(1, math.ceil(ttl)))
     -- So that pruning finds exactly the index entries whose records have expired.
     redis.call('ZADD', prefix .. 'expiring', tonumber(now) + ttl, id)
   end
-  after_final(id, jk, state, now, ttl)
+  after_final(id, state, now, ttl, rec)
   redis.call('PUBLISH', done_channel(id), state)
 end
 
