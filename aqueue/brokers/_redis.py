@@ -18,6 +18,7 @@ from typing import Any, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import anyio
+import orjson
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
 from redis.commands.core import AsyncScript
@@ -372,12 +373,17 @@ class RedisBroker(Broker):
     ) -> list[bool]:
         if not completions:
             return []
-        args: list[Any] = [result_ttl]
-        for c in completions:
-            d = c.delivery
-            args += [d.job_id, d.token, d.priority, d.receipt, c.outcome.value, c.result or b"",
-                     c.error or b"", _opt(c.retry_at), c.reason or "", repr(c.finished_at),
-                     _pairs([(job_id.encode(), payload) for job_id, payload in c.activate])]
+        # The whole batch as one JSON argument: one orjson call instead of redis-py encoding
+        # eleven arguments per job. Every field is a string, so nothing changes on the way.
+        rows = [
+            [d.job_id, str(d.token), str(d.priority), d.receipt, c.outcome.value,
+             c.result.decode() if c.result else "", c.error.decode() if c.error else "",
+             _opt(c.retry_at), c.reason or "", repr(c.finished_at),
+             [[job_id, payload.decode()] for job_id, payload in c.activate]]
+            for c in completions
+            for d in (c.delivery,)
+        ]
+        args = [result_ttl, orjson.dumps(rows)]
         applied = await self._run(queue, "finish", args)
         return [bool(a) for a in applied]
 

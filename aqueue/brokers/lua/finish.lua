@@ -1,43 +1,52 @@
 -- End deliveries, each as its completion says.
 -- KEYS[1] prefix
--- ARGV: result_ttl, then 11 per completion: job id, token, band, entry id, outcome, result,
---       error, retry_at ('' = now), reason, finished_at, and activations: the next pipeline
---       step's "id\31payload\30" ('' when none), applied with a success only
+-- ARGV: result_ttl, then the completions as one JSON array of string arrays: job id, token, band,
+--       entry id, outcome, result, error, retry_at ('' = now), reason, finished_at, and the
+--       activations (waiting jobs to make ready: [id, payload] pairs, applied with a success)
 -- Returns 1 per applied completion, 0 where the token was stale (a newer delivery owns the job).
 local ttl = tonumber(ARGV[1])
 local out = {}
-for i = 2, #ARGV, 11 do
-  local id, token, p, entry, outcome, result, err, retry_at, reason, now =
-    ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5], ARGV[i + 6],
-    ARGV[i + 7], ARGV[i + 8], ARGV[i + 9]
+local newest = {}  -- per stream, the newest entry acked here
+for _, c in ipairs(cjson.decode(ARGV[2])) do
+  local id, token, p, entry, outcome, result, err, retry_at, reason, now, activations = unpack(c)
   local jk = job_key(id)
-  if not live(jk, token) then
+  local rec = end_fields(jk)
+  if rec.token ~= token or rec.state ~= 'running' then
     out[#out + 1] = 0
   else
-    drop_entry(stream_key(p), entry)
-    if err ~= '' then redis.call('HSET', jk, 'error', err) end
+    local s = stream_key(p)
+    drop_entry(s, entry)
+    if not newest[s] or id_after(entry, newest[s]) then newest[s] = entry end
+    local fields = {}
+    if err ~= '' then
+      with(fields, 'error', err)
+      rec.error = err
+    end
     if outcome == 'retry' or outcome == 'defer' then
       if outcome == 'retry' then redis.call('HINCRBY', jk, 'attempt', 1) end
-      redis.call('HSET', jk, 'deliveries', 0)
+      with(fields, 'deliveries', 0)
       if retry_at ~= '' and tonumber(retry_at) > tonumber(now) then
-        redis.call('HSET', jk, 'state', 'scheduled', 'eta', retry_at, 'entry', '')
+        redis.call('HSET', jk, unpack(with(fields, 'state', 'scheduled', 'eta', retry_at, 'entry', '')))
         redis.call('ZADD', prefix .. 'scheduled', retry_at, id)
       else
-        make_ready(id, jk, p)
+        make_ready(id, jk, p, fields)
       end
     else
       if outcome == 'succeeded' then
-        redis.call('HSET', jk, 'result', result)
-        redis.call('HDEL', jk, 'error')
-      end
-      finalize(id, jk, outcome, now, ttl, reason)
-      if outcome == 'succeeded' then
-        for next_id, payload in string.gmatch(ARGV[i + 10], '([^\31\30]*)\31([^\30]*)\30') do
-          activate(next_id, payload)
+        with(fields, 'result', result)
+        rec.result = result
+        if rec.error then
+          redis.call('HDEL', jk, 'error')
+          rec.error = false
         end
+      end
+      finalize(id, jk, outcome, now, ttl, reason, rec, fields)
+      if outcome == 'succeeded' then
+        for _, a in ipairs(activations) do activate(a[1], a[2]) end
       end
     end
     out[#out + 1] = 1
   end
 end
+for s, entry in pairs(newest) do trim_acked(s, entry) end
 return out
