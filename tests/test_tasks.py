@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import tracemalloc
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -79,6 +80,22 @@ async def test_rich_arguments_round_trip_as_json(queue: Queue) -> None:
         job = await echo.enqueue(Point(1, 2), moment, ident, flag=True)
         value = await job.result(timeout=10)
     assert value == [[{"x": 1, "y": 2}, "2026-01-02T03:04:05+00:00", str(ident)], {"flag": True}]
+
+
+def test_held_payloads_cost_their_size_not_a_buffer() -> None:
+    # A worker holds thousands of encoded results and a producer thousands of payloads at once.
+    from aqueue._serialization import dumps, encode_call
+
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        held = [dumps(None) for _ in range(1000)]
+        held += [encode_call("noop", (), {}, {}, 1 << 20) for _ in range(1000)]
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert len(held) == 2000
+    assert grown < 300_000  # about 100 bytes each; a 4 KiB buffer each would be 8 MB
 
 
 async def test_unserializable_argument_fails_at_enqueue_naming_it(queue: Queue) -> None:
