@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("aqueue")
 
+RECEIVE_BATCH = 200  # jobs per receive at most: a bigger batch only holds more memory at once
 FETCH_BLOCK = 1.0  # seconds a receive waits for a job; bounds how long a stop request waits
 SCHEDULER_TICK = 0.1  # a due job waits at most this long to become ready
 PROMOTE_BATCH = 1000
@@ -102,10 +103,11 @@ class Worker:
         # Jobs wait here for a runner. Runners are long-lived tasks, added while none is idle (up to
         # `concurrency`): a busy worker does not pay for a new task per job.
         self._ready: deque[RunningJob] = deque()
-        self._idle_runners: list[anyio.Event] = []
+        self._idle_runners: list[asyncio.Event] = []
         self._runners = 0
         self._runners_done = False
         self._jobs: TaskGroup | None = None
+        self._new_scope: type[anyio.CancelScope] = anyio.CancelScope
 
     def __repr__(self) -> str:
         return f"<Worker {self.name} on {self.queue!r}>"
@@ -166,6 +168,9 @@ class Worker:
             ", ".join(sorted(queue.tasks)) or "(none)",
         )
         self._completer = Completer(queue.broker, queue.name, queue.result_ttl, self._written)
+        # The running backend's own scope class: `anyio.CancelScope()` looks the backend up on every
+        # call, which costs more than all the rest of a no-op job's bookkeeping.
+        self._new_scope = type(anyio.CancelScope())
         async with anyio.create_task_group() as services:
             self._services = services
             if self._stop_requested:  # stopped before it started
@@ -206,7 +211,7 @@ class Worker:
         next_reclaim = 0.0
         backoff = 0.05
         while not self._stop_requested:
-            free = self.concurrency - len(self._running)
+            free = min(self.concurrency - len(self._running), RECEIVE_BATCH)
             if free <= 0:
                 self._wake_fetcher = anyio.Event()
                 await self._wake_fetcher.wait()
@@ -244,7 +249,7 @@ class Worker:
                 if self._stop_requested:
                     self._handed_back.append(d)
                 else:
-                    running = RunningJob(d)
+                    running = RunningJob(d, self._new_scope())
                     self._running[d.job_id] = running
                     self._ready.append(running)
                     self._wake_runner()
@@ -274,7 +279,7 @@ class Worker:
                     return
             if self._runners_done:
                 return
-            wake = anyio.Event()
+            wake = asyncio.Event()  # the worker runs on asyncio; cheaper than anyio's wrapper
             self._idle_runners.append(wake)
             await wake.wait()
 
