@@ -21,22 +21,26 @@ logger = logging.getLogger("aqueue")
 
 
 class Listener:
-    """What `listen` yields. `wait()` returns at the next message on the channel, or when the
+    """What `listen` yields. `wait()` returns the next message on the channel, or None when the
     connection was lost: then `lost` is set, and the caller re-reads its state and listens again."""
 
-    __slots__ = ("_heard", "lost")
+    __slots__ = ("_heard", "_message", "lost")
 
     def __init__(self) -> None:
         self._heard = anyio.Event()
+        self._message: bytes | None = None
         self.lost = False
 
-    def _wake(self, *, lost: bool = False) -> None:
-        self.lost = self.lost or lost
+    def _wake(self, message: bytes | None) -> None:
+        if message is None:
+            self.lost = True
+        self._message = message
         self._heard.set()
 
-    async def wait(self) -> None:
+    async def wait(self) -> bytes | None:
         await self._heard.wait()
         self._heard = anyio.Event()
+        return self._message
 
 
 @dataclass
@@ -53,11 +57,16 @@ class Notifier:
         self._channels: dict[str, _Channel] = {}
         self._reader: asyncio.Task[None] | None = None
         self._commands = asyncio.Lock()  # SUBSCRIBE / UNSUBSCRIBE go out one at a time
+        # Channels nobody listens on any more: unsubscribed in the background, so that a waiter
+        # returns at once, and reused as they are if listened on again before that.
+        self._idle: set[str] = set()
+        self._unsubscriber: asyncio.Task[None] | None = None
 
     @asynccontextmanager
     async def listen(self, channel: str) -> AsyncIterator[Listener]:
         """Subscribed (confirmed) for the body."""
         heard = Listener()
+        self._idle.discard(channel)
         state = self._channels.get(channel)
         if state is None:
             state = self._channels[channel] = _Channel()
@@ -69,12 +78,18 @@ class Notifier:
         finally:
             state.waiters.discard(heard)
             if not state.waiters and self._channels.get(channel) is state:
-                del self._channels[channel]
                 if state.sent:
-                    with anyio.CancelScope(shield=True):
-                        await self._command("UNSUBSCRIBE", channel)
+                    self._idle.add(channel)
+                    if self._unsubscriber is None or self._unsubscriber.done():
+                        self._unsubscriber = asyncio.get_running_loop().create_task(self._unsubscribe())
+                else:
+                    del self._channels[channel]
 
     async def close(self) -> None:
+        if self._unsubscriber is not None:
+            self._unsubscriber.cancel()
+            await asyncio.gather(self._unsubscriber, return_exceptions=True)
+            self._unsubscriber = None
         if self._reader is not None:
             self._reader.cancel()
             await asyncio.gather(self._reader, return_exceptions=True)
@@ -84,18 +99,24 @@ class Notifier:
     async def _subscribe(self, channel: str, state: _Channel) -> None:
         if state.sent == state.confirmed:
             state.sent += 1
-            await self._command("SUBSCRIBE", channel)
+            async with self._commands:
+                await self._pubsub.subscribe(channel)
         target = state.sent
         self._ensure_reader()
         while state.confirmed < target:
             await state.confirmation.wait()
 
-    async def _command(self, command: str, channel: str) -> None:
-        async with self._commands:
-            if command == "SUBSCRIBE":
-                await self._pubsub.subscribe(channel)
-            else:
-                await self._pubsub.unsubscribe(channel)
+    async def _unsubscribe(self) -> None:
+        while self._idle:
+            async with self._commands:  # after any SUBSCRIBE already under way, before any later one
+                channels = list(self._idle)
+                self._idle.clear()
+                for channel in channels:
+                    self._channels.pop(channel, None)
+                try:
+                    await self._pubsub.unsubscribe(*channels)
+                except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError):
+                    return  # the subscriptions went with the connection
 
     def _ensure_reader(self) -> None:
         if self._reader is None or self._reader.done():
@@ -124,16 +145,17 @@ class Notifier:
                 state.confirmation = anyio.Event()
             elif message["type"] == "message":
                 for heard in state.waiters:
-                    heard._wake()
+                    heard._wake(message["data"])
 
     def _lost(self, exc: BaseException) -> None:
         """Every subscription is gone with the connection: wake everyone to re-check and re-listen."""
         logger.warning("pub/sub connection lost, listeners re-subscribe: %s", exc)
         channels, self._channels = self._channels, {}
+        self._idle.clear()
         for state in channels.values():
             state.confirmed = state.sent  # release anyone waiting for a confirmation
             state.confirmation.set()
             for heard in state.waiters:
-                heard._wake(lost=True)
+                heard._wake(None)
         # redis-py re-subscribes the old channels on reconnect; start from a clean slate instead.
         self._pubsub.channels.clear()
