@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 import redis
 
 from aqueue import Queue, TaskError
-from aqueue.brokers import RedisBroker
+from aqueue.brokers import NewJob, RedisBroker
 from aqueue.brokers._keys import GROUP, Keys
 from aqueue.brokers._redis import redact
 from aqueue.brokers._scripts import NAMES, source
@@ -77,6 +78,30 @@ async def test_malformed_stream_entry_goes_to_dead_letters(redis_url: str, queue
             await queue.job("no-such-record").result(timeout=1)
     assert dead[f"entry-{junk.decode()}"].dead_reason == "malformed stream entry: no job id"
     assert "no job record" in str(dead["no-such-record"].dead_reason)
+
+
+async def test_a_new_band_is_read_even_when_announced_beside_a_job(
+    redis_url: str, queue_name: str
+) -> None:
+    # A consumer whose last receive came back short blocks on the bands it knows at once. A new
+    # band is announced by a 'wake' entry in band 0; read together with a job, it must still
+    # make the next receive learn the new band.
+    broker = RedisBroker(redis_url)
+
+    def job(priority: int) -> NewJob:
+        payload = b'{"args":[],"kwargs":{},"options":{}}'
+        return NewJob(id=uuid.uuid4().hex, task="t", payload=payload, priority=priority,
+                      enqueued_at=time.time())
+
+    try:
+        await broker.enqueue(queue_name, [job(0)])
+        assert len(await broker.receive(queue_name, "c", 10, 1.0, 5)) == 1  # short: blocks next
+        high = job(7)
+        await broker.enqueue(queue_name, [high, job(0)])  # announces band 7, then a band-0 job
+        assert [d.priority for d in await broker.receive(queue_name, "c", 10, 1.0, 5)] == [0]
+        assert [d.job_id for d in await broker.receive(queue_name, "c", 10, 1.0, 5)] == [high.id]
+    finally:
+        await broker.close()
 
 
 async def test_finished_entries_leave_the_stream(redis_url: str, queue_name: str) -> None:

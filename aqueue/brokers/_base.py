@@ -284,6 +284,8 @@ class Broker(ABC):
     @abstractmethod
     async def wait(self, queue: str, job_id: str, timeout: float | None) -> JobRecord | None:
         """Wait, without polling, until the job is in a final state, and return its record.
+        Once final, the record may hold only the outcome (state, attempt, result, error,
+        dead_reason): what `job.result()` reads.
 
         Returns None at once when the job is unknown. When `timeout` (seconds; None waits forever)
         passes first, returns the record as it stands then (not final).

@@ -90,6 +90,19 @@ def _record(job_id: str, fields: dict[bytes, bytes]) -> JobRecord:
     )
 
 
+def _outcome_record(job_id: str, message: bytes) -> JobRecord | None:
+    """The outcome a finish publishes ("state\nattempt\nbody\nreason"), as a record holding just
+    what `job.result()` reads; None for a bare state (the outcome was too big to carry)."""
+    parts = message.split(b"\n", 3)
+    if len(parts) != 4:
+        return None
+    state, attempt, body, reason = parts[0].decode(), int(parts[1]), parts[2] or None, parts[3]
+    succeeded = state == "succeeded"
+    return JobRecord(id=job_id, task="", state=state, payload=b"", attempt=attempt,
+                     result=body if succeeded else None, error=None if succeeded else body,
+                     dead_reason=reason.decode() or None)
+
+
 def _delivery(row: list[bytes]) -> Delivery:
     job_id, task, payload, attempt, token, band, enqueued_at, entry = row[:8]
     return Delivery(
@@ -134,6 +147,25 @@ def _opt(value: float | str | None) -> str:
     return "" if value is None else repr(value) if isinstance(value, float) else str(value)
 
 
+class _Reader:
+    """A consumer's own connection for blocking reads, with its CLIENT ID: asked once per
+    connection (again after a reconnect), so that a stop can CLIENT UNBLOCK the read."""
+
+    def __init__(self, pool: aioredis.ConnectionPool) -> None:
+        self.client = aioredis.Redis(connection_pool=pool, single_connection_client=True)
+        self._id: int | None = None
+
+    async def connection_id(self) -> int:
+        if self._id is None:
+            self._id = int(await self.client.client_id())
+            if self.client.connection is not None:
+                self.client.connection.register_connect_callback(self._reconnected)  # type: ignore[no-untyped-call]
+        return self._id
+
+    def _reconnected(self, connection: object) -> None:
+        self._id = None
+
+
 class RedisBroker(Broker):
     """Broker on Redis Streams. Give it a URL (`redis://`, `rediss://`, `unix://`) or a client."""
 
@@ -155,8 +187,11 @@ class RedisBroker(Broker):
         self._bands: dict[str, list[str]] = {}
         # Per consumer: its own connection for blocking reads, and that connection's CLIENT ID
         # while a read is blocked on it, so `interrupt_receive` can CLIENT UNBLOCK it.
-        self._readers: dict[str, aioredis.Redis] = {}
+        self._readers: dict[str, _Reader] = {}
         self._blocked: dict[str, int] = {}
+        # Consumers whose last receive found fewer jobs than it asked for: their next receive
+        # goes straight to the blocking read, which returns at once if jobs arrived meanwhile.
+        self._drained: set[str] = set()
         self._notifier: Notifier | None = None
 
     # --- lifecycle -------------------------------------------------------------------------------
@@ -191,7 +226,7 @@ class RedisBroker(Broker):
             await notifier.close()
         readers, self._readers = self._readers, {}
         for reader in readers.values():
-            await reader.aclose(close_connection_pool=False)
+            await reader.client.aclose(close_connection_pool=False)
         if self._client is not None and self._owns_client:
             await self._client.aclose()
             self._client = None
@@ -284,47 +319,68 @@ class RedisBroker(Broker):
         self, queue: str, consumer: str, count: int, timeout: float, max_deliveries: int
     ) -> list[Delivery]:
         ttl = 86400  # records that end here (expired, dead) are kept a day
-        reply = await self._run(
-            queue, "receive", [consumer, count, repr(time.time()), max_deliveries, ttl]
+        bands = self._bands.get(queue)
+        if not (timeout > 0 and bands and consumer in self._drained):
+            reply = await self._run(
+                queue, "receive", [consumer, count, repr(time.time()), max_deliveries, ttl]
+            )
+            self._bands[queue] = bands = [b.decode() for b in reply[0]]
+            found = [_delivery(row) for row in reply[1:]]
+            if found or timeout <= 0:
+                self._note_drained(consumer, len(found) < count)
+                return found
+        found, new_band = await self._receive_blocking(
+            queue, consumer, bands, count, timeout, max_deliveries, ttl
         )
-        self._bands[queue] = bands = [b.decode() for b in reply[0]]
-        found = [_delivery(row) for row in reply[1:]]
-        if found or timeout <= 0:
-            return found
-        # Nothing ready: block on every band's stream until an entry arrives, then lease it.
+        # Nothing found (a timeout) or a new band announced: the next receive runs the script,
+        # which also learns the bands anew.
+        self._note_drained(consumer, 0 < len(found) < count and not new_band)
+        return found
+
+    def _note_drained(self, consumer: str, drained: bool) -> None:
+        if drained:
+            self._drained.add(consumer)
+        else:
+            self._drained.discard(consumer)
+
+    async def _receive_blocking(
+        self, queue: str, consumer: str, bands: list[str], count: int, timeout: float,
+        max_deliveries: int, ttl: int,
+    ) -> tuple[list[Delivery], bool]:
+        """Block on every band's stream until an entry arrives, then lease what was read. Also
+        says whether a new priority band was announced (a 'wake' entry)."""
         keys = self._key(queue)
         streams = {keys.stream(b): ">" for b in bands}
         async with self._translated():
             reader = self._readers.get(consumer)
             if reader is None:
-                reader = aioredis.Redis(
-                    connection_pool=self.client.connection_pool, single_connection_client=True
-                )
-                self._readers[consumer] = reader
-            self._blocked[consumer] = await reader.client_id()
+                reader = self._readers[consumer] = _Reader(self.client.connection_pool)
+            self._blocked[consumer] = await reader.connection_id()
             try:
-                entries: Any = await reader.xreadgroup(
+                entries: Any = await reader.client.xreadgroup(
                     GROUP, consumer, cast(Any, streams), count=count,
                     block=max(1, int(timeout * 1000)),
                 )
             except redis_errors.ResponseError as exc:
                 if "NOGROUP" not in str(exc):
                     raise
-                return []  # the server lost its data (a restart): the next receive recreates it
+                return [], False  # the server lost its data (a restart): the script recreates it
             finally:
                 self._blocked.pop(consumer, None)
         if not entries:
-            return []
+            return [], False
         read: list[tuple[int, bytes]] = []
+        new_band = False
         for stream, rows in entries:
             band = int(stream.decode().rsplit(":", 1)[1])
             read += [(band, entry_id) for entry_id, _fields in rows]
+            new_band = new_band or any(b"wake" in fields for _entry_id, fields in rows)
         read.sort(key=lambda r: -r[0])  # highest band first: what is past `count` is put back
         pairs: list[Any] = [x for band, entry_id in read for x in (band, entry_id)]
         reply = await self._run(
             queue, "start", [consumer, repr(time.time()), max_deliveries, ttl, count, *pairs]
         )
-        return [_delivery(row) for row in reply]
+        return [_delivery(row) for row in reply], new_band
 
     async def claim(
         self, queue: str, consumer: str, job_id: str, max_deliveries: int
@@ -333,9 +389,10 @@ class RedisBroker(Broker):
         return _delivery(row) if row else None
 
     async def forget_consumer(self, queue: str, consumer: str) -> None:
+        self._drained.discard(consumer)
         reader = self._readers.pop(consumer, None)
         if reader is not None:
-            await reader.aclose(close_connection_pool=False)
+            await reader.client.aclose(close_connection_pool=False)
         await self._run(queue, "forget", [consumer])
 
     async def prune(self, queue: str, now: float, limit: int) -> int:
@@ -426,7 +483,10 @@ class RedisBroker(Broker):
                     if remaining is not None and remaining <= 0:
                         return record
                     with anyio.move_on_after(RECHECK if remaining is None else min(remaining, RECHECK)):
-                        await heard.wait()
+                        message = await heard.wait()
+                        outcome = _outcome_record(job_id, message) if message else None
+                        if outcome is not None:
+                            return outcome
 
     async def jobs(
         self, queue: str, state: str | None, task: str | None, limit: int

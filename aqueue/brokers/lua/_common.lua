@@ -204,7 +204,7 @@ end
 
 -- The record fields that ending a job looks at, read in one call (missing ones are false).
 local END_FIELDS = {'token', 'state', 'key', 'chord', 'slot', 'batch', 'next', 'err_task',
-  'err_payload', 'err_priority', 'result', 'error'}
+  'err_payload', 'err_priority', 'result', 'error', 'attempt'}
 local function end_fields(jk)
   local values = redis.call('HMGET', jk, unpack(END_FIELDS))
   local rec = {}
@@ -240,6 +240,19 @@ local function after_final(id, state, now, ttl, rec)
   if set(rec.batch) then batch_arrive(rec.batch, id, state, now) end
 end
 
+-- What a waiter on the job's outcome needs, in the message itself when it is small, so that
+-- `job.result()` need not read the record: "state\nattempt\nbody\nreason", the body being the
+-- result (succeeded) or the error (JSON: never a raw newline). A bare state otherwise.
+local OUTCOME_IN_MESSAGE = 16384
+local function done_message(state, rec, reason)
+  local body = rec.error
+  if state == 'succeeded' then body = rec.result end
+  if not body then body = '' end
+  if #body > OUTCOME_IN_MESSAGE then return state end
+  if state ~= 'failed' or not reason then reason = '' end
+  return state .. '\n' .. (rec.attempt or '1') .. '\n' .. body .. '\n' .. reason
+end
+
 -- A final state: free the idempotency key, wake waiters, tell the workflow; dead letters are
 -- kept, other records expire. `rec` is the job's `end_fields` when the caller read them already
 -- (with what it changes since), `fields` more record fields to write in the same HSET.
@@ -259,7 +272,7 @@ finalize = function(id, jk, state, now, ttl, reason, rec, fields)
     redis.call('ZADD', prefix .. 'expiring', tonumber(now) + ttl, id)
   end
   after_final(id, state, now, ttl, rec)
-  redis.call('PUBLISH', done_channel(id), state)
+  redis.call('PUBLISH', done_channel(id), done_message(state, rec, reason))
 end
 
 -- Lease one stream entry (already in this consumer's pending list) to the worker. Returns the
