@@ -7,6 +7,7 @@ import time
 import uuid
 from pathlib import Path
 
+import anyio
 import pytest
 import redis
 
@@ -104,6 +105,42 @@ async def test_a_new_band_is_read_even_when_announced_beside_a_job(
         await broker.close()
 
 
+async def test_two_processes_waiting_on_one_job_both_hear_it(redis_url: str, queue_name: str) -> None:
+    # Each broker (each process) has its own inbox; a job's end is published to every inbox
+    # that waits on it.
+    producer = Queue(redis_url, name=queue_name)
+    other = Queue(redis_url, name=queue_name)
+    gate = anyio.Event()
+
+    @producer.task
+    async def slow() -> str:
+        await gate.wait()
+        return "done"
+
+    async with producer, other, producer.worker():
+        job = await slow.enqueue()
+        async with anyio.create_task_group() as tg:
+            seen: list[str] = []
+
+            async def wait_on(queue: Queue) -> None:
+                seen.append(await queue.job(job.id).result(timeout=10))
+
+            tg.start_soon(wait_on, producer)
+            tg.start_soon(wait_on, other)
+            client = redis.asyncio.Redis.from_url(redis_url)
+            try:
+                with anyio.fail_after(10):  # polls Redis until both inboxes are on the record
+                    while True:
+                        waiters = await client.hget(Keys(queue_name).job(job.id), "waiters") or b""
+                        if len(waiters.split()) == 2:
+                            break
+                        await anyio.sleep(0.01)
+            finally:
+                await client.aclose()
+            gate.set()
+    assert seen == ["done", "done"]
+
+
 async def test_finished_entries_leave_the_stream(redis_url: str, queue_name: str) -> None:
     queue = Queue(redis_url, name=queue_name)
 
@@ -164,7 +201,6 @@ async def test_unix_socket_url() -> None:
 
 
 async def test_clean_stop_leaves_no_consumer_and_prunes_index(redis_url: str, queue_name: str) -> None:
-    import anyio
 
     queue = Queue(redis_url, name=queue_name, result_ttl=1)
 

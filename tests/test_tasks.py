@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import tracemalloc
 import uuid
@@ -49,6 +50,26 @@ async def test_enqueue_and_result(queue: Queue) -> None:
         same = queue.job(job.id)
         assert same == job
         assert await same.result(timeout=1) == 3
+
+
+async def test_waiters_get_their_own_outcomes_small_and_large(queue: Queue) -> None:
+    # Outcomes reach waiting processes in the message that announces them, when small; a large
+    # one is read from the record. Waiters on other jobs, and failures, are kept apart.
+    @queue.task
+    async def echo(text: str) -> str:
+        if text == "boom":
+            raise ValueError("boom")
+        return text
+
+    texts = [f"v{i}" for i in range(30)] + ["x" * 50_000, "boom"]
+    async with queue.worker(concurrency=8):
+        jobs = [await echo.enqueue(t) for t in texts]
+        outcomes = await asyncio.gather(*(j.result(timeout=10) for j in jobs), return_exceptions=True)
+        twice = await asyncio.gather(*(jobs[0].result(timeout=10) for _ in range(3)))
+    assert outcomes[:-1] == texts[:-1]
+    assert isinstance(outcomes[-1], TaskError)
+    assert outcomes[-1].metadata["error"] == repr(ValueError("boom"))
+    assert twice == ["v0"] * 3
 
 
 async def test_plain_def_runs_in_a_worker_thread(queue: Queue) -> None:

@@ -41,6 +41,6 @@ class Keys:
         """A lock's key, and the channel its release is announced on."""
         return f"{self.prefix}lock:{name}"
 
-    def done_channel(self, job_id: str) -> str:
-        """Pub/sub channel announcing that a job reached a final state."""
-        return f"{self.prefix}done:{job_id}"
+    def done_channel(self, waiter: str) -> str:
+        """A waiting process's inbox: the outcomes of the jobs it waits on are published here."""
+        return f"{self.prefix}done:{waiter}"

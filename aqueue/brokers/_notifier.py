@@ -46,6 +46,9 @@ class Listener:
 @dataclass
 class _Channel:
     waiters: set[Listener] = field(default_factory=set)
+    # Listeners for one key only: they hear the messages whose first line is their key.
+    routed: dict[str, set[Listener]] = field(default_factory=dict)
+    keep: bool = False  # stays subscribed when nobody listens
     sent: int = 0  # SUBSCRIBE commands sent for this channel
     confirmed: int = 0  # their confirmations read back
     confirmation: anyio.Event = field(default_factory=anyio.Event)
@@ -63,21 +66,30 @@ class Notifier:
         self._unsubscriber: asyncio.Task[None] | None = None
 
     @asynccontextmanager
-    async def listen(self, channel: str) -> AsyncIterator[Listener]:
-        """Subscribed (confirmed) for the body."""
+    async def listen(
+        self, channel: str, key: str | None = None, *, keep: bool = False
+    ) -> AsyncIterator[Listener]:
+        """Subscribed (confirmed) for the body. With a `key`, only the messages whose first line
+        is that key are heard. With `keep`, the channel stays subscribed when nobody listens (a
+        process's inbox, listened on again and again)."""
         heard = Listener()
         self._idle.discard(channel)
         state = self._channels.get(channel)
         if state is None:
             state = self._channels[channel] = _Channel()
-        state.waiters.add(heard)
+        state.keep = state.keep or keep
+        listeners = state.waiters if key is None else state.routed.setdefault(key, set())
+        listeners.add(heard)
         try:
             if state.sent == 0 or state.sent > state.confirmed:
                 await self._subscribe(channel, state)
             yield heard
         finally:
-            state.waiters.discard(heard)
-            if not state.waiters and self._channels.get(channel) is state:
+            listeners.discard(heard)
+            if key is not None and not listeners and state.routed.get(key) is listeners:
+                del state.routed[key]
+            if (not state.waiters and not state.routed and not state.keep
+                    and self._channels.get(channel) is state):
                 if state.sent:
                     self._idle.add(channel)
                     if self._unsubscriber is None or self._unsubscriber.done():
@@ -144,8 +156,12 @@ class Notifier:
                 state.confirmation.set()
                 state.confirmation = anyio.Event()
             elif message["type"] == "message":
+                data = message["data"]
                 for heard in state.waiters:
-                    heard._wake(message["data"])
+                    heard._wake(data)
+                if state.routed:
+                    for heard in state.routed.get(data.split(b"\n", 1)[0].decode(), ()):
+                        heard._wake(data)
 
     def _lost(self, exc: BaseException) -> None:
         """Every subscription is gone with the connection: wake everyone to re-check and re-listen."""
@@ -157,5 +173,8 @@ class Notifier:
             state.confirmation.set()
             for heard in state.waiters:
                 heard._wake(None)
+            for listeners in state.routed.values():
+                for heard in listeners:
+                    heard._wake(None)
         # redis-py re-subscribes the old channels on reconnect; start from a clean slate instead.
         self._pubsub.channels.clear()

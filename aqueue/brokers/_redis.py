@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, cast
@@ -24,7 +25,6 @@ from redis import exceptions as redis_errors
 from redis.commands.core import AsyncScript
 
 from aqueue._exceptions import BrokerConnectionError, BrokerError
-from aqueue._states import FINAL_STATES
 from aqueue.brokers._base import (
     BatchSpec,
     Broker,
@@ -91,12 +91,12 @@ def _record(job_id: str, fields: dict[bytes, bytes]) -> JobRecord:
 
 
 def _outcome_record(job_id: str, message: bytes) -> JobRecord | None:
-    """The outcome a finish publishes ("state\nattempt\nbody\nreason"), as a record holding just
-    what `job.result()` reads; None for a bare state (the outcome was too big to carry)."""
-    parts = message.split(b"\n", 3)
-    if len(parts) != 4:
+    """The outcome a job's end publishes ("id\nstate\nattempt\nbody\nreason"), as a record
+    holding just what `job.result()` reads; None for "id\nstate" (too big to carry)."""
+    parts = message.split(b"\n", 4)
+    if len(parts) != 5:
         return None
-    state, attempt, body, reason = parts[0].decode(), int(parts[1]), parts[2] or None, parts[3]
+    state, attempt, body, reason = parts[1].decode(), int(parts[2]), parts[3] or None, parts[4]
     succeeded = state == "succeeded"
     return JobRecord(id=job_id, task="", state=state, payload=b"", attempt=attempt,
                      result=body if succeeded else None, error=None if succeeded else body,
@@ -193,6 +193,8 @@ class RedisBroker(Broker):
         # goes straight to the blocking read, which returns at once if jobs arrived meanwhile.
         self._drained: set[str] = set()
         self._notifier: Notifier | None = None
+        # This process's inbox: the jobs it waits on publish their outcomes there.
+        self._inbox = uuid.uuid4().hex[:16]
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -469,19 +471,21 @@ class RedisBroker(Broker):
     async def wait(self, queue: str, job_id: str, timeout: float | None) -> JobRecord | None:
         await self._ready()
         assert self._notifier is not None
-        channel = self._key(queue).done_channel(job_id)
+        inbox = self._key(queue).done_channel(self._inbox)
         deadline = None if timeout is None else anyio.current_time() + timeout
         while True:
-            async with self._translated(), self._notifier.listen(channel) as heard:
-                # Subscribed (confirmed) before reading: a finish after this read is heard. The
-                # subscription stays while the job runs, so each message costs one read.
+            async with self._translated(), self._notifier.listen(inbox, job_id, keep=True) as heard:
+                # The inbox is subscribed (confirmed) before the job is watched, so its outcome,
+                # published when it ends after the watch, is heard.
                 while not heard.lost:
-                    record = await self.get(queue, job_id)
-                    if record is None or record.state in FINAL_STATES:
-                        return record
+                    reply = await self._run(queue, "watch", [job_id, self._inbox])
+                    if reply is None:
+                        return None
+                    if isinstance(reply, list):  # final already: its whole record
+                        return _record(job_id, dict(zip(reply[::2], reply[1::2], strict=True)))
                     remaining = None if deadline is None else deadline - anyio.current_time()
                     if remaining is not None and remaining <= 0:
-                        return record
+                        return await self.get(queue, job_id)
                     with anyio.move_on_after(RECHECK if remaining is None else min(remaining, RECHECK)):
                         message = await heard.wait()
                         outcome = _outcome_record(job_id, message) if message else None

@@ -30,6 +30,7 @@ NAMES = (
     "revoke",
     "start",
     "tick",
+    "watch",
 )
 
 

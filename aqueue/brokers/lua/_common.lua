@@ -7,7 +7,7 @@ local FINAL = {succeeded = true, failed = true, cancelled = true, revoked = true
 
 local function job_key(id) return prefix .. 'job:' .. id end
 local function stream_key(p) return prefix .. 'stream:' .. p end
-local function done_channel(id) return prefix .. 'done:' .. id end
+local function done_channel(waiter) return prefix .. 'done:' .. waiter end
 
 -- The stream of a priority band, created with its consumer group on first use. A new band also
 -- drops a 'wake' entry into band 0, so a worker blocked on the bands it knew learns of it.
@@ -204,7 +204,7 @@ end
 
 -- The record fields that ending a job looks at, read in one call (missing ones are false).
 local END_FIELDS = {'token', 'state', 'key', 'chord', 'slot', 'batch', 'next', 'err_task',
-  'err_payload', 'err_priority', 'result', 'error', 'attempt'}
+  'err_payload', 'err_priority', 'result', 'error', 'attempt', 'waiters'}
 local function end_fields(jk)
   local values = redis.call('HMGET', jk, unpack(END_FIELDS))
   local rec = {}
@@ -241,16 +241,16 @@ local function after_final(id, state, now, ttl, rec)
 end
 
 -- What a waiter on the job's outcome needs, in the message itself when it is small, so that
--- `job.result()` need not read the record: "state\nattempt\nbody\nreason", the body being the
--- result (succeeded) or the error (JSON: never a raw newline). A bare state otherwise.
+-- `job.result()` need not read the record: "id\nstate\nattempt\nbody\nreason", the body being
+-- the result (succeeded) or the error (JSON: never a raw newline). "id\nstate" otherwise.
 local OUTCOME_IN_MESSAGE = 16384
-local function done_message(state, rec, reason)
+local function done_message(id, state, rec, reason)
   local body = rec.error
   if state == 'succeeded' then body = rec.result end
   if not body then body = '' end
-  if #body > OUTCOME_IN_MESSAGE then return state end
+  if #body > OUTCOME_IN_MESSAGE then return id .. '\n' .. state end
   if state ~= 'failed' or not reason then reason = '' end
-  return state .. '\n' .. (rec.attempt or '1') .. '\n' .. body .. '\n' .. reason
+  return id .. '\n' .. state .. '\n' .. (rec.attempt or '1') .. '\n' .. body .. '\n' .. reason
 end
 
 -- A final state: free the idempotency key, wake waiters, tell the workflow; dead letters are
@@ -272,7 +272,13 @@ finalize = function(id, jk, state, now, ttl, reason, rec, fields)
     redis.call('ZADD', prefix .. 'expiring', tonumber(now) + ttl, id)
   end
   after_final(id, state, now, ttl, rec)
-  redis.call('PUBLISH', done_channel(id), done_message(state, rec, reason))
+  -- Only processes waiting on the outcome hear of it (see watch.lua): no message otherwise.
+  if set(rec.waiters) then
+    local message = done_message(id, state, rec, reason)
+    for waiter in string.gmatch(rec.waiters, '%S+') do
+      redis.call('PUBLISH', done_channel(waiter), message)
+    end
+  end
 end
 
 -- Lease one stream entry (already in this consumer's pending list) to the worker. Returns the

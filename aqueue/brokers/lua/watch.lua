@@ -1,0 +1,16 @@
+-- Wait for a job's outcome: the record when the job is final already; otherwise the waiter is
+-- registered on the record, and the step that ends the job publishes the outcome to it.
+-- KEYS[1] prefix
+-- ARGV: job id, waiter (the inbox of the waiting process: its channel is done_channel(waiter))
+-- Returns the record (HGETALL) when final, 0 when registered, nil when the job is unknown.
+local jk = job_key(ARGV[1])
+local state = redis.call('HGET', jk, 'state')
+if not state then return nil end
+if FINAL[state] then return redis.call('HGETALL', jk) end
+local waiters = redis.call('HGET', jk, 'waiters')
+if not waiters or waiters == '' then
+  redis.call('HSET', jk, 'waiters', ARGV[2])
+elseif not string.find(' ' .. waiters .. ' ', ' ' .. ARGV[2] .. ' ', 1, true) then
+  redis.call('HSET', jk, 'waiters', waiters .. ' ' .. ARGV[2])
+end
+return 0
