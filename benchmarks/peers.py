@@ -369,6 +369,24 @@ def git_change(at_start: str) -> str:
     return "" if now == at_start else f", {now} at the end (the tree changed during the run)"
 
 
+def cpu_table(results: dict[str, dict[str, Outcome]]) -> str:
+    """Cores kept busy during the drains (medians): what saturates when a second worker is added."""
+    rows = []
+    for lib in LIBS:
+        cells = []
+        for cell in ("W2t", "W5"):
+            worker, redis_ = (medians(results, lib.name, cell, k) for k in ("worker_cpu", "redis_cpu"))
+            cells.append("—" if worker is None or redis_ is None else f"{worker:.2f} / {redis_:.2f}")
+        if any(c != "—" for c in cells):
+            rows.append(f"| {lib.name} | {cells[0]} | {cells[1]} |")
+    if not rows:
+        return ""
+    return ("## CPU during the drains\n\nCores kept busy from the first job to the last, workers / "
+            "Redis (medians; the machine has 2 cores, shared with the producer's idle process).\n\n"
+            "| library | W2 tuned, 1 worker | W5, 2 workers |\n| --- | --- | --- |\n"
+            + "\n".join(rows) + "\n")
+
+
 def shorten(cmd: list[str] | None) -> str:
     if not cmd:
         return ""
@@ -434,6 +452,7 @@ RSS, seconds and latency: below 1 is aqueue better.
 {printed}
 ```
 
+{cpu_table(results)}
 ## Versions
 
 | library | versions | install | notes |

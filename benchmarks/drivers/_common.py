@@ -13,12 +13,14 @@ import inspect
 import json
 import os
 import signal
+import socket
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 NAP = 0.05  # seconds each I/O-bound job sleeps
@@ -53,11 +55,16 @@ def record(start: float, jobs: int = 1) -> None:
     os.write(_probe[1], b"%.6f %.6f\n" % (start, time.time()) * jobs)
 
 
-def wait_for_jobs(path: str, n: int, timeout: float, workers: list[subprocess.Popen[bytes]]) -> list[float]:
-    """Block until n jobs have recorded themselves; return [first start, last end]."""
+def wait_for_jobs(path: str, n: int, timeout: float, workers: list[subprocess.Popen[bytes]],
+                  on_first: Callable[[], None] | None = None) -> list[float]:
+    """Block until n jobs have recorded themselves; return [first start, last end]. `on_first` is
+    called once the first job is seen."""
     deadline = time.monotonic() + timeout
     seen, offset = 0, 0
     while seen < n:
+        if seen and on_first is not None:
+            on_first()
+            on_first = None
         if os.path.exists(path):
             with open(path, "rb") as f:
                 f.seek(offset)
@@ -122,6 +129,63 @@ def peak_rss_mb(workers: list[subprocess.Popen[bytes]]) -> float:
             except (OSError, StopIteration):
                 continue
     return total_kb / 1024
+
+
+def redis_pid() -> int | None:
+    """The benchmark Redis's pid (INFO server; it runs on this machine), to measure its CPU."""
+    parts = urlsplit(redis_url())
+    try:
+        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 6379), timeout=5) as sock:
+            sock.sendall(b"INFO server\r\n")
+            reply = b""
+            while b"process_id:" not in reply or not reply.endswith(b"\r\n\r\n"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                reply += chunk
+    except OSError:
+        return None
+    for line in reply.split(b"\r\n"):
+        if line.startswith(b"process_id:"):
+            return int(line.split(b":")[1])
+    return None
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of these processes so far (children that exited not included)."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15 of stat
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """Cores kept busy by the workers and by Redis, from the first job seen to the last."""
+
+    def __init__(self, workers: list[subprocess.Popen[bytes]]) -> None:
+        self.workers, self.redis = workers, redis_pid()
+        self.start: tuple[float, float, float] | None = None
+
+    def _sample(self) -> tuple[float, float, float]:
+        pids = [pid for w in self.workers for pid in session_pids(w.pid)]
+        return time.monotonic(), cpu_seconds(pids), cpu_seconds([self.redis]) if self.redis else 0.0
+
+    def begin(self) -> None:
+        self.start = self._sample()
+
+    def result(self) -> dict[str, float]:
+        if self.start is None or self.redis is None:
+            return {}
+        end = self._sample()
+        wall = end[0] - self.start[0]
+        if wall < 0.2:  # too short for clock ticks of 10 ms to say anything
+            return {}
+        return {"worker_cpu": (end[1] - self.start[1]) / wall, "redis_cpu": (end[2] - self.start[2]) / wall}
 
 
 def stop_workers(workers: list[subprocess.Popen[bytes]]) -> None:
@@ -213,13 +277,15 @@ async def w_drain(d: Driver, n: int, conc: int | None, procs: int, kind: str, ti
     cmd, env = d.worker_cmd(conc, kind)
     env = {**env, "BENCH_PROBE": probe}
     workers = start_workers(cmd, procs, env, os.path.join(workdir, "worker.log"))
+    meter = CpuMeter(workers)
     try:
-        first, last = wait_for_jobs(probe, n, timeout, workers)
+        first, last = wait_for_jobs(probe, n, timeout, workers, meter.begin)
         rss = peak_rss_mb(workers)
+        cpu = meter.result()
     finally:
         stop_workers(workers)
     shown = [f"{k}={v}" for k, v in env.items() if k == "BENCH_CONCURRENCY" and v] + cmd
-    return {"seconds": last - first, "rate": n / (last - first), "rss_mb": rss, "cmd": shown}
+    return {"seconds": last - first, "rate": n / (last - first), "rss_mb": rss, **cpu, "cmd": shown}
 
 
 async def w_latency(d: Driver, rounds: int, cap: float, workdir: str) -> dict[str, Any]:
