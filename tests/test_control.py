@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from datetime import UTC, datetime, timedelta
@@ -100,6 +101,34 @@ async def test_revoke_a_task_for_good_once_and_until(queue: Queue) -> None:
         await work.revoke(until=datetime.now(UTC) - timedelta(seconds=1))  # already over
         assert await work.is_revoked() is False
         assert await (await work.enqueue(5)).result(timeout=10) == 5
+
+
+async def test_revocations_hold_for_every_job_leased_at_once(queue: Queue) -> None:
+    # One receive leases many jobs: a revocation for one job stops exactly one of them, a
+    # revocation for good stops them all, and other tasks' jobs run.
+    @queue.task
+    async def work(n: int) -> int:
+        return n
+
+    @queue.task
+    async def other(n: int) -> int:
+        return n
+
+    await work.revoke(once=True)
+    once = [await work.enqueue(i) for i in range(5)]
+    async with queue.worker(concurrency=20):
+        outcomes = await asyncio.gather(*(j.result(timeout=10) for j in once), return_exceptions=True)
+    assert sum(isinstance(o, JobRevoked) for o in outcomes) == 1
+    assert all(o == i for i, o in enumerate(outcomes) if not isinstance(o, JobRevoked))
+
+    await work.revoke()
+    stopped = [await work.enqueue(i) for i in range(5)]
+    running = [await other.enqueue(i) for i in range(5)]
+    async with queue.worker(concurrency=20):
+        for job in stopped:
+            with pytest.raises(JobRevoked):
+                await job.result(timeout=10)
+        assert [await j.result(timeout=10) for j in running] == list(range(5))
 
 
 async def test_cancel_waiting_jobs(queue: Queue) -> None:

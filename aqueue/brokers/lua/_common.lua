@@ -37,7 +37,7 @@ end
 -- An entry is done with: acked here, and trimmed off its stream by `trim_acked` (a trim per
 -- batch costs less than an XDEL per entry).
 local function drop_entry(s, entry)
-  redis.call('XACK', s, GROUP, entry)
+  return redis.call('XACK', s, GROUP, entry)
 end
 
 -- Stream ids compare as (ms, seq) pairs.
@@ -50,12 +50,19 @@ end
 
 -- Trim the entries of a stream that are done with: those older than both `read` (an entry the
 -- group has delivered: every older entry was delivered too) and the oldest still pending. What
--- was delivered and is not pending was acked.
-local function trim_acked(s, read)
+-- was delivered and is not pending was acked. `acked` (optional) lists entries just acked: those
+-- behind a job still pending (a long one) are deleted one by one, so that they do not pile up
+-- until it ends.
+local function trim_acked(s, read, acked)
   local ms, seq = string.match(read, '^(%d+)-(%d+)$')
   local floor = ms .. '-' .. (tonumber(seq) + 1)
   local pending = redis.call('XPENDING', s, GROUP)
-  if pending[1] > 0 and id_after(floor, pending[2]) then floor = pending[2] end
+  if pending[1] > 0 and id_after(floor, pending[2]) then
+    floor = pending[2]
+    for _, entry in ipairs(acked or {}) do
+      if id_after(entry, floor) then redis.call('XDEL', s, entry) end
+    end
+  end
   redis.call('XTRIM', s, 'MINID', floor)
 end
 
@@ -137,17 +144,31 @@ end
 
 -- Whether a task is revoked now; a revocation for one job only is used up here.
 -- Stored as "<once 0|1>|<until or empty>".
+-- Answers are kept for the rest of the script call (a receive asks for every job it leases), and
+-- when no task is revoked at all, one EXISTS answers for every job.
+local revocations_checked, any_revocations, revoked_known = false, false, {}
 local function task_revoked(task, now)
   local hkey = prefix .. 'revoked_tasks'
-  local v = redis.call('HGET', hkey, task)
-  if not v then return false end
-  local once, till = string.match(v, '^(%d)|(.*)$')
-  if till ~= '' and tonumber(till) <= tonumber(now) then
-    redis.call('HDEL', hkey, task)
-    return false
+  if not revocations_checked then
+    revocations_checked = true
+    any_revocations = redis.call('EXISTS', hkey) == 1
   end
-  if once == '1' then redis.call('HDEL', hkey, task) end
-  return true
+  if not any_revocations then return false end
+  if revoked_known[task] ~= nil then return revoked_known[task] end
+  local v = redis.call('HGET', hkey, task)
+  local revoked, once = false, false
+  if v then
+    local once_flag, till = string.match(v, '^(%d)|(.*)$')
+    once = once_flag == '1'
+    if till ~= '' and tonumber(till) <= tonumber(now) then
+      redis.call('HDEL', hkey, task)
+    else
+      revoked = true
+      if once then redis.call('HDEL', hkey, task) end
+    end
+  end
+  revoked_known[task] = revoked and not once  -- a revocation for one job is used up by this one
+  return revoked
 end
 
 local finalize
@@ -278,6 +299,7 @@ finalize = function(id, jk, state, now, ttl, reason, rec, fields)
     for waiter in string.gmatch(rec.waiters, '%S+') do
       redis.call('PUBLISH', done_channel(waiter), message)
     end
+    redis.call('HDEL', jk, 'waiters')  -- told: a later end (after a retry) tells whoever waits then
   end
 end
 
