@@ -111,8 +111,19 @@ class Notifier:
     async def _subscribe(self, channel: str, state: _Channel) -> None:
         if state.sent == state.confirmed:
             state.sent += 1
-            async with self._commands:
-                await self._pubsub.subscribe(channel)
+            try:
+                async with self._commands:
+                    await self._pubsub.subscribe(channel)
+            except BaseException:
+                # Not sent (or not known to be): forget the state, so the next listen subscribes
+                # again, and release whoever waits for its confirmation.
+                if self._channels.get(channel) is state:
+                    del self._channels[channel]
+                state.confirmed = state.sent
+                state.confirmation.set()
+                for heard in [*state.waiters, *(h for hs in state.routed.values() for h in hs)]:
+                    heard._wake(None)
+                raise
         target = state.sent
         self._ensure_reader()
         while state.confirmed < target:

@@ -37,6 +37,7 @@ from aqueue.brokers._base import (
 )
 from aqueue.brokers._keys import GROUP, Keys
 from aqueue.brokers._notifier import Notifier
+from aqueue.brokers._pool import WaitingPool
 from aqueue.brokers._scripts import NAMES, source
 
 ENQUEUE_CHUNK = 500  # jobs per enqueue script call: bounds how long one call holds Redis
@@ -154,12 +155,17 @@ class _Reader:
     def __init__(self, pool: aioredis.ConnectionPool) -> None:
         self.client = aioredis.Redis(connection_pool=pool, single_connection_client=True)
         self._id: int | None = None
+        self._watching = False
 
     async def connection_id(self) -> int:
-        if self._id is None:
+        connection = self.client.connection
+        if self._id is None or connection is None or not connection.is_connected:
+            # Asked on the connection the read will use: a reconnect would come with a new id.
+            self._id = None
             self._id = int(await self.client.client_id())
-            if self.client.connection is not None:
+            if not self._watching and self.client.connection is not None:
                 self.client.connection.register_connect_callback(self._reconnected)  # type: ignore[no-untyped-call]
+                self._watching = True
         return self._id
 
     def _reconnected(self, connection: object) -> None:
@@ -200,14 +206,13 @@ class RedisBroker(Broker):
 
     async def connect(self) -> None:
         if self._client is None:
-            # A connection per command in flight, reused after. The bound is Redis's own default
-            # `maxclients`: a process never needs more. (redis-py's blocking pool, which makes
-            # callers wait for a free connection, costs about a tenth of a one-by-one enqueue.
-            # Waiting for results takes no connection each: they share one pub/sub connection.)
-            options: dict[str, Any] = {"health_check_interval": 30, "max_connections": 10_000}
+            # Callers wait for a free connection rather than fail: a worker's jobs, its fetcher and
+            # the producers of a web process share this pool. Waiting for results takes no
+            # connection each: they share one pub/sub connection.
+            options: dict[str, Any] = {"health_check_interval": 30, "max_connections": 200}
             if not self._connect_url.startswith("unix:"):
                 options["socket_keepalive"] = True  # notice a dead peer on an idle TCP connection
-            pool = aioredis.ConnectionPool.from_url(self._connect_url, **{**options, **self._client_options})
+            pool = WaitingPool.from_url(self._connect_url, **{**options, **self._client_options})
             self._client = aioredis.Redis.from_pool(pool)
         if self._client.get_connection_kwargs().get("decode_responses"):  # type: ignore[no-untyped-call]
             raise BrokerError("RedisBroker needs a client with decode_responses=False")
@@ -378,7 +383,11 @@ class RedisBroker(Broker):
         reply = await self._run(
             queue, "start", [consumer, repr(time.time()), max_deliveries, ttl, count, *pairs]
         )
-        return [_delivery(row) for row in reply], new_band
+        known = [b.decode() for b in reply[0]]
+        if known != bands:  # a band this consumer did not block on: learn it, run the script next
+            self._bands[queue] = known
+            new_band = True
+        return [_delivery(row) for row in reply[1:]], new_band
 
     async def claim(
         self, queue: str, consumer: str, job_id: str, max_deliveries: int
@@ -468,25 +477,23 @@ class RedisBroker(Broker):
         await self._ready()
         assert self._notifier is not None
         inbox = self._key(queue).done_channel(self._inbox)
-        deadline = None if timeout is None else anyio.current_time() + timeout
-        while True:
-            async with self._translated(), self._notifier.listen(inbox, job_id, keep=True) as heard:
-                # The inbox is subscribed (confirmed) before the job is watched, so its outcome,
-                # published when it ends after the watch, is heard.
-                while not heard.lost:
-                    reply = await self._run(queue, "watch", [job_id, self._inbox])
-                    if reply is None:
-                        return None
-                    if isinstance(reply, list):  # final already: its whole record
-                        return _record(job_id, dict(zip(reply[::2], reply[1::2], strict=True)))
-                    remaining = None if deadline is None else deadline - anyio.current_time()
-                    if remaining is not None and remaining <= 0:
-                        return await self.get(queue, job_id)
-                    with anyio.move_on_after(RECHECK if remaining is None else min(remaining, RECHECK)):
-                        message = await heard.wait()
-                        outcome = _outcome_record(job_id, message) if message else None
-                        if outcome is not None:
-                            return outcome
+        with anyio.move_on_after(timeout):  # None: no deadline
+            while True:
+                async with self._translated(), self._notifier.listen(inbox, job_id, keep=True) as heard:
+                    # The inbox is subscribed (confirmed) before the job is watched, so its outcome,
+                    # published when it ends after the watch, is heard.
+                    while not heard.lost:
+                        reply = await self._run(queue, "watch", [job_id, self._inbox])
+                        if reply is None:
+                            return None
+                        if isinstance(reply, list):  # final already: its whole record
+                            return _record(job_id, dict(zip(reply[::2], reply[1::2], strict=True)))
+                        with anyio.move_on_after(RECHECK):
+                            message = await heard.wait()
+                            outcome = _outcome_record(job_id, message) if message else None
+                            if outcome is not None:
+                                return outcome
+        return await self.get(queue, job_id)  # the timeout passed: the record as it stands
 
     async def jobs(
         self, queue: str, state: str | None, task: str | None, limit: int

@@ -4,14 +4,15 @@
 --       band first). XREADGROUP's COUNT is per stream, so more than `count` may have been read:
 --       those past `count` are put back on their stream for any worker.
 local consumer, now, max_deliveries, ttl, count = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
-local out = {}
+-- Returns {bands, delivery, ...}: the bands as the script sees them, so a consumer learns new ones.
+local out = {redis.call('ZREVRANGE', prefix .. 'priorities', 0, -1)}
 for i = 6, #ARGV, 2 do
   local p, entry = ARGV[i], ARGV[i + 1]
   local s = stream_key(p)
   local found = redis.call('XRANGE', s, entry, entry)
   if #found == 0 then
     redis.call('XACK', s, GROUP, entry)  -- deleted meanwhile: nothing to run
-  elseif #out >= count then
+  elseif #out - 1 >= count then
     drop_entry(s, entry)
     local id = nil
     for j = 1, #found[1][2], 2 do if found[1][2][j] == 'id' then id = found[1][2][j + 1] end end
