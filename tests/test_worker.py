@@ -183,6 +183,25 @@ async def test_each_job_starts_from_a_clean_context(queue: Queue) -> None:
         assert await group.get(timeout=10) == [None] * 20
 
 
+async def test_no_context_leaks_through_a_runner_that_replaced_another(queue: Queue) -> None:
+    tag: contextvars.ContextVar[str] = contextvars.ContextVar("tag")
+
+    @queue.task
+    async def setter() -> None:
+        tag.set("leaked")
+
+    @queue.task
+    async def reader() -> str | None:
+        return tag.get(None)
+
+    seen: list[str | None] = []
+    async with queue.worker(concurrency=4):
+        for _ in range(20):
+            await (await setter.map([() for _ in range(6)])).get(timeout=5)
+            seen += await (await reader.map([() for _ in range(4)])).get(timeout=5)
+    assert set(seen) == {None}
+
+
 async def test_higher_priority_runs_first(queue: Queue) -> None:
     order: list[str] = []
 

@@ -108,6 +108,7 @@ class Worker:
         self._runners_done = False
         self._jobs: TaskGroup | None = None
         self._new_scope: type[anyio.CancelScope] = anyio.CancelScope
+        self._clean_context = contextvars.copy_context()  # taken anew when the worker starts
 
     def __repr__(self) -> str:
         return f"<Worker {self.name} on {self.queue!r}>"
@@ -171,6 +172,7 @@ class Worker:
         # The running backend's own scope class: `anyio.CancelScope()` looks the backend up on every
         # call, which costs more than all the rest of a no-op job's bookkeeping.
         self._new_scope = type(anyio.CancelScope())
+        self._clean_context = contextvars.copy_context()
         async with anyio.create_task_group() as services:
             self._services = services
             if self._stop_requested:  # stopped before it started
@@ -260,9 +262,11 @@ class Worker:
         if self._idle_runners:
             self._idle_runners.pop().set()
         elif self._runners < self.concurrency:
-            assert self._jobs is not None
+            jobs = self._jobs
+            assert jobs is not None
             self._runners += 1
-            self._jobs.start_soon(self._runner, name="aqueue runner")
+            # From the worker's own context, never from a runner whose job changed its context.
+            self._clean_context.run(lambda: jobs.start_soon(self._runner, name="aqueue runner"))
 
     async def _runner(self) -> None:
         """Runs ready jobs one after another; waits while there are none, until the worker stops.
