@@ -20,6 +20,13 @@ from aqueue.brokers._redis import redact
 from aqueue.brokers._scripts import NAMES, source
 from tests.conftest import RedisServer, start_redis
 
+PAYLOAD = b'{"args":[],"kwargs":{},"options":{}}'
+
+
+def new_job(priority: int = 0) -> NewJob:
+    return NewJob(id=uuid.uuid4().hex, task="t", payload=PAYLOAD, priority=priority,
+                  enqueued_at=time.time())
+
 
 def test_every_lua_script_loads(redis_server: RedisServer) -> None:
     client = redis.Redis(port=redis_server.port)
@@ -90,17 +97,11 @@ async def test_a_new_band_is_read_even_when_announced_beside_a_job(
     # band is announced by a 'wake' entry in band 0; read together with a job, it must still
     # make the next receive learn the new band.
     broker = RedisBroker(redis_url)
-
-    def job(priority: int) -> NewJob:
-        payload = b'{"args":[],"kwargs":{},"options":{}}'
-        return NewJob(id=uuid.uuid4().hex, task="t", payload=payload, priority=priority,
-                      enqueued_at=time.time())
-
     try:
-        await broker.enqueue(queue_name, [job(0)])
+        await broker.enqueue(queue_name, [new_job(0)])
         assert len(await broker.receive(queue_name, "c", 10, 1.0, 5)) == 1  # short: blocks next
-        high = job(7)
-        await broker.enqueue(queue_name, [high, job(0)])  # announces band 7, then a band-0 job
+        high = new_job(7)
+        await broker.enqueue(queue_name, [high, new_job(0)])  # announces band 7, then a band-0 job
         assert [d.priority for d in await broker.receive(queue_name, "c", 10, 1.0, 5)] == [0]
         assert [d.job_id for d in await broker.receive(queue_name, "c", 10, 1.0, 5)] == [high.id]
     finally:
@@ -141,14 +142,6 @@ async def test_two_processes_waiting_on_one_job_both_hear_it(redis_url: str, que
                 await client.aclose()
             gate.set()
     assert seen == ["done", "done"]
-
-
-PAYLOAD = b'{"args":[],"kwargs":{},"options":{}}'
-
-
-def new_job(priority: int = 0) -> NewJob:
-    return NewJob(id=uuid.uuid4().hex, task="t", payload=PAYLOAD, priority=priority,
-                  enqueued_at=time.time())
 
 
 async def test_a_finish_never_trims_entries_not_yet_delivered(redis_url: str, queue_name: str) -> None:
