@@ -353,7 +353,7 @@ class RedisBroker(Broker):
         max_deliveries: int, ttl: int,
     ) -> tuple[list[Delivery], bool]:
         """Block on every band's stream until an entry arrives, then lease what was read. Also
-        says whether a new priority band was announced (a 'wake' entry)."""
+        says whether the queue has bands this read did not block on."""
         keys = self._key(queue)
         streams = {keys.stream(b): ">" for b in bands}
         async with self._translated():
@@ -375,20 +375,18 @@ class RedisBroker(Broker):
         if not entries:
             return [], False
         read: list[tuple[int, bytes]] = []
-        new_band = False
         for stream, rows in entries:
             band = int(stream.decode().rsplit(":", 1)[1])
             read += [(band, entry_id) for entry_id, _fields in rows]
-            new_band = new_band or any(b"wake" in fields for _entry_id, fields in rows)
         read.sort(key=lambda r: -r[0])  # highest band first: what is past `count` is put back
         pairs: list[Any] = [x for band, entry_id in read for x in (band, entry_id)]
         reply = await self._run(
             queue, "start", [consumer, repr(time.time()), max_deliveries, ttl, count, *pairs]
         )
         known = [b.decode() for b in reply[0]]
-        if known != bands:  # a band this consumer did not block on: learn it, run the script next
+        new_band = known != bands
+        if new_band:  # a band this consumer did not block on: learn it, run the script next
             self._bands[queue] = known
-            new_band = True
         return [_delivery(row) for row in reply[1:]], new_band
 
     async def claim(

@@ -6,7 +6,7 @@
 -- Returns 1 per applied completion, 0 where the token was stale (a newer delivery owns the job).
 local ttl = tonumber(ARGV[1])
 local out = {}
-local newest, acked = {}, {}  -- per stream: the newest entry acked here, and all of them
+local acked = {}  -- per stream: the entries acked here
 for _, c in ipairs(cjson.decode(ARGV[2])) do
   local id, token, p, entry, outcome, result, err, retry_at, reason, now, activations = unpack(c)
   local jk = job_key(id)
@@ -18,7 +18,6 @@ for _, c in ipairs(cjson.decode(ARGV[2])) do
     -- Only an entry the group delivered (it was pending) bounds the trim: a claimed job's entry
     -- (immediate mode) was never read through the group, and newer ones may wait before it.
     if drop_entry(s, entry) == 1 then
-      if not newest[s] or id_after(entry, newest[s]) then newest[s] = entry end
       acked[s] = acked[s] or {}
       acked[s][#acked[s] + 1] = entry
     end
@@ -53,5 +52,9 @@ for _, c in ipairs(cjson.decode(ARGV[2])) do
     out[#out + 1] = 1
   end
 end
-for s, entry in pairs(newest) do trim_acked(s, entry, acked[s]) end
+for s, entries in pairs(acked) do
+  local newest = entries[1]
+  for _, entry in ipairs(entries) do if id_after(entry, newest) then newest = entry end end
+  trim_acked(s, newest, entries)
+end
 return out

@@ -5,7 +5,7 @@
 --       those past `count` are put back on their stream for any worker.
 local consumer, now, max_deliveries, ttl, count = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
 -- Returns {bands, delivery, ...}: the bands as the script sees them, so a consumer learns new ones.
-local out = {redis.call('ZREVRANGE', prefix .. 'priorities', 0, -1)}
+local out = {bands()}
 for i = 6, #ARGV, 2 do
   local p, entry = ARGV[i], ARGV[i + 1]
   local s = stream_key(p)
