@@ -1,21 +1,90 @@
-"""redis-py's connection pool with a bound that makes callers wait.
+"""redis-py's connection pool with a bound that makes callers wait, and a lean call for scripts.
 
 Past `max_connections`, redis-py's plain pool raises; its `BlockingConnectionPool` waits, but pays a
 condition and a timer on every command, about a tenth of a one-by-one enqueue. Here a semaphore
 bounds the connections: taking a free one costs next to nothing, and a caller past the bound waits.
+
+`call` sends one command and reads its reply on a pooled connection. redis-py's `execute_command`
+wraps each command in a retry loop, timeout contexts, observability hooks and a health check; on
+a one-by-one enqueue those cost about 40 µs of the client's CPU, a third of a round trip. The
+connections made here write the packed command and read the reply directly, with redis-py's own
+parser (and hiredis's packer when installed). What the wrappers are for is kept: the connection's
+`socket_timeout` bounds the call, an error mid-call drops the connection (its next use
+reconnects), and a reply that is an error is raised.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis import exceptions as redis_errors
+
+_hiredis_pack: Callable[[tuple[Any, ...]], bytes] | None = None
+try:
+    import hiredis
+
+    _hiredis_pack = hiredis.pack_command
+except ImportError:  # pragma: no cover - hiredis is an optional extra
+    pass
+
+
+class _LeanCalls:
+    """Mixed into the pool's connection class (plain, TLS or Unix socket alike)."""
+
+    async def call(self, args: tuple[Any, ...]) -> Any:
+        conn: Any = self
+        if not conn.is_connected:
+            await conn.connect()
+        try:
+            if _hiredis_pack is not None:
+                conn._writer.write(_hiredis_pack(args))
+            else:
+                conn._writer.writelines(conn.pack_command(*args))
+            if conn.socket_timeout:
+                async with asyncio.timeout(conn.socket_timeout):
+                    await conn._writer.drain()
+                    reply = await conn._parser.read_response()
+            else:
+                await conn._writer.drain()
+                reply = await conn._parser.read_response()
+        except TimeoutError:
+            await conn.disconnect(nowait=True)
+            raise redis_errors.TimeoutError(
+                f"no reply from Redis within {conn.socket_timeout} s"
+            ) from None
+        except OSError as exc:
+            await conn.disconnect(nowait=True)
+            raise redis_errors.ConnectionError(f"Error while talking to Redis: {exc}") from exc
+        except BaseException:
+            # Cancelled or failed between the command and its reply: the connection may still
+            # receive that reply, so it is not used again.
+            await conn.disconnect(nowait=True)
+            raise
+        if isinstance(reply, redis_errors.ResponseError):
+            raise reply
+        return reply
+
+
+_LEAN: dict[type, type] = {}
+
+
+def _lean(connection_class: type) -> type:
+    """The connection class with `call` mixed in, made once per class."""
+    lean = _LEAN.get(connection_class)
+    if lean is None:
+        lean = _LEAN[connection_class] = type(
+            f"Lean{connection_class.__name__}", (_LeanCalls, connection_class), {}
+        )
+    return lean
 
 
 class WaitingPool(aioredis.ConnectionPool):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.connection_class = _lean(self.connection_class)
         self._free = asyncio.Semaphore(self.max_connections)
 
     async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
@@ -31,3 +100,12 @@ class WaitingPool(aioredis.ConnectionPool):
             await super().release(connection)
         finally:
             self._free.release()
+
+    async def call(self, *args: Any) -> Any:
+        """One command (name, then its arguments) and its reply, as redis-py would return it
+        without a response callback (EVALSHA has none)."""
+        conn = await self.get_connection()
+        try:
+            return await conn.call(args)
+        finally:
+            await self.release(conn)

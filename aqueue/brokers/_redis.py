@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, cast
+from typing import Any, NoReturn, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import anyio
@@ -248,24 +248,39 @@ class RedisBroker(Broker):
         if self._client is None:
             await self.connect()
 
+    def _raise_translated(self, exc: Exception) -> NoReturn:
+        """Raise the aqueue error for a Redis error; the URL in it never has a password."""
+        if isinstance(exc, (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)):
+            raise BrokerConnectionError(f"cannot reach Redis at {self.url}: {exc}") from None
+        if str(exc).split(" ", 1)[0] in TRANSIENT:
+            raise BrokerConnectionError(f"Redis at {self.url} is unavailable: {exc}") from None
+        raise BrokerError(f"Redis at {self.url} failed: {exc}") from exc
+
     @asynccontextmanager
     async def _translated(self) -> AsyncIterator[None]:
-        """Redis errors become aqueue errors here, once; the URL in them never has a password."""
+        """Redis errors become aqueue errors here, once."""
         try:
             yield
         except BrokerError:
             raise  # translated already, by an inner call
-        except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
-            raise BrokerConnectionError(f"cannot reach Redis at {self.url}: {exc}") from None
-        except redis_errors.RedisError as exc:
-            if str(exc).split(" ", 1)[0] in TRANSIENT:
-                raise BrokerConnectionError(f"Redis at {self.url} is unavailable: {exc}") from None
-            raise BrokerError(f"Redis at {self.url} failed: {exc}") from exc
+        except (redis_errors.RedisError, OSError) as exc:
+            self._raise_translated(exc)
 
     async def _run(self, queue: str, name: str, args: Sequence[Any]) -> Any:
-        await self._ready()
-        async with self._translated():
-            return await self._scripts[name](keys=[self._key(queue).prefix], args=list(args))
+        if self._client is None:
+            await self.connect()
+        prefix = self._key(queue).prefix
+        script = self._scripts[name]
+        pool = self.client.connection_pool
+        try:
+            if isinstance(pool, WaitingPool):  # the hot path: see `WaitingPool.call`
+                try:
+                    return await pool.call("EVALSHA", script.sha, 1, prefix, *args)
+                except redis_errors.NoScriptError:
+                    pass  # not loaded (a restarted server): the script object loads it
+            return await script(keys=[prefix], args=list(args))
+        except (redis_errors.RedisError, OSError) as exc:
+            self._raise_translated(exc)
 
     def _key(self, queue: str) -> Keys:
         keys = self._keys.get(queue)

@@ -1,0 +1,124 @@
+"""The Redis broker's pool: its lean call keeps what redis-py's command wrappers are for."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import anyio
+import pytest
+import redis
+import redis.asyncio as aioredis
+
+from aqueue.brokers import RedisBroker, _pool
+from aqueue.brokers._pool import WaitingPool
+
+
+@pytest.fixture(params=["hiredis", "python"])
+def packer(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every call is tried with hiredis's packer and with redis-py's own."""
+    if request.param == "python":
+        monkeypatch.setattr(_pool, "_hiredis_pack", None)
+    else:
+        assert _pool._hiredis_pack is not None, "hiredis is a test dependency"
+    return str(request.param)
+
+
+@pytest.fixture
+async def pool(redis_url: str, packer: str) -> AsyncIterator[WaitingPool]:
+    pool = WaitingPool.from_url(redis_url, max_connections=1)
+    yield pool
+    await pool.aclose()
+
+
+async def wait_for_blocked_client(redis_url: str) -> None:
+    """Until a client of the server is blocked in a command (polled, under a deadline)."""
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        with anyio.fail_after(10):
+            while True:
+                if (await client.info("clients"))["blocked_clients"]:
+                    return
+                await anyio.sleep(0.01)
+    finally:
+        await client.aclose()
+
+
+async def test_replies_come_back_as_redis_py_gives_them(pool: WaitingPool, queue_name: str) -> None:
+    assert await pool.call("ECHO", "é") == "é".encode()
+    assert await pool.call("SET", f"{queue_name}:n", 1.5) == b"OK"
+    assert await pool.call("GET", f"{queue_name}:n") == b"1.5"
+    assert await pool.call("EVAL", "return {1, 'a', {2}}", 0) == [1, b"a", [2]]
+
+
+async def test_an_error_reply_is_raised_and_the_connection_stays(pool: WaitingPool) -> None:
+    with pytest.raises(redis.exceptions.ResponseError, match="unknown command"):
+        await pool.call("NOSUCHCOMMAND")
+    with pytest.raises(redis.exceptions.NoScriptError):
+        await pool.call("EVALSHA", "0" * 40, 0)
+    conn = await pool.get_connection()
+    await pool.release(conn)
+    assert conn.is_connected  # an error reply is a whole reply: nothing is left unread
+    assert await pool.call("ECHO", "after") == b"after"
+
+
+async def test_a_connection_killed_under_the_pool_is_made_anew(
+    pool: WaitingPool, redis_url: str
+) -> None:
+    first = await pool.call("CLIENT", "ID")
+    admin = aioredis.Redis.from_url(redis_url)
+    try:
+        assert await admin.client_kill_filter(_id=first) == 1
+    finally:
+        await admin.aclose()
+    # The pool sees the closed socket when handing the connection out, or the call sees it fail;
+    # either way no call after it uses the dead connection.
+    try:
+        second = await pool.call("CLIENT", "ID")
+    except redis.exceptions.ConnectionError:
+        second = await pool.call("CLIENT", "ID")
+    assert second != first
+
+
+async def test_a_call_cancelled_before_its_reply_drops_its_connection(
+    pool: WaitingPool, redis_url: str, queue_name: str
+) -> None:
+    first = await pool.call("CLIENT", "ID")
+    async with anyio.create_task_group() as tg:
+
+        async def blocked_pop() -> None:
+            await pool.call("BLPOP", f"{queue_name}:list", 0)
+
+        tg.start_soon(blocked_pop)
+        await wait_for_blocked_client(redis_url)
+        tg.cancel_scope.cancel()
+    # The BLPOP's reply would come on that connection, after this push: it must never be read
+    # as the reply of a later call.
+    admin = aioredis.Redis.from_url(redis_url)
+    try:
+        await admin.rpush(f"{queue_name}:list", "late")
+        assert await pool.call("ECHO", "mine") == b"mine"
+        assert await pool.call("CLIENT", "ID") != first
+    finally:
+        await admin.aclose()
+
+
+async def test_socket_timeout_bounds_a_call(redis_url: str, packer: str, queue_name: str) -> None:
+    pool = WaitingPool.from_url(redis_url, max_connections=1, socket_timeout=0.2)
+    try:
+        first = await pool.call("CLIENT", "ID")
+        with anyio.fail_after(10), pytest.raises(redis.exceptions.TimeoutError):
+            await pool.call("BLPOP", f"{queue_name}:never", 0)
+        assert await pool.call("CLIENT", "ID") != first  # a fresh connection
+    finally:
+        await pool.aclose()
+
+
+async def test_scripts_are_loaded_again_after_a_flush(redis_url: str, queue_name: str) -> None:
+    broker = RedisBroker(redis_url)
+    await broker.connect()
+    try:
+        await broker.client.script_flush()
+        assert await broker.get(queue_name, "nope") is None
+        assert await broker.prune(queue_name, 0.0, 10) == 0
+    finally:
+        await broker.close()
