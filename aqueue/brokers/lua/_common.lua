@@ -76,8 +76,14 @@ end
 -- Put a job on its band's stream, ready for any worker; `fields` are more record fields to write
 -- in the same HSET.
 local function make_ready(id, jk, p, fields)
-  local entry = redis.call('XADD', ensure_stream(p), '*', 'id', id)
-  redis.call('HSET', jk, unpack(with(fields or {}, 'state', 'pending', 'entry', entry)))
+  local s = stream_key(p)
+  -- NOMKSTREAM: a band's stream is only ever made with its group, by ensure_stream.
+  local entry = redis.call('XADD', s, 'NOMKSTREAM', '*', 'id', id)
+  if not entry then entry = redis.call('XADD', ensure_stream(p), '*', 'id', id) end
+  fields = fields or {}
+  local n = #fields
+  fields[n + 1], fields[n + 2], fields[n + 3], fields[n + 4] = 'state', 'pending', 'entry', entry
+  redis.call('HSET', jk, unpack(fields))
 end
 
 -- Store a new job, ready now or scheduled for its eta. Returns the id it lives under: an existing
@@ -95,7 +101,7 @@ local function store_job(now, id, task, payload, p, eta, expires, key, extra)
   local jk = job_key(id)
   if redis.call('EXISTS', jk) == 1 then return id end
   -- One HSET for the whole record; empty fields are left out (a missing field reads as empty).
-  local fields = {'task', task, 'payload', payload, 'priority', p, 'attempt', 1, 'enqueued_at', now}
+  local fields = {'task', task, 'payload', payload, 'priority', p, 'attempt', '1', 'enqueued_at', now}
   if expires ~= '' then with(fields, 'expires', expires) end
   if key ~= '' then with(fields, 'key', key) end
   local waiting = false
