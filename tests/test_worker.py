@@ -168,6 +168,19 @@ async def test_coroutine_jobs_run_concurrently(queue: Queue) -> None:
         await (await meet.map([() for _ in range(10)])).get(timeout=10)
 
 
+async def test_jobs_that_never_wait_share_few_runners(queue: Queue) -> None:
+    # A runner whose job returns without waiting takes the next job itself: 200 such jobs under
+    # concurrency 100 need a few runner tasks, not one each (each costs memory while it idles).
+    @queue.task
+    async def noop() -> None:
+        return None
+
+    async with queue.worker(concurrency=100) as worker:
+        await (await noop.map([() for _ in range(200)])).get(timeout=30)
+        runners = worker._runners
+    assert 1 <= runners <= 10, runners
+
+
 async def test_each_job_starts_from_a_clean_context(queue: Queue) -> None:
     # Jobs share long-lived runner tasks: a context variable one job sets must not reach the next.
     tag: contextvars.ContextVar[int] = contextvars.ContextVar("tag")

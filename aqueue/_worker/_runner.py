@@ -100,11 +100,14 @@ class Worker:
         self._completer: Completer | None = None
         self._services: TaskGroup | None = None
         self._fetch_ended = anyio.Event()
-        # Jobs wait here for a runner. Runners are long-lived tasks, added while none is idle (up to
-        # `concurrency`): a busy worker does not pay for a new task per job.
+        # Jobs wait here for a runner. Runners are long-lived tasks: a busy worker does not pay for
+        # a new task per job. One is added (up to `concurrency`) when jobs wait, none is idle and
+        # none is starting: a runner whose job returns without waiting takes the next job itself,
+        # so jobs that never wait do not fill the worker with idle tasks.
         self._ready: deque[RunningJob] = deque()
         self._idle_runners: list[asyncio.Event] = []
         self._runners = 0
+        self._starting = 0
         self._runners_done = False
         self._jobs: TaskGroup | None = None
         self._new_scope: type[anyio.CancelScope] = anyio.CancelScope
@@ -261,10 +264,11 @@ class Worker:
     def _wake_runner(self) -> None:
         if self._idle_runners:
             self._idle_runners.pop().set()
-        elif self._runners < self.concurrency:
+        elif self._starting == 0 and self._runners < self.concurrency:
             jobs = self._jobs
             assert jobs is not None
             self._runners += 1
+            self._starting += 1
             # From the worker's own context, never from a runner whose job changed its context.
             self._clean_context.run(lambda: jobs.start_soon(self._runner, name="aqueue runner"))
 
@@ -272,10 +276,14 @@ class Worker:
         """Runs ready jobs one after another; waits while there are none, until the worker stops.
         Every job starts from the context the runner started with: a runner whose job set a context
         variable ends, and a fresh one takes its place."""
+        self._starting -= 1
         clean = list(contextvars.copy_context().items())
         while True:
             while self._ready:
-                await self._run_job(self._ready.popleft())
+                running = self._ready.popleft()
+                if self._ready:  # more jobs wait: another runner takes them if this job waits
+                    self._wake_runner()
+                await self._run_job(running)
                 if _context_changed(clean):
                     self._runners -= 1
                     if self._ready:
