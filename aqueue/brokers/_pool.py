@@ -43,11 +43,7 @@ class _LeanCalls:
                 conn._writer.write(_hiredis_pack(args))
             else:
                 conn._writer.writelines(conn.pack_command(*args))
-            if conn.socket_timeout:
-                async with asyncio.timeout(conn.socket_timeout):
-                    await conn._writer.drain()
-                    reply = await conn._parser.read_response()
-            else:
+            async with asyncio.timeout(conn.socket_timeout or None):  # None: no bound
                 await conn._writer.drain()
                 reply = await conn._parser.read_response()
         except TimeoutError:

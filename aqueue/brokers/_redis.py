@@ -267,8 +267,7 @@ class RedisBroker(Broker):
             self._raise_translated(exc)
 
     async def _run(self, queue: str, name: str, args: Sequence[Any]) -> Any:
-        if self._client is None:
-            await self.connect()
+        await self._ready()
         prefix = self._key(queue).prefix
         script = self._scripts[name]
         pool = self.client.connection_pool
