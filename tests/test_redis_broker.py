@@ -160,6 +160,27 @@ async def test_a_finish_never_trims_entries_not_yet_delivered(redis_url: str, qu
         await broker.close()
 
 
+async def test_a_finish_mixing_claimed_and_read_entries_trims_nothing_undelivered(
+    redis_url: str, queue_name: str
+) -> None:
+    # One batch ends a job read through the group and a claimed one, newer than an entry no
+    # worker has read: the batch's one XACK cannot tell them apart, so nothing is trimmed.
+    broker = RedisBroker(redis_url)
+    try:
+        read, unread, claimed = new_job(), new_job(), new_job()
+        for job in (read, unread, claimed):
+            await broker.enqueue(queue_name, [job])
+        [d_read] = await broker.receive(queue_name, "w", 1, 0, 5)
+        d_claimed = await broker.claim(queue_name, "immediate", claimed.id, 5)
+        assert d_read.job_id == read.id
+        assert d_claimed is not None
+        done = [Completion(d, Outcome.SUCCEEDED, time.time(), result=b"1") for d in (d_read, d_claimed)]
+        assert await broker.finish(queue_name, done, 60) == [True, True]
+        assert [x.job_id for x in await broker.receive(queue_name, "w", 10, 0, 5)] == [unread.id]
+    finally:
+        await broker.close()
+
+
 async def test_immediate_mode_keeps_a_delayed_job_for_later_workers(redis_url: str, queue_name: str) -> None:
     queue = Queue(redis_url, name=queue_name, immediate=True)
     calls = 0

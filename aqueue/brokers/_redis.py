@@ -21,7 +21,6 @@ from typing import Any, NoReturn, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import anyio
-import orjson
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
 from redis.commands.core import AsyncScript
@@ -451,17 +450,14 @@ class RedisBroker(Broker):
     ) -> list[bool]:
         if not completions:
             return []
-        # The whole batch as one JSON argument: one orjson call instead of redis-py encoding
-        # eleven arguments per job. Every field is a string, so nothing changes on the way.
-        rows = [
-            [d.job_id, str(d.token), str(d.priority), d.receipt, c.outcome.value,
-             c.result.decode() if c.result else "", c.error.decode() if c.error else "",
-             _opt(c.retry_at), c.reason or "", repr(c.finished_at),
-             [[job_id, payload.decode()] for job_id, payload in c.activate]]
-            for c in completions
-            for d in (c.delivery,)
-        ]
-        args = [result_ttl, orjson.dumps(rows)]
+        args: list[Any] = [result_ttl]
+        for c in completions:
+            d = c.delivery
+            args += [d.job_id, d.token, d.priority, d.receipt, c.outcome.value, c.result or b"",
+                     c.error or b"", _opt(c.retry_at), c.reason or "", repr(c.finished_at),
+                     len(c.activate)]
+            for job_id, payload in c.activate:
+                args += [job_id, payload]
         applied = await self._run(queue, "finish", args)
         return [bool(a) for a in applied]
 

@@ -241,6 +241,31 @@ end
 
 local function set(value) return value and value ~= '' end
 
+-- Ending a job from a worker's completion reads what every end needs; the workflow fields and
+-- the attempt only when the record has a workflow link or a waiter (most records have neither).
+local function finish_fields(jk)
+  local v = redis.call('HMGET', jk, 'token', 'state', 'error', 'key', 'waiters', 'chord', 'batch',
+    'next', 'err_task')
+  local rec = {token = v[1], state = v[2], error = v[3], key = v[4], waiters = v[5], chord = v[6],
+    batch = v[7], next = v[8], err_task = v[9], result = false}
+  if set(rec.waiters) or set(rec.chord) or set(rec.batch) or set(rec.next) or set(rec.err_task) then
+    local more = redis.call('HMGET', jk, 'attempt', 'slot', 'err_payload', 'err_priority')
+    rec.attempt, rec.slot, rec.err_payload, rec.err_priority = more[1], more[2], more[3], more[4]
+  end
+  return rec
+end
+
+-- Set by a script that ends many jobs (finish): finalize then collects its `expiring` entries
+-- here, and `flush_expiring` adds them in one ZADD.
+local expiring_batch = nil
+local function flush_expiring()
+  local batch = expiring_batch or {}
+  for j = 1, #batch, 1000 do  -- unpack is bounded by Lua's stack
+    redis.call('ZADD', prefix .. 'expiring', unpack(batch, j, math.min(j + 999, #batch)))
+  end
+  expiring_batch = nil
+end
+
 -- What ending a job means for the workflow around it.
 local function after_final(id, state, now, ttl, rec)
   if not (set(rec.chord) or set(rec.batch) or set(rec.next) or set(rec.err_task)) then return end
@@ -296,7 +321,13 @@ finalize = function(id, jk, state, now, ttl, reason, rec, fields)
   else
     redis.call('EXPIRE', jk, math.max(1, math.ceil(ttl)))
     -- So that pruning finds exactly the index entries whose records have expired.
-    redis.call('ZADD', prefix .. 'expiring', tonumber(now) + ttl, id)
+    local at = tonumber(now) + ttl
+    if expiring_batch then
+      expiring_batch[#expiring_batch + 1] = at
+      expiring_batch[#expiring_batch + 1] = id
+    else
+      redis.call('ZADD', prefix .. 'expiring', at, id)
+    end
   end
   after_final(id, state, now, ttl, rec)
   -- Only processes waiting on the outcome hear of it (see watch.lua): no message otherwise.

@@ -1,29 +1,31 @@
 -- End deliveries, each as its completion says.
 -- KEYS[1] prefix
--- ARGV: result_ttl, then the completions as one JSON array of string arrays: job id, token, band,
---       entry id, outcome, result, error, retry_at ('' = now), reason, finished_at, and the
---       activations (waiting jobs to make ready: [id, payload] pairs, applied with a success)
+-- ARGV: result_ttl, then per completion: job id, token, band, entry id, outcome, result, error,
+--       retry_at ('' = now), reason, finished_at, the number of activations, and that many pairs
+--       of job id, payload (waiting jobs to make ready, applied with a success)
 -- Returns 1 per applied completion, 0 where the token was stale (a newer delivery owns the job).
 local ttl = tonumber(ARGV[1])
 local out = {}
-local acked = {}  -- per stream: the entries acked here
-for _, c in ipairs(cjson.decode(ARGV[2])) do
-  local id, token, p, entry, outcome, result, err, retry_at, reason, now, activations = unpack(c)
+local acked = {}  -- per stream: the entries ended here
+expiring_batch = {}  -- finalize's ZADD arguments, sent once for the whole batch
+local i = 2
+while i <= #ARGV do
+  local id, token, p, entry, outcome, result, err, retry_at, reason, now =
+    ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5], ARGV[i + 6],
+    ARGV[i + 7], ARGV[i + 8], ARGV[i + 9]
+  local first_activation = i + 11
+  i = first_activation + 2 * tonumber(ARGV[i + 10])
   local jk = job_key(id)
-  local rec = end_fields(jk)
+  local rec = finish_fields(jk)
   if rec.token ~= token or rec.state ~= 'running' then
     out[#out + 1] = 0
   else
     local s = stream_key(p)
-    -- Only an entry the group delivered (it was pending) bounds the trim: a claimed job's entry
-    -- (immediate mode) was never read through the group, and newer ones may wait before it.
-    if drop_entry(s, entry) == 1 then
-      acked[s] = acked[s] or {}
-      acked[s][#acked[s] + 1] = entry
-    end
+    acked[s] = acked[s] or {}
+    acked[s][#acked[s] + 1] = entry
     local fields = {}
     if err ~= '' then
-      with(fields, 'error', err)
+      fields[1], fields[2] = 'error', err
       rec.error = err
     end
     if outcome == 'retry' or outcome == 'defer' then
@@ -46,15 +48,25 @@ for _, c in ipairs(cjson.decode(ARGV[2])) do
       end
       finalize(id, jk, outcome, now, ttl, reason, rec, fields)
       if outcome == 'succeeded' then
-        for _, a in ipairs(activations) do activate(a[1], a[2]) end
+        for a = first_activation, i - 1, 2 do activate(ARGV[a], ARGV[a + 1]) end
       end
     end
     out[#out + 1] = 1
   end
 end
+flush_expiring()
 for s, entries in pairs(acked) do
-  local newest = entries[1]
-  for _, entry in ipairs(entries) do if id_after(entry, newest) then newest = entry end end
-  trim_acked(s, newest, entries)
+  -- One XACK per stream. Only entries the group delivered (pending ones) may bound the trim: a
+  -- claimed job's entry (immediate mode) was never read through the group, and newer ones may
+  -- wait before it. When some were not pending, the trim is left to prune.
+  local n = 0
+  for j = 1, #entries, 1000 do
+    n = n + redis.call('XACK', s, GROUP, unpack(entries, j, math.min(j + 999, #entries)))
+  end
+  if n == #entries then
+    local newest = entries[1]
+    for _, entry in ipairs(entries) do if id_after(entry, newest) then newest = entry end end
+    trim_acked(s, newest, entries)
+  end
 end
 return out
