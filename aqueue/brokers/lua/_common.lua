@@ -1,4 +1,6 @@
--- Shared by every script (prepended when loaded).
+-- Helpers for the scripts. Each script is loaded with the blocks here that it uses, directly or
+-- through another block, in this order (see _scripts.py): so a block is a definition with its
+-- comment, and blocks are separated by blank lines, never containing one.
 -- KEYS[1] is the queue's key prefix "aqueue:{name}:"; every key is derived from it, so all of them
 -- share its hash tag and cluster slot.
 local prefix = KEYS[1]
