@@ -122,3 +122,23 @@ async def test_scripts_are_loaded_again_after_a_flush(redis_url: str, queue_name
         assert await broker.prune(queue_name, 0.0, 10) == 0
     finally:
         await broker.close()
+
+
+async def test_calls_share_connections_and_hand_each_back(redis_url: str, packer: str) -> None:
+    pool = WaitingPool.from_url(redis_url, max_connections=4)
+    try:
+        for _ in range(20):
+            assert await pool.call("PING") == b"PONG"
+        assert len(pool._available_connections) == 1  # one at a time: one connection
+        async with anyio.create_task_group() as tg:
+            for _ in range(12):
+                tg.start_soon(pool.call, "PING")
+        assert 1 <= len(pool._available_connections) <= 4  # the bound holds under concurrency
+        assert not pool._in_use_connections
+        conn = pool._available_connections[-1]
+        conn._should_reconnect = True  # as a maintenance notice would mark it
+        await pool.call("PING")
+        assert not conn.should_reconnect()  # handed back through a reconnect
+        assert conn in pool._available_connections
+    finally:
+        await pool.aclose()
