@@ -1,4 +1,10 @@
-"""aqueue: an asyncio-native task queue on Redis Streams."""
+"""aqueue: an asyncio-native task queue on Redis Streams.
+
+What a worker may never need loads on first use (PEP 562): the workflows, the periodic schedules
+and each broker implementation.
+"""
+
+from typing import TYPE_CHECKING
 
 from aqueue._context import JobContext, current_job
 from aqueue._exceptions import (
@@ -22,16 +28,37 @@ from aqueue._exceptions import (
     TaskTimeout,
 )
 from aqueue._jobs import Job, JobInfo, ResultGroup
+from aqueue._lazy import lazy_attributes
 from aqueue._locks import Lock
-from aqueue._periodic import Schedule, crontab, every
 from aqueue._queue import Queue
 from aqueue._ratelimit import RateLimit
 from aqueue._signals import Signal
 from aqueue._states import JobState
 from aqueue._tasks import AsyncTask, SyncTask, Task, TaskCall
 from aqueue._worker import Worker
-from aqueue._workflows import Batch, BatchState, Chord, ChordResult, Group, Pipeline, Signature, chord, group
-from aqueue.brokers import Broker, MemoryBroker, RedisBroker
+from aqueue.brokers import Broker
+
+if TYPE_CHECKING:
+    from aqueue._periodic import Schedule, crontab, every
+    from aqueue._workflows import (
+        Batch,
+        BatchState,
+        Chord,
+        ChordResult,
+        Group,
+        Pipeline,
+        Signature,
+        chord,
+        group,
+    )
+    from aqueue.brokers import MemoryBroker, RedisBroker
+
+_LAZY = {
+    **dict.fromkeys(("Schedule", "crontab", "every"), "aqueue._periodic"),
+    **dict.fromkeys(("Batch", "BatchState", "Chord", "ChordResult", "Group", "Pipeline", "Signature",
+                     "chord", "group"), "aqueue._workflows"),
+    **dict.fromkeys(("MemoryBroker", "RedisBroker"), "aqueue.brokers"),
+}
 
 __version__ = "0.1.0"
 
@@ -85,3 +112,7 @@ __all__ = [
     "every",
     "group",
 ]
+
+
+if not TYPE_CHECKING:  # type checkers see the imports above; an unknown name stays an error to them
+    __getattr__, __dir__ = lazy_attributes(globals(), _LAZY)

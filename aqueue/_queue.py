@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 from aqueue._exceptions import ConfigurationError
 from aqueue._jobs import Job, JobInfo, ResultGroup
 from aqueue._locks import Lock
-from aqueue._periodic import Schedule
 from aqueue._ratelimit import RateLimit
 from aqueue._serialization import encode_call
 from aqueue._signals import Handler, Signal, SignalJob, Signals
@@ -29,21 +28,12 @@ from aqueue._tasks import (
     timedelta_or_seconds,
 )
 from aqueue._time import Seconds, When, epoch, seconds
-from aqueue._workflows import (
-    Batch,
-    Chord,
-    ChordResult,
-    Group,
-    Node,
-    Pipeline,
-    Plan,
-    Signature,
-    _Membership,
-)
-from aqueue.brokers import Broker, MemoryBroker, NewJob, RedisBroker, WorkflowLinks
+from aqueue.brokers import Broker, NewJob, WorkflowLinks
 
 if TYPE_CHECKING:
+    from aqueue._periodic import Schedule
     from aqueue._worker import Worker
+    from aqueue._workflows import Batch, Chord, ChordResult, Group, Node, Pipeline, Plan, Signature
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -58,9 +48,14 @@ EnqueueCall = tuple[Task[Any, Any], Sequence[Any], dict[str, Any], CallOptions]
 
 def broker_from_url(url: str) -> Broker:
     scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    # Each broker is imported when a queue first uses it: a worker loads only its own.
     if scheme == "memory":
+        from aqueue.brokers._memory import MemoryBroker
+
         return MemoryBroker()
     if scheme in ("redis", "rediss", "unix"):
+        from aqueue.brokers._redis import RedisBroker
+
         return RedisBroker(url)
     raise ConfigurationError(
         "a queue URL starts with redis://, rediss://, unix:// or memory://, got "
@@ -222,6 +217,8 @@ class Queue:
         """Register a task (taking no arguments) that runs at each tick of `schedule`:
         `@queue.periodic(crontab(minute="*/5"))` or `@queue.periodic(every(seconds=10))`.
         However many workers run, each tick is enqueued once; missed ticks are not replayed."""
+        from aqueue._periodic import Schedule
+
         if not isinstance(schedule, Schedule):
             raise ConfigurationError(f"periodic() takes a crontab(...) or every(...), got {schedule!r}")
         inner = self.task(retries=retries, retry_delay=retry_delay, retry_backoff=retry_backoff,
@@ -304,6 +301,8 @@ class Queue:
 
         A signature or pipeline gives a `ResultGroup` of every step; a group, one of its members'
         values; a chord, a `ChordResult`."""
+        from aqueue._workflows import Plan, _Membership
+
         plan = Plan(self)
         _jobs, handle = plan.add(workflow, _Membership())
         await self._store_plan(plan)
@@ -320,6 +319,8 @@ class Queue:
         """Enqueue jobs tracked together, with callbacks that each fire once (see `Batch`)."""
         if not members:
             raise ConfigurationError("a batch needs at least one member")
+        from aqueue._workflows import Plan
+
         plan = Plan(self)
         handle = plan.batch(list(members), on_success, on_failure, on_complete)
         await self._store_plan(plan)
