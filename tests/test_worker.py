@@ -169,14 +169,15 @@ async def test_coroutine_jobs_run_concurrently(queue: Queue) -> None:
 
 
 async def test_jobs_that_never_wait_share_few_runners(queue: Queue) -> None:
-    # A runner whose job returns without waiting takes the next job itself: 200 such jobs under
-    # concurrency 100 need a few runner tasks, not one each (each costs memory while it idles).
+    # A runner whose job returns without waiting takes the next job itself: 2,000 such jobs under
+    # concurrency 100 need a few runner tasks, not one each (each costs memory while it idles),
+    # nor one more for each of the twenty or more batches they are received in.
     @queue.task
     async def noop() -> None:
         return None
 
     async with queue.worker(concurrency=100) as worker:
-        await (await noop.map([() for _ in range(200)])).get(timeout=30)
+        await (await noop.map([() for _ in range(2000)])).get(timeout=60)
         runners = worker._runners
     assert 1 <= runners <= 10, runners
 

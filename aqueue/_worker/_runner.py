@@ -101,9 +101,10 @@ class Worker:
         self._services: TaskGroup | None = None
         self._fetch_ended = anyio.Event()
         # Jobs wait here for a runner. Runners are long-lived tasks: a busy worker does not pay for
-        # a new task per job. One is added (up to `concurrency`) when jobs wait, none is idle and
-        # none is starting: a runner whose job returns without waiting takes the next job itself,
-        # so jobs that never wait do not fill the worker with idle tasks.
+        # a new task per job. When jobs wait, one runner is called at a time: an idle one woken,
+        # or else a new one (up to `concurrency`); once it takes a job, it calls the next if more
+        # wait. A runner whose job returns without waiting takes the next job itself, so jobs that
+        # never wait do not fill the worker with idle tasks, however many batches arrive.
         self._ready: deque[RunningJob] = deque()
         self._idle_runners: list[asyncio.Event] = []
         self._runners = 0
@@ -262,9 +263,12 @@ class Worker:
     # --- running ---------------------------------------------------------------------------------
 
     def _wake_runner(self) -> None:
+        if self._starting:
+            return  # a runner is on its way: it wakes the next one itself if more jobs wait
         if self._idle_runners:
+            self._starting += 1
             self._idle_runners.pop().set()
-        elif self._starting == 0 and self._runners < self.concurrency:
+        elif self._runners < self.concurrency:
             jobs = self._jobs
             assert jobs is not None
             self._runners += 1
@@ -294,10 +298,12 @@ class Worker:
             wake = asyncio.Event()  # the worker runs on asyncio; cheaper than anyio's wrapper
             self._idle_runners.append(wake)
             await wake.wait()
+            self._starting -= 1  # whoever woke it counted it as on its way
 
     def _end_runners(self) -> None:
         self._runners_done = True
         idle, self._idle_runners = self._idle_runners, []
+        self._starting += len(idle)
         for wake in idle:
             wake.set()
 
