@@ -19,6 +19,7 @@ from aqueue import (
     TaskError,
     current_job,
 )
+from aqueue._worker import _runner
 from aqueue.brokers import Broker, NewJob
 
 
@@ -180,6 +181,49 @@ async def test_jobs_that_never_wait_share_few_runners(queue: Queue) -> None:
         await (await noop.map([() for _ in range(2000)])).get(timeout=60)
         runners = worker._runners
     assert 1 <= runners <= 10, runners
+
+
+async def test_leases_held_stay_bounded_while_outcomes_wait(
+    queue: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A job that ended holds its lease until its outcome is written: while the writes are held
+    # up, the worker takes no more jobs than its concurrency plus the writing slack (it piles up
+    # neither leases nor the memory they take).
+    monkeypatch.setattr(_runner, "WRITING_SLACK", 3)
+
+    ran, eight_ran = 0, anyio.Event()
+
+    @queue.task
+    async def noop() -> None:
+        nonlocal ran
+        ran += 1
+        if ran == 8:
+            eight_ran.set()
+
+    writes_may_go, first_write = anyio.Event(), anyio.Event()
+    finish = queue.broker.finish
+
+    async def held_up_finish(*args: object, **kwargs: object) -> list[bool]:
+        first_write.set()
+        await writes_may_go.wait()
+        return await finish(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(queue.broker, "finish", held_up_finish)
+    group = await noop.map([() for _ in range(30)])
+    async with queue.worker(concurrency=5) as worker:
+        try:
+            with anyio.fail_after(10):
+                await first_write.wait()
+                await eight_ran.wait()
+            # The fetcher got its chance: it waits for a write now, not for a job to end.
+            await anyio.wait_all_tasks_blocked()
+            assert ran == 8
+            assert len(worker._completing) == 8  # every leased job has ended, none is written
+            assert len(await queue.jobs(state="running")) == 8
+            assert len(worker._held) == 8
+        finally:
+            writes_may_go.set()
+        assert await group.get(timeout=30) == [None] * 30
 
 
 async def test_each_job_starts_from_a_clean_context(queue: Queue) -> None:

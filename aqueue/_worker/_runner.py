@@ -36,6 +36,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger("aqueue")
 
 RECEIVE_BATCH = 200  # jobs per receive at most: a bigger batch only holds more memory at once
+# A job that ended holds its lease until its outcome is written. Beyond `concurrency`, a worker
+# holds at most this many such leases: enough to receive while writes are under way, and a bound,
+# so that a fetcher running ahead of the writes piles up neither leases nor memory.
+WRITING_SLACK = RECEIVE_BATCH
 FETCH_BLOCK = 1.0  # seconds a receive waits for a job; bounds how long a stop request waits
 SCHEDULER_TICK = 0.1  # a due job waits at most this long to become ready
 PROMOTE_BATCH = 1000
@@ -217,7 +221,8 @@ class Worker:
         next_reclaim = 0.0
         backoff = 0.05
         while not self._stop_requested:
-            free = min(self.concurrency - len(self._running), RECEIVE_BATCH)
+            free = min(self.concurrency - len(self._running),
+                       self.concurrency + WRITING_SLACK - len(self._held), RECEIVE_BATCH)
             if free <= 0:
                 self._wake_fetcher = anyio.Event()
                 await self._wake_fetcher.wait()
@@ -357,6 +362,7 @@ class Worker:
                 del self._completing[job_id]
             if self._held.get(job_id) is c.delivery:
                 del self._held[job_id]
+        self._wake_fetcher.set()
 
     # --- stopping --------------------------------------------------------------------------------
 
