@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import time
 import uuid
@@ -471,3 +472,26 @@ async def test_immediate_mode_runs_inside_enqueue(queue: Queue) -> None:
     assert await job.result(timeout=0) == 3
     later = await add.schedule((1, 1), delay=60)
     assert await later.state() == JobState.SCHEDULED  # stored, not run
+
+
+async def test_a_job_raising_cancelled_error_itself_fails_and_the_worker_goes_on(queue: Queue) -> None:
+    # CancelledError raised by the task's own code (a future cancelled elsewhere, say), not by a
+    # cancel scope of the worker's: the job fails like any error; the worker keeps running.
+    @queue.task(retries=1)
+    async def self_cancelling() -> None:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        future.cancel()
+        await future
+
+    @queue.task
+    async def add(a: int, b: int) -> int:
+        return a + b
+
+    async with queue.worker():
+        job = await self_cancelling.enqueue()
+        with pytest.raises(TaskError) as caught:
+            await job.result(timeout=10)
+        assert await (await add.enqueue(1, 2)).result(timeout=10) == 3
+    assert caught.value.metadata["type"] == "CancelledError"
+    assert caught.value.metadata["attempt"] == 2  # retried like any error
+    assert await job.state() == JobState.FAILED

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -53,6 +54,12 @@ class RunningJob:
     def request_cancel(self) -> None:
         self.cancel_requested = True
         self.scope.cancel()
+
+
+def _task_cancelling() -> bool:
+    """Whether someone asked to cancel the running task (anyio's scopes do it with `cancel()`)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def _utf8(text: str) -> str:
@@ -127,6 +134,12 @@ async def execute(queue: Queue, running: RunningJob) -> Completion | None:
                     partial(task.fn, *args, **kwargs), abandon_on_cancel=True
                 )
         except Exception as exc:  # the job's failure, judged below; cancellation passes through
+            error = exc
+        except asyncio.CancelledError as exc:
+            # Raised by the job's own code (it awaited a future cancelled elsewhere): a failure
+            # like any other. A cancellation of this task (its scope, or the worker's) goes on.
+            if running.scope.cancel_called or _task_cancelling():
+                raise
             error = exc
         finally:
             _leave(token)
