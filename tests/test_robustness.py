@@ -8,7 +8,7 @@ import anyio
 import pytest
 
 from aqueue import ConfigurationError, JobState, Queue, TaskError
-from aqueue.brokers import Broker, NewJob
+from aqueue.brokers import Broker, NewJob, RedisBroker
 
 
 async def test_blocked_event_loop_does_not_run_a_job_twice(broker: Broker, queue_name: str) -> None:
@@ -167,6 +167,12 @@ async def test_lapsed_lease_found_behind_many_live_ones(broker: Broker, queue_na
     assert [d.job_id for d in taken] == ["j040"]
 
 
+async def _blocked_clients(broker: Broker) -> int:
+    if not isinstance(broker, RedisBroker):
+        return 0
+    return int((await broker.client.info("clients"))["blocked_clients"])
+
+
 async def test_blocking_receive_never_returns_more_than_count(broker: Broker, queue_name: str) -> None:
     payload = b'{"args":[],"kwargs":{}}'
     got: list[list[str]] = []
@@ -177,9 +183,16 @@ async def test_blocking_receive_never_returns_more_than_count(broker: Broker, qu
     await broker.enqueue(queue_name, [NewJob(id="seed", task="t", payload=payload, priority=7,
                                              enqueued_at=time.time())])
     assert await broker.receive(queue_name, "w0", 1, 0, 10)  # band 7 exists now, and is empty
+    blocked_before = await _blocked_clients(broker)
     async with anyio.create_task_group() as tg:
         tg.start_soon(receiver)
-        await anyio.sleep(0.1)  # the receiver is blocked by now (a pause in the test's own body)
+        # The jobs arrive while the receiver is blocked, so the blocking read is what returns them.
+        with anyio.fail_after(10):
+            if isinstance(broker, RedisBroker):
+                while await _blocked_clients(broker) == blocked_before:  # noqa: ASYNC110 - in Redis
+                    await anyio.sleep(0.005)
+            else:
+                await anyio.wait_all_tasks_blocked()
         await broker.enqueue(queue_name, [
             NewJob(id=f"b{p}", task="t", payload=payload, priority=p, enqueued_at=time.time())
             for p in (0, 7)
