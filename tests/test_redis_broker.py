@@ -13,6 +13,7 @@ import anyio
 import pytest
 import redis
 
+import aqueue
 from aqueue import BrokerConnectionError, JobState, Queue, TaskError
 from aqueue.brokers import Completion, NewJob, Outcome, RedisBroker
 from aqueue.brokers._keys import GROUP, Keys
@@ -35,6 +36,29 @@ def test_every_lua_script_loads(redis_server: RedisServer) -> None:
             assert client.script_load(source(name))  # a syntax error fails here, not in a worker
     finally:
         client.close()
+
+
+async def test_connections_name_aqueue_without_reading_package_metadata(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # redis-py 8 would read its own version from the installed packages' metadata (blocking file
+    # reads) for every new connection; the broker hands it the version, and names itself.
+    import redis.utils
+
+    def no_metadata() -> str:
+        raise AssertionError("a new connection read the package metadata")
+
+    monkeypatch.setattr(redis.utils, "get_lib_version", no_metadata)
+    broker = RedisBroker(redis_url)
+    await broker.connect()
+    try:
+        await broker.client.ping()
+        # What CLIENT SETINFO sends (Redis 7.2 and later show it in CLIENT LIST).
+        driver = broker.client.connection_pool.connection_kwargs["driver_info"]
+        assert driver.formatted_name == f"redis-py(aqueue_v{aqueue.__version__})"
+        assert driver.lib_version == redis.__version__
+    finally:
+        await broker.close()
 
 
 @pytest.mark.parametrize(

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from functools import cache
 from typing import Any
 
+import redis
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
 
@@ -29,6 +31,26 @@ try:
     _hiredis_pack = hiredis.pack_command
 except ImportError:  # pragma: no cover - hiredis is an optional extra
     pass
+
+
+IDENTITY_OPTIONS = ("driver_info", "lib_name", "lib_version")
+
+
+@cache
+def identity() -> dict[str, Any]:
+    """Connection options that name aqueue in each connection's CLIENT SETINFO, as
+    "redis-py(aqueue_v<version>)" in CLIENT LIST. They also spare a look-up: left to itself, redis-py
+    8 reads its own version from the installed packages' metadata for every new connection, about
+    a millisecond of file reads that block the event loop. Empty for a redis-py before
+    `DriverInfo`, which reads its version once, at import."""
+    try:
+        from redis.driver_info import DriverInfo
+    except ImportError:  # pragma: no cover - redis-py before 8
+        return {}
+    from aqueue import __version__
+
+    info = DriverInfo(lib_version=redis.__version__).add_upstream_driver("aqueue", __version__)
+    return {"driver_info": info}
 
 
 class _LeanCalls:

@@ -38,7 +38,7 @@ from aqueue.brokers._base import (
 )
 from aqueue.brokers._keys import GROUP, Keys
 from aqueue.brokers._notifier import Notifier
-from aqueue.brokers._pool import WaitingPool
+from aqueue.brokers._pool import IDENTITY_OPTIONS, WaitingPool, identity
 from aqueue.brokers._scripts import NAMES, source
 
 ENQUEUE_CHUNK = 500  # jobs per enqueue script call: bounds how long one call holds Redis
@@ -213,6 +213,8 @@ class RedisBroker(Broker):
             options: dict[str, Any] = {"health_check_interval": 30, "max_connections": 200}
             if not self._connect_url.startswith("unix:"):
                 options["socket_keepalive"] = True  # notice a dead peer on an idle TCP connection
+            if not any(name in self._client_options for name in IDENTITY_OPTIONS):
+                options.update(identity())
             pool = WaitingPool.from_url(self._connect_url, **{**options, **self._client_options})
             self._client = aioredis.Redis.from_pool(pool)
         if self._client.get_connection_kwargs().get("decode_responses"):  # type: ignore[no-untyped-call]
