@@ -67,7 +67,8 @@ LIBS = [
     Lib("raw", ["-e", ROOT, "hiredis"], ["redis", "hiredis"], None, venv="aqueue",
         note="the limit: redis-py asyncio + hiredis, bare XADD / XREADGROUP COUNT 100 + XACK, no queue logic."),
     Lib("aqueue", ["-e", ROOT, "hiredis"], ["aqueue", "redis", "hiredis", "anyio"], 500,
-        note="this working tree, installed editable."),
+        note="this working tree, installed editable and byte-compiled before the run (as pip compiles "
+             "a package it installs)."),
     Lib("arq", ["arq", "hiredis"], ["arq", "redis", "hiredis"], 500,
         note="the worker polls the queue every 0.5 s when idle and `job.result()` polls every 0.5 s "
              "(poll_delay); max_jobs defaults to 10; every job is logged at INFO by default."),
