@@ -495,3 +495,29 @@ async def test_a_job_raising_cancelled_error_itself_fails_and_the_worker_goes_on
     assert caught.value.metadata["type"] == "CancelledError"
     assert caught.value.metadata["attempt"] == 2  # retried like any error
     assert await job.state() == JobState.FAILED
+
+
+async def test_an_idle_worker_starts_a_job_before_it_waits_for_more(
+    queue: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # When the queue ran dry, the next receive would only wait: the job just received starts
+    # first, rather than after that receive is sent.
+    order: list[str] = []
+    receive = queue.broker.receive
+
+    async def recorded_receive(*args: object, **kwargs: object) -> list[object]:
+        order.append("receive>")
+        try:
+            return await receive(*args, **kwargs)  # type: ignore[arg-type]
+        finally:
+            order.append("receive<")
+
+    @queue.task
+    async def mark() -> None:
+        order.append("run")
+
+    monkeypatch.setattr(queue.broker, "receive", recorded_receive)
+    async with queue.worker():
+        await (await mark.enqueue()).result(timeout=10)
+    run = order.index("run")
+    assert order[run - 1] == "receive<", order

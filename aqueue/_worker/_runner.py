@@ -264,6 +264,10 @@ class Worker:
                     self._running[d.job_id] = running
                     self._ready.append(running)
                     self._wake_runner()
+            if 0 < len(deliveries) < free:
+                # The queue ran dry: the next receive will wait for jobs anyway, so the jobs just
+                # received start first (a turn of the loop) rather than after it is sent.
+                await anyio.lowlevel.checkpoint()
 
     # --- running ---------------------------------------------------------------------------------
 
