@@ -12,6 +12,7 @@ from pathlib import Path
 import anyio
 import pytest
 import redis
+import redis.asyncio
 
 import aqueue
 from aqueue import BrokerConnectionError, JobState, Queue, TaskError
@@ -59,6 +60,25 @@ async def test_connections_name_aqueue_without_reading_package_metadata(
         assert driver.lib_version == redis.__version__
     finally:
         await broker.close()
+
+
+async def test_a_client_of_your_own_takes_jobs_through_blocking_reads(
+    redis_url: str, queue_name: str
+) -> None:
+    client = redis.asyncio.Redis.from_url(redis_url)  # redis-py's own pool, not aqueue's
+    queue = Queue(broker=RedisBroker(client=client), name=queue_name)
+
+    @queue.task
+    async def add(a: int, b: int) -> int:
+        return a + b
+
+    try:
+        async with queue.worker():
+            assert await (await add.enqueue(1, 2)).result(timeout=10) == 3
+            # The worker is idle now: the next job reaches it through a blocking read.
+            assert await (await add.enqueue(2, 3)).result(timeout=10) == 5
+    finally:
+        await client.aclose()
 
 
 @pytest.mark.parametrize(
