@@ -399,7 +399,8 @@ class RedisBroker(Broker):
         if not entries:
             return [], False
         read: list[tuple[int, bytes]] = []
-        for stream, rows in entries:
+        # RESP3 (redis-py 8's default) replies with a map of streams, RESP2 with a list of pairs.
+        for stream, rows in entries.items() if isinstance(entries, dict) else entries:
             band = int(stream.decode().rsplit(":", 1)[1])
             read += [(band, entry_id) for entry_id, _fields in rows]
         read.sort(key=lambda r: -r[0])  # highest band first: what is past `count` is put back
