@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import resource
 import tempfile
 import time
@@ -272,6 +273,51 @@ async def test_entries_behind_a_long_job_leave_the_stream(redis_url: str, queue_
         assert await client.xlen(Keys(queue_name).stream(0)) == 1
         await broker.finish(queue_name, [Completion(long, Outcome.SUCCEEDED, time.time(), result=b"1")], 60)
         assert await client.xlen(Keys(queue_name).stream(0)) == 0
+    finally:
+        await client.aclose()
+        await broker.close()
+
+
+async def test_finishing_a_claimed_job_keeps_the_entries_not_yet_delivered(
+    redis_url: str, queue_name: str
+) -> None:
+    # Immediate mode claims its own job past older ready ones: finishing it trims the stream only
+    # up to what the group has delivered, so the older entries still reach a worker.
+    broker = RedisBroker(redis_url)
+    client = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        older, claimed = await broker.enqueue(queue_name, [new_job(), new_job()])
+        delivery = await broker.claim(queue_name, "w", claimed, 5)
+        assert delivery is not None
+        done = Completion(delivery, Outcome.SUCCEEDED, time.time(), result=b"1")
+        assert await broker.finish(queue_name, [done], 60) == [True]
+        assert await client.xlen(Keys(queue_name).stream(0)) == 1
+        assert [d.job_id for d in await broker.receive(queue_name, "w", 10, 0, 5)] == [older]
+    finally:
+        await client.aclose()
+        await broker.close()
+
+
+async def test_a_finished_batch_is_pruned_no_sooner_than_its_records_expire(
+    redis_url: str, queue_name: str
+) -> None:
+    # One `expiring` score serves a whole batch: the latest end plus the ttl, in whole seconds.
+    broker = RedisBroker(redis_url)
+    client = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        await broker.enqueue(queue_name, [new_job() for _ in range(3)])
+        deliveries = await broker.receive(queue_name, "w", 10, 0, 5)
+        ends = [time.time() - 5, time.time() - 2.5, time.time()]
+        done = [Completion(d, Outcome.SUCCEEDED, end, result=b"1")
+                for d, end in zip(deliveries, ends, strict=True)]
+        assert await broker.finish(queue_name, done, 60.5) == [True] * 3
+        scores = await client.zrange(Keys(queue_name).prefix + "expiring", 0, -1, withscores=True)
+        assert sorted(member.decode() for member, _ in scores) == sorted(d.job_id for d in deliveries)
+        assert {score for _, score in scores} == {float(math.ceil(ends[-1] + 60.5))}
+        for d in deliveries:
+            assert 60_000 < await client.pttl(Keys(queue_name).job(d.job_id)) <= 61_000
+        assert await broker.prune(queue_name, ends[-1] + 60, 100) == 0
+        assert await broker.prune(queue_name, ends[-1] + 62, 100) == 3
     finally:
         await client.aclose()
         await broker.close()

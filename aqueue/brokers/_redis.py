@@ -462,7 +462,10 @@ class RedisBroker(Broker):
     ) -> list[bool]:
         if not completions:
             return []
-        args: list[Any] = [result_ttl]
+        # Records ended here expire at one time for the whole batch, in whole seconds (see
+        # finish.lua): the latest end, so that none is pruned from the listing before it expires.
+        expire_at = math.ceil(max(c.finished_at for c in completions) + result_ttl)
+        args: list[Any] = [result_ttl, expire_at]
         for c in completions:
             d = c.delivery
             args += [d.job_id, d.token, d.priority, d.receipt, c.outcome.value, c.result or b"",

@@ -50,12 +50,27 @@ local function id_after(a, b)
   return ams > bms or (ams == bms and tonumber(aseq) > tonumber(bseq))
 end
 
+-- The newest entry the group has delivered ('0-0': none yet). Every older entry was delivered
+-- too (the group hands entries out in order), so it is now either pending or done with.
+local function last_delivered(s)
+  for _, group in ipairs(redis.call('XINFO', 'GROUPS', s)) do
+    local name, last = nil, nil
+    for j = 1, #group, 2 do
+      if group[j] == 'name' then name = group[j + 1] end
+      if group[j] == 'last-delivered-id' then last = group[j + 1] end
+    end
+    if name == GROUP then return last end
+  end
+  return '0-0'
+end
+
 -- Trim the entries of a stream that are done with: those older than both `read` (an entry the
 -- group has delivered: every older entry was delivered too) and the oldest still pending. What
 -- was delivered and is not pending was acked. `acked` (optional) lists entries just acked: those
 -- behind a job still pending (a long one) are deleted one by one, so that they do not pile up
 -- until it ends.
 local function trim_acked(s, read, acked)
+  if read == '0-0' then return end
   local ms, seq = string.match(read, '^(%d+)-(%d+)$')
   local floor = ms .. '-' .. (tonumber(seq) + 1)
   local pending = redis.call('XPENDING', s, GROUP)
@@ -66,6 +81,18 @@ local function trim_acked(s, read, acked)
     end
   end
   redis.call('XTRIM', s, 'MINID', floor)
+end
+
+-- EXPIRE's argument for a ttl: whole seconds, at least 1, formatted once per script call (a
+-- number handed to redis.call is printed with "%.17g" every time).
+local expire_args = {}
+local function expire_arg(ttl)
+  local arg = expire_args[ttl]
+  if not arg then
+    arg = string.format('%d', math.max(1, math.ceil(ttl)))
+    expire_args[ttl] = arg
+  end
+  return arg
 end
 
 -- Append name/value pairs to a list of HSET arguments.
@@ -200,7 +227,7 @@ local function chord_arrive(cid, slot, value, ttl)
   local callback = redis.call('HGET', ck, 'callback')
   local payload = redis.call('HGET', job_key(callback), 'payload') or ''
   activate(callback, prepend_arg(payload, '[' .. table.concat(parts, ',') .. ']'))
-  redis.call('EXPIRE', ck, math.max(1, math.ceil(ttl)))
+  redis.call('EXPIRE', ck, expire_arg(ttl))
 end
 
 -- A batch member ended: count it, and fire each callback once when its moment comes. A failed
@@ -258,8 +285,10 @@ local function finish_fields(jk)
 end
 
 -- Set by a script that ends many jobs (finish): finalize then collects its `expiring` entries
--- here, and `flush_expiring` adds them in one ZADD.
-local expiring_batch = nil
+-- here, all with the one score `expiring_score` (the batch's latest end plus the ttl, in whole
+-- seconds: parsing and printing a float per job is a large part of ending it), and
+-- `flush_expiring` adds them in one ZADD.
+local expiring_batch, expiring_score = nil, nil
 local function flush_expiring()
   local batch = expiring_batch or {}
   for j = 1, #batch, 1000 do  -- unpack is bounded by Lua's stack
@@ -321,14 +350,13 @@ finalize = function(id, jk, state, now, ttl, reason, rec, fields)
   if state == 'failed' then
     redis.call('ZADD', prefix .. 'dead', now, id)
   else
-    redis.call('EXPIRE', jk, math.max(1, math.ceil(ttl)))
+    redis.call('EXPIRE', jk, expire_arg(ttl))
     -- So that pruning finds exactly the index entries whose records have expired.
-    local at = tonumber(now) + ttl
     if expiring_batch then
-      expiring_batch[#expiring_batch + 1] = at
+      expiring_batch[#expiring_batch + 1] = expiring_score
       expiring_batch[#expiring_batch + 1] = id
     else
-      redis.call('ZADD', prefix .. 'expiring', at, id)
+      redis.call('ZADD', prefix .. 'expiring', tonumber(now) + ttl, id)
     end
   end
   after_final(id, state, now, ttl, rec)

@@ -1,20 +1,22 @@
 -- End deliveries, each as its completion says.
 -- KEYS[1] prefix
--- ARGV: result_ttl, then per completion: job id, token, band, entry id, outcome, result, error,
---       retry_at ('' = now), reason, finished_at, the number of activations, and that many pairs
---       of job id, payload (waiting jobs to make ready, applied with a success)
+-- ARGV: result_ttl, when the records ended here expire (whole seconds, the latest finished_at
+--       plus result_ttl, rounded up), then per completion: job id, token, band, entry id, outcome,
+--       result, error, retry_at ('' = now), reason, finished_at, the number of activations, and
+--       that many pairs of job id, payload (waiting jobs to make ready, applied with a success)
 -- Returns 1 per applied completion, 0 where the token was stale (a newer delivery owns the job).
 local ttl = tonumber(ARGV[1])
 local out = {}
 local acked = {}  -- per stream: the entries ended here
-expiring_batch = {}  -- finalize's ZADD arguments, sent once for the whole batch
-local i = 2
+expiring_batch, expiring_score = {}, ARGV[2]  -- finalize's ZADD, sent once for the whole batch
+local i = 3
 while i <= #ARGV do
   local id, token, p, entry, outcome, result, err, retry_at, reason, now =
     ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5], ARGV[i + 6],
     ARGV[i + 7], ARGV[i + 8], ARGV[i + 9]
   local first_activation = i + 11
-  i = first_activation + 2 * tonumber(ARGV[i + 10])
+  i = first_activation
+  if ARGV[first_activation - 1] ~= '0' then i = i + 2 * tonumber(ARGV[first_activation - 1]) end
   local jk = job_key(id)
   local rec = finish_fields(jk)
   if rec.token ~= token or rec.state ~= 'running' then
@@ -56,17 +58,11 @@ while i <= #ARGV do
 end
 flush_expiring()
 for s, entries in pairs(acked) do
-  -- One XACK per stream. Only entries the group delivered (pending ones) may bound the trim: a
-  -- claimed job's entry (immediate mode) was never read through the group, and newer ones may
-  -- wait before it. When some were not pending, the trim is left to prune.
-  local n = 0
+  -- One XACK per stream, one trim up to what the group has delivered (comparing the entries
+  -- themselves to find the newest cost more than both).
   for j = 1, #entries, 1000 do
-    n = n + redis.call('XACK', s, GROUP, unpack(entries, j, math.min(j + 999, #entries)))
+    redis.call('XACK', s, GROUP, unpack(entries, j, math.min(j + 999, #entries)))
   end
-  if n == #entries then
-    local newest = entries[1]
-    for _, entry in ipairs(entries) do if id_after(entry, newest) then newest = entry end end
-    trim_acked(s, newest, entries)
-  end
+  trim_acked(s, last_delivered(s), entries)
 end
 return out

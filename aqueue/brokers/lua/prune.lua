@@ -6,11 +6,7 @@ local ekey, ikey = prefix .. 'expiring', prefix .. 'index'
 -- Entries acked outside a finish (wake-ups, jobs ended before they ran) leave their streams here.
 for _, p in ipairs(redis.call('ZRANGE', prefix .. 'priorities', 0, -1)) do
   local s = stream_key(p)
-  for _, group in ipairs(redis.call('EXISTS', s) == 1 and redis.call('XINFO', 'GROUPS', s) or {}) do
-    for j = 1, #group, 2 do
-      if group[j] == 'last-delivered-id' and group[j + 1] ~= '0-0' then trim_acked(s, group[j + 1]) end
-    end
-  end
+  if redis.call('EXISTS', s) == 1 then trim_acked(s, last_delivered(s)) end
 end
 local ids = redis.call('ZRANGEBYSCORE', ekey, '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
 if #ids == 0 then return 0 end
