@@ -426,10 +426,11 @@ local function start(s, p, entry, fields, consumer, now, max_deliveries, ttl)
       ' times without finishing (max_deliveries=' .. max_deliveries .. ')')
     return nil
   end
-  local token = tonumber(rec[8] or '0') + 1
+  -- As strings: a number handed to redis.call is printed with "%.17g", a float's slow path.
+  local token = string.format('%d', tonumber(rec[8] or '0') + 1)
   redis.call('HSET', jk, 'state', 'running', 'started_at', now, 'worker', consumer,
-    'deliveries', deliveries, 'token', token)
-  return {id, rec[2], rec[3], rec[4], tostring(token), p, rec[5], entry}
+    'deliveries', string.format('%d', deliveries), 'token', token)
+  return {id, rec[2], rec[3], rec[4], token, p, rec[5], entry}
 end
 
 -- Priority bands, highest first; band 0 always exists.
