@@ -323,6 +323,69 @@ async def test_a_finished_batch_is_pruned_no_sooner_than_its_records_expire(
         await broker.close()
 
 
+async def read_then_fail_to_start(broker: RedisBroker, queue_name: str, monkeypatch: pytest.MonkeyPatch,
+                                  *, script_ran: bool) -> str:
+    """Enqueue a job that consumer "w" gets from a blocking read, and cut the connection on its
+    start script: before the script runs, or after (its answer lost). Returns the job's id."""
+    await broker.enqueue(queue_name, [new_job()])
+    [first] = await broker.receive(queue_name, "w", 10, 0, 5)  # fewer than asked: drained
+    assert await broker.finish(queue_name, [Completion(first, Outcome.SUCCEEDED, time.time())], 60) == [True]
+    [job_id] = await broker.enqueue(queue_name, [new_job()])
+    real_run = broker._run
+
+    async def cut_on_start(queue: str, name: str, args: list[object]) -> object:
+        if name != "start":
+            return await real_run(queue, name, args)
+        monkeypatch.setattr(broker, "_run", real_run)
+        if script_ran:
+            await real_run(queue, name, args)
+        raise BrokerConnectionError("connection cut")
+
+    monkeypatch.setattr(broker, "_run", cut_on_start)
+    with pytest.raises(BrokerConnectionError):
+        await broker.receive(queue_name, "w", 10, 1.0, 5)  # drained: straight to the blocking read
+    assert broker._run == real_run  # the read went through the start script
+    return job_id
+
+
+@pytest.mark.parametrize("script_ran", [False, True], ids=["start-not-run", "start-answer-lost"])
+async def test_entries_read_but_not_started_go_to_the_next_receive(
+    redis_url: str, queue_name: str, monkeypatch: pytest.MonkeyPatch, script_ran: bool
+) -> None:
+    # They sit in the consumer's pending list, leased to nobody: without a second try they would
+    # wait for the reclaim, a visibility timeout later.
+    broker = RedisBroker(redis_url)
+    try:
+        job_id = await read_then_fail_to_start(broker, queue_name, monkeypatch, script_ran=script_ran)
+        [delivery] = await broker.receive(queue_name, "w", 10, 0, 5)
+        assert delivery.job_id == job_id
+        assert delivery.token == (2 if script_ran else 1)
+        record = await broker.get(queue_name, job_id)
+        assert record is not None
+        assert (record.state, record.worker) == ("running", "w")
+        assert await broker.receive(queue_name, "w", 10, 0, 5) == []  # started once only
+    finally:
+        await broker.close()
+
+
+async def test_entries_read_but_not_started_and_reclaimed_meanwhile_stay_with_the_new_owner(
+    redis_url: str, queue_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    broker = RedisBroker(redis_url)
+    try:
+        job_id = await read_then_fail_to_start(broker, queue_name, monkeypatch, script_ran=False)
+        [taken] = await broker.reclaim(queue_name, "other", 10, 0, 5)
+        assert taken.job_id == job_id
+        assert await broker.receive(queue_name, "w", 10, 0, 5) == []
+        record = await broker.get(queue_name, job_id)
+        assert record is not None
+        assert record.worker == "other"
+        done = Completion(taken, Outcome.SUCCEEDED, time.time(), result=b"1")
+        assert await broker.finish(queue_name, [done], 60) == [True]  # its lease still holds
+    finally:
+        await broker.close()
+
+
 async def test_result_after_a_failed_inbox_subscribe(redis_url: str, queue_name: str) -> None:
     queue = Queue(redis_url, name=queue_name)
 

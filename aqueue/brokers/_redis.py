@@ -208,6 +208,10 @@ class RedisBroker(Broker):
         # Consumers whose last receive found fewer jobs than it asked for: their next receive
         # goes straight to the blocking read, which returns at once if jobs arrived meanwhile.
         self._drained: set[str] = set()
+        # Per (queue, consumer): entries a blocking read handed over whose start script has not
+        # answered (an error between the two). They sit in the consumer's pending list, leased
+        # to nobody: its next receive starts them, rather than leave them to the reclaim.
+        self._unstarted: dict[tuple[str, str], list[Any]] = {}
         self._notifier: Notifier | None = None
         # This process's inbox: the jobs it waits on publish their outcomes there.
         self._inbox = uuid.uuid4().hex[:16]
@@ -348,6 +352,11 @@ class RedisBroker(Broker):
         self, queue: str, consumer: str, count: int, timeout: float, max_deliveries: int
     ) -> list[Delivery]:
         ttl = 86400  # records that end here (expired, dead) are kept a day
+        unstarted = self._unstarted.get((queue, consumer))
+        if unstarted:
+            found, _ = await self._start(queue, consumer, unstarted, count, max_deliveries, ttl)
+            if found:
+                return found
         bands = self._bands.get(queue)
         if not (timeout > 0 and bands and consumer in self._drained):
             reply = await self._run(
@@ -405,14 +414,27 @@ class RedisBroker(Broker):
             read += [(band, entry_id) for entry_id, _fields in rows]
         read.sort(key=lambda r: -r[0])  # highest band first: what is past `count` is put back
         pairs: list[Any] = [x for band, entry_id in read for x in (band, entry_id)]
-        reply = await self._run(
-            queue, "start", [consumer, repr(time.time()), max_deliveries, ttl, count, *pairs]
-        )
-        known = [b.decode() for b in reply[0]]
+        found, known = await self._start(queue, consumer, pairs, count, max_deliveries, ttl)
         new_band = known != bands
         if new_band:  # a band this consumer did not block on: learn it, run the script next
             self._bands[queue] = known
-        return [_delivery(row) for row in reply[1:]], new_band
+        return found, new_band
+
+    async def _start(
+        self, queue: str, consumer: str, pairs: list[Any], count: int, max_deliveries: int, ttl: int
+    ) -> tuple[list[Delivery], list[str]]:
+        """Lease the entries (band, entry id pairs) a blocking read handed to `consumer`; also
+        returns the bands the script knows. Until it answers, the entries are kept as unstarted:
+        a second try checks that each is still the consumer's (not reclaimed meanwhile)."""
+        key = (queue, consumer)
+        retry = key in self._unstarted
+        self._unstarted[key] = pairs
+        reply = await self._run(
+            queue, "start",
+            [consumer, repr(time.time()), max_deliveries, ttl, count, int(retry), *pairs],
+        )
+        del self._unstarted[key]
+        return [_delivery(row) for row in reply[1:]], [b.decode() for b in reply[0]]
 
     async def claim(
         self, queue: str, consumer: str, job_id: str, max_deliveries: int
@@ -422,6 +444,7 @@ class RedisBroker(Broker):
 
     async def forget_consumer(self, queue: str, consumer: str) -> None:
         self._drained.discard(consumer)
+        self._unstarted.pop((queue, consumer), None)  # pending still: the reclaim takes them
         reader = self._readers.pop(consumer, None)
         if reader is not None:
             await reader.client.aclose(close_connection_pool=False)

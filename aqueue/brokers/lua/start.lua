@@ -1,26 +1,31 @@
 -- Lease entries a blocking XREADGROUP already handed to this consumer.
 -- KEYS[1] prefix
--- ARGV: consumer, now, max_deliveries, result_ttl, count, then pairs: band, entry id (highest
---       band first). XREADGROUP's COUNT is per stream, so more than `count` may have been read:
---       those past `count` are put back on their stream for any worker.
+-- ARGV: consumer, now, max_deliveries, result_ttl, count, retry (1: a second try, after an
+--       error kept the first from answering), then pairs: band, entry id (highest band first).
+--       XREADGROUP's COUNT is per stream, so more than `count` may have been read: those past
+--       `count` are put back on their stream for any worker.
 local consumer, now, max_deliveries, ttl, count = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
+local retry = ARGV[6] == '1'
 -- Returns {bands, delivery, ...}: the bands as the script sees them, so a consumer learns new ones.
 local out = {bands()}
-for i = 6, #ARGV, 2 do
+for i = 7, #ARGV, 2 do
   local p, entry = ARGV[i], ARGV[i + 1]
   local s = stream_key(p)
-  local found = redis.call('XRANGE', s, entry, entry)
-  if #found == 0 then
-    redis.call('XACK', s, GROUP, entry)  -- deleted meanwhile: nothing to run
-  elseif #out - 1 >= count then
-    drop_entry(s, entry)
-    local id = nil
-    for j = 1, #found[1][2], 2 do if found[1][2][j] == 'id' then id = found[1][2][j + 1] end end
-    local jk = id and job_key(id)
-    if jk and redis.call('HGET', jk, 'entry') == entry then make_ready(id, jk, p) end
-  else
-    local d = start(s, p, entry, found[1][2], consumer, now, max_deliveries, ttl)
-    if d then out[#out + 1] = d end
+  -- A second try skips the entries no longer this consumer's (reclaimed, or ended meanwhile).
+  if not retry or #redis.call('XPENDING', s, GROUP, entry, entry, 1, consumer) > 0 then
+    local found = redis.call('XRANGE', s, entry, entry)
+    if #found == 0 then
+      redis.call('XACK', s, GROUP, entry)  -- deleted meanwhile: nothing to run
+    elseif #out - 1 >= count then
+      drop_entry(s, entry)
+      local id = nil
+      for j = 1, #found[1][2], 2 do if found[1][2][j] == 'id' then id = found[1][2][j + 1] end end
+      local jk = id and job_key(id)
+      if jk and redis.call('HGET', jk, 'entry') == entry then make_ready(id, jk, p) end
+    else
+      local d = start(s, p, entry, found[1][2], consumer, now, max_deliveries, ttl)
+      if d then out[#out + 1] = d end
+    end
   end
 end
 return out
