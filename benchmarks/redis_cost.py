@@ -1,0 +1,147 @@
+"""What a job costs Redis, in CPU instructions: enqueue, receive and finish, each measured alone.
+
+    python -m benchmarks.redis_cost [--jobs 4000]
+
+Redis runs under valgrind's callgrind (`apt-get install valgrind`), which counts the instructions
+it executes instead of timing them: the same code gives the same count whatever else the machine
+is doing, so a change to a Lua script can be judged by a few percent. Instrumentation is switched
+on only around each phase. Jobs are no-ops, handled in batches of the worker's size; the figure is
+Redis's whole work per job in that phase (reading the request, the script, the reply).
+
+When Redis is what saturates (W2 and W5 in RESULTS.md), fewer instructions per job is more jobs
+per second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import redis
+
+from aqueue import Queue
+from aqueue._worker._runner import RECEIVE_BATCH
+from aqueue.brokers import Completion, Outcome
+
+QUEUE = "cost"
+
+
+class CountedRedis:
+    """A private redis-server under callgrind, instrumented only between `start` and `stop`."""
+
+    def __init__(self) -> None:
+        for tool in ("valgrind", "callgrind_control", "redis-server"):
+            if shutil.which(tool) is None:
+                raise SystemExit(f"{tool} is not installed (apt-get install valgrind redis-server)")
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.dir = Path(tempfile.mkdtemp(prefix="aqueue-cost-"))
+        self.process = subprocess.Popen(
+            ["valgrind", "--tool=callgrind", "--instr-atstart=no",
+             f"--callgrind-out-file={self.dir}/callgrind.out", "redis-server", "--port", str(self.port),
+             "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(self.dir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        client = redis.Redis(port=self.port)
+        deadline = time.monotonic() + 60  # valgrind starts slowly
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline or self.process.poll() is not None:
+                    self.process.kill()
+                    raise SystemExit("redis-server under valgrind did not start") from None
+                time.sleep(0.1)
+        client.close()
+        self.dumps = 0
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def _control(self, *args: str) -> None:
+        subprocess.run(["callgrind_control", *args, str(self.process.pid)], check=True,
+                       capture_output=True)
+
+    def start(self) -> None:
+        self._control("--zero")
+        self._control("--instr=on")
+
+    def stop(self) -> int:
+        """Instructions executed since `start`."""
+        self._control("--instr=off")
+        self._control("--dump")
+        self.dumps += 1
+        dump = self.dir / f"callgrind.out.{self.dumps}"
+        totals = re.search(r"^totals:\s+(\d+)", dump.read_text(), re.MULTILINE)
+        if totals is None:
+            raise SystemExit(f"no totals in {dump}")
+        return int(totals.group(1))
+
+    def close(self) -> None:
+        self.process.terminate()
+        self.process.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+async def measure(server: CountedRedis, jobs: int) -> dict[str, float]:
+    queue = Queue(server.url, name=QUEUE)
+
+    @queue.task(name="noop")
+    async def noop() -> None:
+        return None
+
+    async with queue:
+        broker = queue.broker
+        # Warm up: scripts loaded, stream and group made, one job through.
+        await noop.enqueue()
+        warm = await broker.receive(QUEUE, "warm", 1, 0.0, 10)
+        await broker.finish(QUEUE, [Completion(warm[0], Outcome.SUCCEEDED, time.time(), b"null")],
+                            queue.result_ttl)
+
+        server.start()
+        await noop.map([() for _ in range(jobs)])
+        enqueue = server.stop()
+
+        server.start()
+        deliveries = []
+        while len(deliveries) < jobs:
+            deliveries += await broker.receive(QUEUE, "worker", RECEIVE_BATCH, 0.0, 10)
+        receive = server.stop()
+
+        server.start()
+        for i in range(0, jobs, RECEIVE_BATCH):
+            now = time.time()
+            done = [Completion(d, Outcome.SUCCEEDED, now, b"null") for d in deliveries[i:i + RECEIVE_BATCH]]
+            if not all(await broker.finish(QUEUE, done, queue.result_ttl)):
+                raise SystemExit("a finish was refused")
+        finish = server.stop()
+    return {"enqueue (map)": enqueue / jobs, "receive": receive / jobs, "finish": finish / jobs}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--jobs", type=int, default=4000)
+    args = parser.parse_args()
+    server = CountedRedis()
+    try:
+        per_job = asyncio.run(measure(server, args.jobs))
+    finally:
+        server.close()
+    print(f"Redis instructions per job ({args.jobs:,} no-op jobs, batches of {RECEIVE_BATCH})")
+    for phase, count in per_job.items():
+        print(f"  {phase:<14} {count:>9,.0f}")
+    print(f"  {'all three':<14} {sum(per_job.values()):>9,.0f}")
+
+
+if __name__ == "__main__":
+    main()
