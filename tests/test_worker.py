@@ -521,3 +521,31 @@ async def test_an_idle_worker_starts_a_job_before_it_waits_for_more(
         await (await mark.enqueue()).result(timeout=10)
     run = order.index("run")
     assert order[run - 1] == "receive<", order
+
+
+async def test_an_idle_worker_sends_an_outcome_before_it_waits_for_more(
+    queue: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A job that ends at once: its outcome is on its way before the next (waiting) receive is
+    # sent, which would only delay it.
+    order: list[str] = []
+    receive, finish = queue.broker.receive, queue.broker.finish
+
+    async def recorded_receive(*args: object, **kwargs: object) -> list[object]:
+        order.append("receive")
+        return await receive(*args, **kwargs)  # type: ignore[arg-type]
+
+    async def recorded_finish(*args: object, **kwargs: object) -> list[bool]:
+        order.append("finish")
+        return await finish(*args, **kwargs)  # type: ignore[arg-type]
+
+    @queue.task
+    async def mark() -> None:
+        order.append("run")
+
+    monkeypatch.setattr(queue.broker, "receive", recorded_receive)
+    monkeypatch.setattr(queue.broker, "finish", recorded_finish)
+    async with queue.worker():
+        await (await mark.enqueue()).result(timeout=10)
+    run = order.index("run")
+    assert order[run + 1:run + 3] == ["finish", "receive"], order

@@ -36,6 +36,11 @@ class Completer:
         self._idle = anyio.Event() if self._idle.is_set() else self._idle
         self._wake.set()
 
+    @property
+    def woken(self) -> bool:
+        """Completions wait for `run` to take them: it is due to run, or busy writing others."""
+        return self._wake.is_set()
+
     async def run(self) -> None:
         """Write batches until cancelled."""
         while True:

@@ -266,8 +266,11 @@ class Worker:
                     self._wake_runner()
             if 0 < len(deliveries) < free:
                 # The queue ran dry: the next receive will wait for jobs anyway, so the jobs just
-                # received start first (a turn of the loop) rather than after it is sent.
+                # received start first (a turn of the loop) rather than after it is sent, and the
+                # outcomes of those that ended at once are sent first too (another turn).
                 await anyio.lowlevel.checkpoint()
+                if self._completer is not None and self._completer.woken:
+                    await anyio.lowlevel.checkpoint()
 
     # --- running ---------------------------------------------------------------------------------
 
