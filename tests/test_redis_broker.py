@@ -9,6 +9,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -19,6 +20,7 @@ import aqueue
 from aqueue import BrokerConnectionError, JobState, Queue, TaskError
 from aqueue.brokers import Completion, NewJob, Outcome, RedisBroker
 from aqueue.brokers._keys import GROUP, Keys
+from aqueue.brokers._notifier import Notifier
 from aqueue.brokers._redis import redact
 from aqueue.brokers._scripts import NAMES, source
 from tests.conftest import RedisServer, start_redis
@@ -384,6 +386,32 @@ async def test_entries_read_but_not_started_and_reclaimed_meanwhile_stay_with_th
         assert await broker.finish(queue_name, [done], 60) == [True]  # its lease still holds
     finally:
         await broker.close()
+
+
+async def test_a_woken_listener_goes_on_before_the_next_message_is_read(redis_url: str) -> None:
+    # The waiter on a job's outcome returns before the pub/sub reader sets up its next read.
+    client = redis.asyncio.Redis.from_url(redis_url)
+    notifier = Notifier(client)
+    order: list[str] = []
+    get_message = notifier._pubsub.get_message
+
+    async def recorded(*args: Any, **kwargs: Any) -> Any:
+        order.append("read")
+        message = await get_message(*args, **kwargs)
+        if message is not None and message["type"] == "message":
+            order.append("message")
+        return message
+
+    notifier._pubsub.get_message = recorded  # type: ignore[method-assign]
+    try:
+        async with notifier.listen("inbox") as heard:
+            await client.publish("inbox", b"done")
+            assert await heard.wait() == b"done"
+            order.append("heard")
+        assert order[order.index("message") + 1] == "heard", order
+    finally:
+        await notifier.close()
+        await client.aclose()
 
 
 async def test_result_after_a_failed_inbox_subscribe(redis_url: str, queue_name: str) -> None:

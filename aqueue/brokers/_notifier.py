@@ -173,6 +173,8 @@ class Notifier:
                 if state.routed:
                     for heard in state.routed.get(data.split(b"\n", 1)[0].decode(), ()):
                         heard._wake(data)
+                # A turn of the loop: those woken go on before this task reads the next message.
+                await asyncio.sleep(0)
 
     def _lost(self, exc: BaseException) -> None:
         """Every subscription is gone with the connection: wake everyone to re-check and re-listen."""
