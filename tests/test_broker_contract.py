@@ -415,3 +415,11 @@ async def test_returned_records_are_copies(broker: Broker, queue_name: str) -> N
     listed.attempt = 99
     again = await record(broker, queue_name, "a")
     assert (again.state, again.payload, again.attempt) == ("pending", b"p-a", 1)
+
+
+async def test_cancel_requested_names_the_running_jobs_asked_to_stop(broker: Broker, queue_name: str) -> None:
+    await broker.enqueue(queue_name, [new("a"), new("b"), new("c")])
+    assert len(await take(broker, queue_name, count=3)) == 3
+    assert await broker.cancel(queue_name, "b", time.time(), 60) == "requested"
+    assert await broker.cancel_requested(queue_name, ["a", "b", "c", "unknown"]) == ["b"]
+    assert await broker.cancel_requested(queue_name, []) == []

@@ -621,13 +621,8 @@ class RedisBroker(Broker):
     async def cancel_requested(self, queue: str, job_ids: Sequence[str]) -> list[str]:
         if not job_ids:
             return []
-        keys = self._key(queue)
-        async with self._translated():
-            async with self.client.pipeline(transaction=False) as pipe:
-                for job_id in job_ids:
-                    pipe.hget(keys.job(job_id), "cancel")
-                flags = await pipe.execute()
-        return [job_id for job_id, flag in zip(job_ids, flags, strict=True) if flag == b"1"]
+        requested = await self._run(queue, "cancel_requested", list(job_ids))
+        return [job_id.decode() for job_id in requested]
 
     async def revoke(self, queue: str, job_id: str, revoked: bool) -> bool:
         return bool(await self._run(queue, "revoke", [job_id, "1" if revoked else "0"]))

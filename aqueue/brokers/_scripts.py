@@ -17,6 +17,7 @@ from importlib import resources
 
 NAMES = (
     "cancel",
+    "cancel_requested",
     "claim",
     "enqueue",
     "finish",
