@@ -15,8 +15,7 @@ while i <= #ARGV do
     ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5], ARGV[i + 6],
     ARGV[i + 7], ARGV[i + 8], ARGV[i + 9]
   local first_activation = i + 11
-  i = first_activation
-  if ARGV[first_activation - 1] ~= '0' then i = i + 2 * tonumber(ARGV[first_activation - 1]) end
+  i = first_activation + 2 * tonumber(ARGV[i + 10])
   local jk = job_key(id)
   local rec = finish_fields(jk)
   if rec.token ~= token or rec.state ~= 'running' then
