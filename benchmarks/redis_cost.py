@@ -18,17 +18,15 @@ import argparse
 import asyncio
 import re
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
-import redis
-
 from aqueue import Queue
 from aqueue._worker._runner import RECEIVE_BATCH
 from aqueue.brokers import Completion, Outcome
+from benchmarks._redis_server import start_redis
 
 QUEUE = "cost"
 
@@ -37,36 +35,16 @@ class CountedRedis:
     """A private redis-server under callgrind, instrumented only between `start` and `stop`."""
 
     def __init__(self) -> None:
-        for tool in ("valgrind", "callgrind_control", "redis-server"):
+        for tool in ("valgrind", "callgrind_control"):
             if shutil.which(tool) is None:
-                raise SystemExit(f"{tool} is not installed (apt-get install valgrind redis-server)")
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
+                raise SystemExit(f"{tool} is not installed (apt-get install valgrind)")
         self.dir = Path(tempfile.mkdtemp(prefix="aqueue-cost-"))
-        self.process = subprocess.Popen(
-            ["valgrind", "--tool=callgrind", "--instr-atstart=no",
-             f"--callgrind-out-file={self.dir}/callgrind.out", "redis-server", "--port", str(self.port),
-             "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(self.dir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        self.process, self.url = start_redis(
+            str(self.dir), startup=60,  # valgrind starts slowly
+            wrapper=["valgrind", "--tool=callgrind", "--instr-atstart=no",
+                     f"--callgrind-out-file={self.dir}/callgrind.out"],
         )
-        client = redis.Redis(port=self.port)
-        deadline = time.monotonic() + 60  # valgrind starts slowly
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline or self.process.poll() is not None:
-                    self.process.kill()
-                    raise SystemExit("redis-server under valgrind did not start") from None
-                time.sleep(0.1)
-        client.close()
         self.dumps = 0
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
 
     def _control(self, *args: str) -> None:
         subprocess.run(["callgrind_control", *args, str(self.process.pid)], check=True,
