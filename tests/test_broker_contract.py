@@ -417,6 +417,29 @@ async def test_returned_records_are_copies(broker: Broker, queue_name: str) -> N
     assert (again.state, again.payload, again.attempt) == ("pending", b"p-a", 1)
 
 
+async def test_a_job_asked_to_cancel_while_running_ends_when_delivered_again(
+    broker: Broker, queue_name: str
+) -> None:
+    # The request's push was missed and the lease lapsed: the next delivery ends it instead.
+    await broker.enqueue(queue_name, [new("a")])
+    await take_one(broker, queue_name, consumer="w1")
+    assert await broker.cancel(queue_name, "a", time.time(), 60) == "requested"
+    [d] = await broker.reclaim(queue_name, "w2", 10, 0, MAX)
+    assert (d.job_id, d.ended) == ("a", "cancelled")
+    assert (await record(broker, queue_name, "a")).state == "cancelled"
+
+
+async def test_success_after_a_retry_clears_the_error(broker: Broker, queue_name: str) -> None:
+    await broker.enqueue(queue_name, [new("a")])
+    d = await take_one(broker, queue_name)
+    assert await broker.finish(queue_name, [done(d, Outcome.RETRY, error=b"oops")], 60) == [True]
+    assert (await record(broker, queue_name, "a")).error == b"oops"
+    d = await take_one(broker, queue_name)
+    assert await broker.finish(queue_name, [done(d, result=b"1")], 60) == [True]
+    rec = await record(broker, queue_name, "a")
+    assert (rec.state, rec.result, rec.error) == ("succeeded", b"1", None)
+
+
 async def test_cancel_requested_names_the_running_jobs_asked_to_stop(broker: Broker, queue_name: str) -> None:
     await broker.enqueue(queue_name, [new("a"), new("b"), new("c")])
     assert len(await take(broker, queue_name, count=3)) == 3

@@ -499,6 +499,44 @@ async def test_finished_entries_leave_the_stream(redis_url: str, queue_name: str
     assert pending["pending"] == 0
 
 
+async def test_an_ended_job_frees_its_idempotency_key(redis_url: str, queue_name: str) -> None:
+    broker = RedisBroker(redis_url)
+    await broker.connect()
+    client = redis.asyncio.Redis.from_url(redis_url)
+    key = Keys(queue_name).prefix + "key:k"
+    try:
+        await broker.enqueue(queue_name, [NewJob(id="a", task="t", payload=PAYLOAD, key="k")])
+        assert await client.get(key) == b"a"
+        [d] = await broker.receive(queue_name, "w", 1, 0, 5)
+        assert await broker.finish(queue_name, [Completion(d, Outcome.SUCCEEDED, time.time())], 60) == [True]
+        assert await client.exists(key) == 0
+    finally:
+        await client.aclose()
+        await broker.close()
+
+
+async def test_records_without_the_more_flag_are_read_in_full(redis_url: str, queue_name: str) -> None:
+    # Records written before the `more` flag existed: their start and finish read every field.
+    broker = RedisBroker(redis_url)
+    await broker.connect()
+    client = redis.asyncio.Redis.from_url(redis_url)
+    keys = Keys(queue_name)
+    try:
+        await broker.enqueue(queue_name, [NewJob(id="a", task="t", payload=PAYLOAD, key="ka"),
+                                          NewJob(id="b", task="t", payload=PAYLOAD, key="kb")])
+        assert await broker.revoke(queue_name, "b", True)
+        for job_id in "ab":
+            await client.hdel(keys.job(job_id), "more")
+        deliveries = await broker.receive(queue_name, "w", 2, 0, 5)
+        assert [(d.job_id, d.ended) for d in deliveries] == [("a", None), ("b", "revoked")]
+        completion = Completion(deliveries[0], Outcome.SUCCEEDED, time.time())
+        assert await broker.finish(queue_name, [completion], 60) == [True]
+        assert await client.exists(keys.prefix + "key:ka", keys.prefix + "key:kb") == 0
+    finally:
+        await client.aclose()
+        await broker.close()
+
+
 async def test_entries_ended_before_they_ran_leave_the_stream_on_prune(
     redis_url: str, queue_name: str
 ) -> None:

@@ -103,7 +103,7 @@ local function with(fields, ...)
 end
 
 -- Put a job on its band's stream, ready for any worker; `fields` are more record fields to write
--- in the same HSET.
+-- in the same HSET. A new record's fields start with its state, already 'pending'.
 local function make_ready(id, jk, p, fields)
   local s = stream_key(p)
   -- NOMKSTREAM: a band's stream is only ever made with its group, by ensure_stream.
@@ -111,7 +111,10 @@ local function make_ready(id, jk, p, fields)
   if not entry then entry = redis.call('XADD', ensure_stream(p), '*', 'id', id) end
   fields = fields or {}
   local n = #fields
-  fields[n + 1], fields[n + 2], fields[n + 3], fields[n + 4] = 'state', 'pending', 'entry', entry
+  if fields[1] ~= 'state' then
+    fields[n + 1], fields[n + 2], n = 'state', 'pending', n + 2
+  end
+  fields[n + 1], fields[n + 2] = 'entry', entry
   redis.call('HSET', jk, unpack(fields))
 end
 
@@ -130,20 +133,28 @@ local function store_job(now, id, task, payload, p, eta, expires, key, extra)
   local jk = job_key(id)
   if redis.call('EXISTS', jk) == 1 then return id end
   -- One HSET for the whole record; empty fields are left out (a missing field reads as empty).
-  local fields = {'task', task, 'payload', payload, 'priority', p, 'attempt', '1', 'enqueued_at', now}
+  -- The fields every start and finish read come first, where a small record (a listpack) finds
+  -- them soonest; a start then overwrites them in place. `more` says whether the record may hold
+  -- fields that are usually missing (an expiry, a key, workflow links; later a waiter, an error,
+  -- a cancel or revoke flag): only then do a start and a finish look them up, as looking up a
+  -- missing field costs a scan of the whole record.
+  local more, waiting = '0', false
+  if key ~= '' or expires ~= '' or (extra and #extra > 0) then more = '1' end
+  for i = 1, #(extra or {}), 2 do
+    if extra[i] == 'waiting' then waiting = true end
+  end
+  local scheduled = waiting or (eta ~= '' and tonumber(eta) > tonumber(now))
+  local state = 'pending'
+  if scheduled then state = 'scheduled' end
+  local fields = {'state', state, 'token', '0', 'more', more, 'task', task,
+    'payload', payload, 'priority', p, 'attempt', '1', 'enqueued_at', now}
   if expires ~= '' then with(fields, 'expires', expires) end
   if key ~= '' then with(fields, 'key', key) end
-  local waiting = false
-  if extra then
-    for i = 1, #extra, 2 do
-      with(fields, extra[i], extra[i + 1])
-      if extra[i] == 'waiting' then waiting = true end
-    end
-  end
+  for i = 1, #(extra or {}) do fields[#fields + 1] = extra[i] end
   if waiting then
-    redis.call('HSET', jk, unpack(with(fields, 'state', 'scheduled')))
-  elseif eta ~= '' and tonumber(eta) > tonumber(now) then
-    redis.call('HSET', jk, unpack(with(fields, 'state', 'scheduled', 'eta', eta)))
+    redis.call('HSET', jk, unpack(fields))
+  elseif scheduled then
+    redis.call('HSET', jk, unpack(with(fields, 'eta', eta)))
     redis.call('ZADD', prefix .. 'scheduled', eta, id)
   else
     make_ready(id, jk, p, fields)
@@ -270,18 +281,16 @@ end
 
 local function set(value) return value and value ~= '' end
 
--- Ending a job from a worker's completion reads what every end needs; the workflow fields and
--- the attempt only when the record has a workflow link or a waiter (most records have neither).
+-- Ending a job from a worker's completion reads the token and state; the rest of `end_fields`
+-- only when the record's `more` flag is set, or missing (a record written before the flag).
 local function finish_fields(jk)
-  local v = redis.call('HMGET', jk, 'token', 'state', 'error', 'key', 'waiters', 'chord', 'batch',
-    'next', 'err_task')
-  local rec = {token = v[1], state = v[2], error = v[3], key = v[4], waiters = v[5], chord = v[6],
-    batch = v[7], next = v[8], err_task = v[9], result = false}
-  if set(rec.waiters) or set(rec.chord) or set(rec.batch) or set(rec.next) or set(rec.err_task) then
-    local more = redis.call('HMGET', jk, 'attempt', 'slot', 'err_payload', 'err_priority')
-    rec.attempt, rec.slot, rec.err_payload, rec.err_priority = more[1], more[2], more[3], more[4]
+  local v = redis.call('HMGET', jk, 'token', 'state', 'more')
+  if v[3] ~= '0' then
+    local rec = end_fields(jk)
+    rec.result = false
+    return rec
   end
-  return rec
+  return {token = v[1], state = v[2], result = false}
 end
 
 -- Set by a script that ends many jobs (finish): finalize then collects its `expiring` entries
@@ -390,7 +399,13 @@ local function start(s, p, entry, fields, consumer, now, max_deliveries, ttl)
   end
   local jk = job_key(id)
   local rec = redis.call('HMGET', jk, 'state', 'task', 'payload', 'attempt', 'enqueued_at',
-    'expires', 'deliveries', 'token', 'entry', 'revoked', 'cancel')
+    'more', 'deliveries', 'token', 'entry')
+  local more = rec[6]
+  rec[6] = false
+  if more ~= '0' then  -- the record may hold an expiry, or a cancel or revoke flag
+    more = redis.call('HMGET', jk, 'expires', 'revoked', 'cancel')
+    rec[6], rec[10], rec[11] = more[1], more[2], more[3]
+  end
   if not rec[1] then
     drop_entry(s, entry)
     redis.call('HSET', jk, 'task', '', 'payload', '', 'priority', p, 'attempt', 1,

@@ -8,7 +8,7 @@ local state = redis.call('HGET', jk, 'state')
 if not state or FINAL[state] then return false end
 if state == 'running' then
   -- The flag outlives a missed message: `start` ends the job if it is delivered again.
-  redis.call('HSET', jk, 'cancel', '1')
+  redis.call('HSET', jk, 'cancel', '1', 'more', '1')
   redis.call('PUBLISH', prefix .. 'cancel', id)
   return 'requested'
 end

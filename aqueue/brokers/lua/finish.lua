@@ -26,7 +26,7 @@ while i <= #ARGV do
     acked[s][#acked[s] + 1] = entry
     local fields = {}
     if err ~= '' then
-      fields[1], fields[2] = 'error', err
+      fields[1], fields[2], fields[3], fields[4] = 'error', err, 'more', '1'
       rec.error = err
     end
     if outcome == 'retry' or outcome == 'defer' then

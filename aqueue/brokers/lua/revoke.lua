@@ -5,5 +5,5 @@
 local jk = job_key(ARGV[1])
 local state = redis.call('HGET', jk, 'state')
 if not state or FINAL[state] then return 0 end
-if ARGV[2] == '1' then redis.call('HSET', jk, 'revoked', '1') else redis.call('HDEL', jk, 'revoked') end
+if ARGV[2] == '1' then redis.call('HSET', jk, 'revoked', '1', 'more', '1') else redis.call('HDEL', jk, 'revoked') end
 return 1

@@ -9,8 +9,8 @@ if not state then return nil end
 if FINAL[state] then return redis.call('HGETALL', jk) end
 local waiters = redis.call('HGET', jk, 'waiters')
 if not waiters or waiters == '' then
-  redis.call('HSET', jk, 'waiters', ARGV[2])
+  redis.call('HSET', jk, 'waiters', ARGV[2], 'more', '1')
 elseif not string.find(' ' .. waiters .. ' ', ' ' .. ARGV[2] .. ' ', 1, true) then
-  redis.call('HSET', jk, 'waiters', waiters .. ' ' .. ARGV[2])
+  redis.call('HSET', jk, 'waiters', waiters .. ' ' .. ARGV[2], 'more', '1')
 end
 return 0
