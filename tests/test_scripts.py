@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from importlib import resources
+
 import redis.asyncio as aioredis
 
 from aqueue.brokers._scripts import NAMES, _blocks, source
@@ -31,5 +33,30 @@ async def test_every_script_compiles_on_redis(redis_url: str) -> None:
     try:
         for name in NAMES:
             assert len(await client.script_load(source(name))) == 40, name
+    finally:
+        await client.aclose()
+
+
+async def test_stream_ids_compare_as_ms_then_seq(redis_url: str) -> None:
+    # id_after compares same-shaped ids as strings and parses the others.
+    common = (resources.files("aqueue.brokers") / "lua" / "_common.lua").read_text(encoding="utf-8")
+    [helper] = [text for text, names in _blocks(common) if "id_after" in names]
+    script = helper + "\nreturn id_after(ARGV[1], ARGV[2]) and 1 or 0"
+    cases = {
+        ("1700000000000-10", "1700000000000-9"): 1,  # the longer seq is not smaller
+        ("1700000000000-9", "1700000000000-10"): 0,
+        ("1700000000001-0", "1700000000000-0"): 1,
+        ("1700000000000-12", "1700000000000-21"): 0,  # one length, dash at one place
+        ("1700000000000-21", "1700000000000-12"): 1,
+        ("1700000000000-5", "1700000000000-5"): 0,
+        ("999-1", "1000-0"): 0,  # one length, dash elsewhere
+        ("1000-0", "999-1"): 1,
+        ("10-123", "100-12"): 0,
+        ("100-12", "10-123"): 1,
+    }
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        for (a, b), after in cases.items():
+            assert await client.eval(script, 1, "aqueue:{t}:", a, b) == after, (a, b)
     finally:
         await client.aclose()

@@ -42,8 +42,14 @@ local function drop_entry(s, entry)
   return redis.call('XACK', s, GROUP, entry)
 end
 
--- Stream ids compare as (ms, seq) pairs.
+-- Stream ids compare as (ms, seq) pairs. Two ids of one length with the dash at one place compare
+-- as their strings do, digit by digit: no parsing (a finish compares each entry it acks, and
+-- parsing both ids cost a tenth of the finish).
 local function id_after(a, b)
+  if #a == #b then
+    local dash = string.find(b, '-', 1, true)
+    if string.byte(a, dash) == 45 then return a > b end  -- 45: '-'
+  end
   local ams, aseq = string.match(a, '^(%d+)-(%d+)$')
   local bms, bseq = string.match(b, '^(%d+)-(%d+)$')
   ams, bms = tonumber(ams), tonumber(bms)
