@@ -287,18 +287,6 @@ end
 
 local function set(value) return value and value ~= '' end
 
--- Ending a job from a worker's completion reads the token and state; the rest of `end_fields`
--- only when the record's `more` flag is set, or missing (a record written before the flag).
-local function finish_fields(jk)
-  local v = redis.call('HMGET', jk, 'token', 'state', 'more')
-  if v[3] ~= '0' then
-    local rec = end_fields(jk)
-    rec.result = false
-    return rec
-  end
-  return {token = v[1], state = v[2], result = false}
-end
-
 -- Set by a script that ends many jobs (finish): finalize then collects its `expiring` entries
 -- here, all with the one score `expiring_score` (the batch's latest end plus the ttl, in whole
 -- seconds: parsing and printing a float per job is a large part of ending it), and

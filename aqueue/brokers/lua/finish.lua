@@ -8,6 +8,16 @@
 local ttl = tonumber(ARGV[1])
 local out = {}
 local acked = {}  -- per stream: the entries ended here
+local streams = {}  -- per band: its stream's key
+local function ack(p, entry)
+  local s = streams[p]
+  if not s then
+    s = stream_key(p)
+    streams[p], acked[s] = s, {}
+  end
+  acked[s][#acked[s] + 1] = entry
+end
+local expire = expire_arg(ttl)
 expiring_batch, expiring_score = {}, ARGV[2]  -- finalize's ZADD, sent once for the whole batch
 local i = 3
 while i <= #ARGV do
@@ -17,13 +27,26 @@ while i <= #ARGV do
   local first_activation = i + 11
   i = first_activation + 2 * tonumber(ARGV[i + 10])
   local jk = job_key(id)
-  local rec = finish_fields(jk)
-  if rec.token ~= token or rec.state ~= 'running' then
+  local now_token, state, more = unpack(redis.call('HMGET', jk, 'token', 'state', 'more'))
+  if now_token ~= token or state ~= 'running' then
     out[#out + 1] = 0
+  elseif outcome == 'succeeded' and more == '0' then
+    -- The common end, written without finalize: the record has no key, waiter, error or
+    -- workflow link to see to (the flag says so), only its own fields and expiry.
+    ack(p, entry)
+    redis.call('HSET', jk, 'result', result, 'state', 'succeeded', 'finished_at', now)
+    redis.call('EXPIRE', jk, expire)
+    expiring_batch[#expiring_batch + 1] = expiring_score
+    expiring_batch[#expiring_batch + 1] = id
+    for a = first_activation, i - 1, 2 do activate(ARGV[a], ARGV[a + 1]) end
+    out[#out + 1] = 1
   else
-    local s = stream_key(p)
-    acked[s] = acked[s] or {}
-    acked[s][#acked[s] + 1] = entry
+    ack(p, entry)
+    local rec = {token = now_token, state = state, result = false}
+    if more ~= '0' then  -- set, or a record from before the flag
+      rec = end_fields(jk)
+      rec.result = false
+    end
     local fields = {}
     if err ~= '' then
       fields[1], fields[2], fields[3], fields[4] = 'error', err, 'more', '1'
