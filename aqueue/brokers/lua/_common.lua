@@ -375,7 +375,7 @@ end
 
 -- Lease one stream entry (already in this consumer's pending list) to the worker. Returns the
 -- delivery as an array, or nil when the entry is dropped instead (a wake-up, a malformed message,
--- an expired or already final job, or one past max_deliveries).
+-- an expired or already final job, or one past max_deliveries, a number).
 local function start(s, p, entry, fields, consumer, now, max_deliveries, ttl)
   local id = nil
   for i = 1, #fields, 2 do
@@ -427,18 +427,20 @@ local function start(s, p, entry, fields, consumer, now, max_deliveries, ttl)
     finalize(id, jk, ended, now, ttl, nil)
     return {id, rec[2], '', rec[4], '0', p, rec[5], entry, ended}
   end
-  local deliveries = tonumber(rec[7] or '0') + 1
-  if deliveries > tonumber(max_deliveries) then
+  -- As strings: a number handed to redis.call is printed with "%.17g", a float's slow path; and
+  -- the first delivery (the usual one) needs neither parsing nor printing.
+  local deliveries, token = '1', '1'
+  if rec[7] and rec[7] ~= '0' then deliveries = string.format('%d', tonumber(rec[7]) + 1) end
+  if rec[8] and rec[8] ~= '0' then token = string.format('%d', tonumber(rec[8]) + 1) end
+  if (deliveries == '1' and 1 or tonumber(deliveries)) > max_deliveries then
     drop_entry(s, entry)
     redis.call('HSET', jk, 'deliveries', deliveries)
     finalize(id, jk, 'failed', now, ttl, 'delivered ' .. deliveries ..
       ' times without finishing (max_deliveries=' .. max_deliveries .. ')')
     return nil
   end
-  -- As strings: a number handed to redis.call is printed with "%.17g", a float's slow path.
-  local token = string.format('%d', tonumber(rec[8] or '0') + 1)
   redis.call('HSET', jk, 'state', 'running', 'started_at', now, 'worker', consumer,
-    'deliveries', string.format('%d', deliveries), 'token', token)
+    'deliveries', deliveries, 'token', token)
   return {id, rec[2], rec[3], rec[4], token, p, rec[5], entry}
 end
 

@@ -2,7 +2,8 @@
 -- KEYS[1] prefix
 -- ARGV: consumer, count, now, max_deliveries, result_ttl
 -- Returns {bands, delivery, delivery, ...}: the bands let the caller block on every stream.
-local consumer, count, now, max_deliveries, ttl = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4], ARGV[5]
+local consumer, count, now, max_deliveries, ttl =
+  ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4]), ARGV[5]
 local all = bands()
 local out = {all}
 for _, p in ipairs(all) do

@@ -5,7 +5,7 @@
 -- look at the first 10 x COUNT entries); XCLAIM re-checks the idle time, so two workers reclaiming
 -- at once cannot both take one entry.
 local consumer, count, now, max_deliveries, ttl, min_idle =
-  ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+  ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4]), ARGV[5], ARGV[6]
 local out = {}
 for _, p in ipairs(bands()) do
   if #out >= count then break end

@@ -4,7 +4,8 @@
 --       error kept the first from answering), then pairs: band, entry id (highest band first).
 --       XREADGROUP's COUNT is per stream, so more than `count` may have been read: those past
 --       `count` are put back on their stream for any worker.
-local consumer, now, max_deliveries, ttl, count = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
+local consumer, now, max_deliveries, ttl, count =
+  ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
 local retry = ARGV[6] == '1'
 -- Returns {bands, delivery, ...}: the bands as the script sees them, so a consumer learns new ones.
 local out = {bands()}
