@@ -34,6 +34,7 @@ from aqueue.brokers._base import (
     Delivery,
     JobRecord,
     NewJob,
+    Outcome,
     WorkflowLinks,
 )
 from aqueue.brokers._keys import GROUP, Keys
@@ -491,9 +492,13 @@ class RedisBroker(Broker):
         args: list[Any] = [result_ttl, expire_at]
         for c in completions:
             d = c.delivery
-            args += [d.job_id, d.token, d.priority, d.receipt, c.outcome.value, c.result or b"",
-                     c.error or b"", _opt(c.retry_at), c.reason or "", repr(c.finished_at),
-                     len(c.activate)]
+            if c.outcome is Outcome.SUCCEEDED and not c.error and c.retry_at is None and not c.reason:
+                args += [d.job_id, d.token, d.priority, d.receipt, "ok", c.result or b"",
+                         repr(c.finished_at), len(c.activate)]
+            else:
+                args += [d.job_id, d.token, d.priority, d.receipt, c.outcome.value, c.result or b"",
+                         c.error or b"", _opt(c.retry_at), c.reason or "", repr(c.finished_at),
+                         len(c.activate)]
             for job_id, payload in c.activate:
                 args += [job_id, payload]
         applied = await self._run(queue, "finish", args)

@@ -3,7 +3,8 @@
 -- ARGV: result_ttl, when the records ended here expire (whole seconds, the latest finished_at
 --       plus result_ttl, rounded up), then per completion: job id, token, band, entry id, outcome,
 --       result, error, retry_at ('' = now), reason, finished_at, the number of activations, and
---       that many pairs of job id, payload (waiting jobs to make ready, applied with a success)
+--       that many pairs of job id, payload (waiting jobs to make ready, applied with a success).
+--       A success with no error, retry_at or reason comes as outcome 'ok', without those three.
 -- Returns 1 per applied completion, 0 where the token was stale (a newer delivery owns the job).
 local ttl = tonumber(ARGV[1])
 local out = {}
@@ -21,11 +22,19 @@ local expire = expire_arg(ttl)
 expiring_batch, expiring_score = {}, ARGV[2]  -- finalize's ZADD, sent once for the whole batch
 local i = 3
 while i <= #ARGV do
-  local id, token, p, entry, outcome, result, err, retry_at, reason, now =
-    ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5], ARGV[i + 6],
-    ARGV[i + 7], ARGV[i + 8], ARGV[i + 9]
-  local first_activation = i + 11
-  i = first_activation + 2 * tonumber(ARGV[i + 10])
+  local id, token, p, entry, outcome = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
+  local result, err, retry_at, reason, now, activations
+  if outcome == 'ok' then  -- the usual completion: three arguments fewer to send and to read
+    outcome, result, err, retry_at, reason, now, activations =
+      'succeeded', ARGV[i + 5], '', '', '', ARGV[i + 6], ARGV[i + 7]
+    i = i + 8
+  else
+    result, err, retry_at, reason, now, activations =
+      ARGV[i + 5], ARGV[i + 6], ARGV[i + 7], ARGV[i + 8], ARGV[i + 9], ARGV[i + 10]
+    i = i + 11
+  end
+  local first_activation = i
+  if activations ~= '0' then i = i + 2 * tonumber(activations) end
   local jk = job_key(id)
   local now_token, state, more = unpack(redis.call('HMGET', jk, 'token', 'state', 'more'))
   if now_token ~= token or state ~= 'running' then
