@@ -34,9 +34,10 @@ def key(name: str) -> str:
 def probe() -> aioredis.Redis:
     global _probe
     if _probe is None:
-        # No read timeout (redis-py 8's default is 5 s): scenario 5 blocks the loop for 3 s at a
-        # time, twice in a row, and a job's probe call in flight then would fail the job itself.
-        _probe = aioredis.Redis.from_url(PROBE_URL, socket_timeout=None)
+        # No read or connect timeout (redis-py 8's defaults are 5 s each): scenario 5 blocks the
+        # loop for 3 s at a time, twice in a row, and a job's probe call in flight then (a new
+        # connection being made included) would fail the job itself.
+        _probe = aioredis.Redis.from_url(PROBE_URL, socket_timeout=None, socket_connect_timeout=None)
     return _probe
 
 
