@@ -2,7 +2,8 @@
 from `_common.lua`.
 
 `register_script` runs them by EVALSHA and reloads them on NOSCRIPT; scripts are addressed by their
-content, so two releases of aqueue can share one Redis.
+content, so two releases of aqueue can load theirs side by side in one Redis (what each release
+stores is another matter: see the record's `more` flag in README).
 
 Redis runs a script's whole text on every call, so defining a helper costs each call that carries
 it (a closure per function, a table per constant): a script carries only the helpers it names,
