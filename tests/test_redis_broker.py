@@ -8,6 +8,7 @@ import resource
 import tempfile
 import time
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,25 @@ from aqueue.brokers._scripts import NAMES, source
 from tests.conftest import RedisServer, start_redis
 
 PAYLOAD = b'{"args":[],"kwargs":{},"options":{}}'
+
+
+@pytest.fixture
+async def redis_broker(redis_url: str) -> AsyncIterator[RedisBroker]:
+    broker = RedisBroker(redis_url)
+    try:
+        yield broker
+    finally:
+        await broker.close()
+
+
+@pytest.fixture
+async def client(redis_url: str) -> AsyncIterator[redis.asyncio.Redis]:
+    """A plain redis-py client, to look at (or tamper with) what the broker stored."""
+    raw = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        yield raw
+    finally:
+        await raw.aclose()
 
 
 def new_job(priority: int = 0) -> NewJob:
@@ -147,21 +167,17 @@ async def test_malformed_stream_entry_goes_to_dead_letters(redis_url: str, queue
 
 
 async def test_a_new_band_is_read_even_when_announced_beside_a_job(
-    redis_url: str, queue_name: str
+    redis_broker: RedisBroker, queue_name: str
 ) -> None:
     # A consumer whose last receive came back short blocks on the bands it knows at once. A new
     # band is announced by a 'wake' entry in band 0; read together with a job, it must still
     # make the next receive learn the new band.
-    broker = RedisBroker(redis_url)
-    try:
-        await broker.enqueue(queue_name, [new_job(0)])
-        assert len(await broker.receive(queue_name, "c", 10, 1.0, 5)) == 1  # short: blocks next
-        high = new_job(7)
-        await broker.enqueue(queue_name, [high, new_job(0)])  # announces band 7, then a band-0 job
-        assert [d.priority for d in await broker.receive(queue_name, "c", 10, 1.0, 5)] == [0]
-        assert [d.job_id for d in await broker.receive(queue_name, "c", 10, 1.0, 5)] == [high.id]
-    finally:
-        await broker.close()
+    await redis_broker.enqueue(queue_name, [new_job(0)])
+    assert len(await redis_broker.receive(queue_name, "c", 10, 1.0, 5)) == 1  # short: blocks next
+    high = new_job(7)
+    await redis_broker.enqueue(queue_name, [high, new_job(0)])  # announces band 7, then a band-0 job
+    assert [d.priority for d in await redis_broker.receive(queue_name, "c", 10, 1.0, 5)] == [0]
+    assert [d.job_id for d in await redis_broker.receive(queue_name, "c", 10, 1.0, 5)] == [high.id]
 
 
 async def test_two_processes_waiting_on_one_job_both_hear_it(redis_url: str, queue_name: str) -> None:
@@ -200,41 +216,35 @@ async def test_two_processes_waiting_on_one_job_both_hear_it(redis_url: str, que
     assert seen == ["done", "done"]
 
 
-async def test_a_finish_never_trims_entries_not_yet_delivered(redis_url: str, queue_name: str) -> None:
+async def test_a_finish_never_trims_entries_not_yet_delivered(
+    redis_broker: RedisBroker, queue_name: str
+) -> None:
     # Immediate mode claims its own job's entry without reading the stream: its finish must not
     # trim the older entries no worker has read yet.
-    broker = RedisBroker(redis_url)
-    try:
-        older, claimed = new_job(), new_job()
-        await broker.enqueue(queue_name, [older])
-        await broker.enqueue(queue_name, [claimed])
-        d = await broker.claim(queue_name, "immediate", claimed.id, 5)
-        assert d is not None
-        await broker.finish(queue_name, [Completion(d, Outcome.SUCCEEDED, time.time(), result=b"1")], 60)
-        assert [x.job_id for x in await broker.receive(queue_name, "w", 10, 0, 5)] == [older.id]
-    finally:
-        await broker.close()
+    older, claimed = new_job(), new_job()
+    await redis_broker.enqueue(queue_name, [older])
+    await redis_broker.enqueue(queue_name, [claimed])
+    d = await redis_broker.claim(queue_name, "immediate", claimed.id, 5)
+    assert d is not None
+    await redis_broker.finish(queue_name, [Completion(d, Outcome.SUCCEEDED, time.time(), result=b"1")], 60)
+    assert [x.job_id for x in await redis_broker.receive(queue_name, "w", 10, 0, 5)] == [older.id]
 
 
 async def test_a_finish_mixing_claimed_and_read_entries_trims_nothing_undelivered(
-    redis_url: str, queue_name: str
+    redis_broker: RedisBroker, queue_name: str
 ) -> None:
     # One batch ends a job read through the group and a claimed one, newer than an entry no
     # worker has read: the batch's one XACK cannot tell them apart, so nothing is trimmed.
-    broker = RedisBroker(redis_url)
-    try:
-        read, unread, claimed = new_job(), new_job(), new_job()
-        for job in (read, unread, claimed):
-            await broker.enqueue(queue_name, [job])
-        [d_read] = await broker.receive(queue_name, "w", 1, 0, 5)
-        d_claimed = await broker.claim(queue_name, "immediate", claimed.id, 5)
-        assert d_read.job_id == read.id
-        assert d_claimed is not None
-        done = [Completion(d, Outcome.SUCCEEDED, time.time(), result=b"1") for d in (d_read, d_claimed)]
-        assert await broker.finish(queue_name, done, 60) == [True, True]
-        assert [x.job_id for x in await broker.receive(queue_name, "w", 10, 0, 5)] == [unread.id]
-    finally:
-        await broker.close()
+    read, unread, claimed = new_job(), new_job(), new_job()
+    for job in (read, unread, claimed):
+        await redis_broker.enqueue(queue_name, [job])
+    [d_read] = await redis_broker.receive(queue_name, "w", 1, 0, 5)
+    d_claimed = await redis_broker.claim(queue_name, "immediate", claimed.id, 5)
+    assert d_read.job_id == read.id
+    assert d_claimed is not None
+    done = [Completion(d, Outcome.SUCCEEDED, time.time(), result=b"1") for d in (d_read, d_claimed)]
+    assert await redis_broker.finish(queue_name, done, 60) == [True, True]
+    assert [x.job_id for x in await redis_broker.receive(queue_name, "w", 10, 0, 5)] == [unread.id]
 
 
 async def test_immediate_mode_keeps_a_delayed_job_for_later_workers(redis_url: str, queue_name: str) -> None:
@@ -262,67 +272,51 @@ async def test_immediate_mode_keeps_a_delayed_job_for_later_workers(redis_url: s
             assert await delayed.result(timeout=5) == "later"
 
 
-async def test_entries_behind_a_long_job_leave_the_stream(redis_url: str, queue_name: str) -> None:
+async def test_entries_behind_a_long_job_leave_the_stream(
+    redis_broker: RedisBroker, client: redis.asyncio.Redis, queue_name: str
+) -> None:
     # A job still running holds the trim back: the entries finished after it are deleted one by
     # one instead, so they do not pile up until it ends.
-    broker = RedisBroker(redis_url)
-    client = redis.asyncio.Redis.from_url(redis_url)
-    try:
-        await broker.enqueue(queue_name, [new_job() for _ in range(4)])
-        long, *rest = await broker.receive(queue_name, "w", 10, 0, 5)
-        done = [Completion(d, Outcome.SUCCEEDED, time.time(), result=b"1") for d in rest]
-        assert await broker.finish(queue_name, done, 60) == [True] * 3
-        assert await client.xlen(Keys(queue_name).stream(0)) == 1
-        await broker.finish(queue_name, [Completion(long, Outcome.SUCCEEDED, time.time(), result=b"1")], 60)
-        assert await client.xlen(Keys(queue_name).stream(0)) == 0
-    finally:
-        await client.aclose()
-        await broker.close()
+    await redis_broker.enqueue(queue_name, [new_job() for _ in range(4)])
+    long, *rest = await redis_broker.receive(queue_name, "w", 10, 0, 5)
+    done = [Completion(d, Outcome.SUCCEEDED, time.time(), result=b"1") for d in rest]
+    assert await redis_broker.finish(queue_name, done, 60) == [True] * 3
+    assert await client.xlen(Keys(queue_name).stream(0)) == 1
+    await redis_broker.finish(queue_name, [Completion(long, Outcome.SUCCEEDED, time.time(), result=b"1")], 60)
+    assert await client.xlen(Keys(queue_name).stream(0)) == 0
 
 
 async def test_finishing_a_claimed_job_keeps_the_entries_not_yet_delivered(
-    redis_url: str, queue_name: str
+    redis_broker: RedisBroker, client: redis.asyncio.Redis, queue_name: str
 ) -> None:
     # Immediate mode claims its own job past older ready ones: finishing it trims the stream only
     # up to what the group has delivered, so the older entries still reach a worker.
-    broker = RedisBroker(redis_url)
-    client = redis.asyncio.Redis.from_url(redis_url)
-    try:
-        older, claimed = await broker.enqueue(queue_name, [new_job(), new_job()])
-        delivery = await broker.claim(queue_name, "w", claimed, 5)
-        assert delivery is not None
-        done = Completion(delivery, Outcome.SUCCEEDED, time.time(), result=b"1")
-        assert await broker.finish(queue_name, [done], 60) == [True]
-        assert await client.xlen(Keys(queue_name).stream(0)) == 1
-        assert [d.job_id for d in await broker.receive(queue_name, "w", 10, 0, 5)] == [older]
-    finally:
-        await client.aclose()
-        await broker.close()
+    older, claimed = await redis_broker.enqueue(queue_name, [new_job(), new_job()])
+    delivery = await redis_broker.claim(queue_name, "w", claimed, 5)
+    assert delivery is not None
+    done = Completion(delivery, Outcome.SUCCEEDED, time.time(), result=b"1")
+    assert await redis_broker.finish(queue_name, [done], 60) == [True]
+    assert await client.xlen(Keys(queue_name).stream(0)) == 1
+    assert [d.job_id for d in await redis_broker.receive(queue_name, "w", 10, 0, 5)] == [older]
 
 
 async def test_a_finished_batch_is_pruned_no_sooner_than_its_records_expire(
-    redis_url: str, queue_name: str
+    redis_broker: RedisBroker, client: redis.asyncio.Redis, queue_name: str
 ) -> None:
     # One `expiring` score serves a whole batch: the latest end plus the ttl, in whole seconds.
-    broker = RedisBroker(redis_url)
-    client = redis.asyncio.Redis.from_url(redis_url)
-    try:
-        await broker.enqueue(queue_name, [new_job() for _ in range(3)])
-        deliveries = await broker.receive(queue_name, "w", 10, 0, 5)
-        ends = [time.time() - 5, time.time() - 2.5, time.time()]
-        done = [Completion(d, Outcome.SUCCEEDED, end, result=b"1")
-                for d, end in zip(deliveries, ends, strict=True)]
-        assert await broker.finish(queue_name, done, 60.5) == [True] * 3
-        scores = await client.zrange(Keys(queue_name).prefix + "expiring", 0, -1, withscores=True)
-        assert sorted(member.decode() for member, _ in scores) == sorted(d.job_id for d in deliveries)
-        assert {score for _, score in scores} == {float(math.ceil(ends[-1] + 60.5))}
-        for d in deliveries:
-            assert 60_000 < await client.pttl(Keys(queue_name).job(d.job_id)) <= 61_000
-        assert await broker.prune(queue_name, ends[-1] + 60, 100) == 0
-        assert await broker.prune(queue_name, ends[-1] + 62, 100) == 3
-    finally:
-        await client.aclose()
-        await broker.close()
+    await redis_broker.enqueue(queue_name, [new_job() for _ in range(3)])
+    deliveries = await redis_broker.receive(queue_name, "w", 10, 0, 5)
+    ends = [time.time() - 5, time.time() - 2.5, time.time()]
+    done = [Completion(d, Outcome.SUCCEEDED, end, result=b"1")
+            for d, end in zip(deliveries, ends, strict=True)]
+    assert await redis_broker.finish(queue_name, done, 60.5) == [True] * 3
+    scores = await client.zrange(Keys(queue_name).prefix + "expiring", 0, -1, withscores=True)
+    assert sorted(member.decode() for member, _ in scores) == sorted(d.job_id for d in deliveries)
+    assert {score for _, score in scores} == {float(math.ceil(ends[-1] + 60.5))}
+    for d in deliveries:
+        assert 60_000 < await client.pttl(Keys(queue_name).job(d.job_id)) <= 61_000
+    assert await redis_broker.prune(queue_name, ends[-1] + 60, 100) == 0
+    assert await redis_broker.prune(queue_name, ends[-1] + 62, 100) == 3
 
 
 async def read_then_fail_to_start(broker: RedisBroker, queue_name: str, monkeypatch: pytest.MonkeyPatch,
@@ -352,40 +346,32 @@ async def read_then_fail_to_start(broker: RedisBroker, queue_name: str, monkeypa
 
 @pytest.mark.parametrize("script_ran", [False, True], ids=["start-not-run", "start-answer-lost"])
 async def test_entries_read_but_not_started_go_to_the_next_receive(
-    redis_url: str, queue_name: str, monkeypatch: pytest.MonkeyPatch, script_ran: bool
+    redis_broker: RedisBroker, queue_name: str, monkeypatch: pytest.MonkeyPatch, script_ran: bool
 ) -> None:
     # They sit in the consumer's pending list, leased to nobody: without a second try they would
     # wait for the reclaim, a visibility timeout later.
-    broker = RedisBroker(redis_url)
-    try:
-        job_id = await read_then_fail_to_start(broker, queue_name, monkeypatch, script_ran=script_ran)
-        [delivery] = await broker.receive(queue_name, "w", 10, 0, 5)
-        assert delivery.job_id == job_id
-        assert delivery.token == (2 if script_ran else 1)
-        record = await broker.get(queue_name, job_id)
-        assert record is not None
-        assert (record.state, record.worker) == ("running", "w")
-        assert await broker.receive(queue_name, "w", 10, 0, 5) == []  # started once only
-    finally:
-        await broker.close()
+    job_id = await read_then_fail_to_start(redis_broker, queue_name, monkeypatch, script_ran=script_ran)
+    [delivery] = await redis_broker.receive(queue_name, "w", 10, 0, 5)
+    assert delivery.job_id == job_id
+    assert delivery.token == (2 if script_ran else 1)
+    record = await redis_broker.get(queue_name, job_id)
+    assert record is not None
+    assert (record.state, record.worker) == ("running", "w")
+    assert await redis_broker.receive(queue_name, "w", 10, 0, 5) == []  # started once only
 
 
 async def test_entries_read_but_not_started_and_reclaimed_meanwhile_stay_with_the_new_owner(
-    redis_url: str, queue_name: str, monkeypatch: pytest.MonkeyPatch
+    redis_broker: RedisBroker, queue_name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    broker = RedisBroker(redis_url)
-    try:
-        job_id = await read_then_fail_to_start(broker, queue_name, monkeypatch, script_ran=False)
-        [taken] = await broker.reclaim(queue_name, "other", 10, 0, 5)
-        assert taken.job_id == job_id
-        assert await broker.receive(queue_name, "w", 10, 0, 5) == []
-        record = await broker.get(queue_name, job_id)
-        assert record is not None
-        assert record.worker == "other"
-        done = Completion(taken, Outcome.SUCCEEDED, time.time(), result=b"1")
-        assert await broker.finish(queue_name, [done], 60) == [True]  # its lease still holds
-    finally:
-        await broker.close()
+    job_id = await read_then_fail_to_start(redis_broker, queue_name, monkeypatch, script_ran=False)
+    [taken] = await redis_broker.reclaim(queue_name, "other", 10, 0, 5)
+    assert taken.job_id == job_id
+    assert await redis_broker.receive(queue_name, "w", 10, 0, 5) == []
+    record = await redis_broker.get(queue_name, job_id)
+    assert record is not None
+    assert record.worker == "other"
+    done = Completion(taken, Outcome.SUCCEEDED, time.time(), result=b"1")
+    assert await redis_broker.finish(queue_name, [done], 60) == [True]  # its lease still holds
 
 
 async def test_a_woken_listener_goes_on_before_the_next_message_is_read(redis_url: str) -> None:
@@ -499,42 +485,32 @@ async def test_finished_entries_leave_the_stream(redis_url: str, queue_name: str
     assert pending["pending"] == 0
 
 
-async def test_an_ended_job_frees_its_idempotency_key(redis_url: str, queue_name: str) -> None:
-    broker = RedisBroker(redis_url)
-    await broker.connect()
-    client = redis.asyncio.Redis.from_url(redis_url)
+async def test_an_ended_job_frees_its_idempotency_key(
+    redis_broker: RedisBroker, client: redis.asyncio.Redis, queue_name: str
+) -> None:
     key = Keys(queue_name).prefix + "key:k"
-    try:
-        await broker.enqueue(queue_name, [NewJob(id="a", task="t", payload=PAYLOAD, key="k")])
-        assert await client.get(key) == b"a"
-        [d] = await broker.receive(queue_name, "w", 1, 0, 5)
-        assert await broker.finish(queue_name, [Completion(d, Outcome.SUCCEEDED, time.time())], 60) == [True]
-        assert await client.exists(key) == 0
-    finally:
-        await client.aclose()
-        await broker.close()
+    await redis_broker.enqueue(queue_name, [NewJob(id="a", task="t", payload=PAYLOAD, key="k")])
+    assert await client.get(key) == b"a"
+    [d] = await redis_broker.receive(queue_name, "w", 1, 0, 5)
+    assert await redis_broker.finish(queue_name, [Completion(d, Outcome.SUCCEEDED, time.time())], 60) == [True]
+    assert await client.exists(key) == 0
 
 
-async def test_records_without_the_more_flag_are_read_in_full(redis_url: str, queue_name: str) -> None:
+async def test_records_without_the_more_flag_are_read_in_full(
+    redis_broker: RedisBroker, client: redis.asyncio.Redis, queue_name: str
+) -> None:
     # Records written before the `more` flag existed: their start and finish read every field.
-    broker = RedisBroker(redis_url)
-    await broker.connect()
-    client = redis.asyncio.Redis.from_url(redis_url)
     keys = Keys(queue_name)
-    try:
-        await broker.enqueue(queue_name, [NewJob(id="a", task="t", payload=PAYLOAD, key="ka"),
-                                          NewJob(id="b", task="t", payload=PAYLOAD, key="kb")])
-        assert await broker.revoke(queue_name, "b", True)
-        for job_id in "ab":
-            await client.hdel(keys.job(job_id), "more")
-        deliveries = await broker.receive(queue_name, "w", 2, 0, 5)
-        assert [(d.job_id, d.ended) for d in deliveries] == [("a", None), ("b", "revoked")]
-        completion = Completion(deliveries[0], Outcome.SUCCEEDED, time.time())
-        assert await broker.finish(queue_name, [completion], 60) == [True]
-        assert await client.exists(keys.prefix + "key:ka", keys.prefix + "key:kb") == 0
-    finally:
-        await client.aclose()
-        await broker.close()
+    await redis_broker.enqueue(queue_name, [NewJob(id="a", task="t", payload=PAYLOAD, key="ka"),
+                                            NewJob(id="b", task="t", payload=PAYLOAD, key="kb")])
+    assert await redis_broker.revoke(queue_name, "b", True)
+    for job_id in "ab":
+        await client.hdel(keys.job(job_id), "more")
+    deliveries = await redis_broker.receive(queue_name, "w", 2, 0, 5)
+    assert [(d.job_id, d.ended) for d in deliveries] == [("a", None), ("b", "revoked")]
+    completion = Completion(deliveries[0], Outcome.SUCCEEDED, time.time())
+    assert await redis_broker.finish(queue_name, [completion], 60) == [True]
+    assert await client.exists(keys.prefix + "key:ka", keys.prefix + "key:kb") == 0
 
 
 async def test_entries_ended_before_they_ran_leave_the_stream_on_prune(
