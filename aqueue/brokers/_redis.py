@@ -492,13 +492,12 @@ class RedisBroker(Broker):
         args: list[Any] = [result_ttl, expire_at]
         for c in completions:
             d = c.delivery
+            args += [d.job_id, d.token, d.priority, d.receipt]
             if c.outcome is Outcome.SUCCEEDED and not c.error and c.retry_at is None and not c.reason:
-                args += [d.job_id, d.token, d.priority, d.receipt, "ok", c.result or b"",
-                         repr(c.finished_at), len(c.activate)]
+                args += ["ok", c.result or b""]
             else:
-                args += [d.job_id, d.token, d.priority, d.receipt, c.outcome.value, c.result or b"",
-                         c.error or b"", _opt(c.retry_at), c.reason or "", repr(c.finished_at),
-                         len(c.activate)]
+                args += [c.outcome.value, c.result or b"", c.error or b"", _opt(c.retry_at), c.reason or ""]
+            args += [repr(c.finished_at), len(c.activate)]
             for job_id, payload in c.activate:
                 args += [job_id, payload]
         applied = await self._run(queue, "finish", args)

@@ -146,17 +146,16 @@ local function store_job(now, id, task, payload, p, eta, expires, key, extra)
   -- missing field costs a scan of the whole record.
   local more, waiting = '0', false
   if key ~= '' or expires ~= '' or (extra and #extra > 0) then more = '1' end
-  for i = 1, #(extra or {}), 2 do
-    if extra[i] == 'waiting' then waiting = true end
-  end
-  local scheduled = waiting or (eta ~= '' and tonumber(eta) > tonumber(now))
-  local state = 'pending'
-  if scheduled then state = 'scheduled' end
-  local fields = {'state', state, 'token', '0', 'more', more, 'task', task,
+  local fields = {'state', 'pending', 'token', '0', 'more', more, 'task', task,
     'payload', payload, 'priority', p, 'attempt', '1', 'enqueued_at', now}
   if expires ~= '' then with(fields, 'expires', expires) end
   if key ~= '' then with(fields, 'key', key) end
-  for i = 1, #(extra or {}) do fields[#fields + 1] = extra[i] end
+  for i = 1, #(extra or {}), 2 do
+    with(fields, extra[i], extra[i + 1])
+    if extra[i] == 'waiting' then waiting = true end
+  end
+  local scheduled = waiting or (eta ~= '' and tonumber(eta) > tonumber(now))
+  if scheduled then fields[2] = 'scheduled' end
   if waiting then
     redis.call('HSET', jk, unpack(fields))
   elseif scheduled then
@@ -394,11 +393,11 @@ local function start(s, p, entry, fields, consumer, now, max_deliveries, ttl)
   local jk = job_key(id)
   local rec = redis.call('HMGET', jk, 'state', 'task', 'payload', 'attempt', 'enqueued_at',
     'more', 'deliveries', 'token', 'entry')
-  local more = rec[6]
-  rec[6] = false
-  if more ~= '0' then  -- the record may hold an expiry, or a cancel or revoke flag
-    more = redis.call('HMGET', jk, 'expires', 'revoked', 'cancel')
-    rec[6], rec[10], rec[11] = more[1], more[2], more[3]
+  if rec[6] == '0' then
+    rec[6] = false
+  else  -- the record may hold an expiry, or a cancel or revoke flag
+    local rare = redis.call('HMGET', jk, 'expires', 'revoked', 'cancel')
+    rec[6], rec[10], rec[11] = rare[1], rare[2], rare[3]
   end
   if not rec[1] then
     drop_entry(s, entry)

@@ -10,14 +10,6 @@ local ttl = tonumber(ARGV[1])
 local out = {}
 local acked = {}  -- per stream: the entries ended here
 local streams = {}  -- per band: its stream's key
-local function ack(p, entry)
-  local s = streams[p]
-  if not s then
-    s = stream_key(p)
-    streams[p], acked[s] = s, {}
-  end
-  acked[s][#acked[s] + 1] = entry
-end
 local expire = expire_arg(ttl)
 expiring_batch, expiring_score = {}, ARGV[2]  -- finalize's ZADD, sent once for the whole batch
 local i = 3
@@ -39,50 +31,52 @@ while i <= #ARGV do
   local now_token, state, more = unpack(redis.call('HMGET', jk, 'token', 'state', 'more'))
   if now_token ~= token or state ~= 'running' then
     out[#out + 1] = 0
-  elseif outcome == 'succeeded' and more == '0' then
-    -- The common end, written without finalize: the record has no key, waiter, error or
-    -- workflow link to see to (the flag says so), only its own fields and expiry.
-    ack(p, entry)
-    redis.call('HSET', jk, 'result', result, 'state', 'succeeded', 'finished_at', now)
-    redis.call('EXPIRE', jk, expire)
-    expiring_batch[#expiring_batch + 1] = expiring_score
-    expiring_batch[#expiring_batch + 1] = id
-    for a = first_activation, i - 1, 2 do activate(ARGV[a], ARGV[a + 1]) end
-    out[#out + 1] = 1
   else
-    ack(p, entry)
-    local rec = {token = now_token, state = state, result = false}
-    if more ~= '0' then  -- set, or a record from before the flag
-      rec = end_fields(jk)
-      rec.result = false
+    local s = streams[p]
+    if not s then
+      s = stream_key(p)
+      streams[p], acked[s] = s, {}
     end
-    local fields = {}
-    if err ~= '' then
-      fields[1], fields[2], fields[3], fields[4] = 'error', err, 'more', '1'
-      rec.error = err
-    end
-    if outcome == 'retry' or outcome == 'defer' then
-      if outcome == 'retry' then redis.call('HINCRBY', jk, 'attempt', 1) end
-      with(fields, 'deliveries', 0)
-      if retry_at ~= '' and tonumber(retry_at) > tonumber(now) then
-        redis.call('HSET', jk, unpack(with(fields, 'state', 'scheduled', 'eta', retry_at, 'entry', '')))
-        redis.call('ZADD', prefix .. 'scheduled', retry_at, id)
-      else
-        make_ready(id, jk, p, fields)
-      end
+    acked[s][#acked[s] + 1] = entry
+    if outcome == 'succeeded' and more == '0' then
+      -- The common end, written without finalize: the record has no key, waiter, error or
+      -- workflow link to see to (the flag says so), only its own fields and expiry.
+      redis.call('HSET', jk, 'result', result, 'state', 'succeeded', 'finished_at', now)
+      redis.call('EXPIRE', jk, expire)
+      expiring_batch[#expiring_batch + 1] = expiring_score
+      expiring_batch[#expiring_batch + 1] = id
     else
-      if outcome == 'succeeded' then
-        with(fields, 'result', result)
-        rec.result = result
-        if rec.error then
-          redis.call('HDEL', jk, 'error')
-          rec.error = false
+      local rec = {token = now_token, state = state}
+      if more ~= '0' then rec = end_fields(jk) end  -- set, or a record from before the flag
+      rec.result = false
+      local fields = {}
+      if err ~= '' then
+        fields[1], fields[2], fields[3], fields[4] = 'error', err, 'more', '1'
+        rec.error = err
+      end
+      if outcome == 'retry' or outcome == 'defer' then
+        if outcome == 'retry' then redis.call('HINCRBY', jk, 'attempt', 1) end
+        with(fields, 'deliveries', 0)
+        if retry_at ~= '' and tonumber(retry_at) > tonumber(now) then
+          redis.call('HSET', jk, unpack(with(fields, 'state', 'scheduled', 'eta', retry_at, 'entry', '')))
+          redis.call('ZADD', prefix .. 'scheduled', retry_at, id)
+        else
+          make_ready(id, jk, p, fields)
         end
+      else
+        if outcome == 'succeeded' then
+          with(fields, 'result', result)
+          rec.result = result
+          if rec.error then
+            redis.call('HDEL', jk, 'error')
+            rec.error = false
+          end
+        end
+        finalize(id, jk, outcome, now, ttl, reason, rec, fields)
       end
-      finalize(id, jk, outcome, now, ttl, reason, rec, fields)
-      if outcome == 'succeeded' then
-        for a = first_activation, i - 1, 2 do activate(ARGV[a], ARGV[a + 1]) end
-      end
+    end
+    if outcome == 'succeeded' then
+      for a = first_activation, i - 1, 2 do activate(ARGV[a], ARGV[a + 1]) end
     end
     out[#out + 1] = 1
   end
