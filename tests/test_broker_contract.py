@@ -273,6 +273,13 @@ async def test_reclaim_and_renew(broker: Broker, queue_name: str) -> None:
     assert await broker.renew(queue_name, "w2", [d2]) == []
     assert await broker.renew(queue_name, "w1", [d2]) == ["a"]  # w2's lease, not w1's
     assert await broker.reclaim(queue_name, "w3", 10, 60, MAX) == []
+    # A consumer that takes its own job over (its lease lapsed) still holds the lease: renewing
+    # it under the earlier delivery keeps it; only that delivery's outcome is stale.
+    [d3] = await broker.reclaim(queue_name, "w2", 10, 0, MAX)
+    assert await broker.renew(queue_name, "w2", [d2]) == []
+    assert await broker.reclaim(queue_name, "w3", 10, 60, MAX) == []
+    assert await broker.finish(queue_name, [done(d2)], 60) == [False]
+    assert await broker.finish(queue_name, [done(d3)], 60) == [True]
 
 
 async def test_renew_keeps_lease_from_reclaim(broker: Broker, queue_name: str) -> None:

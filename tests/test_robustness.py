@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 import anyio
 import pytest
 
 from aqueue import ConfigurationError, JobState, Queue, TaskError
-from aqueue.brokers import Broker, NewJob, RedisBroker
+from aqueue.brokers import Broker, Completion, Delivery, NewJob, RedisBroker
 
 
 async def test_blocked_event_loop_does_not_run_a_job_twice(broker: Broker, queue_name: str) -> None:
@@ -218,3 +219,64 @@ async def test_immediate_mode_runs_only_its_own_jobs(broker: Broker, queue_name:
     own = await ping.enqueue()
     assert await own.result(timeout=0) == "pong"
     assert await producer.job(other.id).state() == JobState.PENDING  # left for a real worker
+
+
+class _HeldReclaim:
+    """The worker's next reclaim takes its own leased jobs (as when they lapsed while its event loop
+    was blocked), and its reply is held back until `answer` is set: an outcome of those jobs,
+    refused meanwhile, is answered to the worker before the reclaim is."""
+
+    def __init__(self, broker: Broker, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.armed = False
+        self.claimed = anyio.Event()
+        self.answer = anyio.Event()
+        self.outcomes_refused = anyio.Event()
+        real_reclaim, real_finish = broker.reclaim, broker.finish
+
+        async def reclaim(queue: str, consumer: str, count: int, idle: float,
+                          max_deliveries: int) -> list[Delivery]:
+            if not self.armed:
+                return await real_reclaim(queue, consumer, count, idle, max_deliveries)
+            self.armed = False
+            taken = await real_reclaim(queue, consumer, count, 0, max_deliveries)
+            self.claimed.set()
+            await self.answer.wait()
+            return taken
+
+        async def finish(queue: str, completions: Sequence[Completion], ttl: float) -> list[bool]:
+            applied = await real_finish(queue, completions, ttl)
+            if not all(applied):
+                self.outcomes_refused.set()
+            return applied
+
+        monkeypatch.setattr(broker, "reclaim", reclaim)
+        monkeypatch.setattr(broker, "finish", finish)
+
+
+async def test_outcome_refused_to_the_workers_own_reclaim_is_written_not_run_again(
+    broker: Broker, queue_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    queue = Queue(broker=broker, name=queue_name, visibility_timeout=1)
+    held = _HeldReclaim(broker, monkeypatch)
+    started, finish_now = anyio.Event(), anyio.Event()
+    runs = 0
+
+    @queue.task
+    async def slow() -> int:
+        nonlocal runs
+        runs += 1
+        started.set()
+        await finish_now.wait()
+        return runs
+
+    async with queue.worker():
+        job = await slow.enqueue()
+        with anyio.fail_after(10):
+            await started.wait()
+            held.armed = True
+            await held.claimed.wait()
+            finish_now.set()
+            await held.outcomes_refused.wait()  # the outcome's refusal comes first
+        held.answer.set()
+        assert await job.result(timeout=10) == 1
+    assert runs == 1

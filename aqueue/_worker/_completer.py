@@ -4,7 +4,7 @@ goes in the next one, so a busy worker makes one round trip for many jobs."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import anyio
 
@@ -23,9 +23,11 @@ class Completer:
         queue: str,
         result_ttl: float,
         on_written: Callable[[list[Completion]], None],
+        reclaim_settled: Callable[[], Awaitable[None]],
     ) -> None:
         self._broker, self._queue, self._ttl = broker, queue, result_ttl
         self._on_written = on_written
+        self._reclaim_settled = reclaim_settled
         self._pending: list[Completion] = []
         self._wake = anyio.Event()
         self._idle = anyio.Event()
@@ -61,6 +63,9 @@ class Completer:
         while True:
             try:
                 applied = await self._broker.finish(self._queue, batch, self._ttl)
+                if not all(applied):
+                    # This worker's own reclaim, under way, may be what took those jobs over.
+                    await self._reclaim_settled()
                 # A completion whose job came back to this worker while it was being written was
                 # refused under its old delivery: write it again under the new one.
                 retry = [c for c, ok, d in zip(batch, applied, sent, strict=True)

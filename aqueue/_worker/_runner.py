@@ -104,6 +104,8 @@ class Worker:
         self._completer: Completer | None = None
         self._services: TaskGroup | None = None
         self._fetch_ended = anyio.Event()
+        self._reclaim_done = anyio.Event()
+        self._reclaim_done.set()
         # Jobs wait here for a runner. Runners are long-lived tasks: a busy worker does not pay for
         # a new task per job. When jobs wait, one runner is called at a time: an idle one woken,
         # or else a new one (up to `concurrency`); once it takes a job, it calls the next if more
@@ -176,7 +178,8 @@ class Worker:
             self.name, queue.name, queue.broker.url, self.concurrency,
             ", ".join(sorted(queue.tasks)) or "(none)",
         )
-        self._completer = Completer(queue.broker, queue.name, queue.result_ttl, self._written)
+        self._completer = Completer(queue.broker, queue.name, queue.result_ttl, self._written,
+                                    self._reclaim_settled)
         # The running backend's own scope class: `anyio.CancelScope()` looks the backend up on every
         # call, which costs more than all the rest of a no-op job's bookkeeping.
         self._new_scope = type(anyio.CancelScope())
@@ -228,16 +231,15 @@ class Worker:
                 await self._wake_fetcher.wait()
                 continue
             try:
-                deliveries: list[Delivery] = []
+                taken = 0
                 if time.monotonic() >= next_reclaim:
                     next_reclaim = time.monotonic() + reclaim_every
-                    deliveries = await broker.reclaim(queue.name, self.name, free,
-                                                      queue.visibility_timeout, queue.max_deliveries)
-                    for d in deliveries:
-                        logger.warning("job %s (%s) taken over from a silent worker", d.job_id, d.task)
-                if not deliveries:
+                    taken = await self._reclaim(free)
+                if not taken:
                     deliveries = await broker.receive(queue.name, self.name, free, FETCH_BLOCK,
                                                       queue.max_deliveries)
+                    await self._take(deliveries)
+                    taken = len(deliveries)
                 backoff = 0.05
             except BrokerConnectionError as exc:
                 logger.warning("broker unreachable, retrying in %.2fs: %s", backoff, exc)
@@ -249,28 +251,53 @@ class Worker:
                 await anyio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
-            for d in deliveries:
-                if d.ended is not None:  # the broker ended it (expired, revoked, cancelled)
-                    if self.queue.signals.wants(ENDED_SIGNALS[d.ended]):
-                        await self.queue.signals.send(ENDED_SIGNALS[d.ended], SignalJob(d.job_id, d.task))
-                    continue
-                if self._adopt(d):
-                    continue
-                self._held[d.job_id] = d
-                if self._stop_requested:
-                    self._handed_back.append(d)
-                else:
-                    running = RunningJob(d, self._new_scope())
-                    self._running[d.job_id] = running
-                    self._ready.append(running)
-                    self._wake_runner()
-            if 0 < len(deliveries) < free:
+            if 0 < taken < free:
                 # The queue ran dry: the next receive will wait for jobs anyway, so the jobs just
                 # received start first (a turn of the loop) rather than after it is sent, and the
                 # outcomes of those that ended at once are sent first too (another turn).
                 await anyio.lowlevel.checkpoint()
                 if self._completer is not None and self._completer.woken:
                     await anyio.lowlevel.checkpoint()
+
+    async def _reclaim(self, free: int) -> int:
+        """Take over lapsed leases; returns how many jobs came. Until those jobs are taken in, an
+        outcome refused to this worker is not given up (see `_reclaim_settled`)."""
+        queue = self.queue
+        self._reclaim_done = anyio.Event()
+        try:
+            deliveries = await queue.broker.reclaim(queue.name, self.name, free,
+                                                    queue.visibility_timeout, queue.max_deliveries)
+            for d in deliveries:
+                logger.warning("job %s (%s) taken over from a silent worker", d.job_id, d.task)
+            await self._take(deliveries)
+            return len(deliveries)
+        finally:
+            self._reclaim_done.set()
+
+    async def _reclaim_settled(self) -> None:
+        """Wait for a reclaim under way to be taken in. An outcome refused while it was under way
+        may have been refused to that very reclaim: the job's lease had lapsed (the event loop was
+        blocked) and this worker took its own job over. Given up at once, the job would run a
+        second time here when the reclaim's reply arrives; once the reply is in, `_adopt` has
+        given the outcome the job's new delivery, and it is written under that."""
+        await self._reclaim_done.wait()
+
+    async def _take(self, deliveries: list[Delivery]) -> None:
+        for d in deliveries:
+            if d.ended is not None:  # the broker ended it (expired, revoked, cancelled)
+                if self.queue.signals.wants(ENDED_SIGNALS[d.ended]):
+                    await self.queue.signals.send(ENDED_SIGNALS[d.ended], SignalJob(d.job_id, d.task))
+                continue
+            if self._adopt(d):
+                continue
+            self._held[d.job_id] = d
+            if self._stop_requested:
+                self._handed_back.append(d)
+            else:
+                running = RunningJob(d, self._new_scope())
+                self._running[d.job_id] = running
+                self._ready.append(running)
+                self._wake_runner()
 
     # --- running ---------------------------------------------------------------------------------
 

@@ -232,7 +232,10 @@ class MemoryBroker(Broker):
         lost: list[str] = []
         now = time.monotonic()
         for d in deliveries:
-            if self._holds(q, d) and q.leases[d.job_id][0] == consumer:
+            # Held as Redis holds it: the same entry, leased to this consumer. A lease the consumer
+            # took over from itself is still its own, under whichever of its deliveries.
+            lease = q.leases.get(d.job_id)
+            if lease is not None and lease[0] == consumer and str(q.entries.get(d.job_id)) == d.receipt:
                 q.leases[d.job_id] = (consumer, now)
             else:
                 lost.append(d.job_id)
