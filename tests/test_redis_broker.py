@@ -303,20 +303,56 @@ async def test_finishing_a_claimed_job_keeps_the_entries_not_yet_delivered(
 async def test_a_finished_batch_is_pruned_no_sooner_than_its_records_expire(
     redis_broker: RedisBroker, client: redis.asyncio.Redis, queue_name: str
 ) -> None:
-    # One `expiring` score serves a whole batch: the latest end plus the ttl, in whole seconds.
+    # A whole batch is listed under one second: the latest end plus the ttl, rounded up.
     await redis_broker.enqueue(queue_name, [new_job() for _ in range(3)])
     deliveries = await redis_broker.receive(queue_name, "w", 10, 0, 5)
     ends = [time.time() - 5, time.time() - 2.5, time.time()]
     done = [Completion(d, Outcome.SUCCEEDED, end, result=b"1")
             for d, end in zip(deliveries, ends, strict=True)]
     assert await redis_broker.finish(queue_name, done, 60.5) == [True] * 3
-    scores = await client.zrange(Keys(queue_name).prefix + "expiring", 0, -1, withscores=True)
-    assert sorted(member.decode() for member, _ in scores) == sorted(d.job_id for d in deliveries)
-    assert {score for _, score in scores} == {float(math.ceil(ends[-1] + 60.5))}
+    prefix = Keys(queue_name).prefix
+    second = math.ceil(ends[-1] + 60.5)
+    assert await client.zrange(prefix + "expiring_at", 0, -1, withscores=True) == [
+        (str(second).encode(), float(second))]
+    listed = await client.lrange(f"{prefix}expiring:{second}", 0, -1)
+    assert sorted(i.decode() for i in listed) == sorted(d.job_id for d in deliveries)
     for d in deliveries:
         assert 60_000 < await client.pttl(Keys(queue_name).job(d.job_id)) <= 61_000
     assert await redis_broker.prune(queue_name, ends[-1] + 60, 100) == 0
     assert await redis_broker.prune(queue_name, ends[-1] + 62, 100) == 3
+    assert await client.zcard(Keys(queue_name).index) == 0
+    assert not await client.exists(prefix + "expiring_at", f"{prefix}expiring:{second}")
+
+
+async def test_prune_takes_at_most_its_limit_across_seconds(
+    redis_broker: RedisBroker, client: redis.asyncio.Redis, queue_name: str
+) -> None:
+    await redis_broker.enqueue(queue_name, [new_job() for _ in range(5)])
+    deliveries = await redis_broker.receive(queue_name, "w", 10, 0, 5)
+    now = time.time()
+    for batch, end in ((deliveries[:2], now - 10), (deliveries[2:], now)):
+        done = [Completion(d, Outcome.SUCCEEDED, end, result=b"1") for d in batch]
+        assert await redis_broker.finish(queue_name, done, 60) == [True] * len(batch)
+    assert await client.zcard(Keys(queue_name).prefix + "expiring_at") == 2
+    assert await redis_broker.prune(queue_name, now + 61, 3) == 3  # one second's list and a part
+    assert await redis_broker.prune(queue_name, now + 61, 3) == 2
+    assert await redis_broker.prune(queue_name, now + 61, 3) == 0
+    assert await client.zcard(Keys(queue_name).index) == 0
+
+
+async def test_records_listed_by_an_earlier_release_are_still_pruned(
+    redis_broker: RedisBroker, client: redis.asyncio.Redis, queue_name: str
+) -> None:
+    # Earlier releases listed each expiring record in the zset 'expiring', scored by its expiry.
+    keys = Keys(queue_name)
+    now = time.time()
+    await client.zadd(keys.index, {"old-1": now - 100, "old-2": now - 90, "live": now})
+    await client.zadd(keys.prefix + "expiring", {"old-1": now - 1, "old-2": now + 100})
+    assert await redis_broker.prune(queue_name, now, 100) == 1
+    assert await client.zrange(keys.index, 0, -1) == [b"old-2", b"live"]
+    assert await redis_broker.prune(queue_name, now + 101, 100) == 1
+    assert await client.zrange(keys.index, 0, -1) == [b"live"]
+    assert not await client.exists(keys.prefix + "expiring")
 
 
 async def read_then_fail_to_start(broker: RedisBroker, queue_name: str, monkeypatch: pytest.MonkeyPatch,

@@ -286,16 +286,24 @@ end
 
 local function set(value) return value and value ~= '' end
 
--- Set by a script that ends many jobs (finish): finalize then collects its `expiring` entries
--- here, all with the one score `expiring_score` (the batch's latest end plus the ttl, in whole
--- seconds: parsing and printing a float per job is a large part of ending it), and
--- `flush_expiring` adds them in one ZADD.
-local expiring_batch, expiring_score = nil, nil
-local function flush_expiring()
-  local batch = expiring_batch or {}
-  for j = 1, #batch, 1000 do  -- unpack is bounded by Lua's stack
-    redis.call('ZADD', prefix .. 'expiring', unpack(batch, j, math.min(j + 999, #batch)))
+-- A record that expires is listed under the whole second it expires in: a list of job ids per
+-- second, and a zset of those seconds, so that pruning finds exactly the index entries whose
+-- records have expired. One list append per job costs less than one zset entry per job, which
+-- with a batch's ids all at one score costs a skiplist walk comparing ids.
+local function list_expiring(second, ids)
+  for j = 1, #ids, 1000 do  -- unpack is bounded by Lua's stack
+    redis.call('RPUSH', prefix .. 'expiring:' .. second, unpack(ids, j, math.min(j + 999, #ids)))
   end
+  redis.call('ZADD', prefix .. 'expiring_at', second, second)
+end
+
+-- Set by a script that ends many jobs (finish): finalize then collects the ids of the records
+-- it sets to expire here, all under the one second `expiring_second` (the batch's latest end
+-- plus the ttl, rounded up: parsing and printing a float per job is a large part of ending
+-- it), and `flush_expiring` lists them in one go.
+local expiring_batch, expiring_second = nil, nil
+local function flush_expiring()
+  if expiring_batch and #expiring_batch > 0 then list_expiring(expiring_second, expiring_batch) end
   expiring_batch = nil
 end
 
@@ -353,12 +361,10 @@ finalize = function(id, jk, state, now, ttl, reason, rec, fields)
     redis.call('ZADD', prefix .. 'dead', now, id)
   else
     redis.call('EXPIRE', jk, expire_arg(ttl))
-    -- So that pruning finds exactly the index entries whose records have expired.
     if expiring_batch then
-      expiring_batch[#expiring_batch + 1] = expiring_score
       expiring_batch[#expiring_batch + 1] = id
     else
-      redis.call('ZADD', prefix .. 'expiring', tonumber(now) + ttl, id)
+      list_expiring(string.format('%d', math.ceil(tonumber(now) + ttl)), {id})
     end
   end
   after_final(id, state, now, ttl, rec)

@@ -11,7 +11,7 @@ local out = {}
 local acked = {}  -- per stream: the entries ended here
 local streams = {}  -- per band: its stream's key
 local expire = expire_arg(ttl)
-expiring_batch, expiring_score = {}, ARGV[2]  -- finalize's ZADD, sent once for the whole batch
+expiring_batch, expiring_second = {}, ARGV[2]  -- finalize's listing, done once for the whole batch
 local i = 3
 while i <= #ARGV do
   local id, token, p, entry, outcome = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
@@ -43,7 +43,6 @@ while i <= #ARGV do
       -- workflow link to see to (the flag says so), only its own fields and expiry.
       redis.call('HSET', jk, 'result', result, 'state', 'succeeded', 'finished_at', now)
       redis.call('EXPIRE', jk, expire)
-      expiring_batch[#expiring_batch + 1] = expiring_score
       expiring_batch[#expiring_batch + 1] = id
     else
       local rec = {token = now_token, state = state}

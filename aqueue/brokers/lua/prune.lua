@@ -2,17 +2,35 @@
 -- KEYS[1] prefix
 -- ARGV: now, limit
 -- Returns how many were forgotten (fewer than limit: none are left).
-local ekey, ikey = prefix .. 'expiring', prefix .. 'index'
+local now, limit = ARGV[1], tonumber(ARGV[2])
+local ikey = prefix .. 'index'
 -- Entries acked outside a finish (wake-ups, jobs ended before they ran) leave their streams here.
 for _, p in ipairs(redis.call('ZRANGE', prefix .. 'priorities', 0, -1)) do
   local s = stream_key(p)
   if redis.call('EXISTS', s) == 1 then trim_acked(s, last_delivered(s)) end
 end
-local ids = redis.call('ZRANGEBYSCORE', ekey, '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
-if #ids == 0 then return 0 end
-for i = 1, #ids, 1000 do
-  local chunk = {unpack(ids, i, math.min(i + 999, #ids))}
-  redis.call('ZREM', ikey, unpack(chunk))
-  redis.call('ZREM', ekey, unpack(chunk))
+local forgotten = 0
+local function forget(ids)
+  for i = 1, #ids, 1000 do
+    redis.call('ZREM', ikey, unpack(ids, i, math.min(i + 999, #ids)))
+  end
+  forgotten = forgotten + #ids
 end
-return #ids
+-- Records listed one by one in the zset 'expiring' (by aqueue before the per-second lists).
+local legacy = prefix .. 'expiring'
+local ids = redis.call('ZRANGEBYSCORE', legacy, '-inf', now, 'LIMIT', 0, limit)
+if #ids > 0 then
+  forget(ids)
+  for i = 1, #ids, 1000 do redis.call('ZREM', legacy, unpack(ids, i, math.min(i + 999, #ids))) end
+end
+-- The per-second lists (see list_expiring), oldest first.
+local seconds = prefix .. 'expiring_at'
+while forgotten < limit do
+  local due = redis.call('ZRANGEBYSCORE', seconds, '-inf', now, 'LIMIT', 0, 1)
+  if #due == 0 then break end
+  local list = prefix .. 'expiring:' .. due[1]
+  local popped = redis.call('LPOP', list, limit - forgotten)
+  if popped then forget(popped) end
+  if redis.call('EXISTS', list) == 0 then redis.call('ZREM', seconds, due[1]) end
+end
+return forgotten
