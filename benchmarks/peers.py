@@ -380,21 +380,35 @@ def git_change(at_start: str) -> str:
     return "" if now == at_start else f", {now} at the end (the tree changed during the run)"
 
 
+def per_job_us(results: dict[str, dict[str, Outcome]], lib: str, cell: str, key: str) -> float | None:
+    """CPU time per job in microseconds (cores kept busy / jobs per second), median of the runs."""
+    outcome = results.get(lib, {}).get(cell)
+    values = [r[key] / r["rate"] * 1e6 for r in outcome.runs if key in r and r.get("rate")] if outcome else []
+    return statistics.median(values) if values else None
+
+
 def cpu_table(results: dict[str, dict[str, Outcome]]) -> str:
-    """Cores kept busy during the drains (medians): what saturates when a second worker is added."""
+    """Cores kept busy during the drains, and CPU time per job (medians): what saturates when a
+    second worker is added."""
     rows = []
     for lib in LIBS:
         cells = []
         for cell in ("W2t", "W5"):
             worker, redis_ = (medians(results, lib.name, cell, k) for k in ("worker_cpu", "redis_cpu"))
             cells.append("—" if worker is None or redis_ is None else f"{worker:.2f} / {redis_:.2f}")
+        for cell in ("W2t", "W5"):
+            worker, redis_ = (per_job_us(results, lib.name, cell, k) for k in ("worker_cpu", "redis_cpu"))
+            cells.append("—" if worker is None or redis_ is None else f"{worker:,.1f} / {redis_:,.1f}")
         if any(c != "—" for c in cells):
-            rows.append(f"| {lib.name} | {cells[0]} | {cells[1]} |")
+            rows.append(f"| {lib.name} | " + " | ".join(cells) + " |")
     if not rows:
         return ""
-    return ("## CPU during the drains\n\nCores kept busy from the first job to the last, workers / "
-            "Redis (medians; the machine has 2 cores, shared with the producer's idle process).\n\n"
-            "| library | W2 tuned, 1 worker | W5, 2 workers |\n| --- | --- | --- |\n"
+    return ("## CPU during the drains\n\nFrom the first job to the last: cores kept busy, and CPU time "
+            "per job in microseconds; workers / Redis (medians; the machine has 2 cores, shared with "
+            "the producer's idle process). A second worker can only help where one worker, not Redis, "
+            "is what saturates, and while the two cores have time to spare.\n\n"
+            "| library | cores, W2 tuned (1 worker) | cores, W5 (2 workers) | µs/job, W2 tuned | "
+            "µs/job, W5 |\n| --- | --- | --- | --- | --- |\n"
             + "\n".join(rows) + "\n")
 
 
