@@ -36,6 +36,18 @@ local function live(jk, token)
   return rec[1] == token and rec[2] == 'running'
 end
 
+-- `command key [group] items...` for many items, 1000 at a time: unpack is bounded by Lua's stack.
+local function call_chunked(items, command, key, group)
+  for j = 1, #items, 1000 do
+    local last = math.min(j + 999, #items)
+    if group then
+      redis.call(command, key, group, unpack(items, j, last))
+    else
+      redis.call(command, key, unpack(items, j, last))
+    end
+  end
+end
+
 -- An entry is done with: acked here, and trimmed off its stream by `trim_acked` (a trim per
 -- batch costs less than an XDEL per entry).
 local function drop_entry(s, entry)
@@ -291,9 +303,7 @@ local function set(value) return value and value ~= '' end
 -- records have expired. One list append per job costs less than one zset entry per job, which
 -- with a batch's ids all at one score costs a skiplist walk comparing ids.
 local function list_expiring(second, ids)
-  for j = 1, #ids, 1000 do  -- unpack is bounded by Lua's stack
-    redis.call('RPUSH', prefix .. 'expiring:' .. second, unpack(ids, j, math.min(j + 999, #ids)))
-  end
+  call_chunked(ids, 'RPUSH', prefix .. 'expiring:' .. second)
   redis.call('ZADD', prefix .. 'expiring_at', second, second)
 end
 

@@ -84,9 +84,7 @@ flush_expiring()
 for s, entries in pairs(acked) do
   -- One XACK per stream, one trim up to what the group has delivered (comparing the entries
   -- themselves to find the newest cost more than both).
-  for j = 1, #entries, 1000 do
-    redis.call('XACK', s, GROUP, unpack(entries, j, math.min(j + 999, #entries)))
-  end
+  call_chunked(entries, 'XACK', s, GROUP)
   trim_acked(s, last_delivered(s), entries)
 end
 return out

@@ -9,20 +9,12 @@ for _, p in ipairs(redis.call('ZRANGE', prefix .. 'priorities', 0, -1)) do
   local s = stream_key(p)
   if redis.call('EXISTS', s) == 1 then trim_acked(s, last_delivered(s)) end
 end
-local forgotten = 0
-local function forget(ids)
-  for i = 1, #ids, 1000 do
-    redis.call('ZREM', ikey, unpack(ids, i, math.min(i + 999, #ids)))
-  end
-  forgotten = forgotten + #ids
-end
 -- Records listed one by one in the zset 'expiring' (by aqueue before the per-second lists).
 local legacy = prefix .. 'expiring'
 local ids = redis.call('ZRANGEBYSCORE', legacy, '-inf', now, 'LIMIT', 0, limit)
-if #ids > 0 then
-  forget(ids)
-  for i = 1, #ids, 1000 do redis.call('ZREM', legacy, unpack(ids, i, math.min(i + 999, #ids))) end
-end
+call_chunked(ids, 'ZREM', ikey)
+call_chunked(ids, 'ZREM', legacy)
+local forgotten = #ids
 -- The per-second lists (see list_expiring), oldest first.
 local seconds = prefix .. 'expiring_at'
 while forgotten < limit do
@@ -30,7 +22,10 @@ while forgotten < limit do
   if #due == 0 then break end
   local list = prefix .. 'expiring:' .. due[1]
   local popped = redis.call('LPOP', list, limit - forgotten)
-  if popped then forget(popped) end
+  if popped then
+    call_chunked(popped, 'ZREM', ikey)
+    forgotten = forgotten + #popped
+  end
   if redis.call('EXISTS', list) == 0 then redis.call('ZREM', seconds, due[1]) end
 end
 return forgotten
