@@ -453,3 +453,46 @@ async def test_cancel_requested_names_the_running_jobs_asked_to_stop(broker: Bro
     assert await broker.cancel(queue_name, "b", time.time(), 60) == "requested"
     assert await broker.cancel_requested(queue_name, ["a", "b", "c", "unknown"]) == ["b"]
     assert await broker.cancel_requested(queue_name, []) == []
+
+
+async def test_a_record_tells_the_start_and_worker_of_its_delivery(broker: Broker, queue_name: str) -> None:
+    await broker.enqueue(queue_name, [new("a"), new("b")])
+    da = await take_one(broker, queue_name, consumer="w1")
+    db = await take_one(broker, queue_name, consumer="w2")
+    assert (da.consumer, db.consumer) == ("w1", "w2")
+    for renewed in (False, True):
+        if renewed:
+            assert await broker.renew(queue_name, "w1", [da]) == []
+        rec = await record(broker, queue_name, "a")
+        assert (rec.state, rec.worker) == ("running", "w1")
+        assert rec.started_at is not None
+        assert abs(rec.started_at - da.leased_at) < 0.5  # Redis: told by the lease's age
+    assert await broker.finish(queue_name, [done(db)], 60) == [True]
+    rec = await record(broker, queue_name, "b")
+    assert (rec.state, rec.worker, rec.started_at) == ("succeeded", "w2", db.leased_at)
+
+
+async def test_every_delivery_of_a_job_carries_a_greater_token(broker: Broker, queue_name: str) -> None:
+    # However the job comes back: handed back, retried, or taken over; the earlier tokens are stale.
+    await broker.enqueue(queue_name, [new("a")])
+    d = await take_one(broker, queue_name)
+    seen = [d]
+    await broker.release(queue_name, [d])
+    seen.append(d := await take_one(broker, queue_name))
+    assert await broker.finish(queue_name, [done(d, Outcome.RETRY)], 60) == [True]
+    seen.append(d := await take_one(broker, queue_name))
+    [d] = await broker.reclaim(queue_name, "w2", 1, 0, MAX)
+    seen.append(d)
+    assert [s.job_id for s in seen] == ["a"] * 4
+    assert [s.token for s in seen] == sorted({s.token for s in seen})
+    assert await broker.set_progress(queue_name, "a", seen[0].token, b"x") is False
+    assert await broker.finish(queue_name, [done(s) for s in seen[:3]], 60) == [False] * 3
+    # A first delivery that ends in a retry: the next one's token is greater too.
+    await broker.enqueue(queue_name, [new("b")])
+    first = await take_one(broker, queue_name)
+    assert first.job_id == "b"
+    assert await broker.finish(queue_name, [done(first, Outcome.RETRY)], 60) == [True]
+    again = await take_one(broker, queue_name)
+    assert again.token > first.token
+    assert await broker.finish(queue_name, [done(first)], 60) == [False]
+    assert await broker.finish(queue_name, [done(again), done(d)], 60) == [True, True]

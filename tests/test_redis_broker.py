@@ -48,9 +48,9 @@ async def client(redis_url: str) -> AsyncIterator[redis.asyncio.Redis]:
         await raw.aclose()
 
 
-def new_job(priority: int = 0) -> NewJob:
+def new_job(priority: int = 0, expires: float | None = None) -> NewJob:
     return NewJob(id=uuid.uuid4().hex, task="t", payload=PAYLOAD, priority=priority,
-                  enqueued_at=time.time())
+                  enqueued_at=time.time(), expires=expires)
 
 
 def test_every_lua_script_loads(redis_server: RedisServer) -> None:
@@ -356,13 +356,14 @@ async def test_records_listed_by_an_earlier_release_are_still_pruned(
 
 
 async def read_then_fail_to_start(broker: RedisBroker, queue_name: str, monkeypatch: pytest.MonkeyPatch,
-                                  *, script_ran: bool) -> str:
+                                  *, script_ran: bool, lean: bool = True) -> str:
     """Enqueue a job that consumer "w" gets from a blocking read, and cut the connection on its
-    start script: before the script runs, or after (its answer lost). Returns the job's id."""
+    start script: before the script runs, or after (its answer lost). Returns the job's id. Its
+    stream entry is lean, unless `lean` is false (then it has an expiry: a plain entry)."""
     await broker.enqueue(queue_name, [new_job()])
     [first] = await broker.receive(queue_name, "w", 10, 0, 5)  # fewer than asked: drained
     assert await broker.finish(queue_name, [Completion(first, Outcome.SUCCEEDED, time.time())], 60) == [True]
-    [job_id] = await broker.enqueue(queue_name, [new_job()])
+    [job_id] = await broker.enqueue(queue_name, [new_job(expires=None if lean else time.time() + 60)])
     real_run = broker._run
 
     async def cut_on_start(queue: str, name: str, args: list[object]) -> object:
@@ -380,16 +381,21 @@ async def read_then_fail_to_start(broker: RedisBroker, queue_name: str, monkeypa
     return job_id
 
 
+@pytest.mark.parametrize("lean", [True, False], ids=["lean", "plain"])
 @pytest.mark.parametrize("script_ran", [False, True], ids=["start-not-run", "start-answer-lost"])
 async def test_entries_read_but_not_started_go_to_the_next_receive(
-    redis_broker: RedisBroker, queue_name: str, monkeypatch: pytest.MonkeyPatch, script_ran: bool
+    redis_broker: RedisBroker, queue_name: str, monkeypatch: pytest.MonkeyPatch, script_ran: bool,
+    lean: bool,
 ) -> None:
     # They sit in the consumer's pending list, leased to nobody: without a second try they would
     # wait for the reclaim, a visibility timeout later.
-    job_id = await read_then_fail_to_start(redis_broker, queue_name, monkeypatch, script_ran=script_ran)
+    job_id = await read_then_fail_to_start(redis_broker, queue_name, monkeypatch, script_ran=script_ran,
+                                           lean=lean)
     [delivery] = await redis_broker.receive(queue_name, "w", 10, 0, 5)
     assert delivery.job_id == job_id
-    assert delivery.token == (2 if script_ran else 1)
+    # A plain entry's start wrote token 1 to the record, so the second try's is 2; a lean one's
+    # wrote nothing, and hands over the same delivery, token 1, again.
+    assert delivery.token == (2 if script_ran and not lean else 1)
     record = await redis_broker.get(queue_name, job_id)
     assert record is not None
     assert (record.state, record.worker) == ("running", "w")
@@ -559,14 +565,19 @@ async def test_entries_ended_before_they_ran_leave_the_stream_on_prune(
         return None
 
     async with queue:
-        cancelled = [await noop.enqueue() for _ in range(3)]
-        for job in cancelled:
-            assert await job.cancel()
-        # A worker meets the three cancelled entries and acks them without running anything.
-        assert await queue.broker.receive(queue_name, "w", 10, 0, 5) == []
         client = redis.asyncio.Redis.from_url(redis_url)
+        stream = Keys(queue_name).stream(0)
         try:
-            stream = Keys(queue_name).stream(0)
+            # Cancelled while waiting: their entries leave the stream at once.
+            cancelled = [await noop.enqueue() for _ in range(3)]
+            for job in cancelled:
+                assert await job.cancel() is True
+            assert await client.xlen(stream) == 0
+            # Expired by the time a worker meets them: it acks them without running anything.
+            expired = [new_job(expires=time.time() - 1) for _ in range(3)]
+            await queue.broker.enqueue(queue_name, expired)
+            notices = await queue.broker.receive(queue_name, "w", 10, 0, 5)
+            assert [d.ended for d in notices] == ["expired"] * 3
             assert await client.xlen(stream) == 3
             await queue.broker.prune(queue_name, time.time(), 100)
             assert await client.xlen(stream) == 0
@@ -612,3 +623,39 @@ async def test_clean_stop_leaves_no_consumer_and_prunes_index(redis_url: str, qu
             assert await queue.broker.prune(queue_name, time.time(), 100) == 0
         finally:
             await client.aclose()
+
+
+async def test_a_new_job_starts_from_its_stream_entry_alone(
+    redis_broker: RedisBroker, client: redis.asyncio.Redis, queue_name: str
+) -> None:
+    # Its entry carries what the worker needs, so the first delivery neither reads nor writes the
+    # record; an expiry (checked at the start) needs the record, so that job's entry is plain.
+    lean, plain = new_job(), new_job(expires=time.time() + 60)
+    await redis_broker.enqueue(queue_name, [lean, plain])
+    keys = Keys(queue_name)
+    entries = await client.xrange(keys.stream(0))
+    assert [sorted(fields) for _, fields in entries] == [
+        [b"at", b"id", b"payload", b"task"], [b"id"]]
+    deliveries = await redis_broker.receive(queue_name, "w", 2, 0, 5)
+    assert [(d.job_id, d.token) for d in deliveries] == [(lean.id, 1), (plain.id, 1)]
+    assert await client.hmget(keys.job(lean.id), "state", "token", "started_at") == [b"pending", b"0", None]
+    assert await client.hmget(keys.job(plain.id), "state", "token") == [b"running", b"1"]
+    completions = [Completion(d, Outcome.SUCCEEDED, time.time(), result=b"1") for d in deliveries]
+    assert await redis_broker.finish(queue_name, completions, 60) == [True, True]
+    # The end writes what the start did not.
+    assert await client.hmget(keys.job(lean.id), "state", "worker", "started_at") == [
+        b"succeeded", b"w", repr(deliveries[0].leased_at).encode()]
+
+
+async def test_revoking_a_waiting_job_gives_it_a_plain_entry(
+    redis_broker: RedisBroker, client: redis.asyncio.Redis, queue_name: str
+) -> None:
+    # A lean entry is not checked when met: the revoked job waits on a plain one, at the back.
+    first, second = new_job(), new_job()
+    await redis_broker.enqueue(queue_name, [first, second])
+    assert await redis_broker.revoke(queue_name, first.id, True) is True
+    entries = await client.xrange(Keys(queue_name).stream(0))
+    assert [fields[b"id"].decode() for _, fields in entries] == [second.id, first.id]
+    assert b"task" not in entries[1][1]
+    deliveries = await redis_broker.receive(queue_name, "w", 2, 0, 5)
+    assert [(d.job_id, d.ended) for d in deliveries] == [(second.id, None), (first.id, "revoked")]

@@ -121,6 +121,10 @@ class Delivery:
     ended: str | None = None
     """Set when the broker ended the job instead of leasing it (`expired` or `revoked`): the worker
     only reports it; it holds no lease."""
+    consumer: str = ""
+    """Whom it was handed to."""
+    leased_at: float = 0.0
+    """When it was handed over (epoch seconds): the job's start, as its record tells it."""
 
 
 class Outcome(StrEnum):

@@ -425,7 +425,7 @@ class MemoryBroker(Broker):
             self._finalize(q, rec, ended, now, self._result_ttl, None)
             return Delivery(job_id=rec.id, task=rec.task, payload=b"", attempt=rec.attempt,
                             token=0, priority=rec.priority, enqueued_at=rec.enqueued_at,
-                            receipt=receipt, ended=ended)
+                            receipt=receipt, ended=ended, consumer=consumer, leased_at=now)
         deliveries = q.deliveries[rec.id] = q.deliveries.get(rec.id, 0) + 1
         if deliveries > max_deliveries:
             reason = (f"delivered {deliveries} times without finishing "
@@ -437,7 +437,7 @@ class MemoryBroker(Broker):
         q.leases[rec.id] = (consumer, time.monotonic())
         return Delivery(job_id=rec.id, task=rec.task, payload=rec.payload, attempt=rec.attempt,
                         token=token, priority=rec.priority, enqueued_at=rec.enqueued_at,
-                        receipt=str(q.entries[rec.id]))
+                        receipt=str(q.entries[rec.id]), consumer=consumer, leased_at=now)
 
     def _finalize(
         self, q: _Queue, rec: JobRecord, state: str, finished_at: float, ttl: float,

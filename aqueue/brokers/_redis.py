@@ -93,6 +93,11 @@ def _record(job_id: str, fields: dict[bytes, bytes]) -> JobRecord:
     )
 
 
+def _hash(flat: list[bytes]) -> dict[bytes, bytes]:
+    """A hash as Lua returns it (field, value, ...); a field given twice keeps its last value."""
+    return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
 def _outcome_record(job_id: str, message: bytes) -> JobRecord | None:
     """The outcome a job's end publishes ("id\nstate\nattempt\nbody\nreason"), as a record
     holding just what `job.result()` reads; None for "id\nstate" (too big to carry)."""
@@ -106,7 +111,8 @@ def _outcome_record(job_id: str, message: bytes) -> JobRecord | None:
                      dead_reason=reason.decode() or None)
 
 
-def _delivery(row: list[bytes]) -> Delivery:
+def _delivery(row: list[bytes], consumer: str, now: float) -> Delivery:
+    """A delivery as a script returns it, leased to `consumer` at `now`."""
     job_id, task, payload, attempt, token, band, enqueued_at, entry = row[:8]
     return Delivery(
         job_id=job_id.decode(),
@@ -118,6 +124,8 @@ def _delivery(row: list[bytes]) -> Delivery:
         enqueued_at=float(enqueued_at),
         receipt=entry.decode(),
         ended=row[8].decode() if len(row) > 8 else None,
+        consumer=consumer,
+        leased_at=now,
     )
 
 
@@ -360,11 +368,10 @@ class RedisBroker(Broker):
                 return found
         bands = self._bands.get(queue)
         if not (timeout > 0 and bands and consumer in self._drained):
-            reply = await self._run(
-                queue, "receive", [consumer, count, repr(time.time()), max_deliveries, ttl]
-            )
+            now = time.time()
+            reply = await self._run(queue, "receive", [consumer, count, repr(now), max_deliveries, ttl])
             self._bands[queue] = bands = [b.decode() for b in reply[0]]
-            found = [_delivery(row) for row in reply[1:]]
+            found = [_delivery(row, consumer, now) for row in reply[1:]]
             if found or timeout <= 0:
                 self._note_drained(consumer, len(found) < count)
                 return found
@@ -430,18 +437,19 @@ class RedisBroker(Broker):
         key = (queue, consumer)
         retry = key in self._unstarted
         self._unstarted[key] = pairs
+        now = time.time()
         reply = await self._run(
-            queue, "start",
-            [consumer, repr(time.time()), max_deliveries, ttl, count, int(retry), *pairs],
+            queue, "start", [consumer, repr(now), max_deliveries, ttl, count, int(retry), *pairs]
         )
         del self._unstarted[key]
-        return [_delivery(row) for row in reply[1:]], [b.decode() for b in reply[0]]
+        return [_delivery(row, consumer, now) for row in reply[1:]], [b.decode() for b in reply[0]]
 
     async def claim(
         self, queue: str, consumer: str, job_id: str, max_deliveries: int
     ) -> Delivery | None:
-        row = await self._run(queue, "claim", [job_id, consumer, repr(time.time()), max_deliveries, 86400])
-        return _delivery(row) if row else None
+        now = time.time()
+        row = await self._run(queue, "claim", [job_id, consumer, repr(now), max_deliveries, 86400])
+        return _delivery(row, consumer, now) if row else None
 
     async def forget_consumer(self, queue: str, consumer: str) -> None:
         self._drained.discard(consumer)
@@ -465,17 +473,16 @@ class RedisBroker(Broker):
     async def reclaim(
         self, queue: str, consumer: str, count: int, idle: float, max_deliveries: int
     ) -> list[Delivery]:
+        now = time.time()
         reply = await self._run(
-            queue,
-            "reclaim",
-            [consumer, count, repr(time.time()), max_deliveries, 86400, int(idle * 1000)],
+            queue, "reclaim", [consumer, count, repr(now), max_deliveries, 86400, int(idle * 1000)]
         )
-        return [_delivery(row) for row in reply]
+        return [_delivery(row, consumer, now) for row in reply]
 
     async def renew(self, queue: str, consumer: str, deliveries: Sequence[Delivery]) -> list[str]:
         if not deliveries:
             return []
-        args: list[Any] = [consumer]
+        args: list[Any] = [consumer, repr(time.time())]
         for d in deliveries:
             args += [d.priority, d.receipt, d.job_id]
         lost = await self._run(queue, "renew", args)
@@ -493,6 +500,8 @@ class RedisBroker(Broker):
         for c in completions:
             d = c.delivery
             args += [d.job_id, d.token, d.priority, d.receipt]
+            # Written only where the start was not (a lean delivery, token 1: see finish.lua).
+            args += [repr(d.leased_at), d.consumer] if d.token == 1 else ["", ""]
             if c.outcome is Outcome.SUCCEEDED and not c.error and c.retry_at is None and not c.reason:
                 args += ["ok", c.result or b""]
             else:
@@ -518,12 +527,13 @@ class RedisBroker(Broker):
     # --- observing -------------------------------------------------------------------------------
 
     async def get(self, queue: str, job_id: str) -> JobRecord | None:
-        await self._ready()
-        async with self._translated():
-            fields: dict[bytes, bytes] = await self.client.hgetall(  # type: ignore[assignment]
-                self._key(queue).job(job_id)
-            )
-        return _record(job_id, fields) if fields else None
+        return (await self._records(queue, [job_id]))[0]
+
+    async def _records(self, queue: str, ids: Sequence[str]) -> list[JobRecord | None]:
+        """The jobs' records as they stand (None: no record); see records.lua."""
+        rows = await self._run(queue, "records", [repr(time.time()), *ids])
+        return [_record(job_id, _hash(row)) if row else None
+                for job_id, row in zip(ids, rows, strict=True)]
 
     async def wait(self, queue: str, job_id: str, timeout: float | None) -> JobRecord | None:
         await self._ready()
@@ -539,7 +549,7 @@ class RedisBroker(Broker):
                         if reply is None:
                             return None
                         if isinstance(reply, list):  # final already: its whole record
-                            return _record(job_id, dict(zip(reply[::2], reply[1::2], strict=True)))
+                            return _record(job_id, _hash(reply))
                         with anyio.move_on_after(RECHECK):
                             message = await heard.wait()
                             outcome = _outcome_record(job_id, message) if message else None
@@ -560,18 +570,14 @@ class RedisBroker(Broker):
                 if not ids:
                     break
                 start += page
-                async with self.client.pipeline(transaction=False) as pipe:
-                    for raw in ids:
-                        pipe.hgetall(keys.job(raw.decode()))
-                    rows = await pipe.execute()
-                gone = [raw for raw, fields in zip(ids, rows, strict=True) if not fields]
+                records = await self._records(queue, [raw.decode() for raw in ids])
+                gone = [raw for raw, record in zip(ids, records, strict=True) if record is None]
                 if gone:  # records that expired: forget them in the index as well
                     await self.client.zrem(keys.index, *gone)
                     start -= len(gone)
-                for raw, fields in zip(ids, rows, strict=True):
-                    if not fields:
+                for record in records:
+                    if record is None:
                         continue
-                    record = _record(raw.decode(), fields)
                     if (state is None or record.state == state) and (
                         task is None or record.task == task
                     ):

@@ -31,6 +31,7 @@ NAMES = (
     "purge",
     "rate_limit",
     "receive",
+    "records",
     "reclaim",
     "release",
     "renew",

@@ -30,10 +30,13 @@ local function ensure_stream(p)
   return s
 end
 
--- Whether `token` names the job's current, still running delivery.
+-- Whether `token` names the job's current, still running delivery: returns the record's state
+-- then, else false. A lean delivery (see `lean_delivery`) holds token 1 of a record that stays
+-- 'pending', with token 0, until the job ends.
 local function live(jk, token)
   local rec = redis.call('HMGET', jk, 'token', 'state')
-  return rec[1] == token and rec[2] == 'running'
+  if rec[2] == 'running' then return rec[1] == token and 'running' end
+  return token == '1' and rec[1] == '0' and rec[2] == 'pending' and 'pending'
 end
 
 -- `command key [group] items...` for many items, 1000 at a time: unpack is bounded by Lua's stack.
@@ -121,12 +124,16 @@ local function with(fields, ...)
 end
 
 -- Put a job on its band's stream, ready for any worker; `fields` are more record fields to write
--- in the same HSET. A new record's fields start with its state, already 'pending'.
-local function make_ready(id, jk, p, fields)
+-- in the same HSET. A new record's fields start with its state, already 'pending'. `lean`
+-- ({task, payload, enqueued_at}, for a new job only) makes the entry lean: it carries what the
+-- worker needs, so that its first delivery need not read or write the record.
+local function make_ready(id, jk, p, fields, lean)
   local s = stream_key(p)
+  local values = {'id', id}
+  if lean then values = {'id', id, 'task', lean[1], 'payload', lean[2], 'at', lean[3]} end
   -- NOMKSTREAM: a band's stream is only ever made with its group, by ensure_stream.
-  local entry = redis.call('XADD', s, 'NOMKSTREAM', '*', 'id', id)
-  if not entry then entry = redis.call('XADD', ensure_stream(p), '*', 'id', id) end
+  local entry = redis.call('XADD', s, 'NOMKSTREAM', '*', unpack(values)) or
+    redis.call('XADD', ensure_stream(p), '*', unpack(values))
   fields = fields or {}
   local n = #fields
   if fields[1] ~= 'state' then
@@ -173,7 +180,10 @@ local function store_job(now, id, task, payload, p, eta, expires, key, extra)
   elseif scheduled then
     redis.call('HSET', jk, unpack(with(fields, 'eta', eta)))
     redis.call('ZADD', prefix .. 'scheduled', eta, id)
+  elseif expires == '' then
+    make_ready(id, jk, p, fields, {task, payload, now})
   else
+    -- An expiry is checked when the job starts: that needs the record, so a plain entry.
     make_ready(id, jk, p, fields)
   end
   redis.call('ZADD', prefix .. 'index', now, id)
@@ -205,18 +215,23 @@ local function error_marker(err)
   return ERROR_HEAD .. err .. '}'
 end
 
--- Whether a task is revoked now; a revocation for one job only is used up here.
--- Stored as "<once 0|1>|<until or empty>".
--- Answers are kept for the rest of the script call (a receive asks for every job it leases), and
--- when no task is revoked at all, one EXISTS answers for every job.
-local revocations_checked, any_revocations, revoked_known = false, false, {}
-local function task_revoked(task, now)
-  local hkey = prefix .. 'revoked_tasks'
+-- Whether any task is revoked: asked once per script call (a receive asks for every job it
+-- leases), so that when none is, one EXISTS answers for every job.
+local revocations_checked, any_revocations = false, false
+local function revocations_exist()
   if not revocations_checked then
     revocations_checked = true
-    any_revocations = redis.call('EXISTS', hkey) == 1
+    any_revocations = redis.call('EXISTS', prefix .. 'revoked_tasks') == 1
   end
-  if not any_revocations then return false end
+  return any_revocations
+end
+
+-- Whether a task is revoked now; a revocation for one job only is used up here.
+-- Stored as "<once 0|1>|<until or empty>". Answers are kept for the rest of the script call.
+local revoked_known = {}
+local function task_revoked(task, now)
+  local hkey = prefix .. 'revoked_tasks'
+  if not revocations_exist() then return false end
   if revoked_known[task] ~= nil then return revoked_known[task] end
   local v = redis.call('HGET', hkey, task)
   local revoked, once = false, false
@@ -392,9 +407,11 @@ end
 -- delivery as an array, or nil when the entry is dropped instead (a wake-up, a malformed message,
 -- an expired or already final job, or one past max_deliveries, a number).
 local function start(s, p, entry, fields, consumer, now, max_deliveries, ttl)
-  local id = nil
+  local id, lean = nil, false
   for i = 1, #fields, 2 do
-    if fields[i] == 'id' then id = fields[i + 1] elseif fields[i] == 'wake' then id = false end
+    local name = fields[i]
+    if name == 'id' then id = fields[i + 1] elseif name == 'wake' then id = false
+    elseif name == 'task' then lean = true end
   end
   if id == false then drop_entry(s, entry) return nil end
   if id == nil then
@@ -445,8 +462,16 @@ local function start(s, p, entry, fields, consumer, now, max_deliveries, ttl)
   -- As strings: a number handed to redis.call is printed with "%.17g", a float's slow path; and
   -- the first delivery (the usual one) needs neither parsing nor printing.
   local deliveries, token = '1', '1'
-  if rec[7] and rec[7] ~= '0' then deliveries = string.format('%d', tonumber(rec[7]) + 1) end
-  if rec[8] and rec[8] ~= '0' then token = string.format('%d', tonumber(rec[8]) + 1) end
+  if lean and rec[1] == 'pending' then
+    -- A lean entry may have been delivered before without a word to the record (see
+    -- `lean_delivery`): its deliveries are counted by the pending list, and its token 1 is taken.
+    local pending = redis.call('XPENDING', s, GROUP, entry, entry, 1)[1]
+    if pending then deliveries = string.format('%d', pending[4]) end
+    token = '2'
+  else
+    if rec[7] and rec[7] ~= '0' then deliveries = string.format('%d', tonumber(rec[7]) + 1) end
+    if rec[8] and rec[8] ~= '0' then token = string.format('%d', tonumber(rec[8]) + 1) end
+  end
   if (deliveries == '1' and 1 or tonumber(deliveries)) > max_deliveries then
     drop_entry(s, entry)
     redis.call('HSET', jk, 'deliveries', deliveries)
@@ -457,6 +482,40 @@ local function start(s, p, entry, fields, consumer, now, max_deliveries, ttl)
   redis.call('HSET', jk, 'state', 'running', 'started_at', now, 'worker', consumer,
     'deliveries', deliveries, 'token', token)
   return {id, rec[2], rec[3], rec[4], token, p, rec[5], entry}
+end
+
+-- A lean delivery: the entry of a new job carries what the worker needs (see make_ready), so the
+-- job is handed over without reading or writing its record. Its token is 1, and the record stays
+-- 'pending' (token 0) until the job ends, a renewal writes the start down, or another delivery
+-- takes over (`start` then counts deliveries by the pending list). What would have stopped it
+-- at the start is dealt with where it arises: a cancel or revoke moves the waiting entry, an
+-- expiry makes the entry plain. Returns nil when `start` must decide instead: a plain entry, or
+-- some task is revoked (the entry's task may be).
+local function lean_delivery(p, entry, fields)
+  if fields[3] ~= 'task' or #fields ~= 8 or revocations_exist() then return nil end
+  return {fields[2], fields[4], fields[6], '1', '1', p, fields[8], entry}
+end
+
+-- A job's stream entry, as the record names it, and where it stands: returns the stream, the
+-- entry id, whether the entry is lean, and its row in the pending list (delivered, not done
+-- with) or nil. Nil when the record names no entry.
+local function queued_entry(jk)
+  local rec = redis.call('HMGET', jk, 'entry', 'priority')
+  if not rec[1] or rec[1] == '' then return nil end
+  local s, entry = stream_key(rec[2] or '0'), rec[1]
+  local found = redis.call('XRANGE', s, entry, entry)[1]
+  local pending = redis.call('XPENDING', s, GROUP, entry, entry, 1)[1]
+  return s, entry, found ~= nil and found[2][3] == 'task', pending
+end
+
+-- The record fields a lean delivery's start would have written (see `lean_delivery`), for the
+-- step that first writes to the record while the entry is still pending: the start is when the
+-- entry was delivered, `now` less its idle time (reset by no one before).
+local function lean_start(s, entry, now)
+  local row = redis.call('XPENDING', s, GROUP, entry, entry, 1)[1]
+  if not row then return {'token', '1'} end
+  return {'token', '1', 'started_at', string.format('%.6f', tonumber(now) - row[3] / 1000),
+    'worker', row[2], 'deliveries', string.format('%d', row[4])}
 end
 
 -- Priority bands, highest first; band 0 always exists.

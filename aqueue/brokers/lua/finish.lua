@@ -1,10 +1,11 @@
 -- End deliveries, each as its completion says.
 -- KEYS[1] prefix
 -- ARGV: result_ttl, when the records ended here expire (whole seconds, the latest finished_at
---       plus result_ttl, rounded up), then per completion: job id, token, band, entry id, outcome,
---       result, error, retry_at ('' = now), reason, finished_at, the number of activations, and
---       that many pairs of job id, payload (waiting jobs to make ready, applied with a success).
---       A success with no error, retry_at or reason comes as outcome 'ok', without those three.
+--       plus result_ttl, rounded up), then per completion: job id, token, band, entry id,
+--       started_at and worker (for a lean delivery's record, else ''), outcome, result, error,
+--       retry_at ('' = now), reason, finished_at, the number of activations, and that many pairs
+--       of job id, payload (waiting jobs to make ready, applied with a success). A success with
+--       no error, retry_at or reason comes as outcome 'ok', without those three.
 -- Returns 1 per applied completion, 0 where the token was stale (a newer delivery owns the job).
 local ttl = tonumber(ARGV[1])
 local out = {}
@@ -14,7 +15,9 @@ local expire = expire_arg(ttl)
 expiring_batch, expiring_second = {}, ARGV[2]  -- finalize's listing, done once for the whole batch
 local i = 3
 while i <= #ARGV do
-  local id, token, p, entry, outcome = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
+  local id, token, p, entry = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  local started_at, worker, outcome = ARGV[i + 4], ARGV[i + 5], ARGV[i + 6]
+  i = i + 2
   local result, err, retry_at, reason, now, activations
   if outcome == 'ok' then  -- the usual completion: three arguments fewer to send and to read
     outcome, result, err, retry_at, reason, now, activations =
@@ -29,7 +32,9 @@ while i <= #ARGV do
   if activations ~= '0' then i = i + 2 * tonumber(activations) end
   local jk = job_key(id)
   local now_token, state, more = unpack(redis.call('HMGET', jk, 'token', 'state', 'more'))
-  if now_token ~= token or state ~= 'running' then
+  -- A lean delivery (token 1 of a record still 'pending') wrote nothing when it started.
+  local lean = token == '1' and now_token == '0' and state == 'pending'
+  if not lean and (now_token ~= token or state ~= 'running') then
     out[#out + 1] = 0
   else
     local s = streams[p]
@@ -38,19 +43,22 @@ while i <= #ARGV do
       streams[p], acked[s] = s, {}
     end
     acked[s][#acked[s] + 1] = entry
+    local fields = {}
+    if lean then fields = {'started_at', started_at, 'worker', worker} end
     if outcome == 'succeeded' and more == '0' then
       -- The common end, written without finalize: the record has no key, waiter, error or
       -- workflow link to see to (the flag says so), only its own fields and expiry.
-      redis.call('HSET', jk, 'result', result, 'state', 'succeeded', 'finished_at', now)
+      redis.call('HSET', jk, 'result', result, 'state', 'succeeded', 'finished_at', now, unpack(fields))
       redis.call('EXPIRE', jk, expire)
       expiring_batch[#expiring_batch + 1] = id
     else
       local rec = {token = now_token, state = state}
       if more ~= '0' then rec = end_fields(jk) end  -- set, or a record from before the flag
       rec.result = false
-      local fields = {}
+      -- The job may run again (a retry, a dead letter retried): its token 1 is used up.
+      if lean then with(fields, 'token', '1') end
       if err ~= '' then
-        fields[1], fields[2], fields[3], fields[4] = 'error', err, 'more', '1'
+        with(fields, 'error', err, 'more', '1')
         rec.error = err
       end
       if outcome == 'retry' or outcome == 'defer' then

@@ -24,7 +24,8 @@ for i = 7, #ARGV, 2 do
       local jk = id and job_key(id)
       if jk and redis.call('HGET', jk, 'entry') == entry then make_ready(id, jk, p) end
     else
-      local d = start(s, p, entry, found[1][2], consumer, now, max_deliveries, ttl)
+      local d = lean_delivery(p, entry, found[1][2]) or
+        start(s, p, entry, found[1][2], consumer, now, max_deliveries, ttl)
       if d then out[#out + 1] = d end
     end
   end
