@@ -659,3 +659,80 @@ async def test_revoking_a_waiting_job_gives_it_a_plain_entry(
     assert b"task" not in entries[1][1]
     deliveries = await redis_broker.receive(queue_name, "w", 2, 0, 5)
     assert [(d.job_id, d.ended) for d in deliveries] == [(second.id, None), (first.id, "revoked")]
+
+
+def scripts_run(broker: RedisBroker, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the scripts the broker runs from now on, in order."""
+    names: list[str] = []
+    real_run = broker._run
+
+    async def run(queue: str, name: str, args: list[object]) -> object:
+        names.append(name)
+        return await real_run(queue, name, args)
+
+    monkeypatch.setattr(broker, "_run", run)
+    return names
+
+
+async def test_a_busy_consumer_reads_lean_entries_without_a_script(
+    redis_broker: RedisBroker, client: redis.asyncio.Redis, queue_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    jobs = [new_job() for _ in range(3)]
+    await redis_broker.enqueue(queue_name, jobs[:1])
+    assert len(await redis_broker.receive(queue_name, "w", 1, 0, 5)) == 1  # the script: learns band 0
+    await redis_broker.enqueue(queue_name, jobs[1:])
+    ran = scripts_run(redis_broker, monkeypatch)
+    deliveries = await redis_broker.receive(queue_name, "w", 10, 0, 5)
+    assert ran == []
+    assert [(d.job_id, d.task, d.payload, d.attempt, d.token, d.priority, d.consumer) for d in deliveries] == [
+        (j.id, "t", PAYLOAD, 1, 1, 0, "w") for j in jobs[1:]]
+    for d in deliveries:
+        record = await redis_broker.get(queue_name, d.job_id)
+        assert record is not None
+        assert (record.state, record.worker, record.enqueued_at) == ("running", "w", d.enqueued_at)
+
+
+async def test_a_busy_consumer_leaves_entries_to_the_start_script_while_a_task_is_revoked(
+    redis_broker: RedisBroker, queue_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await redis_broker.enqueue(queue_name, [new_job()])
+    assert len(await redis_broker.receive(queue_name, "w", 1, 0, 5)) == 1
+    await redis_broker.revoke_task(queue_name, "t", once=False, until=None)
+    queued = new_job()
+    await redis_broker.enqueue(queue_name, [queued])
+    ran = scripts_run(redis_broker, monkeypatch)
+    [notice] = await redis_broker.receive(queue_name, "w", 10, 0, 5)
+    assert (notice.job_id, notice.ended) == (queued.id, "revoked")
+    assert ran == ["start"]
+
+
+async def test_a_busy_consumer_learns_a_new_band_and_reads_it_first_next(
+    redis_broker: RedisBroker, redis_url: str, queue_name: str
+) -> None:
+    # Band 3 is made, and its wake-up in band 0 goes to another consumer: this one learns of the
+    # band from its next read of band 0 (what it took there is its), and then reads band 3 first.
+    await redis_broker.enqueue(queue_name, [new_job()])
+    assert len(await redis_broker.receive(queue_name, "w", 1, 0, 5)) == 1
+    await redis_broker.enqueue(queue_name, [new_job(3)])
+    other = RedisBroker(redis_url)  # another process
+    try:
+        assert [d.priority for d in await other.receive(queue_name, "other", 10, 0, 5)] == [3]
+    finally:
+        await other.close()
+    low, high = new_job(0), new_job(3)
+    await redis_broker.enqueue(queue_name, [low, high])
+    assert [d.job_id for d in await redis_broker.receive(queue_name, "w", 1, 0, 5)] == [low.id]
+    await redis_broker.enqueue(queue_name, [new_job(0)])
+    assert [d.job_id for d in await redis_broker.receive(queue_name, "w", 1, 0, 5)] == [high.id]
+
+
+async def test_a_busy_consumer_recreates_a_stream_lost_with_the_servers_data(
+    redis_broker: RedisBroker, client: redis.asyncio.Redis, queue_name: str
+) -> None:
+    await redis_broker.enqueue(queue_name, [new_job()])
+    assert len(await redis_broker.receive(queue_name, "w", 1, 0, 5)) == 1
+    await client.flushdb()
+    assert await redis_broker.receive(queue_name, "w", 10, 0, 5) == []  # the script made it again
+    job = new_job()
+    await redis_broker.enqueue(queue_name, [job])
+    assert [d.job_id for d in await redis_broker.receive(queue_name, "w", 10, 0, 5)] == [job.id]

@@ -368,10 +368,16 @@ class RedisBroker(Broker):
                 return found
         bands = self._bands.get(queue)
         if not (timeout > 0 and bands and consumer in self._drained):
-            now = time.time()
-            reply = await self._run(queue, "receive", [consumer, count, repr(now), max_deliveries, ttl])
-            self._bands[queue] = bands = [b.decode() for b in reply[0]]
-            found = [_delivery(row, consumer, now) for row in reply[1:]]
+            read = None
+            if bands == ["0"]:
+                read = await self._read_lean(queue, consumer, count, max_deliveries, ttl)
+            if read is not None:
+                found, bands = read, self._bands[queue]
+            else:
+                now = time.time()
+                reply = await self._run(queue, "receive", [consumer, count, repr(now), max_deliveries, ttl])
+                self._bands[queue] = bands = [b.decode() for b in reply[0]]
+                found = [_delivery(row, consumer, now) for row in reply[1:]]
             if found or timeout <= 0:
                 self._note_drained(consumer, len(found) < count)
                 return found
@@ -382,6 +388,56 @@ class RedisBroker(Broker):
         # which also learns the bands anew.
         self._note_drained(consumer, 0 < len(found) < count and not new_band)
         return found
+
+    async def _read_lean(
+        self, queue: str, consumer: str, count: int, max_deliveries: int, ttl: int
+    ) -> list[Delivery] | None:
+        """Lease up to `count` jobs of band 0, the only band known, without a script when it can:
+        one MULTI reads the band, looks for task revocations and lists the bands. Lean entries,
+        with no task revoked, are jobs to run as they are (see lean_delivery in _common.lua);
+        anything else read is leased by the start script. A band found new is learned for the
+        next receive, which then runs the receive script (like a blocking read that meets the
+        new band's announcement, this read leases what it took from band 0). None: the script
+        path must run instead (a client the caller made, or a stream lost with the server's
+        data, which the script recreates)."""
+        pool = self.client.connection_pool
+        if not isinstance(pool, WaitingPool):
+            return None
+        keys = self._key(queue)
+        now = time.time()
+        try:
+            *_, (revoked, bands, entries) = await pool.call_many(
+                ("MULTI",),
+                ("EXISTS", keys.revoked_tasks),
+                ("ZREVRANGE", keys.priorities, 0, -1),
+                ("XREADGROUP", "GROUP", GROUP, consumer, "COUNT", count, "STREAMS", keys.stream(0), ">"),
+                ("EXEC",),
+            )
+        except (redis_errors.RedisError, OSError) as exc:
+            self._raise_translated(exc)
+        if isinstance(entries, redis_errors.ResponseError):
+            if "NOGROUP" in str(entries):
+                return None
+            self._raise_translated(entries)
+        if bands != [b"0"]:
+            self._bands[queue] = [b.decode() for b in bands]
+        if not entries:
+            return []
+        # RESP3 (redis-py 8's default) replies with a map of streams, RESP2 with a list of pairs.
+        [rows] = entries.values() if isinstance(entries, dict) else [rows for _, rows in entries]
+        if revoked or not all(len(fields) == 8 and fields[2] == b"task" for _, fields in rows):
+            found, known = await self._start(
+                queue, consumer, [x for entry_id, _ in rows for x in (0, entry_id)], count,
+                max_deliveries, ttl,
+            )
+            self._bands[queue] = known  # a wake-up in band 0 announces a new band
+            return found
+        return [
+            Delivery(job_id=fields[1].decode(), task=fields[3].decode(), payload=fields[5], attempt=1,
+                     token=1, priority=0, enqueued_at=float(fields[7]), receipt=entry_id.decode(),
+                     consumer=consumer, leased_at=now)
+            for entry_id, fields in rows
+        ]
 
     def _note_drained(self, consumer: str, drained: bool) -> None:
         if drained:
