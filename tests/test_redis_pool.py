@@ -9,8 +9,10 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from aqueue.brokers import RedisBroker, _pool
+from aqueue.brokers import NewJob, RedisBroker, _pool
+from aqueue.brokers._keys import Keys
 from aqueue.brokers._pool import WaitingPool
+from aqueue.brokers._redis import ENQUEUE_CHUNK
 
 
 @pytest.fixture(params=["hiredis", "python"])
@@ -120,6 +122,11 @@ async def test_scripts_are_loaded_again_after_a_flush(redis_url: str, queue_name
         await broker.client.script_flush()
         assert await broker.get(queue_name, "nope") is None
         assert await broker.prune(queue_name, 0.0, 10) == 0
+        # An enqueue of several chunks sends them in one pipeline: after a flush, sent again.
+        await broker.client.script_flush()
+        jobs = [NewJob(id=f"j{i}", task="t", payload=b"{}") for i in range(ENQUEUE_CHUNK + 1)]
+        assert await broker.enqueue(queue_name, jobs) == [j.id for j in jobs]
+        assert await broker.client.xlen(Keys(queue_name).stream(0)) == len(jobs)
     finally:
         await broker.close()
 

@@ -12,6 +12,7 @@ Layout (every key built in `_keys.py`, all under the queue's hash tag):
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 import uuid
@@ -23,7 +24,6 @@ from urllib.parse import urlsplit, urlunsplit
 import anyio
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
-from redis.commands.core import AsyncScript
 
 from aqueue._exceptions import BrokerConnectionError, BrokerError
 from aqueue.brokers._base import (
@@ -40,7 +40,7 @@ from aqueue.brokers._base import (
 from aqueue.brokers._keys import GROUP, Keys
 from aqueue.brokers._notifier import Notifier
 from aqueue.brokers._pool import IDENTITY_OPTIONS, WaitingPool, identity
-from aqueue.brokers._scripts import NAMES, source
+from aqueue.brokers._scripts import source
 
 ENQUEUE_CHUNK = 500  # jobs per enqueue script call: bounds how long one call holds Redis
 # Errors that pass (a failover, a server loading its data): retried like a lost connection.
@@ -206,7 +206,9 @@ class RedisBroker(Broker):
         self._client_options = client_options
         self._client = client
         self._owns_client = client is None
-        self._scripts: dict[str, AsyncScript] = {}
+        # Per script: its SHA1, worked out on first use. Only the hash is kept: the text (about
+        # 7 KB each, with its helpers) is made again to load it where Redis does not have it.
+        self._shas: dict[str, str] = {}
         self._keys: dict[str, Keys] = {}
         # Per queue: the priority bands last seen, highest first, for blocking reads.
         self._bands: dict[str, list[str]] = {}
@@ -243,8 +245,6 @@ class RedisBroker(Broker):
             raise BrokerError("RedisBroker needs a client with decode_responses=False")
         if self._notifier is None:
             self._notifier = Notifier(self._client)
-        if not self._scripts:
-            self._scripts = {n: self._client.register_script(source(n)) for n in NAMES}
         async with self._translated():
             await self._client.ping()
 
@@ -258,7 +258,6 @@ class RedisBroker(Broker):
         if self._client is not None and self._owns_client:
             await self._client.aclose()
             self._client = None
-            self._scripts = {}
 
     @property
     def client(self) -> aioredis.Redis:
@@ -289,18 +288,26 @@ class RedisBroker(Broker):
         except (redis_errors.RedisError, OSError) as exc:
             self._raise_translated(exc)
 
+    def _sha(self, name: str) -> str:
+        sha = self._shas.get(name)
+        if sha is None:
+            sha = self._shas[name] = hashlib.sha1(source(name).encode()).hexdigest()
+        return sha
+
     async def _run(self, queue: str, name: str, args: Sequence[Any]) -> Any:
         await self._ready()
         prefix = self._key(queue).prefix
-        script = self._scripts[name]
+        sha = self._sha(name)
         pool = self.client.connection_pool
         try:
-            if isinstance(pool, WaitingPool):  # the hot path: see `WaitingPool.call`
-                try:
-                    return await pool.call("EVALSHA", script.sha, 1, prefix, *args)
-                except redis_errors.NoScriptError:
-                    pass  # not loaded (a restarted server): the script object loads it
-            return await script(keys=[prefix], args=list(args))
+            try:
+                if isinstance(pool, WaitingPool):  # the hot path: see `WaitingPool.call`
+                    return await pool.call("EVALSHA", sha, 1, prefix, *args)
+                return await self.client.evalsha(sha, 1, prefix, *args)
+            except redis_errors.NoScriptError:
+                # Not loaded (a restarted server, a flushed script cache): load it, run it.
+                await self.client.script_load(source(name))
+                return await self.client.evalsha(sha, 1, prefix, *args)
         except (redis_errors.RedisError, OSError) as exc:
             self._raise_translated(exc)
 
@@ -327,14 +334,20 @@ class RedisBroker(Broker):
         if len(chunks) == 1:
             ids = await self._run(queue, "enqueue", self._enqueue_args(chunks[0]))
             return [i.decode() for i in ids]
-        prefix = self._key(queue).prefix
+        prefix, sha = self._key(queue).prefix, self._sha("enqueue")
         async with self._translated():
-            async with self.client.pipeline(transaction=False) as pipe:
-                for chunk in chunks:
-                    await self._scripts["enqueue"](
-                        keys=[prefix], args=self._enqueue_args(chunk), client=pipe
-                    )
-                replies = await pipe.execute()
+            for loaded in (False, True):
+                async with self.client.pipeline(transaction=False) as pipe:
+                    for chunk in chunks:
+                        pipe.evalsha(sha, 1, prefix, *self._enqueue_args(chunk))
+                    try:
+                        replies = await pipe.execute()
+                        break
+                    except redis_errors.NoScriptError:
+                        if loaded:
+                            raise
+                # Redis lost the script: load it and send again (the ids make that idempotent).
+                await self.client.script_load(source("enqueue"))
         return [i.decode() for reply in replies for i in reply]
 
     @staticmethod

@@ -1,7 +1,7 @@
 """Loads the Lua scripts: one file per atomic operation, each prefixed with the helpers it uses
 from `_common.lua`.
 
-`register_script` runs them by EVALSHA and reloads them on NOSCRIPT; scripts are addressed by their
+The broker runs them by EVALSHA and loads one on NOSCRIPT; scripts are addressed by their
 content, so two releases of aqueue can load theirs side by side in one Redis (what each release
 stores is another matter: see the record's `more` flag in README).
 
@@ -13,7 +13,6 @@ directly or through other helpers.
 from __future__ import annotations
 
 import re
-from functools import cache
 from importlib import resources
 
 NAMES = (
@@ -71,7 +70,6 @@ def _blocks(common: str) -> list[tuple[str, set[str]]]:
     return blocks
 
 
-@cache
 def source(name: str) -> str:
     """The full text of one script, with the common helpers it needs, in their order."""
     folder = resources.files("aqueue.brokers").joinpath("lua")
