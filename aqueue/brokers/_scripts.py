@@ -70,11 +70,15 @@ def _blocks(common: str) -> list[tuple[str, set[str]]]:
     return blocks
 
 
+# Found once, at import: a worker makes a script's text on its first use, and looking the package
+# up then would import by name in the middle of its work.
+_FOLDER = resources.files("aqueue.brokers").joinpath("lua")
+
+
 def source(name: str) -> str:
     """The full text of one script, with the common helpers it needs, in their order."""
-    folder = resources.files("aqueue.brokers").joinpath("lua")
-    body = folder.joinpath(f"{name}.lua").read_text(encoding="utf-8")
-    blocks = _blocks(folder.joinpath("_common.lua").read_text(encoding="utf-8"))
+    body = _FOLDER.joinpath(f"{name}.lua").read_text(encoding="utf-8")
+    blocks = _blocks(_FOLDER.joinpath("_common.lua").read_text(encoding="utf-8"))
     needed = _code_words(body)
     keep = [False] * len(blocks)
     changed = True
