@@ -5,13 +5,12 @@ condition and a timer on every command, about a tenth of a one-by-one enqueue. H
 bounds the connections: taking a free one costs next to nothing, and a caller past the bound waits.
 
 `call` sends one command and reads its reply on a pooled connection (`call_many`: several, in one
-write). redis-py's `execute_command`
-wraps each command in a retry loop, timeout contexts, observability hooks and a health check; on
-a one-by-one enqueue those cost about 40 µs of the client's CPU, a third of a round trip. The
-connections made here write the packed command and read the reply directly, with redis-py's own
-parser (and hiredis's packer when installed). What the wrappers are for is kept: the connection's
-`socket_timeout` bounds the call, an error mid-call drops the connection (its next use
-reconnects), and a reply that is an error is raised.
+write). redis-py's `execute_command` wraps each command in a retry loop, timeout contexts,
+observability hooks and a health check; on a one-by-one enqueue those cost about 40 µs of the
+client's CPU, a third of a round trip. The connections made here write the packed command and
+read the reply directly, with redis-py's own parser (and hiredis's packer when installed). What
+the wrappers are for is kept: the connection's `socket_timeout` bounds the call, an error mid-call
+drops the connection (its next use reconnects), and a reply that is an error is raised.
 """
 
 from __future__ import annotations

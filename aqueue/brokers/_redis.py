@@ -4,9 +4,11 @@ Layout (every key built in `_keys.py`, all under the queue's hash tag):
 - one stream per priority band, read through one consumer group; a worker leases a job by reading
   its entry (it stays in the group's pending list until acked) and the lease is the entry's idle
   time, renewed while the job runs and taken over (XPENDING IDLE + XCLAIM) once it lapses; entries
-  done with are acked and trimmed off per batch;
+  done with are acked and trimmed off per batch. A new job's entry is lean: it carries the task and
+  payload, and its first delivery leaves the record untouched (see lean_delivery in _common.lua);
 - a hash per job (its record), a sorted set of scheduled jobs, an index for listing, dead letters;
-- one Lua script per operation, so every state change is atomic and one round trip;
+- one Lua script per operation, so every state change is atomic and one round trip; a busy
+  worker's read of lean entries is one MULTI instead (`_read_lean`);
 - one pub/sub inbox per process: a job's end publishes its outcome to the inboxes waiting on it.
 """
 
