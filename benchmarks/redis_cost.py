@@ -8,8 +8,8 @@ is doing, so a change to a Lua script can be judged by a few percent. Instrument
 on only around each phase. Jobs are no-ops, handled in batches of the worker's size; the figure is
 Redis's whole work per job in that phase (reading the request, the script, the reply).
 
-When Redis is what saturates (W2 and W5 in RESULTS.md), fewer instructions per job is more jobs
-per second.
+Redis serves every worker from one thread: fewer instructions per job is more workers before Redis
+is what saturates, and more of a small machine's cores left to them (W5 in RESULTS.md).
 """
 
 from __future__ import annotations
