@@ -674,22 +674,28 @@ def scripts_run(broker: RedisBroker, monkeypatch: pytest.MonkeyPatch) -> list[st
     return names
 
 
+@pytest.mark.parametrize("protocol", [2, 3])
 async def test_a_busy_consumer_reads_lean_entries_without_a_script(
-    redis_broker: RedisBroker, client: redis.asyncio.Redis, queue_name: str, monkeypatch: pytest.MonkeyPatch
+    redis_url: str, queue_name: str, monkeypatch: pytest.MonkeyPatch, protocol: int
 ) -> None:
-    jobs = [new_job() for _ in range(3)]
-    await redis_broker.enqueue(queue_name, jobs[:1])
-    assert len(await redis_broker.receive(queue_name, "w", 1, 0, 5)) == 1  # the script: learns band 0
-    await redis_broker.enqueue(queue_name, jobs[1:])
-    ran = scripts_run(redis_broker, monkeypatch)
-    deliveries = await redis_broker.receive(queue_name, "w", 10, 0, 5)
-    assert ran == []
-    assert [(d.job_id, d.task, d.payload, d.attempt, d.token, d.priority, d.consumer) for d in deliveries] == [
-        (j.id, "t", PAYLOAD, 1, 1, 0, "w") for j in jobs[1:]]
-    for d in deliveries:
-        record = await redis_broker.get(queue_name, d.job_id)
-        assert record is not None
-        assert (record.state, record.worker, record.enqueued_at) == ("running", "w", d.enqueued_at)
+    # The MULTI's reply holds the read as a list of streams in RESP2, a map in RESP3.
+    broker = RedisBroker(f"{redis_url}?protocol={protocol}")
+    try:
+        jobs = [new_job() for _ in range(3)]
+        await broker.enqueue(queue_name, jobs[:1])
+        assert len(await broker.receive(queue_name, "w", 1, 0, 5)) == 1  # the script: learns band 0
+        await broker.enqueue(queue_name, jobs[1:])
+        ran = scripts_run(broker, monkeypatch)
+        deliveries = await broker.receive(queue_name, "w", 10, 0, 5)
+        assert ran == []
+        assert [(d.job_id, d.task, d.payload, d.attempt, d.token, d.priority, d.consumer)
+                for d in deliveries] == [(j.id, "t", PAYLOAD, 1, 1, 0, "w") for j in jobs[1:]]
+        for d in deliveries:
+            record = await broker.get(queue_name, d.job_id)
+            assert record is not None
+            assert (record.state, record.worker, record.enqueued_at) == ("running", "w", d.enqueued_at)
+    finally:
+        await broker.close()
 
 
 async def test_a_busy_consumer_leaves_entries_to_the_start_script_while_a_task_is_revoked(
