@@ -30,13 +30,18 @@ local function ensure_stream(p)
   return s
 end
 
+-- Whether `token` is a lean delivery's (see `lean_delivery`), still the job's: it holds token 1
+-- of a record that stays 'pending', with token 0, until the job ends.
+local function lean_live(token, record_token, state)
+  return token == '1' and record_token == '0' and state == 'pending'
+end
+
 -- Whether `token` names the job's current, still running delivery: returns the record's state
--- then, else false. A lean delivery (see `lean_delivery`) holds token 1 of a record that stays
--- 'pending', with token 0, until the job ends.
+-- then, else false.
 local function live(jk, token)
   local rec = redis.call('HMGET', jk, 'token', 'state')
   if rec[2] == 'running' then return rec[1] == token and 'running' end
-  return token == '1' and rec[1] == '0' and rec[2] == 'pending' and 'pending'
+  return lean_live(token, rec[1], rec[2]) and 'pending'
 end
 
 -- `command key [group] items...` for many items, 1000 at a time: unpack is bounded by Lua's stack.
@@ -508,14 +513,13 @@ local function queued_entry(jk)
   return s, entry, found ~= nil and found[2][3] == 'task', pending
 end
 
--- The record fields a lean delivery's start would have written (see `lean_delivery`), for the
--- step that first writes to the record while the entry is still pending: the start is when the
--- entry was delivered, `now` less its idle time (reset by no one before).
-local function lean_start(s, entry, now)
-  local row = redis.call('XPENDING', s, GROUP, entry, entry, 1)[1]
-  if not row then return {'token', '1'} end
-  return {'token', '1', 'started_at', string.format('%.6f', tonumber(now) - row[3] / 1000),
-    'worker', row[2], 'deliveries', string.format('%d', row[4])}
+-- The record fields a lean delivery's start would have written (see `lean_delivery`), from the
+-- entry's row in the pending list (XPENDING's extended form), for the step that first writes to
+-- the record while the entry is still pending: the start is when the entry was delivered, `now`
+-- less its idle time (reset by no one before).
+local function lean_start(pending, now)
+  return {'token', '1', 'started_at', string.format('%.6f', tonumber(now) - pending[3] / 1000),
+    'worker', pending[2], 'deliveries', string.format('%d', pending[4])}
 end
 
 -- Priority bands, highest first; band 0 always exists.

@@ -32,8 +32,8 @@ while i <= #ARGV do
   if activations ~= '0' then i = i + 2 * tonumber(activations) end
   local jk = job_key(id)
   local now_token, state, more = unpack(redis.call('HMGET', jk, 'token', 'state', 'more'))
-  -- A lean delivery (token 1 of a record still 'pending') wrote nothing when it started.
-  local lean = token == '1' and now_token == '0' and state == 'pending'
+  -- A lean delivery wrote nothing when it started.
+  local lean = lean_live(token, now_token, state)
   if not lean and (now_token ~= token or state ~= 'running') then
     out[#out + 1] = 0
   else

@@ -13,7 +13,8 @@ for _, p in ipairs(all) do
       'STREAMS', s, '>')
     if not reply or not reply[1] or #reply[1][2] == 0 then break end
     for _, e in ipairs(reply[1][2]) do
-      local d = lean_delivery(p, e[1], e[2]) or start(s, p, e[1], e[2], consumer, now, max_deliveries, ttl)
+      local d = lean_delivery(p, e[1], e[2]) or
+        start(s, p, e[1], e[2], consumer, now, max_deliveries, ttl)
       if d then out[#out + 1] = d end
     end
   end

@@ -11,10 +11,10 @@ for i = 2, #ARGV do
   for j = 1, #rec, 2 do
     if rec[j] == 'state' then
       if rec[j + 1] == 'pending' then
-        local s, entry, lean, pending = queued_entry(jk)
+        local _, _, lean, pending = queued_entry(jk)
         if lean and pending then
           rec[j + 1] = 'running'
-          with(rec, unpack(lean_start(s, entry, now)))
+          with(rec, unpack(lean_start(pending, now)))
         end
       end
       break

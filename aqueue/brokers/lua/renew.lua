@@ -12,7 +12,7 @@ for i = 3, #ARGV, 3 do
     local jk = job_key(ARGV[i + 2])
     local rec = redis.call('HMGET', jk, 'state', 'token', 'entry')
     if rec[1] == 'pending' and rec[2] == '0' and rec[3] == entry then
-      redis.call('HSET', jk, 'state', 'running', unpack(lean_start(s, entry, now)))
+      redis.call('HSET', jk, 'state', 'running', unpack(lean_start(pending[1], now)))
     end
     redis.call('XCLAIM', s, GROUP, consumer, 0, entry, 'JUSTID')  -- resets the idle time
   else
