@@ -118,7 +118,8 @@ async def test_sigterm_lets_the_running_job_finish(
         job = await q.tasks["nap"].enqueue(1.0, 7)
 
         async def running() -> bool:
-            return await job.state() == JobState.RUNNING
+            info = await job.info()
+            return info is not None and info.progress is not None
 
         await poll_until(running, 30)
         started = time.monotonic()
@@ -213,7 +214,8 @@ async def test_second_signal_exits_at_once(
         job = await q.tasks["nap"].enqueue(30.0, 1)
 
         async def running() -> bool:
-            return await job.state() == JobState.RUNNING
+            info = await job.info()
+            return info is not None and info.progress is not None
 
         async def first_signal_heard() -> bool:
             return "send it again to exit at once" in worker.output()

@@ -6,7 +6,7 @@ import os
 
 import anyio
 
-from aqueue import Queue
+from aqueue import Queue, current_job
 
 queue = Queue(
     os.environ.get("AQUEUE_URL", "redis://127.0.0.1:1/0"),
@@ -22,5 +22,8 @@ async def add(a: int, b: int) -> int:
 
 @queue.task(name="nap")
 async def nap(seconds: float, tag: int = 0) -> int:
+    # Progress says the job's code runs: a record reads `running` from its delivery on, a little
+    # before the worker has taken the job in.
+    await current_job().set_progress(0)
     await anyio.sleep(seconds)
     return tag
