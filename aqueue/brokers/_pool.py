@@ -41,12 +41,9 @@ def identity() -> dict[str, Any]:
     """Connection options that name aqueue in each connection's CLIENT SETINFO, as
     "redis-py(aqueue_v<version>)" in CLIENT LIST. They also spare a look-up: left to itself, redis-py
     8 reads its own version from the installed packages' metadata for every new connection, about
-    a millisecond of file reads that block the event loop. Empty for a redis-py before
-    `DriverInfo`, which reads its version once, at import."""
-    try:
-        from redis.driver_info import DriverInfo
-    except ImportError:  # pragma: no cover - redis-py before 8
-        return {}
+    a millisecond of file reads that block the event loop."""
+    from redis.driver_info import DriverInfo
+
     from aqueue import __version__
 
     info = DriverInfo(lib_version=redis.__version__).add_upstream_driver("aqueue", __version__)
@@ -149,10 +146,9 @@ class WaitingPool(aioredis.ConnectionPool):
                 return replies
             finally:
                 self._in_use_connections.remove(conn)
-                if getattr(conn, "should_reconnect", bool)():  # redis-py 7 and later
+                if conn.should_reconnect():
                     await conn.disconnect()
                 self._available_connections.append(conn)
-                if hasattr(conn, "re_auth"):
-                    await conn.re_auth()
+                await conn.re_auth()
         finally:
             self._free.release()
