@@ -9,7 +9,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from aqueue.brokers import NewJob, RedisBroker, _pool
+from aqueue.brokers import NewJob, RedisBroker, _pool, _redis
 from aqueue.brokers._keys import Keys
 from aqueue.brokers._pool import WaitingPool
 from aqueue.brokers._redis import ENQUEUE_CHUNK
@@ -128,6 +128,37 @@ async def test_scripts_are_loaded_again_after_a_flush(redis_url: str, queue_name
         assert await broker.enqueue(queue_name, jobs) == [j.id for j in jobs]
         assert await broker.client.xlen(Keys(queue_name).stream(0)) == len(jobs)
     finally:
+        await broker.close()
+
+
+async def test_a_big_enqueue_goes_out_in_windows_of_chunks(
+    redis_url: str, queue_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 3 jobs a chunk, 2 chunks a pipeline: 14 jobs take 5 chunks in 3 pipelines.
+    monkeypatch.setattr(_redis, "ENQUEUE_CHUNK", 3)
+    monkeypatch.setattr(_redis, "ENQUEUE_WINDOW", 2)
+    broker = RedisBroker(redis_url)
+    await broker.connect()
+    flusher = redis.Redis.from_url(redis_url)
+    pipelines = 0
+    make_pipeline = broker.client.pipeline
+
+    def counted(**options: object) -> object:
+        nonlocal pipelines
+        pipelines += 1
+        if pipelines == 2:  # Redis loses its scripts between two windows: the second loads again
+            flusher.script_flush()
+        return make_pipeline(**options)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(broker.client, "pipeline", counted)
+    try:
+        jobs = [NewJob(id=f"j{i}", task="t", payload=b"{}") for i in range(14)]
+        assert await broker.enqueue(queue_name, jobs) == [j.id for j in jobs]
+        assert pipelines == 4  # the second window was sent twice
+        entries = await broker.client.xrange(Keys(queue_name).stream(0))
+        assert [fields[b"id"] for _, fields in entries] == [j.id.encode() for j in jobs]
+    finally:
+        flusher.close()
         await broker.close()
 
 

@@ -45,6 +45,10 @@ from aqueue.brokers._pool import IDENTITY_OPTIONS, WaitingPool, identity
 from aqueue.brokers._scripts import source
 
 ENQUEUE_CHUNK = 500  # jobs per enqueue script call: bounds how long one call holds Redis
+# Enqueue calls sent in one pipeline. A pipeline's writes wait while Redis runs the calls before
+# them, and redis-py gives a write socket_timeout (5 s by default): 300,000 jobs in one pipeline
+# took longer than that here. 10,000 take well under a second.
+ENQUEUE_WINDOW = 20
 # Errors that pass (a failover, a server loading its data): retried like a lost connection.
 TRANSIENT = {"READONLY", "LOADING", "BUSY", "TRYAGAIN", "MASTERDOWN", "CLUSTERDOWN"}
 RECHECK = 10.0  # a waiter re-reads the state this often, in case a notification was lost
@@ -337,20 +341,23 @@ class RedisBroker(Broker):
             ids = await self._run(queue, "enqueue", self._enqueue_args(chunks[0]))
             return [i.decode() for i in ids]
         prefix, sha = self._key(queue).prefix, self._sha("enqueue")
+        ids: list[str] = []
         async with self._translated():
-            for loaded in (False, True):
-                async with self.client.pipeline(transaction=False) as pipe:
-                    for chunk in chunks:
-                        pipe.evalsha(sha, 1, prefix, *self._enqueue_args(chunk))
-                    try:
-                        replies = await pipe.execute()
-                        break
-                    except redis_errors.NoScriptError:
-                        if loaded:
-                            raise
-                # Redis lost the script: load it and send again (the ids make that idempotent).
-                await self.client.script_load(source("enqueue"))
-        return [i.decode() for reply in replies for i in reply]
+            for w in range(0, len(chunks), ENQUEUE_WINDOW):
+                for loaded in (False, True):
+                    async with self.client.pipeline(transaction=False) as pipe:
+                        for chunk in chunks[w : w + ENQUEUE_WINDOW]:
+                            pipe.evalsha(sha, 1, prefix, *self._enqueue_args(chunk))
+                        try:
+                            replies = await pipe.execute()
+                            break
+                        except redis_errors.NoScriptError:
+                            if loaded:
+                                raise
+                    # Redis lost the script: load it, send again (the ids make that idempotent).
+                    await self.client.script_load(source("enqueue"))
+                ids += [i.decode() for reply in replies for i in reply]
+        return ids
 
     @staticmethod
     def _enqueue_args(
