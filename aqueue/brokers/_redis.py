@@ -341,7 +341,7 @@ class RedisBroker(Broker):
             ids = await self._run(queue, "enqueue", self._enqueue_args(chunks[0]))
             return [i.decode() for i in ids]
         prefix, sha = self._key(queue).prefix, self._sha("enqueue")
-        ids: list[str] = []
+        enqueued: list[str] = []
         async with self._translated():
             for w in range(0, len(chunks), ENQUEUE_WINDOW):
                 for loaded in (False, True):
@@ -356,8 +356,8 @@ class RedisBroker(Broker):
                                 raise
                     # Redis lost the script: load it, send again (the ids make that idempotent).
                     await self.client.script_load(source("enqueue"))
-                ids += [i.decode() for reply in replies for i in reply]
-        return ids
+                enqueued += [i.decode() for reply in replies for i in reply]
+        return enqueued
 
     @staticmethod
     def _enqueue_args(
