@@ -412,6 +412,26 @@ def cpu_table(results: dict[str, dict[str, Outcome]]) -> str:
             + "\n".join(rows) + "\n")
 
 
+def memory_table(results: dict[str, dict[str, Outcome]]) -> str:
+    """Each worker's peak RSS with one job at a time (W4) and at its tuned concurrency (W2): what
+    its imports hold, and what running many jobs adds."""
+    rows = []
+    for lib in LIBS:
+        one, many = medians(results, lib.name, "W4", "rss_mb"), medians(results, lib.name, "W2t", "rss_mb")
+        if one is None or many is None:
+            continue
+        rows.append(f"| {lib.name} | {one:.1f} | {many:.1f} | {many - one:+.1f} |")
+    if not rows:
+        return ""
+    return ("## Worker memory\n\nPeak RSS in MB (medians) of the worker process: in W4, which never has "
+            "more than one job at a time (default settings: mostly what the worker imported), and in "
+            "W2 at the tuned concurrency. Processes are summed where a library forks (celery, rq). The "
+            "redis-py a library installs weighs in the first column: each library's is in the versions "
+            "below (arq pins it below 6, saq below 8).\n\n"
+            "| library | RSS, W4 (one job at a time) | RSS, W2 tuned | added by the drain |\n"
+            "| --- | --- | --- | --- |\n" + "\n".join(rows) + "\n")
+
+
 def shorten(cmd: list[str] | None) -> str:
     if not cmd:
         return ""
@@ -478,6 +498,7 @@ RSS, seconds and latency: below 1 is aqueue better.
 ```
 
 {cpu_table(results)}
+{memory_table(results)}
 ## Versions
 
 | library | versions | install | notes |

@@ -322,11 +322,12 @@ async def w_latency(d: Driver, rounds: int, cap: float, workdir: str) -> dict[st
                     break
         finally:
             await call(d.close)
+        rss = peak_rss_mb(workers)  # a worker that never had more than one job at a time
     finally:
         stop_workers(workers)
     samples.sort()
     return {"p50": statistics.median(samples), "p99": samples[max(0, int(len(samples) * 0.99) - 1)],
-            "rounds": len(samples), "warmup_failures": warmup_failures}
+            "rounds": len(samples), "warmup_failures": warmup_failures, "rss_mb": rss}
 
 
 def run(d: Driver, argv: list[str]) -> None:
