@@ -399,6 +399,8 @@ def cpu_table(results: dict[str, dict[str, Outcome]]) -> str:
         for cell in ("W2t", "W5"):
             worker, redis_ = (per_job_us(results, lib.name, cell, k) for k in ("worker_cpu", "redis_cpu"))
             cells.append("—" if worker is None or redis_ is None else f"{worker:,.1f} / {redis_:,.1f}")
+        idle, stolen = (medians(results, lib.name, "W5", k) for k in ("idle_cores", "stolen_cores"))
+        cells.append("—" if idle is None or stolen is None else f"{idle:.2f} / {stolen:.2f}")
         if any(c != "—" for c in cells):
             rows.append(f"| {lib.name} | " + " | ".join(cells) + " |")
     if not rows:
@@ -406,9 +408,10 @@ def cpu_table(results: dict[str, dict[str, Outcome]]) -> str:
     return ("## CPU during the drains\n\nFrom the first job to the last: cores kept busy, and CPU time "
             "per job in microseconds; workers / Redis (medians; the machine has 2 cores, shared with "
             "the producer's idle process). A second worker can only help where one worker, not Redis, "
-            "is what saturates, and while the two cores have time to spare.\n\n"
+            "is what saturates, and while the two cores have time to spare. The last column: the "
+            "machine's cores left idle / taken by the hypervisor (steal) during W5, in all.\n\n"
             "| library | cores, W2 tuned (1 worker) | cores, W5 (2 workers) | µs/job, W2 tuned | "
-            "µs/job, W5 |\n| --- | --- | --- | --- | --- |\n"
+            "µs/job, W5 | W5: idle / stolen cores |\n| --- | --- | --- | --- | --- | --- |\n"
             + "\n".join(rows) + "\n")
 
 

@@ -164,16 +164,26 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
+def machine_ticks() -> tuple[int, int, int]:
+    """The whole machine's CPU ticks so far (/proc/stat): all, idle (iowait included), stolen by
+    the hypervisor."""
+    with open("/proc/stat") as f:
+        user, nice, system, idle, iowait, irq, softirq, steal = (int(x) for x in f.readline().split()[1:9])
+    return user + nice + system + idle + iowait + irq + softirq + steal, idle + iowait, steal
+
+
 class CpuMeter:
-    """Cores kept busy by the workers and by Redis, from the first job seen to the last."""
+    """Cores kept busy by the workers and by Redis, from the first job seen to the last; and the
+    machine's cores left idle or stolen by the hypervisor meanwhile (what else could have run)."""
 
     def __init__(self, workers: list[subprocess.Popen[bytes]]) -> None:
         self.workers, self.redis = workers, redis_pid()
-        self.start: tuple[float, float, float] | None = None
+        self.start: tuple[float, float, float, tuple[int, int, int]] | None = None
 
-    def _sample(self) -> tuple[float, float, float]:
+    def _sample(self) -> tuple[float, float, float, tuple[int, int, int]]:
         pids = [pid for w in self.workers for pid in session_pids(w.pid)]
-        return time.monotonic(), cpu_seconds(pids), cpu_seconds([self.redis]) if self.redis else 0.0
+        return (time.monotonic(), cpu_seconds(pids), cpu_seconds([self.redis]) if self.redis else 0.0,
+                machine_ticks())
 
     def begin(self) -> None:
         self.start = self._sample()
@@ -185,7 +195,11 @@ class CpuMeter:
         wall = end[0] - self.start[0]
         if wall < 0.2:  # too short for clock ticks of 10 ms to say anything
             return {}
-        return {"worker_cpu": (end[1] - self.start[1]) / wall, "redis_cpu": (end[2] - self.start[2]) / wall}
+        ticks = [b - a for a, b in zip(self.start[3], end[3], strict=True)]
+        cores = os.cpu_count() or 1
+        return {"worker_cpu": (end[1] - self.start[1]) / wall, "redis_cpu": (end[2] - self.start[2]) / wall,
+                "idle_cores": cores * ticks[1] / ticks[0] if ticks[0] else 0.0,
+                "stolen_cores": cores * ticks[2] / ticks[0] if ticks[0] else 0.0}
 
 
 def stop_workers(workers: list[subprocess.Popen[bytes]]) -> None:
