@@ -22,7 +22,7 @@ from aqueue import BrokerConnectionError, JobState, Queue, TaskError
 from aqueue.brokers import Completion, NewJob, Outcome, RedisBroker
 from aqueue.brokers._keys import GROUP, Keys
 from aqueue.brokers._notifier import Notifier
-from aqueue.brokers._redis import redact
+from aqueue.brokers._redis import _Reader, redact, waiting_name
 from aqueue.brokers._scripts import NAMES, source
 from tests.conftest import RedisServer, start_redis
 
@@ -356,14 +356,14 @@ async def test_records_listed_by_an_earlier_release_are_still_pruned(
 
 
 async def read_then_fail_to_start(broker: RedisBroker, queue_name: str, monkeypatch: pytest.MonkeyPatch,
-                                  *, script_ran: bool, lean: bool = True) -> str:
+                                  *, script_ran: bool) -> str:
     """Enqueue a job that consumer "w" gets from a blocking read, and cut the connection on its
     start script: before the script runs, or after (its answer lost). Returns the job's id. Its
-    stream entry is lean, unless `lean` is false (then it has an expiry: a plain entry)."""
+    stream entry is plain (the job has an expiry): a lean one is leased with the read itself."""
     await broker.enqueue(queue_name, [new_job()])
     [first] = await broker.receive(queue_name, "w", 10, 0, 5)  # fewer than asked: drained
     assert await broker.finish(queue_name, [Completion(first, Outcome.SUCCEEDED, time.time())], 60) == [True]
-    [job_id] = await broker.enqueue(queue_name, [new_job(expires=None if lean else time.time() + 60)])
+    [job_id] = await broker.enqueue(queue_name, [new_job(expires=time.time() + 60)])
     real_run = broker._run
 
     async def cut_on_start(queue: str, name: str, args: list[object]) -> object:
@@ -381,21 +381,17 @@ async def read_then_fail_to_start(broker: RedisBroker, queue_name: str, monkeypa
     return job_id
 
 
-@pytest.mark.parametrize("lean", [True, False], ids=["lean", "plain"])
 @pytest.mark.parametrize("script_ran", [False, True], ids=["start-not-run", "start-answer-lost"])
 async def test_entries_read_but_not_started_go_to_the_next_receive(
-    redis_broker: RedisBroker, queue_name: str, monkeypatch: pytest.MonkeyPatch, script_ran: bool,
-    lean: bool,
+    redis_broker: RedisBroker, queue_name: str, monkeypatch: pytest.MonkeyPatch, script_ran: bool
 ) -> None:
     # They sit in the consumer's pending list, leased to nobody: without a second try they would
     # wait for the reclaim, a visibility timeout later.
-    job_id = await read_then_fail_to_start(redis_broker, queue_name, monkeypatch, script_ran=script_ran,
-                                           lean=lean)
+    job_id = await read_then_fail_to_start(redis_broker, queue_name, monkeypatch, script_ran=script_ran)
     [delivery] = await redis_broker.receive(queue_name, "w", 10, 0, 5)
     assert delivery.job_id == job_id
-    # A plain entry's start wrote token 1 to the record, so the second try's is 2; a lean one's
-    # wrote nothing, and hands over the same delivery, token 1, again.
-    assert delivery.token == (2 if script_ran and not lean else 1)
+    # The first start wrote token 1 to the record, so the second try's is 2.
+    assert delivery.token == (2 if script_ran else 1)
     record = await redis_broker.get(queue_name, job_id)
     assert record is not None
     assert (record.state, record.worker) == ("running", "w")
@@ -615,7 +611,9 @@ async def test_clean_stop_leaves_no_consumer_and_prunes_index(redis_url: str, qu
         client = redis.asyncio.Redis.from_url(redis_url)
         try:
             consumers = await client.xinfo_consumers(Keys(queue_name).stream(0), GROUP)
-            assert worker.name not in [c["name"].decode() for c in consumers]
+            names = [c["name"].decode() for c in consumers]
+            assert worker.name not in names
+            assert waiting_name(worker.name) not in names
             await anyio.sleep(2.1)  # lets the 1 s result_ttl run out (Redis expires keys itself)
             assert await client.zcard(Keys(queue_name).index) == 1
             assert await queue.broker.prune(queue_name, time.time(), 100) == 1
@@ -742,3 +740,124 @@ async def test_a_busy_consumer_recreates_a_stream_lost_with_the_servers_data(
     job = new_job()
     await redis_broker.enqueue(queue_name, [job])
     assert [d.job_id for d in await redis_broker.receive(queue_name, "w", 10, 0, 5)] == [job.id]
+
+
+async def drained(broker: RedisBroker, queue_name: str, consumer: str = "w") -> None:
+    """Make `consumer`'s next receive go straight to the blocking read: its last one came back
+    short (a job is taken and finished here)."""
+    await broker.enqueue(queue_name, [new_job()])
+    [first] = await broker.receive(queue_name, consumer, 10, 0, 5)
+    assert await broker.finish(queue_name, [Completion(first, Outcome.SUCCEEDED, time.time())], 60) == [True]
+
+
+async def pending_by_consumer(client: redis.asyncio.Redis, queue_name: str, band: int = 0) -> dict[str, int]:
+    consumers = await client.xinfo_consumers(Keys(queue_name).stream(band), GROUP)
+    return {c["name"].decode(): c["pending"] for c in consumers}
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+async def test_an_idle_consumer_is_handed_a_lean_job_by_its_read_alone(
+    redis_url: str, client: redis.asyncio.Redis, queue_name: str, monkeypatch: pytest.MonkeyPatch,
+    protocol: int,
+) -> None:
+    # The take script goes with the blocking read: no script runs after the read comes back.
+    broker = RedisBroker(f"{redis_url}?protocol={protocol}")
+    try:
+        await drained(broker, queue_name)
+        job = new_job()
+        await broker.enqueue(queue_name, [job])
+        ran = scripts_run(broker, monkeypatch)
+        [delivery] = await broker.receive(queue_name, "w", 10, 1.0, 5)
+        assert ran == []
+        assert (delivery.job_id, delivery.token, delivery.payload, delivery.consumer) == (
+            job.id, 1, PAYLOAD, "w")
+        assert await pending_by_consumer(client, queue_name) == {"w": 1, waiting_name("w"): 0}
+        record = await broker.get(queue_name, job.id)
+        assert record is not None
+        assert (record.state, record.worker) == ("running", "w")
+    finally:
+        await broker.close()
+
+
+async def test_an_idle_consumer_leaves_a_revoked_tasks_job_to_the_start_script(
+    redis_broker: RedisBroker, queue_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await drained(redis_broker, queue_name)
+    await redis_broker.revoke_task(queue_name, "t", once=False, until=None)
+    job = new_job()
+    await redis_broker.enqueue(queue_name, [job])
+    ran = scripts_run(redis_broker, monkeypatch)
+    [notice] = await redis_broker.receive(queue_name, "w", 10, 1.0, 5)
+    assert (notice.job_id, notice.ended) == (job.id, "revoked")
+    assert ran == ["start"]
+
+
+async def test_an_idle_consumers_take_script_is_loaded_again_after_a_flush(
+    redis_broker: RedisBroker, client: redis.asyncio.Redis, queue_name: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # What the read took waits under the waiting name while the script is loaded and run again.
+    await drained(redis_broker, queue_name)
+    job = new_job()
+    await redis_broker.enqueue(queue_name, [job])
+    await client.script_flush()
+    ran = scripts_run(redis_broker, monkeypatch)
+    [delivery] = await redis_broker.receive(queue_name, "w", 10, 1.0, 5)
+    assert (delivery.job_id, delivery.token) == (job.id, 1)
+    assert ran == ["take"]
+    assert await pending_by_consumer(client, queue_name) == {"w": 1, waiting_name("w"): 0}
+
+
+async def test_an_idle_consumer_keeps_what_it_asked_for_and_puts_back_the_rest(
+    redis_broker: RedisBroker, client: redis.asyncio.Redis, queue_name: str
+) -> None:
+    # XREADGROUP's COUNT is per stream: two bands can hand over twice what was asked.
+    await redis_broker.enqueue(queue_name, [new_job(3)])
+    [first] = await redis_broker.receive(queue_name, "w", 10, 0, 5)  # learns band 3; drained
+    done = Completion(first, Outcome.SUCCEEDED, time.time())
+    assert await redis_broker.finish(queue_name, [done], 60) == [True]
+    high, low = [new_job(3), new_job(3)], [new_job(0), new_job(0)]
+    await redis_broker.enqueue(queue_name, high + low)
+    taken = await redis_broker.receive(queue_name, "w", 2, 1.0, 5)
+    assert [d.job_id for d in taken] == [j.id for j in high]
+    assert await pending_by_consumer(client, queue_name, 0) == {"w": 0, waiting_name("w"): 0}
+    # The rest went back on band 0, for any worker, as plain entries.
+    rest = await redis_broker.receive(queue_name, "other", 10, 0, 5)
+    assert sorted(d.job_id for d in rest) == sorted(j.id for j in low)
+
+
+async def test_a_lean_job_whose_read_answer_is_lost_is_taken_over_after_its_lease(
+    redis_broker: RedisBroker, queue_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The connection is cut after the read and its take ran: the job is leased to "w", which never
+    # heard of it. It is not lost: once its lease lapses, the reclaim hands it to a worker.
+    await drained(redis_broker, queue_name)
+    job = new_job()
+    await redis_broker.enqueue(queue_name, [job])
+    real_call_many = _Reader.call_many
+
+    async def answer_lost(self: _Reader, commands: tuple[tuple[Any, ...], ...]) -> list[Any]:
+        await real_call_many(self, commands)
+        raise redis.exceptions.ConnectionError("connection cut")
+
+    monkeypatch.setattr(_Reader, "call_many", answer_lost)
+    with pytest.raises(BrokerConnectionError):
+        await redis_broker.receive(queue_name, "w", 10, 1.0, 5)
+    monkeypatch.setattr(_Reader, "call_many", real_call_many)
+    [taken] = await redis_broker.reclaim(queue_name, "other", 10, 0, 5)  # idle 0: lapsed at once
+    assert (taken.job_id, taken.consumer) == (job.id, "other")
+
+
+async def test_a_stopping_consumer_is_forgotten_under_both_its_names(
+    redis_broker: RedisBroker, client: redis.asyncio.Redis, queue_name: str
+) -> None:
+    await drained(redis_broker, queue_name)
+    await redis_broker.enqueue(queue_name, [new_job()])
+    [delivery] = await redis_broker.receive(queue_name, "w", 10, 1.0, 5)
+    assert set(await pending_by_consumer(client, queue_name)) == {"w", waiting_name("w")}
+    await redis_broker.forget_consumer(queue_name, "w")
+    assert set(await pending_by_consumer(client, queue_name)) == {"w"}  # it still holds a job
+    done = Completion(delivery, Outcome.SUCCEEDED, time.time())
+    assert await redis_broker.finish(queue_name, [done], 60) == [True]
+    await redis_broker.forget_consumer(queue_name, "w")
+    assert await pending_by_consumer(client, queue_name) == {}

@@ -8,7 +8,8 @@ Layout (every key built in `_keys.py`, all under the queue's hash tag):
   payload, and its first delivery leaves the record untouched (see lean_delivery in _common.lua);
 - a hash per job (its record), a sorted set of scheduled jobs, an index for listing, dead letters;
 - one Lua script per operation, so every state change is atomic and one round trip; a busy
-  worker's read of lean entries is one MULTI instead (`_read_lean`);
+  worker's read of lean entries is one MULTI instead (`_read_lean`), and an idle worker's blocking
+  read is followed on its connection by the script that leases what it read (`_receive_blocking`);
 - one pub/sub inbox per process: a job's end publishes its outcome to the inboxes waiting on it.
 """
 
@@ -64,6 +65,13 @@ def redact(url: str) -> str:
         host = f"{host}:{parts.port}"
     user = f"{parts.username}:***@" if parts.username else ":***@"
     return urlunsplit((parts.scheme, user + host, parts.path, parts.query, parts.fragment))
+
+
+def waiting_name(consumer: str) -> str:
+    """The name a consumer's blocking reads are made under: what its group's pending list holds
+    under it is only ever what the last read handed over, before the take script moves it to
+    the consumer itself."""
+    return consumer + "~waiting"
 
 
 def _text(value: bytes | str | None) -> str | None:
@@ -187,14 +195,26 @@ class _Reader:
     def _reconnected(self, connection: object) -> None:
         self._id = None
 
-    async def call(self, command: tuple[Any, ...]) -> Any:
-        """One command on the reader's own connection (asked its id first): on the lean path when
-        the pool is aqueue's own, through redis-py for a client the caller made."""
+    async def call_many(self, commands: tuple[tuple[Any, ...], ...]) -> list[Any]:
+        """Commands on the reader's own connection (asked its id first), their replies; the first
+        error is raised once all have run. Sent together on the lean path when the pool is
+        aqueue's own; one after another, through redis-py, for a client the caller made (its
+        pipelines would take another of its connections)."""
         if isinstance(self.client.connection_pool, WaitingPool):
             connection: Any = self.client.connection
             assert connection is not None, "connection_id() is asked first"
-            return await connection.call(command)
-        return await self.client.execute_command(*command)  # type: ignore[no-untyped-call]
+            replies: list[Any] = await connection.call_many(commands)
+            return replies
+        results: list[Any] = []
+        for command in commands:
+            try:
+                results.append(await self.client.execute_command(*command))  # type: ignore[no-untyped-call]
+            except redis_errors.ResponseError as exc:
+                results.append(exc)
+        for result in results:
+            if isinstance(result, redis_errors.ResponseError):
+                raise result
+        return results
 
 
 class RedisBroker(Broker):
@@ -471,36 +491,41 @@ class RedisBroker(Broker):
         self, queue: str, consumer: str, bands: list[str], count: int, timeout: float,
         max_deliveries: int, ttl: int,
     ) -> tuple[list[Delivery], bool]:
-        """Block on every band's stream until an entry arrives, then lease what was read. Also
-        says whether the queue has bands this read did not block on."""
+        """Block on every band's stream until an entry arrives, and lease what was read in the
+        same round trip: the take script follows the read on its connection and runs as the read
+        returns. The read is made under the consumer's waiting name, so the script finds what it
+        read, and only that (see take.lua). Also says whether the queue has bands this read did
+        not block on."""
         keys = self._key(queue)
         streams = [keys.stream(b) for b in bands]
-        command = ("XREADGROUP", "GROUP", GROUP, consumer, "COUNT", count,
-                   "BLOCK", max(1, int(timeout * 1000)), "STREAMS", *streams, *[">"] * len(streams))
+        waiting = waiting_name(consumer)
+        read = ("XREADGROUP", "GROUP", GROUP, waiting, "COUNT", count,
+                "BLOCK", max(1, int(timeout * 1000)), "STREAMS", *streams, *[">"] * len(streams))
+        take = ("EVALSHA", self._sha("take"), 1, keys.prefix, consumer, waiting, count)
         async with self._translated():
             reader = self._readers.get(consumer)
             if reader is None:
                 reader = self._readers[consumer] = _Reader(self.client.connection_pool)
             self._blocked[consumer] = await reader.connection_id()
             try:
-                # On the lean path too: what follows the wake-up is on the way to the job's start.
-                entries: Any = await reader.call(command)
+                reply: Any = (await reader.call_many((read, take)))[1]
+            except redis_errors.NoScriptError:
+                # Redis lost the script: what was read waits under the waiting name meanwhile.
+                reply = await self._run(queue, "take", [consumer, waiting, count])
             except redis_errors.ResponseError as exc:
                 if "NOGROUP" not in str(exc):
                     raise
                 return [], False  # the server lost its data (a restart): the script recreates it
             finally:
                 self._blocked.pop(consumer, None)
-        if not entries:
-            return [], False
-        read: list[tuple[int, bytes]] = []
-        # RESP3 (redis-py 8's default) replies with a map of streams, RESP2 with a list of pairs.
-        for stream, rows in entries.items() if isinstance(entries, dict) else entries:
-            band = int(stream.decode().rsplit(":", 1)[1])
-            read += [(band, entry_id) for entry_id, _fields in rows]
-        read.sort(key=lambda r: -r[0])  # highest band first: what is past `count` is put back
-        pairs: list[Any] = [x for band, entry_id in read for x in (band, entry_id)]
-        found, known = await self._start(queue, consumer, pairs, count, max_deliveries, ttl)
+        now = time.time()
+        found = [_delivery(row, consumer, now) for row in reply[2:]]
+        known = [b.decode() for b in reply[0]]
+        if reply[1]:  # taken, but for the start script to lease (not lean, or a task is revoked)
+            started, known = await self._start(
+                queue, consumer, list(reply[1]), count - len(found), max_deliveries, ttl
+            )
+            found += started
         new_band = known != bands
         if new_band:  # a band this consumer did not block on: learn it, run the script next
             self._bands[queue] = known
@@ -535,7 +560,7 @@ class RedisBroker(Broker):
         reader = self._readers.pop(consumer, None)
         if reader is not None:
             await reader.client.aclose(close_connection_pool=False)
-        await self._run(queue, "forget", [consumer])
+        await self._run(queue, "forget", [consumer, waiting_name(consumer)])
 
     async def prune(self, queue: str, now: float, limit: int) -> int:
         return int(await self._run(queue, "prune", [repr(now), limit]))

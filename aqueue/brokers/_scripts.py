@@ -37,6 +37,7 @@ NAMES = (
     "retry",
     "revoke",
     "start",
+    "take",
     "tick",
     "watch",
 )

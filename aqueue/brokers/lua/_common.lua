@@ -148,6 +148,16 @@ local function make_ready(id, jk, p, fields, lean)
   redis.call('HSET', jk, unpack(fields))
 end
 
+-- An entry read past what the consumer asked for (XREADGROUP's COUNT is per stream): off the
+-- pending list, and its job back on its stream, at the back, for any worker. `fields`: the entry's.
+local function put_back(s, p, entry, fields)
+  drop_entry(s, entry)
+  local id = nil
+  for j = 1, #fields, 2 do if fields[j] == 'id' then id = fields[j + 1] end end
+  local jk = id and job_key(id)
+  if jk and redis.call('HGET', jk, 'entry') == entry then make_ready(id, jk, p) end
+end
+
 -- Store a new job, ready now or scheduled for its eta. Returns the id it lives under: an existing
 -- live job's id when the idempotency key names one. `extra` holds more record fields (workflow
 -- links); with waiting = '1' among them the job waits, neither ready nor scheduled, until a

@@ -18,11 +18,7 @@ for i = 7, #ARGV, 2 do
     if #found == 0 then
       redis.call('XACK', s, GROUP, entry)  -- deleted meanwhile: nothing to run
     elseif #out - 1 >= count then
-      drop_entry(s, entry)
-      local id = nil
-      for j = 1, #found[1][2], 2 do if found[1][2][j] == 'id' then id = found[1][2][j + 1] end end
-      local jk = id and job_key(id)
-      if jk and redis.call('HGET', jk, 'entry') == entry then make_ready(id, jk, p) end
+      put_back(s, p, entry, found[1][2])
     else
       local d = lean_delivery(p, entry, found[1][2]) or
         start(s, p, entry, found[1][2], consumer, now, max_deliveries, ttl)
