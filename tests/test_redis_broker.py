@@ -696,18 +696,25 @@ async def test_a_busy_consumer_reads_lean_entries_without_a_script(
         await broker.close()
 
 
-async def test_a_busy_consumer_leaves_entries_to_the_start_script_while_a_task_is_revoked(
-    redis_broker: RedisBroker, queue_name: str, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("idle", [False, True], ids=["busy-MULTI-read", "idle-blocking-read"])
+async def test_a_consumer_leaves_entries_to_the_start_script_while_a_task_is_revoked(
+    redis_broker: RedisBroker, client: redis.asyncio.Redis, queue_name: str,
+    monkeypatch: pytest.MonkeyPatch, idle: bool,
 ) -> None:
-    await redis_broker.enqueue(queue_name, [new_job()])
-    assert len(await redis_broker.receive(queue_name, "w", 1, 0, 5)) == 1
+    if idle:
+        await drained(redis_broker, queue_name)
+    else:  # all it asked for: its next read is the MULTI
+        await redis_broker.enqueue(queue_name, [new_job()])
+        assert len(await redis_broker.receive(queue_name, "w", 1, 0, 5)) == 1
     await redis_broker.revoke_task(queue_name, "t", once=False, until=None)
     queued = new_job()
     await redis_broker.enqueue(queue_name, [queued])
     ran = scripts_run(redis_broker, monkeypatch)
-    [notice] = await redis_broker.receive(queue_name, "w", 10, 0, 5)
+    [notice] = await redis_broker.receive(queue_name, "w", 10, 1.0 if idle else 0, 5)
     assert (notice.job_id, notice.ended) == (queued.id, "revoked")
     assert ran == ["start"]
+    # The idle consumer's read was the blocking one, made under its waiting name.
+    assert (waiting_name("w") in await pending_by_consumer(client, queue_name)) is idle
 
 
 async def test_a_busy_consumer_learns_a_new_band_and_reads_it_first_next(
@@ -744,8 +751,10 @@ async def test_a_busy_consumer_recreates_a_stream_lost_with_the_servers_data(
 
 async def drained(broker: RedisBroker, queue_name: str, consumer: str = "w") -> None:
     """Make `consumer`'s next receive go straight to the blocking read: its last one came back
-    short (a job is taken and finished here)."""
+    short (a job is taken and finished here). The take script is loaded, as after any earlier
+    blocking read on this server (on a fresh one, the first read loads it: see the flush test)."""
     await broker.enqueue(queue_name, [new_job()])
+    await broker.client.script_load(source("take"))
     [first] = await broker.receive(queue_name, consumer, 10, 0, 5)
     assert await broker.finish(queue_name, [Completion(first, Outcome.SUCCEEDED, time.time())], 60) == [True]
 
@@ -777,19 +786,6 @@ async def test_an_idle_consumer_is_handed_a_lean_job_by_its_read_alone(
         assert (record.state, record.worker) == ("running", "w")
     finally:
         await broker.close()
-
-
-async def test_an_idle_consumer_leaves_a_revoked_tasks_job_to_the_start_script(
-    redis_broker: RedisBroker, queue_name: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    await drained(redis_broker, queue_name)
-    await redis_broker.revoke_task(queue_name, "t", once=False, until=None)
-    job = new_job()
-    await redis_broker.enqueue(queue_name, [job])
-    ran = scripts_run(redis_broker, monkeypatch)
-    [notice] = await redis_broker.receive(queue_name, "w", 10, 1.0, 5)
-    assert (notice.job_id, notice.ended) == (job.id, "revoked")
-    assert ran == ["start"]
 
 
 async def test_an_idle_consumers_take_script_is_loaded_again_after_a_flush(

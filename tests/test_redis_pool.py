@@ -13,6 +13,7 @@ from aqueue.brokers import NewJob, RedisBroker, _pool, _redis
 from aqueue.brokers._keys import Keys
 from aqueue.brokers._pool import WaitingPool
 from aqueue.brokers._redis import ENQUEUE_CHUNK
+from aqueue.brokers._scripts import source
 
 
 @pytest.fixture(params=["hiredis", "python"])
@@ -139,6 +140,7 @@ async def test_a_big_enqueue_goes_out_in_windows_of_chunks(
     monkeypatch.setattr(_redis, "ENQUEUE_WINDOW", 2)
     broker = RedisBroker(redis_url)
     await broker.connect()
+    await broker.client.script_load(source("enqueue"))  # loaded, as after any enqueue on this server
     flusher = redis.Redis.from_url(redis_url)
     pipelines = 0
     make_pipeline = broker.client.pipeline
