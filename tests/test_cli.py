@@ -9,11 +9,12 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
 
-from aqueue import JobState, Queue
+from aqueue import Job, JobState, Queue
 from aqueue._cli import main
 from tests.conftest import RedisServer, start_redis
 
@@ -58,6 +59,13 @@ async def poll_until(predicate: Callable[[], Awaitable[bool]], timeout: float) -
     with anyio.fail_after(timeout):
         while not await predicate():  # noqa: ASYNC110 - the state lives in another process
             await anyio.sleep(0.02)
+
+
+async def code_runs(job: Job[Any]) -> bool:
+    """Whether the job's own code has begun (the worker app's `nap` reports progress first): a
+    record reads `running` from its delivery on, a little before the worker takes the job in."""
+    info = await job.info()
+    return info is not None and info.progress is not None
 
 
 def client_queue(url: str, name: str) -> Queue:
@@ -117,11 +125,7 @@ async def test_sigterm_lets_the_running_job_finish(
     async with client_queue(redis_url, queue_name) as q:
         job = await q.tasks["nap"].enqueue(1.0, 7)
 
-        async def running() -> bool:
-            info = await job.info()
-            return info is not None and info.progress is not None
-
-        await poll_until(running, 30)
+        await poll_until(lambda: code_runs(job), 30)
         started = time.monotonic()
         worker.process.send_signal(signal.SIGTERM)
         assert worker.process.wait(timeout=12) == 0
@@ -213,14 +217,10 @@ async def test_second_signal_exits_at_once(
     async with client_queue(redis_url, queue_name) as q:
         job = await q.tasks["nap"].enqueue(30.0, 1)
 
-        async def running() -> bool:
-            info = await job.info()
-            return info is not None and info.progress is not None
-
         async def first_signal_heard() -> bool:
             return "send it again to exit at once" in worker.output()
 
-        await poll_until(running, 30)
+        await poll_until(lambda: code_runs(job), 30)
         worker.process.send_signal(signal.SIGTERM)
         await poll_until(first_signal_heard, 10)
         started = time.monotonic()

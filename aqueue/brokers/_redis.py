@@ -360,24 +360,27 @@ class RedisBroker(Broker):
         if len(chunks) == 1:
             ids = await self._run(queue, "enqueue", self._enqueue_args(chunks[0]))
             return [i.decode() for i in ids]
-        prefix, sha = self._key(queue).prefix, self._sha("enqueue")
         enqueued: list[str] = []
         async with self._translated():
             for w in range(0, len(chunks), ENQUEUE_WINDOW):
-                for loaded in (False, True):
-                    async with self.client.pipeline(transaction=False) as pipe:
-                        for chunk in chunks[w : w + ENQUEUE_WINDOW]:
-                            pipe.evalsha(sha, 1, prefix, *self._enqueue_args(chunk))
-                        try:
-                            replies = await pipe.execute()
-                            break
-                        except redis_errors.NoScriptError:
-                            if loaded:
-                                raise
+                window = chunks[w : w + ENQUEUE_WINDOW]
+                try:
+                    replies = await self._enqueue_pipelined(queue, window)
+                except redis_errors.NoScriptError:
                     # Redis lost the script: load it, send again (the ids make that idempotent).
                     await self.client.script_load(source("enqueue"))
+                    replies = await self._enqueue_pipelined(queue, window)
                 enqueued += [i.decode() for reply in replies for i in reply]
         return enqueued
+
+    async def _enqueue_pipelined(self, queue: str, chunks: Sequence[Sequence[NewJob]]) -> list[Any]:
+        """One enqueue script call per chunk, in one pipeline; their replies."""
+        prefix, sha = self._key(queue).prefix, self._sha("enqueue")
+        async with self.client.pipeline(transaction=False) as pipe:
+            for chunk in chunks:
+                pipe.evalsha(sha, 1, prefix, *self._enqueue_args(chunk))
+            replies: list[Any] = await pipe.execute()
+        return replies
 
     @staticmethod
     def _enqueue_args(
