@@ -75,7 +75,9 @@ LIBS = [
     Lib("saq", ["saq[redis,hiredis]", "typing_extensions"], ["saq", "redis", "hiredis"], 100,
         note="0.26.4 imports typing_extensions without declaring it; its `redis` extra caps redis-py "
              "below 8 (with redis-py 8 its worker fails at concurrency 500: MaxConnectionsError); W4 "
-             "uses `job.refresh(until_complete=...)` (pub/sub), since `Queue.apply` polls every 0.5 s."),
+             "uses `job.refresh(until_complete=...)` (pub/sub), since `Queue.apply` polls every 0.5 s; a "
+             "listener that never returns keeps saq's subscription up between two jobs (without it, a "
+             "job that ends while saq subscribes again is missed: W4 timed out every few hundred jobs)."),
     Lib("streaq", ["streaq"], ["streaq", "coredis"], 100,
         note="on coredis (its own compiled parser; hiredis does not apply); every job is logged at INFO; "
              "W1 bulk is `Worker.enqueue_many`."),

@@ -38,8 +38,14 @@ class Driver(c.Driver):
 
     async def open(self):
         await queue.connect()
+        # saq's pub/sub listener stops when its last waiter leaves and subscribes again for the
+        # next: a job that ends during that PSUBSCRIBE is missed, and its waiter times out (W4
+        # waits one job at a time, so it hit this every few hundred jobs). A listener that never
+        # returns keeps the subscription up, as concurrent waiters do in an application.
+        self._keepalive = asyncio.create_task(queue.listen(["bench-keepalive"], lambda *_: False, None))
 
     async def close(self):
+        self._keepalive.cancel()
         await queue.disconnect()
 
     async def enqueue_one(self):
