@@ -85,6 +85,25 @@ async def test_connections_name_aqueue_without_reading_package_metadata(
         await broker.close()
 
 
+@pytest.mark.parametrize(("query", "options", "expected"), [
+    ("", {}, 5.0),  # redis-py 8's default, which redis-py 7 (no timeout) does not have
+    ("?socket_timeout=0.5", {}, 0.5),
+    ("", {"socket_timeout": 0.25}, 0.25),
+])
+async def test_calls_and_connects_are_bounded_by_default_and_as_configured(
+    redis_url: str, query: str, options: dict[str, Any], expected: float
+) -> None:
+    broker = RedisBroker(redis_url + query, **options)
+    await broker.connect()
+    try:
+        await broker.client.ping()
+        # What the broker hands redis-py (its own defaults differ between versions).
+        kwargs = broker.client.connection_pool.connection_kwargs
+        assert (kwargs["socket_timeout"], kwargs["socket_connect_timeout"]) == (expected, 5.0)
+    finally:
+        await broker.close()
+
+
 @pytest.mark.parametrize("how", ["resp2", "resp3", "own client"])
 async def test_an_idle_worker_takes_jobs_through_blocking_reads(
     redis_url: str, queue_name: str, how: str

@@ -47,8 +47,8 @@ from aqueue.brokers._scripts import source
 
 ENQUEUE_CHUNK = 500  # jobs per enqueue script call: bounds how long one call holds Redis
 # Enqueue calls sent in one pipeline. A pipeline's writes wait while Redis runs the calls before
-# them, and redis-py gives a write socket_timeout (5 s by default): 300,000 jobs in one pipeline
-# took longer than that here. 10,000 take well under a second.
+# them, and the connection's socket_timeout (5 s by default) bounds the write: 300,000 jobs in one
+# pipeline took longer than that here. 10,000 take well under a second.
 ENQUEUE_WINDOW = 20
 # Errors that pass (a failover, a server loading its data): retried like a lost connection.
 TRANSIENT = {"READONLY", "LOADING", "BUSY", "TRYAGAIN", "MASTERDOWN", "CLUSTERDOWN"}
@@ -260,7 +260,10 @@ class RedisBroker(Broker):
             # Callers wait for a free connection rather than fail: a worker's jobs, its fetcher and
             # the producers of a web process share this pool. Waiting for results takes no
             # connection each: they share one pub/sub connection.
-            options: dict[str, Any] = {"health_check_interval": 30, "max_connections": 200}
+            # The timeouts are redis-py 8's defaults, given here so that redis-py 7 (whose default
+            # is none) bounds each call and each connect too; the URL or the options win.
+            options: dict[str, Any] = {"health_check_interval": 30, "max_connections": 200,
+                                       "socket_timeout": 5.0, "socket_connect_timeout": 5.0}
             if not self._connect_url.startswith("unix:"):
                 options["socket_keepalive"] = True  # notice a dead peer on an idle TCP connection
             if not any(name in self._client_options for name in IDENTITY_OPTIONS):
@@ -468,7 +471,7 @@ class RedisBroker(Broker):
             self._bands[queue] = [b.decode() for b in bands]
         if not entries:
             return []
-        # RESP3 (redis-py 8's default) replies with a map of streams, RESP2 with a list of pairs.
+        # RESP3 (redis-py 8's default, not 7's) replies with a map of streams, RESP2 with a list of pairs.
         [rows] = entries.values() if isinstance(entries, dict) else [rows for _, rows in entries]
         if revoked or not all(len(fields) == 8 and fields[2] == b"task" for _, fields in rows):
             found, known = await self._start(
