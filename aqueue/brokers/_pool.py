@@ -40,8 +40,8 @@ IDENTITY_OPTIONS = ("driver_info", "lib_name", "lib_version")
 def identity() -> dict[str, Any]:
     """Connection options that name aqueue in each connection's CLIENT SETINFO, as
     "redis-py(aqueue_v<version>)" in CLIENT LIST. They also spare a look-up: left to itself, redis-py
-    8 reads its own version from the installed packages' metadata for every new connection, about
-    a millisecond of file reads that block the event loop."""
+    reads its own version from the installed packages' metadata for every new connection, about a
+    millisecond of file reads that block the event loop. (`DriverInfo` came in redis-py 7.2.)"""
     from redis.driver_info import DriverInfo
 
     from aqueue import __version__
