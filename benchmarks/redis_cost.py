@@ -1,4 +1,5 @@
-"""What a job costs Redis, in CPU instructions: enqueue, receive and finish, each measured alone.
+"""What a job costs Redis, in CPU instructions: enqueue (one by one and by `map`), receive and
+finish, each measured alone, beside a raw XADD awaited one at a time (W1's floor).
 
     python -m benchmarks.redis_cost [--jobs 4000]
 
@@ -87,23 +88,35 @@ async def measure(server: CountedRedis, jobs: int) -> dict[str, float]:
                             queue.result_ttl)
 
         server.start()
+        for _ in range(jobs):
+            await noop.enqueue()
+        one_by_one = server.stop()
+
+        server.start()
         await noop.map([() for _ in range(jobs)])
         enqueue = server.stop()
 
         server.start()
         deliveries = []
-        while len(deliveries) < jobs:
+        while len(deliveries) < 2 * jobs:
             deliveries += await broker.receive(QUEUE, "worker", RECEIVE_BATCH, 0.0, 10)
         receive = server.stop()
 
         server.start()
-        for i in range(0, jobs, RECEIVE_BATCH):
+        for i in range(0, 2 * jobs, RECEIVE_BATCH):
             now = time.time()
             done = [Completion(d, Outcome.SUCCEEDED, now, b"null") for d in deliveries[i:i + RECEIVE_BATCH]]
             if not all(await broker.finish(QUEUE, done, queue.result_ttl)):
                 raise SystemExit("a finish was refused")
         finish = server.stop()
-    return {"enqueue (map)": enqueue / jobs, "receive": receive / jobs, "finish": finish / jobs}
+
+        # The floor one enqueue is measured against: W1's raw producer, one XADD awaited at a time.
+        server.start()
+        for _ in range(jobs):
+            await broker.client.xadd("raw", {"t": "noop"})
+        raw = server.stop()
+    return {"enqueue (one by one)": one_by_one / jobs, "enqueue (map)": enqueue / jobs,
+            "receive": receive / (2 * jobs), "finish": finish / (2 * jobs), "raw XADD": raw / jobs}
 
 
 def main() -> None:
@@ -117,8 +130,8 @@ def main() -> None:
         server.close()
     print(f"Redis instructions per job ({args.jobs:,} no-op jobs, batches of {RECEIVE_BATCH})")
     for phase, count in per_job.items():
-        print(f"  {phase:<14} {count:>9,.0f}")
-    print(f"  {'all three':<14} {sum(per_job.values()):>9,.0f}")
+        print(f"  {phase:<22} {count:>9,.0f}")
+    print(f"  {'receive + finish':<22} {per_job['receive'] + per_job['finish']:>9,.0f}")
 
 
 if __name__ == "__main__":

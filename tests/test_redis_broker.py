@@ -664,6 +664,30 @@ async def test_a_new_job_starts_from_its_stream_entry_alone(
         b"succeeded", b"w", repr(deliveries[0].leased_at).encode()]
 
 
+async def test_a_plain_job_is_stored_as_the_general_script_stores_one(
+    redis_broker: RedisBroker, client: redis.asyncio.Redis, queue_name: str
+) -> None:
+    # A job with no key, eta, expiry or link has a script of its own: it must write store_job's
+    # record, field for field and in its order (the first fields are found soonest), and its entry.
+    plain = new_job(priority=2)
+    keyed = NewJob(id=uuid.uuid4().hex, task="t", payload=PAYLOAD, priority=2,
+                   enqueued_at=plain.enqueued_at, key="k")
+    await redis_broker.enqueue(queue_name, [plain])
+    await redis_broker.enqueue(queue_name, [keyed])  # by enqueue.lua, for its key
+    keys = Keys(queue_name)
+    plain_record = await client.hgetall(keys.job(plain.id))
+    keyed_record = await client.hgetall(keys.job(keyed.id))
+    assert list(plain_record) == [name for name in keyed_record if name != b"key"]
+    differing = {b"more", b"key", b"entry"}
+    assert {n: v for n, v in plain_record.items() if n not in differing} == {
+        n: v for n, v in keyed_record.items() if n not in differing}
+    assert (plain_record[b"more"], keyed_record[b"more"]) == (b"0", b"1")
+    entries = await client.xrange(keys.stream(2))
+    assert [entry for entry, _ in entries] == [plain_record[b"entry"], keyed_record[b"entry"]]
+    assert [{n: v for n, v in fields.items() if n != b"id"} for _, fields in entries] == [
+        {b"task": b"t", b"payload": PAYLOAD, b"at": repr(plain.enqueued_at).encode()}] * 2
+
+
 async def test_revoking_a_waiting_job_gives_it_a_plain_entry(
     redis_broker: RedisBroker, client: redis.asyncio.Redis, queue_name: str
 ) -> None:

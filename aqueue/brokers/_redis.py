@@ -172,6 +172,47 @@ def _opt(value: float | str | None) -> str:
     return "" if value is None else repr(value) if isinstance(value, float) else str(value)
 
 
+def _plain(job: NewJob) -> bool:
+    """Whether enqueue_plain.lua can store the job: no key, eta, expiry or workflow link."""
+    return job.eta is None and job.expires is None and job.key is None and job.links is None
+
+
+def _enqueue_now(jobs: Sequence[NewJob]) -> str:
+    return repr(jobs[0].enqueued_at or time.time()) if jobs else repr(time.time())
+
+
+def _enqueue_plain_args(jobs: Sequence[NewJob]) -> list[Any]:
+    args: list[Any] = [_enqueue_now(jobs)]
+    for job in jobs:
+        args += [job.id, job.task, job.payload, job.priority]
+    return args
+
+
+def _enqueue_args(
+    jobs: Sequence[NewJob], chords: Sequence[ChordSpec] = (), batches: Sequence[BatchSpec] = ()
+) -> list[Any]:
+    args: list[Any] = [_enqueue_now(jobs)]
+    args.append(len(chords))
+    for c in chords:
+        args += [c.id, c.size, c.callback]
+    args.append(len(batches))
+    for b in batches:
+        args += [b.id, b.size]
+        for t in (b.on_success, b.on_failure, b.on_complete):
+            args += [t.task, t.payload, t.priority] if t else ["", "", ""]
+    for job in jobs:
+        args += [job.id, job.task, job.payload, job.priority, _opt(job.eta),
+                 _opt(job.expires), job.key or "", _links(job.links)]
+    return args
+
+
+# Each enqueue script's arguments for a chunk of jobs.
+_ENQUEUE_ARGS: dict[str, Callable[[Sequence[NewJob]], list[Any]]] = {
+    "enqueue": _enqueue_args,
+    "enqueue_plain": _enqueue_plain_args,
+}
+
+
 class _Reader:
     """A consumer's own connection for blocking reads, with its CLIENT ID: asked once per
     connection (again after a reconnect), so that a stop can CLIENT UNBLOCK the read."""
@@ -357,51 +398,40 @@ class RedisBroker(Broker):
     ) -> list[str]:
         await self._ready()
         if chords or batches:  # a workflow is stored whole, in one step
-            ids = await self._run(queue, "enqueue", self._enqueue_args(jobs, chords, batches))
+            ids = await self._run(queue, "enqueue", _enqueue_args(jobs, chords, batches))
             return [i.decode() for i in ids]
+        # Most jobs are plain: a script of their own takes them with less of Redis's time, and
+        # says nothing back, as each lives under its own id.
+        plain = all(map(_plain, jobs))
+        script = "enqueue_plain" if plain else "enqueue"
         chunks = [jobs[i : i + ENQUEUE_CHUNK] for i in range(0, len(jobs), ENQUEUE_CHUNK)]
+        replies: list[Any] = []
         if len(chunks) == 1:
-            ids = await self._run(queue, "enqueue", self._enqueue_args(chunks[0]))
-            return [i.decode() for i in ids]
-        enqueued: list[str] = []
-        async with self._translated():
-            for w in range(0, len(chunks), ENQUEUE_WINDOW):
-                window = chunks[w : w + ENQUEUE_WINDOW]
-                try:
-                    replies = await self._enqueue_pipelined(queue, window)
-                except redis_errors.NoScriptError:
-                    # Redis lost the script: load it, send again (the ids make that idempotent).
-                    await self.client.script_load(source("enqueue"))
-                    replies = await self._enqueue_pipelined(queue, window)
-                enqueued += [i.decode() for reply in replies for i in reply]
-        return enqueued
+            replies.append(await self._run(queue, script, _ENQUEUE_ARGS[script](chunks[0])))
+        else:
+            async with self._translated():
+                for w in range(0, len(chunks), ENQUEUE_WINDOW):
+                    window = chunks[w : w + ENQUEUE_WINDOW]
+                    try:
+                        replies += await self._enqueue_pipelined(queue, script, window)
+                    except redis_errors.NoScriptError:
+                        # Redis lost the script: load it, send again (the ids make that idempotent).
+                        await self.client.script_load(source(script))
+                        replies += await self._enqueue_pipelined(queue, script, window)
+        if plain:
+            return [job.id for job in jobs]
+        return [i.decode() for reply in replies for i in reply]
 
-    async def _enqueue_pipelined(self, queue: str, chunks: Sequence[Sequence[NewJob]]) -> list[Any]:
-        """One enqueue script call per chunk, in one pipeline; their replies."""
-        prefix, sha = self._key(queue).prefix, self._sha("enqueue")
+    async def _enqueue_pipelined(
+        self, queue: str, script: str, chunks: Sequence[Sequence[NewJob]]
+    ) -> list[Any]:
+        """One call of an enqueue script per chunk, in one pipeline; their replies."""
+        prefix, sha, make_args = self._key(queue).prefix, self._sha(script), _ENQUEUE_ARGS[script]
         async with self.client.pipeline(transaction=False) as pipe:
             for chunk in chunks:
-                pipe.evalsha(sha, 1, prefix, *self._enqueue_args(chunk))
+                pipe.evalsha(sha, 1, prefix, *make_args(chunk))
             replies: list[Any] = await pipe.execute()
         return replies
-
-    @staticmethod
-    def _enqueue_args(
-        jobs: Sequence[NewJob], chords: Sequence[ChordSpec] = (), batches: Sequence[BatchSpec] = ()
-    ) -> list[Any]:
-        args: list[Any] = [repr(jobs[0].enqueued_at or time.time()) if jobs else repr(time.time())]
-        args.append(len(chords))
-        for c in chords:
-            args += [c.id, c.size, c.callback]
-        args.append(len(batches))
-        for b in batches:
-            args += [b.id, b.size]
-            for t in (b.on_success, b.on_failure, b.on_complete):
-                args += [t.task, t.payload, t.priority] if t else ["", "", ""]
-        for job in jobs:
-            args += [job.id, job.task, job.payload, job.priority, _opt(job.eta),
-                     _opt(job.expires), job.key or "", _links(job.links)]
-        return args
 
     # --- consuming -------------------------------------------------------------------------------
 

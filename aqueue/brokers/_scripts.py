@@ -20,6 +20,7 @@ NAMES = (
     "cancel_requested",
     "claim",
     "enqueue",
+    "enqueue_plain",
     "finish",
     "forget",
     "lock_extend",

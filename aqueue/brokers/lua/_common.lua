@@ -5,10 +5,13 @@
 -- share its hash tag and cluster slot.
 local prefix = KEYS[1]
 local GROUP = 'workers'
+
+-- A block of its own, as each helper is: a table costs every call of a script that carries it.
 local FINAL = {succeeded = true, failed = true, cancelled = true, revoked = true, expired = true}
 
 local function job_key(id) return prefix .. 'job:' .. id end
 local function stream_key(p) return prefix .. 'stream:' .. p end
+
 local function done_channel(waiter) return prefix .. 'done:' .. waiter end
 
 -- The stream of a priority band, created with its consumer group on first use. A new band also
@@ -158,11 +161,36 @@ local function put_back(s, p, entry, fields)
   if jk and redis.call('HGET', jk, 'entry') == entry then make_ready(id, jk, p) end
 end
 
+-- Store a plain new job (no key, eta, expiry or workflow link) and make it ready with a lean
+-- entry: store_job's common case, written out without its tables, as most jobs take it. The
+-- record's fields are store_job's, in its order, with `more` 0. A job already stored under the id
+-- is left as it is.
+local function store_plain(now, id, task, payload, p)
+  local jk = job_key(id)
+  if redis.call('EXISTS', jk) == 1 then return end
+  -- NOMKSTREAM: a band's stream is only ever made with its group, by ensure_stream.
+  local entry = redis.call('XADD', stream_key(p), 'NOMKSTREAM', '*', 'id', id, 'task', task,
+    'payload', payload, 'at', now)
+  if not entry then
+    entry = redis.call('XADD', ensure_stream(p), '*', 'id', id, 'task', task, 'payload', payload,
+      'at', now)
+  end
+  redis.call('HSET', jk, 'state', 'pending', 'token', '0', 'more', '0', 'task', task,
+    'payload', payload, 'priority', p, 'attempt', '1', 'enqueued_at', now, 'entry', entry)
+  redis.call('ZADD', prefix .. 'index', now, id)
+  return id
+end
+
 -- Store a new job, ready now or scheduled for its eta. Returns the id it lives under: an existing
 -- live job's id when the idempotency key names one. `extra` holds more record fields (workflow
 -- links); with waiting = '1' among them the job waits, neither ready nor scheduled, until a
 -- workflow step activates it.
 local function store_job(now, id, task, payload, p, eta, expires, key, extra)
+  if key == '' and expires == '' and not (extra and #extra > 0) and
+      (eta == '' or tonumber(eta) <= tonumber(now)) then
+    store_plain(now, id, task, payload, p)
+    return id
+  end
   if key ~= '' then
     local existing = redis.call('GET', prefix .. 'key:' .. key)
     if existing then
