@@ -244,7 +244,8 @@ class Queue:
         if not self._connected:
             await self.connect()
         ids = await self.broker.enqueue(self.name, new_jobs)
-        jobs = [Job[Any](self, job_id) for job_id in ids]
+        # Job(...), not Job[Any](...): a subscripted class is called through typing, at a cost per job.
+        jobs: list[Job[Any]] = [Job(self, job_id) for job_id in ids]
         if self.signals.wants(Signal.ENQUEUED) or self.signals.wants(Signal.SCHEDULED):
             for new, job in zip(new_jobs, jobs, strict=True):
                 signal = Signal.SCHEDULED if new.eta and new.eta > now else Signal.ENQUEUED
