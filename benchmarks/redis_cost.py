@@ -26,7 +26,7 @@ from pathlib import Path
 
 from aqueue import Queue
 from aqueue._worker._runner import RECEIVE_BATCH
-from aqueue.brokers import Completion, Outcome
+from aqueue.brokers import Broker, Completion, Delivery, Outcome
 from benchmarks._redis_server import start_redis
 
 QUEUE = "cost"
@@ -102,13 +102,22 @@ async def measure(server: CountedRedis, jobs: int) -> dict[str, float]:
             deliveries += await broker.receive(QUEUE, "worker", RECEIVE_BATCH, 0.0, 10)
         receive = server.stop()
 
+        batches = [deliveries[i:i + RECEIVE_BATCH] for i in range(0, 2 * jobs, RECEIVE_BATCH)]
         server.start()
-        for i in range(0, 2 * jobs, RECEIVE_BATCH):
-            now = time.time()
-            done = [Completion(d, Outcome.SUCCEEDED, now, b"null") for d in deliveries[i:i + RECEIVE_BATCH]]
-            if not all(await broker.finish(QUEUE, done, queue.result_ttl)):
-                raise SystemExit("a finish was refused")
+        await finish_all(broker, batches, queue.result_ttl)
         finish = server.stop()
+
+        # Two workers: each batch ends while the other worker's older batch is still pending, as
+        # in W5, so its entries cannot be trimmed off the stream's head and are deleted as they are.
+        await noop.map([() for _ in range(jobs)])
+        batches = []
+        while sum(map(len, batches)) < jobs:
+            batches.append(await broker.receive(QUEUE, f"worker-{len(batches) % 2}", RECEIVE_BATCH,
+                                                0.0, 10))
+        swapped = [batches[j ^ 1] if j ^ 1 < len(batches) else batches[j] for j in range(len(batches))]
+        server.start()
+        await finish_all(broker, swapped, queue.result_ttl)
+        finish_two = server.stop()
 
         # The floor one enqueue is measured against: W1's raw producer, one XADD awaited at a time.
         server.start()
@@ -116,7 +125,16 @@ async def measure(server: CountedRedis, jobs: int) -> dict[str, float]:
             await broker.client.xadd("raw", {"t": "noop"})
         raw = server.stop()
     return {"enqueue (one by one)": one_by_one / jobs, "enqueue (map)": enqueue / jobs,
-            "receive": receive / (2 * jobs), "finish": finish / (2 * jobs), "raw XADD": raw / jobs}
+            "receive": receive / (2 * jobs), "finish": finish / (2 * jobs),
+            "finish (two workers)": finish_two / jobs, "raw XADD": raw / jobs}
+
+
+async def finish_all(broker: Broker, batches: list[list[Delivery]], ttl: float) -> None:
+    for batch in batches:
+        now = time.time()
+        done = [Completion(d, Outcome.SUCCEEDED, now, b"null") for d in batch]
+        if not all(await broker.finish(QUEUE, done, ttl)):
+            raise SystemExit("a finish was refused")
 
 
 def main() -> None:

@@ -294,8 +294,8 @@ async def test_immediate_mode_keeps_a_delayed_job_for_later_workers(redis_url: s
 async def test_entries_behind_a_long_job_leave_the_stream(
     redis_broker: RedisBroker, client: redis.asyncio.Redis, queue_name: str
 ) -> None:
-    # A job still running holds the trim back: the entries finished after it are deleted one by
-    # one instead, so they do not pile up until it ends.
+    # A job still running holds the trim back: the entries finished after it are deleted instead
+    # (all three in one XDEL), so they do not pile up until it ends.
     await redis_broker.enqueue(queue_name, [new_job() for _ in range(4)])
     long, *rest = await redis_broker.receive(queue_name, "w", 10, 0, 5)
     done = [Completion(d, Outcome.SUCCEEDED, time.time(), result=b"1") for d in rest]

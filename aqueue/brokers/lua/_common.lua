@@ -96,8 +96,8 @@ end
 -- Trim the entries of a stream that are done with: those older than both `read` (an entry the
 -- group has delivered: every older entry was delivered too) and the oldest still pending. What
 -- was delivered and is not pending was acked. `acked` (optional) lists entries just acked: those
--- behind a job still pending (a long one) are deleted one by one, so that they do not pile up
--- until it ends.
+-- behind a job still pending (a long one) are deleted, so that they do not pile up until it ends:
+-- in one XDEL, as a command called from Lua costs more than its work on one entry.
 local function trim_acked(s, read, acked)
   if read == '0-0' then return end
   local ms, seq = string.match(read, '^(%d+)-(%d+)$')
@@ -105,9 +105,11 @@ local function trim_acked(s, read, acked)
   local pending = redis.call('XPENDING', s, GROUP)
   if pending[1] > 0 and id_after(floor, pending[2]) then
     floor = pending[2]
+    local behind = {}
     for _, entry in ipairs(acked or {}) do
-      if id_after(entry, floor) then redis.call('XDEL', s, entry) end
+      if id_after(entry, floor) then behind[#behind + 1] = entry end
     end
+    call_chunked(behind, 'XDEL', s)
   end
   redis.call('XTRIM', s, 'MINID', floor)
 end
