@@ -495,7 +495,10 @@ Written by `python -m benchmarks.peers` (benchmarks/peers.py); do not edit by ha
   ideal {N_IO // scale * 0.05 / IO_CONCURRENCY:.2f} s.
 - **W4 latency**: enqueue one job and await its result, in a row, with an idle worker (default
   settings) in its own process; p50 and p99 in ms.
-- **W5 scale**: W2 with 2 worker processes of the tuned setting (1 process = "W2 tuned").
+- **W5 scale**: W2 with 2 worker processes of the tuned setting (1 process = "W2 tuned"). The
+  drain is timed from the moment both workers have started a job (the later one's first start),
+  over the jobs started from then on, so neither worker's start-up counts; the run logs give the
+  whole window's rate and the gap between the two first starts beside it.
 - **raw**: the physical limit: redis-py asyncio + hiredis on the same Redis, awaited XADD one at a
   time (W1 1-by-1), XADD pipelined 100 at a time (W1 bulk), XREADGROUP COUNT 100 + XACK (W2, W5).
 

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -43,47 +44,70 @@ def concurrency(default: int) -> int:
 # One O_APPEND write per job: no network round trip, atomic for short lines across threads and
 # processes, and it survives fork-per-job workers (the fd is reopened in each new pid).
 
-_probe: tuple[int, int] | None = None  # (pid, fd)
+_probe: tuple[int, int, int] | None = None  # (pid, fd, session)
 
 
 def record(start: float, jobs: int = 1) -> None:
-    """Record `jobs` jobs that started at `start` and end now (jobs > 1: a batch, one write)."""
+    """Record `jobs` jobs that started at `start` and end now (jobs > 1: a batch, one write), with
+    the session of the worker that ran them (each worker has its own; what it forks shares it)."""
     global _probe
     if _probe is None or _probe[0] != os.getpid():
         fd = os.open(os.environ["BENCH_PROBE"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        _probe = (os.getpid(), fd)
-    os.write(_probe[1], b"%.6f %.6f\n" % (start, time.time()) * jobs)
+        _probe = (os.getpid(), fd, os.getsid(0))
+    os.write(_probe[1], b"%.6f %.6f %d\n" % (start, time.time(), _probe[2]) * jobs)
+
+
+@dataclass
+class Drain:
+    """What the probe file says of a drain."""
+
+    first: float  # the first job's start
+    last: float  # the last job's end
+    all_started: float  # when the last of the workers started its first job
+    after_all_started: int  # jobs that started from then on
+    workers: int  # workers that ran a job
 
 
 def wait_for_jobs(path: str, n: int, timeout: float, workers: list[subprocess.Popen[bytes]],
-                  on_first: Callable[[], None] | None = None) -> list[float]:
-    """Block until n jobs have recorded themselves; return [first start, last end]. `on_first` is
-    called once the first job is seen."""
+                  on_all_started: Callable[[], None] | None = None) -> Drain:
+    """Block until n jobs have recorded themselves. `on_all_started` is called once every worker
+    has run a job (or, should one never, once all n are done)."""
     deadline = time.monotonic() + timeout
-    seen, offset = 0, 0
+    seen, offset, partial = 0, 0, b""
+    sessions: set[bytes] = set()
     while seen < n:
-        if seen and on_first is not None:
-            on_first()
-            on_first = None
         if os.path.exists(path):
             with open(path, "rb") as f:
                 f.seek(offset)
                 chunk = f.read()
             offset += len(chunk)
-            seen += chunk.count(b"\n")
+            lines = (partial + chunk).split(b"\n")
+            partial = lines.pop()
+            seen += len(lines)
+            if on_all_started is not None:
+                sessions.update(line.rsplit(b" ", 1)[1] for line in lines)
+                if len(sessions) >= len(workers):
+                    on_all_started()
+                    on_all_started = None
         dead = [w for w in workers if w.poll() is not None]
         if dead:
             raise RuntimeError(f"worker exited with code {dead[0].returncode} after {seen}/{n} jobs")
         if time.monotonic() > deadline:
             raise TimeoutError(f"timeout after {timeout:.0f}s with {seen}/{n} jobs done")
         time.sleep(0.01)
-    starts, ends = [], []
+    if on_all_started is not None:
+        on_all_started()
+    starts, ends, firsts = [], [], {}
     with open(path, "rb") as f:
         for line in f:
-            s, e = line.split()
-            starts.append(float(s))
+            s, e, session = line.split()
+            start = float(s)
+            starts.append(start)
             ends.append(float(e))
-    return [min(starts), max(ends)]
+            firsts[session] = min(firsts.get(session, start), start)
+    all_started = max(firsts.values())
+    return Drain(min(starts), max(ends), all_started, sum(1 for s in starts if s >= all_started),
+                 len(firsts))
 
 
 # --- worker processes ------------------------------------------------------------------------------------
@@ -293,13 +317,23 @@ async def w_drain(d: Driver, n: int, conc: int | None, procs: int, kind: str, ti
     workers = start_workers(cmd, procs, env, os.path.join(workdir, "worker.log"))
     meter = CpuMeter(workers)
     try:
-        first, last = wait_for_jobs(probe, n, timeout, workers, meter.begin)
+        drain = wait_for_jobs(probe, n, timeout, workers, meter.begin)
         rss = peak_rss_mb(workers)
         cpu = meter.result()
     finally:
         stop_workers(workers)
     shown = [f"{k}={v}" for k, v in env.items() if k == "BENCH_CONCURRENCY" and v] + cmd
-    return {"seconds": last - first, "rate": n / (last - first), "rss_mb": rss, **cpu, "cmd": shown}
+    out = {"seconds": drain.last - drain.first, "rate": n / (drain.last - drain.first),
+           "rss_mb": rss, **cpu, "cmd": shown}
+    if procs > 1:
+        # A worker's start-up is no part of the drain: with several, the rate counts from the moment
+        # the last of them started its first job (what came before is out of the CPU meter's window
+        # too). The whole window's rate is kept beside it.
+        out["whole_rate"], out["skew"] = out["rate"], drain.all_started - drain.first
+        out["workers_with_jobs"] = drain.workers
+        if drain.workers == procs and drain.last > drain.all_started:
+            out["rate"] = drain.after_all_started / (drain.last - drain.all_started)
+    return out
 
 
 async def w_latency(d: Driver, rounds: int, cap: float, workdir: str) -> dict[str, Any]:
