@@ -180,7 +180,6 @@ local function store_plain(now, id, task, payload, p)
   redis.call('HSET', jk, 'state', 'pending', 'token', '0', 'more', '0', 'task', task,
     'payload', payload, 'priority', p, 'attempt', '1', 'enqueued_at', now, 'entry', entry)
   redis.call('ZADD', prefix .. 'index', now, id)
-  return id
 end
 
 -- Store a new job, ready now or scheduled for its eta. Returns the id it lives under: an existing
