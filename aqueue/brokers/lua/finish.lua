@@ -43,15 +43,21 @@ while i <= #ARGV do
       streams[p], acked[s] = s, {}
     end
     acked[s][#acked[s] + 1] = entry
-    local fields = {}
-    if lean then fields = {'started_at', started_at, 'worker', worker} end
     if outcome == 'succeeded' and more == '0' then
       -- The common end, written without finalize: the record has no key, waiter, error or
-      -- workflow link to see to (the flag says so), only its own fields and expiry.
-      redis.call('HSET', jk, 'result', result, 'state', 'succeeded', 'finished_at', now, unpack(fields))
+      -- workflow link to see to (the flag says so), only its own fields and expiry. Written out,
+      -- without a table of fields: most jobs end here.
+      if lean then
+        redis.call('HSET', jk, 'result', result, 'state', 'succeeded', 'finished_at', now,
+          'started_at', started_at, 'worker', worker)
+      else
+        redis.call('HSET', jk, 'result', result, 'state', 'succeeded', 'finished_at', now)
+      end
       redis.call('EXPIRE', jk, expire)
       expiring_batch[#expiring_batch + 1] = id
     else
+      local fields = {}
+      if lean then fields = {'started_at', started_at, 'worker', worker} end
       local rec = {token = now_token, state = state}
       if more ~= '0' then rec = end_fields(jk) end  -- set, or a record from before the flag
       rec.result = false
