@@ -133,17 +133,24 @@ local function with(fields, ...)
   return fields
 end
 
+-- Add an entry of these fields to a band's stream; returns its id. NOMKSTREAM: a band's stream
+-- is only ever made with its group, by ensure_stream.
+local function add_entry(p, ...)
+  return redis.call('XADD', stream_key(p), 'NOMKSTREAM', '*', ...) or
+    redis.call('XADD', ensure_stream(p), '*', ...)
+end
+
 -- Put a job on its band's stream, ready for any worker; `fields` are more record fields to write
 -- in the same HSET. A new record's fields start with its state, already 'pending'. `lean`
 -- ({task, payload, enqueued_at}, for a new job only) makes the entry lean: it carries what the
 -- worker needs, so that its first delivery need not read or write the record.
 local function make_ready(id, jk, p, fields, lean)
-  local s = stream_key(p)
-  local values = {'id', id}
-  if lean then values = {'id', id, 'task', lean[1], 'payload', lean[2], 'at', lean[3]} end
-  -- NOMKSTREAM: a band's stream is only ever made with its group, by ensure_stream.
-  local entry = redis.call('XADD', s, 'NOMKSTREAM', '*', unpack(values)) or
-    redis.call('XADD', ensure_stream(p), '*', unpack(values))
+  local entry
+  if lean then
+    entry = add_entry(p, 'id', id, 'task', lean[1], 'payload', lean[2], 'at', lean[3])
+  else
+    entry = add_entry(p, 'id', id)
+  end
   fields = fields or {}
   local n = #fields
   if fields[1] ~= 'state' then
@@ -170,13 +177,7 @@ end
 local function store_plain(now, id, task, payload, p)
   local jk = job_key(id)
   if redis.call('EXISTS', jk) == 1 then return end
-  -- NOMKSTREAM: a band's stream is only ever made with its group, by ensure_stream.
-  local entry = redis.call('XADD', stream_key(p), 'NOMKSTREAM', '*', 'id', id, 'task', task,
-    'payload', payload, 'at', now)
-  if not entry then
-    entry = redis.call('XADD', ensure_stream(p), '*', 'id', id, 'task', task, 'payload', payload,
-      'at', now)
-  end
+  local entry = add_entry(p, 'id', id, 'task', task, 'payload', payload, 'at', now)
   redis.call('HSET', jk, 'state', 'pending', 'token', '0', 'more', '0', 'task', task,
     'payload', payload, 'priority', p, 'attempt', '1', 'enqueued_at', now, 'entry', entry)
   redis.call('ZADD', prefix .. 'index', now, id)
