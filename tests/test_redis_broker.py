@@ -291,18 +291,44 @@ async def test_immediate_mode_keeps_a_delayed_job_for_later_workers(redis_url: s
             assert await delayed.result(timeout=5) == "later"
 
 
-async def test_entries_behind_a_long_job_leave_the_stream(
-    redis_broker: RedisBroker, client: redis.asyncio.Redis, queue_name: str
+async def test_entries_behind_a_long_job_wait_for_its_end_up_to_a_bound(
+    redis_broker: RedisBroker, client: redis.asyncio.Redis, queue_name: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # A job still running holds the trim back: the entries finished after it are deleted instead
-    # (all three in one XDEL), so they do not pile up until it ends.
+    # A job still running holds the trim back. Entries that end after it wait for the trim that
+    # follows its end (deleting each sooner costs Redis a scan), but only up to KEEP_BEHIND of
+    # them: past that, each is deleted as it ends, so a long job does not hold them all.
+    monkeypatch.setattr(aqueue.brokers._redis, "KEEP_BEHIND", 2)
+    stream = Keys(queue_name).stream(0)
     await redis_broker.enqueue(queue_name, [new_job() for _ in range(4)])
     long, *rest = await redis_broker.receive(queue_name, "w", 10, 0, 5)
+    lengths = []
+    for d in rest:
+        done = Completion(d, Outcome.SUCCEEDED, time.time(), result=b"1")
+        assert await redis_broker.finish(queue_name, [done], 60) == [True]
+        lengths.append(await client.xlen(stream))
+    assert lengths == [4, 4, 3]
+    await redis_broker.finish(queue_name, [Completion(long, Outcome.SUCCEEDED, time.time(), result=b"1")], 60)
+    assert await client.xlen(stream) == 0
+
+
+async def test_entries_behind_a_long_job_are_deleted_when_the_count_is_unknown(
+    redis_broker: RedisBroker, client: redis.asyncio.Redis, queue_name: str
+) -> None:
+    # An entry deleted ahead of what the group read (a job cancelled while waiting) leaves Redis
+    # unable to tell how many entries the group has yet to read, so how many ended ones wait: the
+    # ones ending behind a long job are then deleted at once, as if past the bound.
+    stream = Keys(queue_name).stream(0)
+    *jobs, last = await redis_broker.enqueue(queue_name, [new_job() for _ in range(5)])
+    assert await redis_broker.cancel(queue_name, last, time.time(), 60) is not None
+    long, *rest = await redis_broker.receive(queue_name, "w", 4, 0, 5)
+    assert [d.job_id for d in [long, *rest]] == jobs
+    assert [g["lag"] for g in await client.xinfo_groups(stream)] == [None]
     done = [Completion(d, Outcome.SUCCEEDED, time.time(), result=b"1") for d in rest]
     assert await redis_broker.finish(queue_name, done, 60) == [True] * 3
-    assert await client.xlen(Keys(queue_name).stream(0)) == 1
+    assert await client.xlen(stream) == 1
     await redis_broker.finish(queue_name, [Completion(long, Outcome.SUCCEEDED, time.time(), result=b"1")], 60)
-    assert await client.xlen(Keys(queue_name).stream(0)) == 0
+    assert await client.xlen(stream) == 0
 
 
 async def test_finishing_a_claimed_job_keeps_the_entries_not_yet_delivered(

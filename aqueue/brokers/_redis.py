@@ -53,6 +53,9 @@ ENQUEUE_WINDOW = 20
 # Errors that pass (a failover, a server loading its data): retried like a lost connection.
 TRANSIENT = {"READONLY", "LOADING", "BUSY", "TRYAGAIN", "MASTERDOWN", "CLUSTERDOWN"}
 RECHECK = 10.0  # a waiter re-reads the state this often, in case a notification was lost
+# Ended entries that may wait in a stream behind a job still pending, for the trim after it ends
+# (see trim_acked in lua/_common.lua): past that, each is deleted as it ends, at a cost to Redis.
+KEEP_BEHIND = 10_000
 
 
 def redact(url: str) -> str:
@@ -635,7 +638,7 @@ class RedisBroker(Broker):
         # Records ended here expire at one time for the whole batch, in whole seconds (see
         # finish.lua): the latest end, so that none is pruned from the listing before it expires.
         expire_at = math.ceil(max(c.finished_at for c in completions) + result_ttl)
-        args: list[Any] = [result_ttl, expire_at]
+        args: list[Any] = [result_ttl, expire_at, KEEP_BEHIND]
         for c in completions:
             d = c.delivery
             args += [d.job_id, d.token, d.priority, d.receipt]

@@ -79,37 +79,48 @@ local function id_after(a, b)
   return ams > bms or (ams == bms and tonumber(aseq) > tonumber(bseq))
 end
 
--- The newest entry the group has delivered ('0-0': none yet). Every older entry was delivered
--- too (the group hands entries out in order), so it is now either pending or done with.
-local function last_delivered(s)
+-- The group's progress on a stream: the newest entry it has delivered ('0-0': none yet; every
+-- older entry was delivered too, as the group hands entries out in order, so it is now either
+-- pending or done with), and how many entries it has yet to read: false where Redis cannot tell
+-- (before Redis 7, or after a deletion ahead of what the group read, until it reads past it).
+local function group_progress(s)
   for _, group in ipairs(redis.call('XINFO', 'GROUPS', s)) do
-    local name, last = nil, nil
+    local name, last, lag = nil, nil, false
     for j = 1, #group, 2 do
-      if group[j] == 'name' then name = group[j + 1] end
-      if group[j] == 'last-delivered-id' then last = group[j + 1] end
+      local field = group[j]
+      if field == 'name' then name = group[j + 1]
+      elseif field == 'last-delivered-id' then last = group[j + 1]
+      elseif field == 'lag' then lag = group[j + 1] end
     end
-    if name == GROUP then return last end
+    if name == GROUP then return last, lag end
   end
-  return '0-0'
+  return '0-0', false
 end
 
--- Trim the entries of a stream that are done with: those older than both `read` (an entry the
--- group has delivered: every older entry was delivered too) and the oldest still pending. What
--- was delivered and is not pending was acked. `acked` (optional) lists entries just acked: those
--- behind a job still pending (a long one) are deleted, so that they do not pile up until it ends:
--- in one XDEL, as a command called from Lua costs more than its work on one entry.
-local function trim_acked(s, read, acked)
+-- Trim the entries of a stream that are done with: those older than both the newest the group
+-- has delivered and the oldest still pending. What was delivered and is not pending was acked.
+-- Entries acked behind a job still pending (a long one) wait for the trim that follows its end,
+-- which drops them a node at a time. Deleting one sooner costs Redis a scan of its node (XDEL:
+-- about 20k instructions an entry), and under two workers most entries end behind the other's
+-- batch. Once more than `keep` wait, `acked` (the entries just acked, optional) are deleted at
+-- once instead, in one XDEL, so that a long job does not hold back a stream's ended entries
+-- until it ends. The count is unknown where the lag is (see group_progress): deleted then.
+local function trim_acked(s, acked, keep)
+  local read, lag = group_progress(s)
   if read == '0-0' then return end
   local ms, seq = string.match(read, '^(%d+)-(%d+)$')
   local floor = ms .. '-' .. (tonumber(seq) + 1)
   local pending = redis.call('XPENDING', s, GROUP)
   if pending[1] > 0 and id_after(floor, pending[2]) then
     floor = pending[2]
-    local behind = {}
-    for _, entry in ipairs(acked or {}) do
-      if id_after(entry, floor) then behind[#behind + 1] = entry end
+    -- Waiting: in the stream and delivered (not still to read), and not pending.
+    if acked and not (lag and redis.call('XLEN', s) - lag - pending[1] <= keep) then
+      local behind = {}
+      for _, entry in ipairs(acked) do
+        if id_after(entry, floor) then behind[#behind + 1] = entry end
+      end
+      call_chunked(behind, 'XDEL', s)
     end
-    call_chunked(behind, 'XDEL', s)
   end
   redis.call('XTRIM', s, 'MINID', floor)
 end

@@ -1,7 +1,8 @@
 -- End deliveries, each as its completion says.
 -- KEYS[1] prefix
 -- ARGV: result_ttl, when the records ended here expire (whole seconds, the latest finished_at
---       plus result_ttl, rounded up), then per completion: job id, token, band, entry id,
+--       plus result_ttl, rounded up), how many ended entries may wait behind a pending one for
+--       the trim (see trim_acked), then per completion: job id, token, band, entry id,
 --       started_at and worker (for a lean delivery's record, else ''), outcome, result, error,
 --       retry_at ('' = now), reason, finished_at, the number of activations, and that many pairs
 --       of job id, payload (waiting jobs to make ready, applied with a success). A success with
@@ -13,7 +14,8 @@ local acked = {}  -- per stream: the entries ended here
 local streams = {}  -- per band: its stream's key
 local expire = expire_arg(ttl)
 expiring_batch, expiring_second = {}, ARGV[2]  -- finalize's listing, done once for the whole batch
-local i = 3
+local keep = tonumber(ARGV[3])
+local i = 4
 while i <= #ARGV do
   local id, token, p, entry = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   local started_at, worker, outcome = ARGV[i + 4], ARGV[i + 5], ARGV[i + 6]
@@ -99,6 +101,6 @@ for s, entries in pairs(acked) do
   -- One XACK per stream, one trim up to what the group has delivered (comparing the entries
   -- themselves to find the newest cost more than both).
   call_chunked(entries, 'XACK', s, GROUP)
-  trim_acked(s, last_delivered(s), entries)
+  trim_acked(s, entries, keep)
 end
 return out

@@ -7,7 +7,7 @@ local ikey = prefix .. 'index'
 -- Entries acked outside a finish (wake-ups, jobs ended before they ran) leave their streams here.
 for _, p in ipairs(redis.call('ZRANGE', prefix .. 'priorities', 0, -1)) do
   local s = stream_key(p)
-  if redis.call('EXISTS', s) == 1 then trim_acked(s, last_delivered(s)) end
+  if redis.call('EXISTS', s) == 1 then trim_acked(s) end
 end
 -- Records listed one by one in the zset 'expiring' (by aqueue before the per-second lists).
 local legacy = prefix .. 'expiring'
