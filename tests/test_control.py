@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import anyio
@@ -181,6 +182,40 @@ async def test_cancel_a_running_job(queue: Queue) -> None:
     assert runs == 1
     assert seen == [(Signal.CANCELLED, job.id)]
     assert await job.state() == JobState.CANCELLED
+
+
+async def test_a_worker_takes_jobs_only_once_it_listens_for_cancel_requests(
+    queue: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A job started before its worker listens would miss a cancel request made meanwhile: it would
+    # wait for the fallback check. Here the listener is held up for a while, with a job waiting:
+    # the job must still start only after the worker listens.
+    order: list[str] = []
+    ran = anyio.Event()
+    listen = queue.broker.listen_cancel
+
+    async def slow_listen(name: str, on_request: Callable[[str], None],
+                          on_listening: Callable[[], None]) -> None:
+        with anyio.move_on_after(0.5):  # time enough for a worker that does not wait to run it
+            await ran.wait()
+
+        def listening() -> None:
+            order.append("listening")
+            on_listening()
+
+        await listen(name, on_request, listening)
+
+    monkeypatch.setattr(queue.broker, "listen_cancel", slow_listen)
+
+    @queue.task
+    async def work() -> None:
+        order.append("ran")
+        ran.set()
+
+    job = await work.enqueue()
+    async with queue.worker():
+        await job.result(timeout=10)
+    assert order[:2] == ["listening", "ran"]
 
 
 async def test_cancel_request_survives_a_redelivery(queue: Queue) -> None:

@@ -190,11 +190,15 @@ class Worker:
                 services.start_soon(self._unblock_fetcher)
             services.start_soon(self._completer.run)
             services.start_soon(self._renew_leases)
-            services.start_soon(self._listen_cancel)
+            listen_tried = anyio.Event()
+            services.start_soon(self._listen_cancel, listen_tried)
             services.start_soon(self._check_cancel)
             if self.scheduler:
                 services.start_soon(self._schedule)
                 services.start_soon(self._prune)
+            # No job is taken before cancel requests are listened for: one made in between
+            # would wait for the fallback check.
+            await listen_tried.wait()
             async with anyio.create_task_group() as jobs:
                 self._jobs = jobs
                 task_status.started(self)
@@ -451,12 +455,14 @@ class Worker:
                 if running is not None and running.delivery is renewed:
                     running.abandon()
 
-    async def _listen_cancel(self) -> None:
-        """Cancel requests are pushed; a lost connection is listened on again after a pause."""
+    async def _listen_cancel(self, tried: anyio.Event) -> None:
+        """Cancel requests are pushed; a lost connection is listened on again after a pause.
+        `tried` is set once listening, or once the first attempt failed (and said so)."""
         while True:
             try:
-                await self.queue.broker.listen_cancel(self.queue.name, self._cancel_job)
+                await self.queue.broker.listen_cancel(self.queue.name, self._cancel_job, tried.set)
             except BrokerError as exc:
+                tried.set()
                 logger.warning("listening for cancel requests failed, again in 1s: %s", exc)
                 await anyio.sleep(1.0)
 

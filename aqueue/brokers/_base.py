@@ -329,10 +329,13 @@ class Broker(ABC):
         ("requested"): the worker ends it `cancelled`. None when unknown or already final."""
 
     @abstractmethod
-    async def listen_cancel(self, queue: str, on_request: Callable[[str], None]) -> None:
+    async def listen_cancel(
+        self, queue: str, on_request: Callable[[str], None], on_listening: Callable[[], None]
+    ) -> None:
         """Until cancelled, call `on_request(job_id)` for each cancel request of a running job, as
-        it is made (pushed, not polled). Requests made while not listening are not replayed:
-        `cancel_requested` is the fallback check."""
+        it is made (pushed, not polled). `on_listening()` is called once requests made from then
+        on will reach it (again after a reconnection). Requests made while not listening are not
+        replayed: `cancel_requested` is the fallback check."""
 
     @abstractmethod
     async def cancel_requested(self, queue: str, job_ids: Sequence[str]) -> list[str]:

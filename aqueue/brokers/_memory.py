@@ -567,9 +567,12 @@ class MemoryBroker(Broker):
         self._finalize(q, rec, JobState.CANCELLED.value, now, result_ttl, None)
         return JobState.CANCELLED.value
 
-    async def listen_cancel(self, queue: str, on_request: Callable[[str], None]) -> None:
+    async def listen_cancel(
+        self, queue: str, on_request: Callable[[str], None], on_listening: Callable[[], None]
+    ) -> None:
         q = self._queue(queue)
         q.cancel_listeners.append(on_request)
+        on_listening()
         try:
             await anyio.sleep_forever()
         finally:

@@ -756,16 +756,24 @@ class RedisBroker(Broker):
         verdict = await self._run(queue, "cancel", [job_id, repr(now), result_ttl])
         return verdict.decode() if verdict else None
 
-    async def listen_cancel(self, queue: str, on_request: Callable[[str], None]) -> None:
+    async def listen_cancel(
+        self, queue: str, on_request: Callable[[str], None], on_listening: Callable[[], None]
+    ) -> None:
         await self._ready()
         async with self._translated():
             pubsub = self.client.pubsub()
             try:
                 await pubsub.subscribe(self._key(queue).prefix + "cancel")
                 while True:
-                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
-                    if message is not None and message["type"] == "message":
+                    message = await pubsub.get_message(timeout=None)
+                    if message is None:
+                        continue
+                    if message["type"] == "message":
                         on_request(message["data"].decode())
+                    elif message["type"] == "subscribe":
+                        # Redis's answer to SUBSCRIBE (also after redis-py reconnects): only from
+                        # here is a request published elsewhere sure to arrive.
+                        on_listening()
             finally:
                 with anyio.CancelScope(shield=True):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
