@@ -55,7 +55,9 @@ TRANSIENT = {"READONLY", "LOADING", "BUSY", "TRYAGAIN", "MASTERDOWN", "CLUSTERDO
 RECHECK = 10.0  # a waiter re-reads the state this often, in case a notification was lost
 # Ended entries that may wait in a stream behind a job still pending, for the trim after it ends
 # (see trim_acked in lua/_common.lua): past that, each is deleted as it ends, at a cost to Redis.
-KEEP_BEHIND = 10_000
+# Two workers at concurrency 500 left at most 600 waiting here; the bound also caps what a long
+# job holds back (entries carry their payloads).
+KEEP_BEHIND = 2_000
 
 
 def redact(url: str) -> str:
