@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import gc
 import importlib
 import logging
@@ -13,6 +12,7 @@ from collections.abc import Sequence
 
 import anyio
 
+from aqueue._argv import HELP, USAGE, RunArgs, UsageError, parse
 from aqueue._exceptions import BrokerConnectionError
 from aqueue._queue import Queue
 from aqueue._worker import Worker
@@ -46,25 +46,15 @@ def load_queue(target: str) -> Queue:
     return queue
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="aqueue", description="aqueue task queue")
-    commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("run", help="run a worker for a queue")
-    run.add_argument("target", help="the queue, as module:attribute (e.g. app:queue)")
-    run.add_argument("--concurrency", type=int, default=100, help="jobs at once (default 100)")
-    run.add_argument("--shutdown-timeout", type=float, default=30.0,
-                     help="seconds running jobs get to finish on SIGTERM (default 30)")
-    run.add_argument("--no-scheduler", action="store_true",
-                     help="do not promote delayed jobs or enqueue periodic ones")
-    verbosity = run.add_mutually_exclusive_group()
-    verbosity.add_argument("-v", "--verbose", action="store_true", help="log debug lines")
-    verbosity.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
-    run.add_argument("--logfile", help="write the log to this file instead of stderr")
-    return parser
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    try:
+        args = parse(sys.argv[1:] if argv is None else argv)
+    except UsageError as exc:
+        print(f"{USAGE}\naqueue: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args is None:
+        print(HELP, end="")
+        return 0
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     handler: logging.Handler = (
         logging.FileHandler(args.logfile) if args.logfile else logging.StreamHandler()
@@ -79,10 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         handler.close()
 
 
-def _run(args: argparse.Namespace) -> int:
-    if args.concurrency < 1:
-        print("aqueue: --concurrency must be at least 1", file=sys.stderr)
-        return EXIT_USAGE
+def _run(args: RunArgs) -> int:
     try:
         queue = load_queue(args.target)
     except TargetError as exc:

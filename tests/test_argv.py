@@ -1,0 +1,102 @@
+"""`aqueue run`'s command line, as SPEC gives it, read without argparse."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from aqueue._argv import RunArgs, UsageError, parse
+from aqueue._cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_defaults_are_specs() -> None:
+    assert parse(["run", "app:queue"]) == RunArgs(
+        "app:queue", concurrency=100, shutdown_timeout=30.0, no_scheduler=False, verbose=False,
+        quiet=False, logfile=None,
+    )
+
+
+@pytest.mark.parametrize(
+    "words",
+    [
+        ["run", "app:queue", "--concurrency", "7", "--shutdown-timeout", "2.5", "--no-scheduler",
+         "-v", "--logfile", "w.log"],
+        ["run", "--concurrency=7", "--shutdown-timeout=2.5", "--no-scheduler", "--verbose",
+         "--logfile=w.log", "app:queue"],
+        ["run", "--conc", "7", "--shut=2.5", "--no", "--verb", "--log", "w.log", "--", "app:queue"],
+    ],
+    ids=["spaced", "equals", "prefixes"],
+)
+def test_every_option_in_each_spelling(words: list[str]) -> None:
+    assert parse(words) == RunArgs("app:queue", concurrency=7, shutdown_timeout=2.5,
+                                   no_scheduler=True, verbose=True, logfile="w.log")
+
+
+def test_quiet() -> None:
+    assert parse(["run", "-q", "app:queue"]) == RunArgs("app:queue", quiet=True)
+    assert parse(["run", "app:queue", "--quiet"]) == RunArgs("app:queue", quiet=True)
+
+
+@pytest.mark.parametrize("words", [["-h"], ["--help"], ["run", "-h"], ["run", "app:queue", "--help"]])
+def test_help_is_asked(words: list[str]) -> None:
+    assert parse(words) is None
+
+
+@pytest.mark.parametrize(
+    ("words", "message"),
+    [
+        ([], "a command is required"),
+        (["work", "app:queue"], "unknown command 'work'"),
+        (["run"], "the queue to run is required"),
+        (["run", "a:q", "b:q"], "one queue at a time"),
+        (["run", "a:q", "--bogus"], "unknown option --bogus"),
+        (["run", "a:q", "-x"], "unknown option -x"),
+        (["run", "a:q", "--concurrency"], "--concurrency needs a value"),
+        (["run", "a:q", "--concurrency", "lots"], "expected a whole number, got 'lots'"),
+        (["run", "a:q", "--concurrency=0"], "--concurrency must be at least 1, got 0"),
+        (["run", "a:q", "--shutdown-timeout", "-1"], "must be 0 or more seconds"),
+        (["run", "a:q", "--shutdown-timeout", "nan"], "must be 0 or more seconds"),
+        (["run", "a:q", "--shutdown-timeout", "soon"], "expected a number of seconds"),
+        (["run", "a:q", "--no-scheduler=yes"], "--no-scheduler takes no value"),
+        (["run", "a:q", "-v", "-q"], "cannot be used together"),
+    ],
+)
+def test_bad_command_lines_say_why(words: list[str], message: str) -> None:
+    with pytest.raises(UsageError, match=message):
+        parse(words)
+
+
+def test_a_prefix_names_the_one_option_it_fits() -> None:
+    assert parse(["run", "a:q", "--q"]) == RunArgs("a:q", quiet=True)
+    assert parse(["run", "a:q", "--s", "1"]) == RunArgs("a:q", shutdown_timeout=1.0)
+    with pytest.raises(UsageError, match="unknown option --x"):
+        parse(["run", "a:q", "--x"])
+
+
+def test_main_prints_usage_and_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", "app:queue", "--concurrency", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: aqueue run module:queue")
+    assert "aqueue: error: --concurrency must be at least 1, got 0" in err
+
+
+def test_help_lists_every_option_and_exits_0() -> None:
+    done = subprocess.run([sys.executable, "-m", "aqueue", "run", "--help"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0
+    for option in ("--concurrency", "--shutdown-timeout", "--no-scheduler", "--verbose", "--quiet",
+                   "--logfile", "--help"):
+        assert option in done.stdout
+
+
+def test_the_worker_does_not_load_argparse() -> None:
+    # argparse costs a worker about 0.4 MB for its whole life (see aqueue/_argv.py).
+    code = "import sys, aqueue._cli; print('argparse' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
+    assert done.stdout.strip() == "False", done.stderr
