@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import time
 import traceback
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -35,7 +36,10 @@ class RunningJob:
     """A delivery being executed, with the cancel scope that can stop it."""
 
     delivery: Delivery
-    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    new_scope: Callable[[], anyio.CancelScope] = anyio.CancelScope
+    scope: anyio.CancelScope | None = None
+    """Made as the job starts (`start_scope`): a scope costs about 0.5 KB (two sets), and a busy
+    worker holds hundreds of jobs waiting for a runner."""
     interrupted: bool = False
     """Set when the worker shuts down: the job is handed back, not failed."""
     cancel_requested: bool = False
@@ -43,9 +47,20 @@ class RunningJob:
     lost: bool = False
     """Set when another worker took the job over: stop it here and write nothing."""
 
+    def start_scope(self) -> anyio.CancelScope:
+        """The job's cancel scope; a stop asked for before the job started carries over to it."""
+        scope = self.scope = self.new_scope()
+        if self.interrupted or self.cancel_requested:
+            scope.cancel()
+        return scope
+
+    def _cancel(self) -> None:
+        if self.scope is not None:
+            self.scope.cancel()
+
     def interrupt(self) -> None:
         self.interrupted = True
-        self.scope.cancel()
+        self._cancel()
 
     def abandon(self) -> None:
         self.lost = True
@@ -53,7 +68,7 @@ class RunningJob:
 
     def request_cancel(self) -> None:
         self.cancel_requested = True
-        self.scope.cancel()
+        self._cancel()
 
 
 def _task_cancelling() -> bool:
@@ -120,9 +135,10 @@ async def execute(queue: Queue, running: RunningJob) -> Completion | None:
         await signals.send(Signal.EXECUTING, context)
     error: BaseException | None = None
     value: Any = None
-    with running.scope:
+    scope = running.start_scope()
+    with scope:
         if policy.timeout:
-            running.scope.deadline = anyio.current_time() + policy.timeout
+            scope.deadline = anyio.current_time() + policy.timeout
         token = _enter(context)
         try:
             if task.is_async:
@@ -138,12 +154,12 @@ async def execute(queue: Queue, running: RunningJob) -> Completion | None:
         except asyncio.CancelledError as exc:
             # Raised by the job's own code (it awaited a future cancelled elsewhere): a failure
             # like any other. A cancellation of this task (its scope, or the worker's) goes on.
-            if running.scope.cancel_called or _task_cancelling():
+            if scope.cancel_called or _task_cancelling():
                 raise
             error = exc
         finally:
             _leave(token)
-    if running.scope.cancelled_caught:
+    if scope.cancelled_caught:
         if running.interrupted:
             if signals.wants(Signal.INTERRUPTED):
                 await signals.send(Signal.INTERRUPTED, context)

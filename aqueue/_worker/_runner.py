@@ -298,7 +298,7 @@ class Worker:
             if self._stop_requested:
                 self._handed_back.append(d)
             else:
-                running = RunningJob(d, self._new_scope())
+                running = RunningJob(d, self._new_scope)
                 self._running[d.job_id] = running
                 self._ready.append(running)
                 self._wake_runner()
