@@ -1,5 +1,6 @@
 """What a job costs Redis, in CPU instructions: enqueue (one by one and by `map`), receive and
-finish, each measured alone, beside a raw XADD awaited one at a time (W1's floor).
+finish, each measured alone, beside a raw XADD awaited one at a time (W1's floor); and W4's chain
+of one job alone (a waiter registered, received alone, finished alone: what an idle worker does).
 
     python -m benchmarks.redis_cost [--jobs 4000]
 
@@ -26,7 +27,7 @@ from pathlib import Path
 
 from aqueue import Queue
 from aqueue._worker._runner import RECEIVE_BATCH
-from aqueue.brokers import Broker, Completion, Delivery, Outcome
+from aqueue.brokers import Broker, Completion, Delivery, Outcome, RedisBroker
 from benchmarks._redis_server import start_redis
 
 QUEUE = "cost"
@@ -119,6 +120,22 @@ async def measure(server: CountedRedis, jobs: int) -> dict[str, float]:
         await finish_all(broker, swapped, queue.result_ttl)
         finish_two = server.stop()
 
+        # W4's chain, one job at a time: a waiter registers on the job (`result()`), the job is
+        # received alone and finished alone, and its finish publishes the outcome to the waiter.
+        assert isinstance(broker, RedisBroker)
+        rounds = min(jobs, 500)
+        ids = [(await noop.enqueue()).id for _ in range(rounds)]
+        server.start()
+        for job_id in ids:
+            await broker._run(QUEUE, "watch", [job_id, broker._inbox])
+        watch = server.stop()
+        server.start()
+        alone = [(await broker.receive(QUEUE, "worker", 1, 0.0, 10))[0] for _ in ids]
+        receive_one = server.stop()
+        server.start()
+        await finish_all(broker, [[d] for d in alone], queue.result_ttl)
+        finish_one = server.stop()
+
         # The floor one enqueue is measured against: W1's raw producer, one XADD awaited at a time.
         server.start()
         for _ in range(jobs):
@@ -126,7 +143,9 @@ async def measure(server: CountedRedis, jobs: int) -> dict[str, float]:
         raw = server.stop()
     return {"enqueue (one by one)": one_by_one / jobs, "enqueue (map)": enqueue / jobs,
             "receive": receive / (2 * jobs), "finish": finish / (2 * jobs),
-            "finish (two workers)": finish_two / jobs, "raw XADD": raw / jobs}
+            "finish (two workers)": finish_two / jobs, "W4: watch": watch / rounds,
+            "W4: receive alone": receive_one / rounds, "W4: finish alone": finish_one / rounds,
+            "raw XADD": raw / jobs}
 
 
 async def finish_all(broker: Broker, batches: list[list[Delivery]], ttl: float) -> None:
