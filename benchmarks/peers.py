@@ -234,34 +234,39 @@ class Outcome:
     cmd: list[str] | None = None
 
 
-def measure(lib: Lib, url: str, reps: int, scale: int, base: str) -> dict[str, Outcome]:
+def measure(libs: list[Lib], url: str, reps: int, scale: int, base: str) -> dict[str, dict[str, Outcome]]:
+    """Each workload's runs go round the libraries, one run each per round: a spell when the machine
+    is slower (its other tenants) then falls on one run of each library, not on every run of one,
+    and each library's median comes from three spells."""
     client = redis.Redis.from_url(url)
-    outcomes: dict[str, Outcome] = {}
-    for cell in CELLS:
-        if lib.name == "raw" and cell not in RAW_CELLS:
-            continue
-        outcome = outcomes[cell] = Outcome()
-        for rep in range(reps):
-            client.flushall()
-            workdir = tempfile.mkdtemp(prefix=f"{lib.name}-{cell}-{rep}-", dir=base)
-            started = time.monotonic()
-            result = run_driver(lib, cell, url, scale, workdir)
-            took = time.monotonic() - started
-            if "error" in result:
-                outcome.errors.append(f"run {rep + 1}: {result['error']}")
-            elif "na" in result:
-                outcome.na = result["na"]
-            else:
-                outcome.runs.append(result)
-                outcome.n, outcome.cmd = result["n"], result.get("cmd")
-            shown = result.get("error") or result.get("na") or {
-                k: round(v, 2) for k, v in result.items() if isinstance(v, float)}
-            print(f"  {lib.name:9} {cell:4} run {rep + 1}: {took:5.1f}s  {shown}", flush=True)
-            capped = cell == "W4" and result.get("rounds", 0) < result["n"] if "n" in result else False
-            # a first run that fails means the setup is broken: no point in repeating it
-            slow = took > SLOW_RUN and lib.name not in ALWAYS_REPEATED
-            if (outcome.errors and not outcome.runs) or outcome.na or slow or capped:
-                break
+    outcomes: dict[str, dict[str, Outcome]] = {lib.name: {} for lib in libs}
+    done: set[tuple[str, str]] = set()  # (library, cell) runs no more
+    for rep in range(reps):
+        for cell in CELLS:
+            for lib in libs:
+                if (lib.name == "raw" and cell not in RAW_CELLS) or (lib.name, cell) in done:
+                    continue
+                outcome = outcomes[lib.name].setdefault(cell, Outcome())
+                client.flushall()
+                workdir = tempfile.mkdtemp(prefix=f"{lib.name}-{cell}-{rep}-", dir=base)
+                started = time.monotonic()
+                result = run_driver(lib, cell, url, scale, workdir)
+                took = time.monotonic() - started
+                if "error" in result:
+                    outcome.errors.append(f"run {rep + 1}: {result['error']}")
+                elif "na" in result:
+                    outcome.na = result["na"]
+                else:
+                    outcome.runs.append(result)
+                    outcome.n, outcome.cmd = result["n"], result.get("cmd")
+                shown = result.get("error") or result.get("na") or {
+                    k: round(v, 2) for k, v in result.items() if isinstance(v, float)}
+                print(f"  {lib.name:9} {cell:4} run {rep + 1}: {took:5.1f}s  {shown}", flush=True)
+                capped = cell == "W4" and result.get("rounds", 0) < result["n"] if "n" in result else False
+                # a first run that fails means the setup is broken: no point in repeating it
+                slow = took > SLOW_RUN and lib.name not in ALWAYS_REPEATED
+                if (outcome.errors and not outcome.runs) or outcome.na or slow or capped:
+                    done.add((lib.name, cell))
     client.close()
     return outcomes
 
@@ -476,7 +481,8 @@ Written by `python -m benchmarks.peers` (benchmarks/peers.py); do not edit by ha
 - Command: `{command}`
 - aqueue: {args.git_start} at the start of the run{git_change(args.git_start)}
 - Machine: {machine()}
-- Each workload ran {args.reps} times per library, FLUSHALL before each run; a peer's run that took
+- Each workload ran {args.reps} times per library, in rounds that run it once for every library in
+  turn (a slower spell of the machine falls on one run of each); FLUSHALL before each run; a peer's run that took
   over {SLOW_RUN:.0f} s was not repeated (marked in the footnotes); raw's and aqueue's always were.
   Job counts: W1/W2/W5 {N_JOBS // scale:,}, W3 {N_IO // scale:,}, W4 {N_ROUNDS // scale:,} round trips
   (at most {LATENCY_CAP:.0f} s of them).
@@ -547,22 +553,23 @@ def main() -> None:
     command = "python -m benchmarks.peers" + "".join(f" {a}" for a in sys.argv[1:])
     started, load_at_start, args.git_start = time.monotonic(), os.getloadavg()[0], git_state()
     os.makedirs(PEERS, exist_ok=True)
-    results: dict[str, dict[str, Outcome]] = {}
     failed: dict[str, str] = {}
     lib_versions: dict[str, Any] = {}
     base = tempfile.mkdtemp(prefix="aqueue-peers-")
     print(f"run logs: {base}", flush=True)
+    ready = []
+    for lib in LIBS:
+        if lib.name not in chosen:
+            continue
+        if problem := ensure_venv(lib):
+            failed[lib.name] = f"{lib.name}: {problem}"
+            print(f"  {lib.name}: {problem}", flush=True)
+            continue
+        byte_compile(lib)
+        lib_versions[lib.name] = versions(lib)
+        ready.append(lib)
     with private_redis() as url:
-        for lib in LIBS:
-            if lib.name not in chosen:
-                continue
-            if problem := ensure_venv(lib):
-                failed[lib.name] = f"{lib.name}: {problem}"
-                print(f"  {lib.name}: {problem}", flush=True)
-                continue
-            byte_compile(lib)
-            lib_versions[lib.name] = versions(lib)
-            results[lib.name] = measure(lib, url, args.reps, scale, base)
+        results = measure(ready, url, args.reps, scale, base)
     elapsed = time.monotonic() - started
     args.load = load_at_start
     printed, md = report(results, failed, lib_versions, args, scale, elapsed, command)
