@@ -234,6 +234,28 @@ class Outcome:
     cmd: list[str] | None = None
 
 
+def run_once(lib: Lib, cell: str, rep: int, outcome: Outcome, url: str, scale: int, base: str) -> bool:
+    """One run of one workload, added to `outcome`; returns whether the library should run it again."""
+    workdir = tempfile.mkdtemp(prefix=f"{lib.name}-{cell}-{rep}-", dir=base)
+    started = time.monotonic()
+    result = run_driver(lib, cell, url, scale, workdir)
+    took = time.monotonic() - started
+    if "error" in result:
+        outcome.errors.append(f"run {rep + 1}: {result['error']}")
+    elif "na" in result:
+        outcome.na = result["na"]
+    else:
+        outcome.runs.append(result)
+        outcome.n, outcome.cmd = result["n"], result.get("cmd")
+    shown = result.get("error") or result.get("na") or {
+        k: round(v, 2) for k, v in result.items() if isinstance(v, float)}
+    print(f"  {lib.name:9} {cell:4} run {rep + 1}: {took:5.1f}s  {shown}", flush=True)
+    capped = cell == "W4" and result.get("rounds", 0) < result["n"] if "n" in result else False
+    # a first run that fails means the setup is broken: no point in repeating it
+    slow = took > SLOW_RUN and lib.name not in ALWAYS_REPEATED
+    return not ((outcome.errors and not outcome.runs) or outcome.na or slow or capped)
+
+
 def measure(libs: list[Lib], url: str, reps: int, scale: int, base: str) -> dict[str, dict[str, Outcome]]:
     """Each workload's runs go round the libraries, one run each per round: a spell when the machine
     is slower (its other tenants) then falls on one run of each library, not on every run of one,
@@ -246,26 +268,9 @@ def measure(libs: list[Lib], url: str, reps: int, scale: int, base: str) -> dict
             for lib in libs:
                 if (lib.name == "raw" and cell not in RAW_CELLS) or (lib.name, cell) in done:
                     continue
-                outcome = outcomes[lib.name].setdefault(cell, Outcome())
                 client.flushall()
-                workdir = tempfile.mkdtemp(prefix=f"{lib.name}-{cell}-{rep}-", dir=base)
-                started = time.monotonic()
-                result = run_driver(lib, cell, url, scale, workdir)
-                took = time.monotonic() - started
-                if "error" in result:
-                    outcome.errors.append(f"run {rep + 1}: {result['error']}")
-                elif "na" in result:
-                    outcome.na = result["na"]
-                else:
-                    outcome.runs.append(result)
-                    outcome.n, outcome.cmd = result["n"], result.get("cmd")
-                shown = result.get("error") or result.get("na") or {
-                    k: round(v, 2) for k, v in result.items() if isinstance(v, float)}
-                print(f"  {lib.name:9} {cell:4} run {rep + 1}: {took:5.1f}s  {shown}", flush=True)
-                capped = cell == "W4" and result.get("rounds", 0) < result["n"] if "n" in result else False
-                # a first run that fails means the setup is broken: no point in repeating it
-                slow = took > SLOW_RUN and lib.name not in ALWAYS_REPEATED
-                if (outcome.errors and not outcome.runs) or outcome.na or slow or capped:
+                outcome = outcomes[lib.name].setdefault(cell, Outcome())
+                if not run_once(lib, cell, rep, outcome, url, scale, base):
                     done.add((lib.name, cell))
     client.close()
     return outcomes
@@ -482,8 +487,9 @@ Written by `python -m benchmarks.peers` (benchmarks/peers.py); do not edit by ha
 - aqueue: {args.git_start} at the start of the run{git_change(args.git_start)}
 - Machine: {machine()}
 - Each workload ran {args.reps} times per library, in rounds that run it once for every library in
-  turn (a slower spell of the machine falls on one run of each); FLUSHALL before each run; a peer's run that took
-  over {SLOW_RUN:.0f} s was not repeated (marked in the footnotes); raw's and aqueue's always were.
+  turn (a slower spell of the machine falls on one run of each); FLUSHALL before each run; a peer's
+  run that took over {SLOW_RUN:.0f} s was not repeated (marked in the footnotes); raw's and aqueue's
+  always were.
   Job counts: W1/W2/W5 {N_JOBS // scale:,}, W3 {N_IO // scale:,}, W4 {N_ROUNDS // scale:,} round trips
   (at most {LATENCY_CAP:.0f} s of them).
 
