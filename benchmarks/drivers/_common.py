@@ -188,6 +188,19 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
+def run_delay(pids: list[int]) -> float:
+    """Seconds these processes have spent ready to run but waiting for a core (the second field of
+    /proc/PID/schedstat, in ns): the cores they wanted beyond what the machine gave them."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/schedstat") as f:
+                total += int(f.read().split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    return total / 1e9
+
+
 def machine_ticks() -> tuple[int, int, int]:
     """The whole machine's CPU ticks so far (/proc/stat): all, idle (iowait included), stolen by
     the hypervisor."""
@@ -197,17 +210,19 @@ def machine_ticks() -> tuple[int, int, int]:
 
 
 class CpuMeter:
-    """Cores kept busy by the workers and by Redis, from the first job seen to the last; and the
-    machine's cores left idle or stolen by the hypervisor meanwhile (what else could have run)."""
+    """Cores kept busy by the workers and by Redis, from the first job seen to the last; the
+    machine's cores left idle or stolen by the hypervisor meanwhile (what else could have run);
+    and the cores the workers and Redis waited for, ready to run while others ran (what more cores
+    would have given them)."""
 
     def __init__(self, workers: list[subprocess.Popen[bytes]]) -> None:
         self.workers, self.redis = workers, redis_pid()
-        self.start: tuple[float, float, float, tuple[int, int, int]] | None = None
+        self.start: tuple[float, float, float, tuple[int, int, int], float] | None = None
 
-    def _sample(self) -> tuple[float, float, float, tuple[int, int, int]]:
+    def _sample(self) -> tuple[float, float, float, tuple[int, int, int], float]:
         pids = [pid for w in self.workers for pid in session_pids(w.pid)]
         return (time.monotonic(), cpu_seconds(pids), cpu_seconds([self.redis]) if self.redis else 0.0,
-                machine_ticks())
+                machine_ticks(), run_delay(pids + ([self.redis] if self.redis else [])))
 
     def begin(self) -> None:
         self.start = self._sample()
@@ -223,7 +238,8 @@ class CpuMeter:
         cores = os.cpu_count() or 1
         return {"worker_cpu": (end[1] - self.start[1]) / wall, "redis_cpu": (end[2] - self.start[2]) / wall,
                 "idle_cores": cores * ticks[1] / ticks[0] if ticks[0] else 0.0,
-                "stolen_cores": cores * ticks[2] / ticks[0] if ticks[0] else 0.0}
+                "stolen_cores": cores * ticks[2] / ticks[0] if ticks[0] else 0.0,
+                "waiting_cores": (end[4] - self.start[4]) / wall}
 
 
 def stop_workers(workers: list[subprocess.Popen[bytes]]) -> None:
