@@ -1,7 +1,7 @@
 """aqueue: an asyncio-native task queue on Redis Streams.
 
-What a worker may never need loads on first use (PEP 562): the workflows, the periodic schedules
-and each broker implementation.
+What a worker may never need loads on first use (PEP 562): the workflows, the periodic schedules,
+locks, rate limits and each broker implementation.
 """
 
 from typing import TYPE_CHECKING
@@ -29,9 +29,7 @@ from aqueue._exceptions import (
 )
 from aqueue._jobs import Job, JobInfo, ResultGroup
 from aqueue._lazy import lazy_attributes
-from aqueue._locks import Lock
 from aqueue._queue import Queue
-from aqueue._ratelimit import RateLimit
 from aqueue._signals import Signal
 from aqueue._states import JobState
 from aqueue._tasks import AsyncTask, SyncTask, Task, TaskCall
@@ -39,7 +37,9 @@ from aqueue._worker import Worker
 from aqueue.brokers import Broker
 
 if TYPE_CHECKING:
+    from aqueue._locks import Lock
     from aqueue._periodic import Schedule, crontab, every
+    from aqueue._ratelimit import RateLimit
     from aqueue._workflows import (
         Batch,
         BatchState,
@@ -58,6 +58,8 @@ _LAZY = {
     **dict.fromkeys(("Batch", "BatchState", "Chord", "ChordResult", "Group", "Pipeline", "Signature",
                      "chord", "group"), "aqueue._workflows"),
     **dict.fromkeys(("MemoryBroker", "RedisBroker"), "aqueue.brokers"),
+    "Lock": "aqueue._locks",
+    "RateLimit": "aqueue._ratelimit",
 }
 
 __version__ = "0.1.0"

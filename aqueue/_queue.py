@@ -12,8 +12,6 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
 from aqueue._exceptions import ConfigurationError
 from aqueue._jobs import Job, JobInfo, ResultGroup
-from aqueue._locks import Lock
-from aqueue._ratelimit import RateLimit
 from aqueue._serialization import encode_call
 from aqueue._signals import Handler, Signal, SignalJob, Signals
 from aqueue._states import JobState
@@ -31,7 +29,9 @@ from aqueue._time import Seconds, When, epoch, seconds
 from aqueue.brokers import Broker, NewJob, WorkflowLinks
 
 if TYPE_CHECKING:
+    from aqueue._locks import Lock
     from aqueue._periodic import Schedule
+    from aqueue._ratelimit import RateLimit
     from aqueue._worker import Worker
     from aqueue._workflows import Batch, Chord, ChordResult, Group, Node, Pipeline, Plan, Signature
 
@@ -365,10 +365,14 @@ class Queue:
 
     def lock(self, name: str, ttl: float = 30.0, timeout: float | None = None) -> Lock:
         """A distributed lock: `async with queue.lock("name"):` or a decorator below `@queue.task`."""
+        from aqueue._locks import Lock  # loaded on first use: most workers never take a lock
+
         return Lock(self, name, ttl=ttl, timeout=timeout)
 
     def rate_limit(self, key: str, limit: int, per: float, retry: bool = True) -> RateLimit:
         """A rate limit shared by every worker: `async with` or a decorator below `@queue.task`."""
+        from aqueue._ratelimit import RateLimit  # loaded on first use, as `lock` is
+
         return RateLimit(self, key, limit=limit, per=per, retry=retry)
 
     # --- signals and workers ---------------------------------------------------------------------
