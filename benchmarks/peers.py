@@ -420,8 +420,8 @@ def cpu_table(results: dict[str, dict[str, Outcome]]) -> str:
         idle, stolen = (medians(results, lib.name, "W5", k) for k in ("idle_cores", "stolen_cores"))
         cells.append("—" if idle is None or stolen is None else f"{idle:.2f} / {stolen:.2f}")
         for cell in ("W2t", "W5"):
-            waiting = medians(results, lib.name, cell, "waiting_cores")
-            cells.append("—" if waiting is None else f"{waiting:.2f}")
+            worker, redis_ = (medians(results, lib.name, cell, k) for k in ("worker_waiting", "redis_waiting"))
+            cells.append("—" if worker is None or redis_ is None else f"{worker:.2f} / {redis_:.2f}")
         if any(c != "—" for c in cells):
             rows.append(f"| {lib.name} | " + " | ".join(cells) + " |")
     if not rows:
@@ -429,10 +429,11 @@ def cpu_table(results: dict[str, dict[str, Outcome]]) -> str:
     return ("## CPU during the drains\n\nFrom the first job to the last: cores kept busy, and CPU time "
             "per job in microseconds; workers / Redis (medians; the machine has 2 cores, shared with "
             "the producer's idle process). A second worker can only help where one worker, not Redis, "
-            "is what saturates, and while the two cores have time to spare. The last column: the "
-            "machine's cores left idle / taken by the hypervisor (steal) during W5, in all; and the "
-            "cores that the workers and Redis waited for, ready to run while the others ran "
-            "(/proc/PID/schedstat): what the drain would have used had the machine more cores.\n\n"
+            "is what saturates, and while the two cores have time to spare. Then the machine's cores "
+            "left idle / taken by the hypervisor (steal) during W5, in all; and, in the last two "
+            "columns, the cores that the workers / Redis waited for, ready to run while others held both cores "
+            "(/proc/PID/schedstat): what the drain would have used had the machine more cores. Redis "
+            "waiting is every worker waiting longer for its replies.\n\n"
             "| library | cores, W2 tuned (1 worker) | cores, W5 (2 workers) | µs/job, W2 tuned | "
             "µs/job, W5 | W5: idle / stolen cores | waited for, W2 tuned | waited for, W5 |\n"
             "| --- | --- | --- | --- | --- | --- | --- | --- |\n"

@@ -217,12 +217,12 @@ class CpuMeter:
 
     def __init__(self, workers: list[subprocess.Popen[bytes]]) -> None:
         self.workers, self.redis = workers, redis_pid()
-        self.start: tuple[float, float, float, tuple[int, int, int], float] | None = None
+        self.start: tuple[float, float, float, tuple[int, int, int], tuple[float, float]] | None = None
 
-    def _sample(self) -> tuple[float, float, float, tuple[int, int, int], float]:
+    def _sample(self) -> tuple[float, float, float, tuple[int, int, int], tuple[float, float]]:
         pids = [pid for w in self.workers for pid in session_pids(w.pid)]
         return (time.monotonic(), cpu_seconds(pids), cpu_seconds([self.redis]) if self.redis else 0.0,
-                machine_ticks(), run_delay(pids + ([self.redis] if self.redis else [])))
+                machine_ticks(), (run_delay(pids), run_delay([self.redis]) if self.redis else 0.0))
 
     def begin(self) -> None:
         self.start = self._sample()
@@ -239,7 +239,8 @@ class CpuMeter:
         return {"worker_cpu": (end[1] - self.start[1]) / wall, "redis_cpu": (end[2] - self.start[2]) / wall,
                 "idle_cores": cores * ticks[1] / ticks[0] if ticks[0] else 0.0,
                 "stolen_cores": cores * ticks[2] / ticks[0] if ticks[0] else 0.0,
-                "waiting_cores": (end[4] - self.start[4]) / wall}
+                "worker_waiting": (end[4][0] - self.start[4][0]) / wall,
+                "redis_waiting": (end[4][1] - self.start[4][1]) / wall}
 
 
 def stop_workers(workers: list[subprocess.Popen[bytes]]) -> None:
