@@ -20,7 +20,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -209,6 +209,17 @@ def machine_ticks() -> tuple[int, int, int]:
     return user + nice + system + idle + iowait + irq + softirq + steal, idle + iowait, steal
 
 
+class _Sample(NamedTuple):
+    """Counters read at one moment; a measurement is the difference of two."""
+
+    at: float  # time.monotonic()
+    worker_cpu: float  # seconds
+    redis_cpu: float
+    ticks: tuple[int, int, int]  # see machine_ticks
+    worker_delay: float  # seconds waited for a core (see run_delay)
+    redis_delay: float
+
+
 class CpuMeter:
     """Cores kept busy by the workers and by Redis, from the first job seen to the last; the
     machine's cores left idle or stolen by the hypervisor meanwhile (what else could have run);
@@ -217,30 +228,33 @@ class CpuMeter:
 
     def __init__(self, workers: list[subprocess.Popen[bytes]]) -> None:
         self.workers, self.redis = workers, redis_pid()
-        self.start: tuple[float, float, float, tuple[int, int, int], tuple[float, float]] | None = None
+        self.start: _Sample | None = None
 
-    def _sample(self) -> tuple[float, float, float, tuple[int, int, int], tuple[float, float]]:
+    def _sample(self) -> _Sample:
         pids = [pid for w in self.workers for pid in session_pids(w.pid)]
-        return (time.monotonic(), cpu_seconds(pids), cpu_seconds([self.redis]) if self.redis else 0.0,
-                machine_ticks(), (run_delay(pids), run_delay([self.redis]) if self.redis else 0.0))
+        redis_ = [self.redis] if self.redis else []
+        return _Sample(time.monotonic(), cpu_seconds(pids), cpu_seconds(redis_), machine_ticks(),
+                       run_delay(pids), run_delay(redis_))
 
     def begin(self) -> None:
         self.start = self._sample()
 
     def result(self) -> dict[str, float]:
-        if self.start is None or self.redis is None:
+        start = self.start
+        if start is None or self.redis is None:
             return {}
         end = self._sample()
-        wall = end[0] - self.start[0]
+        wall = end.at - start.at
         if wall < 0.2:  # too short for clock ticks of 10 ms to say anything
             return {}
-        ticks = [b - a for a, b in zip(self.start[3], end[3], strict=True)]
+        ticks = [b - a for a, b in zip(start.ticks, end.ticks, strict=True)]
         cores = os.cpu_count() or 1
-        return {"worker_cpu": (end[1] - self.start[1]) / wall, "redis_cpu": (end[2] - self.start[2]) / wall,
+        return {"worker_cpu": (end.worker_cpu - start.worker_cpu) / wall,
+                "redis_cpu": (end.redis_cpu - start.redis_cpu) / wall,
                 "idle_cores": cores * ticks[1] / ticks[0] if ticks[0] else 0.0,
                 "stolen_cores": cores * ticks[2] / ticks[0] if ticks[0] else 0.0,
-                "worker_waiting": (end[4][0] - self.start[4][0]) / wall,
-                "redis_waiting": (end[4][1] - self.start[4][1]) / wall}
+                "worker_waiting": (end.worker_delay - start.worker_delay) / wall,
+                "redis_waiting": (end.redis_delay - start.redis_delay) / wall}
 
 
 def stop_workers(workers: list[subprocess.Popen[bytes]]) -> None:
