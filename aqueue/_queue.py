@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import inspect
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
 from aqueue._exceptions import ConfigurationError
+from aqueue._ids import new_id
 from aqueue._jobs import Job, JobInfo, ResultGroup
 from aqueue._serialization import encode_call
 from aqueue._signals import Handler, Signal, SignalJob, Signals
@@ -280,7 +280,7 @@ class Queue:
             eta = epoch(call.delay, now, "delay")
         expires = call.expires if call.expires is not None else task.policy.expires
         return NewJob(
-            id=job_id or uuid.uuid4().hex,
+            id=job_id or new_id(),
             task=task.name,
             payload=payload,
             priority=call.priority if call.priority is not None else task.policy.priority,

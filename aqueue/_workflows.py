@@ -9,12 +9,12 @@ the broker carries them forward atomically (see `WorkflowLinks`).
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Generic, TypeAlias, TypeVar
 
 from aqueue._exceptions import ConfigurationError
+from aqueue._ids import new_id
 from aqueue._jobs import Job, ResultGroup
 from aqueue._serialization import encode_call
 from aqueue._states import JobState
@@ -223,7 +223,7 @@ class Plan:
             ends = [self.add(m, replace(member))[0][-1] for m in node.members]
             return ends, ResultGroup(ends)
         if isinstance(node, Chord):
-            chord_id = uuid.uuid4().hex
+            chord_id = new_id()
             # The callback waits; it carries the chord's own membership onward (nesting).
             callback_jobs = self._pipeline(node.callback.steps, replace(member, waiting=True), chord_input=True)
             self.chords.append(ChordSpec(chord_id, len(node.members), callback_jobs[0].id))
@@ -234,7 +234,7 @@ class Plan:
 
     def _pipeline(self, steps: list[Signature[Any]], member: _Membership,
                   chord_input: bool = False) -> list[Job[Any]]:
-        ids = [uuid.uuid4().hex for _ in steps]
+        ids = [new_id() for _ in steps]
         following: dict[str, Any] | None = None  # the next step, as the worker needs it
         new_jobs: list[NewJob] = []
         for index in reversed(range(len(steps))):
@@ -280,7 +280,7 @@ class Plan:
 
     def batch(self, members: Sequence[Node], on_success: Signature[Any] | None,
               on_failure: Signature[Any] | None, on_complete: Signature[Any] | None) -> Batch:
-        batch_id = uuid.uuid4().hex
+        batch_id = new_id()
         ends = [self.add(m, _Membership(batch=batch_id))[0][-1] for m in members]
 
         def template(sig: Signature[Any] | None) -> Template | None:

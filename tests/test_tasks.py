@@ -165,6 +165,19 @@ async def test_unserializable_result_fails_the_job_not_the_worker(queue: Queue) 
         assert await (await good.enqueue()).result(timeout=10) == 1
 
 
+async def test_job_ids_are_random_uuid4_hex(queue: Queue) -> None:
+    @queue.task
+    async def noop() -> None:
+        return None
+
+    jobs = [await noop.enqueue() for _ in range(3)] + list(await noop.map([() for _ in range(3)]))
+    ids = [job.id for job in jobs]
+    assert len(set(ids)) == len(ids)
+    for job_id in ids:
+        parsed = uuid.UUID(job_id)
+        assert (parsed.hex, parsed.version, parsed.variant) == (job_id, 4, uuid.RFC_4122)
+
+
 async def test_unknown_job_id_raises_at_once(queue: Queue) -> None:
     with anyio.fail_after(2):
         with pytest.raises(JobNotFound):
