@@ -58,6 +58,10 @@ class CallOptions:
     key: str | None = None
 
 
+# Frozen: one instance serves every enqueue that sets no options.
+NO_OPTIONS = CallOptions()
+
+
 class Task(Generic[P, R]):
     """A registered task. Subclasses type the direct call for async and plain functions."""
 
@@ -99,7 +103,8 @@ class Task(Generic[P, R]):
         return TaskCall(self, CallOptions(delay, eta, priority, expires, timeout, retries, key))
 
     async def enqueue(self, *args: P.args, **kwargs: P.kwargs) -> Job[R]:
-        return await TaskCall(self, CallOptions()).enqueue(*args, **kwargs)
+        jobs = await self.queue._enqueue_calls([(self, args, kwargs, NO_OPTIONS)])
+        return cast("Job[R]", jobs[0])
 
     async def schedule(
         self,
@@ -144,7 +149,7 @@ class Task(Generic[P, R]):
         from aqueue._jobs import ResultGroup
 
         calls: list[tuple[Task[Any, Any], tuple[Any, ...], dict[str, Any], CallOptions]] = [
-            (self, item if isinstance(item, tuple) else (item,), {}, CallOptions())
+            (self, item if isinstance(item, tuple) else (item,), {}, NO_OPTIONS)
             for item in items
         ]
         return ResultGroup(await self.queue._enqueue_calls(calls))
