@@ -18,7 +18,7 @@ from aqueue._ids import new_id
 from aqueue._jobs import Job, ResultGroup
 from aqueue._serialization import encode_call
 from aqueue._states import JobState
-from aqueue._tasks import CallOptions, Task, call_overrides
+from aqueue._tasks import NO_OPTIONS, CallOptions, Task, call_overrides
 from aqueue.brokers import BatchSpec, ChordSpec, NewJob, Template, WorkflowLinks
 
 if TYPE_CHECKING:
@@ -39,7 +39,7 @@ class Signature(Generic[R]):
         on_error: Signature[Any] | None = None,
     ) -> None:
         self.task, self.args, self.kwargs = task, tuple(args), dict(kwargs or {})
-        self.call = call or CallOptions()
+        self.call = call or NO_OPTIONS
         self.on_error = on_error
 
     def __repr__(self) -> str:

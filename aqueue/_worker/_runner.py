@@ -25,7 +25,7 @@ from anyio.abc import TaskGroup, TaskStatus
 
 from aqueue._exceptions import BrokerConnectionError, BrokerError, ConfigurationError
 from aqueue._signals import Signal, SignalJob
-from aqueue._tasks import CallOptions
+from aqueue._tasks import NO_OPTIONS
 from aqueue._worker._completer import Completer
 from aqueue._worker._executor import RunningJob, dead, execute, safe_repr
 from aqueue.brokers import Completion, Delivery
@@ -523,7 +523,7 @@ class Worker:
 
     async def _enqueue_tick(self, name: str, tick: float, now: float) -> None:
         queue = self.queue
-        job = queue._new_job(queue.tasks[name], (), {}, CallOptions(), now)
+        job = queue._new_job(queue.tasks[name], (), {}, NO_OPTIONS, now)
         if await queue.broker.enqueue_tick(queue.name, tick, job):
             logger.debug("periodic %s: tick %s enqueued as job %s", name, tick, job.id)
             if queue.signals.wants(Signal.ENQUEUED):
