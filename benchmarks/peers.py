@@ -509,8 +509,9 @@ Written by `python -m benchmarks.peers` (benchmarks/peers.py); do not edit by ha
   command; time from the first job's start to the last job's end (each job appends its start and end
   times to a file: one `write`, no round trip), so process start is excluded. Default settings, then
   the tuned concurrency. RSS: peak (VmHWM) of the tuned worker, summed over its processes.
-- **W3 I/O-bound**: {N_IO // scale:,} jobs that each sleep {0.05} s (`asyncio.sleep`; `time.sleep` in
-  worker threads for sync libraries), one worker at concurrency {IO_CONCURRENCY}; drain time in seconds,
+- **W3 I/O-bound**: {N_IO // scale:,} jobs that each sleep {0.05} s (`anyio.sleep` in aqueue and
+  streaq, which run on anyio; `asyncio.sleep` in the other async libraries; `time.sleep` in worker
+  threads for sync libraries), one worker at concurrency {IO_CONCURRENCY}; drain time in seconds,
   ideal {N_IO // scale * 0.05 / IO_CONCURRENCY:.2f} s.
 - **W4 latency**: enqueue one job and await its result, in a row, with an idle worker (default
   settings) in its own process; p50 and p99 in ms.
