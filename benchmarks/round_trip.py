@@ -25,10 +25,8 @@ from collections.abc import Iterator
 import redis
 
 from benchmarks._redis_server import private_redis
+from benchmarks.peers import LIBS, ROOT, venv_python
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-PEERS = os.path.join(HERE, ".peers")
 WARM_UP = 500
 
 # Run in the library's own interpreter: enqueue one by one through its driver, print CPU per job.
@@ -61,13 +59,16 @@ asyncio.run(main())
 
 
 def interpreters() -> dict[str, str]:
-    """Each library measured, with the Python it runs under."""
-    own = os.path.join(PEERS, "aqueue", "bin", "python")
-    found = {"aqueue": own if os.path.exists(own) else sys.executable}
-    found["raw"] = found["aqueue"]
-    huey = os.path.join(PEERS, "huey", "bin", "python")
-    if os.path.exists(huey):
-        found["huey"] = huey
+    """Each library measured, with the Python it runs under: its benchmark venv, else (aqueue and
+    raw, which need nothing but this tree) this interpreter; huey only from its venv."""
+    libs = {lib.name: lib for lib in LIBS}
+    found = {}
+    for name in ("aqueue", "raw", "huey"):
+        python = venv_python(libs[name])
+        if os.path.exists(python):
+            found[name] = python
+        elif name != "huey":
+            found[name] = sys.executable
     return found
 
 
