@@ -45,7 +45,7 @@ LATENCY_CAP = 10.0  # seconds of W4 round trips at most (polling peers take up t
 SLOW_RUN = 40.0  # a peer's run that took longer than this is not repeated: keeps the whole run near 30 min
 # Always repeated: their runs take seconds, so one that took long was disturbed, and is the one
 # that most needs the others beside it (aqueue's W1 once ran alone, at 15.3 s instead of 9 s).
-ALWAYS_REPEATED = ("raw", "aqueue")
+ALWAYS_REPEATED = ("raw", "aqueue", "aqueue-r7")
 RUN_TIMEOUT = 240.0  # a driver still running after this is killed, with its workers
 
 
@@ -58,20 +58,33 @@ class Lib:
     venv: str = ""  # defaults to the name
     overrides: dict[str, int] = field(default_factory=dict)  # cell -> job count, when N is impractical
     note: str = ""
+    driver: str = ""  # benchmarks/drivers/<driver>_driver.py; defaults to the name
+    cells: tuple[str, ...] | None = None  # the cells it runs; None: all
+    peer: bool = True  # counted among the peers that aqueue is measured against
 
     def __post_init__(self) -> None:
         self.venv = self.venv or self.name
+        self.driver = self.driver or self.name
 
 
 # The tuned concurrency of each library is the best of a small sweep on this 2-core machine (see RESULTS.md).
 # Notes say what a user of that library runs into; they go into RESULTS.md.
 LIBS = [
     # The same packages as aqueue's, so whichever of the two runs first fills the shared venv.
+    # No queue logic: nothing to tune (W2 default), no results (W4).
     Lib("raw", ["-e", ROOT, "hiredis"], ["redis", "hiredis"], None, venv="aqueue",
-        note="the limit: redis-py asyncio + hiredis, bare XADD / XREADGROUP COUNT 100 + XACK, no queue logic."),
-    Lib("aqueue", ["-e", ROOT, "hiredis"], ["aqueue", "redis", "hiredis", "anyio"], 500,
+        cells=("W1", "W2t", "W3", "W5"), peer=False,
+        note="the limit: redis-py asyncio + hiredis, bare XADD / XREADGROUP COUNT 100 + XACK, no queue "
+             "logic; in W3, 500 tasks that sleep, fed from entries read up to 100 ahead of them."),
+    Lib("aqueue", ["-e", ROOT, "hiredis"], ["aqueue", "redis", "hiredis", "anyio"], 500, peer=False,
         note="this working tree, installed editable and byte-compiled before the run (as pip compiles "
              "a package it installs)."),
+    # redis-py 8 imports more than 7 at start (importlib.metadata and what it pulls in); saq caps
+    # redis-py below 8. The same aqueue on redis-py 7 tells the two apart in the RSS columns.
+    Lib("aqueue-r7", ["-e", ROOT, "hiredis", "redis<8"], ["aqueue", "redis", "hiredis", "anyio"], 500,
+        venv="aqueue-redis7", driver="aqueue", cells=("W2t", "W4"), peer=False,
+        note="aqueue again, on redis-py 7 (below 8, as saq's `redis` extra caps it): W2 tuned and W4 "
+             "only, for the memory a worker takes on each client version; not a peer."),
     Lib("arq", ["arq", "hiredis"], ["arq", "redis", "hiredis"], 500,
         note="the worker polls the queue every 0.5 s when idle and `job.result()` polls every 0.5 s "
              "(poll_delay); max_jobs defaults to 10; every job is logged at INFO by default."),
@@ -113,7 +126,6 @@ CELLS = {
     "W4": ("latency", "default", 1),
     "W5": ("drain", "tuned", 2),
 }
-RAW_CELLS = ("W1", "W2t", "W5")  # no queue logic: nothing to tune, no sleeping jobs, no results
 
 # column title, cell, measurement, whether higher is better
 COLUMNS = [
@@ -190,7 +202,7 @@ def run_driver(lib: Lib, cell: str, url: str, scale: int, workdir: str) -> dict[
         args.append(f"--concurrency={conc}")
     env = {**os.environ, "BENCH_REDIS_URL": url, "PYTHONPATH": ROOT,
            "BENCH_PIDS": os.path.join(workdir, "pids")}
-    cmd = [venv_python(lib), "-m", "benchmarks.drivers", lib.name, *args]
+    cmd = [venv_python(lib), "-m", "benchmarks.drivers", lib.driver, *args]
     with open(os.path.join(workdir, "driver.log"), "wb") as log:
         # its own session: on a timeout the driver goes with everything it started
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=log,
@@ -266,7 +278,7 @@ def measure(libs: list[Lib], url: str, reps: int, scale: int, base: str) -> dict
     for rep in range(reps):
         for cell in CELLS:
             for lib in libs:
-                if (lib.name == "raw" and cell not in RAW_CELLS) or (lib.name, cell) in done:
+                if (lib.cells is not None and cell not in lib.cells) or (lib.name, cell) in done:
                     continue
                 client.flushall()
                 outcome = outcomes[lib.name].setdefault(cell, Outcome())
@@ -353,7 +365,7 @@ def table(results: dict[str, dict[str, Outcome]], failed: dict[str, str], notes:
         lines.append(f"{lib.name:{first}}" + "".join(f"{v:>{width}}" for v in top))
         if any(bottom):
             lines.append(f"{'  min-max':{first}}" + "".join(f"{v:>{width}}" for v in bottom))
-    peers = [lib.name for lib in LIBS if lib.name not in ("raw", "aqueue")]
+    peers = [lib.name for lib in LIBS if lib.peer]
     if "aqueue" in results:
         best_names, ratios, raw_ratios = [], [], []
         for _title, cell, key, higher in COLUMNS:
@@ -455,7 +467,7 @@ def memory_table(results: dict[str, dict[str, Outcome]]) -> str:
             "more than one job at a time (default settings: mostly what the worker imported), and in "
             "W2 at the tuned concurrency. Processes are summed where a library forks (celery, rq). The "
             "redis-py a library installs weighs in the first column: each library's is in the versions "
-            "below (arq pins it below 6, saq below 8).\n\n"
+            "below (arq pins it below 6, saq below 8; aqueue-r7 is aqueue on redis-py 7).\n\n"
             "| library | RSS, W4 (one job at a time) | RSS, W2 tuned | added by the drain |\n"
             "| --- | --- | --- | --- |\n" + "\n".join(rows) + "\n")
 
@@ -475,7 +487,7 @@ def report(results: dict[str, dict[str, Outcome]], failed: dict[str, str], lib_v
     date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     versions_md = "\n".join(
         f"| {lib.name} | {', '.join(f'{k} {v}' for k, v in lib_versions.get(lib.name, {}).items())} | "
-        f"{'`pip install ' + ' '.join(lib.packages) + '`' if lib.packages else 'the aqueue venv'} | "
+        f"{'`pip install ' + shlex.join(lib.packages) + '`' if lib.packages else 'the aqueue venv'} | "
         f"{lib.note} |"
         for lib in LIBS if lib.name in results or lib.name in failed)
     commands = []
@@ -496,7 +508,7 @@ Written by `python -m benchmarks.peers` (benchmarks/peers.py); do not edit by ha
 - Each workload ran {args.reps} times per library, in rounds that run it once for every library in
   turn (a slower spell of the machine falls on one run of each); FLUSHALL before each run; a peer's
   run that took over {SLOW_RUN:.0f} s was not repeated (marked in the footnotes); raw's and aqueue's
-  always were.
+  (and aqueue-r7's) always were.
   Job counts: W1/W2/W5 {N_JOBS // scale:,}, W3 {N_IO // scale:,}, W4 {N_ROUNDS // scale:,} round trips
   (at most {LATENCY_CAP:.0f} s of them).
 
@@ -520,10 +532,15 @@ Written by `python -m benchmarks.peers` (benchmarks/peers.py); do not edit by ha
   over the jobs started from then on, so neither worker's start-up counts; the run logs give the
   whole window's rate and the gap between the two first starts beside it.
 - **raw**: the physical limit: redis-py asyncio + hiredis on the same Redis, awaited XADD one at a
-  time (W1 1-by-1), XADD pipelined 100 at a time (W1 bulk), XREADGROUP COUNT 100 + XACK (W2, W5).
+  time (W1 1-by-1), XADD pipelined 100 at a time (W1 bulk), XREADGROUP COUNT 100 + XACK (W2, W5);
+  in W3, {IO_CONCURRENCY} asyncio tasks that take entries from a local queue and sleep, the loop reading
+  up to 100 entries ahead of them and acking those that ended with its next read: with a job in hand
+  whenever a slot frees, what is left between W3 and its ideal is the event loop's own timers.
+- **aqueue-r7**: aqueue again, the same tree, in a venv with redis-py below 8 (saq's cap); W2 tuned and
+  W4 only, for the memory columns. Not a peer.
 
 Cells are the median of the runs and, below, min-max. The last rows: the best peer per column
-(raw excluded), aqueue's median divided by it, and by raw. Throughput: above 1 is aqueue faster;
+(raw and aqueue-r7 excluded), aqueue's median divided by it, and by raw. Throughput: above 1 is aqueue faster;
 RSS, seconds and latency: below 1 is aqueue better.
 
 ## Results

@@ -2,6 +2,10 @@
 
 Enqueue is XADD (awaited one at a time; pipelined 100 at a time). The "worker" is
 `python -m benchmarks.drivers.raw_driver`: a loop of XREADGROUP COUNT 100 then XACK of what it read.
+For sleeping jobs (W3) it is `python -m benchmarks.drivers.raw_driver nap CONCURRENCY`: CONCURRENCY
+tasks take entries from a local queue and sleep; the loop keeps up to 100 entries read ahead of them
+and acks those that ended with its next read. With jobs in hand when a slot frees, what is left is
+the event loop's own timers.
 """
 
 import asyncio
@@ -17,10 +21,9 @@ STREAM, GROUP, BATCH = "raw:stream", "raw", 100
 
 
 class Driver(c.Driver):
-    io_na = "no queue logic: a job cannot sleep"
-
     def worker_cmd(self, concurrency, kind):
-        return [sys.executable, "-m", "benchmarks.drivers.raw_driver"], {}
+        cmd = [sys.executable, "-m", "benchmarks.drivers.raw_driver"]
+        return ([*cmd, "nap", str(concurrency)] if kind == "nap" else cmd), {}
 
     async def open(self):
         self.r = aioredis.Redis.from_url(c.redis_url())
@@ -59,5 +62,45 @@ async def consume() -> None:
         c.record(start, len(ids))
 
 
+async def consume_naps(concurrency: int) -> None:
+    r = aioredis.Redis.from_url(c.redis_url())
+    me = uuid.uuid4().hex
+    waiting: asyncio.Queue[bytes] = asyncio.Queue()
+    ended: list[bytes] = []
+    held = 0  # read, not yet acked
+    slot_freed = asyncio.Event()
+
+    async def slot() -> None:
+        nonlocal held
+        while True:
+            entry_id = await waiting.get()
+            start = time.time()
+            await asyncio.sleep(c.NAP)
+            c.record(start)
+            ended.append(entry_id)
+            held -= 1
+            slot_freed.set()
+
+    slots = [asyncio.create_task(slot()) for _ in range(concurrency)]  # noqa: F841 (kept alive)
+    while True:
+        want = concurrency + BATCH - held
+        if want <= 0:
+            slot_freed.clear()
+            await slot_freed.wait()
+            continue
+        async with r.pipeline(transaction=False) as pipe:
+            if ended:
+                pipe.xack(STREAM, GROUP, *ended)
+                ended = []
+            pipe.xreadgroup(GROUP, me, {STREAM: ">"}, count=want, block=1000)
+            reply = (await pipe.execute())[-1]
+        for entry_id, _ in reply[0][1] if reply else ():
+            held += 1
+            waiting.put_nowait(entry_id)
+
+
 if __name__ == "__main__":
-    asyncio.run(consume())
+    if sys.argv[1:2] == ["nap"]:
+        asyncio.run(consume_naps(int(sys.argv[2])))
+    else:
+        asyncio.run(consume())
