@@ -45,7 +45,7 @@ LATENCY_CAP = 10.0  # seconds of W4 round trips at most (polling peers take up t
 SLOW_RUN = 40.0  # a peer's run that took longer than this is not repeated: keeps the whole run near 30 min
 # Always repeated: their runs take seconds, so one that took long was disturbed, and is the one
 # that most needs the others beside it (aqueue's W1 once ran alone, at 15.3 s instead of 9 s).
-ALWAYS_REPEATED = ("raw", "aqueue", "aqueue-r7")
+ALWAYS_REPEATED = ("raw", "aqueue", "aqueue-r7")  # (every library that is not a peer)
 RUN_TIMEOUT = 240.0  # a driver still running after this is killed, with its workers
 
 
@@ -84,7 +84,8 @@ LIBS = [
     Lib("aqueue-r7", ["-e", ROOT, "hiredis", "redis<8"], ["aqueue", "redis", "hiredis", "anyio"], 500,
         venv="aqueue-redis7", driver="aqueue", cells=("W2t", "W4"), peer=False,
         note="aqueue again, on redis-py 7 (below 8, as saq's `redis` extra caps it): W2 tuned and W4 "
-             "only, for the memory a worker takes on each client version; not a peer."),
+             "only, for the memory a worker takes on each client version (its other cells are for "
+             "comparison); not a peer."),
     Lib("arq", ["arq", "hiredis"], ["arq", "redis", "hiredis"], 500,
         note="the worker polls the queue every 0.5 s when idle and `job.result()` polls every 0.5 s "
              "(poll_delay); max_jobs defaults to 10; every job is logged at INFO by default."),
@@ -535,9 +536,10 @@ Written by `python -m benchmarks.peers` (benchmarks/peers.py); do not edit by ha
   time (W1 1-by-1), XADD pipelined 100 at a time (W1 bulk), XREADGROUP COUNT 100 + XACK (W2, W5);
   in W3, {IO_CONCURRENCY} asyncio tasks that take entries from a local queue and sleep, the loop reading
   up to 100 entries ahead of them and acking those that ended with its next read: with a job in hand
-  whenever a slot frees, what is left between W3 and its ideal is the event loop's own timers.
+  whenever a slot frees, what is left between W3 and its ideal is mostly the event loop's own timers.
 - **aqueue-r7**: aqueue again, the same tree, in a venv with redis-py below 8 (saq's cap); W2 tuned and
-  W4 only, for the memory columns. Not a peer.
+  W4 only: it is there for the memory a worker takes on each client version (its other cells are
+  for comparison). Not a peer.
 
 Cells are the median of the runs and, below, min-max. The last rows: the best peer per column
 (raw and aqueue-r7 excluded), aqueue's median divided by it, and by raw. Throughput: above 1 is aqueue faster;

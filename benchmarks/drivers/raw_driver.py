@@ -5,12 +5,14 @@ Enqueue is XADD (awaited one at a time; pipelined 100 at a time). The "worker" i
 For sleeping jobs (W3) it is `python -m benchmarks.drivers.raw_driver nap CONCURRENCY`: CONCURRENCY
 tasks take entries from a local queue and sleep; the loop keeps up to 100 entries read ahead of them
 and acks those that ended with its next read. With jobs in hand when a slot frees, what is left is
-the event loop's own timers.
+mostly the event loop's own timers.
 """
 
 import asyncio
+import os
 import sys
 import time
+import traceback
 import uuid
 
 import redis.asyncio as aioredis
@@ -67,7 +69,7 @@ async def consume_naps(concurrency: int) -> None:
     me = uuid.uuid4().hex
     waiting: asyncio.Queue[bytes] = asyncio.Queue()
     ended: list[bytes] = []
-    held = 0  # read, not yet acked
+    held = 0  # read, not yet ended (ended ones wait in `ended` for the next read's XACK)
     slot_freed = asyncio.Event()
 
     async def slot() -> None:
@@ -81,7 +83,16 @@ async def consume_naps(concurrency: int) -> None:
             held -= 1
             slot_freed.set()
 
-    slots = [asyncio.create_task(slot()) for _ in range(concurrency)]  # noqa: F841 (kept alive)
+    def died(task: asyncio.Task[None]) -> None:
+        # A slot that failed would hold its entry for ever: end the process, so the driver says the
+        # worker died instead of waiting out its timeout.
+        if not task.cancelled() and task.exception() is not None:
+            traceback.print_exception(task.exception())
+            os._exit(1)
+
+    slots = [asyncio.create_task(slot()) for _ in range(concurrency)]
+    for task in slots:
+        task.add_done_callback(died)
     while True:
         want = concurrency + BATCH - held
         if want <= 0:
