@@ -43,9 +43,6 @@ N_JOBS, N_IO, N_ROUNDS = 20_000, 5_000, 500
 IO_CONCURRENCY = 500
 LATENCY_CAP = 10.0  # seconds of W4 round trips at most (polling peers take up to 0.5 s a round)
 SLOW_RUN = 40.0  # a peer's run that took longer than this is not repeated: keeps the whole run near 30 min
-# Always repeated: their runs take seconds, so one that took long was disturbed, and is the one
-# that most needs the others beside it (aqueue's W1 once ran alone, at 15.3 s instead of 9 s).
-ALWAYS_REPEATED = ("raw", "aqueue", "aqueue-r7")  # (every library that is not a peer)
 RUN_TIMEOUT = 240.0  # a driver still running after this is killed, with its workers
 
 
@@ -265,7 +262,10 @@ def run_once(lib: Lib, cell: str, rep: int, outcome: Outcome, url: str, scale: i
     print(f"  {lib.name:9} {cell:4} run {rep + 1}: {took:5.1f}s  {shown}", flush=True)
     capped = cell == "W4" and result.get("rounds", 0) < result["n"] if "n" in result else False
     # a first run that fails means the setup is broken: no point in repeating it
-    slow = took > SLOW_RUN and lib.name not in ALWAYS_REPEATED
+    # Libraries that are not peers (raw, aqueue, aqueue-r7) are always repeated: their runs take
+    # seconds, so one that took long was disturbed, and is the one that most needs the others beside
+    # it (aqueue's W1 once ran alone, at 15.3 s instead of 9 s).
+    slow = took > SLOW_RUN and lib.peer
     return not ((outcome.errors and not outcome.runs) or outcome.na or slow or capped)
 
 

@@ -58,27 +58,27 @@ asyncio.run(main())
 """
 
 
-def interpreters() -> dict[str, str]:
-    """Each library measured, with the Python it runs under: its benchmark venv, else (aqueue and
-    raw, which need nothing but this tree) this interpreter; huey only from its venv."""
+def interpreters() -> dict[str, tuple[str, str]]:
+    """Each library measured, with the Python it runs under (its benchmark venv, else, for aqueue and
+    raw, which need nothing but this tree, this interpreter; huey only from its venv) and its driver."""
     libs = {lib.name: lib for lib in LIBS}
     found = {}
     for name in ("aqueue", "raw", "huey"):
         python = venv_python(libs[name])
         if os.path.exists(python):
-            found[name] = python
+            found[name] = (python, libs[name].driver)
         elif name != "huey":
-            found[name] = sys.executable
+            found[name] = (sys.executable, libs[name].driver)
     return found
 
 
-def measure(lib: str, python: str, url: str, jobs: int) -> dict[str, float]:
+def measure(lib: str, python: str, driver: str, url: str, jobs: int) -> dict[str, float]:
     """Per enqueue, in µs: wall time, the producer's user and kernel CPU, Redis's."""
     client = redis.Redis.from_url(url)
     client.flushall()
     path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
     env = {**os.environ, "BENCH_REDIS_URL": url, "PYTHONPATH": path}
-    proc = subprocess.Popen([python, "-c", PRODUCER, lib, str(jobs), str(WARM_UP)], cwd=ROOT, env=env,
+    proc = subprocess.Popen([python, "-c", PRODUCER, driver, str(jobs), str(WARM_UP)], cwd=ROOT, env=env,
                             text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     assert proc.stdin is not None
     assert proc.stdout is not None
@@ -179,10 +179,10 @@ def main() -> None:
         print(f"{'':8}" + "".join(f"{c:>17}" for c in columns))
         libs = interpreters()
         # A fresh Redis grows its memory on the first run: page faults that later runs never pay.
-        measure("raw", libs["raw"], url, args.jobs)
+        measure("raw", *libs["raw"], url, args.jobs)
         for _ in range(args.rounds):
-            for lib, python in libs.items():
-                row = measure(lib, python, url, args.jobs)
+            for lib, (python, driver) in libs.items():
+                row = measure(lib, python, driver, url, args.jobs)
                 print(f"{lib:8}" + "".join(f"{row[c]:17.1f}" for c in columns))
         print("\none-byte round trip over pipes, µs")
         print(f"  two cores  {pipe_round_trip((cores[0], cores[1])):6.1f}")
