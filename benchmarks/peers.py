@@ -453,6 +453,25 @@ def cpu_table(results: dict[str, dict[str, Outcome]]) -> str:
             + "\n".join(rows) + "\n")
 
 
+def io_cpu_table(results: dict[str, dict[str, Outcome]]) -> str:
+    """Cores kept busy in W3, and CPU time per job (medians): where the jobs only wait, what each
+    job costs the worker's loop is what spreads its waves (and delays the next wave's start)."""
+    rows = []
+    for lib in LIBS:
+        worker, redis_ = (medians(results, lib.name, "W3", k) for k in ("worker_cpu", "redis_cpu"))
+        worker_us, redis_us = (per_job_us(results, lib.name, "W3", k) for k in ("worker_cpu", "redis_cpu"))
+        if None in (worker, redis_, worker_us, redis_us):
+            continue
+        rows.append(f"| {lib.name} | {worker:.2f} / {redis_:.2f} | {worker_us:,.1f} / {redis_us:,.1f} |")
+    if not rows:
+        return ""
+    return ("## CPU in W3\n\nFrom the first job's start to the last one's end, the worker running 500 jobs "
+            "at a time that only sleep: cores kept busy, and CPU time per job in microseconds; worker / "
+            "Redis (medians). Each job that ends frees a slot for the next, so the more a job costs the "
+            "worker's loop, the later each wave's last slots are refilled.\n\n"
+            "| library | cores, W3 | µs/job, W3 |\n| --- | --- | --- |\n" + "\n".join(rows) + "\n")
+
+
 def memory_table(results: dict[str, dict[str, Outcome]]) -> str:
     """Each worker's peak RSS with one job at a time (W4) and at its tuned concurrency (W2): what
     its imports hold, and what running many jobs adds."""
@@ -552,6 +571,7 @@ RSS, seconds and latency: below 1 is aqueue better.
 ```
 
 {cpu_table(results)}
+{io_cpu_table(results)}
 {memory_table(results)}
 ## Versions
 
