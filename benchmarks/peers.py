@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -418,24 +419,30 @@ def per_job_us(results: dict[str, dict[str, Outcome]], lib: str, cell: str, key:
     return statistics.median(values) if values else None
 
 
+CPU = ("worker_cpu", "redis_cpu")
+
+
+def pair(results: dict[str, dict[str, Outcome]], lib: str, cell: str,
+         value: Callable[[dict[str, dict[str, Outcome]], str, str, str], float | None],
+         keys: tuple[str, str], spec: str) -> str | None:
+    """Two measurements of a cell side by side, "a / b" (workers / Redis, say); None if either is
+    missing."""
+    a, b = (value(results, lib, cell, k) for k in keys)
+    return None if a is None or b is None else f"{a:{spec}} / {b:{spec}}"
+
+
 def cpu_table(results: dict[str, dict[str, Outcome]]) -> str:
     """Cores kept busy during the drains, and CPU time per job (medians): what saturates when a
     second worker is added."""
     rows = []
     for lib in LIBS:
-        cells = []
-        for cell in ("W2t", "W5"):
-            worker, redis_ = (medians(results, lib.name, cell, k) for k in ("worker_cpu", "redis_cpu"))
-            cells.append("—" if worker is None or redis_ is None else f"{worker:.2f} / {redis_:.2f}")
-        for cell in ("W2t", "W5"):
-            worker, redis_ = (per_job_us(results, lib.name, cell, k) for k in ("worker_cpu", "redis_cpu"))
-            cells.append("—" if worker is None or redis_ is None else f"{worker:,.1f} / {redis_:,.1f}")
-        idle, stolen = (medians(results, lib.name, "W5", k) for k in ("idle_cores", "stolen_cores"))
-        cells.append("—" if idle is None or stolen is None else f"{idle:.2f} / {stolen:.2f}")
-        for cell in ("W2t", "W5"):
-            worker, redis_ = (medians(results, lib.name, cell, k) for k in ("worker_waiting", "redis_waiting"))
-            cells.append("—" if worker is None or redis_ is None else f"{worker:.2f} / {redis_:.2f}")
-        if any(c != "—" for c in cells):
+        cells = [pair(results, lib.name, cell, medians, CPU, ".2f") for cell in ("W2t", "W5")]
+        cells += [pair(results, lib.name, cell, per_job_us, CPU, ",.1f") for cell in ("W2t", "W5")]
+        cells.append(pair(results, lib.name, "W5", medians, ("idle_cores", "stolen_cores"), ".2f"))
+        cells += [pair(results, lib.name, cell, medians, ("worker_waiting", "redis_waiting"), ".2f")
+                  for cell in ("W2t", "W5")]
+        if any(c is not None for c in cells):
+            cells = [c or "—" for c in cells]
             rows.append(f"| {lib.name} | " + " | ".join(cells) + " |")
     if not rows:
         return ""
@@ -458,11 +465,10 @@ def io_cpu_table(results: dict[str, dict[str, Outcome]]) -> str:
     job costs the worker's loop is what spreads its waves (and delays the next wave's start)."""
     rows = []
     for lib in LIBS:
-        worker, redis_ = (medians(results, lib.name, "W3", k) for k in ("worker_cpu", "redis_cpu"))
-        worker_us, redis_us = (per_job_us(results, lib.name, "W3", k) for k in ("worker_cpu", "redis_cpu"))
-        if None in (worker, redis_, worker_us, redis_us):
-            continue
-        rows.append(f"| {lib.name} | {worker:.2f} / {redis_:.2f} | {worker_us:,.1f} / {redis_us:,.1f} |")
+        cores = pair(results, lib.name, "W3", medians, CPU, ".2f")
+        per_job = pair(results, lib.name, "W3", per_job_us, CPU, ",.1f")
+        if cores and per_job:
+            rows.append(f"| {lib.name} | {cores} | {per_job} |")
     if not rows:
         return ""
     return ("## CPU in W3\n\nFrom the first job's start to the last one's end, the worker running 500 jobs "
@@ -505,6 +511,8 @@ def report(results: dict[str, dict[str, Outcome]], failed: dict[str, str], lib_v
     body = table(results, failed, notes, scale, args.reps)
     printed = body + "\n\n" + "\n".join(f"[{i}] {t}" for i, t in enumerate(notes.texts, 1))
     date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    *others, last = [f"{lib.name}'s" for lib in LIBS if not lib.peer]
+    always_repeated = f"{', '.join(others)} and {last}" if others else last
     versions_md = "\n".join(
         f"| {lib.name} | {', '.join(f'{k} {v}' for k, v in lib_versions.get(lib.name, {}).items())} | "
         f"{'`pip install ' + shlex.join(lib.packages) + '`' if lib.packages else 'the aqueue venv'} | "
@@ -527,8 +535,8 @@ Written by `python -m benchmarks.peers` (benchmarks/peers.py); do not edit by ha
 - Machine: {machine()}
 - Each workload ran {args.reps} times per library, in rounds that run it once for every library in
   turn (a slower spell of the machine falls on one run of each); FLUSHALL before each run; a peer's
-  run that took over {SLOW_RUN:.0f} s was not repeated (marked in the footnotes); raw's and aqueue's
-  (and aqueue-r7's) always were.
+  run that took over {SLOW_RUN:.0f} s was not repeated (marked in the footnotes); {always_repeated}
+  always were.
   Job counts: W1/W2/W5 {N_JOBS // scale:,}, W3 {N_IO // scale:,}, W4 {N_ROUNDS // scale:,} round trips
   (at most {LATENCY_CAP:.0f} s of them).
 
