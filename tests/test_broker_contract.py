@@ -278,7 +278,7 @@ async def test_reclaim_and_renew(broker: Broker, queue_name: str) -> None:
     [d3] = await broker.reclaim(queue_name, "w2", 10, 0, MAX)
     assert await broker.renew(queue_name, "w2", [d2]) == []
     assert await broker.reclaim(queue_name, "w3", 10, 60, MAX) == []
-    assert await broker.finish(queue_name, [done(d2)], 60) == [False]
+    assert await broker.finish(queue_name, [done(d2, Outcome.RETRY)], 60) == [False]
     assert await broker.finish(queue_name, [done(d3)], 60) == [True]
 
 
@@ -296,13 +296,40 @@ async def test_stale_token_changes_nothing(broker: Broker, queue_name: str) -> N
     await broker.enqueue(queue_name, [new("a")])
     d1 = await take_one(broker, queue_name, consumer="w1")
     [d2] = await broker.reclaim(queue_name, "w2", 1, 0, MAX)
-    assert await broker.finish(queue_name, [done(d1, result=b"old")], 60) == [False]
+    stale = [done(d1, Outcome.FAILED, error=b"old", reason="old"), done(d1, Outcome.RETRY),
+             done(d1, Outcome.DEFER), done(d1, Outcome.CANCELLED)]
+    assert await broker.finish(queue_name, stale, 60) == [False] * 4
     assert await broker.set_progress(queue_name, "a", d1.token, b"old") is False
     await broker.release(queue_name, [d1])
     rec = await record(broker, queue_name, "a")
     assert (rec.state, rec.worker, rec.result, rec.progress) == ("running", "w2", None, None)
     assert await broker.finish(queue_name, [done(d2, result=b"new")], 60) == [True]
     assert (await record(broker, queue_name, "a")).result == b"new"
+
+
+async def test_success_of_a_run_taken_over_ends_the_job(broker: Broker, queue_name: str) -> None:
+    # w1's loop was blocked past its lease, w2 took the job over; w1's run then succeeds. The work
+    # is done: it ends the job, and w2's lease and later outcome count for nothing.
+    await broker.enqueue(queue_name, [new("a")])
+    d1 = await take_one(broker, queue_name, consumer="w1")
+    [d2] = await broker.reclaim(queue_name, "w2", 1, 0, MAX)
+    assert await broker.finish(queue_name, [done(d1, result=b"first")], 60) == [True]
+    rec = await record(broker, queue_name, "a")
+    assert (rec.state, rec.result) == ("succeeded", b"first")
+    assert await broker.renew(queue_name, "w2", [d2]) == ["a"]
+    assert await broker.reclaim(queue_name, "w3", 10, 0, MAX) == []
+    assert await broker.finish(queue_name, [done(d2, result=b"second")], 60) == [False]
+    assert (await record(broker, queue_name, "a")).result == b"first"
+    # A success from an earlier run (before a retry) is stale: the job runs anew since.
+    await broker.enqueue(queue_name, [new("b")])
+    b1 = await take_one(broker, queue_name, consumer="w1")
+    [b2] = await broker.reclaim(queue_name, "w2", 1, 0, MAX)
+    assert await broker.finish(queue_name, [done(b2, Outcome.RETRY)], 60) == [True]
+    b3 = await take_one(broker, queue_name, consumer="w2")
+    assert b3.job_id == "b"
+    assert await broker.finish(queue_name, [done(b1, result=b"old")], 60) == [False]
+    assert await broker.finish(queue_name, [done(b3, result=b"new")], 60) == [True]
+    assert (await record(broker, queue_name, "b")).result == b"new"
 
 
 async def test_release_makes_ready_without_counting(broker: Broker, queue_name: str) -> None:
@@ -486,7 +513,9 @@ async def test_every_delivery_of_a_job_carries_a_greater_token(broker: Broker, q
     assert [s.job_id for s in seen] == ["a"] * 4
     assert [s.token for s in seen] == sorted({s.token for s in seen})
     assert await broker.set_progress(queue_name, "a", seen[0].token, b"x") is False
-    assert await broker.finish(queue_name, [done(s) for s in seen[:3]], 60) == [False] * 3
+    # Successes of earlier runs (handed back, retried) and anything else stale change nothing.
+    assert await broker.finish(queue_name, [done(s) for s in seen[:2]], 60) == [False] * 2
+    assert await broker.finish(queue_name, [done(s, Outcome.RETRY) for s in seen[:3]], 60) == [False] * 3
     # A first delivery that ends in a retry: the next one's token is greater too.
     await broker.enqueue(queue_name, [new("b")])
     first = await take_one(broker, queue_name)

@@ -223,14 +223,16 @@ async def test_immediate_mode_runs_only_its_own_jobs(broker: Broker, queue_name:
 
 class _HeldReclaim:
     """The worker's next reclaim takes its own leased jobs (as when they lapsed while its event loop
-    was blocked), and its reply is held back until `answer` is set: an outcome of those jobs,
-    refused meanwhile, is answered to the worker before the reclaim is."""
+    was blocked), and its reply is held back until `answer` is set: an outcome of those jobs is
+    written meanwhile, under the delivery the job ran as; `first_write` tells how it went."""
 
     def __init__(self, broker: Broker, monkeypatch: pytest.MonkeyPatch) -> None:
         self.armed = False
         self.claimed = anyio.Event()
         self.answer = anyio.Event()
-        self.outcomes_refused = anyio.Event()
+        self.answered = anyio.Event()
+        self.written = anyio.Event()
+        self.first_write: list[bool] = []
         real_reclaim, real_finish = broker.reclaim, broker.finish
 
         async def reclaim(queue: str, consumer: str, count: int, idle: float,
@@ -241,32 +243,37 @@ class _HeldReclaim:
             taken = await real_reclaim(queue, consumer, count, 0, max_deliveries)
             self.claimed.set()
             await self.answer.wait()
+            self.answered.set()  # the worker takes the reply in before it next waits
             return taken
 
         async def finish(queue: str, completions: Sequence[Completion], ttl: float) -> list[bool]:
             applied = await real_finish(queue, completions, ttl)
-            if not all(applied):
-                self.outcomes_refused.set()
+            if not self.written.is_set():
+                self.first_write = applied
+                self.written.set()
             return applied
 
         monkeypatch.setattr(broker, "reclaim", reclaim)
         monkeypatch.setattr(broker, "finish", finish)
 
 
-async def test_outcome_refused_to_the_workers_own_reclaim_is_written_not_run_again(
-    broker: Broker, queue_name: str, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("fails", [False, True], ids=["success", "failure"])
+async def test_outcome_of_a_job_the_worker_reclaimed_from_itself_is_written_not_run_again(
+    broker: Broker, queue_name: str, monkeypatch: pytest.MonkeyPatch, fails: bool
 ) -> None:
     queue = Queue(broker=broker, name=queue_name, visibility_timeout=1)
     held = _HeldReclaim(broker, monkeypatch)
     started, finish_now = anyio.Event(), anyio.Event()
     runs = 0
 
-    @queue.task
+    @queue.task(retries=0)
     async def slow() -> int:
         nonlocal runs
         runs += 1
         started.set()
         await finish_now.wait()
+        if fails:
+            raise ValueError("for good")
         return runs
 
     async with queue.worker():
@@ -276,7 +283,17 @@ async def test_outcome_refused_to_the_workers_own_reclaim_is_written_not_run_aga
             held.armed = True
             await held.claimed.wait()
             finish_now.set()
-            await held.outcomes_refused.wait()  # the outcome's refusal comes first
+            await held.written.wait()  # before the reclaim is answered
+        # A success ends the job under the delivery it ran as; a failure is refused under it, and
+        # written again under the new delivery once the worker learns of it.
+        assert held.first_write == [not fails]
         held.answer.set()
-        assert await job.result(timeout=10) == 1
+        with anyio.fail_after(10):
+            await held.answered.wait()
+        if fails:
+            with pytest.raises(TaskError, match="for good"):
+                await job.result(timeout=10)
+            assert await job.state() == JobState.FAILED
+        else:
+            assert await job.result(timeout=10) == 1
     assert runs == 1

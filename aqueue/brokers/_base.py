@@ -113,7 +113,7 @@ class Delivery:
     """1-based; grows by one with each retry (not with a redelivery)."""
     token: int
     """Fencing token: grows with every delivery of the job. Operations carrying a stale token
-    (the job was since delivered again) change nothing."""
+    (the job was since delivered again) change nothing, but for a success (`Broker.finish`)."""
     priority: int
     enqueued_at: float
     receipt: str
@@ -263,6 +263,10 @@ class Broker(ABC):
 
         Returns, for each, whether it applied. A completion whose token is stale (the job has been
         delivered again since) changes nothing and gives False: the newer delivery owns the job.
+        Except a SUCCEEDED one from an earlier delivery of the run still going on (same receipt,
+        the job still `running`): its worker was alive but silent (a blocked event loop) while
+        another took the job over, and the work is done, so it ends the job and the newer
+        delivery's lease with it. Refused, it would hand the job round until the dead letters.
         """
 
     @abstractmethod

@@ -247,7 +247,7 @@ class MemoryBroker(Broker):
         q = self._queue(queue)
         out: list[bool] = []
         for c in completions:
-            if not self._holds(q, c.delivery):
+            if not (self._holds(q, c.delivery) or self._late_success(q, c)):
                 out.append(False)
                 continue
             rec = q.records[c.delivery.job_id]
@@ -392,6 +392,14 @@ class MemoryBroker(Broker):
     def _holds(self, q: _Queue, d: Delivery) -> bool:
         """Whether `d` is the job's current lease (not stale, not ended)."""
         return d.job_id in q.leases and q.tokens.get(d.job_id) == d.token
+
+    def _late_success(self, q: _Queue, c: Completion) -> bool:
+        """Whether `c` is a success from an earlier delivery of the run still going on (the same
+        entry, leased again since): its worker was alive but silent, its loop blocked, while
+        another took the job over. The work is done, so it ends the job."""
+        d = c.delivery
+        return (c.outcome == Outcome.SUCCEEDED and d.job_id in q.leases
+                and str(q.entries.get(d.job_id)) == d.receipt)
 
     def _make_ready(self, q: _Queue, rec: JobRecord) -> None:
         rec.state = JobState.PENDING.value
