@@ -67,7 +67,7 @@ class Completer:
                     # This worker's own reclaim, under way, may be what took those jobs over.
                     await self._reclaim_settled()
                 # A completion whose job came back to this worker while it was being written was
-                # refused under its old delivery: write it again under the new one.
+                # refused under its old delivery (unless a success): write it again under the new one.
                 retry = [c for c, ok, d in zip(batch, applied, sent, strict=True)
                          if not ok and c.delivery is not d]
                 batch = [c for c, ok, d in zip(batch, applied, sent, strict=True)

@@ -395,8 +395,7 @@ class MemoryBroker(Broker):
 
     def _late_success(self, q: _Queue, c: Completion) -> bool:
         """Whether `c` is a success from an earlier delivery of the run still going on (the same
-        entry, leased again since): its worker was alive but silent, its loop blocked, while
-        another took the job over. The work is done, so it ends the job."""
+        entry, leased again since), which ends the job (see `Broker.finish`)."""
         d = c.delivery
         return (c.outcome == Outcome.SUCCEEDED and d.job_id in q.leases
                 and str(q.entries.get(d.job_id)) == d.receipt)
