@@ -269,7 +269,6 @@ class Worker:
         outcome refused to this worker is not given up (see `_reclaim_settled`)."""
         queue = self.queue
         self._reclaim_done = anyio.Event()
-        self._written_while_reclaiming.clear()
         try:
             deliveries = await queue.broker.reclaim(queue.name, self.name, free,
                                                     queue.visibility_timeout, queue.max_deliveries)
@@ -284,6 +283,7 @@ class Worker:
             return len(deliveries)
         finally:
             self._reclaim_done.set()
+            self._written_while_reclaiming.clear()
 
     async def _reclaim_settled(self) -> None:
         """Wait for a reclaim under way to be taken in. An outcome refused while it was under way
