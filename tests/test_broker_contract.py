@@ -320,6 +320,15 @@ async def test_success_of_a_run_taken_over_ends_the_job(broker: Broker, queue_na
     assert await broker.reclaim(queue_name, "w3", 10, 0, MAX) == []
     assert await broker.finish(queue_name, [done(d2, result=b"second")], 60) == [False]
     assert (await record(broker, queue_name, "a")).result == b"first"
+    # Taken over twice: the middle delivery's success ends the job as well (on Redis, the first
+    # delivery is a lean one, the later ones are not).
+    await broker.enqueue(queue_name, [new("c")])
+    c1 = await take_one(broker, queue_name, consumer="w1")
+    [c2] = await broker.reclaim(queue_name, "w2", 1, 0, MAX)
+    [c3] = await broker.reclaim(queue_name, "w3", 1, 0, MAX)
+    assert await broker.finish(queue_name, [done(c2, result=b"middle")], 60) == [True]
+    assert await broker.finish(queue_name, [done(c1), done(c3)], 60) == [False, False]
+    assert (await record(broker, queue_name, "c")).result == b"middle"
     # A success from an earlier run (before a retry) is stale: the job runs anew since.
     await broker.enqueue(queue_name, [new("b")])
     b1 = await take_one(broker, queue_name, consumer="w1")
