@@ -106,7 +106,6 @@ class Worker:
         self._fetch_ended = anyio.Event()
         self._reclaim_done = anyio.Event()
         self._reclaim_done.set()
-        self._written_while_reclaiming: set[str] = set()
         # Jobs wait here for a runner. Runners are long-lived tasks: a busy worker does not pay for
         # a new task per job. When jobs wait, one runner is called at a time: an idle one woken,
         # or else a new one (up to `concurrency`); once it takes a job, it calls the next if more
@@ -269,21 +268,23 @@ class Worker:
         outcome refused to this worker is not given up (see `_reclaim_settled`)."""
         queue = self.queue
         self._reclaim_done = anyio.Event()
+        held = set(self._held)
         try:
             deliveries = await queue.broker.reclaim(queue.name, self.name, free,
                                                     queue.visibility_timeout, queue.max_deliveries)
             # The reclaim may have taken over a job of this worker's own (its lease lapsed while
             # the loop was blocked) whose success was then written, and applied, under the job's
-            # earlier delivery: the job is done, not to be run again. (A refused outcome waits
-            # for this reply instead, see `_reclaim_settled`.)
-            deliveries = [d for d in deliveries if d.job_id not in self._written_while_reclaiming]
+            # earlier delivery: held then, neither running nor waiting to be written now, it is
+            # done, not to be run again. (A refused outcome waits for this reply instead, see
+            # `_reclaim_settled`, and is adopted.)
+            deliveries = [d for d in deliveries if d.job_id not in held
+                          or d.job_id in self._running or d.job_id in self._completing]
             for d in deliveries:
                 logger.warning("job %s (%s) taken over from a silent worker", d.job_id, d.task)
             await self._take(deliveries)
             return len(deliveries)
         finally:
             self._reclaim_done.set()
-            self._written_while_reclaiming.clear()
 
     async def _reclaim_settled(self) -> None:
         """Wait for a reclaim under way to be taken in. An outcome refused while it was under way
@@ -401,8 +402,6 @@ class Worker:
         return True
 
     def _written(self, completions: list[Completion]) -> None:
-        if not self._reclaim_done.is_set():
-            self._written_while_reclaiming.update(c.delivery.job_id for c in completions)
         for c in completions:
             job_id = c.delivery.job_id
             if self._completing.get(job_id) is c:

@@ -8,7 +8,7 @@
 --       of job id, payload (waiting jobs to make ready, applied with a success). A success with
 --       no error, retry_at or reason comes as outcome 'ok', without those three.
 -- Returns 1 per applied completion, 0 where the token was stale (a newer delivery owns the job),
--- but for a stale success of the job's current run (see the comment on `late`).
+-- but for a stale success of the job's current run (see the comment on `current`).
 local ttl = tonumber(ARGV[1])
 local out = {}
 local acked = {}  -- per stream: the entries ended here
@@ -37,12 +37,12 @@ while i <= #ARGV do
   local now_token, state, more = unpack(redis.call('HMGET', jk, 'token', 'state', 'more'))
   -- A lean delivery wrote nothing when it started.
   local lean = lean_live(token, now_token, state)
-  -- A success from an earlier delivery of the run that is still going on (the same entry): its
-  -- worker was alive but silent, its loop blocked, while another took the job over. The work is
-  -- done, so it ends the job; refused, it would hand the job round until the dead letters.
-  local late = outcome == 'succeeded' and state == 'running' and now_token ~= token
-    and redis.call('HGET', jk, 'entry') == entry
-  if not (lean or late) and (now_token ~= token or state ~= 'running') then
+  local current = lean or (now_token == token and state == 'running')
+  -- Else, a success from an earlier delivery of the run that is still going on (the same entry):
+  -- its worker was alive but silent, its loop blocked, while another took the job over. The work
+  -- is done, so it ends the job; refused, it would hand the job round until the dead letters.
+  if not current and not (outcome == 'succeeded' and state == 'running'
+      and redis.call('HGET', jk, 'entry') == entry) then
     out[#out + 1] = 0
   else
     local s = streams[p]
