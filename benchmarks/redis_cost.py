@@ -1,6 +1,7 @@
 """What a job costs Redis, in CPU instructions: enqueue (one by one and by `map`), receive and
 finish, each measured alone, beside a raw XADD awaited one at a time (W1's floor); and W4's chain
-of one job alone (a waiter registered, received alone, finished alone: what an idle worker does).
+of one job alone (a waiter registered, received alone, finished alone: what an idle worker does),
+phase by phase and then whole, one job after another.
 
     python -m benchmarks.redis_cost [--jobs 4000]
 
@@ -135,6 +136,15 @@ async def measure(server: CountedRedis, jobs: int) -> dict[str, float]:
         server.start()
         await finish_all(broker, [[d] for d in alone], queue.result_ttl)
         finish_one = server.stop()
+        # The phases above each ran over all the rounds' jobs, so the stream held up to `rounds`
+        # entries, which the finishes' trims walk. An idle worker's stream holds one: the whole
+        # chain, one job after another, is what W4 costs Redis.
+        server.start()
+        for _ in range(rounds):
+            job_id = (await noop.enqueue()).id
+            await broker._run(QUEUE, "watch", [job_id, broker._inbox])
+            await finish_all(broker, [await broker.receive(QUEUE, "worker", 1, 0.0, 10)], queue.result_ttl)
+        chain = server.stop()
 
         # The floor one enqueue is measured against: W1's raw producer, one XADD awaited at a time.
         server.start()
@@ -145,6 +155,7 @@ async def measure(server: CountedRedis, jobs: int) -> dict[str, float]:
             "receive": receive / (2 * jobs), "finish": finish / (2 * jobs),
             "finish (two workers)": finish_two / jobs, "W4: watch": watch / rounds,
             "W4: receive alone": receive_one / rounds, "W4: finish alone": finish_one / rounds,
+            "W4: one job's chain": chain / rounds,
             "raw XADD": raw / jobs}
 
 
