@@ -273,13 +273,16 @@ def run_once(lib: Lib, cell: str, rep: int, outcome: Outcome, url: str, scale: i
 def measure(libs: list[Lib], url: str, reps: int, scale: int, base: str) -> dict[str, dict[str, Outcome]]:
     """Each workload's runs go round the libraries, one run each per round: a spell when the machine
     is slower (its other tenants) then falls on one run of each library, not on every run of one,
-    and each library's median comes from three spells."""
+    and each library's median comes from three spells. Every other round goes the other way round, so
+    that a library run last in one round is run first in the next: a machine whose speed drifts during
+    a round favours no library's place in the order."""
     client = redis.Redis.from_url(url)
     outcomes: dict[str, dict[str, Outcome]] = {lib.name: {} for lib in libs}
     done: set[tuple[str, str]] = set()  # (library, cell) runs no more
     for rep in range(reps):
+        in_order = libs if rep % 2 == 0 else libs[::-1]
         for cell in CELLS:
-            for lib in libs:
+            for lib in in_order:
                 if (lib.cells is not None and cell not in lib.cells) or (lib.name, cell) in done:
                     continue
                 client.flushall()
@@ -534,7 +537,8 @@ Written by `python -m benchmarks.peers` (benchmarks/peers.py); do not edit by ha
 - aqueue: {args.git_start} at the start of the run{git_change(args.git_start)}
 - Machine: {machine()}
 - Each workload ran {args.reps} times per library, in rounds that run it once for every library in
-  turn (a slower spell of the machine falls on one run of each); FLUSHALL before each run; a peer's
+  turn, every other round in the reverse order (a slower spell of the machine falls on one run of each,
+  and no library keeps its place in a round); FLUSHALL before each run; a peer's
   run that took over {SLOW_RUN:.0f} s was not repeated (marked in the footnotes); {always_repeated}
   always were.
   Job counts: W1/W2/W5 {N_JOBS // scale:,}, W3 {N_IO // scale:,}, W4 {N_ROUNDS // scale:,} round trips
