@@ -315,7 +315,8 @@ async def test_success_of_a_run_taken_over_ends_the_job(broker: Broker, queue_na
     [d2] = await broker.reclaim(queue_name, "w2", 1, 0, MAX)
     assert await broker.finish(queue_name, [done(d1, result=b"first")], 60) == [True]
     rec = await record(broker, queue_name, "a")
-    assert (rec.state, rec.result) == ("succeeded", b"first")
+    # The record names the run that did the work, not the one that took over.
+    assert (rec.state, rec.result, rec.worker, rec.started_at) == ("succeeded", b"first", "w1", d1.leased_at)
     assert await broker.renew(queue_name, "w2", [d2]) == ["a"]
     assert await broker.reclaim(queue_name, "w3", 10, 0, MAX) == []
     assert await broker.finish(queue_name, [done(d2, result=b"second")], 60) == [False]
@@ -328,7 +329,8 @@ async def test_success_of_a_run_taken_over_ends_the_job(broker: Broker, queue_na
     [c3] = await broker.reclaim(queue_name, "w3", 1, 0, MAX)
     assert await broker.finish(queue_name, [done(c2, result=b"middle")], 60) == [True]
     assert await broker.finish(queue_name, [done(c1), done(c3)], 60) == [False, False]
-    assert (await record(broker, queue_name, "c")).result == b"middle"
+    rec = await record(broker, queue_name, "c")
+    assert (rec.result, rec.worker, rec.started_at) == (b"middle", "w2", c2.leased_at)
     # A success from an earlier run (before a retry) is stale: the job runs anew since.
     await broker.enqueue(queue_name, [new("b")])
     b1 = await take_one(broker, queue_name, consumer="w1")

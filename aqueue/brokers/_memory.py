@@ -251,6 +251,9 @@ class MemoryBroker(Broker):
                 out.append(False)
                 continue
             rec = q.records[c.delivery.job_id]
+            if q.tokens.get(rec.id) != c.delivery.token:
+                # A late success: the record names the run that ended the job, not the newer one.
+                rec.started_at, rec.worker = c.delivery.leased_at, c.delivery.consumer
             del q.leases[rec.id]
             if c.error is not None:
                 rec.error = c.error

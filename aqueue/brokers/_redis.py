@@ -644,8 +644,8 @@ class RedisBroker(Broker):
         for c in completions:
             d = c.delivery
             args += [d.job_id, d.token, d.priority, d.receipt]
-            # Written only where the start was not (a lean delivery, token 1: see finish.lua).
-            args += [repr(d.leased_at), d.consumer] if d.token == 1 else ["", ""]
+            # Written where the start was not (a lean delivery) or is another's (a late success).
+            args += [repr(d.leased_at), d.consumer]
             if c.outcome is Outcome.SUCCEEDED and not c.error and c.retry_at is None and not c.reason:
                 args += ["ok", c.result or b""]
             else:

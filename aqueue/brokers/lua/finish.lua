@@ -3,7 +3,7 @@
 -- ARGV: result_ttl, when the records ended here expire (whole seconds, the latest finished_at
 --       plus result_ttl, rounded up), how many ended entries may wait behind a pending one for
 --       the trim (see trim_acked), then per completion: job id, token, band, entry id,
---       started_at and worker (for a lean delivery's record, else ''), outcome, result, error,
+--       started_at and worker (the delivery's own), outcome, result, error,
 --       retry_at ('' = now), reason, finished_at, the number of activations, and that many pairs
 --       of job id, payload (waiting jobs to make ready, applied with a success). A success with
 --       no error, retry_at or reason comes as outcome 'ok', without those three.
@@ -45,6 +45,9 @@ while i <= #ARGV do
       and redis.call('HGET', jk, 'entry') == entry) then
     out[#out + 1] = 0
   else
+    -- The record names the run that ended the job: a lean delivery wrote no start, and a late
+    -- success's start is not the one written since by the delivery that took over.
+    local stamp = lean or not current
     local s = streams[p]
     if not s then
       s = stream_key(p)
@@ -55,7 +58,7 @@ while i <= #ARGV do
       -- The common end, written without finalize: the record has no key, waiter, error or
       -- workflow link to see to (the flag says so), only its own fields and expiry. Written out,
       -- without a table of fields: most jobs end here.
-      if lean then
+      if stamp then
         redis.call('HSET', jk, 'result', result, 'state', 'succeeded', 'finished_at', now,
           'started_at', started_at, 'worker', worker)
       else
@@ -65,7 +68,7 @@ while i <= #ARGV do
       expiring_batch[#expiring_batch + 1] = id
     else
       local fields = {}
-      if lean then fields = {'started_at', started_at, 'worker', worker} end
+      if stamp then fields = {'started_at', started_at, 'worker', worker} end
       local rec = {token = now_token, state = state}
       if more ~= '0' then rec = end_fields(jk) end  -- set, or a record from before the flag
       rec.result = false
