@@ -2,11 +2,11 @@
 -- KEYS[1] prefix
 -- ARGV: result_ttl, when the records ended here expire (whole seconds, the latest finished_at
 --       plus result_ttl, rounded up), how many ended entries may wait behind a pending one for
---       the trim (see trim_acked), then per completion: job id, token, band, entry id,
---       started_at and worker (the delivery's own), outcome, result, error,
---       retry_at ('' = now), reason, finished_at, the number of activations, and that many pairs
---       of job id, payload (waiting jobs to make ready, applied with a success). A success with
---       no error, retry_at or reason comes as outcome 'ok', without those three.
+--       the trim (see trim_acked), then per completion: job id, token, band, entry id, the
+--       delivery's started_at and worker, outcome, result, error, retry_at ('' = now), reason,
+--       finished_at, the number of activations, and that many pairs of job id, payload (waiting
+--       jobs to make ready, applied with a success). A success with no error, retry_at or reason
+--       comes as outcome 'ok', without those three.
 -- Returns 1 per applied completion, 0 where the token was stale (a newer delivery owns the job),
 -- but for a stale success of the job's current run (see the comment on `current`).
 local ttl = tonumber(ARGV[1])
