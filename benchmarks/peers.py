@@ -392,9 +392,21 @@ def table(results: dict[str, dict[str, Outcome]], failed: dict[str, str], notes:
     return "\n".join(lines)
 
 
+def cpu_model() -> str:
+    """The CPU's name, with its family and model where /proc/cpuinfo gives them: a virtual machine's
+    name is often the vendor's line alone ("AMD EPYC"), shared by CPUs of very different speed."""
+    info: dict[str, str] = {}
+    for ln in open("/proc/cpuinfo"):
+        key, _, value = ln.partition(":")
+        info.setdefault(key.strip(), value.strip())
+    name = info.get("model name") or platform.processor()
+    if "cpu family" in info and "model" in info:
+        return f"{name} (family {info['cpu family']}, model {info['model']})"
+    return name
+
+
 def machine() -> str:
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
-               platform.processor())
+    cpu = cpu_model()
     mem_kb = next(int(ln.split()[1]) for ln in open("/proc/meminfo") if ln.startswith("MemTotal"))
     server = subprocess.run(["redis-server", "--version"], capture_output=True, text=True).stdout.split()
     server_version = next((w.split("=")[1] for w in server if w.startswith("v=")), "?")
@@ -402,17 +414,27 @@ def machine() -> str:
             f"Python {platform.python_version()}, redis-server {server_version} (--save '' --appendonly no)")
 
 
+def _git(*args: str) -> str:
+    return subprocess.run(["git", "-C", ROOT, *args], capture_output=True, text=True).stdout.strip()
+
+
 def git_state() -> str:
-    head = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
-                          text=True).stdout.strip()
-    dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "aqueue"], capture_output=True,
-                           text=True).stdout.strip()
-    return f"{head}{' + uncommitted changes in aqueue/' if dirty else ''}"
+    dirty = _git("status", "--porcelain", "aqueue")
+    return f"{_git('rev-parse', '--short', 'HEAD')}{' + uncommitted changes in aqueue/' if dirty else ''}"
 
 
-def git_change(at_start: str) -> str:
+def aqueue_tree() -> str:
+    """What the run measures: aqueue/ as committed, and any change to it not committed."""
+    return _git("rev-parse", "HEAD:aqueue") + _git("diff", "HEAD", "--", "aqueue")
+
+
+def git_change(at_start: str, tree_at_start: str) -> str:
     now = git_state()
-    return "" if now == at_start else f", {now} at the end (the tree changed during the run)"
+    if now == at_start:
+        return ""
+    if aqueue_tree() == tree_at_start:
+        return f", {now} at the end (commits during the run left aqueue/ as it was)"
+    return f", {now} at the end (aqueue/ changed during the run)"
 
 
 def per_job_us(results: dict[str, dict[str, Outcome]], lib: str, cell: str, key: str) -> float | None:
@@ -534,7 +556,7 @@ Written by `python -m benchmarks.peers` (benchmarks/peers.py); do not edit by ha
 - Date: {date}; total run time {elapsed / 60:.1f} min; 1-min load average at the start
   {args.load:.2f} (nothing else is stopped for the run: other work on the machine adds noise)
 - Command: `{command}`
-- aqueue: {args.git_start} at the start of the run{git_change(args.git_start)}
+- aqueue: {args.git_start} at the start of the run{git_change(args.git_start, args.tree_start)}
 - Machine: {machine()}
 - Each workload ran {args.reps} times per library, in rounds that run it once for every library in
   turn, every other round in the reverse order (a slower spell of the machine falls on one run of each,
@@ -617,6 +639,7 @@ def main() -> None:
     scale = 10 if args.quick else 1
     command = "python -m benchmarks.peers" + "".join(f" {a}" for a in sys.argv[1:])
     started, load_at_start, args.git_start = time.monotonic(), os.getloadavg()[0], git_state()
+    args.tree_start = aqueue_tree()
     os.makedirs(PEERS, exist_ok=True)
     failed: dict[str, str] = {}
     lib_versions: dict[str, Any] = {}
