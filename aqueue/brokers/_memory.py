@@ -247,11 +247,12 @@ class MemoryBroker(Broker):
         q = self._queue(queue)
         out: list[bool] = []
         for c in completions:
-            if not (self._holds(q, c.delivery) or self._late_success(q, c)):
+            holds = self._holds(q, c.delivery)
+            if not (holds or self._late_success(q, c)):
                 out.append(False)
                 continue
             rec = q.records[c.delivery.job_id]
-            if q.tokens.get(rec.id) != c.delivery.token:
+            if not holds:
                 # A late success: the record names the run that ended the job, not the newer one.
                 rec.started_at, rec.worker = c.delivery.leased_at, c.delivery.consumer
             del q.leases[rec.id]
