@@ -23,6 +23,7 @@ a handler catching `AqueueError` never swallows them.
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 
@@ -112,7 +113,9 @@ class JobExpired(JobError):
 class RetryTask(Exception):
     """Raise in a task to run it again after `delay` seconds, whatever its retry count."""
 
-    def __init__(self, delay: float | None = None) -> None:
+    def __init__(self, delay: float | timedelta | None = None) -> None:
+        if isinstance(delay, timedelta):
+            delay = delay.total_seconds()
         super().__init__(f"retry requested (delay={delay})")
         self.delay = delay
 

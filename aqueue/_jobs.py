@@ -20,7 +20,7 @@ from aqueue._exceptions import (
 )
 from aqueue._serialization import loads
 from aqueue._states import JobState
-from aqueue._time import to_datetime
+from aqueue._time import Seconds, timedelta_or_seconds, to_datetime
 
 if TYPE_CHECKING:
     from aqueue._queue import Queue
@@ -120,12 +120,13 @@ class Job(Generic[R]):
     def __hash__(self) -> int:
         return hash((self.queue.name, self.id))
 
-    async def result(self, timeout: float | None = None) -> R:
+    async def result(self, timeout: Seconds | None = None) -> R:
         """The job's value, waiting up to `timeout` seconds (None: forever) for it to finish.
 
         Raises `TaskError` (failed), `JobCancelled`, `JobRevoked`, `JobExpired`, `JobNotFound`
         (unknown id: at once) or `TimeoutError` (not finished in time).
         """
+        timeout = timedelta_or_seconds(timeout)
         record = await self.queue.broker.wait(self.queue.name, self.id, timeout)
         if record is None:
             raise JobNotFound(f"no job {self.id} on queue {self.queue.name!r}", job_id=self.id)
@@ -184,17 +185,17 @@ class ResultGroup(Generic[R]):
     def __getitem__(self, index: int) -> Job[Any]:
         return self.jobs[index]
 
-    async def get(self, timeout: float | None = None) -> list[R]:
+    async def get(self, timeout: Seconds | None = None) -> list[R]:
         """Every job's value in order; raises the first error met, like `Job.result`."""
-        with anyio.fail_after(timeout):
+        with anyio.fail_after(timedelta_or_seconds(timeout)):
             return [await job.result() for job in self.jobs]
 
-    async def as_completed(self, timeout: float | None = None) -> AsyncIterator[R]:
+    async def as_completed(self, timeout: Seconds | None = None) -> AsyncIterator[R]:
         """Values in the order the jobs finish; raises the first error met."""
         # Plain asyncio tasks, not a task group: a generator must not yield inside a cancel scope.
         waiters = [asyncio.ensure_future(job.result()) for job in self.jobs]
         try:
-            for next_done in asyncio.as_completed(waiters, timeout=timeout):
+            for next_done in asyncio.as_completed(waiters, timeout=timedelta_or_seconds(timeout)):
                 yield cast(R, await next_done)
         finally:
             for waiter in waiters:

@@ -14,6 +14,7 @@ import anyio
 
 from aqueue._decorating import around
 from aqueue._exceptions import BrokerError, ConfigurationError, LockTimeout, TaskLocked
+from aqueue._time import Seconds, seconds, timedelta_or_seconds
 
 if TYPE_CHECKING:
     from aqueue._queue import Queue
@@ -32,14 +33,17 @@ class Lock:
     the job is retried by its task's policy.
     """
 
-    def __init__(self, queue: Queue, name: str, ttl: float = 30.0, timeout: float | None = None) -> None:
+    def __init__(
+        self, queue: Queue, name: str, ttl: Seconds = 30.0, timeout: Seconds | None = None
+    ) -> None:
+        ttl, timeout = seconds(ttl, "lock ttl"), timedelta_or_seconds(timeout)
         if not name:
             raise ConfigurationError("a lock needs a name")
         if ttl <= 0:
             raise ConfigurationError(f"lock ttl must be > 0, got {ttl}")
         if timeout is not None and timeout < 0:
             raise ConfigurationError(f"lock timeout must be >= 0 or None, got {timeout}")
-        self.queue, self.name, self.ttl, self.timeout = queue, name, float(ttl), timeout
+        self.queue, self.name, self.ttl, self.timeout = queue, name, ttl, timeout
         # One Lock object may be entered by several tasks at once: each holds its own token.
         self._stacks: dict[object, AsyncExitStack] = {}
 

@@ -23,9 +23,8 @@ from aqueue._tasks import (
     TaskPolicy,
     call_overrides,
     default_name,
-    timedelta_or_seconds,
 )
-from aqueue._time import Seconds, When, epoch, seconds
+from aqueue._time import Seconds, When, epoch, seconds, timedelta_or_seconds
 from aqueue.brokers import Broker, NewJob, WorkflowLinks
 
 if TYPE_CHECKING:
@@ -363,13 +362,13 @@ class Queue:
 
     # --- coordination ----------------------------------------------------------------------------
 
-    def lock(self, name: str, ttl: float = 30.0, timeout: float | None = None) -> Lock:
+    def lock(self, name: str, ttl: Seconds = 30.0, timeout: Seconds | None = None) -> Lock:
         """A distributed lock: `async with queue.lock("name"):` or a decorator below `@queue.task`."""
         from aqueue._locks import Lock  # loaded on first use: most workers never take a lock
 
         return Lock(self, name, ttl=ttl, timeout=timeout)
 
-    def rate_limit(self, key: str, limit: int, per: float, retry: bool = True) -> RateLimit:
+    def rate_limit(self, key: str, limit: int, per: Seconds, retry: bool = True) -> RateLimit:
         """A rate limit shared by every worker: `async with` or a decorator below `@queue.task`."""
         from aqueue._ratelimit import RateLimit  # loaded on first use, as `lock` is
 
@@ -392,7 +391,7 @@ class Queue:
         concurrency: int = 100,
         *,
         scheduler: bool = True,
-        shutdown_timeout: float = 30.0,
+        shutdown_timeout: Seconds = 30.0,
     ) -> AsyncIterator[Worker]:
         """Run a worker in the background of the current task; it stops gracefully on exit."""
         from aqueue._worker import Worker

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from aqueue._decorating import around
 from aqueue._exceptions import ConfigurationError, RateLimitExceeded
+from aqueue._time import Seconds, seconds
 
 if TYPE_CHECKING:
     from aqueue._queue import Queue
@@ -25,12 +26,13 @@ class RateLimit:
     with `retry=True` the job runs again in the next window without using a retry.
     """
 
-    def __init__(self, queue: Queue, key: str, limit: int, per: float, retry: bool = True) -> None:
+    def __init__(self, queue: Queue, key: str, limit: int, per: Seconds, retry: bool = True) -> None:
+        per = seconds(per, "rate limit per")
         if not key:
             raise ConfigurationError("a rate limit needs a key")
         if limit < 1 or per <= 0:
             raise ConfigurationError(f"rate limit needs limit >= 1 and per > 0, got {limit}/{per}")
-        self.queue, self.key, self.limit, self.per, self.retry = queue, key, limit, float(per), retry
+        self.queue, self.key, self.limit, self.per, self.retry = queue, key, limit, per, retry
 
     def __repr__(self) -> str:
         return f"<RateLimit {self.key!r} {self.limit}/{self.per}s>"

@@ -5,11 +5,11 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, cast
 
 from aqueue._exceptions import ConfigurationError
-from aqueue._time import Seconds, When
+from aqueue._time import Seconds, When, timedelta_or_seconds
 
 if TYPE_CHECKING:
     from aqueue._jobs import Job, ResultGroup
@@ -215,8 +215,3 @@ def check_priority(priority: object) -> None:
     if not isinstance(priority, int) or isinstance(priority, bool):
         raise ConfigurationError(f"priority must be an int, got {priority!r}")
 
-
-def timedelta_or_seconds(value: Seconds | None) -> float | None:
-    if value is None:
-        return None
-    return value.total_seconds() if isinstance(value, timedelta) else float(value)

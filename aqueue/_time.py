@@ -18,6 +18,13 @@ def seconds(value: Seconds, what: str) -> float:
     return result
 
 
+def timedelta_or_seconds(value: Seconds | None) -> float | None:
+    """A duration as seconds, None kept (no limit); unlike `seconds`, any sign passes."""
+    if value is None:
+        return None
+    return value.total_seconds() if isinstance(value, timedelta) else float(value)
+
+
 def aware(moment: datetime) -> datetime:
     """Naive datetimes mean UTC."""
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment

@@ -19,6 +19,7 @@ from aqueue._jobs import Job, ResultGroup
 from aqueue._serialization import encode_call
 from aqueue._states import JobState
 from aqueue._tasks import NO_OPTIONS, CallOptions, Task, call_overrides
+from aqueue._time import Seconds
 from aqueue.brokers import BatchSpec, ChordSpec, NewJob, Template, WorkflowLinks
 
 if TYPE_CHECKING:
@@ -143,7 +144,7 @@ class ChordResult(Generic[R]):
     def id(self) -> str:
         return self.callback.id
 
-    async def get(self, timeout: float | None = None) -> R:
+    async def get(self, timeout: Seconds | None = None) -> R:
         """The chord's final value: its callback's, or the last `then()` step's."""
         job: Job[R] = self.pipeline_results[len(self.pipeline_results) - 1]
         return await job.result(timeout)

@@ -340,7 +340,7 @@ async def test_lock_released_on_error_and_cancel(queue: Queue) -> None:
 
 
 async def test_lock_is_renewed_while_held(queue: Queue) -> None:
-    async with queue.lock("long", ttl=0.5):
+    async with queue.lock("long", ttl=timedelta(milliseconds=500)):
         await anyio.sleep(1.2)  # more than twice the ttl
         with pytest.raises(LockTimeout):
             async with queue.lock("long", timeout=0):
@@ -350,7 +350,7 @@ async def test_lock_is_renewed_while_held(queue: Queue) -> None:
 async def test_dead_holders_lock_frees_after_ttl(queue: Queue) -> None:
     assert await queue.broker.lock_acquire(queue.name, "orphan", "dead-holder", 0.3)
     start = time.monotonic()
-    async with queue.lock("orphan", timeout=5):
+    async with queue.lock("orphan", timeout=timedelta(seconds=5)):
         waited = time.monotonic() - start
     assert 0.2 <= waited < 2
     assert await queue.broker.lock_release(queue.name, "orphan", "dead-holder") is False
@@ -376,7 +376,7 @@ async def test_lock_decorator_raises_task_locked_and_retries(queue: Queue) -> No
 
 
 async def test_rate_limit_context_manager(queue: Queue) -> None:
-    limit = queue.rate_limit("api", limit=3, per=3600)
+    limit = queue.rate_limit("api", limit=3, per=timedelta(hours=1))
     for _ in range(3):
         async with limit:
             pass

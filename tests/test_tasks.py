@@ -17,6 +17,7 @@ from aqueue import (
     JobState,
     PayloadTooLarge,
     Queue,
+    ResultGroup,
     SerializationError,
     TaskError,
     current_job,
@@ -194,6 +195,14 @@ async def test_result_timeout_when_not_finished(queue: Queue) -> None:
     job = await later.enqueue()  # no worker runs
     with pytest.raises(TimeoutError):
         await job.result(timeout=0.1)
+    # Durations may be timedeltas wherever they may be seconds.
+    with pytest.raises(TimeoutError):
+        await job.result(timeout=timedelta(milliseconds=100))
+    with pytest.raises(TimeoutError):
+        await ResultGroup([job]).get(timeout=timedelta(milliseconds=100))
+    with pytest.raises(TimeoutError):
+        async for _ in ResultGroup([job]).as_completed(timeout=timedelta(milliseconds=100)):
+            pass
     assert await job.state() == JobState.PENDING
 
 

@@ -6,6 +6,7 @@ import asyncio
 import contextvars
 import time
 import uuid
+from datetime import timedelta
 
 import anyio
 import pytest
@@ -70,7 +71,7 @@ async def test_retry_task_retries_regardless_of_count(queue: Queue) -> None:
     @queue.task(retries=0)
     async def again() -> int:
         if current_job().attempt == 1:
-            raise RetryTask(delay=0.05)
+            raise RetryTask(delay=timedelta(milliseconds=50))
         return current_job().attempt
 
     async with queue.worker():

@@ -26,6 +26,7 @@ from anyio.abc import TaskGroup, TaskStatus
 from aqueue._exceptions import BrokerConnectionError, BrokerError, ConfigurationError
 from aqueue._signals import Signal, SignalJob
 from aqueue._tasks import NO_OPTIONS
+from aqueue._time import Seconds, seconds
 from aqueue._worker._completer import Completer
 from aqueue._worker._executor import RunningJob, dead, execute, safe_repr
 from aqueue.brokers import Completion, Delivery
@@ -81,17 +82,15 @@ class Worker:
         *,
         concurrency: int = 100,
         scheduler: bool = True,
-        shutdown_timeout: float = 30.0,
+        shutdown_timeout: Seconds = 30.0,
         name: str | None = None,
     ) -> None:
         if concurrency < 1:
             raise ConfigurationError(f"concurrency must be >= 1, got {concurrency}")
-        if shutdown_timeout < 0:
-            raise ConfigurationError("shutdown_timeout must not be negative")
         self.queue = queue
         self.concurrency = concurrency
         self.scheduler = scheduler
-        self.shutdown_timeout = shutdown_timeout
+        self.shutdown_timeout = seconds(shutdown_timeout, "shutdown_timeout")
         self.name = name or consumer_name()
         self.jobs_done = 0
         self._running: dict[str, RunningJob] = {}
