@@ -123,8 +123,8 @@ class RetryTask(Exception):
 class CancelExecution(Exception):
     """Raise in a task to stop it.
 
-    `retry=None` follows the task's retry policy, `True` retries regardless, `False` never retries:
-    the job ends `cancelled`.
+    `retry=None` retries while the task has retries left, `True` retries regardless, `False` never
+    retries; a job that is not retried ends `cancelled` (not `failed`).
     """
 
     def __init__(self, retry: bool | None = None) -> None:

@@ -93,14 +93,26 @@ async def test_cancel_execution(queue: Queue) -> None:
     async def stop_by_policy() -> None:
         raise CancelExecution()
 
+    @queue.task(retries=1)
+    async def stop_after_its_retry() -> None:
+        raise CancelExecution()
+
     async with queue.worker():
         cancelled = await stop_for_good.enqueue()
         with pytest.raises(JobCancelled):
             await cancelled.result(timeout=10)
         assert await cancelled.state() == JobState.CANCELLED
         assert await (await stop_and_retry.enqueue()).result(timeout=10) == 2
-        with pytest.raises(TaskError):
-            await (await stop_by_policy.enqueue()).result(timeout=10)
+        # Out of retries, CancelExecution() cancels the job rather than failing it (as in Huey).
+        by_policy = await stop_by_policy.enqueue()
+        with pytest.raises(JobCancelled):
+            await by_policy.result(timeout=10)
+        retried = await stop_after_its_retry.enqueue()
+        with pytest.raises(JobCancelled):
+            await retried.result(timeout=10)
+        info = await retried.info()
+        assert info is not None and info.attempt == 2
+        assert await queue.dead_letters() == []
 
 
 @pytest.mark.parametrize("shielded", [True, False])

@@ -196,9 +196,12 @@ async def execute(queue: Queue, running: RunningJob) -> Completion | None:
         return Completion(d, Outcome.DEFER, now, retry_at=now + error.retry_after)
     if isinstance(error, TaskLocked) and signals.wants(Signal.LOCKED):
         await signals.send(Signal.LOCKED, context, error)
-    if isinstance(error, CancelExecution) and error.retry is not None:
+    if isinstance(error, CancelExecution):
         if error.retry:
             return await _retry(queue, context, policy, error, None)
+        if error.retry is None and policy.retries > d.attempt - 1:
+            return await _retry(queue, context, policy, error, policy.retry_wait(d.attempt))
+        # As in Huey: out of retries (or told not to retry), the job is cancelled, not failed.
         if signals.wants(Signal.CANCELLED):
             await signals.send(Signal.CANCELLED, context, error)
         meta = _metadata(error, d, 0)
