@@ -252,8 +252,8 @@ class Queue:
         if self.immediate:
             from aqueue._worker import run_immediately
 
-            await run_immediately(self, [j for n, j in zip(new_jobs, jobs, strict=True)
-                                         if not (n.eta and n.eta > now)])
+            await run_immediately(self, [job.id for new, job in zip(new_jobs, jobs, strict=True)
+                                         if not (new.eta and new.eta > now)])
         return jobs
 
     def _new_job(
@@ -333,6 +333,11 @@ class Queue:
         if self.signals.wants(Signal.ENQUEUED):
             for job in plan.jobs:
                 await self.signals.send(Signal.ENQUEUED, SignalJob(job.id, job.task))
+        if self.immediate:
+            from aqueue._worker import run_immediately
+
+            await run_immediately(self, [job.id for job in plan.jobs if not (job.eta and job.eta > plan.now)],
+                                  plan.follow_ups())
 
     # --- observing -------------------------------------------------------------------------------
 

@@ -20,7 +20,15 @@ from aqueue._serialization import encode_call
 from aqueue._states import JobState
 from aqueue._tasks import NO_OPTIONS, CallOptions, Task, call_overrides
 from aqueue._time import Seconds
-from aqueue.brokers import BatchSpec, ChordSpec, NewJob, Template, WorkflowLinks
+from aqueue.brokers import (
+    BatchSpec,
+    ChordSpec,
+    NewJob,
+    Template,
+    WorkflowLinks,
+    batch_callback_id,
+    error_handler_id,
+)
 
 if TYPE_CHECKING:
     from aqueue._queue import Queue
@@ -173,7 +181,7 @@ class Batch:
 
     def callback(self, kind: str) -> Job[Any]:
         """The job an `on_<kind>` callback runs as (it exists once fired)."""
-        return self.queue.job(f"{self.id}:{kind}")
+        return self.queue.job(batch_callback_id(self.id, kind))
 
     async def state(self) -> BatchState:
         states = [await job.state() for job in self.members]
@@ -232,6 +240,15 @@ class Plan:
                     for i, m in enumerate(node.members)]
             return callback_jobs, ChordResult(ResultGroup(ends), ResultGroup(callback_jobs))
         raise ConfigurationError(f"cannot enqueue {node!r}: expected a signature, pipeline, group or chord")
+
+    def follow_ups(self) -> list[str]:
+        """The ids of the jobs the broker may create as this plan's jobs end: error handlers and
+        batch callbacks (immediate mode runs them too)."""
+        handlers = [error_handler_id(job.id) for job in self.jobs if job.links and job.links.on_error]
+        callbacks = [batch_callback_id(b.id, kind) for b in self.batches
+                     for kind, t in (("success", b.on_success), ("failure", b.on_failure),
+                                     ("complete", b.on_complete)) if t is not None]
+        return handlers + callbacks
 
     def _pipeline(self, steps: list[Signature[Any]], member: _Membership,
                   chord_input: bool = False) -> list[Job[Any]]:

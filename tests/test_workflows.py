@@ -271,3 +271,46 @@ async def test_batch_on_success_after_a_failed_member_is_retried(queue: Queue) -
     kinds = Counter(kind for kind, _ in calls)
     assert kinds == Counter({"member": 3, "complete": 1, "failure": 1, "success:all": 1})
     assert {batch_id for _, batch_id in calls} == {b.id}
+
+
+async def test_immediate_mode_runs_a_whole_workflow_inside_enqueue(queue: Queue) -> None:
+    # Every job a workflow sets going runs before enqueue returns: pipeline steps, a chord's
+    # callback (stored before its members), an error handler, a batch's callbacks.
+    queue.immediate = True
+    add = arithmetic(queue)
+    handled: list[str] = []
+
+    @queue.task
+    async def total(values: list[int]) -> int:
+        return sum(values)
+
+    @queue.task
+    async def broken() -> None:
+        raise ValueError("broken for good")
+
+    @queue.task
+    async def on_error(exc: TaskError) -> None:
+        handled.append(exc.metadata["type"])
+
+    @queue.task
+    async def note(kind: str) -> None:
+        handled.append(kind)
+
+    res = await queue.enqueue(add.s(1, 2).then(add, 3).then(add, 4))
+    assert [await job.state() for job in res] == [JobState.SUCCEEDED] * 3
+    assert await res.get(timeout=5) == [3, 6, 10]
+
+    c = await queue.enqueue(chord([add.s(i, i) for i in range(3)], total.s()))
+    assert await c.callback.state() == JobState.SUCCEEDED
+    assert await c.get(timeout=5) == 6
+    with anyio.fail_after(5):  # a callback given a delay that is already over runs too
+        c = await queue.enqueue(chord([add.s(1, 1)], total.options(delay=0).s()))
+    assert await c.get(timeout=5) == 2
+
+    await queue.enqueue(broken.s().error(on_error))
+    assert handled == ["ValueError"]
+
+    b = await queue.batch([add.s(1, 1), broken.s()], on_failure=note.s("failure"),
+                          on_complete=note.s("complete"), on_success=note.s("success"))
+    assert sorted(handled[1:]) == ["complete", "failure"]
+    assert (await b.state()).unfinished == 0

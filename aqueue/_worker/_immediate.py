@@ -1,10 +1,12 @@
-"""Immediate mode: `enqueue` runs its jobs to their end, retries included, before it returns."""
+"""Immediate mode: `enqueue` runs its jobs to their end, retries included, before it returns, and
+with them whatever they set going: the next pipeline step, a chord's callback, an error handler,
+a batch's callbacks."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import anyio
 
@@ -12,28 +14,54 @@ from aqueue._states import JobState
 from aqueue._worker._executor import RunningJob, execute
 
 if TYPE_CHECKING:
-    from aqueue._jobs import Job
     from aqueue._queue import Queue
 
 CONSUMER = "immediate"
 
 
-async def run_immediately(queue: Queue, jobs: Sequence[Job[Any]]) -> None:
-    """Run exactly these jobs here, one after another, each to its end (waiting out retry
-    delays); other jobs of the queue are left alone."""
+async def run_immediately(queue: Queue, job_ids: Sequence[str], later: Sequence[str] = ()) -> None:
+    """Run exactly these jobs here, each to its end (waiting out retry delays). A job that waits
+    on a workflow runs once another has activated it; `later` are ids the broker may create as
+    these jobs end (error handlers, batch callbacks), run if they appear. Other jobs of the queue
+    are left alone."""
+    may_appear = set(later)
+    left = [*job_ids, *later]
+    while left:
+        # Each pass runs every job that is ready; one that ran nothing leaves the rest waiting
+        # on something outside these jobs (a delay, another producer's job), which is not ours.
+        waiting = [job_id for job_id in left if not await _run(queue, job_id, job_id in may_appear)]
+        if len(waiting) == len(left):
+            return
+        left = waiting
+
+
+async def _run(queue: Queue, job_id: str, may_appear: bool) -> bool:
+    """Run the job to its end if it is ready. False while it waits on a workflow (or, if it may
+    appear, does not exist yet); True once it is done with here."""
     broker, name = queue.broker, queue.name
-    for job in jobs:
-        while True:
-            d = await broker.claim(name, CONSUMER, job.id, queue.max_deliveries)
-            if d is None:
-                record = await broker.get(name, job.id)
-                if record is None or record.state != JobState.SCHEDULED or record.eta is None:
-                    break  # finished, or not ours to run
-                await anyio.sleep(max(0.0, record.eta - time.time()))  # a retry's delay
-                await broker.promote_due(name, time.time(), 1000)
+    promoted = False
+    while True:
+        d = await broker.claim(name, CONSUMER, job_id, queue.max_deliveries)
+        if d is None:
+            record = await broker.get(name, job_id)
+            if record is None:
+                return not may_appear
+            if record.state != JobState.SCHEDULED:
+                return True  # finished, or not ours to run
+            if record.eta is None:
+                return False  # waits on a workflow
+            now = time.time()
+            if record.eta > now:
+                await anyio.sleep(record.eta - now)  # a retry's delay
                 continue
-            if d.ended:
-                break  # ended by the broker (expired, revoked, cancelled)
-            completion = await execute(queue, RunningJob(d))
-            if completion is not None:
-                await broker.finish(name, [completion], queue.result_ttl)
+            if promoted:
+                return False  # due and promoted, yet not ready: it waits on a workflow
+            await broker.promote_due(name, now, 1000)
+            promoted = True
+            continue
+        promoted = False
+        if d.ended:
+            return True  # ended by the broker (expired, revoked, cancelled)
+        completion = await execute(queue, RunningJob(d))
+        if completion is not None:
+            await broker.finish(name, [completion], queue.result_ttl)

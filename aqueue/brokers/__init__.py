@@ -20,6 +20,8 @@ from aqueue.brokers._base import (
     Outcome,
     Template,
     WorkflowLinks,
+    batch_callback_id,
+    error_handler_id,
 )
 
 if TYPE_CHECKING:
@@ -41,6 +43,8 @@ __all__ = [
     "RedisBroker",
     "Template",
     "WorkflowLinks",
+    "batch_callback_id",
+    "error_handler_id",
 ]
 
 

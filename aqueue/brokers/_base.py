@@ -45,6 +45,16 @@ class Template:
     priority: int = 0
 
 
+def error_handler_id(job_id: str) -> str:
+    """The id a broker gives the error handler it creates for `job_id`."""
+    return f"{job_id}:error"
+
+
+def batch_callback_id(batch_id: str, kind: str) -> str:
+    """The id a broker gives a batch's callback of `kind` ("success", "failure", "complete")."""
+    return f"{batch_id}:{kind}"
+
+
 @dataclass(slots=True, frozen=True)
 class WorkflowLinks:
     """How a job is tied to others. The broker acts on them when the job reaches a final state."""
@@ -185,8 +195,8 @@ class Broker(ABC):
 
         Whenever a job reaches a final state (finished, cancelled, expired, revoked, dead), the
         broker applies its `WorkflowLinks` in the same atomic step: chord slots (each member
-        counted once), batch counts and callbacks (each fired once), skipping the rest of a
-        pipeline, creating the error handler.
+        counted once), batch counts and callbacks (each fired once, as `batch_callback_id`),
+        skipping the rest of a pipeline, creating the error handler (as `error_handler_id`).
 
         Returns the id under which each job lives: its own, or, when its idempotency key names a
         job that is still live (not in a final state), that job's id, and nothing is stored.

@@ -27,6 +27,8 @@ from aqueue.brokers._base import (
     Outcome,
     Template,
     WorkflowLinks,
+    batch_callback_id,
+    error_handler_id,
 )
 
 ARGS_HEAD = b'{"args":['
@@ -495,7 +497,7 @@ class MemoryBroker(Broker):
                 self._finalize(q, skipped, JobState.CANCELLED.value, now, ttl, None)
             if state == JobState.FAILED and links.on_error is not None:
                 t = links.on_error
-                handler = NewJob(id=f"{rec.id}:error", task=t.task, priority=t.priority,
+                handler = NewJob(id=error_handler_id(rec.id), task=t.task, priority=t.priority,
                                  payload=prepend_arg(t.payload, error_marker(rec.error)), enqueued_at=now)
                 self._store(q, handler, now)
         if links.chord is not None and links.slot is not None:
@@ -531,7 +533,7 @@ class MemoryBroker(Broker):
             template = batch.callbacks.get(kind)
             if template is not None and kind not in batch.fired:
                 batch.fired.add(kind)
-                self._store(q, NewJob(id=f"{batch_id}:{kind}", task=template.task,
+                self._store(q, NewJob(id=batch_callback_id(batch_id, kind), task=template.task,
                                       payload=template.payload, priority=template.priority,
                                       enqueued_at=now), now)
 
