@@ -9,7 +9,7 @@ import anyio
 import pytest
 
 from aqueue import ConfigurationError, JobState, Queue, TaskError
-from aqueue.brokers import Broker, Completion, Delivery, NewJob, RedisBroker
+from aqueue.brokers import Broker, Completion, Delivery, MemoryBroker, NewJob, RedisBroker
 
 
 async def test_blocked_event_loop_does_not_run_a_job_twice(broker: Broker, queue_name: str) -> None:
@@ -219,6 +219,31 @@ async def test_immediate_mode_runs_only_its_own_jobs(broker: Broker, queue_name:
     own = await ping.enqueue()
     assert await own.result(timeout=0) == "pong"
     assert await producer.job(other.id).state() == JobState.PENDING  # left for a real worker
+
+
+def test_a_broker_outlives_its_event_loop(backend: str, request: pytest.FixtureRequest, queue_name: str) -> None:
+    # A module-level queue in an app's tests, where each test runs an event loop of its own: what
+    # one loop leaves behind (a receive and a lock wait that timed out) must not break the next.
+    broker: Broker = (MemoryBroker() if backend == "memory"
+                      else RedisBroker(request.getfixturevalue("redis_url")))
+    payload = b'{"args":[],"kwargs":{}}'
+
+    async def first() -> None:
+        await broker.connect()
+        assert await broker.receive(queue_name, "w", 10, 0.05, 10) == []
+        assert await broker.lock_acquire(queue_name, "held", "holder", 30)
+        await broker.lock_wait(queue_name, "held", 0.05)
+
+    async def second() -> None:
+        assert await broker.receive(queue_name, "w", 10, 0.05, 10) == []
+        await broker.lock_wait(queue_name, "held", 0.05)
+        assert await broker.lock_release(queue_name, "held", "holder")
+        await broker.enqueue(queue_name, [NewJob(id="j", task="t", payload=payload, enqueued_at=time.time())])
+        assert [d.job_id for d in await broker.receive(queue_name, "w", 10, 1, 10)] == ["j"]
+        await broker.close()
+
+    anyio.run(first)
+    anyio.run(second)
 
 
 class _HeldReclaim:

@@ -1,7 +1,7 @@
 """In-memory broker: the Redis broker's twin in one process, for tests and single-process use.
 
 Every method is one await-free critical section, so it is atomic under asyncio, as each Redis
-method is one Lua script. Only `receive` and `wait` await, and only on an `anyio.Event`.
+method is one Lua script. Only `receive`, `wait` and `lock_wait` await, and only on an event.
 """
 
 from __future__ import annotations
@@ -12,8 +12,10 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import TypeVar
 
 import anyio
+from anyio.lowlevel import RunVar
 
 from aqueue._states import FINAL_STATES, JobState
 from aqueue.brokers._base import (
@@ -43,6 +45,45 @@ def prepend_arg(payload: bytes, value: bytes) -> bytes:
 
 def error_marker(error: bytes | None) -> bytes:
     return ERROR_HEAD + (error or b"{}") + b"}"
+
+
+_LOOP: RunVar[object] = RunVar("aqueue_memory_broker_loop")
+K = TypeVar("K")
+
+
+def _this_loop() -> object:
+    """A marker of the running event loop, the same for its whole life."""
+    marker = _LOOP.get(None)
+    if marker is None:
+        marker = object()
+        _LOOP.set(marker)
+    return marker
+
+
+class _LoopEvent:
+    """An `anyio.Event` with the event loop it belongs to. A broker can outlive a loop (a
+    module-level queue in tests that each run their own loop), and an asyncio event bound to one
+    loop cannot be awaited in another: an event of an earlier loop is replaced, never used."""
+
+    __slots__ = ("event", "loop")
+
+    def __init__(self) -> None:
+        self.event, self.loop = anyio.Event(), _this_loop()
+
+    def live(self) -> bool:
+        return self.loop is _this_loop()
+
+    def set(self) -> None:
+        if self.live():  # waiters of a finished loop are gone with it
+            self.event.set()
+
+
+def _event(events: dict[K, _LoopEvent], key: K) -> _LoopEvent:
+    """The event of this loop under `key`, made (or remade) if needed."""
+    event = events.get(key)
+    if event is None or not event.live():
+        event = events[key] = _LoopEvent()
+    return event
 
 
 @dataclass(slots=True)
@@ -77,8 +118,8 @@ class _Queue:
     expiry: dict[str, float] = field(default_factory=dict)  # id -> epoch time the record goes
     dead: dict[str, None] = field(default_factory=dict)  # insertion order = order of death
     keys: dict[str, str] = field(default_factory=dict)  # idempotency key -> job id
-    done: dict[str, anyio.Event] = field(default_factory=dict)  # set when the job ends
-    wakeup: anyio.Event | None = None  # set when a job becomes ready
+    done: dict[str, _LoopEvent] = field(default_factory=dict)  # set when the job ends
+    wakeup: _LoopEvent | None = None  # set when a job becomes ready
     receivers: dict[str, anyio.CancelScope] = field(default_factory=dict)  # consumer -> receive
     cancel: set[str] = field(default_factory=set)  # running jobs with a cancel request
     cancel_listeners: list[Callable[[str], None]] = field(default_factory=list)
@@ -86,7 +127,7 @@ class _Queue:
     revoked_tasks: dict[str, tuple[bool, float | None]] = field(default_factory=dict)  # once, until
     ticks: dict[str, float] = field(default_factory=dict)  # periodic task -> last tick enqueued
     locks: dict[str, tuple[str, float]] = field(default_factory=dict)  # name -> token, deadline
-    lock_released: dict[str, anyio.Event] = field(default_factory=dict)
+    lock_released: dict[str, _LoopEvent] = field(default_factory=dict)
     rates: dict[str, tuple[int, int]] = field(default_factory=dict)  # key -> window, hits
     links: dict[str, WorkflowLinks] = field(default_factory=dict)
     waiting: set[str] = field(default_factory=set)  # jobs a workflow will activate
@@ -178,10 +219,10 @@ class MemoryBroker(Broker):
                                 out.append(d)
                     if out:
                         return out
-                    if q.wakeup is None:
-                        q.wakeup = anyio.Event()
+                    if q.wakeup is None or not q.wakeup.live():
+                        q.wakeup = _LoopEvent()
                     # The only await: a cancel lands here, before any job is taken.
-                    await q.wakeup.wait()
+                    await q.wakeup.event.wait()
             finally:
                 if q.receivers.get(consumer) is scope:
                     del q.receivers[consumer]
@@ -314,12 +355,10 @@ class MemoryBroker(Broker):
         rec = self._record(q, job_id)
         if rec is None or rec.state in FINAL_STATES:
             return replace(rec) if rec else None
-        done = q.done.get(job_id)
-        if done is None:
-            done = q.done[job_id] = anyio.Event()
+        done = _event(q.done, job_id)
         with anyio.move_on_after(timeout):  # None: no deadline
-            await done.wait()
-        if q.done.get(job_id) is done and done.statistics().tasks_waiting == 0:
+            await done.event.wait()
+        if q.done.get(job_id) is done and done.event.statistics().tasks_waiting == 0:
             del q.done[job_id]  # the last waiter gave up: don't keep the event for ever
         rec = self._record(q, job_id)
         return replace(rec) if rec else None
@@ -654,14 +693,12 @@ class MemoryBroker(Broker):
         q = self._queue(queue)
         if self._lock_holder(q, name) is None:
             return
-        released = q.lock_released.get(name)
-        if released is None:
-            released = q.lock_released[name] = anyio.Event()
+        released = _event(q.lock_released, name)
         wait = q.locks[name][1] - time.monotonic()  # a holder that dies frees it after its ttl
         if timeout is not None:
             wait = min(wait, timeout)
         with anyio.move_on_after(wait):
-            await released.wait()
+            await released.event.wait()
 
     async def rate_limit_hit(self, queue: str, key: str, limit: int, per: float, now: float) -> float:
         q = self._queue(queue)
