@@ -221,7 +221,9 @@ async def test_immediate_mode_runs_only_its_own_jobs(broker: Broker, queue_name:
     assert await producer.job(other.id).state() == JobState.PENDING  # left for a real worker
 
 
-def test_a_broker_outlives_its_event_loop(backend: str, request: pytest.FixtureRequest, queue_name: str) -> None:
+def test_a_broker_outlives_its_event_loop(
+    backend: str, request: pytest.FixtureRequest, queue_name: str
+) -> None:
     # A module-level queue in an app's tests, where each test runs an event loop of its own: what
     # one loop leaves behind (a receive and a lock wait that timed out) must not break the next.
     broker: Broker = (MemoryBroker() if backend == "memory"

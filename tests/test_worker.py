@@ -111,7 +111,8 @@ async def test_cancel_execution(queue: Queue) -> None:
         with pytest.raises(JobCancelled):
             await retried.result(timeout=10)
         info = await retried.info()
-        assert info is not None and info.attempt == 2
+        assert info is not None
+        assert info.attempt == 2
         assert await queue.dead_letters() == []
 
 
