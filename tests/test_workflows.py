@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from datetime import UTC, datetime
 from typing import Any
 
 import anyio
@@ -135,6 +136,32 @@ async def test_chord_with_a_failing_member_still_completes(queue: Queue) -> None
         assert [await j.state() for j in c.results] == [
             JobState.SUCCEEDED, JobState.FAILED, JobState.SUCCEEDED, JobState.SUCCEEDED]
         assert await c.callback.result(timeout=1) == [2, "error:KeyError", None, 4, "end"]
+
+
+async def test_a_chord_member_ended_without_running_puts_a_full_task_error_in_its_place(queue: Queue) -> None:
+    # Cancelled, revoked or expired before a worker ran it: the callback still gets TaskError
+    # metadata with every key SPEC names, its type naming the ending as job.result() would.
+    add = arithmetic(queue)
+
+    @queue.task
+    async def collect(values: list[Any]) -> list[Any]:
+        return [v.metadata if isinstance(v, TaskError) else v for v in values]
+
+    c = await queue.enqueue(chord([add.s(1, 1), add.s(2, 2), add.s(3, 3),
+                                   add.options(expires=datetime(2000, 1, 1, tzinfo=UTC)).s(4, 4)],
+                                  collect.s()))
+    members = c.results.jobs
+    assert await members[1].cancel()
+    assert await members[2].revoke()
+    async with queue.worker():
+        values = await c.get(timeout=10)
+    assert values[0] == 2
+    for member, value, kind in zip(members[1:], values[1:], ["JobCancelled", "JobRevoked", "JobExpired"],
+                                   strict=True):
+        assert value["type"] == kind
+        assert value["job_id"] == member.id
+        assert value["error"].startswith(f"{kind}(")
+        assert (value["traceback"], value["attempt"], value["retries_left"]) == ("", 1, 0)
 
 
 async def test_nested_chords_and_chords_of_pipelines(queue: Queue) -> None:

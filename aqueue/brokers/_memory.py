@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 import anyio
+import orjson
 from anyio.lowlevel import RunVar
 
 from aqueue._states import FINAL_STATES, JobState
@@ -45,6 +46,19 @@ def prepend_arg(payload: bytes, value: bytes) -> bytes:
 
 def error_marker(error: bytes | None) -> bytes:
     return ERROR_HEAD + (error or b"{}") + b"}"
+
+
+_ENDING_NAMES = {"cancelled": "JobCancelled", "revoked": "JobRevoked", "expired": "JobExpired"}
+
+
+def ending_error(job_id: str, state: str, attempt: int) -> bytes:
+    """The error a chord slot holds for a member that ended without one of its own: `TaskError`
+    metadata with every key; a cancelled, revoked or expired member's names the ending as
+    `job.result()` would."""
+    kind = _ENDING_NAMES.get(state, "")
+    error = f"{kind}('job {job_id} was {state}')" if kind else "failed"
+    return orjson.dumps({"error": error, "type": kind, "traceback": "", "job_id": job_id,
+                         "attempt": attempt, "retries_left": 0})
 
 
 _LOOP: RunVar[object] = RunVar("aqueue_memory_broker_loop")
@@ -540,7 +554,10 @@ class MemoryBroker(Broker):
                                  payload=prepend_arg(t.payload, error_marker(rec.error)), enqueued_at=now)
                 self._store(q, handler, now)
         if links.chord is not None and links.slot is not None:
-            value = (rec.result or b"null") if state == JobState.SUCCEEDED else error_marker(rec.error)
+            if state == JobState.SUCCEEDED:
+                value = rec.result or b"null"
+            else:
+                value = error_marker(rec.error or ending_error(rec.id, state, rec.attempt))
             self._chord_arrive(q, links.chord, links.slot, value)
         if links.batch is not None:
             self._batch_arrive(q, links.batch, rec.id, state, now)

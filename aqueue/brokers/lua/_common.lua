@@ -271,6 +271,19 @@ local function error_marker(err)
   return ERROR_HEAD .. err .. '}'
 end
 
+-- The error a chord slot holds for a member that ended without one of its own: TaskError
+-- metadata with every key; a cancelled, revoked or expired member's names the ending as
+-- `job.result()` would (no table of names: a table costs every call of a script that carries it).
+local function ending_error(id, state, attempt)
+  local kind, err = '', 'failed'
+  if state == 'cancelled' then kind = 'JobCancelled'
+  elseif state == 'revoked' then kind = 'JobRevoked'
+  elseif state == 'expired' then kind = 'JobExpired' end
+  if kind ~= '' then err = kind .. "('job " .. id .. ' was ' .. state .. "')" end
+  return cjson.encode({error = err, type = kind, traceback = '', job_id = id,
+    attempt = tonumber(attempt) or 1, retries_left = 0})
+end
+
 -- Whether any task is revoked: asked once per script call (a receive asks for every job it
 -- leases), so that when none is, one EXISTS answers for every job.
 local revocations_checked, any_revocations = false, false
@@ -408,7 +421,13 @@ local function after_final(id, state, now, ttl, rec)
   end
   if set(rec.chord) then
     local value = rec.result
-    if state ~= 'succeeded' then value = error_marker(rec.error) elseif not set(value) then value = 'null' end
+    if state ~= 'succeeded' then
+      local err = rec.error
+      if not set(err) then err = ending_error(id, state, rec.attempt) end
+      value = error_marker(err)
+    elseif not set(value) then
+      value = 'null'
+    end
     chord_arrive(rec.chord, rec.slot, value, ttl)
   end
   if set(rec.batch) then batch_arrive(rec.batch, id, state, now) end
