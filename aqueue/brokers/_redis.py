@@ -15,6 +15,7 @@ Layout (every key built in `_keys.py`, all under the queue's hash tag):
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import math
 import time
@@ -298,10 +299,14 @@ class RedisBroker(Broker):
         self._notifier: Notifier | None = None
         # This process's inbox: the jobs it waits on publish their outcomes there.
         self._inbox = uuid.uuid4().hex[:16]
+        # The event loop its connections belong to (asyncio streams cannot move to another).
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # --- lifecycle -------------------------------------------------------------------------------
 
     async def connect(self) -> None:
+        self._check_loop()
+        self._loop = asyncio.get_running_loop()
         if self._client is None:
             # Callers wait for a free connection rather than fail: a worker's jobs, its fetcher and
             # the producers of a web process share this pool. Waiting for results takes no
@@ -324,6 +329,14 @@ class RedisBroker(Broker):
             await self._client.ping()
 
     async def close(self) -> None:
+        if self._loop is not None and self._loop is not asyncio.get_running_loop():
+            # Its connections belong to a loop that has ended (or runs elsewhere): they cannot be
+            # closed from here, only let go, so that the broker connects afresh in this loop.
+            self._notifier, self._readers, self._loop = None, {}, None
+            if self._owns_client:
+                self._client = None
+            return
+        self._loop = None
         if self._notifier is not None:
             notifier, self._notifier = self._notifier, None
             await notifier.close()
@@ -344,6 +357,16 @@ class RedisBroker(Broker):
         """A queue connects on first use."""
         if self._client is None:
             await self.connect()
+        elif self._loop is not asyncio.get_running_loop():
+            self._check_loop()
+
+    def _check_loop(self) -> None:
+        if self._loop is not None and self._loop is not asyncio.get_running_loop():
+            raise BrokerError(
+                f"RedisBroker {self.url} is connected in another event loop: close it before that "
+                "loop ends (`await queue.close()`, or `async with queue:`) and it connects again in "
+                "the next one"
+            )
 
     def _raise_translated(self, exc: Exception) -> NoReturn:
         """Raise the aqueue error for a Redis error; the URL in it never has a password."""
