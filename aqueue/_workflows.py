@@ -208,6 +208,14 @@ class _Membership:
     chord: str | None = None
     slot: int | None = None
     batch: str | None = None
+    """The batch that counts this job's end."""
+    within: str | None = None
+    """The batch a chord's members belong to through their chord: named to them, not counted."""
+
+    @property
+    def batch_id(self) -> str | None:
+        """The batch that `current_job().batch_id` names."""
+        return self.batch or self.within
 
 
 @dataclass
@@ -236,7 +244,7 @@ class Plan:
             # The callback waits; it carries the chord's own membership onward (nesting).
             callback_jobs = self._pipeline(node.callback.steps, replace(member, waiting=True), chord_input=True)
             self.chords.append(ChordSpec(chord_id, len(node.members), callback_jobs[0].id))
-            ends = [self.add(m, _Membership(chord=chord_id, slot=i, batch=None))[0][-1]
+            ends = [self.add(m, _Membership(chord=chord_id, slot=i, within=member.batch_id))[0][-1]
                     for i, m in enumerate(node.members)]
             return callback_jobs, ChordResult(ResultGroup(ends), ResultGroup(callback_jobs))
         raise ConfigurationError(f"cannot enqueue {node!r}: expected a signature, pipeline, group or chord")
@@ -264,7 +272,7 @@ class Plan:
                 slot=member.slot if last else None,
                 batch=member.batch if last else None,
                 next=ids[index + 1] if not last else None,
-                on_error=self._template(step.on_error, member.batch) if step.on_error else None,
+                on_error=self._template(step.on_error, member.batch_id) if step.on_error else None,
             )
             job = self.queue._new_job(step.task, step.args, step.kwargs, step.call, self.now,
                                       job_id=ids[index], options=options, links=links)
@@ -284,8 +292,8 @@ class Plan:
             options["next"] = following
         if chord_input:
             options["wf_in"] = True  # its first argument holds member values and errors
-        if member.batch is not None:
-            options["batch_id"] = member.batch
+        if member.batch_id is not None:
+            options["batch_id"] = member.batch_id
         return options
 
     def _template(self, sig: Signature[Any], batch: str | None) -> Template:

@@ -300,6 +300,29 @@ async def test_batch_on_success_after_a_failed_member_is_retried(queue: Queue) -
     assert {batch_id for _, batch_id in calls} == {b.id}
 
 
+async def test_a_chord_in_a_batch_names_the_batch_to_its_members(queue: Queue) -> None:
+    # The chord is the batch member (its callback's end is counted); its members belong to the
+    # batch through it, and current_job().batch_id names it inside them too.
+    seen: list[tuple[str, str | None]] = []
+
+    @queue.task
+    async def part(n: int) -> int:
+        seen.append(("part", current_job().batch_id))
+        return n
+
+    @queue.task
+    async def total(values: list[int]) -> int:
+        seen.append(("total", current_job().batch_id))
+        return sum(values)
+
+    async with queue.worker():
+        b = await queue.batch([chord([part.s(1), part.s(2)], total.s()), part.s(3)])
+        assert await b.members.get(timeout=10) == [3, 3]
+        state = await b.state()
+    assert (state.size, state.succeeded) == (2, 2)
+    assert sorted(seen) == sorted([("part", b.id), ("part", b.id), ("total", b.id), ("part", b.id)])
+
+
 async def test_immediate_mode_runs_a_whole_workflow_inside_enqueue(queue: Queue) -> None:
     # Every job a workflow sets going runs before enqueue returns: pipeline steps, a chord's
     # callback (stored before its members), an error handler, a batch's callbacks.
