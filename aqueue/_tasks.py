@@ -214,4 +214,3 @@ def default_name(fn: Callable[..., Any]) -> str:
 def check_priority(priority: object) -> None:
     if not isinstance(priority, int) or isinstance(priority, bool):
         raise ConfigurationError(f"priority must be an int, got {priority!r}")
-
