@@ -191,10 +191,21 @@ class Batch:
                           count(JobState.CANCELLED), unfinished)
 
     async def retry_failed(self) -> int:
-        """Run the failed members again (from the dead letters). Returns how many."""
+        """Run the failed members again (from the dead letters); for a pipeline member skipped
+        after an earlier step failed, that step, whose success runs the rest. Returns how many."""
         retried = 0
         for job in self.members:
-            if await job.state() == JobState.FAILED and await self.queue.retry(job.id):
+            info = await job.info()
+            if info is None:
+                continue
+            failed: object
+            if info.state == JobState.FAILED:
+                failed = job.id
+            elif info.state == JobState.CANCELLED and info.error and info.error.get("job_id") != job.id:
+                failed = info.error.get("job_id")  # skipped: its error is the failed step's
+            else:
+                continue
+            if failed and await self.queue.retry(str(failed)):
                 retried += 1
         return retried
 

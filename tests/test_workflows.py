@@ -300,6 +300,43 @@ async def test_batch_on_success_after_a_failed_member_is_retried(queue: Queue) -
     assert {batch_id for _, batch_id in calls} == {b.id}
 
 
+async def test_retry_failed_reruns_a_pipeline_member_from_its_failed_step(queue: Queue) -> None:
+    # The member's first step fails for good, so its last step is skipped (the member ends
+    # cancelled) and on_failure fires; retry_failed runs the failed step again, its success runs
+    # the skipped step, and the batch ends in on_success, once.
+    healthy = False
+    fired: list[str] = []
+    failed, succeeded = anyio.Event(), anyio.Event()
+    add = arithmetic(queue)
+
+    @queue.task
+    async def fetch() -> int:
+        if not healthy:
+            raise ConnectionError("upstream down")
+        return 10
+
+    @queue.task
+    async def note(kind: str) -> None:
+        fired.append(kind)
+        (succeeded if kind == "success" else failed).set()
+
+    async with queue.worker():
+        b = await queue.batch([fetch.s().then(add, 1), add.s(1, 1)],
+                              on_success=note.s("success"), on_failure=note.s("failure"))
+        with anyio.fail_after(10):
+            await failed.wait()
+        pipeline_end = b.members[0]
+        assert await pipeline_end.state() == JobState.CANCELLED
+        healthy = True
+        assert await b.retry_failed() == 1
+        with anyio.fail_after(10):
+            await succeeded.wait()
+        assert await pipeline_end.result(timeout=10) == 11
+        assert (await b.state()).succeeded == 2
+        assert await b.retry_failed() == 0
+    assert fired == ["failure", "success"]
+
+
 async def test_a_chord_in_a_batch_names_the_batch_to_its_members(queue: Queue) -> None:
     # The chord is the batch member (its callback's end is counted); its members belong to the
     # batch through it, and current_job().batch_id names it inside them too.

@@ -145,6 +145,7 @@ class _Queue:
     rates: dict[str, tuple[int, int]] = field(default_factory=dict)  # key -> window, hits
     links: dict[str, WorkflowLinks] = field(default_factory=dict)
     waiting: set[str] = field(default_factory=set)  # jobs a workflow will activate
+    skipped: set[str] = field(default_factory=set)  # pipeline steps skipped by a failed step
     chords: dict[str, _Chord] = field(default_factory=dict)
     batches: dict[str, _Batch] = field(default_factory=dict)
 
@@ -415,6 +416,17 @@ class MemoryBroker(Broker):
         rec.started_at = rec.finished_at = None
         q.deliveries[job_id] = 0
         self._make_ready(q, rec)
+        # The steps its failure skipped wait for it again, so that its success runs them.
+        links = q.links.get(job_id)
+        following = links.next if links else None
+        while following is not None and following in q.skipped:
+            q.skipped.discard(following)
+            step = q.records[following]
+            step.state, step.error, step.finished_at = JobState.SCHEDULED.value, None, None
+            q.expiry.pop(following, None)
+            q.waiting.add(following)
+            step_links = q.links.get(following)
+            following = step_links.next if step_links else None
         return True
 
     async def purge_dead_letters(self, queue: str) -> int:
@@ -447,6 +459,7 @@ class MemoryBroker(Broker):
         q.revoked.discard(job_id)
         q.links.pop(job_id, None)
         q.waiting.discard(job_id)
+        q.skipped.discard(job_id)
 
     def _holds(self, q: _Queue, d: Delivery) -> bool:
         """Whether `d` is the job's current lease (not stale, not ended)."""
@@ -547,6 +560,7 @@ class MemoryBroker(Broker):
                 q.waiting.discard(links.next)
                 skipped = q.records[links.next]
                 skipped.error = rec.error
+                q.skipped.add(skipped.id)
                 self._finalize(q, skipped, JobState.CANCELLED.value, now, ttl, None)
             if state == JobState.FAILED and links.on_error is not None:
                 t = links.on_error

@@ -410,6 +410,7 @@ local function after_final(id, state, now, ttl, rec)
       local nk = job_key(rec.next)
       if redis.call('HGET', nk, 'waiting') == '1' then
         redis.call('HDEL', nk, 'waiting')
+        redis.call('HSET', nk, 'skipped', '1')  -- a retry of the failed step re-arms it (retry.lua)
         if rec.error then redis.call('HSET', nk, 'error', rec.error) end
         finalize(rec.next, nk, 'cancelled', now, ttl, nil)
       end

@@ -9,4 +9,14 @@ redis.call('HDEL', jk, 'result', 'error', 'dead_reason', 'finished_at', 'started
   'progress')
 redis.call('HSET', jk, 'attempt', 1, 'deliveries', 0)
 make_ready(id, jk, redis.call('HGET', jk, 'priority') or '0')
+-- The steps its failure skipped wait for it again, so that its success runs them.
+local following = redis.call('HGET', jk, 'next')
+while following and following ~= '' do
+  local nk = job_key(following)
+  if redis.call('HGET', nk, 'skipped') ~= '1' then break end
+  redis.call('HDEL', nk, 'skipped', 'error', 'finished_at')
+  redis.call('HSET', nk, 'state', 'scheduled', 'waiting', '1')
+  redis.call('PERSIST', nk)
+  following = redis.call('HGET', nk, 'next')
+end
 return 1
