@@ -4,6 +4,7 @@ redelivery, chords fire once and batches re-evaluate."""
 from __future__ import annotations
 
 import random
+import time
 from collections import Counter
 from datetime import UTC, datetime
 from typing import Any
@@ -13,6 +14,7 @@ import pytest
 
 from aqueue import (
     ChordResult,
+    JobCancelled,
     JobState,
     Queue,
     TaskError,
@@ -335,6 +337,40 @@ async def test_retry_failed_reruns_a_pipeline_member_from_its_failed_step(queue:
         assert (await b.state()).succeeded == 2
         assert await b.retry_failed() == 0
     assert fired == ["failure", "success"]
+
+
+async def test_skipped_steps_cancelled_steps_and_a_retry_around_pruning(queue: Queue) -> None:
+    add = arithmetic(queue)
+
+    @queue.task
+    async def broken() -> int:
+        raise ValueError("broken")
+
+    # A waiting step cancelled by hand never runs, even when the step before it succeeds.
+    kept = await queue.enqueue(add.s(1, 1).then(add, 2))
+    assert await kept[1].cancel()
+    # A step that ends without running (revoked) skips the rest, whose error names it.
+    revoked = await queue.enqueue(add.s(2, 2).then(add, 3))
+    assert await revoked[0].revoke()
+    failing = await queue.enqueue(broken.s().then(add, 4))
+    async with queue.worker():
+        assert await kept[0].result(timeout=10) == 2
+        with pytest.raises(JobCancelled):
+            await failing[1].result(timeout=10)
+        with pytest.raises(JobCancelled):
+            await revoked[1].result(timeout=10)
+    assert await kept[1].state() == JobState.CANCELLED
+    info = await revoked[1].info()
+    assert info is not None
+    assert info.error is not None
+    assert (info.error["job_id"], info.error["type"]) == (revoked[0].id, "JobRevoked")
+
+    # Retried, the failed step re-arms the step it skipped; pruning (long after the skipped
+    # step's record would have expired) leaves the re-armed step listed.
+    assert await queue.retry(failing[0].id)
+    assert await failing[1].state() == JobState.SCHEDULED
+    await queue.broker.prune(queue.name, time.time() + 3 * 86400, 1000)
+    assert failing[1].id in {info.id for info in await queue.jobs(limit=1000)}
 
 
 async def test_a_chord_in_a_batch_names_the_batch_to_its_members(queue: Queue) -> None:

@@ -328,7 +328,9 @@ class Broker(ABC):
     @abstractmethod
     async def retry(self, queue: str, job_id: str, now: float) -> bool:
         """Take a job out of the dead letters and make it ready again with a fresh attempt count
-        (attempt 1, delivery count 0, result and error cleared). False when it is not a dead letter."""
+        (attempt 1, delivery count 0, result and error cleared). The pipeline steps its failure
+        skipped (still kept) wait again for it, so that its success runs them. False when it is
+        not a dead letter."""
 
     @abstractmethod
     async def purge_dead_letters(self, queue: str) -> int:

@@ -420,8 +420,10 @@ class MemoryBroker(Broker):
         links = q.links.get(job_id)
         following = links.next if links else None
         while following is not None and following in q.skipped:
+            step = self._record(q, following)
+            if step is None:  # its record expired (result_ttl), as on Redis
+                break
             q.skipped.discard(following)
-            step = q.records[following]
             step.state, step.error, step.finished_at = JobState.SCHEDULED.value, None, None
             q.expiry.pop(following, None)
             q.waiting.add(following)
@@ -559,7 +561,8 @@ class MemoryBroker(Broker):
                 # The rest of the pipeline is skipped; the last step carries the error to its chord.
                 q.waiting.discard(links.next)
                 skipped = q.records[links.next]
-                skipped.error = rec.error
+                # The error names the step that ended the pipeline (retry_failed retries that one).
+                skipped.error = rec.error or ending_error(rec.id, state, rec.attempt)
                 q.skipped.add(skipped.id)
                 self._finalize(q, skipped, JobState.CANCELLED.value, now, ttl, None)
             if state == JobState.FAILED and links.on_error is not None:
@@ -647,6 +650,7 @@ class MemoryBroker(Broker):
             for listener in list(q.cancel_listeners):
                 listener(job_id)
             return "requested"
+        q.waiting.discard(job_id)  # a pipeline step or chord callback: never activated now
         self._finalize(q, rec, JobState.CANCELLED.value, now, result_ttl, None)
         return JobState.CANCELLED.value
 

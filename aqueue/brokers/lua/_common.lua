@@ -410,8 +410,11 @@ local function after_final(id, state, now, ttl, rec)
       local nk = job_key(rec.next)
       if redis.call('HGET', nk, 'waiting') == '1' then
         redis.call('HDEL', nk, 'waiting')
-        redis.call('HSET', nk, 'skipped', '1')  -- a retry of the failed step re-arms it (retry.lua)
-        if rec.error then redis.call('HSET', nk, 'error', rec.error) end
+        -- A retry of the failed step re-arms it (retry.lua); its error names the step that ended
+        -- the pipeline (retry_failed retries that one).
+        local err = rec.error
+        if not set(err) then err = ending_error(id, state, rec.attempt) end
+        redis.call('HSET', nk, 'skipped', '1', 'error', err)
         finalize(rec.next, nk, 'cancelled', now, ttl, nil)
       end
     end

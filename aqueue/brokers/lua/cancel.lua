@@ -20,6 +20,9 @@ if state == 'running' then
   redis.call('PUBLISH', prefix .. 'cancel', id)
   return 'requested'
 end
-if state == 'scheduled' then redis.call('ZREM', prefix .. 'scheduled', id) end
+if state == 'scheduled' then
+  redis.call('ZREM', prefix .. 'scheduled', id)
+  redis.call('HDEL', jk, 'waiting')  -- a pipeline step or chord callback: never activated now
+end
 finalize(id, jk, 'cancelled', now, ttl, nil)  -- an entry already delivered is dropped by `start`
 return 'cancelled'

@@ -23,7 +23,12 @@ while forgotten < limit do
   local list = prefix .. 'expiring:' .. due[1]
   local popped = redis.call('LPOP', list, limit - forgotten)
   if popped then
-    call_chunked(popped, 'ZREM', ikey)
+    -- A record that lives on (a skipped pipeline step a retry re-armed) keeps its index entry.
+    local gone = {}
+    for _, id in ipairs(popped) do
+      if redis.call('EXISTS', job_key(id)) == 0 then gone[#gone + 1] = id end
+    end
+    call_chunked(gone, 'ZREM', ikey)
     forgotten = forgotten + #popped
   end
   if redis.call('EXISTS', list) == 0 then redis.call('ZREM', seconds, due[1]) end
