@@ -23,10 +23,12 @@ while forgotten < limit do
   local list = prefix .. 'expiring:' .. due[1]
   local popped = redis.call('LPOP', list, limit - forgotten)
   if popped then
-    -- A record that lives on (a skipped pipeline step a retry re-armed) keeps its index entry.
+    -- A record listed here whose ttl was taken off keeps its index entry: a skipped pipeline
+    -- step that a retry re-armed. (Should it end again before this second, it goes from the
+    -- listing now, a little before its record: the listing forgets, the record is never lost.)
     local gone = {}
     for _, id in ipairs(popped) do
-      if redis.call('EXISTS', job_key(id)) == 0 then gone[#gone + 1] = id end
+      if redis.call('TTL', job_key(id)) ~= -1 then gone[#gone + 1] = id end
     end
     call_chunked(gone, 'ZREM', ikey)
     forgotten = forgotten + #popped
