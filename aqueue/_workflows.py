@@ -158,6 +158,21 @@ class ChordResult(Generic[R]):
         return await job.result(timeout)
 
 
+async def _failed_step(member: Job[Any]) -> str | None:
+    """The job whose failure ended a batch member: the member itself, or, for a pipeline member
+    skipped after an earlier step failed, that step (a skipped step carries its error)."""
+    info = await member.info()
+    if info is None:
+        return None
+    if info.state == JobState.FAILED:
+        return member.id
+    if info.state == JobState.CANCELLED and info.error:
+        failed = info.error.get("job_id")
+        if isinstance(failed, str) and failed != member.id:
+            return failed
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class BatchState:
     size: int
@@ -195,17 +210,8 @@ class Batch:
         after an earlier step failed, that step, whose success runs the rest. Returns how many."""
         retried = 0
         for job in self.members:
-            info = await job.info()
-            if info is None:
-                continue
-            failed: object
-            if info.state == JobState.FAILED:
-                failed = job.id
-            elif info.state == JobState.CANCELLED and info.error and info.error.get("job_id") != job.id:
-                failed = info.error.get("job_id")  # skipped: its error is the failed step's
-            else:
-                continue
-            if failed and await self.queue.retry(str(failed)):
+            failed = await _failed_step(job)
+            if failed is not None and await self.queue.retry(failed):
                 retried += 1
         return retried
 

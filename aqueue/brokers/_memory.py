@@ -52,9 +52,9 @@ _ENDING_NAMES = {"cancelled": "JobCancelled", "revoked": "JobRevoked", "expired"
 
 
 def ending_error(job_id: str, state: str, attempt: int) -> bytes:
-    """The error a chord slot holds for a member that ended without one of its own: `TaskError`
-    metadata with every key; a cancelled, revoked or expired member's names the ending as
-    `job.result()` would."""
+    """The error that stands for a job that ended without one of its own (in its chord slot, in
+    the pipeline steps it skipped): `TaskError` metadata with every key; a cancelled, revoked or
+    expired job's names the ending as `job.result()` would."""
     kind = _ENDING_NAMES.get(state, "")
     error = f"{kind}('job {job_id} was {state}')" if kind else "failed"
     return orjson.dumps({"error": error, "type": kind, "traceback": "", "job_id": job_id,

@@ -271,9 +271,10 @@ local function error_marker(err)
   return ERROR_HEAD .. err .. '}'
 end
 
--- The error a chord slot holds for a member that ended without one of its own: TaskError
--- metadata with every key; a cancelled, revoked or expired member's names the ending as
--- `job.result()` would (no table of names: a table costs every call of a script that carries it).
+-- The error that stands for a job that ended without one of its own (in its chord slot, in the
+-- pipeline steps it skipped): TaskError metadata with every key; a cancelled, revoked or expired
+-- job's names the ending as `job.result()` would (no table of names: a table costs every call of a
+-- script that carries it).
 local function ending_error(id, state, attempt)
   local kind, err = '', 'failed'
   if state == 'cancelled' then kind = 'JobCancelled'
