@@ -270,9 +270,7 @@ class Plan:
         """The ids of the jobs the broker may create as this plan's jobs end: error handlers and
         batch callbacks (immediate mode runs them too)."""
         handlers = [error_handler_id(job.id) for job in self.jobs if job.links and job.links.on_error]
-        callbacks = [batch_callback_id(b.id, kind) for b in self.batches
-                     for kind, t in (("success", b.on_success), ("failure", b.on_failure),
-                                     ("complete", b.on_complete)) if t is not None]
+        callbacks = [batch_callback_id(b.id, kind) for b in self.batches for kind in b.callbacks()]
         return handlers + callbacks
 
     def _pipeline(self, steps: list[Signature[Any]], member: _Membership,

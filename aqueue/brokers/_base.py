@@ -88,6 +88,11 @@ class BatchSpec:
     on_failure: Template | None = None
     on_complete: Template | None = None
 
+    def callbacks(self) -> dict[str, Template]:
+        """The callbacks it has, by kind ("success", "failure", "complete")."""
+        kinds = (("success", self.on_success), ("failure", self.on_failure), ("complete", self.on_complete))
+        return {kind: template for kind, template in kinds if template is not None}
+
 
 @dataclass(slots=True)
 class JobRecord:

@@ -184,9 +184,7 @@ class MemoryBroker(Broker):
         for c in chords:
             q.chords[c.id] = _Chord(c.size, c.callback)
         for b in batches:
-            callbacks = {kind: t for kind, t in (("success", b.on_success), ("failure", b.on_failure),
-                                                  ("complete", b.on_complete)) if t is not None}
-            q.batches[b.id] = _Batch(b.size, callbacks)
+            q.batches[b.id] = _Batch(b.size, b.callbacks())
         return [self._store(q, job, now) for job in jobs]
 
     def _store(self, q: _Queue, job: NewJob, now: float) -> str:
