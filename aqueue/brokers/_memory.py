@@ -554,13 +554,16 @@ class MemoryBroker(Broker):
         links = q.links.get(rec.id)
         if links is None:
             return
+        # What stands for an end other than success, in the steps it skips and in its chord slot.
+        error = rec.error
         if state != JobState.SUCCEEDED:
+            error = error or ending_error(rec.id, state, rec.attempt)
             if links.next is not None and links.next in q.waiting:
                 # The rest of the pipeline is skipped; the last step carries the error to its chord.
                 q.waiting.discard(links.next)
                 skipped = q.records[links.next]
                 # The error names the step that ended the pipeline (retry_failed retries that one).
-                skipped.error = rec.error or ending_error(rec.id, state, rec.attempt)
+                skipped.error = error
                 q.skipped.add(skipped.id)
                 self._finalize(q, skipped, JobState.CANCELLED.value, now, ttl, None)
             if state == JobState.FAILED and links.on_error is not None:
@@ -569,10 +572,7 @@ class MemoryBroker(Broker):
                                  payload=prepend_arg(t.payload, error_marker(rec.error)), enqueued_at=now)
                 self._store(q, handler, now)
         if links.chord is not None and links.slot is not None:
-            if state == JobState.SUCCEEDED:
-                value = rec.result or b"null"
-            else:
-                value = error_marker(rec.error or ending_error(rec.id, state, rec.attempt))
+            value = (rec.result or b"null") if state == JobState.SUCCEEDED else error_marker(error)
             self._chord_arrive(q, links.chord, links.slot, value)
         if links.batch is not None:
             self._batch_arrive(q, links.batch, rec.id, state, now)

@@ -405,7 +405,10 @@ end
 -- What ending a job means for the workflow around it.
 local function after_final(id, state, now, ttl, rec)
   if not (set(rec.chord) or set(rec.batch) or set(rec.next) or set(rec.err_task)) then return end
+  -- What stands for an end other than success, in the steps it skips and in its chord slot.
+  local err = rec.error
   if state ~= 'succeeded' then
+    if not set(err) then err = ending_error(id, state, rec.attempt) end
     if set(rec.next) then
       -- The rest of the pipeline is skipped; the last step carries the error to its chord.
       local nk = job_key(rec.next)
@@ -413,8 +416,6 @@ local function after_final(id, state, now, ttl, rec)
         redis.call('HDEL', nk, 'waiting')
         -- A retry of the failed step re-arms it (retry.lua); its error names the step that ended
         -- the pipeline (retry_failed retries that one).
-        local err = rec.error
-        if not set(err) then err = ending_error(id, state, rec.attempt) end
         redis.call('HSET', nk, 'skipped', '1', 'error', err)
         finalize(rec.next, nk, 'cancelled', now, ttl, nil)
       end
@@ -426,13 +427,7 @@ local function after_final(id, state, now, ttl, rec)
   end
   if set(rec.chord) then
     local value = rec.result
-    if state ~= 'succeeded' then
-      local err = rec.error
-      if not set(err) then err = ending_error(id, state, rec.attempt) end
-      value = error_marker(err)
-    elseif not set(value) then
-      value = 'null'
-    end
+    if state ~= 'succeeded' then value = error_marker(err) elseif not set(value) then value = 'null' end
     chord_arrive(rec.chord, rec.slot, value, ttl)
   end
   if set(rec.batch) then batch_arrive(rec.batch, id, state, now) end
