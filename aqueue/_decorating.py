@@ -8,7 +8,7 @@ from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any, ParamSpec, TypeVar
 
-import anyio
+from aqueue._threads import run_in_thread
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -17,13 +17,14 @@ R = TypeVar("R")
 def around(
     fn: Callable[P, Any], guard: Callable[[], AbstractAsyncContextManager[Any]]
 ) -> Callable[P, Any]:
-    """An async function running `fn` inside `guard()`; a plain `fn` still runs in a worker thread."""
+    """An async function running `fn` inside `guard()`; a plain `fn` still runs in a worker thread,
+    and the guard (a lock) is held until that thread returns."""
 
     @functools.wraps(fn)
     async def guarded(*args: P.args, **kwargs: P.kwargs) -> Any:
         async with guard():
             if inspect.iscoroutinefunction(fn):
                 return await fn(*args, **kwargs)
-            return await anyio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
+            return await run_in_thread(fn, *args, **kwargs)
 
     return guarded

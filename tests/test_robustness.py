@@ -96,22 +96,6 @@ def test_default_task_name_is_the_function_name(queue: Queue) -> None:
             return a - b
 
 
-async def test_sync_task_times_out(queue: Queue) -> None:
-    gate = anyio.Event()
-
-    @queue.task(timeout=0.2)
-    def stuck() -> str:
-        anyio.from_thread.run(gate.wait)  # holds its thread until the test lets go
-        return "too late"
-
-    async with queue.worker():
-        job = await stuck.enqueue()
-        with pytest.raises(TaskError) as caught:
-            await job.result(timeout=10)
-        gate.set()
-    assert caught.value.metadata["type"] == "TaskTimeout"
-
-
 async def test_started_job_is_not_expired_on_redelivery(queue: Queue) -> None:
     @queue.task
     async def work() -> str:

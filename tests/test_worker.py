@@ -6,7 +6,7 @@ import asyncio
 import contextvars
 import time
 import uuid
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import anyio
 import pytest
@@ -17,8 +17,10 @@ from aqueue import (
     JobState,
     Queue,
     RetryTask,
+    Schedule,
     Signal,
     TaskError,
+    Worker,
     current_job,
 )
 from aqueue._worker import _runner
@@ -475,6 +477,34 @@ async def test_signals_reach_sync_and_async_handlers(queue: Queue) -> None:
     assert seen[:3] == [(Signal.ENQUEUED, "ok"), (Signal.EXECUTING, "ok"), (Signal.COMPLETE, "ok")]
     assert (Signal.RETRYING, "KeyError") in seen
     assert (Signal.ERROR, "KeyError") in seen
+
+
+async def test_a_worker_whose_service_failed_raises_why_and_stops_quietly(queue: Queue) -> None:
+    class Breaking(Schedule):
+        """Due at once, then broken: a schedule of the user's own that raises."""
+
+        __slots__ = ("calls",)
+
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def next_after(self, moment: datetime) -> datetime:
+            self.calls += 1
+            if self.calls > 1:
+                raise RuntimeError("schedule broke")
+            return moment
+
+    @queue.periodic(Breaking())
+    async def tick() -> None:
+        return None
+
+    worker = Worker(queue)
+    with pytest.raises(BaseExceptionGroup) as caught:
+        with anyio.fail_after(10):
+            await worker.run()
+    assert caught.value.subgroup(RuntimeError) is not None
+    assert "schedule broke" in repr(caught.value.subgroup(RuntimeError))
+    worker.stop()  # nothing left to stop: no error of its own to hide the first one
 
 
 async def test_immediate_mode_runs_inside_enqueue(queue: Queue) -> None:

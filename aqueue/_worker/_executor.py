@@ -7,7 +7,6 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -25,6 +24,7 @@ from aqueue._exceptions import (
 from aqueue._serialization import dumps, encode_call, encode_result, loads
 from aqueue._signals import Signal
 from aqueue._tasks import TaskPolicy, policy_for_call
+from aqueue._threads import run_in_thread
 from aqueue.brokers import Completion, Delivery, Outcome
 
 if TYPE_CHECKING:
@@ -144,11 +144,7 @@ async def execute(queue: Queue, running: RunningJob) -> Completion | None:
             if task.is_async:
                 value = await task.fn(*args, **kwargs)
             else:
-                # A thread cannot be stopped: on a timeout or shutdown it is left to finish in the
-                # background and its result is dropped.
-                value = await anyio.to_thread.run_sync(
-                    partial(task.fn, *args, **kwargs), abandon_on_cancel=True
-                )
+                value = await run_in_thread(task.fn, *args, **kwargs)
         except Exception as exc:  # the job's failure, judged below; cancellation passes through
             error = exc
         except asyncio.CancelledError as exc:
@@ -159,9 +155,14 @@ async def execute(queue: Queue, running: RunningJob) -> Completion | None:
             error = exc
         finally:
             _leave(token)
-    if scope.cancelled_caught:
-        if running.interrupted:
-            if signals.wants(Signal.INTERRUPTED):
+    # Told to stop, a job either stops (its scope caught the cancellation) or runs to its end
+    # anyway: a thread cannot be stopped (`aqueue._threads`), and a job's code may swallow the
+    # cancellation. One that ran to its end after a shutdown or a takeover keeps its outcome
+    # (handed back, it would run twice); a cancel or a timeout stands either way.
+    stopped = scope.cancelled_caught or (scope.cancel_called and not running.interrupted)
+    if stopped:
+        if scope.cancelled_caught and running.interrupted:
+            if not running.lost and signals.wants(Signal.INTERRUPTED):
                 await signals.send(Signal.INTERRUPTED, context)
             return None
         if running.cancel_requested:

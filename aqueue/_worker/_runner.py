@@ -26,6 +26,7 @@ from anyio.abc import TaskGroup, TaskStatus
 from aqueue._exceptions import BrokerConnectionError, BrokerError, ConfigurationError
 from aqueue._signals import Signal, SignalJob
 from aqueue._tasks import NO_OPTIONS
+from aqueue._threads import worker_threads
 from aqueue._time import Seconds, seconds
 from aqueue._worker._completer import Completer
 from aqueue._worker._executor import RunningJob, dead, execute, safe_repr
@@ -182,36 +183,41 @@ class Worker:
         # The running backend's own scope class: `anyio.CancelScope()` looks the backend up on every
         # call, which costs more than all the rest of a no-op job's bookkeeping.
         self._new_scope = type(anyio.CancelScope())
+        threads = worker_threads.set(anyio.CapacityLimiter(self.concurrency))
         self._clean_context = contextvars.copy_context()
-        async with anyio.create_task_group() as services:
-            self._services = services
-            if self._stop_requested:  # stopped before it started
-                services.start_soon(self._unblock_fetcher)
-            services.start_soon(self._completer.run)
-            services.start_soon(self._renew_leases)
-            listen_tried = anyio.Event()
-            services.start_soon(self._listen_cancel, listen_tried)
-            services.start_soon(self._check_cancel)
-            if self.scheduler:
-                services.start_soon(self._schedule)
-                services.start_soon(self._prune)
-            # No job is taken before cancel requests are listened for: one made in between
-            # would wait for the fallback check.
-            await listen_tried.wait()
-            async with anyio.create_task_group() as jobs:
-                self._jobs = jobs
-                task_status.started(self)
-                try:
-                    await self._fetch()
-                finally:
-                    self._fetch_ended.set()
-                await self._wind_down()
-                self._end_runners()
-            await self._release(self._handed_back)
-            with anyio.move_on_after(max(self.shutdown_timeout, 1.0)):  # a broker that is gone
-                await self._completer.drained()
-            services.cancel_scope.cancel()
-        self._services = None
+        try:
+            async with anyio.create_task_group() as services:
+                self._services = services
+                if self._stop_requested:  # stopped before it started
+                    services.start_soon(self._unblock_fetcher)
+                services.start_soon(self._completer.run)
+                services.start_soon(self._renew_leases)
+                listen_tried = anyio.Event()
+                services.start_soon(self._listen_cancel, listen_tried)
+                services.start_soon(self._check_cancel)
+                if self.scheduler:
+                    services.start_soon(self._schedule)
+                    services.start_soon(self._prune)
+                # No job is taken before cancel requests are listened for: one made in between
+                # would wait for the fallback check.
+                await listen_tried.wait()
+                async with anyio.create_task_group() as jobs:
+                    self._jobs = jobs
+                    task_status.started(self)
+                    try:
+                        await self._fetch()
+                    finally:
+                        self._fetch_ended.set()
+                    await self._wind_down()
+                    self._end_runners()
+                await self._release(self._handed_back)
+                with anyio.move_on_after(max(self.shutdown_timeout, 1.0)):  # a broker that is gone
+                    await self._completer.drained()
+                services.cancel_scope.cancel()
+        finally:
+            # Also when a service failed and ended the group: stop() must not start tasks in it.
+            self._services = None
+            worker_threads.reset(threads)
         with anyio.CancelScope(shield=True), anyio.move_on_after(5):
             try:
                 await queue.broker.forget_consumer(queue.name, self.name)
@@ -420,7 +426,8 @@ class Worker:
         with anyio.move_on_after(self.shutdown_timeout):
             await self._all_idle.wait()
         for running in list(self._running.values()):
-            logger.warning("job %s (%s) interrupted by shutdown: handing it back",
+            logger.warning("job %s (%s) still running at shutdown: stopping it to hand it back "
+                           "(a plain `def` task's thread cannot be stopped: it is waited for)",
                            running.delivery.job_id, running.delivery.task)
             running.interrupt()
 

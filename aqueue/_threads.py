@@ -1,0 +1,31 @@
+"""Plain `def` tasks run in worker threads, from a pool as large as the worker's concurrency.
+
+A thread cannot be stopped. A job told to stop (its timeout, `job.cancel()`, the worker's shutdown)
+while its thread runs keeps its lease until the thread returns: were it retried or handed back at
+once, a second run could start while the first still goes on. The thread can see the stop through
+`anyio.from_thread.check_cancelled()`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextvars import ContextVar
+from functools import partial
+from typing import ParamSpec, TypeVar
+
+import anyio
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+worker_threads: ContextVar[anyio.CapacityLimiter | None] = ContextVar(
+    "aqueue_worker_threads", default=None
+)
+"""The running worker's pool; unset outside a worker, where anyio's default pool serves. anyio's
+default holds 40 threads: a worker running more sync jobs at once would have the rest wait for
+a thread while their timeouts ran."""
+
+
+async def run_in_thread(fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+    """Run `fn` in a worker thread and wait for it to return, even once its job is told to stop."""
+    return await anyio.to_thread.run_sync(partial(fn, *args, **kwargs), limiter=worker_threads.get())

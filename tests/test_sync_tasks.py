@@ -1,0 +1,154 @@
+"""Plain `def` tasks: their threads, and what a stop does to a job whose thread cannot be stopped."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import anyio
+import pytest
+
+from aqueue import JobCancelled, JobState, LockTimeout, Queue, Signal, TaskError, current_job
+
+
+def _wait_for_stop() -> None:
+    """In a job's thread: poll for the stop, as a long loop of sync code would."""
+    while True:
+        try:
+            anyio.from_thread.check_cancelled()
+        except asyncio.CancelledError:  # what check_cancelled raises on asyncio
+            return
+        time.sleep(0.005)
+
+
+async def _wait(event: threading.Event) -> None:
+    assert await anyio.to_thread.run_sync(event.wait, 10), "the job's thread never got there"
+
+
+async def test_a_timed_out_thread_is_waited_for_before_the_retry(queue: Queue) -> None:
+    saw_stop, let_go = threading.Event(), threading.Event()
+    second_start = anyio.Event()
+    runs: list[tuple[str, int]] = []
+
+    @queue.task(timeout=0.2, retries=1, retry_delay=0)
+    def stuck() -> str:
+        attempt = current_job().attempt
+        runs.append(("start", attempt))
+        if attempt == 2:
+            anyio.from_thread.run_sync(second_start.set)
+        if attempt == 1:
+            _wait_for_stop()
+            saw_stop.set()
+            let_go.wait(10)  # the thread runs on past its timeout until the test lets go
+        runs.append(("end", attempt))
+        return f"attempt {attempt}"
+
+    async with queue.worker():
+        job = await stuck.enqueue()
+        await _wait(saw_stop)
+        # Time in which a retry would start, were the job's lease let go with its timeout.
+        with anyio.move_on_after(0.5):
+            await second_start.wait()
+        assert runs == [("start", 1)]
+        assert await job.state() == JobState.RUNNING
+        let_go.set()
+        assert await job.result(timeout=10) == "attempt 2"
+    assert runs == [("start", 1), ("end", 1), ("start", 2), ("end", 2)]
+
+
+async def test_a_timed_out_thread_ends_the_job_with_task_timeout(queue: Queue) -> None:
+    @queue.task(timeout=0.2)
+    def stuck() -> str:
+        _wait_for_stop()
+        return "ran to its end"
+
+    async with queue.worker():
+        job = await stuck.enqueue()
+        with pytest.raises(TaskError) as caught:
+            await job.result(timeout=10)
+    assert caught.value.metadata["type"] == "TaskTimeout"
+
+
+async def test_shutdown_waits_for_a_thread_and_keeps_its_outcome(queue: Queue) -> None:
+    started, saw_stop = threading.Event(), threading.Event()
+    interrupted: list[str] = []
+    runs: list[int] = []
+
+    @queue.task
+    def long_job() -> str:
+        runs.append(current_job().attempt)
+        started.set()
+        _wait_for_stop()  # the shutdown's stop, once shutdown_timeout has passed
+        saw_stop.set()
+        return "finished"
+
+    @queue.on(Signal.INTERRUPTED)
+    def on_interrupt(signal: Signal, job: object, exc: BaseException | None = None) -> None:
+        interrupted.append(getattr(job, "id", ""))
+
+    job = await long_job.enqueue()
+    async with queue.worker(shutdown_timeout=0.1):
+        await _wait(started)
+    assert saw_stop.is_set()
+    assert await job.state() == JobState.SUCCEEDED  # not handed back: it would run twice
+    assert await job.result(timeout=1) == "finished"
+    assert interrupted == []
+    assert runs == [1]
+
+
+async def test_a_cancelled_thread_ends_the_job_cancelled(queue: Queue) -> None:
+    started = threading.Event()
+
+    @queue.task
+    def long_job() -> str:
+        started.set()
+        _wait_for_stop()
+        return "ran to its end"
+
+    async with queue.worker():
+        job = await long_job.enqueue()
+        await _wait(started)
+        await job.cancel()
+        with pytest.raises(JobCancelled):
+            await job.result(timeout=10)
+
+
+async def test_each_running_sync_job_has_a_thread_up_to_the_concurrency(queue: Queue) -> None:
+    jobs_at_once = 45  # anyio's default pool holds 40 threads
+    everyone_in = threading.Barrier(jobs_at_once, timeout=10)
+
+    @queue.task
+    def meet() -> int:
+        return everyone_in.wait()
+
+    async with queue.worker(concurrency=50):
+        group = await meet.map([() for _ in range(jobs_at_once)])
+        assert sorted(await group.get(timeout=20)) == list(range(jobs_at_once))
+
+
+async def test_a_lock_on_a_plain_def_keeps_its_timeout_and_is_held_until_the_thread_returns(
+    queue: Queue,
+) -> None:
+    saw_stop, let_go = threading.Event(), threading.Event()
+
+    @queue.task(timeout=0.2)
+    @queue.lock("report")
+    def report() -> str:
+        _wait_for_stop()
+        saw_stop.set()
+        let_go.wait(10)
+        return "ran to its end"
+
+    async with queue.worker():
+        job = await report.enqueue()
+        await _wait(saw_stop)
+        with pytest.raises(LockTimeout):
+            async with queue.lock("report", timeout=0):
+                pass
+        let_go.set()
+        with pytest.raises(TaskError) as caught:
+            await job.result(timeout=10)
+        async with queue.lock("report", timeout=0):  # released with the thread's return
+            pass
+    assert caught.value.metadata["type"] == "TaskTimeout"
