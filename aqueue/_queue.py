@@ -45,6 +45,16 @@ DEFAULT_MAX_PAYLOAD = 1 << 20
 EnqueueCall = tuple[Task[Any, Any], Sequence[Any], dict[str, Any], CallOptions]
 
 
+def _signal(value: str) -> Signal:
+    if callable(value):  # `@queue.on` without its parentheses
+        raise ConfigurationError("queue.on takes signals: write @queue.on() for every signal")
+    try:
+        return Signal(value)
+    except ValueError:
+        values = ", ".join(s.value for s in Signal)
+        raise ConfigurationError(f"unknown signal {value!r}: expected a Signal ({values})") from None
+
+
 def broker_from_url(url: str) -> Broker:
     scheme = url.split("://", 1)[0].lower() if "://" in url else ""
     # Each broker is imported when a queue first uses it: a worker loads only its own.
@@ -383,9 +393,12 @@ class Queue:
 
     def on(self, *signals: Signal) -> Callable[[Handler], Handler]:
         """Register a sync or async handler `(signal, job, exc=None)`; no signals means all."""
+        chosen = tuple(_signal(s) for s in signals)
 
         def register(handler: Handler) -> Handler:
-            self.signals.connect(handler, signals)
+            if not callable(handler):
+                raise ConfigurationError(f"@queue.on(...) decorates a handler, got {handler!r}")
+            self.signals.connect(handler, chosen)
             return handler
 
         return register

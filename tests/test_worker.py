@@ -13,6 +13,7 @@ import pytest
 
 from aqueue import (
     CancelExecution,
+    ConfigurationError,
     JobCancelled,
     JobState,
     Queue,
@@ -505,6 +506,21 @@ async def test_a_worker_whose_service_failed_raises_why_and_stops_quietly(queue:
     assert caught.value.subgroup(RuntimeError) is not None
     assert "schedule broke" in repr(caught.value.subgroup(RuntimeError))
     worker.stop()  # nothing left to stop: no error of its own to hide the first one
+
+
+def test_queue_on_rejects_what_is_not_a_signal(queue: Queue) -> None:
+    def handler(signal: Signal, job: object, exc: BaseException | None = None) -> None:
+        pass
+
+    with pytest.raises(ConfigurationError, match=r"@queue.on\(\)"):
+        queue.on(handler)  # type: ignore[arg-type]  # `@queue.on` without parentheses
+    with pytest.raises(ConfigurationError, match="unknown signal 'compleet'"):
+        queue.on("compleet")  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="decorates a handler"):
+        queue.on(Signal.ERROR)("not callable")  # type: ignore[arg-type]
+    assert queue.on("complete")(handler) is handler  # type: ignore[arg-type]  # a Signal's value
+    assert queue.signals.wants(Signal.COMPLETE)
+    assert not queue.signals.wants(Signal.ERROR)
 
 
 async def test_immediate_mode_runs_inside_enqueue(queue: Queue) -> None:
