@@ -255,16 +255,23 @@ class Queue:
         ids = await self.broker.enqueue(self.name, new_jobs)
         # Job(...), not Job[Any](...): a subscripted class is called through typing, at a cost per job.
         jobs: list[Job[Any]] = [Job(self, job_id) for job_id in ids]
-        if self.signals.wants(Signal.ENQUEUED) or self.signals.wants(Signal.SCHEDULED):
-            for new, job in zip(new_jobs, jobs, strict=True):
-                signal = Signal.SCHEDULED if new.eta and new.eta > now else Signal.ENQUEUED
-                await self.signals.send(signal, SignalJob(job.id, new.task))
+        await self._announce(new_jobs, ids, now)
         if self.immediate:
             from aqueue._worker import run_immediately
 
             await run_immediately(self, [job.id for new, job in zip(new_jobs, jobs, strict=True)
                                          if not (new.eta and new.eta > now)])
         return jobs
+
+    async def _announce(self, new_jobs: Sequence[NewJob], ids: Sequence[str], now: float) -> None:
+        """ENQUEUED, or SCHEDULED for a job with a later eta, for each job the broker stored."""
+        if not (self.signals.wants(Signal.ENQUEUED) or self.signals.wants(Signal.SCHEDULED)):
+            return
+        for new, job_id in zip(new_jobs, ids, strict=True):
+            if job_id != new.id:
+                continue  # its idempotency key found a live job: nothing was stored
+            signal = Signal.SCHEDULED if new.eta and new.eta > now else Signal.ENQUEUED
+            await self.signals.send(signal, SignalJob(job_id, new.task))
 
     def _new_job(
         self,
@@ -339,10 +346,8 @@ class Queue:
     async def _store_plan(self, plan: Plan) -> None:
         if not self._connected:
             await self.connect()
-        await self.broker.enqueue(self.name, plan.jobs, plan.chords, plan.batches)
-        if self.signals.wants(Signal.ENQUEUED):
-            for job in plan.jobs:
-                await self.signals.send(Signal.ENQUEUED, SignalJob(job.id, job.task))
+        ids = await self.broker.enqueue(self.name, plan.jobs, plan.chords, plan.batches)
+        await self._announce(plan.jobs, ids, plan.now)
         if self.immediate:
             from aqueue._worker import run_immediately
 

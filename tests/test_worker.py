@@ -508,6 +508,26 @@ async def test_a_worker_whose_service_failed_raises_why_and_stops_quietly(queue:
     worker.stop()  # nothing left to stop: no error of its own to hide the first one
 
 
+async def test_enqueue_signals_name_only_what_was_stored(queue: Queue) -> None:
+    seen: list[tuple[Signal, str]] = []
+
+    @queue.on(Signal.ENQUEUED, Signal.SCHEDULED)
+    def record(signal: Signal, job: object, exc: BaseException | None = None) -> None:
+        seen.append((signal, getattr(job, "id", "")))
+
+    @queue.task
+    async def add(a: int, b: int) -> int:
+        return a + b
+
+    first = await add.options(key="once").enqueue(1, 2)
+    again = await add.options(key="once").enqueue(1, 2)  # the live job's handle: nothing stored
+    assert again.id == first.id
+    steps = await queue.enqueue(add.s(1, 1).then(add, 1))
+    later = await queue.enqueue(add.options(delay=60).s(2, 2))
+    assert seen == [(Signal.ENQUEUED, first.id), (Signal.ENQUEUED, steps.jobs[0].id),
+                    (Signal.ENQUEUED, steps.jobs[1].id), (Signal.SCHEDULED, later[0].id)]
+
+
 def test_queue_on_rejects_what_is_not_a_signal(queue: Queue) -> None:
     def handler(signal: Signal, job: object, exc: BaseException | None = None) -> None:
         pass
