@@ -117,6 +117,11 @@ class crontab(Schedule):
         # Classic cron: when both day fields are restricted, a date matching either is enough.
         # "Restricted" is judged on the values, so "*/1" or "0-6" behave exactly like "*".
         self._day_or_weekday = len(self.days) < 31 and len(self.days_of_week) < 7
+        # Without the weekdays to fall back on, the days must exist in one of the months (the 29th
+        # of February does, in leap years): "30 February" would build and never tick.
+        longest = max(monthrange(2000, month)[1] for month in self.months)  # 2000: a leap year
+        if not self._day_or_weekday and self.days[0] > longest:
+            raise ValueError(f"crontab day={day!r} never falls in month={month!r}")
 
     @classmethod
     def daily(cls) -> Self:

@@ -210,11 +210,21 @@ def test_crontab_next_after_agrees_with_minute_by_minute_search() -> None:
             moment = tick
 
 
-def test_crontab_without_any_tick_raises() -> None:
+def test_crontab_that_can_never_tick_raises_when_built() -> None:
+    # Built, it would pass every check and then stop the worker's scheduler at its first use.
+    with pytest.raises(ValueError, match="never falls"):
+        crontab(minute="0", hour="0", day="30", month="2")
+    with pytest.raises(ValueError, match="never falls"):
+        crontab(day="31", month="4,6,9,11")
+    assert crontab(day="29", month="2").next_after(utc(2026, 1, 1)) == utc(2028, 2, 29)
+    assert crontab(day="31", month="4,5").next_after(utc(2026, 1, 1)) == utc(2026, 5, 31)
+    # With a weekday beside it, either day field is enough (cron's rule): the Mondays of February.
+    assert crontab(day="30", month="2", day_of_week="1").next_after(utc(2026, 1, 1)) == utc(2026, 2, 2)
+
+
+def test_crontab_without_a_tick_before_the_last_year_raises() -> None:
     with pytest.raises(ValueError, match="no tick"):
-        crontab(minute="0", hour="0", day="30", month="2").next_after(utc(2026, 1, 1))
-    with pytest.raises(ValueError, match="no tick"):
-        crontab(day="31", month="4,6,9,11").next_after(utc(2026, 1, 1))
+        crontab(day="29", month="2").next_after(utc(9999, 3, 1))
 
 
 # --- every --------------------------------------------------------------------------------------
