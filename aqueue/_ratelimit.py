@@ -23,7 +23,8 @@ class RateLimit:
 
     Each use is one atomic hit on the broker; windows are aligned to the epoch, so every worker
     counts in the same window. Over the limit, `RateLimitExceeded(retry_after=...)`; inside a job
-    with `retry=True` the job runs again in the next window without using a retry.
+    with `retry=True` the job runs again in the next window without using a retry; with
+    `retry=False` it is retried by its task's policy, none of its retries before the next window.
     """
 
     def __init__(self, queue: Queue, key: str, limit: int, per: Seconds, retry: bool = True) -> None:

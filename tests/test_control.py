@@ -405,6 +405,34 @@ async def test_rate_limited_jobs_wait_for_the_next_window(queue: Queue) -> None:
     assert seen
 
 
+async def test_rate_limit_without_retry_waits_for_the_window_to_use_a_retry(queue: Queue) -> None:
+    seen = recorder(queue, Signal.RATE_LIMITED, Signal.RETRYING)
+    per = 10**6  # windows of 11 days, aligned to the epoch: this test stays within one
+    next_window = (math.floor(time.time() / per) + 1) * per
+
+    @queue.task(retries=2)
+    @queue.rate_limit("strict-retry", limit=1, per=per, retry=False)
+    async def once() -> int:
+        return 1
+
+    retrying = anyio.Event()
+    queue.on(Signal.RETRYING)(lambda signal, job, exc=None: retrying.set())
+
+    async with queue.worker(concurrency=1):
+        assert await (await once.enqueue()).result(timeout=10) == 1
+        job = await once.enqueue()
+        with anyio.fail_after(10):
+            await retrying.wait()
+    # The worker has stopped: its outcomes are written.
+    record = await queue.broker.get(queue.name, job.id)
+    assert record is not None
+    assert record.state == JobState.SCHEDULED
+    assert record.eta is not None
+    assert record.attempt == 2  # a retry of its own was used...
+    assert record.eta >= next_window - 1  # ...not before the limit's next window
+    assert seen == [(Signal.RATE_LIMITED, job.id), (Signal.RETRYING, job.id)]
+
+
 async def test_rate_limit_without_retry_fails_by_policy(queue: Queue) -> None:
     @queue.task
     @queue.rate_limit("strict", limit=1, per=3600, retry=False)

@@ -189,12 +189,15 @@ async def execute(queue: Queue, running: RunningJob) -> Completion | None:
         return Completion(d, Outcome.SUCCEEDED, time.time(), result=result, activate=activate)
     if isinstance(error, RetryTask):
         return await _retry(queue, context, policy, error, error.delay)
-    if isinstance(error, RateLimitExceeded) and error.reschedule:
-        # Over a rate limit: run again in the next window, without using a retry.
+    if isinstance(error, RateLimitExceeded):
         if signals.wants(Signal.RATE_LIMITED):
             await signals.send(Signal.RATE_LIMITED, context, error)
-        now = time.time()
-        return Completion(d, Outcome.DEFER, now, retry_at=now + error.retry_after)
+        if error.reschedule:  # run again in the next window, without using a retry
+            now = time.time()
+            return Completion(d, Outcome.DEFER, now, retry_at=now + error.retry_after)
+        # retry=False: a retry of the task's own, but none before the window has passed (an
+        # earlier one would find the limit still used up).
+        return await _fail(queue, context, policy, error, retry=True, wait=error.retry_after)
     if isinstance(error, TaskLocked) and signals.wants(Signal.LOCKED):
         await signals.send(Signal.LOCKED, context, error)
     if isinstance(error, CancelExecution):
@@ -248,12 +251,14 @@ async def _retry(
 
 
 async def _fail(
-    queue: Queue, context: JobContext, policy: TaskPolicy, error: BaseException, *, retry: bool
+    queue: Queue, context: JobContext, policy: TaskPolicy, error: BaseException, *, retry: bool,
+    wait: float = 0.0,
 ) -> Completion:
+    """Retry by the task's policy, waiting at least `wait` seconds, or fail for good."""
     d = context._delivery
     retries_left = policy.retries - (d.attempt - 1)
     if retry and retries_left > 0:
-        return await _retry(queue, context, policy, error, policy.retry_wait(d.attempt))
+        return await _retry(queue, context, policy, error, max(policy.retry_wait(d.attempt), wait))
     if queue.signals.wants(Signal.ERROR):
         await queue.signals.send(Signal.ERROR, context, error)
     meta = _metadata(error, d, 0)
