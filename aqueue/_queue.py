@@ -374,8 +374,18 @@ class Queue:
         return [JobInfo.from_record(r) for r in await self.broker.dead_letters(self.name, limit)]
 
     async def retry(self, job_id: str) -> bool:
-        """Run a dead-lettered job again with a fresh attempt count. False if it is not one."""
-        return await self.broker.retry(self.name, job_id, time.time())
+        """Run a dead-lettered job again with a fresh attempt count. False if it is not one.
+        In immediate mode it runs here, and with it what its end sets going again."""
+        if not await self.broker.retry(self.name, job_id, time.time()):
+            return False
+        if self.immediate:
+            from aqueue._worker import run_immediately
+            from aqueue._worker._immediate import retry_follow_ups
+
+            record = await self.broker.get(self.name, job_id)
+            steps, callbacks = retry_follow_ups(record.payload) if record else ([], [])
+            await run_immediately(self, [job_id, *steps], callbacks)
+        return True
 
     async def purge_dead_letters(self) -> int:
         return await self.broker.purge_dead_letters(self.name)

@@ -396,6 +396,34 @@ async def test_a_chord_in_a_batch_names_the_batch_to_its_members(queue: Queue) -
     assert sorted(seen) == sorted([("part", b.id), ("part", b.id), ("total", b.id), ("part", b.id)])
 
 
+async def test_immediate_mode_retry_runs_the_job_and_what_its_success_sets_going(queue: Queue) -> None:
+    queue.immediate = True
+    fixed: list[bool] = []
+    handled: list[str] = []
+
+    @queue.task
+    async def fetch() -> int:
+        if not fixed:
+            raise ValueError("down")
+        return 1
+
+    @queue.task
+    async def double(x: int) -> int:
+        return 2 * x
+
+    @queue.task
+    async def note(kind: str) -> None:
+        handled.append(kind)
+
+    b = await queue.batch([fetch.s().then(double).then(double)], on_success=note.s("success"))
+    [first_step] = (await queue.dead_letters())
+    assert handled == []
+    fixed.append(True)
+    assert await queue.retry(first_step.id) is True  # runs it, the steps after it, the callback
+    assert [await job.result(timeout=0) for job in b.members] == [4]
+    assert handled == ["success"]
+
+
 async def test_immediate_mode_runs_a_whole_workflow_inside_enqueue(queue: Queue) -> None:
     # Every job a workflow sets going runs before enqueue returns: pipeline steps, a chord's
     # callback (stored before its members), an error handler, a batch's callbacks.

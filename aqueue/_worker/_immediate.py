@@ -10,8 +10,10 @@ from typing import TYPE_CHECKING
 
 import anyio
 
+from aqueue._serialization import loads
 from aqueue._states import JobState
 from aqueue._worker._executor import RunningJob, execute
+from aqueue.brokers import batch_callback_id
 
 if TYPE_CHECKING:
     from aqueue._queue import Queue
@@ -33,6 +35,20 @@ async def run_immediately(queue: Queue, job_ids: Sequence[str], later: Sequence[
         if len(waiting) == len(left):
             return
         left = waiting
+
+
+def retry_follow_ups(payload: bytes) -> tuple[list[str], list[str]]:
+    """For a dead letter retried in immediate mode: the pipeline steps after it (its success runs
+    them again) and the callbacks of its batch (which its end may fire), from its payload."""
+    options = loads(payload).get("options") or {}
+    steps: list[str] = []
+    following = options.get("next")
+    while following:
+        steps.append(following["id"])
+        following = (following.get("options") or {}).get("next")
+    batch = options.get("batch_id")
+    kinds = ("success", "failure", "complete")
+    return steps, [batch_callback_id(batch, kind) for kind in kinds] if batch else []
 
 
 async def _run(queue: Queue, job_id: str, may_appear: bool) -> bool:
