@@ -105,7 +105,8 @@ async def _watch_signals(worker: Worker) -> None:
             name = signal.Signals(signum).name
             if not stopping:
                 stopping = True
-                logger.warning("%s received: finishing running jobs for up to %ss "
+                logger.warning("%s received: finishing running jobs for up to %ss, then "
+                               "cancelling them, and waiting for threads of plain `def` jobs "
                                "(send it again to exit at once)", name, worker.shutdown_timeout)
                 worker.stop()
             else:

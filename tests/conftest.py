@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import socket
@@ -152,6 +153,19 @@ async def drained(queue: Queue, job_ids: list[str], timeout: float = 10) -> None
     with anyio.fail_after(timeout):
         for job_id in job_ids:
             await queue.broker.wait(queue.name, job_id, None)
+
+
+def wait_for_stop(*, raise_it: bool = False) -> None:
+    """In a job's thread: poll for the stop, as a long loop of sync code would, and return (or
+    let the cancellation out) once it comes."""
+    while True:
+        try:
+            anyio.from_thread.check_cancelled()
+        except asyncio.CancelledError:  # what check_cancelled raises on asyncio
+            if raise_it:
+                raise
+            return
+        time.sleep(0.005)
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, exitstatus: int) -> None:

@@ -14,6 +14,7 @@ from aqueue import Queue, Signal
 from aqueue._serialization import encode_call
 from aqueue._worker._executor import RunningJob, execute
 from aqueue.brokers import Completion, Delivery, Outcome
+from tests.conftest import wait_for_stop
 
 
 def _waiting_job(queue: Queue, ran: list[str]) -> RunningJob:
@@ -72,23 +73,30 @@ async def test_only_a_shutdown_signals_interrupted(queue: Queue, stop: str, sign
     assert interrupted == (["j1"] if signalled else [])
 
 
-@pytest.mark.parametrize(("stop", "outcome"), [
-    ("interrupt", Outcome.SUCCEEDED),  # a shutdown: handed back, it would run twice
-    ("abandon", Outcome.SUCCEEDED),  # taken over: a success still ends the job
-    ("request_cancel", Outcome.CANCELLED),
+@pytest.mark.parametrize(("stops", "raise_it", "outcome"), [
+    (["interrupt"], False, Outcome.SUCCEEDED),  # a shutdown: handed back, it would run twice
+    (["interrupt"], True, None),  # it stopped: handed back
+    (["abandon"], False, Outcome.SUCCEEDED),  # taken over: a success still ends the job
+    (["request_cancel"], False, Outcome.CANCELLED),
+    (["request_cancel"], True, Outcome.CANCELLED),
+    (["timeout"], False, Outcome.FAILED),
+    (["timeout", "interrupt"], False, Outcome.FAILED),  # the timeout came first: it stands
+    (["request_cancel", "interrupt"], False, Outcome.CANCELLED),
 ])
-async def test_a_thread_that_runs_on_after_its_stop(queue: Queue, stop: str, outcome: Outcome) -> None:
-    started = threading.Event()
+async def test_a_thread_told_to_stop(
+    queue: Queue, stops: list[str], raise_it: bool, outcome: Outcome | None
+) -> None:
+    started, saw_stop, go_on = threading.Event(), threading.Event(), threading.Event()
 
-    @queue.task(name="blocking")
+    @queue.task(name="blocking", timeout=0.05 if stops[0] == "timeout" else None)
     def blocking() -> str:
         started.set()
-        while True:  # sync code that looks for its stop now and then
-            try:
-                anyio.from_thread.check_cancelled()
-            except asyncio.CancelledError:  # what check_cancelled raises on asyncio
-                return "ran to its end"
-            time.sleep(0.005)
+        try:
+            wait_for_stop(raise_it=raise_it)
+        finally:
+            saw_stop.set()
+        go_on.wait(10)  # runs on after its stop until the test has made the later stops
+        return "ran to its end"
 
     payload = encode_call("blocking", [], {}, {}, 1 << 20)
     running = RunningJob(Delivery(job_id="j2", task="blocking", payload=payload, attempt=1, token=1,
@@ -102,9 +110,40 @@ async def test_a_thread_that_runs_on_after_its_stop(queue: Queue, stop: str, out
         async with anyio.create_task_group() as tg:
             tg.start_soon(run)
             assert await anyio.to_thread.run_sync(started.wait, 10)
-            getattr(running, stop)()
+            for n, stop in enumerate(stops):
+                if stop != "timeout":
+                    getattr(running, stop)()
+                if n == 0:
+                    assert await anyio.to_thread.run_sync(saw_stop.wait, 10)
+            go_on.set()
     [completion] = completions
+    if outcome is None:
+        assert completion is None
+        return
     assert completion is not None
     assert completion.outcome is outcome
     if outcome is Outcome.SUCCEEDED:
         assert completion.result == b'"ran to its end"'
+    if outcome is Outcome.FAILED:
+        assert completion.error is not None
+        assert b'"type":"TaskTimeout"' in completion.error
+
+
+async def test_an_async_job_that_swallows_its_timeout_still_times_out(queue: Queue) -> None:
+    @queue.task(name="stubborn", timeout=0.05)
+    async def stubborn() -> str:
+        try:
+            await anyio.sleep(10)
+        except asyncio.CancelledError:
+            pass  # swallowed: the job returns as if nothing happened
+        return "finished anyway"
+
+    payload = encode_call("stubborn", [], {}, {}, 1 << 20)
+    running = RunningJob(Delivery(job_id="j3", task="stubborn", payload=payload, attempt=1, token=1,
+                                  priority=0, enqueued_at=time.time(), receipt="0-3"))
+    with anyio.fail_after(10):
+        completion = await execute(queue, running)
+    assert completion is not None
+    assert completion.outcome is Outcome.FAILED
+    assert completion.error is not None
+    assert b'"type":"TaskTimeout"' in completion.error

@@ -2,24 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import threading
-import time
 
 import anyio
 import pytest
 
 from aqueue import JobCancelled, JobState, LockTimeout, Queue, Signal, TaskError, current_job
-
-
-def _wait_for_stop() -> None:
-    """In a job's thread: poll for the stop, as a long loop of sync code would."""
-    while True:
-        try:
-            anyio.from_thread.check_cancelled()
-        except asyncio.CancelledError:  # what check_cancelled raises on asyncio
-            return
-        time.sleep(0.005)
+from tests.conftest import wait_for_stop
 
 
 async def _wait(event: threading.Event) -> None:
@@ -38,7 +27,7 @@ async def test_a_timed_out_thread_is_waited_for_before_the_retry(queue: Queue) -
         if attempt == 2:
             anyio.from_thread.run_sync(second_start.set)
         if attempt == 1:
-            _wait_for_stop()
+            wait_for_stop()
             saw_stop.set()
             let_go.wait(10)  # the thread runs on past its timeout until the test lets go
         runs.append(("end", attempt))
@@ -60,7 +49,7 @@ async def test_a_timed_out_thread_is_waited_for_before_the_retry(queue: Queue) -
 async def test_a_timed_out_thread_ends_the_job_with_task_timeout(queue: Queue) -> None:
     @queue.task(timeout=0.2)
     def stuck() -> str:
-        _wait_for_stop()
+        wait_for_stop()
         return "ran to its end"
 
     async with queue.worker():
@@ -79,7 +68,7 @@ async def test_shutdown_waits_for_a_thread_and_keeps_its_outcome(queue: Queue) -
     def long_job() -> str:
         runs.append(current_job().attempt)
         started.set()
-        _wait_for_stop()  # the shutdown's stop, once shutdown_timeout has passed
+        wait_for_stop()  # the shutdown's stop, once shutdown_timeout has passed
         saw_stop.set()
         return "finished"
 
@@ -103,7 +92,7 @@ async def test_a_cancelled_thread_ends_the_job_cancelled(queue: Queue) -> None:
     @queue.task
     def long_job() -> str:
         started.set()
-        _wait_for_stop()
+        wait_for_stop()
         return "ran to its end"
 
     async with queue.worker():
@@ -135,7 +124,7 @@ async def test_a_lock_on_a_plain_def_keeps_its_timeout_and_is_held_until_the_thr
     @queue.task(timeout=0.2)
     @queue.lock("report")
     def report() -> str:
-        _wait_for_stop()
+        wait_for_stop()
         saw_stop.set()
         let_go.wait(10)
         return "ran to its end"

@@ -24,6 +24,7 @@ from aqueue import (
     Worker,
     current_job,
 )
+from aqueue._threads import worker_threads
 from aqueue._worker import _runner
 from aqueue.brokers import Broker, NewJob
 
@@ -506,6 +507,7 @@ async def test_a_worker_whose_service_failed_raises_why_and_stops_quietly(queue:
     assert caught.value.subgroup(RuntimeError) is not None
     assert "schedule broke" in repr(caught.value.subgroup(RuntimeError))
     worker.stop()  # nothing left to stop: no error of its own to hide the first one
+    assert worker_threads.get() is None  # its thread pool was the worker's alone
 
 
 async def test_enqueue_signals_name_only_what_was_stored(queue: Queue) -> None:

@@ -155,23 +155,24 @@ async def execute(queue: Queue, running: RunningJob) -> Completion | None:
             error = exc
         finally:
             _leave(token)
-    # Told to stop, a job either stops (its scope caught the cancellation) or runs to its end
-    # anyway: a thread cannot be stopped (`aqueue._threads`), and a job's code may swallow the
-    # cancellation. One that ran to its end after a shutdown or a takeover keeps its outcome
-    # (handed back, it would run twice); a cancel or a timeout stands either way.
-    stopped = scope.cancelled_caught or (scope.cancel_called and not running.interrupted)
-    if stopped:
-        if scope.cancelled_caught and running.interrupted:
-            if not running.lost and signals.wants(Signal.INTERRUPTED):
-                await signals.send(Signal.INTERRUPTED, context)
-            return None
+    if scope.cancel_called:
+        # Told to stop, a job either stops (its scope caught the cancellation) or runs to its end
+        # anyway: a thread cannot be stopped (`aqueue._threads`), and a job's code may swallow the
+        # cancellation. A cancel or a timeout stands either way, and over a shutdown that came
+        # after it. A shutdown or a takeover hands back a job that stopped; one that ran to its
+        # end keeps its outcome (handed back, it would run twice).
         if running.cancel_requested:
             if signals.wants(Signal.CANCELLED):
                 await signals.send(Signal.CANCELLED, context)
             return Completion(d, Outcome.CANCELLED, time.time())
-        error = TaskTimeout(f"job {d.job_id} ({d.task}) timed out after {policy.timeout}s")
-        if signals.wants(Signal.TIMEOUT):
-            await signals.send(Signal.TIMEOUT, context, error)
+        if scope.deadline <= anyio.current_time():
+            error = TaskTimeout(f"job {d.job_id} ({d.task}) timed out after {policy.timeout}s")
+            if signals.wants(Signal.TIMEOUT):
+                await signals.send(Signal.TIMEOUT, context, error)
+        elif scope.cancelled_caught:
+            if not running.lost and signals.wants(Signal.INTERRUPTED):
+                await signals.send(Signal.INTERRUPTED, context)
+            return None
     if error is None:
         try:
             result = encode_result(value)

@@ -124,7 +124,9 @@ class Worker:
         return f"<Worker {self.name} on {self.queue!r}>"
 
     def stop(self) -> None:
-        """Stop taking jobs; running jobs get `shutdown_timeout` seconds, then are handed back."""
+        """Stop taking jobs; running jobs get `shutdown_timeout` seconds, then are cancelled and
+        handed back. A plain `def` job's thread cannot be stopped: it is waited for, however long
+        it runs, and its job keeps its outcome."""
         if self._stop_requested:
             return
         self._stop_requested = True
@@ -164,6 +166,9 @@ class Worker:
             with anyio.CancelScope(shield=True), anyio.move_on_after(self.shutdown_timeout + 10):
                 await asyncio.wait([task])
             if not task.done():
+                if self._running:
+                    logger.warning("worker %s: still waiting for %d job(s) whose threads cannot be "
+                                   "stopped", self.name, len(self._running))
                 task.cancel()
                 with anyio.CancelScope(shield=True):
                     await asyncio.wait([task])
@@ -426,9 +431,9 @@ class Worker:
         with anyio.move_on_after(self.shutdown_timeout):
             await self._all_idle.wait()
         for running in list(self._running.values()):
-            logger.warning("job %s (%s) still running at shutdown: stopping it to hand it back "
-                           "(a plain `def` task's thread cannot be stopped: it is waited for)",
-                           running.delivery.job_id, running.delivery.task)
+            logger.warning("job %s (%s) still running at shutdown: cancelling it to hand it back "
+                           "(a plain `def` task's thread cannot be stopped: it is waited for, and "
+                           "the job keeps its outcome)", running.delivery.job_id, running.delivery.task)
             running.interrupt()
 
     async def _release(self, deliveries: list[Delivery]) -> None:
