@@ -347,6 +347,7 @@ class Queue:
         if not self._connected:
             await self.connect()
         ids = await self.broker.enqueue(self.name, plan.jobs, plan.chords, plan.batches)
+        plan.adopt(ids)
         await self._announce(plan.jobs, ids, plan.now)
         if self.immediate:
             from aqueue._worker import run_immediately

@@ -242,6 +242,8 @@ class Plan:
     jobs: list[NewJob] = field(default_factory=list)
     chords: list[ChordSpec] = field(default_factory=list)
     batches: list[BatchSpec] = field(default_factory=list)
+    keyed: dict[str, Job[Any]] = field(default_factory=dict)
+    """The handles of jobs with an idempotency key, by the id they were planned with."""
 
     def add(self, node: Node, member: _Membership) -> tuple[list[Job[Any]], Any]:
         """Compile `node`; returns its jobs in order (its last is the one whose value it ends
@@ -296,7 +298,25 @@ class Plan:
             following = {"id": ids[index], "args": list(step.args), "kwargs": step.kwargs,
                          "options": {**call_overrides(step.call), **options}}
         self.jobs.extend(reversed(new_jobs))
-        return [Job(self.queue, job_id) for job_id in ids]
+        handles: list[Job[Any]] = [Job(self.queue, job_id) for job_id in ids]
+        if steps[0].call.key is not None:
+            # A key may hand back a live job in this one's place: nothing may wait on it.
+            if len(steps) > 1 or member.waiting or member.chord or member.batch or steps[0].on_error:
+                raise ConfigurationError(
+                    f"key={steps[0].call.key!r}: an idempotency key is for a job that stands alone "
+                    "(not a pipeline step, chord member or callback, batch member, nor one with "
+                    ".error()): the live job it may return is not linked to the workflow")
+            self.keyed[ids[0]] = handles[0]
+        elif any(step.call.key is not None for step in steps[1:]):
+            raise ConfigurationError("an idempotency key (key=) cannot be given to a pipeline step")
+        return handles
+
+    def adopt(self, stored: Sequence[str]) -> None:
+        """Point each keyed handle at the job the broker stored or found live for it (`stored`:
+        the ids `Broker.enqueue` returned, in the order of `jobs`)."""
+        for new, job_id in zip(self.jobs, stored, strict=True):
+            if job_id != new.id and new.id in self.keyed:
+                self.keyed[new.id].id = job_id
 
     @staticmethod
     def _options(member: _Membership, following: dict[str, Any] | None, chord_input: bool) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import pytest
 
 from aqueue import (
     ChordResult,
+    ConfigurationError,
     JobCancelled,
     JobState,
     Queue,
@@ -394,6 +395,34 @@ async def test_a_chord_in_a_batch_names_the_batch_to_its_members(queue: Queue) -
         state = await b.state()
     assert (state.size, state.succeeded) == (2, 2)
     assert sorted(seen) == sorted([("part", b.id), ("part", b.id), ("total", b.id), ("part", b.id)])
+
+
+async def test_an_idempotency_key_in_a_workflow_stands_alone(queue: Queue) -> None:
+    add = arithmetic(queue)
+
+    @queue.task
+    async def total(values: list[int]) -> int:
+        return sum(values)
+
+    @queue.task
+    async def on_error(exc: TaskError) -> None:
+        return None
+
+    live = await add.options(key="nightly").enqueue(1, 1)
+    res = await queue.enqueue(group([add.options(key="nightly").s(1, 1), add.s(2, 2)]))
+    assert res[0].id == live.id  # the handle names the live job the key found
+    async with queue.worker():
+        assert await res.get(timeout=10) == [2, 4]
+    keyed = add.options(key="other").s(1, 1)
+    # Linked jobs: the live job a key may return would not be linked to the workflow.
+    for node in (keyed.then(add, 1), add.s(1, 1).then(add.options(key="k2").s(1)),
+                 chord([keyed], total.s()), chord([add.s(1, 1)], total.options(key="k3").s()),
+                 add.options(key="k4").s(1, 1).error(on_error)):
+        with pytest.raises(ConfigurationError, match="key"):
+            await queue.enqueue(node)
+    with pytest.raises(ConfigurationError, match="key"):
+        await queue.batch([keyed])
+    assert len(await queue.jobs()) == 2  # the live job and the group's other: nothing else stored
 
 
 async def test_immediate_mode_retry_runs_the_job_and_what_its_success_sets_going(queue: Queue) -> None:
