@@ -79,6 +79,32 @@ async def test_revoke_and_restore_a_job(queue: Queue) -> None:
     assert await revoked.revoke() is False  # final: nothing to revoke
 
 
+async def test_a_retried_dead_letter_runs_though_it_was_revoked_while_it_ran(queue: Queue) -> None:
+    started, go_on = anyio.Event(), anyio.Event()
+    runs: list[int] = []
+
+    @queue.task
+    async def flaky() -> str:
+        runs.append(len(runs) + 1)
+        if len(runs) == 1:
+            started.set()
+            await go_on.wait()
+            raise ValueError("down")
+        return "up"
+
+    async with queue.worker():
+        job = await flaky.enqueue()
+        with anyio.fail_after(10):
+            await started.wait()
+        assert await job.revoke() is True  # too late for this run: it is running
+        go_on.set()
+        with pytest.raises(TaskError):
+            await job.result(timeout=10)
+        assert await queue.retry(job.id) is True  # asks it to run again: the revoke is spent
+        assert await job.result(timeout=10) == "up"
+    assert runs == [1, 2]
+
+
 async def test_revoke_a_task_for_good_once_and_until(queue: Queue) -> None:
     @queue.task
     async def work(n: int) -> int:

@@ -413,6 +413,9 @@ class MemoryBroker(Broker):
         rec.result = rec.error = rec.dead_reason = rec.progress = rec.worker = None
         rec.started_at = rec.finished_at = None
         q.deliveries[job_id] = 0
+        # A revoke or cancel asked for while it ran last is spent: retrying it is asking it to run.
+        q.revoked.discard(job_id)
+        q.cancel.discard(job_id)
         self._make_ready(q, rec)
         # The steps its failure skipped wait for it again, so that its success runs them.
         links = q.links.get(job_id)

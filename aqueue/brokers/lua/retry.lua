@@ -5,8 +5,9 @@ local id = ARGV[1]
 if redis.call('ZREM', prefix .. 'dead', id) == 0 then return 0 end
 local jk = job_key(id)
 if redis.call('EXISTS', jk) == 0 then return 0 end
+-- A revoke or cancel asked for while it ran last is spent: retrying it is asking it to run.
 redis.call('HDEL', jk, 'result', 'error', 'dead_reason', 'finished_at', 'started_at', 'worker',
-  'progress')
+  'progress', 'revoked', 'cancel')
 redis.call('HSET', jk, 'attempt', 1, 'deliveries', 0)
 make_ready(id, jk, redis.call('HGET', jk, 'priority') or '0')
 -- The steps its failure skipped wait for it again, so that its success runs them.
