@@ -23,7 +23,7 @@ from aqueue import (
     current_job,
     group,
 )
-from aqueue.brokers import Broker
+from aqueue.brokers import Broker, error_handler_id
 
 
 def arithmetic(queue: Queue) -> Any:
@@ -395,6 +395,34 @@ async def test_a_chord_in_a_batch_names_the_batch_to_its_members(queue: Queue) -
         state = await b.state()
     assert (state.size, state.succeeded) == (2, 2)
     assert sorted(seen) == sorted([("part", b.id), ("part", b.id), ("total", b.id), ("part", b.id)])
+
+
+async def test_an_error_handler_after_a_poison_message_gets_the_whole_error(
+    broker: Broker, queue_name: str
+) -> None:
+    q = Queue(broker=broker, name=queue_name, visibility_timeout=1, max_deliveries=2)
+    seen: list[dict[str, Any]] = []
+
+    @q.task
+    async def work() -> None:
+        return None
+
+    @q.task
+    async def on_error(exc: TaskError) -> None:
+        seen.append(exc.metadata)
+
+    [job] = await q.enqueue(work.s().error(on_error))
+    # Two deliveries to workers that die before finishing: the third is one too many.
+    assert await broker.receive(q.name, "dead-1", 1, 0, q.max_deliveries)
+    assert await broker.reclaim(q.name, "dead-2", 1, 0, q.max_deliveries)
+    async with q.worker():
+        with pytest.raises(TaskError, match="max_deliveries=2"):
+            await job.result(timeout=15)
+        await q.job(error_handler_id(job.id)).result(timeout=10)
+    [metadata] = seen
+    assert set(metadata) == {"error", "type", "traceback", "job_id", "attempt", "retries_left"}
+    assert metadata["job_id"] == job.id
+    assert "max_deliveries=2" in metadata["error"]
 
 
 async def test_an_idempotency_key_in_a_workflow_stands_alone(queue: Queue) -> None:

@@ -51,12 +51,13 @@ def error_marker(error: bytes | None) -> bytes:
 _ENDING_NAMES = {"cancelled": "JobCancelled", "revoked": "JobRevoked", "expired": "JobExpired"}
 
 
-def ending_error(job_id: str, state: str, attempt: int) -> bytes:
+def ending_error(job_id: str, state: str, attempt: int, reason: str | None = None) -> bytes:
     """The error that stands for a job that ended without one of its own (in its chord slot, in
-    the pipeline steps it skipped): `TaskError` metadata with every key; a cancelled, revoked or
-    expired job's names the ending as `job.result()` would."""
+    the pipeline steps it skipped, for its error handler): `TaskError` metadata with every key; a
+    cancelled, revoked or expired job's names the ending as `job.result()` would, and a failed
+    one's gives why it went to the dead letters (`reason`)."""
     kind = _ENDING_NAMES.get(state, "")
-    error = f"{kind}('job {job_id} was {state}')" if kind else "failed"
+    error = f"{kind}('job {job_id} was {state}')" if kind else (reason or "failed")
     return orjson.dumps({"error": error, "type": kind, "traceback": "", "job_id": job_id,
                          "attempt": attempt, "retries_left": 0})
 
@@ -560,7 +561,7 @@ class MemoryBroker(Broker):
         # What stands for an end other than success, in the steps it skips and in its chord slot.
         error = rec.error
         if state != JobState.SUCCEEDED:
-            error = error or ending_error(rec.id, state, rec.attempt)
+            error = error or ending_error(rec.id, state, rec.attempt, rec.dead_reason)
             if links.next is not None and links.next in q.waiting:
                 # The rest of the pipeline is skipped; the last step carries the error to its chord.
                 q.waiting.discard(links.next)
@@ -572,7 +573,7 @@ class MemoryBroker(Broker):
             if state == JobState.FAILED and links.on_error is not None:
                 t = links.on_error
                 handler = NewJob(id=error_handler_id(rec.id), task=t.task, priority=t.priority,
-                                 payload=prepend_arg(t.payload, error_marker(rec.error)), enqueued_at=now)
+                                 payload=prepend_arg(t.payload, error_marker(error)), enqueued_at=now)
                 self._store(q, handler, now)
         if links.chord is not None and links.slot is not None:
             value = (rec.result or b"null") if state == JobState.SUCCEEDED else error_marker(error)

@@ -275,12 +275,13 @@ end
 -- pipeline steps it skipped): TaskError metadata with every key; a cancelled, revoked or expired
 -- job's names the ending as `job.result()` would (no table of names: a table costs every call of a
 -- script that carries it).
-local function ending_error(id, state, attempt)
+local function ending_error(id, state, attempt, reason)
   local kind, err = '', 'failed'
   if state == 'cancelled' then kind = 'JobCancelled'
   elseif state == 'revoked' then kind = 'JobRevoked'
   elseif state == 'expired' then kind = 'JobExpired' end
-  if kind ~= '' then err = kind .. "('job " .. id .. ' was ' .. state .. "')" end
+  if kind ~= '' then err = kind .. "('job " .. id .. ' was ' .. state .. "')"
+  elseif reason and reason ~= '' then err = reason end
   return cjson.encode({error = err, type = kind, traceback = '', job_id = id,
     attempt = tonumber(attempt) or 1, retries_left = 0})
 end
@@ -403,12 +404,12 @@ local function flush_expiring()
 end
 
 -- What ending a job means for the workflow around it.
-local function after_final(id, state, now, ttl, rec)
+local function after_final(id, state, now, ttl, rec, reason)
   if not (set(rec.chord) or set(rec.batch) or set(rec.next) or set(rec.err_task)) then return end
   -- What stands for an end other than success, in the steps it skips and in its chord slot.
   local err = rec.error
   if state ~= 'succeeded' then
-    if not set(err) then err = ending_error(id, state, rec.attempt) end
+    if not set(err) then err = ending_error(id, state, rec.attempt, reason) end
     if set(rec.next) then
       -- The rest of the pipeline is skipped; the last step carries the error to its chord.
       local nk = job_key(rec.next)
@@ -421,7 +422,7 @@ local function after_final(id, state, now, ttl, rec)
       end
     end
     if state == 'failed' and set(rec.err_task) then
-      store_job(now, id .. ':error', rec.err_task, prepend_arg(rec.err_payload, error_marker(rec.error)),
+      store_job(now, id .. ':error', rec.err_task, prepend_arg(rec.err_payload, error_marker(err)),
         rec.err_priority, '', '', '', nil)
     end
   end
@@ -467,7 +468,7 @@ finalize = function(id, jk, state, now, ttl, reason, rec, fields)
       list_expiring(string.format('%d', math.ceil(tonumber(now) + ttl)), {id})
     end
   end
-  after_final(id, state, now, ttl, rec)
+  after_final(id, state, now, ttl, rec, reason)
   -- Only processes waiting on the outcome hear of it (see watch.lua): no message otherwise.
   if set(rec.waiters) then
     local message = done_message(id, state, rec, reason)
