@@ -289,7 +289,7 @@ class Plan:
                 slot=member.slot if last else None,
                 batch=member.batch if last else None,
                 next=ids[index + 1] if not last else None,
-                on_error=self._template(step.on_error, member.batch_id) if step.on_error else None,
+                on_error=self._template(step.on_error, member.batch_id, wf_in=True) if step.on_error else None,
             )
             job = self.queue._new_job(step.task, step.args, step.kwargs, step.call, self.now,
                                       job_id=ids[index], options=options, links=links)
@@ -331,12 +331,21 @@ class Plan:
             options["batch_id"] = member.batch_id
         return options
 
-    def _template(self, sig: Signature[Any], batch: str | None) -> Template:
-        options: dict[str, Any] = {"wf_in": True}
+    def _template(self, sig: Signature[Any], batch: str | None, *, wf_in: bool) -> Template:
+        """A job the broker creates when the workflow says (an error handler, a batch callback),
+        with its signature's priority, timeout and retries."""
+        call = sig.call
+        if call.delay is not None or call.eta is not None or call.expires is not None or call.key:
+            raise ConfigurationError(
+                f"{sig.task.name}: an error handler or batch callback runs when its workflow says; "
+                "delay, eta, expires and key do not apply to it")
+        options: dict[str, Any] = call_overrides(call)
+        if wf_in:
+            options["wf_in"] = True  # its first argument is an error
         if batch is not None:
             options["batch_id"] = batch
         payload = encode_call(sig.task.name, sig.args, sig.kwargs, options, self.queue.max_payload_size)
-        priority = sig.call.priority if sig.call.priority is not None else sig.task.policy.priority
+        priority = call.priority if call.priority is not None else sig.task.policy.priority
         return Template(sig.task.name, payload, priority)
 
     def batch(self, members: Sequence[Node], on_success: Signature[Any] | None,
@@ -345,11 +354,7 @@ class Plan:
         ends = [self.add(m, _Membership(batch=batch_id))[0][-1] for m in members]
 
         def template(sig: Signature[Any] | None) -> Template | None:
-            if sig is None:
-                return None
-            options = {"batch_id": batch_id}
-            payload = encode_call(sig.task.name, sig.args, sig.kwargs, options, self.queue.max_payload_size)
-            return Template(sig.task.name, payload, sig.task.policy.priority)
+            return None if sig is None else self._template(sig, batch_id, wf_in=False)
 
         self.batches.append(BatchSpec(batch_id, len(ends), template(on_success), template(on_failure),
                                       template(on_complete)))

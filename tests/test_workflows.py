@@ -425,6 +425,39 @@ async def test_an_error_handler_after_a_poison_message_gets_the_whole_error(
     assert "max_deliveries=2" in metadata["error"]
 
 
+async def test_error_handlers_and_batch_callbacks_keep_their_signatures_options(queue: Queue) -> None:
+    add = arithmetic(queue)
+    calls: list[str] = []
+
+    @queue.task
+    async def broken() -> None:
+        raise ValueError("broken for good")
+
+    @queue.task
+    async def flaky(*args: object) -> str:  # a handler's first argument is the error
+        name = str(args[-1])
+        calls.append(name)
+        if calls.count(name) == 1:
+            raise RuntimeError("once")
+        return name
+
+    handled = await queue.enqueue(broken.s().error(flaky.options(retries=1, priority=3).s("handler")))
+    b = await queue.batch([add.s(1, 1)], on_success=flaky.options(retries=1, priority=7).s("batch"))
+    async with queue.worker():
+        with pytest.raises(TaskError):
+            await handled[0].result(timeout=10)  # its failure makes its handler
+        assert await queue.job(error_handler_id(handled[0].id)).result(timeout=10) == "handler"
+        assert await b.callback("success").result(timeout=10) == "batch"
+    for job_id, priority in ((error_handler_id(handled[0].id), 3), (b.callback("success").id, 7)):
+        record = await queue.broker.get(queue.name, job_id)
+        assert record is not None
+        assert (record.attempt, record.priority) == (2, priority)  # retried: retries=1 kept
+    with pytest.raises(ConfigurationError, match="do not apply"):
+        await queue.batch([add.s(1, 1)], on_complete=flaky.options(delay=5).s("late"))
+    with pytest.raises(ConfigurationError, match="do not apply"):
+        await queue.enqueue(broken.s().error(flaky.options(key="once").s("keyed")))
+
+
 async def test_an_idempotency_key_in_a_workflow_stands_alone(queue: Queue) -> None:
     add = arithmetic(queue)
 
