@@ -77,6 +77,8 @@ async def test_only_a_shutdown_signals_interrupted(queue: Queue, stop: str, sign
     (["interrupt"], False, Outcome.SUCCEEDED),  # a shutdown: handed back, it would run twice
     (["interrupt"], True, None),  # it stopped: handed back
     (["abandon"], False, Outcome.SUCCEEDED),  # taken over: a success still ends the job
+    (["abandon"], True, None),  # taken over, and it stopped: nothing to say here
+    (["timeout", "abandon"], False, Outcome.SUCCEEDED),  # not this worker's timeout to report now
     (["request_cancel"], False, Outcome.CANCELLED),
     (["request_cancel"], True, Outcome.CANCELLED),
     (["timeout"], False, Outcome.FAILED),

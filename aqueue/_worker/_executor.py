@@ -158,19 +158,23 @@ async def execute(queue: Queue, running: RunningJob) -> Completion | None:
     if scope.cancel_called:
         # Told to stop, a job either stops (its scope caught the cancellation) or runs to its end
         # anyway: a thread cannot be stopped (`aqueue._threads`), and a job's code may swallow the
-        # cancellation. A cancel or a timeout stands either way, and over a shutdown that came
-        # after it. A shutdown or a takeover hands back a job that stopped; one that ran to its
-        # end keeps its outcome (handed back, it would run twice).
-        if running.cancel_requested:
+        # cancellation. A job another worker took over is theirs: this one says nothing of it but
+        # a success that came after all (the broker takes a late success). Otherwise a cancel or
+        # a timeout stands either way, and over a shutdown that came after it; a shutdown hands
+        # back a job that stopped, one that ran to its end keeps its outcome (it would run twice).
+        if running.lost:
+            if scope.cancelled_caught or error is not None:
+                return None
+        elif running.cancel_requested:
             if signals.wants(Signal.CANCELLED):
                 await signals.send(Signal.CANCELLED, context)
             return Completion(d, Outcome.CANCELLED, time.time())
-        if scope.deadline <= anyio.current_time():
+        elif scope.deadline <= anyio.current_time():
             error = TaskTimeout(f"job {d.job_id} ({d.task}) timed out after {policy.timeout}s")
             if signals.wants(Signal.TIMEOUT):
                 await signals.send(Signal.TIMEOUT, context, error)
         elif scope.cancelled_caught:
-            if not running.lost and signals.wants(Signal.INTERRUPTED):
+            if signals.wants(Signal.INTERRUPTED):
                 await signals.send(Signal.INTERRUPTED, context)
             return None
     if error is None:
