@@ -352,8 +352,9 @@ class Queue:
         if self.immediate:
             from aqueue._worker import run_immediately
 
-            await run_immediately(self, [job.id for job in plan.jobs if not (job.eta and job.eta > plan.now)],
-                                  plan.follow_ups())
+            # The stored ids: a key may have found a live job in a planned one's place.
+            await run_immediately(self, [stored for job, stored in zip(plan.jobs, ids, strict=True)
+                                         if not (job.eta and job.eta > plan.now)], plan.follow_ups())
 
     # --- observing -------------------------------------------------------------------------------
 
@@ -384,8 +385,8 @@ class Queue:
             from aqueue._worker._immediate import retry_follow_ups
 
             record = await self.broker.get(self.name, job_id)
-            steps, callbacks = retry_follow_ups(record.payload) if record else ([], [])
-            await run_immediately(self, [job_id, *steps], callbacks)
+            steps, may_appear = retry_follow_ups(job_id, record.payload) if record else ([], [])
+            await run_immediately(self, [job_id, *steps], may_appear)
         return True
 
     async def purge_dead_letters(self) -> int:

@@ -486,6 +486,16 @@ async def test_an_idempotency_key_in_a_workflow_stands_alone(queue: Queue) -> No
     assert len(await queue.jobs()) == 2  # the live job and the group's other: nothing else stored
 
 
+async def test_immediate_mode_runs_the_live_job_a_workflow_key_found(queue: Queue) -> None:
+    add = arithmetic(queue)
+    live = await add.options(key="nightly").enqueue(1, 1)  # stored, not run: not immediate yet
+    queue.immediate = True
+    res = await queue.enqueue(group([add.options(key="nightly").s(1, 1), add.s(2, 2)]))
+    assert res[0].id == live.id
+    assert await live.state() == JobState.SUCCEEDED
+    assert await res.get(timeout=5) == [2, 4]
+
+
 async def test_immediate_mode_retry_runs_the_job_and_what_its_success_sets_going(queue: Queue) -> None:
     queue.immediate = True
     fixed: list[bool] = []
@@ -505,13 +515,25 @@ async def test_immediate_mode_retry_runs_the_job_and_what_its_success_sets_going
     async def note(kind: str) -> None:
         handled.append(kind)
 
+    @queue.task
+    async def broken(x: int) -> None:
+        raise ValueError("broken for good")
+
+    @queue.task
+    async def on_error(exc: TaskError, step: str) -> None:
+        handled.append(f"{step} failed")
+
     b = await queue.batch([fetch.s().then(double).then(double)], on_success=note.s("success"))
-    [first_step] = (await queue.dead_letters())
+    res = await queue.enqueue(fetch.s().then(broken.s().error(on_error, "second step")))
+    dead = {info.id for info in await queue.dead_letters()}
+    assert len(dead) == 2  # the first step of each pipeline
+    assert res[0].id in dead
     assert handled == []
     fixed.append(True)
-    assert await queue.retry(first_step.id) is True  # runs it, the steps after it, the callback
+    for job_id in sorted(dead):  # each runs here, with the steps after it and what they set going
+        assert await queue.retry(job_id) is True
     assert [await job.result(timeout=0) for job in b.members] == [4]
-    assert handled == ["success"]
+    assert sorted(handled) == ["second step failed", "success"]
 
 
 async def test_immediate_mode_runs_a_whole_workflow_inside_enqueue(queue: Queue) -> None:

@@ -13,7 +13,7 @@ import anyio
 from aqueue._serialization import loads
 from aqueue._states import JobState
 from aqueue._worker._executor import RunningJob, execute
-from aqueue.brokers import batch_callback_id
+from aqueue.brokers import batch_callback_id, error_handler_id
 
 if TYPE_CHECKING:
     from aqueue._queue import Queue
@@ -37,18 +37,21 @@ async def run_immediately(queue: Queue, job_ids: Sequence[str], later: Sequence[
         left = waiting
 
 
-def retry_follow_ups(payload: bytes) -> tuple[list[str], list[str]]:
+def retry_follow_ups(job_id: str, payload: bytes) -> tuple[list[str], list[str]]:
     """For a dead letter retried in immediate mode: the pipeline steps after it (its success runs
-    them again) and the callbacks of its batch (which its end may fire), from its payload."""
+    them again), and the jobs its end or theirs may create (error handlers, its batch's
+    callbacks), from its payload."""
     options = loads(payload).get("options") or {}
     steps: list[str] = []
     following = options.get("next")
     while following:
         steps.append(following["id"])
         following = (following.get("options") or {}).get("next")
+    may_appear = [error_handler_id(i) for i in (job_id, *steps)]
     batch = options.get("batch_id")
-    kinds = ("success", "failure", "complete")
-    return steps, [batch_callback_id(batch, kind) for kind in kinds] if batch else []
+    if batch:
+        may_appear += [batch_callback_id(batch, kind) for kind in ("success", "failure", "complete")]
+    return steps, may_appear
 
 
 async def _run(queue: Queue, job_id: str, may_appear: bool) -> bool:
