@@ -335,7 +335,7 @@ class Plan:
         """A job the broker creates when the workflow says (an error handler, a batch callback),
         with its signature's priority, timeout and retries."""
         call = sig.call
-        if call.delay is not None or call.eta is not None or call.expires is not None or call.key:
+        if call.delay is not None or call.eta is not None or call.expires is not None or call.key is not None:
             raise ConfigurationError(
                 f"{sig.task.name}: an error handler or batch callback runs when its workflow says; "
                 "delay, eta, expires and key do not apply to it")

@@ -105,6 +105,25 @@ async def test_a_retried_dead_letter_runs_though_it_was_revoked_while_it_ran(que
     assert runs == [1, 2]
 
 
+async def test_a_retried_dead_letter_takes_its_idempotency_key_back(queue: Queue) -> None:
+    @queue.task
+    async def once() -> None:
+        raise ValueError("down")
+
+    job = await once.options(key="nightly").enqueue()
+    async with queue.worker():
+        with pytest.raises(TaskError):
+            await job.result(timeout=10)
+    assert (await once.options(key="nightly").enqueue()).id != job.id  # ended: the key was free
+    await queue.purge_dead_letters()
+    job = await once.options(key="daily").enqueue()
+    async with queue.worker():
+        with pytest.raises(TaskError):
+            await job.result(timeout=10)
+    assert await queue.retry(job.id) is True  # live again, no worker: it waits
+    assert (await once.options(key="daily").enqueue()).id == job.id
+
+
 async def test_revoke_a_task_for_good_once_and_until(queue: Queue) -> None:
     @queue.task
     async def work(n: int) -> int:

@@ -417,6 +417,11 @@ class MemoryBroker(Broker):
         # A revoke or cancel asked for while it ran last is spent: retrying it is asking it to run.
         q.revoked.discard(job_id)
         q.cancel.discard(job_id)
+        if rec.key is not None:  # live again, it takes its key back, unless a live job holds it
+            holder = q.keys.get(rec.key)
+            held = self._record(q, holder) if holder is not None else None
+            if held is None or held.state in FINAL_STATES:
+                q.keys[rec.key] = job_id
         self._make_ready(q, rec)
         # The steps its failure skipped wait for it again, so that its success runs them.
         links = q.links.get(job_id)

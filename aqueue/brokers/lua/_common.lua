@@ -272,9 +272,9 @@ local function error_marker(err)
 end
 
 -- The error that stands for a job that ended without one of its own (in its chord slot, in the
--- pipeline steps it skipped): TaskError metadata with every key; a cancelled, revoked or expired
--- job's names the ending as `job.result()` would (no table of names: a table costs every call of a
--- script that carries it).
+-- pipeline steps it skipped, for its error handler): TaskError metadata with every key; a
+-- cancelled, revoked or expired job's names the ending as `job.result()` would (no table of names:
+-- a table costs every call of a script that carries it), a failed one's why it died (`reason`).
 local function ending_error(id, state, attempt, reason)
   local kind, err = '', 'failed'
   if state == 'cancelled' then kind = 'JobCancelled'

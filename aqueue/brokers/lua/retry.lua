@@ -9,6 +9,14 @@ if redis.call('EXISTS', jk) == 0 then return 0 end
 redis.call('HDEL', jk, 'result', 'error', 'dead_reason', 'finished_at', 'started_at', 'worker',
   'progress', 'revoked', 'cancel')
 redis.call('HSET', jk, 'attempt', 1, 'deliveries', 0)
+-- Live again, it takes its idempotency key back, unless another live job holds it by now.
+local key = redis.call('HGET', jk, 'key')
+if key and key ~= '' then
+  local kk = prefix .. 'key:' .. key
+  local holder = redis.call('GET', kk)
+  local state = holder and redis.call('HGET', job_key(holder), 'state')
+  if not state or FINAL[state] then redis.call('SET', kk, id) end
+end
 make_ready(id, jk, redis.call('HGET', jk, 'priority') or '0')
 -- The steps its failure skipped wait for it again, so that its success runs them.
 local following = redis.call('HGET', jk, 'next')
