@@ -339,6 +339,9 @@ class Plan:
             raise ConfigurationError(
                 f"{sig.task.name}: an error handler or batch callback runs when its workflow says; "
                 "delay, eta, expires and key do not apply to it")
+        if sig.on_error is not None:
+            raise ConfigurationError(
+                f"{sig.task.name}: an error handler or batch callback cannot have an .error() of its own")
         options: dict[str, Any] = call_overrides(call)
         if wf_in:
             options["wf_in"] = True  # its first argument is an error

@@ -456,6 +456,8 @@ async def test_error_handlers_and_batch_callbacks_keep_their_signatures_options(
         await queue.batch([add.s(1, 1)], on_complete=flaky.options(delay=5).s("late"))
     with pytest.raises(ConfigurationError, match="do not apply"):
         await queue.enqueue(broken.s().error(flaky.options(key="once").s("keyed")))
+    with pytest.raises(ConfigurationError, match="of its own"):  # it would be dropped
+        await queue.batch([add.s(1, 1)], on_failure=flaky.s("failure").error(flaky, "nested"))
 
 
 async def test_an_idempotency_key_in_a_workflow_stands_alone(queue: Queue) -> None:
