@@ -96,6 +96,27 @@ def test_default_task_name_is_the_function_name(queue: Queue) -> None:
             return a - b
 
 
+async def test_a_worker_bounds_the_payloads_it_reads(broker: Broker, queue_name: str) -> None:
+    # A producer with a larger bound (or none of aqueue's) wrote it: the worker's own bound holds.
+    producer = Queue(broker=broker, name=queue_name, max_payload_size=1 << 20)
+    worker_side = Queue(broker=broker, name=queue_name, max_payload_size=2_000)
+    ran: list[int] = []
+    for q in (producer, worker_side):
+        @q.task(name="store")
+        async def store(blob: str) -> int:
+            ran.append(len(blob))
+            return len(blob)
+
+    big = await producer.tasks["store"].enqueue("x" * 5_000)
+    small = await producer.tasks["store"].enqueue("x" * 10)
+    async with worker_side.worker():
+        assert await small.result(timeout=10) == 10
+        with pytest.raises(TaskError, match="over this worker's max_payload_size"):
+            await big.result(timeout=10)
+    assert ran == [10]
+    assert [d.id for d in await worker_side.dead_letters()] == [big.id]
+
+
 async def test_started_job_is_not_expired_on_redelivery(queue: Queue) -> None:
     @queue.task
     async def work() -> str:

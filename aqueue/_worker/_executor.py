@@ -117,6 +117,9 @@ async def execute(queue: Queue, running: RunningJob) -> Completion | None:
     task = queue.tasks.get(d.task)
     if task is None:
         return dead(d, f"unknown task {d.task!r}: not registered on this worker")
+    if len(d.payload) > queue.max_payload_size:  # bounded where it is read, not only where written
+        return dead(d, f"payload of {len(d.payload)} bytes over this worker's max_payload_size "
+                       f"({queue.max_payload_size})")
     try:
         call = loads(d.payload)
         args, kwargs, overrides = call["args"], call["kwargs"], call.get("options") or {}
