@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import anyio
 
 from aqueue._argv import HELP, USAGE, RunArgs, UsageError, parse
-from aqueue._exceptions import BrokerConnectionError
+from aqueue._exceptions import BrokerError
 from aqueue._queue import Queue
 from aqueue._worker import Worker
 
@@ -56,9 +56,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(HELP, end="")
         return 0
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
-    handler: logging.Handler = (
-        logging.FileHandler(args.logfile) if args.logfile else logging.StreamHandler()
-    )
+    try:
+        handler: logging.Handler = (
+            logging.FileHandler(args.logfile) if args.logfile else logging.StreamHandler()
+        )
+    except OSError as exc:
+        print(f"{USAGE}\naqueue: error: --logfile {args.logfile}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_USAGE
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logger.addHandler(handler)
     logger.setLevel(level)
@@ -83,7 +87,7 @@ def _run(args: RunArgs) -> int:
 async def _serve(worker: Worker) -> int:
     try:
         await worker.queue.connect()
-    except BrokerConnectionError as exc:
+    except BrokerError as exc:  # unreachable, or it refused us (a wrong password, say)
         print(f"aqueue: {exc}", file=sys.stderr)
         return 1
     # What start-up made (modules, the app, connections) lives as long as the process: out of the

@@ -171,6 +171,8 @@ async def test_password_url_works_and_never_shows(
         bad = WorkerProcess(f"redis://:wrong-pw@127.0.0.1:{server.port}/0", queue_name)
         workers.append(bad)
         assert bad.process.wait(timeout=30) == 1
+        assert "refused the credentials" in bad.output()  # not "cannot reach": retrying won't help
+        assert "Traceback" not in bad.output()
         assert "wrong-pw" not in bad.output()
     finally:
         server.stop()
@@ -200,6 +202,16 @@ def test_unreachable_redis_at_start_is_one_line_and_exit_1(queue_name: str) -> N
 def test_bad_target_exits_2(target: str, message: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["run", target]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("logfile", ["/nonexistent-dir/aqueue.log", "."])  # no folder; a folder
+def test_a_logfile_that_cannot_be_opened_exits_2(
+    logfile: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["run", "tests.apps.worker_app:queue", f"--logfile={logfile}"]) == 2
+    err = capsys.readouterr().err
+    assert f"--logfile {logfile}" in err
+    assert "Traceback" not in err
 
 
 def test_python_dash_m_entry_point() -> None:

@@ -18,7 +18,7 @@ import redis
 import redis.asyncio
 
 import aqueue
-from aqueue import BrokerConnectionError, JobState, Queue, TaskError
+from aqueue import BrokerConnectionError, ConfigurationError, JobState, Queue, TaskError
 from aqueue.brokers import Completion, NewJob, Outcome, RedisBroker
 from aqueue.brokers._keys import GROUP, Keys
 from aqueue.brokers._notifier import Notifier
@@ -139,11 +139,20 @@ async def test_an_idle_worker_takes_jobs_through_blocking_reads(
         ("rediss://user:pw@host:6380/1", "rediss://user:***@host:6380/1"),
         ("redis://host:6379/0", "redis://host:6379/0"),
         ("unix:///run/redis.sock", "unix:///run/redis.sock"),
+        ("unix:///run/redis.sock?password=pw&db=2", "unix:///run/redis.sock?password=***&db=2"),
+        ("redis://u:pw@host/0?password=pw", "redis://u:***@host/0?password=***"),
     ],
 )
 def test_urls_are_shown_without_password(url: str, shown: str) -> None:
     assert redact(url) == shown
     assert RedisBroker(url).url == shown
+
+
+def test_a_database_that_is_not_a_number_is_refused() -> None:
+    # redis-py would read "redis://host/abc" as database 0.
+    with pytest.raises(ConfigurationError, match="database must be a number, got 'abc'"):
+        Queue("redis://:pw@127.0.0.1:6379/abc")
+    assert Queue("redis://127.0.0.1:6379/3").broker.url == "redis://127.0.0.1:6379/3"
 
 
 def test_url_schemes_pick_the_broker() -> None:

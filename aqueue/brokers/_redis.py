@@ -23,13 +23,13 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, NoReturn
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qs, parse_qsl, urlencode, urlsplit
 
 import anyio
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
 
-from aqueue._exceptions import BrokerConnectionError, BrokerError
+from aqueue._exceptions import BrokerConnectionError, BrokerError, ConfigurationError
 from aqueue.brokers._base import (
     BatchSpec,
     Broker,
@@ -62,15 +62,25 @@ KEEP_BEHIND = 2_000
 
 
 def redact(url: str) -> str:
-    """The URL without its password, for log lines and error messages."""
+    """The URL without its password (in its user part or a `?password=`), for log lines and error
+    messages."""
     parts = urlsplit(url)
-    if parts.password is None:
+    in_query = "password" in parse_qs(parts.query)
+    if parts.password is None and not in_query:
         return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    user = f"{parts.username}:***@" if parts.username else ":***@"
-    return urlunsplit((parts.scheme, user + host, parts.path, parts.query, parts.fragment))
+    query = parts.query
+    if in_query:
+        query = urlencode([(k, "***" if k == "password" else v) for k, v in parse_qsl(query)],
+                          safe="*")
+    netloc = parts.netloc
+    if parts.password is not None:
+        host = parts.hostname or ""
+        if parts.port is not None:
+            host = f"{host}:{parts.port}"
+        netloc = (f"{parts.username}:***@" if parts.username else ":***@") + host
+    # Joined by hand: urlunsplit writes "unix:/path" for an empty host.
+    redacted = f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
+    return redacted + (f"#{parts.fragment}" if parts.fragment else "")
 
 
 def waiting_name(consumer: str) -> str:
@@ -275,6 +285,10 @@ class RedisBroker(Broker):
         **client_options: Any,
     ) -> None:
         self.url = redact(url) if client is None else "redis://(client)"
+        database = urlsplit(url).path.strip("/")
+        if client is None and url.startswith(("redis://", "rediss://")) and database \
+                and not database.isdigit():  # redis-py would quietly use database 0
+            raise ConfigurationError(f"{self.url}: the database must be a number, got {database!r}")
         self._connect_url = url
         self._client_options = client_options
         self._client = client
@@ -370,6 +384,10 @@ class RedisBroker(Broker):
 
     def _raise_translated(self, exc: Exception) -> NoReturn:
         """Raise the aqueue error for a Redis error; the URL in it never has a password."""
+        if isinstance(exc, redis_errors.AuthenticationError):
+            # Still the connection class (as to redis-py): a worker running when the password
+            # changes keeps its outcomes and waits, as for Redis being away; the message says why.
+            raise BrokerConnectionError(f"Redis at {self.url} refused the credentials: {exc}") from None
         if isinstance(exc, (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)):
             raise BrokerConnectionError(f"cannot reach Redis at {self.url}: {exc}") from None
         if str(exc).split(" ", 1)[0] in TRANSIENT:
