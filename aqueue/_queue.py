@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
@@ -43,6 +44,11 @@ DEFAULT_MAX_DELIVERIES = 10
 DEFAULT_MAX_PAYLOAD = 1 << 20
 
 EnqueueCall = tuple[Task[Any, Any], Sequence[Any], dict[str, Any], CallOptions]
+
+
+def _check_count(value: object, what: str) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigurationError(f"{what} must be a whole number >= 1, got {value!r}")
 
 
 def _signal(value: str) -> Signal:
@@ -123,18 +129,21 @@ class Queue:
             raise ConfigurationError("give a queue URL or a broker (one of them)")
         if not name or "{" in name or "}" in name:
             raise ConfigurationError(f"queue name {name!r} must be non-empty, without braces")
-        if max_deliveries < 1:
-            raise ConfigurationError(f"max_deliveries must be >= 1, got {max_deliveries}")
+        _check_count(max_deliveries, "max_deliveries")
+        _check_count(max_payload_size, "max_payload_size")
         self.broker: Broker = broker if broker is not None else broker_from_url(str(url))
         self.name = name
         self.result_ttl = seconds(result_ttl, "result_ttl")
-        if self.result_ttl < 1:
-            raise ConfigurationError("result_ttl must be at least 1 second")
+        if not 1 <= self.result_ttl < math.inf:
+            raise ConfigurationError(f"result_ttl must be at least 1 second, and finite, got {result_ttl!r}")
         self.immediate = immediate
-        self.default_timeout = timedelta_or_seconds(default_timeout)
+        self.default_timeout = None if default_timeout is None else seconds(default_timeout, "default_timeout")
+        if self.default_timeout == 0:
+            raise ConfigurationError("default_timeout must be > 0 (None: no timeout)")
         self.visibility_timeout = seconds(visibility_timeout, "visibility_timeout")
-        if self.visibility_timeout < 1:
-            raise ConfigurationError("visibility_timeout must be at least 1 second")
+        if not 1 <= self.visibility_timeout < math.inf:
+            raise ConfigurationError(
+                f"visibility_timeout must be at least 1 second, and finite, got {visibility_timeout!r}")
         self.max_deliveries = max_deliveries
         self.max_payload_size = max_payload_size
         self.tasks: dict[str, Task[Any, Any]] = {}

@@ -12,9 +12,14 @@ When: TypeAlias = float | int | timedelta | datetime
 
 
 def seconds(value: Seconds, what: str) -> float:
-    result = value.total_seconds() if isinstance(value, timedelta) else float(value)
-    if result < 0:
-        raise ConfigurationError(f"{what} must not be negative, got {value!r}")
+    if isinstance(value, timedelta):
+        result = value.total_seconds()
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        result = float(value)
+    else:  # "5" or True would pass float() and mean something nobody wrote
+        raise ConfigurationError(f"{what} must be seconds or a timedelta, got {value!r}")
+    if not result >= 0:  # NaN too
+        raise ConfigurationError(f"{what} must be >= 0 seconds, got {value!r}")
     return result
 
 

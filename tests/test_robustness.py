@@ -69,6 +69,25 @@ async def test_worker_block_error_still_stops_gracefully(queue: Queue) -> None:
     assert await job.state() == JobState.PENDING  # handed back, not left running
 
 
+@pytest.mark.parametrize(("options", "message"), [
+    ({"max_payload_size": "10"}, "max_payload_size must be a whole number"),
+    ({"max_payload_size": True}, "max_payload_size must be a whole number"),
+    ({"max_deliveries": 2.5}, "max_deliveries must be a whole number"),
+    ({"max_deliveries": 0}, "max_deliveries must be a whole number"),
+    ({"result_ttl": float("nan")}, "result_ttl must be >= 0"),
+    ({"result_ttl": float("inf")}, "result_ttl must be at least 1 second, and finite"),
+    ({"result_ttl": "abc"}, "result_ttl must be seconds or a timedelta"),
+    ({"visibility_timeout": float("inf")}, "visibility_timeout must be at least 1 second"),
+    ({"default_timeout": "x"}, "default_timeout must be seconds or a timedelta"),
+    ({"default_timeout": -5}, "default_timeout must be >= 0"),
+    ({"default_timeout": 0}, "default_timeout must be > 0"),
+])
+def test_bad_queue_options_fail_when_the_queue_is_made(options: dict[str, object], message: str) -> None:
+    # Each was accepted before and failed later, or never: a TypeError at enqueue, nan as a ttl.
+    with pytest.raises(ConfigurationError, match=message):
+        Queue("memory://", **options)  # type: ignore[arg-type]
+
+
 def test_bad_options_fail_at_once(queue: Queue) -> None:
     @queue.task
     async def work() -> None:
