@@ -214,7 +214,8 @@ class Queue:
             retries=retries,
             retry_delay=seconds(retry_delay, "retry_delay"),
             retry_backoff=retry_backoff,
-            timeout=timedelta_or_seconds(timeout) or self.default_timeout,
+            # None takes the queue's default; 0 is refused by TaskPolicy, not read as None.
+            timeout=self.default_timeout if timeout is None else timedelta_or_seconds(timeout),
             priority=priority,
             expires=expires,
         )

@@ -99,6 +99,8 @@ def test_bad_options_fail_at_once(queue: Queue) -> None:
         queue.task(priority="high")(work.fn)  # type: ignore[call-overload]
     with pytest.raises(ConfigurationError, match="timeout"):
         work.options(timeout=0)
+    with pytest.raises(ConfigurationError, match="timeout must be > 0"):  # was read as no timeout
+        queue.task(timeout=0)(work.fn)
     with pytest.raises(ConfigurationError, match="key"):
         work.options(key="")
 
