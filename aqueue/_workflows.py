@@ -299,16 +299,15 @@ class Plan:
                          "options": {**call_overrides(step.call), **options}}
         self.jobs.extend(reversed(new_jobs))
         handles: list[Job[Any]] = [Job(self.queue, job_id) for job_id in ids]
-        if steps[0].call.key is not None:
+        keys = [step.call.key for step in steps if step.call.key is not None]
+        if keys:
             # A key may hand back a live job in this one's place: nothing may wait on it.
             if len(steps) > 1 or member.waiting or member.chord or member.batch or steps[0].on_error:
                 raise ConfigurationError(
-                    f"key={steps[0].call.key!r}: an idempotency key is for a job that stands alone "
+                    f"key={keys[0]!r}: an idempotency key is for a job that stands alone "
                     "(not a pipeline step, chord member or callback, batch member, nor one with "
                     ".error()): the live job it may return is not linked to the workflow")
             self.keyed[ids[0]] = handles[0]
-        elif any(step.call.key is not None for step in steps[1:]):
-            raise ConfigurationError("an idempotency key (key=) cannot be given to a pipeline step")
         return handles
 
     def adopt(self, stored: Sequence[str]) -> None:

@@ -13,7 +13,7 @@ import anyio
 from aqueue._serialization import loads
 from aqueue._states import JobState
 from aqueue._worker._executor import RunningJob, execute
-from aqueue.brokers import batch_callback_id, error_handler_id
+from aqueue.brokers._base import BATCH_CALLBACK_KINDS, batch_callback_id, error_handler_id
 
 if TYPE_CHECKING:
     from aqueue._queue import Queue
@@ -50,7 +50,7 @@ def retry_follow_ups(job_id: str, payload: bytes) -> tuple[list[str], list[str]]
     may_appear = [error_handler_id(i) for i in (job_id, *steps)]
     batch = options.get("batch_id")
     if batch:
-        may_appear += [batch_callback_id(batch, kind) for kind in ("success", "failure", "complete")]
+        may_appear += [batch_callback_id(batch, kind) for kind in BATCH_CALLBACK_KINDS]
     return steps, may_appear
 
 

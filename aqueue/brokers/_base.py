@@ -50,6 +50,9 @@ def error_handler_id(job_id: str) -> str:
     return f"{job_id}:error"
 
 
+BATCH_CALLBACK_KINDS = ("success", "failure", "complete")
+
+
 def batch_callback_id(batch_id: str, kind: str) -> str:
     """The id a broker gives a batch's callback of `kind` ("success", "failure", "complete")."""
     return f"{batch_id}:{kind}"
@@ -89,9 +92,9 @@ class BatchSpec:
     on_complete: Template | None = None
 
     def callbacks(self) -> dict[str, Template]:
-        """The callbacks it has, by kind ("success", "failure", "complete")."""
-        kinds = (("success", self.on_success), ("failure", self.on_failure), ("complete", self.on_complete))
-        return {kind: template for kind, template in kinds if template is not None}
+        """The callbacks it has, by kind (`BATCH_CALLBACK_KINDS`)."""
+        templates = (self.on_success, self.on_failure, self.on_complete)
+        return {kind: t for kind, t in zip(BATCH_CALLBACK_KINDS, templates, strict=True) if t is not None}
 
 
 @dataclass(slots=True)
@@ -333,9 +336,10 @@ class Broker(ABC):
     @abstractmethod
     async def retry(self, queue: str, job_id: str, now: float) -> bool:
         """Take a job out of the dead letters and make it ready again with a fresh attempt count
-        (attempt 1, delivery count 0, result and error cleared). The pipeline steps its failure
-        skipped (still kept) wait again for it, so that its success runs them. False when it is
-        not a dead letter."""
+        (attempt 1, delivery count 0, result and error cleared). A revoke or cancel asked for
+        while it ran is cleared; it takes its idempotency key back unless a live job holds it.
+        The pipeline steps its failure skipped (still kept) wait again for it, so that its
+        success runs them. False when it is not a dead letter."""
 
     @abstractmethod
     async def purge_dead_letters(self, queue: str) -> int:

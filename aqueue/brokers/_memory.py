@@ -188,10 +188,15 @@ class MemoryBroker(Broker):
             q.batches[b.id] = _Batch(b.size, b.callbacks())
         return [self._store(q, job, now) for job in jobs]
 
+    def _live_key_holder(self, q: _Queue, key: str) -> str | None:
+        """The live job an idempotency key names, if any (the key may outlive its job's end)."""
+        holder = q.keys.get(key)
+        rec = self._record(q, holder) if holder is not None else None
+        return holder if rec is not None and rec.state not in FINAL_STATES else None
+
     def _store(self, q: _Queue, job: NewJob, now: float) -> str:
-        live = q.keys.get(job.key) if job.key is not None else None
-        old = self._record(q, live) if live is not None else None
-        if live is not None and old is not None and old.state not in FINAL_STATES:
+        live = self._live_key_holder(q, job.key) if job.key is not None else None
+        if live is not None:
             return live
         if self._record(q, job.id) is None:
             rec = JobRecord(id=job.id, task=job.task, state=JobState.PENDING.value,
@@ -417,11 +422,8 @@ class MemoryBroker(Broker):
         # A revoke or cancel asked for while it ran last is spent: retrying it is asking it to run.
         q.revoked.discard(job_id)
         q.cancel.discard(job_id)
-        if rec.key is not None:  # live again, it takes its key back, unless a live job holds it
-            holder = q.keys.get(rec.key)
-            held = self._record(q, holder) if holder is not None else None
-            if held is None or held.state in FINAL_STATES:
-                q.keys[rec.key] = job_id
+        if rec.key is not None and self._live_key_holder(q, rec.key) is None:
+            q.keys[rec.key] = job_id  # live again, it takes its key back
         self._make_ready(q, rec)
         # The steps its failure skipped wait for it again, so that its success runs them.
         links = q.links.get(job_id)

@@ -194,6 +194,15 @@ local function store_plain(now, id, task, payload, p)
   redis.call('ZADD', prefix .. 'index', now, id)
 end
 
+-- The live job an idempotency key names, if any (the key's entry may outlive its job's end).
+local function live_key_holder(key)
+  local holder = redis.call('GET', prefix .. 'key:' .. key)
+  if not holder then return nil end
+  local state = redis.call('HGET', job_key(holder), 'state')
+  if state and not FINAL[state] then return holder end
+  return nil
+end
+
 -- Store a new job, ready now or scheduled for its eta. Returns the id it lives under: an existing
 -- live job's id when the idempotency key names one. `extra` holds more record fields (workflow
 -- links); with waiting = '1' among them the job waits, neither ready nor scheduled, until a
@@ -205,11 +214,8 @@ local function store_job(now, id, task, payload, p, eta, expires, key, extra)
     return id
   end
   if key ~= '' then
-    local existing = redis.call('GET', prefix .. 'key:' .. key)
-    if existing then
-      local state = redis.call('HGET', job_key(existing), 'state')
-      if state and not FINAL[state] then return existing end
-    end
+    local existing = live_key_holder(key)
+    if existing then return existing end
   end
   local jk = job_key(id)
   if redis.call('EXISTS', jk) == 1 then return id end

@@ -11,12 +11,7 @@ redis.call('HDEL', jk, 'result', 'error', 'dead_reason', 'finished_at', 'started
 redis.call('HSET', jk, 'attempt', 1, 'deliveries', 0)
 -- Live again, it takes its idempotency key back, unless another live job holds it by now.
 local key = redis.call('HGET', jk, 'key')
-if key and key ~= '' then
-  local kk = prefix .. 'key:' .. key
-  local holder = redis.call('GET', kk)
-  local state = holder and redis.call('HGET', job_key(holder), 'state')
-  if not state or FINAL[state] then redis.call('SET', kk, id) end
-end
+if key and key ~= '' and not live_key_holder(key) then redis.call('SET', prefix .. 'key:' .. key, id) end
 make_ready(id, jk, redis.call('HGET', jk, 'priority') or '0')
 -- The steps its failure skipped wait for it again, so that its success runs them.
 local following = redis.call('HGET', jk, 'next')
