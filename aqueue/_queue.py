@@ -395,7 +395,7 @@ class Queue:
             from aqueue._worker._immediate import retry_follow_ups
 
             record = await self.broker.get(self.name, job_id)
-            steps, may_appear = retry_follow_ups(job_id, record.payload) if record else ([], [])
+            steps, may_appear = retry_follow_ups(record) if record else ([], [])
             await run_immediately(self, [job_id, *steps], may_appear)
         return True
 

@@ -425,6 +425,113 @@ async def test_an_error_handler_after_a_poison_message_gets_the_whole_error(
     assert "max_deliveries=2" in metadata["error"]
 
 
+async def test_a_retried_dead_letter_that_fails_again_runs_its_error_handler_again(queue: Queue) -> None:
+    add = arithmetic(queue)
+    handled: list[tuple[str, str]] = []
+
+    @queue.task
+    async def boom(x: int) -> int:
+        raise ValueError(f"boom {x}")
+
+    @queue.task
+    async def on_error(exc: TaskError, tag: str) -> str:
+        handled.append((exc.metadata["error"], tag))
+        return tag
+
+    async with queue.worker():
+        [job] = await queue.enqueue(boom.s(1).error(on_error, "lone"))
+        steps = await queue.enqueue(add.s(1, 1).then(boom).error(on_error, "step"))
+        for failed, tag in ((job, "lone"), (steps[1], "step")):
+            for failure in (1, 2, 3):  # each failure for good has its own handler
+                if failure > 1:
+                    assert await queue.retry(failed.id)
+                with pytest.raises(TaskError):
+                    await failed.result(timeout=10)
+                handler = queue.job(error_handler_id(failed.id, failure))
+                assert await handler.result(timeout=10) == tag
+    assert sorted(handled) == [("ValueError('boom 1')", "lone")] * 3 + [("ValueError('boom 2')", "step")] * 3
+    assert error_handler_id(job.id, 1) == error_handler_id(job.id)
+
+
+async def test_immediate_mode_retry_of_a_dead_letter_that_fails_again_runs_its_handler_again(
+    queue: Queue,
+) -> None:
+    queue.immediate = True
+    handled: list[str] = []
+
+    @queue.task
+    async def boom() -> None:
+        raise ValueError("boom")
+
+    @queue.task
+    async def on_error(exc: TaskError) -> None:
+        handled.append(exc.metadata["type"])
+
+    [job] = await queue.enqueue(boom.s().error(on_error))
+    assert handled == ["ValueError"]
+    assert await queue.retry(job.id) is True
+    assert handled == ["ValueError"] * 2
+    assert await queue.job(error_handler_id(job.id, 2)).state() == JobState.SUCCEEDED
+
+
+async def test_a_chord_member_cancelled_while_waiting_to_retry_puts_its_cancel_in_its_place(
+    queue: Queue,
+) -> None:
+    # The error of its first attempt is not what ended it: the slot says cancelled, and the
+    # record keeps no error of an attempt that did not end it.
+    add = arithmetic(queue)
+
+    @queue.task(retries=1, retry_delay=3600)
+    async def flaky() -> None:
+        raise KeyError("first attempt")
+
+    @queue.task
+    async def collect(values: list[Any]) -> list[Any]:
+        return [v.metadata["type"] if isinstance(v, TaskError) else v for v in values]
+
+    async with queue.worker():
+        c = await queue.enqueue(chord([add.s(1, 1), flaky.s()], collect.s()))
+        member = c.results.jobs[1]
+        with anyio.fail_after(10):
+            # Its first attempt failed once the broker holds it for its retry.
+            while await member.state() != JobState.SCHEDULED:  # noqa: ASYNC110 - in the broker
+                await anyio.sleep(0.01)
+        assert await member.cancel()
+        assert await c.get(timeout=10) == [2, "JobCancelled"]
+        info = await member.info()
+    assert info is not None
+    assert (info.state, info.error) == (JobState.CANCELLED, None)
+
+
+async def test_a_chord_member_cancelled_in_its_second_attempt_puts_its_cancel_in_its_place(
+    queue: Queue,
+) -> None:
+    add = arithmetic(queue)
+    second_attempt = anyio.Event()
+
+    @queue.task(retries=1, retry_delay=0)
+    async def flaky() -> None:
+        if current_job().attempt == 1:
+            raise KeyError("first attempt")
+        second_attempt.set()
+        await anyio.sleep_forever()
+
+    @queue.task
+    async def collect(values: list[Any]) -> list[Any]:
+        return [v.metadata["type"] if isinstance(v, TaskError) else v for v in values]
+
+    async with queue.worker():
+        c = await queue.enqueue(chord([add.s(1, 1), flaky.s()], collect.s()))
+        with anyio.fail_after(10):
+            await second_attempt.wait()
+        member = c.results.jobs[1]
+        assert await member.cancel()
+        assert await c.get(timeout=10) == [2, "JobCancelled"]
+        info = await member.info()
+    assert info is not None
+    assert (info.state, info.error) == (JobState.CANCELLED, None)
+
+
 async def test_error_handlers_and_batch_callbacks_keep_their_signatures_options(queue: Queue) -> None:
     add = arithmetic(queue)
     calls: list[str] = []

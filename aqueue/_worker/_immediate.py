@@ -17,6 +17,7 @@ from aqueue.brokers._base import BATCH_CALLBACK_KINDS, batch_callback_id, error_
 
 if TYPE_CHECKING:
     from aqueue._queue import Queue
+    from aqueue.brokers._base import JobRecord
 
 CONSUMER = "immediate"
 
@@ -37,17 +38,19 @@ async def run_immediately(queue: Queue, job_ids: Sequence[str], later: Sequence[
         left = waiting
 
 
-def retry_follow_ups(job_id: str, payload: bytes) -> tuple[list[str], list[str]]:
+def retry_follow_ups(record: JobRecord) -> tuple[list[str], list[str]]:
     """For a dead letter retried in immediate mode: the pipeline steps after it (its success runs
     them again), and the jobs its end or theirs may create (error handlers, its batch's
-    callbacks), from its payload."""
-    options = loads(payload).get("options") or {}
+    callbacks), from its record."""
+    job_id = record.id
+    options = loads(record.payload).get("options") or {}
     steps: list[str] = []
     following = options.get("next")
     while following:
         steps.append(following["id"])
         following = (following.get("options") or {}).get("next")
-    may_appear = [error_handler_id(i) for i in (job_id, *steps)]
+    # Its next failure's handler; the skipped steps after it have not failed yet.
+    may_appear = [error_handler_id(job_id, record.failures + 1), *map(error_handler_id, steps)]
     batch = options.get("batch_id")
     if batch:
         may_appear += [batch_callback_id(batch, kind) for kind in BATCH_CALLBACK_KINDS]

@@ -45,9 +45,10 @@ class Template:
     priority: int = 0
 
 
-def error_handler_id(job_id: str) -> str:
-    """The id a broker gives the error handler it creates for `job_id`."""
-    return f"{job_id}:error"
+def error_handler_id(job_id: str, failure: int = 1) -> str:
+    """The id a broker gives the error handler it creates when `job_id` fails for good the
+    `failure`-th time (a dead letter retried may fail again, and its handler runs again)."""
+    return f"{job_id}:error" if failure == 1 else f"{job_id}:error:{failure}"
 
 
 BATCH_CALLBACK_KINDS = ("success", "failure", "complete")
@@ -118,6 +119,8 @@ class JobRecord:
     progress: bytes | None = None
     key: str | None = None
     dead_reason: str | None = None
+    failures: int = 0
+    """How often it has failed for good: a dead letter retried may fail again."""
 
 
 @dataclass(slots=True)
@@ -204,7 +207,8 @@ class Broker(ABC):
         Whenever a job reaches a final state (finished, cancelled, expired, revoked, dead), the
         broker applies its `WorkflowLinks` in the same atomic step: chord slots (each member
         counted once), batch counts and callbacks (each fired once, as `batch_callback_id`),
-        skipping the rest of a pipeline, creating the error handler (as `error_handler_id`).
+        skipping the rest of a pipeline, creating the error handler (as `error_handler_id`; the
+        record's `failures` grows by one with each failure for good, before the handler is made).
 
         Returns the id under which each job lives: its own, or, when its idempotency key names a
         job that is still live (not in a final state), that job's id, and nothing is stored.

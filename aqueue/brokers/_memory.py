@@ -318,9 +318,9 @@ class MemoryBroker(Broker):
                 # A late success: the record names the run that ended the job, not the newer one.
                 rec.started_at, rec.worker = c.delivery.leased_at, c.delivery.consumer
             del q.leases[rec.id]
-            if c.error is not None:
-                rec.error = c.error
             if c.outcome in (Outcome.RETRY, Outcome.DEFER):
+                if c.error is not None:
+                    rec.error = c.error
                 rec.attempt += c.outcome == Outcome.RETRY
                 q.deliveries[rec.id] = 0
                 if c.retry_at is not None and c.retry_at > c.finished_at:
@@ -328,8 +328,9 @@ class MemoryBroker(Broker):
                 else:
                     self._make_ready(q, rec)
             else:
+                rec.error = c.error  # the ending's own: none left from an earlier attempt
                 if c.outcome == Outcome.SUCCEEDED:
-                    rec.result, rec.error = c.result, None  # no error left from a retry
+                    rec.result = c.result
                 self._finalize(q, rec, c.outcome.value, c.finished_at, result_ttl, c.reason)
                 if c.outcome == Outcome.SUCCEEDED:
                     for job_id, payload in c.activate:
@@ -512,6 +513,7 @@ class MemoryBroker(Broker):
             ended = JobState.EXPIRED.value
         if ended is not None:
             receipt = str(q.entries.get(rec.id, 0))
+            rec.error = None  # an earlier attempt's: this end brings none (see _finalize)
             self._finalize(q, rec, ended, now, self._result_ttl, None)
             return Delivery(job_id=rec.id, task=rec.task, payload=b"", attempt=rec.attempt,
                             token=0, priority=rec.priority, enqueued_at=rec.enqueued_at,
@@ -520,6 +522,7 @@ class MemoryBroker(Broker):
         if deliveries > max_deliveries:
             reason = (f"delivered {deliveries} times without finishing "
                       f"(max_deliveries={max_deliveries})")
+            rec.error = None  # an earlier attempt's: this end brings none (see _finalize)
             self._finalize(q, rec, JobState.FAILED.value, now, self._result_ttl, reason)
             return None
         token = q.tokens[rec.id] = q.tokens.get(rec.id, 0) + 1
@@ -533,7 +536,9 @@ class MemoryBroker(Broker):
         self, q: _Queue, rec: JobRecord, state: str, finished_at: float, ttl: float,
         reason: str | None,
     ) -> None:
-        """A final state: free the key, wake waiters; dead letters stay, other records expire."""
+        """A final state: free the key, wake waiters; dead letters stay, other records expire.
+        `rec.error` is the ending's own (its chord slot and skipped steps get it): callers ending
+        a job without one clear an earlier attempt's first."""
         rec.state, rec.finished_at = state, finished_at
         q.leases.pop(rec.id, None)
         q.entries.pop(rec.id, None)  # any heap entry left for it is now stale
@@ -541,6 +546,7 @@ class MemoryBroker(Broker):
             del q.keys[rec.key]
         if state == JobState.FAILED:
             rec.dead_reason = reason
+            rec.failures += 1  # a dead letter retried may fail again
             q.dead[rec.id] = None
         else:
             q.expiry[rec.id] = time.time() + ttl
@@ -579,8 +585,10 @@ class MemoryBroker(Broker):
                 self._finalize(q, skipped, JobState.CANCELLED.value, now, ttl, None)
             if state == JobState.FAILED and links.on_error is not None:
                 t = links.on_error
-                handler = NewJob(id=error_handler_id(rec.id), task=t.task, priority=t.priority,
-                                 payload=prepend_arg(t.payload, error_marker(error)), enqueued_at=now)
+                # Each failure for good has its own handler: a retried dead letter may fail again.
+                handler = NewJob(id=error_handler_id(rec.id, rec.failures), task=t.task,
+                                 priority=t.priority, enqueued_at=now,
+                                 payload=prepend_arg(t.payload, error_marker(error)))
                 self._store(q, handler, now)
         if links.chord is not None and links.slot is not None:
             value = (rec.result or b"null") if state == JobState.SUCCEEDED else error_marker(error)
@@ -660,6 +668,7 @@ class MemoryBroker(Broker):
                 listener(job_id)
             return "requested"
         q.waiting.discard(job_id)  # a pipeline step or chord callback: never activated now
+        rec.error = None  # an earlier attempt's: this end brings none (see _finalize)
         self._finalize(q, rec, JobState.CANCELLED.value, now, result_ttl, None)
         return JobState.CANCELLED.value
 

@@ -428,7 +428,11 @@ local function after_final(id, state, now, ttl, rec, reason)
       end
     end
     if state == 'failed' and set(rec.err_task) then
-      store_job(now, id .. ':error', rec.err_task, prepend_arg(rec.err_payload, error_marker(err)),
+      -- Each failure for good has its own handler (see error_handler_id): a retried dead letter
+      -- that fails again runs it again.
+      local handler = id .. ':error'
+      if rec.failures > 1 then handler = handler .. ':' .. rec.failures end
+      store_job(now, handler, rec.err_task, prepend_arg(rec.err_payload, error_marker(err)),
         rec.err_priority, '', '', '', nil)
     end
   end
@@ -454,8 +458,10 @@ local function done_message(id, state, rec, reason)
 end
 
 -- A final state: free the idempotency key, wake waiters, tell the workflow; dead letters are
--- kept, other records expire. `rec` is the job's `end_fields` when the caller read them already
--- (with what it changes since), `fields` more record fields to write in the same HSET.
+-- kept, other records expire. The record's error is the ending's own (what its chord slot and
+-- skipped steps get): an end that brings none removes an earlier attempt's first. `rec` is the
+-- job's `end_fields` when the caller read them already (with what it changes since), `fields`
+-- more record fields to write in the same HSET.
 finalize = function(id, jk, state, now, ttl, reason, rec, fields)
   rec = rec or end_fields(jk)
   fields = with(fields or {}, 'state', state, 'finished_at', now)
@@ -466,6 +472,7 @@ finalize = function(id, jk, state, now, ttl, reason, rec, fields)
   end
   if state == 'failed' then
     redis.call('ZADD', prefix .. 'dead', now, id)
+    rec.failures = redis.call('HINCRBY', jk, 'failures', 1)  -- a dead letter retried may fail again
   else
     redis.call('EXPIRE', jk, expire_arg(ttl))
     if expiring_batch then
@@ -538,6 +545,7 @@ local function start(s, p, entry, fields, consumer, now, max_deliveries, ttl)
   end
   if ended then
     drop_entry(s, entry)
+    redis.call('HDEL', jk, 'error')  -- an earlier attempt's: this end brings none (see finalize)
     finalize(id, jk, ended, now, ttl, nil)
     return {id, rec[2], '', rec[4], '0', p, rec[5], entry, ended}
   end
@@ -557,6 +565,7 @@ local function start(s, p, entry, fields, consumer, now, max_deliveries, ttl)
   if (deliveries == '1' and 1 or tonumber(deliveries)) > max_deliveries then
     drop_entry(s, entry)
     redis.call('HSET', jk, 'deliveries', deliveries)
+    redis.call('HDEL', jk, 'error')  -- an earlier attempt's: this end brings none (see finalize)
     finalize(id, jk, 'failed', now, ttl, 'delivered ' .. deliveries ..
       ' times without finishing (max_deliveries=' .. max_deliveries .. ')')
     return nil

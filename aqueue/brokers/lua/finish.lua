@@ -91,10 +91,10 @@ while i <= #ARGV do
         if outcome == 'succeeded' then
           with(fields, 'result', result)
           rec.result = result
-          if rec.error then
-            redis.call('HDEL', jk, 'error')
-            rec.error = false
-          end
+        end
+        if err == '' and rec.error then  -- an earlier attempt's (see finalize)
+          redis.call('HDEL', jk, 'error')
+          rec.error = false
         end
         finalize(id, jk, outcome, now, ttl, reason, rec, fields)
       end
