@@ -536,3 +536,37 @@ async def test_every_delivery_of_a_job_carries_a_greater_token(broker: Broker, q
     assert again.token > first.token
     assert await broker.finish(queue_name, [done(first)], 60) == [False]
     assert await broker.finish(queue_name, [done(again), done(d)], 60) == [True, True]
+
+
+@pytest.mark.parametrize("outcome", [Outcome.RETRY, Outcome.DEFER])
+async def test_a_cancel_asked_for_while_a_job_ran_outlasts_its_failure(
+    broker: Broker, queue_name: str, outcome: Outcome
+) -> None:
+    # The job failed (or was rate limited) before its worker heard of the cancel: it is not
+    # retried, it ends cancelled at once, with no error of the attempt in its record.
+    await broker.enqueue(queue_name, [new("a")])
+    d = await take_one(broker, queue_name)
+    assert await broker.cancel(queue_name, "a", time.time(), 60) == "requested"
+    retry = done(d, outcome, error=b"oops", retry_at=time.time() + 3600)
+    assert await broker.finish(queue_name, [retry], 60) == [True]
+    rec = await record(broker, queue_name, "a")
+    assert (rec.state, rec.attempt, rec.error) == ("cancelled", 1, None)
+    assert await take(broker, queue_name) == []
+
+
+async def test_a_dead_letter_retried_never_reuses_a_token_of_its_earlier_deliveries(
+    broker: Broker, queue_name: str
+) -> None:
+    # Its first delivery's worker went silent and the job went to the dead letters at its next
+    # delivery (max_deliveries=1); retried, its new delivery's token must be new, or the silent
+    # worker's late failure would overwrite the new run.
+    await broker.enqueue(queue_name, [new("a")])
+    silent = await take_one(broker, queue_name, consumer="w1", max_deliveries=1)
+    assert await broker.reclaim(queue_name, "w2", 1, 0, 1) == []
+    assert (await record(broker, queue_name, "a")).state == "failed"
+    assert await broker.retry(queue_name, "a", time.time())
+    fresh = await take_one(broker, queue_name, consumer="w3", max_deliveries=1)
+    assert fresh.token > silent.token
+    assert await broker.finish(queue_name, [done(silent, Outcome.FAILED, error=b"late")], 60) == [False]
+    assert await broker.finish(queue_name, [done(fresh, result=b"1")], 60) == [True]
+    assert (await record(broker, queue_name, "a")).state == "succeeded"

@@ -318,21 +318,25 @@ class MemoryBroker(Broker):
                 # A late success: the record names the run that ended the job, not the newer one.
                 rec.started_at, rec.worker = c.delivery.leased_at, c.delivery.consumer
             del q.leases[rec.id]
-            if c.outcome in (Outcome.RETRY, Outcome.DEFER):
-                if c.error is not None:
-                    rec.error = c.error
-                rec.attempt += c.outcome == Outcome.RETRY
+            outcome, error = c.outcome, c.error
+            if outcome in (Outcome.RETRY, Outcome.DEFER) and rec.id in q.cancel:
+                # A cancel asked for while it ran outlasts its failure: not retried, it ends cancelled.
+                outcome, error = Outcome.CANCELLED, None
+            if outcome in (Outcome.RETRY, Outcome.DEFER):
+                if error is not None:
+                    rec.error = error
+                rec.attempt += outcome == Outcome.RETRY
                 q.deliveries[rec.id] = 0
                 if c.retry_at is not None and c.retry_at > c.finished_at:
                     self._schedule(q, rec, c.retry_at)
                 else:
                     self._make_ready(q, rec)
             else:
-                rec.error = c.error  # the ending's own: none left from an earlier attempt
-                if c.outcome == Outcome.SUCCEEDED:
+                rec.error = error  # the ending's own: none left from an earlier attempt
+                if outcome == Outcome.SUCCEEDED:
                     rec.result = c.result
-                self._finalize(q, rec, c.outcome.value, c.finished_at, result_ttl, c.reason)
-                if c.outcome == Outcome.SUCCEEDED:
+                self._finalize(q, rec, outcome.value, c.finished_at, result_ttl, c.reason)
+                if outcome == Outcome.SUCCEEDED:
                     for job_id, payload in c.activate:
                         self._activate(q, job_id, payload)
             out.append(True)

@@ -380,7 +380,7 @@ end
 
 -- The record fields that ending a job looks at, read in one call (missing ones are false).
 local END_FIELDS = {'token', 'state', 'key', 'chord', 'slot', 'batch', 'next', 'err_task',
-  'err_payload', 'err_priority', 'result', 'error', 'attempt', 'waiters'}
+  'err_payload', 'err_priority', 'result', 'error', 'attempt', 'waiters', 'cancel'}
 local function end_fields(jk)
   local values = redis.call('HMGET', jk, unpack(END_FIELDS))
   local rec = {}
@@ -564,7 +564,9 @@ local function start(s, p, entry, fields, consumer, now, max_deliveries, ttl)
   end
   if (deliveries == '1' and 1 or tonumber(deliveries)) > max_deliveries then
     drop_entry(s, entry)
-    redis.call('HSET', jk, 'deliveries', deliveries)
+    -- The token its last delivery holds is used up (a lean one's 1 was never written): a retry's
+    -- delivery must not carry it again.
+    redis.call('HSET', jk, 'deliveries', deliveries, 'token', string.format('%d', tonumber(token) - 1))
     redis.call('HDEL', jk, 'error')  -- an earlier attempt's: this end brings none (see finalize)
     finalize(id, jk, 'failed', now, ttl, 'delivered ' .. deliveries ..
       ' times without finishing (max_deliveries=' .. max_deliveries .. ')')

@@ -74,6 +74,10 @@ while i <= #ARGV do
       rec.result = false
       -- The job may run again (a retry, a dead letter retried): its token 1 is used up.
       if lean then with(fields, 'token', '1') end
+      if (outcome == 'retry' or outcome == 'defer') and rec.cancel == '1' then
+        -- A cancel asked for while it ran outlasts its failure: not retried, it ends cancelled.
+        outcome, err = 'cancelled', ''
+      end
       if err ~= '' then
         with(fields, 'error', err, 'more', '1')
         rec.error = err
