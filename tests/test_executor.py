@@ -149,3 +149,36 @@ async def test_an_async_job_that_swallows_its_timeout_still_times_out(queue: Que
     assert completion.outcome is Outcome.FAILED
     assert completion.error is not None
     assert b'"type":"TaskTimeout"' in completion.error
+
+
+async def test_a_job_stopped_by_a_shutdown_is_handed_back_though_its_cleanup_outlasts_its_deadline(
+    queue: Queue,
+) -> None:
+    # The shutdown came first: that is why it stopped, not the deadline its cleanup ran past.
+    started, cleaned = anyio.Event(), anyio.Event()
+
+    @queue.task(name="slow_cleanup", timeout=0.2)
+    async def slow_cleanup() -> None:
+        started.set()
+        try:
+            await anyio.sleep_forever()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await anyio.sleep(0.4)  # a cleanup that must run past the job's deadline
+            cleaned.set()
+
+    payload = encode_call("slow_cleanup", [], {}, {}, 1 << 20)
+    running = RunningJob(Delivery(job_id="j4", task="slow_cleanup", payload=payload, attempt=1,
+                                  token=1, priority=0, enqueued_at=time.time(), receipt="0-4"))
+    completions: list[Completion | None] = []
+
+    async def run() -> None:
+        completions.append(await execute(queue, running))
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run)
+            await started.wait()
+            running.interrupt()
+    assert cleaned.is_set()
+    assert completions == [None]

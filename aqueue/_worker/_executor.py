@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 import traceback
 from collections.abc import Callable
@@ -42,6 +43,9 @@ class RunningJob:
     worker holds hundreds of jobs waiting for a runner."""
     interrupted: bool = False
     """Set when the worker shuts down: the job is handed back, not failed."""
+    interrupted_at: float = math.inf
+    """When (anyio's clock) the shutdown stopped it: a deadline that passed later is not why it
+    stopped."""
     cancel_requested: bool = False
     """Set by `job.cancel()`: the job ends `cancelled`, neither retried nor run again."""
     lost: bool = False
@@ -59,7 +63,8 @@ class RunningJob:
             self.scope.cancel()
 
     def interrupt(self) -> None:
-        self.interrupted = True
+        if not self.interrupted:
+            self.interrupted, self.interrupted_at = True, anyio.current_time()
         self._cancel()
 
     def abandon(self) -> None:
@@ -172,7 +177,7 @@ async def execute(queue: Queue, running: RunningJob) -> Completion | None:
             if signals.wants(Signal.CANCELLED):
                 await signals.send(Signal.CANCELLED, context)
             return Completion(d, Outcome.CANCELLED, time.time())
-        elif scope.deadline <= anyio.current_time():
+        elif scope.deadline <= min(anyio.current_time(), running.interrupted_at):
             error = TaskTimeout(f"job {d.job_id} ({d.task}) timed out after {policy.timeout}s")
             if signals.wants(Signal.TIMEOUT):
                 await signals.send(Signal.TIMEOUT, context, error)
