@@ -510,6 +510,17 @@ async def test_a_worker_whose_service_failed_raises_why_and_stops_quietly(queue:
     assert worker_threads.get() is None  # its thread pool was the worker's alone
 
 
+async def test_a_worker_whose_start_is_cancelled_does_not_run_on(queue: Queue) -> None:
+    # A start-up deadline, or a fixture timing out, while the worker connects and starts.
+    with anyio.CancelScope() as scope:
+        scope.cancel()
+        async with queue.worker():
+            pytest.fail("the body of a worker whose start was cancelled ran")
+    assert scope.cancelled_caught
+    running = [t for t in asyncio.all_tasks() if "Worker.run" in repr(t.get_coro())]
+    assert running == []
+
+
 async def test_enqueue_signals_name_only_what_was_stored(queue: Queue) -> None:
     seen: list[tuple[Signal, str]] = []
 

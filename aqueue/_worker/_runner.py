@@ -153,13 +153,14 @@ class Worker:
         # the caller unwrapped and do not cancel the worker before it can stop gracefully.
         started = _Started()
         task = asyncio.get_running_loop().create_task(self.run(task_status=started))
-        with anyio.CancelScope() as scope:
-            started.scope = scope
-            await asyncio.wait([task])  # returns only if `run` ends (fails) before it has started
-        if task.done():
-            task.result()  # raises why it failed to start
-            raise RuntimeError("the worker stopped before it started")
         try:
+            # A caller cancelled while the worker starts stops it too: it must not run on unseen.
+            with anyio.CancelScope() as scope:
+                started.scope = scope
+                await asyncio.wait([task])  # returns only if `run` ends (fails) before it has started
+            if task.done():
+                task.result()  # raises why it failed to start
+                raise RuntimeError("the worker stopped before it started")
             yield self
         finally:
             self.stop()
