@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -14,7 +15,7 @@ import anyio
 
 from aqueue._decorating import around
 from aqueue._exceptions import BrokerError, ConfigurationError, LockTimeout, TaskLocked
-from aqueue._time import Seconds, seconds, timedelta_or_seconds
+from aqueue._time import Seconds, finite_seconds, seconds
 
 if TYPE_CHECKING:
     from aqueue._queue import Queue
@@ -29,21 +30,19 @@ class Lock:
 
     Waits up to `timeout` seconds (None: for ever; 0: not at all) and raises `LockTimeout`. While
     held it is renewed every `ttl / 3` seconds, so a long holder never loses it; if the holder dies
-    it frees itself after `ttl`. As a task decorator a held lock raises `TaskLocked` at once, and
-    the job is retried by its task's policy.
+    it frees itself after `ttl`. As a task decorator a held lock raises `TaskLocked`, at once or
+    after waiting `timeout` seconds if one is given, and the job is retried by its task's policy.
     """
 
     def __init__(
         self, queue: Queue, name: str, ttl: Seconds = 30.0, timeout: Seconds | None = None
     ) -> None:
-        ttl, timeout = seconds(ttl, "lock ttl"), timedelta_or_seconds(timeout)
         if not name:
             raise ConfigurationError("a lock needs a name")
-        if ttl <= 0:
-            raise ConfigurationError(f"lock ttl must be > 0, got {ttl}")
-        if timeout is not None and timeout < 0:
-            raise ConfigurationError(f"lock timeout must be >= 0 or None, got {timeout}")
-        self.queue, self.name, self.ttl, self.timeout = queue, name, ttl, timeout
+        self.queue, self.name, self.ttl = queue, name, finite_seconds(ttl, "lock ttl")
+        self.timeout = None if timeout is None else seconds(timeout, "lock timeout")
+        if self.timeout == math.inf:
+            raise ConfigurationError("lock timeout must be finite (None: wait for ever)")
         # One Lock object may be entered by several tasks at once: each holds its own token.
         self._stacks: dict[object, AsyncExitStack] = {}
 
@@ -68,7 +67,7 @@ class Lock:
     @asynccontextmanager
     async def _for_job(self) -> AsyncIterator[None]:
         try:
-            token = await self._acquire(0)
+            token = await self._acquire(self.timeout or 0)
         except LockTimeout:
             raise TaskLocked(f"lock {self.name!r} is held by another job") from None
         async with self._keep(token):

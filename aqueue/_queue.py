@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
+from aqueue._checks import check_count
 from aqueue._exceptions import ConfigurationError
 from aqueue._ids import new_id
 from aqueue._jobs import Job, JobInfo, ResultGroup
@@ -44,11 +45,6 @@ DEFAULT_MAX_DELIVERIES = 10
 DEFAULT_MAX_PAYLOAD = 1 << 20
 
 EnqueueCall = tuple[Task[Any, Any], Sequence[Any], dict[str, Any], CallOptions]
-
-
-def _check_count(value: object, what: str) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ConfigurationError(f"{what} must be a whole number >= 1, got {value!r}")
 
 
 def _signal(value: str) -> Signal:
@@ -129,8 +125,8 @@ class Queue:
             raise ConfigurationError("give a queue URL or a broker (one of them)")
         if not name or "{" in name or "}" in name:
             raise ConfigurationError(f"queue name {name!r} must be non-empty, without braces")
-        _check_count(max_deliveries, "max_deliveries")
-        _check_count(max_payload_size, "max_payload_size")
+        check_count(max_deliveries, "max_deliveries")
+        check_count(max_payload_size, "max_payload_size")
         self.broker: Broker = broker if broker is not None else broker_from_url(str(url))
         self.name = name
         self.result_ttl = seconds(result_ttl, "result_ttl")

@@ -8,9 +8,10 @@ from contextlib import asynccontextmanager
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from aqueue._checks import check_count
 from aqueue._decorating import around
 from aqueue._exceptions import ConfigurationError, RateLimitExceeded
-from aqueue._time import Seconds, seconds
+from aqueue._time import Seconds, finite_seconds
 
 if TYPE_CHECKING:
     from aqueue._queue import Queue
@@ -28,11 +29,10 @@ class RateLimit:
     """
 
     def __init__(self, queue: Queue, key: str, limit: int, per: Seconds, retry: bool = True) -> None:
-        per = seconds(per, "rate limit per")
+        per = finite_seconds(per, "rate limit per")
         if not key:
             raise ConfigurationError("a rate limit needs a key")
-        if limit < 1 or per <= 0:
-            raise ConfigurationError(f"rate limit needs limit >= 1 and per > 0, got {limit}/{per}")
+        check_count(limit, "a rate limit's limit")
         self.queue, self.key, self.limit, self.per, self.retry = queue, key, limit, per, retry
 
     def __repr__(self) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime, timedelta
 from typing import TypeAlias
 
@@ -23,11 +24,23 @@ def seconds(value: Seconds, what: str) -> float:
     return result
 
 
-def timedelta_or_seconds(value: Seconds | None) -> float | None:
+def timedelta_or_seconds(value: Seconds | None, what: str = "a timeout") -> float | None:
     """A duration as seconds, None kept (no limit); unlike `seconds`, any sign passes."""
     if value is None:
         return None
-    return value.total_seconds() if isinstance(value, timedelta) else float(value)
+    if isinstance(value, timedelta):
+        return value.total_seconds()
+    if isinstance(value, int | float) and not isinstance(value, bool) and not math.isnan(value):
+        return float(value)
+    raise ConfigurationError(f"{what} must be seconds or a timedelta, got {value!r}")
+
+
+def finite_seconds(value: Seconds, what: str) -> float:
+    """A duration over zero and finite: a lock's ttl, a rate limit's window."""
+    result = seconds(value, what)
+    if not 0 < result < math.inf:
+        raise ConfigurationError(f"{what} must be over 0 seconds and finite, got {value!r}")
+    return result
 
 
 def aware(moment: datetime) -> datetime:

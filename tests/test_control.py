@@ -13,6 +13,7 @@ import anyio.lowlevel
 import pytest
 
 from aqueue import (
+    ConfigurationError,
     JobCancelled,
     JobExpired,
     JobRevoked,
@@ -418,6 +419,48 @@ async def test_lock_decorator_raises_task_locked_and_retries(queue: Queue) -> No
                 await locked.wait()
         assert await job.result(timeout=10) >= 2
     assert seen[0] == (Signal.LOCKED, job.id)
+
+
+async def test_lock_decorator_with_a_timeout_waits_that_long_for_the_lock(queue: Queue) -> None:
+    # A holder that died keeps the lock for its last second of ttl: the job waits it out and runs
+    # at its first attempt, where without its timeout it would fail at once (no retries).
+    @queue.task(retries=0)
+    @queue.lock("report", timeout=30)
+    async def report() -> int:
+        return current_job().attempt
+
+    job = await report.enqueue()
+    assert await queue.broker.lock_acquire(queue.name, "report", "dead-holder", 1.0)
+    async with queue.worker():
+        assert await job.result(timeout=10) == 1
+    assert await queue.broker.lock_release(queue.name, "report", "dead-holder") is False
+
+
+@pytest.mark.parametrize(("make", "message"), [
+    (lambda q: q.lock("l", timeout="5"), "lock timeout"),
+    (lambda q: q.lock("l", timeout=True), "lock timeout"),
+    (lambda q: q.lock("l", timeout=math.nan), "lock timeout"),
+    (lambda q: q.lock("l", timeout=math.inf), "lock timeout"),
+    (lambda q: q.lock("l", timeout=-1), "lock timeout"),
+    (lambda q: q.lock("l", ttl=math.inf), "lock ttl"),
+    (lambda q: q.lock("l", ttl=0), "lock ttl"),
+    (lambda q: q.rate_limit("r", limit=10, per=math.inf), "rate limit per"),
+    (lambda q: q.rate_limit("r", limit=10, per=0), "rate limit per"),
+    (lambda q: q.rate_limit("r", limit=1.5, per=1), "limit"),
+    (lambda q: q.rate_limit("r", limit=True, per=1), "limit"),
+    (lambda q: q.rate_limit("r", limit=0, per=1), "limit"),
+])
+def test_lock_and_rate_limit_refuse_what_they_cannot_keep(
+    queue: Queue, make: Callable[[Queue], object], message: str
+) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        make(queue)
+
+
+async def test_result_refuses_a_timeout_that_is_not_a_duration(queue: Queue) -> None:
+    for bad in ("2", True, math.nan):
+        with pytest.raises(ConfigurationError, match="timeout"):
+            await queue.job("any").result(timeout=bad)  # type: ignore[arg-type]
 
 
 async def test_rate_limit_context_manager(queue: Queue) -> None:
