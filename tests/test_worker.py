@@ -481,6 +481,27 @@ async def test_signals_reach_sync_and_async_handlers(queue: Queue) -> None:
     assert (Signal.ERROR, "KeyError") in seen
 
 
+@pytest.mark.parametrize("how", ["deadline", "check_timeout"])
+async def test_a_job_that_times_out_signals_timeout(queue: Queue, how: str) -> None:
+    seen: list[tuple[Signal, str]] = []
+
+    @queue.on(Signal.TIMEOUT, Signal.ERROR)
+    def record(signal: Signal, job: object, exc: BaseException | None = None) -> None:
+        seen.append((signal, type(exc).__name__))
+
+    @queue.task(timeout=0.1)
+    async def slow() -> None:
+        if how == "deadline":
+            await anyio.sleep(10)
+        while True:  # a loop that never awaits: it looks for its deadline itself
+            current_job().check_timeout()
+
+    async with queue.worker():
+        with pytest.raises(TaskError, match="TaskTimeout"):
+            await (await slow.enqueue()).result(timeout=10)
+    assert seen == [(Signal.TIMEOUT, "TaskTimeout"), (Signal.ERROR, "TaskTimeout")]
+
+
 async def test_a_worker_whose_service_failed_raises_why_and_stops_quietly(queue: Queue) -> None:
     class Breaking(Schedule):
         """Due at once, then broken: a schedule of the user's own that raises."""

@@ -179,8 +179,6 @@ async def execute(queue: Queue, running: RunningJob) -> Completion | None:
             return Completion(d, Outcome.CANCELLED, time.time())
         elif scope.deadline <= min(anyio.current_time(), running.interrupted_at):
             error = TaskTimeout(f"job {d.job_id} ({d.task}) timed out after {policy.timeout}s")
-            if signals.wants(Signal.TIMEOUT):
-                await signals.send(Signal.TIMEOUT, context, error)
         elif scope.cancelled_caught:
             if signals.wants(Signal.INTERRUPTED):
                 await signals.send(Signal.INTERRUPTED, context)
@@ -213,6 +211,9 @@ async def execute(queue: Queue, running: RunningJob) -> Completion | None:
         return await _fail(queue, context, policy, error, retry=True, wait=error.retry_after)
     if isinstance(error, TaskLocked) and signals.wants(Signal.LOCKED):
         await signals.send(Signal.LOCKED, context, error)
+    # Its deadline stopped it, or it stopped itself past it (`check_timeout()`).
+    if isinstance(error, TaskTimeout) and signals.wants(Signal.TIMEOUT):
+        await signals.send(Signal.TIMEOUT, context, error)
     if isinstance(error, CancelExecution):
         if error.retry:
             return await _retry(queue, context, policy, error, None)
