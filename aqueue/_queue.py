@@ -421,6 +421,14 @@ class Queue:
         def register(handler: Handler) -> Handler:
             if not callable(handler):
                 raise ConfigurationError(f"@queue.on(...) decorates a handler, got {handler!r}")
+            try:  # told now, not by a TypeError logged at every signal
+                inspect.signature(handler).bind(None, None, None)
+            except TypeError:
+                raise ConfigurationError(
+                    f"a signal handler is called as handler(signal, job, exc): {handler!r} does "
+                    "not take those three (exc is None but for errors: give it a default)") from None
+            except ValueError:
+                pass  # no signature to read (some builtins): called as it is
             self.signals.connect(handler, chosen)
             return handler
 

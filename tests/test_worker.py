@@ -577,6 +577,24 @@ def test_queue_on_rejects_what_is_not_a_signal(queue: Queue) -> None:
     assert not queue.signals.wants(Signal.ERROR)
 
 
+def test_queue_on_refuses_a_handler_that_cannot_take_signal_job_and_exc(queue: Queue) -> None:
+    def two(signal: Signal, job: object) -> None:
+        pass
+
+    def three_without_default(signal: Signal, job: object, exc: BaseException | None) -> None:
+        pass
+
+    async def any_args(*args: object) -> None:
+        pass
+
+    with pytest.raises(ConfigurationError, match="handler\\(signal, job, exc\\)"):
+        queue.on(Signal.COMPLETE)(two)  # type: ignore[arg-type]
+    assert not queue.signals.wants(Signal.COMPLETE)
+    assert queue.on(Signal.ERROR)(three_without_default) is three_without_default
+    assert queue.on()(any_args) is any_args
+    assert queue.on(Signal.ERROR)(print) is print  # a builtin: called as it is
+
+
 async def test_immediate_mode_runs_inside_enqueue(queue: Queue) -> None:
     queue.immediate = True
     calls = 0
