@@ -68,6 +68,10 @@ class every(Schedule):
         if interval <= timedelta(0):
             raise ValueError(f"every: the interval must be positive, got {interval!r}")
         self.interval = interval
+        try:  # refused now rather than stopping a worker's scheduler at its first use
+            self.next_after(datetime.now(UTC))
+        except OverflowError:
+            raise ValueError(f"every: the interval is too long to have a next tick, got {interval!r}") from None
 
     def next_after(self, moment: datetime) -> datetime:
         # Whole microseconds keep the arithmetic exact; floor division also handles pre-epoch

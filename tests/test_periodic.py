@@ -286,6 +286,14 @@ def test_every_needs_a_positive_interval(make: Any) -> None:
         make()
 
 
+def test_every_refuses_an_interval_with_no_next_tick() -> None:
+    # Its first tick would fall past the year 9999: refused when built, not at the scheduler's
+    # first use of it.
+    with pytest.raises(ValueError, match="too long"):
+        every(days=3_000_000)
+    assert every(days=36_500).next_after(datetime(2026, 1, 1, tzinfo=UTC)).year > 2026
+
+
 # --- the common interface -----------------------------------------------------------------------
 
 

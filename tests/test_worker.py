@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import logging
 import time
 import uuid
 from datetime import datetime, timedelta
@@ -540,6 +541,46 @@ async def test_a_worker_whose_start_is_cancelled_does_not_run_on(queue: Queue) -
     assert scope.cancelled_caught
     running = [t for t in asyncio.all_tasks() if "Worker.run" in repr(t.get_coro())]
     assert running == []
+
+
+async def test_a_worker_in_the_background_says_at_once_that_a_service_failed(queue: Queue) -> None:
+    class Breaking(Schedule):
+        """Due at once, then broken."""
+
+        __slots__ = ("calls",)
+
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def next_after(self, moment: datetime) -> datetime:
+            self.calls += 1
+            if self.calls > 1:
+                raise RuntimeError("schedule broke")
+            return moment
+
+    @queue.periodic(Breaking())
+    async def tick() -> None:
+        return None
+
+    said = anyio.Event()
+
+    class Watch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "services failed" in record.getMessage() and record.exc_info:
+                said.set()
+
+    async def run_until_said() -> None:
+        async with queue.worker():
+            with anyio.fail_after(10):
+                await said.wait()  # while the body runs, not only when it exits
+
+    watch = Watch()
+    logging.getLogger("aqueue").addHandler(watch)
+    try:
+        with pytest.raises(BaseExceptionGroup):
+            await run_until_said()
+    finally:
+        logging.getLogger("aqueue").removeHandler(watch)
 
 
 async def test_enqueue_signals_name_only_what_was_stored(queue: Queue) -> None:

@@ -220,6 +220,11 @@ class Worker:
                 with anyio.move_on_after(max(self.shutdown_timeout, 1.0)):  # a broker that is gone
                     await self._completer.drained()
                 services.cancel_scope.cancel()
+        except Exception:
+            # One of its services failed (a schedule of the user's, say) and it takes no more
+            # jobs: said now, as whoever runs it in the background hears of it only at its exit.
+            logger.exception("worker %s stopped: one of its services failed", self.name)
+            raise
         finally:
             # Also when a service failed and ended the group: stop() must not start tasks in it.
             self._services = None
