@@ -570,3 +570,14 @@ async def test_a_dead_letter_retried_never_reuses_a_token_of_its_earlier_deliver
     assert await broker.finish(queue_name, [done(silent, Outcome.FAILED, error=b"late")], 60) == [False]
     assert await broker.finish(queue_name, [done(fresh, result=b"1")], 60) == [True]
     assert (await record(broker, queue_name, "a")).state == "succeeded"
+
+
+async def test_a_job_handed_back_names_no_start_or_worker(broker: Broker, queue_name: str) -> None:
+    # Pending again, no one runs it: its record says so, whichever delivery it came back from.
+    await broker.enqueue(queue_name, [new("a")])
+    for consumer in ("w1", "w2"):
+        d = await take_one(broker, queue_name, consumer=consumer)
+        assert (await record(broker, queue_name, "a")).worker == consumer
+        await broker.release(queue_name, [d])
+        rec = await record(broker, queue_name, "a")
+        assert (rec.state, rec.started_at, rec.worker) == ("pending", None, None)

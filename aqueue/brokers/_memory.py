@@ -348,7 +348,9 @@ class MemoryBroker(Broker):
             if self._holds(q, d):
                 del q.leases[d.job_id]
                 q.deliveries[d.job_id] -= 1  # a hand-back is not a failed delivery
-                self._make_ready(q, q.records[d.job_id])
+                rec = q.records[d.job_id]
+                rec.started_at = rec.worker = None  # no one runs it now
+                self._make_ready(q, rec)
 
     async def promote_due(self, queue: str, now: float, limit: int) -> float | None:
         q = self._queue(queue)

@@ -8,6 +8,7 @@ for i = 1, #ARGV, 4 do
   if state == 'running' then
     drop_entry(stream_key(p), entry)
     redis.call('HINCRBY', jk, 'deliveries', -1)
+    redis.call('HDEL', jk, 'started_at', 'worker')  -- no one runs it now (a lean start wrote none)
     make_ready(id, jk, p)
   elseif state then  -- a lean delivery, never counted: its token is used up all the same
     drop_entry(stream_key(p), entry)
