@@ -503,6 +503,38 @@ async def test_a_job_that_times_out_signals_timeout(queue: Queue, how: str) -> N
     assert seen == [(Signal.TIMEOUT, "TaskTimeout"), (Signal.ERROR, "TaskTimeout")]
 
 
+async def test_every_failure_of_a_job_signals_error_before_retrying(queue: Queue) -> None:
+    # As in Huey: ERROR for each exception the job raises, RETRYING after it when it is retried;
+    # a held lock is LOCKED, an ERROR only when it fails the job for good.
+    seen: list[tuple[Signal, str, str]] = []
+
+    @queue.on(Signal.ERROR, Signal.RETRYING, Signal.LOCKED)
+    def record(signal: Signal, job: object, exc: BaseException | None = None) -> None:
+        seen.append((signal, getattr(job, "task_name", ""), type(exc).__name__))
+
+    @queue.task(retries=1, retry_delay=0)
+    async def flaky() -> None:
+        raise KeyError("x")
+
+    @queue.task(retries=1, retry_delay=0)
+    @queue.lock("busy")
+    async def locked() -> None:
+        return None
+
+    async with queue.worker():
+        with pytest.raises(TaskError):
+            await (await flaky.enqueue()).result(timeout=10)
+        async with queue.lock("busy"):
+            with pytest.raises(TaskError, match="TaskLocked"):
+                await (await locked.enqueue()).result(timeout=10)
+    assert seen == [
+        (Signal.ERROR, "flaky", "KeyError"), (Signal.RETRYING, "flaky", "KeyError"),
+        (Signal.ERROR, "flaky", "KeyError"),
+        (Signal.LOCKED, "locked", "TaskLocked"), (Signal.RETRYING, "locked", "TaskLocked"),
+        (Signal.LOCKED, "locked", "TaskLocked"), (Signal.ERROR, "locked", "TaskLocked"),
+    ]
+
+
 async def test_a_worker_whose_service_failed_raises_why_and_stops_quietly(queue: Queue) -> None:
     class Breaking(Schedule):
         """Due at once, then broken: a schedule of the user's own that raises."""

@@ -224,7 +224,13 @@ async def execute(queue: Queue, running: RunningJob) -> Completion | None:
             await signals.send(Signal.CANCELLED, context, error)
         meta = _metadata(error, d, 0)
         return Completion(d, Outcome.CANCELLED, time.time(), error=dumps(meta))
-    return await _fail(queue, context, policy, error, retry=True)
+    # As in Huey, an exception of the job's own is an ERROR each time, before its RETRYING; a
+    # held lock has its LOCKED (a rate limit its RATE_LIMITED, above), and is an ERROR only when it
+    # fails the job for good.
+    own = not isinstance(error, TaskLocked)
+    if own and signals.wants(Signal.ERROR):
+        await signals.send(Signal.ERROR, context, error)
+    return await _fail(queue, context, policy, error, retry=True, signalled=own)
 
 
 def _next_payload(queue: Queue, task: str, value: Any, following: dict[str, Any]) -> bytes:
@@ -266,14 +272,15 @@ async def _retry(
 
 async def _fail(
     queue: Queue, context: JobContext, policy: TaskPolicy, error: BaseException, *, retry: bool,
-    wait: float = 0.0,
+    wait: float = 0.0, signalled: bool = False,
 ) -> Completion:
-    """Retry by the task's policy, waiting at least `wait` seconds, or fail for good."""
+    """Retry by the task's policy, waiting at least `wait` seconds, or fail for good (an ERROR
+    unless `signalled` already)."""
     d = context._delivery
     retries_left = policy.retries - (d.attempt - 1)
     if retry and retries_left > 0:
         return await _retry(queue, context, policy, error, max(policy.retry_wait(d.attempt), wait))
-    if queue.signals.wants(Signal.ERROR):
+    if not signalled and queue.signals.wants(Signal.ERROR):
         await queue.signals.send(Signal.ERROR, context, error)
     meta = _metadata(error, d, 0)
     reason = f"failed after {d.attempt} attempt(s): {type(error).__name__}"
