@@ -19,6 +19,7 @@ from aqueue._exceptions import (
     TaskError,
 )
 from aqueue._serialization import loads
+from aqueue._signals import Signal, SignalJob
 from aqueue._states import JobState
 from aqueue._time import Seconds, timedelta_or_seconds, to_datetime
 
@@ -146,9 +147,12 @@ class Job(Generic[R]):
         """Cancel the job: a waiting one never runs; a running one is stopped within a second (its
         cancel scope is cancelled, its cleanup runs) and ends `cancelled`, neither retried nor run
         again. False when the job is unknown or already finished."""
-        verdict = await self.queue.broker.cancel(
-            self.queue.name, self.id, time.time(), self.queue.result_ttl
-        )
+        queue = self.queue
+        verdict = await queue.broker.cancel(queue.name, self.id, time.time(), queue.result_ttl)
+        # Ended here, it never reaches a worker to say so (a running one's worker says it).
+        if verdict == JobState.CANCELLED and queue.signals.wants(Signal.CANCELLED):
+            record = await queue.broker.get(queue.name, self.id)
+            await queue.signals.send(Signal.CANCELLED, SignalJob(self.id, record.task if record else ""))
         return verdict is not None
 
     async def revoke(self) -> bool:

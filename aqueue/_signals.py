@@ -29,6 +29,10 @@ class Signal(StrEnum):
     INTERRUPTED = "interrupted"
 
 
+# The signal of each end a broker gives a job that never ran (expired, revoked, cancelled).
+ENDED_SIGNALS = {"expired": Signal.EXPIRED, "revoked": Signal.REVOKED, "cancelled": Signal.CANCELLED}
+
+
 class Signals:
     """The handlers of one queue."""
 

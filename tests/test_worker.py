@@ -7,7 +7,7 @@ import contextvars
 import logging
 import time
 import uuid
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 import anyio
 import pytest
@@ -533,6 +533,28 @@ async def test_every_failure_of_a_job_signals_error_before_retrying(queue: Queue
         (Signal.LOCKED, "locked", "TaskLocked"), (Signal.RETRYING, "locked", "TaskLocked"),
         (Signal.LOCKED, "locked", "TaskLocked"), (Signal.ERROR, "locked", "TaskLocked"),
     ]
+
+
+async def test_a_job_that_never_reaches_a_worker_still_signals_its_end(queue: Queue) -> None:
+    # Cancelled while it waits, it is ended where it was cancelled; in immediate mode, a job the
+    # broker ends (expired here) is said as a worker says it.
+    seen: list[tuple[Signal, str]] = []
+
+    @queue.on(Signal.CANCELLED, Signal.EXPIRED)
+    def record(signal: Signal, job: object, exc: BaseException | None = None) -> None:
+        seen.append((signal, getattr(job, "task_name", "")))
+
+    @queue.task
+    async def nap() -> None:
+        return None
+
+    job = await nap.options(delay=60).enqueue()
+    assert await job.cancel()
+    assert await job.cancel() is False  # ended already: nothing more to say
+    queue.immediate = True
+    old = await nap.options(expires=datetime(2000, 1, 1, tzinfo=UTC)).enqueue()
+    assert await old.state() == JobState.EXPIRED
+    assert seen == [(Signal.CANCELLED, "nap"), (Signal.EXPIRED, "nap")]
 
 
 async def test_a_worker_whose_service_failed_raises_why_and_stops_quietly(queue: Queue) -> None:

@@ -24,7 +24,7 @@ import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
 from aqueue._exceptions import BrokerConnectionError, BrokerError, ConfigurationError
-from aqueue._signals import Signal, SignalJob
+from aqueue._signals import ENDED_SIGNALS, Signal, SignalJob
 from aqueue._tasks import NO_OPTIONS
 from aqueue._threads import worker_threads
 from aqueue._time import Seconds, seconds
@@ -48,9 +48,6 @@ PROMOTE_BATCH = 1000
 CANCEL_CHECK = 2.0  # how often to look for cancel requests whose push was missed
 PRUNE_EVERY = 10.0  # seconds between two pages of pruning expired records' leftovers
 PRUNE_PAGE = 5000
-
-ENDED_SIGNALS = {"expired": Signal.EXPIRED, "revoked": Signal.REVOKED, "cancelled": Signal.CANCELLED}
-
 
 def consumer_name() -> str:
     return f"{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:6]}"
