@@ -322,6 +322,13 @@ async def test_unknown_task_goes_to_dead_letters(broker: Broker, queue_name: str
     async def known() -> int:
         return 1
 
+    errors: list[tuple[str, str]] = []
+
+    @worker_side.on(Signal.ERROR)  # a failure for good like any other
+    def record(signal: Signal, job: object, exc: BaseException | None = None) -> None:
+        assert isinstance(exc, TaskError)
+        errors.append((getattr(job, "task_name", ""), exc.metadata["error"]))
+
     async with worker_side.worker():
         job = await ghost.enqueue()
         with pytest.raises(TaskError, match="unknown task 'ghost'"):
@@ -330,6 +337,7 @@ async def test_unknown_task_goes_to_dead_letters(broker: Broker, queue_name: str
     dead = await worker_side.dead_letters()
     assert dead[0].id == job.id
     assert "unknown task" in str(dead[0].dead_reason)
+    assert errors == [("ghost", "unknown task 'ghost': not registered on this worker")]
 
 
 async def test_undecodable_payload_goes_to_dead_letters(queue: Queue) -> None:

@@ -23,7 +23,7 @@ from aqueue._exceptions import (
     TaskTimeout,
 )
 from aqueue._serialization import dumps, encode_call, encode_result, loads
-from aqueue._signals import Signal
+from aqueue._signals import Signal, SignalJob
 from aqueue._tasks import TaskPolicy, policy_for_call
 from aqueue._threads import run_in_thread
 from aqueue.brokers import Completion, Delivery, Outcome
@@ -109,10 +109,13 @@ def _metadata(exc: BaseException, d: Delivery, retries_left: int) -> dict[str, A
     }
 
 
-def dead(d: Delivery, reason: str) -> Completion:
-    """A delivery no worker can run (unknown task, undecodable payload): straight to the dead letters."""
+async def dead(queue: Queue, d: Delivery, reason: str) -> Completion:
+    """A delivery no worker can run (unknown task, undecodable payload): straight to the dead
+    letters, an ERROR as any failure for good is."""
     error = {"error": reason, "type": "", "traceback": "", "job_id": d.job_id,
              "attempt": d.attempt, "retries_left": 0}
+    if queue.signals.wants(Signal.ERROR):
+        await queue.signals.send(Signal.ERROR, SignalJob(d.job_id, d.task), TaskError(error))
     return Completion(d, Outcome.FAILED, time.time(), error=dumps(error), reason=reason)
 
 
@@ -121,9 +124,9 @@ async def execute(queue: Queue, running: RunningJob) -> Completion | None:
     d = running.delivery
     task = queue.tasks.get(d.task)
     if task is None:
-        return dead(d, f"unknown task {d.task!r}: not registered on this worker")
+        return await dead(queue, d, f"unknown task {d.task!r}: not registered on this worker")
     if len(d.payload) > queue.max_payload_size:  # bounded where it is read, not only where written
-        return dead(d, f"payload of {len(d.payload)} bytes over this worker's max_payload_size "
+        return await dead(queue, d, f"payload of {len(d.payload)} bytes over this worker's max_payload_size "
                        f"({queue.max_payload_size})")
     try:
         call = loads(d.payload)
@@ -132,7 +135,7 @@ async def execute(queue: Queue, running: RunningJob) -> Completion | None:
             raise TypeError("args must be a list, kwargs and options objects")
         policy = policy_for_call(task.policy, overrides)
     except (ValueError, TypeError, KeyError) as exc:
-        return dead(d, f"undecodable payload: {exc!r}")
+        return await dead(queue, d, f"undecodable payload: {exc!r}")
 
     if overrides.get("wf_in") and args:
         args[0] = _errors_restored(args[0])
