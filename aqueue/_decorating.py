@@ -27,4 +27,5 @@ def around(
                 return await fn(*args, **kwargs)
             return await run_in_thread(fn, *args, **kwargs)
 
+    guarded.__aqueue_guarded__ = fn  # type: ignore[attr-defined]  # see aqueue._tasks.unguarded
     return guarded

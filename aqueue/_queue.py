@@ -25,6 +25,7 @@ from aqueue._tasks import (
     TaskPolicy,
     call_overrides,
     default_name,
+    unguarded,
 )
 from aqueue._time import Seconds, When, epoch, seconds, timedelta_or_seconds
 from aqueue.brokers import Broker, NewJob, WorkflowLinks
@@ -246,7 +247,9 @@ class Queue:
         task_name = name or default_name(fn)
         if task_name in self.tasks and self.tasks[task_name].fn is not fn:
             raise ConfigurationError(f"a task named {task_name!r} is already registered")
-        kind: type[Task[P, Any]] = AsyncTask if inspect.iscoroutinefunction(fn) else SyncTask
+        # A plain function under a lock or rate limit is a plain task still: its direct call runs
+        # it as it is (the guard is for its jobs).
+        kind: type[Task[P, Any]] = AsyncTask if inspect.iscoroutinefunction(unguarded(fn)) else SyncTask
         task = kind(self, fn, task_name, policy)
         self.tasks[task_name] = task
         return task

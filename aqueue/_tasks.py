@@ -62,6 +62,15 @@ class CallOptions:
 NO_OPTIONS = CallOptions()
 
 
+def unguarded(fn: Callable[P, Any]) -> Callable[P, Any]:
+    """The user's own function under its guards (`@queue.lock`, `@queue.rate_limit`, see
+    `aqueue._decorating`): what a task's direct call runs, and what tells an async task from a
+    plain one."""
+    while hasattr(fn, "__aqueue_guarded__"):
+        fn = fn.__aqueue_guarded__
+    return fn
+
+
 class Task(Generic[P, R]):
     """A registered task. Subclasses type the direct call for async and plain functions."""
 
@@ -71,6 +80,7 @@ class Task(Generic[P, R]):
         self.name = name
         self.policy = policy
         self.is_async = inspect.iscoroutinefunction(fn)
+        self._direct = unguarded(fn)  # what a direct call runs: no lock, no rate limit
         self.__doc__ = fn.__doc__
         self.__name__ = getattr(fn, "__name__", name)
         self.__wrapped__ = fn
@@ -157,14 +167,14 @@ class Task(Generic[P, R]):
 
 class AsyncTask(Task[P, R]):
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, R]:
-        """Run the function here and now, unchanged: no queue involved."""
-        return cast("Coroutine[Any, Any, R]", self.fn(*args, **kwargs))
+        """Run the function here and now, unchanged: no queue involved (nor its locks)."""
+        return cast("Coroutine[Any, Any, R]", self._direct(*args, **kwargs))
 
 
 class SyncTask(Task[P, R]):
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
-        """Run the function here and now, unchanged: no queue involved."""
-        return cast(R, self.fn(*args, **kwargs))
+        """Run the function here and now, unchanged: no queue involved (nor its locks)."""
+        return cast(R, self._direct(*args, **kwargs))
 
 
 class TaskCall(Generic[P, R]):

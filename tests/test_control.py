@@ -421,6 +421,30 @@ async def test_lock_decorator_raises_task_locked_and_retries(queue: Queue) -> No
     assert seen[0] == (Signal.LOCKED, job.id)
 
 
+async def test_a_guarded_task_called_directly_runs_as_it_is(queue: Queue) -> None:
+    # Calling a task runs it here and now, unchanged: a plain def under a lock stays a plain call
+    # (it returned a coroutine, though typed as returning its value), and no call takes the lock
+    # or spends the rate limit; those guard its jobs.
+    @queue.task
+    @queue.lock("held")
+    def plain(a: int, b: int) -> int:
+        return a + b
+
+    @queue.task
+    @queue.rate_limit("spent", limit=1, per=3600)
+    @queue.lock("held")
+    async def coro(a: int, b: int) -> int:
+        return a + b
+
+    async with queue.lock("held", timeout=0):
+        assert plain(1, 2) == 3
+        assert [await coro(1, 2), await coro(2, 3)] == [3, 5]
+    async with queue.worker():  # a job still runs under both guards
+        assert await (await coro.enqueue(3, 4)).result(timeout=10) == 7
+    with pytest.raises(RateLimitExceeded):  # spent by the job alone
+        await queue.rate_limit("spent", limit=1, per=3600).hit()
+
+
 async def test_lock_decorator_with_a_timeout_waits_that_long_for_the_lock(queue: Queue) -> None:
     # A holder that died keeps the lock for its last second of ttl: the job waits it out and runs
     # at its first attempt, where without its timeout it would fail at once (no retries).
