@@ -490,6 +490,30 @@ async def test_signals_reach_sync_and_async_handlers(queue: Queue) -> None:
     assert (Signal.ERROR, "KeyError") in seen
 
 
+async def test_a_worker_cancelled_while_it_connects_stops_at_once(
+    queue: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # It has taken no job yet: nothing to wait for (it waited for the whole start-up, up to its
+    # shutdown_timeout + 10 s, when the broker did not answer).
+    connecting = anyio.Event()
+
+    async def stuck_connect() -> None:
+        connecting.set()
+        await anyio.sleep_forever()
+
+    async def start() -> None:
+        async with queue.worker():
+            pytest.fail("the body of a worker whose start was cancelled ran")
+
+    monkeypatch.setattr(queue, "connect", stuck_connect)
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(start)
+            await connecting.wait()
+            tg.cancel_scope.cancel()
+    assert [t for t in asyncio.all_tasks() if "Worker.run" in repr(t.get_coro())] == []
+
+
 @pytest.mark.parametrize("how", ["deadline", "check_timeout"])
 async def test_a_job_that_times_out_signals_timeout(queue: Queue, how: str) -> None:
     seen: list[tuple[Signal, str]] = []

@@ -65,8 +65,10 @@ class _Started:
     """The task status `run` reports to: ends the wait in `running()` once the worker is up."""
 
     scope: anyio.CancelScope | None = None
+    done = False
 
     def started(self, value: object = None) -> None:
+        self.done = True
         if self.scope is not None:
             self.scope.cancel()
 
@@ -151,27 +153,42 @@ class Worker:
         started = _Started()
         task = asyncio.get_running_loop().create_task(self.run(task_status=started))
         try:
-            # A caller cancelled while the worker starts stops it too: it must not run on unseen.
             with anyio.CancelScope() as scope:
                 started.scope = scope
                 await asyncio.wait([task])  # returns only if `run` ends (fails) before it has started
-            if task.done():
-                task.result()  # raises why it failed to start
-                raise RuntimeError("the worker stopped before it started")
+        except BaseException:
+            # The caller was cancelled while the worker started (a start-up deadline): it must not
+            # run on unseen, nor hold the caller up. Not started yet, it has taken no job: its
+            # start (a connect that hangs, say) is cancelled too; it stops as on any exit.
+            if not started.done:
+                task.cancel()
+            await self._stop_running(task)
+            if task.done() and not task.cancelled():
+                task.exception()  # read: a failure to start is not what the caller asked about
+            raise
+        if task.done():
+            task.result()  # raises why it failed to start
+            raise RuntimeError("the worker stopped before it started")
+        try:
             yield self
         finally:
-            self.stop()
-            with anyio.CancelScope(shield=True), anyio.move_on_after(self.shutdown_timeout + 10):
-                await asyncio.wait([task])
-            if not task.done():
-                if self._running:
-                    logger.warning("worker %s: still waiting for %d job(s) whose threads cannot be "
-                                   "stopped", self.name, len(self._running))
-                task.cancel()
-                with anyio.CancelScope(shield=True):
-                    await asyncio.wait([task])
+            await self._stop_running(task)
         if not task.cancelled() and task.exception() is not None:
             raise task.exception()  # type: ignore[misc]
+
+    async def _stop_running(self, task: asyncio.Task[None]) -> None:
+        """Stop the worker `running()` started and wait for it, gracefully but for a thread that
+        outlasts the shutdown timeout by more than 10 s."""
+        self.stop()
+        with anyio.CancelScope(shield=True), anyio.move_on_after(self.shutdown_timeout + 10):
+            await asyncio.wait([task])
+        if not task.done():
+            if self._running:
+                logger.warning("worker %s: still waiting for %d job(s) whose threads cannot be "
+                               "stopped", self.name, len(self._running))
+            task.cancel()
+            with anyio.CancelScope(shield=True):
+                await asyncio.wait([task])
 
     async def run(self, *, task_status: TaskStatus[Worker] = anyio.TASK_STATUS_IGNORED) -> None:
         queue = self.queue
