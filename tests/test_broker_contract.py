@@ -538,20 +538,43 @@ async def test_every_delivery_of_a_job_carries_a_greater_token(broker: Broker, q
     assert await broker.finish(queue_name, [done(again), done(d)], 60) == [True, True]
 
 
-@pytest.mark.parametrize("outcome", [Outcome.RETRY, Outcome.DEFER])
+@pytest.mark.parametrize("outcome", [Outcome.RETRY, Outcome.DEFER, Outcome.FAILED])
 async def test_a_cancel_asked_for_while_a_job_ran_outlasts_its_failure(
     broker: Broker, queue_name: str, outcome: Outcome
 ) -> None:
-    # The job failed (or was rate limited) before its worker heard of the cancel: it is not
-    # retried, it ends cancelled at once, with no error of the attempt in its record.
+    # The job failed (or was rate limited) before its worker heard of the cancel: it is neither
+    # retried nor dead-lettered, it ends cancelled at once, with no error of the attempt.
     await broker.enqueue(queue_name, [new("a")])
     d = await take_one(broker, queue_name)
     assert await broker.cancel(queue_name, "a", time.time(), 60) == "requested"
-    retry = done(d, outcome, error=b"oops", retry_at=time.time() + 3600)
-    assert await broker.finish(queue_name, [retry], 60) == [True]
+    failure = done(d, outcome, error=b"oops", retry_at=time.time() + 3600,
+                   reason="failed after 1 attempt(s)" if outcome is Outcome.FAILED else None)
+    assert await broker.finish(queue_name, [failure], 60) == [True]
     rec = await record(broker, queue_name, "a")
-    assert (rec.state, rec.attempt, rec.error) == ("cancelled", 1, None)
+    assert (rec.state, rec.attempt, rec.error, rec.dead_reason) == ("cancelled", 1, None, None)
     assert await take(broker, queue_name) == []
+    assert await broker.dead_letters(queue_name, 10) == []
+
+
+async def test_an_end_without_an_error_of_its_own_keeps_none_of_an_earlier_attempt(
+    broker: Broker, queue_name: str
+) -> None:
+    # Revoked as its retry is delivered, or dead-lettered for its deliveries: the first
+    # attempt's error is not why it ended.
+    await broker.enqueue(queue_name, [new("a"), new("b")])
+    for job_id in ("a", "b"):
+        d = await take_one(broker, queue_name)
+        assert d.job_id == job_id
+        assert await broker.finish(queue_name, [done(d, Outcome.RETRY, error=b"first")], 60) == [True]
+    assert await broker.revoke(queue_name, "a", True)
+    [ended] = await take(broker, queue_name, max_deliveries=1)
+    assert (ended.job_id, ended.ended) == ("a", "revoked")
+    assert await take(broker, queue_name, max_deliveries=1)  # b's second attempt, whose worker dies
+    assert await broker.reclaim(queue_name, "w2", 1, 0, 1) == []  # one delivery too many
+    a, b = await record(broker, queue_name, "a"), await record(broker, queue_name, "b")
+    assert (a.state, a.error) == ("revoked", None)
+    assert (b.state, b.error) == ("failed", None)
+    assert "max_deliveries=1" in str(b.dead_reason)
 
 
 async def test_a_dead_letter_retried_never_reuses_a_token_of_its_earlier_deliveries(

@@ -318,10 +318,11 @@ class MemoryBroker(Broker):
                 # A late success: the record names the run that ended the job, not the newer one.
                 rec.started_at, rec.worker = c.delivery.leased_at, c.delivery.consumer
             del q.leases[rec.id]
-            outcome, error = c.outcome, c.error
-            if outcome in (Outcome.RETRY, Outcome.DEFER) and rec.id in q.cancel:
-                # A cancel asked for while it ran outlasts its failure: not retried, it ends cancelled.
-                outcome, error = Outcome.CANCELLED, None
+            outcome, error, reason = c.outcome, c.error, c.reason
+            if outcome not in (Outcome.SUCCEEDED, Outcome.CANCELLED) and rec.id in q.cancel:
+                # A cancel asked for while it ran outlasts a failure that came before the job heard
+                # of it: neither retried nor dead-lettered, it ends cancelled.
+                outcome, error, reason = Outcome.CANCELLED, None, None
             if outcome in (Outcome.RETRY, Outcome.DEFER):
                 if error is not None:
                     rec.error = error
@@ -335,7 +336,7 @@ class MemoryBroker(Broker):
                 rec.error = error  # the ending's own: none left from an earlier attempt
                 if outcome == Outcome.SUCCEEDED:
                     rec.result = c.result
-                self._finalize(q, rec, outcome.value, c.finished_at, result_ttl, c.reason)
+                self._finalize(q, rec, outcome.value, c.finished_at, result_ttl, reason)
                 if outcome == Outcome.SUCCEEDED:
                     for job_id, payload in c.activate:
                         self._activate(q, job_id, payload)

@@ -380,7 +380,7 @@ end
 
 -- The record fields that ending a job looks at, read in one call (missing ones are false).
 local END_FIELDS = {'token', 'state', 'key', 'chord', 'slot', 'batch', 'next', 'err_task',
-  'err_payload', 'err_priority', 'result', 'error', 'attempt', 'waiters', 'cancel'}
+  'err_payload', 'err_priority', 'result', 'error', 'attempt', 'waiters'}
 local function end_fields(jk)
   local values = redis.call('HMGET', jk, unpack(END_FIELDS))
   local rec = {}

@@ -74,9 +74,11 @@ while i <= #ARGV do
       rec.result = false
       -- The job may run again (a retry, a dead letter retried): its token 1 is used up.
       if lean then with(fields, 'token', '1') end
-      if (outcome == 'retry' or outcome == 'defer') and rec.cancel == '1' then
-        -- A cancel asked for while it ran outlasts its failure: not retried, it ends cancelled.
-        outcome, err = 'cancelled', ''
+      -- A cancel asked for while it ran outlasts a failure that came before the job heard of it:
+      -- neither retried nor dead-lettered, it ends cancelled. (The flag comes with `more`.)
+      if outcome ~= 'succeeded' and outcome ~= 'cancelled' and more ~= '0'
+          and redis.call('HGET', jk, 'cancel') == '1' then
+        outcome, err, reason = 'cancelled', '', ''
       end
       if err ~= '' then
         with(fields, 'error', err, 'more', '1')
