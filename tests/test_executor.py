@@ -157,14 +157,14 @@ async def test_a_job_stopped_by_a_shutdown_is_handed_back_though_its_cleanup_out
     # The shutdown came first: that is why it stopped, not the deadline its cleanup ran past.
     started, cleaned = anyio.Event(), anyio.Event()
 
-    @queue.task(name="slow_cleanup", timeout=0.2)
+    @queue.task(name="slow_cleanup", timeout=1.0)  # the stop below lands well before it
     async def slow_cleanup() -> None:
         started.set()
         try:
             await anyio.sleep_forever()
         finally:
             with anyio.CancelScope(shield=True):
-                await anyio.sleep(0.4)  # a cleanup that must run past the job's deadline
+                await anyio.sleep(1.2)  # a cleanup that must run past the job's deadline
             cleaned.set()
 
     payload = encode_call("slow_cleanup", [], {}, {}, 1 << 20)
