@@ -17,6 +17,13 @@ from aqueue.brokers import Completion, Delivery, Outcome
 from tests.conftest import wait_for_stop
 
 
+def _delivered(task: str, job_id: str) -> RunningJob:
+    """A delivery of `task`, called with no arguments, as a worker holds it."""
+    payload = encode_call(task, [], {}, {}, 1 << 20)
+    return RunningJob(Delivery(job_id=job_id, task=task, payload=payload, attempt=1, token=1,
+                               priority=0, enqueued_at=time.time(), receipt=f"0-{job_id}"))
+
+
 def _waiting_job(queue: Queue, ran: list[str]) -> RunningJob:
     @queue.task(name="steps")
     async def steps() -> str:
@@ -100,9 +107,7 @@ async def test_a_thread_told_to_stop(
         go_on.wait(10)  # runs on after its stop until the test has made the later stops
         return "ran to its end"
 
-    payload = encode_call("blocking", [], {}, {}, 1 << 20)
-    running = RunningJob(Delivery(job_id="j2", task="blocking", payload=payload, attempt=1, token=1,
-                                  priority=0, enqueued_at=time.time(), receipt="0-2"))
+    running = _delivered("blocking", "j2")
     completions: list[Completion | None] = []
 
     async def run() -> None:
@@ -140,9 +145,7 @@ async def test_an_async_job_that_swallows_its_timeout_still_times_out(queue: Que
             pass  # swallowed: the job returns as if nothing happened
         return "finished anyway"
 
-    payload = encode_call("stubborn", [], {}, {}, 1 << 20)
-    running = RunningJob(Delivery(job_id="j3", task="stubborn", payload=payload, attempt=1, token=1,
-                                  priority=0, enqueued_at=time.time(), receipt="0-3"))
+    running = _delivered("stubborn", "j3")
     with anyio.fail_after(10):
         completion = await execute(queue, running)
     assert completion is not None
@@ -167,9 +170,7 @@ async def test_a_job_stopped_by_a_shutdown_is_handed_back_though_its_cleanup_out
                 await anyio.sleep(1.2)  # a cleanup that must run past the job's deadline
             cleaned.set()
 
-    payload = encode_call("slow_cleanup", [], {}, {}, 1 << 20)
-    running = RunningJob(Delivery(job_id="j4", task="slow_cleanup", payload=payload, attempt=1,
-                                  token=1, priority=0, enqueued_at=time.time(), receipt="0-4"))
+    running = _delivered("slow_cleanup", "j4")
     completions: list[Completion | None] = []
 
     async def run() -> None:

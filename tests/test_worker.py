@@ -30,6 +30,26 @@ from aqueue._worker import _runner
 from aqueue.brokers import Broker, NewJob
 
 
+class Breaking(Schedule):
+    """Due at once, then broken: a schedule of the user's own that raises."""
+
+    __slots__ = ("calls",)
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def next_after(self, moment: datetime) -> datetime:
+        self.calls += 1
+        if self.calls > 1:
+            raise RuntimeError("schedule broke")
+        return moment
+
+
+def worker_tasks() -> list[asyncio.Task[object]]:
+    """The tasks running a worker (`Worker.run`) in this loop."""
+    return [t for t in asyncio.all_tasks() if "Worker.run" in repr(t.get_coro())]
+
+
 async def test_retries_wait_with_backoff_then_succeed(queue: Queue) -> None:
     starts: list[float] = []
 
@@ -511,7 +531,7 @@ async def test_a_worker_cancelled_while_it_connects_stops_at_once(
             tg.start_soon(start)
             await connecting.wait()
             tg.cancel_scope.cancel()
-    assert [t for t in asyncio.all_tasks() if "Worker.run" in repr(t.get_coro())] == []
+    assert worker_tasks() == []
 
 
 @pytest.mark.parametrize("how", ["deadline", "check_timeout"])
@@ -590,20 +610,6 @@ async def test_a_job_that_never_reaches_a_worker_still_signals_its_end(queue: Qu
 
 
 async def test_a_worker_whose_service_failed_raises_why_and_stops_quietly(queue: Queue) -> None:
-    class Breaking(Schedule):
-        """Due at once, then broken: a schedule of the user's own that raises."""
-
-        __slots__ = ("calls",)
-
-        def __init__(self) -> None:
-            self.calls = 0
-
-        def next_after(self, moment: datetime) -> datetime:
-            self.calls += 1
-            if self.calls > 1:
-                raise RuntimeError("schedule broke")
-            return moment
-
     @queue.periodic(Breaking())
     async def tick() -> None:
         return None
@@ -625,25 +631,10 @@ async def test_a_worker_whose_start_is_cancelled_does_not_run_on(queue: Queue) -
         async with queue.worker():
             pytest.fail("the body of a worker whose start was cancelled ran")
     assert scope.cancelled_caught
-    running = [t for t in asyncio.all_tasks() if "Worker.run" in repr(t.get_coro())]
-    assert running == []
+    assert worker_tasks() == []
 
 
 async def test_a_worker_in_the_background_says_at_once_that_a_service_failed(queue: Queue) -> None:
-    class Breaking(Schedule):
-        """Due at once, then broken."""
-
-        __slots__ = ("calls",)
-
-        def __init__(self) -> None:
-            self.calls = 0
-
-        def next_after(self, moment: datetime) -> datetime:
-            self.calls += 1
-            if self.calls > 1:
-                raise RuntimeError("schedule broke")
-            return moment
-
     @queue.periodic(Breaking())
     async def tick() -> None:
         return None
