@@ -358,7 +358,9 @@ async def test_max_deliveries_dead_letters(broker: Broker, queue_name: str) -> N
     await broker.enqueue(queue_name, [new("a")])
     await take_one(broker, queue_name, consumer="w1", max_deliveries=2)
     assert len(await broker.reclaim(queue_name, "w2", 1, 0, 2)) == 1
-    assert await broker.reclaim(queue_name, "w3", 1, 0, 2) == []
+    # One delivery too many: not leased, dead-lettered, and told (a notice) for the worker to report.
+    [notice] = await broker.reclaim(queue_name, "w3", 1, 0, 2)
+    assert (notice.job_id, notice.ended, notice.payload) == ("a", "failed", b"")
     rec = await record(broker, queue_name, "a")
     assert rec.state == "failed"
     assert rec.finished_at is not None
@@ -424,7 +426,8 @@ async def test_retry_from_dead_letters_resets_delivery_count(
 ) -> None:
     await broker.enqueue(queue_name, [new("a")])
     await take_one(broker, queue_name, max_deliveries=1)
-    assert await broker.reclaim(queue_name, "w2", 1, 0, 1) == []  # second delivery: dead
+    [dead] = await broker.reclaim(queue_name, "w2", 1, 0, 1)  # second delivery: dead
+    assert dead.ended == "failed"
     assert await broker.retry(queue_name, "a", time.time()) is True
     assert (await take_one(broker, queue_name, max_deliveries=1)).job_id == "a"
 
@@ -570,7 +573,7 @@ async def test_an_end_without_an_error_of_its_own_keeps_none_of_an_earlier_attem
     [ended] = await take(broker, queue_name, max_deliveries=1)
     assert (ended.job_id, ended.ended) == ("a", "revoked")
     assert await take(broker, queue_name, max_deliveries=1)  # b's second attempt, whose worker dies
-    assert await broker.reclaim(queue_name, "w2", 1, 0, 1) == []  # one delivery too many
+    assert [d.ended for d in await broker.reclaim(queue_name, "w2", 1, 0, 1)] == ["failed"]  # one too many
     a, b = await record(broker, queue_name, "a"), await record(broker, queue_name, "b")
     assert (a.state, a.error) == ("revoked", None)
     assert (b.state, b.error) == ("failed", None)
@@ -585,7 +588,7 @@ async def test_a_dead_letter_retried_never_reuses_a_token_of_its_earlier_deliver
     # worker's late failure would overwrite the new run.
     await broker.enqueue(queue_name, [new("a")])
     silent = await take_one(broker, queue_name, consumer="w1", max_deliveries=1)
-    assert await broker.reclaim(queue_name, "w2", 1, 0, 1) == []
+    assert [d.ended for d in await broker.reclaim(queue_name, "w2", 1, 0, 1)] == ["failed"]
     assert (await record(broker, queue_name, "a")).state == "failed"
     assert await broker.retry(queue_name, "a", time.time())
     fresh = await take_one(broker, queue_name, consumer="w3", max_deliveries=1)

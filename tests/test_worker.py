@@ -467,6 +467,15 @@ async def test_poison_message_goes_to_dead_letters(broker: Broker, queue_name: s
     async def work() -> None:
         return None
 
+    errors: list[tuple[str, str]] = []
+    errored = anyio.Event()
+
+    @q.on(Signal.ERROR)  # the worker that met it past max_deliveries says so
+    def record(signal: Signal, job: object, exc: BaseException | None = None) -> None:
+        assert isinstance(exc, TaskError)
+        errors.append((getattr(job, "task_name", ""), exc.metadata["error"]))
+        errored.set()
+
     job = await work.enqueue()
     # Two deliveries to workers that die before finishing.
     assert await broker.receive(q.name, "dead-1", 1, 0, q.max_deliveries)
@@ -474,8 +483,13 @@ async def test_poison_message_goes_to_dead_letters(broker: Broker, queue_name: s
     async with q.worker():
         with pytest.raises(TaskError, match="max_deliveries=2"):
             await job.result(timeout=15)
+        with anyio.fail_after(10):
+            await errored.wait()
     dead = await q.dead_letters()
     assert [d.id for d in dead] == [job.id]
+    [(task, reason)] = errors
+    assert task == "work"
+    assert "max_deliveries=2" in reason
 
 
 async def test_signals_reach_sync_and_async_handlers(queue: Queue) -> None:

@@ -23,7 +23,7 @@ from aqueue._exceptions import (
     TaskTimeout,
 )
 from aqueue._serialization import dumps, encode_call, encode_result, loads
-from aqueue._signals import Signal, SignalJob
+from aqueue._signals import ENDED_SIGNALS, Signal, SignalJob
 from aqueue._tasks import TaskPolicy, policy_for_call
 from aqueue._threads import run_in_thread
 from aqueue.brokers import Completion, Delivery, Outcome
@@ -109,14 +109,31 @@ def _metadata(exc: BaseException, d: Delivery, retries_left: int) -> dict[str, A
     }
 
 
+def _dead_metadata(d: Delivery, reason: str) -> dict[str, Any]:
+    return {"error": reason, "type": "", "traceback": "", "job_id": d.job_id,
+            "attempt": d.attempt, "retries_left": 0}
+
+
 async def dead(queue: Queue, d: Delivery, reason: str) -> Completion:
     """A delivery no worker can run (unknown task, undecodable payload): straight to the dead
     letters, an ERROR as any failure for good is."""
-    error = {"error": reason, "type": "", "traceback": "", "job_id": d.job_id,
-             "attempt": d.attempt, "retries_left": 0}
+    error = _dead_metadata(d, reason)
     if queue.signals.wants(Signal.ERROR):
         await queue.signals.send(Signal.ERROR, SignalJob(d.job_id, d.task), TaskError(error))
     return Completion(d, Outcome.FAILED, time.time(), error=dumps(error), reason=reason)
+
+
+async def report_ended(queue: Queue, d: Delivery) -> None:
+    """Signal the end the broker gave a job instead of a lease (`d.ended`): dead-lettered past
+    max_deliveries is an ERROR as any failure for good is."""
+    signals = queue.signals
+    if d.ended == Outcome.FAILED:
+        if signals.wants(Signal.ERROR):
+            record = await queue.broker.get(queue.name, d.job_id)
+            reason = (record.dead_reason if record else None) or "dead-lettered"
+            await signals.send(Signal.ERROR, SignalJob(d.job_id, d.task), TaskError(_dead_metadata(d, reason)))
+    elif d.ended is not None and signals.wants(ENDED_SIGNALS[d.ended]):
+        await signals.send(ENDED_SIGNALS[d.ended], SignalJob(d.job_id, d.task))
 
 
 async def execute(queue: Queue, running: RunningJob) -> Completion | None:

@@ -11,9 +11,8 @@ from typing import TYPE_CHECKING
 import anyio
 
 from aqueue._serialization import loads
-from aqueue._signals import ENDED_SIGNALS, SignalJob
 from aqueue._states import JobState
-from aqueue._worker._executor import RunningJob, execute
+from aqueue._worker._executor import RunningJob, execute, report_ended
 from aqueue.brokers._base import BATCH_CALLBACK_KINDS, batch_callback_id, error_handler_id
 
 if TYPE_CHECKING:
@@ -83,10 +82,8 @@ async def _run(queue: Queue, job_id: str, may_appear: bool) -> bool:
             promoted = True
             continue
         promoted = False
-        if d.ended:  # ended by the broker (expired, revoked, cancelled): said as a worker says it
-            signal = ENDED_SIGNALS[d.ended]
-            if queue.signals.wants(signal):
-                await queue.signals.send(signal, SignalJob(d.job_id, d.task))
+        if d.ended:  # ended by the broker (expired, revoked, cancelled, dead): said as a worker says it
+            await report_ended(queue, d)
             return True
         completion = await execute(queue, RunningJob(d))
         if completion is not None:

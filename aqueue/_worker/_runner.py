@@ -24,12 +24,12 @@ import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
 from aqueue._exceptions import BrokerConnectionError, BrokerError, ConfigurationError
-from aqueue._signals import ENDED_SIGNALS, Signal, SignalJob
+from aqueue._signals import Signal, SignalJob
 from aqueue._tasks import NO_OPTIONS
 from aqueue._threads import worker_threads
 from aqueue._time import Seconds, seconds
 from aqueue._worker._completer import Completer
-from aqueue._worker._executor import RunningJob, dead, execute, safe_repr
+from aqueue._worker._executor import RunningJob, dead, execute, report_ended, safe_repr
 from aqueue.brokers import Completion, Delivery
 
 if TYPE_CHECKING:
@@ -326,9 +326,8 @@ class Worker:
 
     async def _take(self, deliveries: list[Delivery]) -> None:
         for d in deliveries:
-            if d.ended is not None:  # the broker ended it (expired, revoked, cancelled)
-                if self.queue.signals.wants(ENDED_SIGNALS[d.ended]):
-                    await self.queue.signals.send(ENDED_SIGNALS[d.ended], SignalJob(d.job_id, d.task))
+            if d.ended is not None:  # the broker ended it (expired, revoked, cancelled, dead)
+                await report_ended(self.queue, d)
                 continue
             if self._adopt(d):
                 continue

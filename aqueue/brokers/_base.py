@@ -140,8 +140,8 @@ class Delivery:
     receipt: str
     """The broker's own handle for this delivery (on Redis, the stream entry id)."""
     ended: str | None = None
-    """Set when the broker ended the job instead of leasing it (`expired` or `revoked`): the worker
-    only reports it; it holds no lease."""
+    """Set when the broker ended the job instead of leasing it (`expired`, `revoked`, `cancelled`,
+    or `failed`: dead-lettered past max_deliveries): the worker only reports it; it holds no lease."""
     consumer: str = ""
     """Whom it was handed to."""
     leased_at: float = 0.0
@@ -228,8 +228,8 @@ class Broker(ABC):
         its token grown by one, its delivery count grown by one. A job whose delivery count would
         pass `max_deliveries` is not leased: it ends `failed` in the dead letters with the reason.
         A job past its `expires` ends `expired`, a revoked job (its own flag, or its task revoked)
-        ends `revoked`: both are returned with `ended` set and no lease, so the worker can report
-        them. Returns [] on timeout.
+        ends `revoked`, one asked to cancel ends `cancelled`: each of these is returned with
+        `ended` set and no lease, so the worker can report it. Returns [] on timeout.
         """
 
     @abstractmethod

@@ -506,9 +506,9 @@ class MemoryBroker(Broker):
 
     def _deliver(
         self, q: _Queue, rec: JobRecord, consumer: str, max_deliveries: int
-    ) -> Delivery | None:
-        """Lease `rec` to `consumer`; or end it here: a notice when cancelled, revoked or expired
-        (the worker reports those), None when delivered too often (it goes to the dead letters)."""
+    ) -> Delivery:
+        """Lease `rec` to `consumer`; or end it here, with a notice the worker reports: cancelled,
+        revoked or expired, or failed when delivered too often (it goes to the dead letters)."""
         now = time.time()
         ended: str | None = None
         if rec.id in q.cancel:
@@ -529,9 +529,13 @@ class MemoryBroker(Broker):
         if deliveries > max_deliveries:
             reason = (f"delivered {deliveries} times without finishing "
                       f"(max_deliveries={max_deliveries})")
+            receipt = str(q.entries.get(rec.id, 0))
             rec.error = None  # an earlier attempt's: this end brings none (see _finalize)
             self._finalize(q, rec, JobState.FAILED.value, now, self._result_ttl, reason)
-            return None
+            return Delivery(job_id=rec.id, task=rec.task, payload=b"", attempt=rec.attempt,
+                            token=0, priority=rec.priority, enqueued_at=rec.enqueued_at,
+                            receipt=receipt, ended=JobState.FAILED.value, consumer=consumer,
+                            leased_at=now)
         token = q.tokens[rec.id] = q.tokens.get(rec.id, 0) + 1
         rec.state, rec.started_at, rec.worker = JobState.RUNNING.value, now, consumer
         q.leases[rec.id] = (consumer, time.monotonic())

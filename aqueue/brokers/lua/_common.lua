@@ -493,8 +493,9 @@ finalize = function(id, jk, state, now, ttl, reason, rec, fields)
 end
 
 -- Lease one stream entry (already in this consumer's pending list) to the worker. Returns the
--- delivery as an array, or nil when the entry is dropped instead (a wake-up, a malformed message,
--- an expired or already final job, or one past max_deliveries, a number).
+-- delivery as an array; a notice (its 9th field says how) when the job is ended here instead
+-- (expired, revoked, cancelled, or dead-lettered past max_deliveries, a number); nil when the entry
+-- is dropped (a wake-up, a malformed message, an already final job).
 local function start(s, p, entry, fields, consumer, now, max_deliveries, ttl)
   local id, lean = nil, false
   for i = 1, #fields, 2 do
@@ -570,7 +571,7 @@ local function start(s, p, entry, fields, consumer, now, max_deliveries, ttl)
     redis.call('HDEL', jk, 'error')  -- an earlier attempt's: this end brings none (see finalize)
     finalize(id, jk, 'failed', now, ttl, 'delivered ' .. deliveries ..
       ' times without finishing (max_deliveries=' .. max_deliveries .. ')')
-    return nil
+    return {id, rec[2], '', rec[4], '0', p, rec[5], entry, 'failed'}  -- a notice, as for `ended`
   end
   redis.call('HSET', jk, 'state', 'running', 'started_at', now, 'worker', consumer,
     'deliveries', deliveries, 'token', token)
