@@ -333,10 +333,9 @@ class MemoryBroker(Broker):
                 else:
                     self._make_ready(q, rec)
             else:
-                rec.error = error  # the ending's own: none left from an earlier attempt
                 if outcome == Outcome.SUCCEEDED:
                     rec.result = c.result
-                self._finalize(q, rec, outcome.value, c.finished_at, result_ttl, reason)
+                self._finalize(q, rec, outcome.value, c.finished_at, result_ttl, reason, error)
                 if outcome == Outcome.SUCCEEDED:
                     for job_id, payload in c.activate:
                         self._activate(q, job_id, payload)
@@ -520,7 +519,6 @@ class MemoryBroker(Broker):
             ended = JobState.EXPIRED.value
         if ended is not None:
             receipt = str(q.entries.get(rec.id, 0))
-            rec.error = None  # an earlier attempt's: this end brings none (see _finalize)
             self._finalize(q, rec, ended, now, self._result_ttl, None)
             return Delivery(job_id=rec.id, task=rec.task, payload=b"", attempt=rec.attempt,
                             token=0, priority=rec.priority, enqueued_at=rec.enqueued_at,
@@ -530,7 +528,6 @@ class MemoryBroker(Broker):
             reason = (f"delivered {deliveries} times without finishing "
                       f"(max_deliveries={max_deliveries})")
             receipt = str(q.entries.get(rec.id, 0))
-            rec.error = None  # an earlier attempt's: this end brings none (see _finalize)
             self._finalize(q, rec, JobState.FAILED.value, now, self._result_ttl, reason)
             return Delivery(job_id=rec.id, task=rec.task, payload=b"", attempt=rec.attempt,
                             token=0, priority=rec.priority, enqueued_at=rec.enqueued_at,
@@ -545,12 +542,12 @@ class MemoryBroker(Broker):
 
     def _finalize(
         self, q: _Queue, rec: JobRecord, state: str, finished_at: float, ttl: float,
-        reason: str | None,
+        reason: str | None, error: bytes | None = None,
     ) -> None:
         """A final state: free the key, wake waiters; dead letters stay, other records expire.
-        `rec.error` is the ending's own (its chord slot and skipped steps get it): callers ending
-        a job without one clear an earlier attempt's first."""
-        rec.state, rec.finished_at = state, finished_at
+        The record's error becomes the ending's own, `error` (its chord slot and skipped steps
+        get it): an end that brings none leaves none of an earlier attempt's."""
+        rec.state, rec.finished_at, rec.error = state, finished_at, error
         q.leases.pop(rec.id, None)
         q.entries.pop(rec.id, None)  # any heap entry left for it is now stale
         if rec.key is not None and q.keys.get(rec.key) == rec.id:
@@ -591,9 +588,8 @@ class MemoryBroker(Broker):
                 q.waiting.discard(links.next)
                 skipped = q.records[links.next]
                 # The error names the step that ended the pipeline (retry_failed retries that one).
-                skipped.error = error
                 q.skipped.add(skipped.id)
-                self._finalize(q, skipped, JobState.CANCELLED.value, now, ttl, None)
+                self._finalize(q, skipped, JobState.CANCELLED.value, now, ttl, None, error)
             if state == JobState.FAILED and links.on_error is not None:
                 t = links.on_error
                 # Each failure for good has its own handler: a retried dead letter may fail again.
@@ -679,7 +675,6 @@ class MemoryBroker(Broker):
                 listener(job_id)
             return "requested"
         q.waiting.discard(job_id)  # a pipeline step or chord callback: never activated now
-        rec.error = None  # an earlier attempt's: this end brings none (see _finalize)
         self._finalize(q, rec, JobState.CANCELLED.value, now, result_ttl, None)
         return JobState.CANCELLED.value
 

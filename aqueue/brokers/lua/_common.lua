@@ -423,8 +423,7 @@ local function after_final(id, state, now, ttl, rec, reason)
         redis.call('HDEL', nk, 'waiting')
         -- A retry of the failed step re-arms it (retry.lua); its error names the step that ended
         -- the pipeline (retry_failed retries that one).
-        redis.call('HSET', nk, 'skipped', '1', 'error', err)
-        finalize(rec.next, nk, 'cancelled', now, ttl, nil)
+        finalize(rec.next, nk, 'cancelled', now, ttl, nil, nil, {'skipped', '1', 'error', err})
       end
     end
     if state == 'failed' and set(rec.err_task) then
@@ -458,13 +457,22 @@ local function done_message(id, state, rec, reason)
 end
 
 -- A final state: free the idempotency key, wake waiters, tell the workflow; dead letters are
--- kept, other records expire. The record's error is the ending's own (what its chord slot and
--- skipped steps get): an end that brings none removes an earlier attempt's first. `rec` is the
--- job's `end_fields` when the caller read them already (with what it changes since), `fields`
--- more record fields to write in the same HSET.
+-- kept, other records expire. `rec` is the job's `end_fields` when the caller read them already
+-- (with what it changes since), `fields` more record fields to write in the same HSET.
 finalize = function(id, jk, state, now, ttl, reason, rec, fields)
   rec = rec or end_fields(jk)
-  fields = with(fields or {}, 'state', state, 'finished_at', now)
+  fields = fields or {}
+  -- The record's error is the ending's own, an `error` among `fields` (what its chord slot and
+  -- skipped steps get): an end that brings none leaves none of an earlier attempt's.
+  local own = nil
+  for i = 1, #fields, 2 do if fields[i] == 'error' then own = fields[i + 1] end end
+  if own then
+    rec.error = own
+  elseif rec.error then
+    redis.call('HDEL', jk, 'error')
+    rec.error = false
+  end
+  with(fields, 'state', state, 'finished_at', now)
   if state == 'failed' and set(reason) then with(fields, 'dead_reason', reason) end
   redis.call('HSET', jk, unpack(fields))
   if set(rec.key) and redis.call('GET', prefix .. 'key:' .. rec.key) == id then
@@ -546,7 +554,6 @@ local function start(s, p, entry, fields, consumer, now, max_deliveries, ttl)
   end
   if ended then
     drop_entry(s, entry)
-    redis.call('HDEL', jk, 'error')  -- an earlier attempt's: this end brings none (see finalize)
     finalize(id, jk, ended, now, ttl, nil)
     return {id, rec[2], '', rec[4], '0', p, rec[5], entry, ended}
   end
@@ -568,7 +575,6 @@ local function start(s, p, entry, fields, consumer, now, max_deliveries, ttl)
     -- The token its last delivery holds is used up (a lean one's 1 was never written): a retry's
     -- delivery must not carry it again.
     redis.call('HSET', jk, 'deliveries', deliveries, 'token', string.format('%d', tonumber(token) - 1))
-    redis.call('HDEL', jk, 'error')  -- an earlier attempt's: this end brings none (see finalize)
     finalize(id, jk, 'failed', now, ttl, 'delivered ' .. deliveries ..
       ' times without finishing (max_deliveries=' .. max_deliveries .. ')')
     return {id, rec[2], '', rec[4], '0', p, rec[5], entry, 'failed'}  -- a notice, as for `ended`

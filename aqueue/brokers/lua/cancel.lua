@@ -24,6 +24,5 @@ if state == 'scheduled' then
   redis.call('ZREM', prefix .. 'scheduled', id)
   redis.call('HDEL', jk, 'waiting')  -- a pipeline step or chord callback: never activated now
 end
-redis.call('HDEL', jk, 'error')  -- an earlier attempt's: this end brings none (see finalize)
 finalize(id, jk, 'cancelled', now, ttl, nil)  -- an entry already delivered is dropped by `start`
 return 'cancelled'

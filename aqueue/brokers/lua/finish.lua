@@ -80,10 +80,7 @@ while i <= #ARGV do
           and redis.call('HGET', jk, 'cancel') == '1' then
         outcome, err, reason = 'cancelled', '', ''
       end
-      if err ~= '' then
-        with(fields, 'error', err, 'more', '1')
-        rec.error = err
-      end
+      if err ~= '' then with(fields, 'error', err, 'more', '1') end
       if outcome == 'retry' or outcome == 'defer' then
         if outcome == 'retry' then redis.call('HINCRBY', jk, 'attempt', 1) end
         with(fields, 'deliveries', 0)
@@ -97,10 +94,6 @@ while i <= #ARGV do
         if outcome == 'succeeded' then
           with(fields, 'result', result)
           rec.result = result
-        end
-        if err == '' and rec.error then  -- an earlier attempt's (see finalize)
-          redis.call('HDEL', jk, 'error')
-          rec.error = false
         end
         finalize(id, jk, outcome, now, ttl, reason, rec, fields)
       end
