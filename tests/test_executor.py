@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Awaitable, Callable
 
 import anyio
 import pytest
@@ -22,6 +23,23 @@ def _delivered(task: str, job_id: str) -> RunningJob:
     payload = encode_call(task, [], {}, {}, 1 << 20)
     return RunningJob(Delivery(job_id=job_id, task=task, payload=payload, attempt=1, token=1,
                                priority=0, enqueued_at=time.time(), receipt=f"0-{job_id}"))
+
+
+async def _execute_while(
+    queue: Queue, running: RunningJob, stops: Callable[[], Awaitable[None]]
+) -> Completion | None:
+    """Execute the job in the background while `stops` tells it to stop; its completion."""
+    completions: list[Completion | None] = []
+
+    async def run() -> None:
+        completions.append(await execute(queue, running))
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run)
+            await stops()
+    [completion] = completions
+    return completion
 
 
 def _waiting_job(queue: Queue, ran: list[str]) -> RunningJob:
@@ -108,22 +126,17 @@ async def test_a_thread_told_to_stop(
         return "ran to its end"
 
     running = _delivered("blocking", "j2")
-    completions: list[Completion | None] = []
 
-    async def run() -> None:
-        completions.append(await execute(queue, running))
+    async def stop_it() -> None:
+        assert await anyio.to_thread.run_sync(started.wait, 10)
+        for n, stop in enumerate(stops):
+            if stop != "timeout":
+                getattr(running, stop)()
+            if n == 0:
+                assert await anyio.to_thread.run_sync(saw_stop.wait, 10)
+        go_on.set()
 
-    with anyio.fail_after(10):
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(run)
-            assert await anyio.to_thread.run_sync(started.wait, 10)
-            for n, stop in enumerate(stops):
-                if stop != "timeout":
-                    getattr(running, stop)()
-                if n == 0:
-                    assert await anyio.to_thread.run_sync(saw_stop.wait, 10)
-            go_on.set()
-    [completion] = completions
+    completion = await _execute_while(queue, running, stop_it)
     if outcome is None:
         assert completion is None
         return
@@ -171,15 +184,11 @@ async def test_a_job_stopped_by_a_shutdown_is_handed_back_though_its_cleanup_out
             cleaned.set()
 
     running = _delivered("slow_cleanup", "j4")
-    completions: list[Completion | None] = []
 
-    async def run() -> None:
-        completions.append(await execute(queue, running))
+    async def shut_down() -> None:
+        await started.wait()
+        running.interrupt()
 
-    with anyio.fail_after(10):
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(run)
-            await started.wait()
-            running.interrupt()
+    completion = await _execute_while(queue, running, shut_down)
     assert cleaned.is_set()
-    assert completions == [None]
+    assert completion is None

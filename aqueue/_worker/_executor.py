@@ -41,11 +41,9 @@ class RunningJob:
     scope: anyio.CancelScope | None = None
     """Made as the job starts (`start_scope`): a scope costs about 0.5 KB (two sets), and a busy
     worker holds hundreds of jobs waiting for a runner."""
-    interrupted: bool = False
-    """Set when the worker shuts down: the job is handed back, not failed."""
     interrupted_at: float = math.inf
-    """When (anyio's clock) the shutdown stopped it: a deadline that passed later is not why it
-    stopped."""
+    """When (anyio's clock) the worker's shutdown stopped it, which hands it back rather than
+    failing it: a deadline that passed later is not why it stopped."""
     cancel_requested: bool = False
     """Set by `job.cancel()`: the job ends `cancelled`, neither retried nor run again."""
     lost: bool = False
@@ -54,7 +52,7 @@ class RunningJob:
     def start_scope(self) -> anyio.CancelScope:
         """The job's cancel scope; a stop asked for before the job started carries over to it."""
         scope = self.scope = self.new_scope()
-        if self.interrupted or self.cancel_requested:
+        if self.interrupted_at < math.inf or self.cancel_requested:
             scope.cancel()
         return scope
 
@@ -63,8 +61,7 @@ class RunningJob:
             self.scope.cancel()
 
     def interrupt(self) -> None:
-        if not self.interrupted:
-            self.interrupted, self.interrupted_at = True, anyio.current_time()
+        self.interrupted_at = min(self.interrupted_at, anyio.current_time())
         self._cancel()
 
     def abandon(self) -> None:
@@ -143,8 +140,8 @@ async def execute(queue: Queue, running: RunningJob) -> Completion | None:
     if task is None:
         return await dead(queue, d, f"unknown task {d.task!r}: not registered on this worker")
     if len(d.payload) > queue.max_payload_size:  # bounded where it is read, not only where written
-        return await dead(queue, d, f"payload of {len(d.payload)} bytes over this worker's max_payload_size "
-                       f"({queue.max_payload_size})")
+        return await dead(queue, d, f"payload of {len(d.payload)} bytes over this worker's "
+                                    f"max_payload_size ({queue.max_payload_size})")
     try:
         call = loads(d.payload)
         args, kwargs, overrides = call["args"], call["kwargs"], call.get("options") or {}
