@@ -167,6 +167,22 @@ async def test_a_chord_member_ended_without_running_puts_a_full_task_error_in_it
         assert (value["traceback"], value["attempt"], value["retries_left"]) == ("", 1, 0)
 
 
+async def test_a_chord_whose_cancelled_callback_expired_still_takes_its_members(queue: Queue) -> None:
+    # The callback was cancelled while it waited, and its record is gone (result_ttl): the last
+    # member's end has no callback to start, and the worker goes on (it once stopped here).
+    queue = Queue(broker=queue.broker, name=queue.name, result_ttl=1)
+    add = arithmetic(queue)
+    c = await queue.enqueue(chord([add.s(1, 1), add.s(2, 2)], add.s(0)))
+    assert await c.callback.cancel()
+    with anyio.fail_after(10):
+        while await c.callback.state() is not None:  # noqa: ASYNC110 - a record's expiry has no event
+            await anyio.sleep(0.05)
+    async with queue.worker():
+        assert [await job.result(timeout=10) for job in c.results.jobs] == [2, 4]
+        later = await add.enqueue(5, 5)
+        assert await later.result(timeout=10) == 10
+
+
 async def test_nested_chords_and_chords_of_pipelines(queue: Queue) -> None:
     add = arithmetic(queue)
 

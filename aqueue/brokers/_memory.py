@@ -614,8 +614,10 @@ class MemoryBroker(Broker):
         if old is not None or len(chord.slots) < chord.size or chord.fired:
             return
         chord.fired = True
+        callback = q.records.get(chord.callback)
+        if callback is None or callback.id not in q.waiting:
+            return  # cancelled or revoked while it waited (its record may have expired since)
         values = b"[" + b",".join(chord.slots[i] for i in range(chord.size)) + b"]"
-        callback = q.records[chord.callback]
         self._activate(q, chord.callback, prepend_arg(callback.payload, values))
 
     def _batch_arrive(self, q: _Queue, batch_id: str, job_id: str, state: str, now: float) -> None:
