@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -18,6 +20,28 @@ def dumps(value: Any) -> bytes:
     return memoryview(orjson.dumps(value, option=_OPTIONS)).tobytes()
 
 
+def _dumps_exact(value: Any) -> bytes:
+    """`dumps` for what a task is given or returns: orjson writes NaN and infinity as null, which
+    would reach the task (or the caller) as None. Only a payload holding a null is searched (a
+    task's None result, the usual one, is not)."""
+    data = dumps(value)
+    if b"null" in data and value is not None and not _finite(value):
+        raise TypeError("NaN and infinity have no JSON form (they would arrive as None)")
+    return data
+
+
+def _finite(value: Any) -> bool:
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(_finite(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return all(_finite(v) for v in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return all(_finite(getattr(value, f.name)) for f in dataclasses.fields(value))
+    return True
+
+
 def loads(data: bytes | str) -> Any:
     return orjson.loads(data)
 
@@ -31,7 +55,7 @@ def encode_call(
 ) -> bytes:
     """The payload of one job. Fails here, at enqueue, never in the worker."""
     try:
-        data = dumps({"args": list(args), "kwargs": dict(kwargs), "options": dict(options)})
+        data = _dumps_exact({"args": list(args), "kwargs": dict(kwargs), "options": dict(options)})
     except TypeError as exc:
         raise _name_the_culprit(task, args, kwargs, exc) from None
     if len(data) > max_size:
@@ -44,7 +68,7 @@ def encode_call(
 
 def encode_result(value: Any) -> bytes:
     try:
-        return dumps(value)
+        return _dumps_exact(value)
     except TypeError as exc:
         raise SerializationError(
             f"the result ({type(value).__name__}) cannot be serialized as JSON: {exc}"
@@ -58,7 +82,7 @@ def _name_the_culprit(
     named += [(f"argument {k!r}", v) for k, v in kwargs.items()]
     for label, value in named:
         try:
-            dumps(value)
+            _dumps_exact(value)
         except TypeError as inner:
             return SerializationError(
                 f"{label} of {task} ({type(value).__name__}) cannot be serialized as JSON: {inner}"

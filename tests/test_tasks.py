@@ -129,7 +129,13 @@ async def test_unserializable_argument_fails_at_enqueue_naming_it(queue: Queue) 
         await take.enqueue(1, b={1, 2})
     with pytest.raises(SerializationError, match="argument 0"):
         await take.enqueue(object())
+    # JSON has no NaN or infinity: orjson would store null, and the task would get None.
+    with pytest.raises(SerializationError, match=r"argument 'b'.*NaN"):
+        await take.enqueue(1, b={"x": [1.0, float("nan")]})
+    with pytest.raises(SerializationError, match=r"argument 0.*NaN"):
+        await take.enqueue(float("-inf"))
     assert await queue.jobs() == []
+    await take.enqueue(None, b=[None, 1.5])  # a null of the caller's own is fine
 
 
 async def test_payload_over_the_bound_is_refused(broker: object, queue_name: str) -> None:
@@ -157,6 +163,10 @@ async def test_unserializable_result_fails_the_job_not_the_worker(queue: Queue) 
     async def good() -> int:
         return 1
 
+    @queue.task
+    async def infinite() -> list[float]:
+        return [1.0, float("inf")]
+
     async with queue.worker():
         job = await bad.enqueue()
         with pytest.raises(TaskError) as caught:
@@ -164,6 +174,8 @@ async def test_unserializable_result_fails_the_job_not_the_worker(queue: Queue) 
         assert caught.value.metadata["type"] == "SerializationError"
         assert caught.value.metadata["attempt"] == 1  # not retried: it would fail the same way
         assert await (await good.enqueue()).result(timeout=10) == 1
+        with pytest.raises(TaskError, match="NaN"):  # not None, as orjson would have stored it
+            await (await infinite.enqueue()).result(timeout=10)
 
 
 async def test_job_ids_are_random_uuid4_hex(queue: Queue) -> None:
