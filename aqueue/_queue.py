@@ -376,7 +376,11 @@ class Queue:
     ) -> list[JobInfo]:
         """Jobs newest first, filtered by state and task name."""
         if state is not None:
-            state = JobState(state)
+            try:
+                state = JobState(state)
+            except ValueError:
+                names = ", ".join(s.value for s in JobState)
+                raise ConfigurationError(f"unknown job state {state!r}: one of {names}") from None
         records = await self.broker.jobs(self.name, state, task, limit)
         return [JobInfo.from_record(r) for r in records]
 

@@ -8,8 +8,9 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, cast
 
+from aqueue._checks import check_retries
 from aqueue._exceptions import ConfigurationError
-from aqueue._time import Seconds, When, timedelta_or_seconds
+from aqueue._time import Seconds, When, epoch, seconds, timedelta_or_seconds
 
 if TYPE_CHECKING:
     from aqueue._jobs import Job, ResultGroup
@@ -32,8 +33,9 @@ class TaskPolicy:
     expires: When | None = None
 
     def __post_init__(self) -> None:
-        if self.retries < 0:
-            raise ConfigurationError(f"retries must be >= 0, got {self.retries}")
+        check_retries(self.retries)
+        if self.expires is not None:
+            epoch(self.expires, 0.0, "expires")  # a bad one fails here, not at every enqueue
         if self.retry_delay < 0 or self.retry_backoff < 1:
             raise ConfigurationError("retry_delay must be >= 0 and retry_backoff >= 1")
         if self.timeout is not None and self.timeout <= 0:
@@ -102,14 +104,20 @@ class Task(Generic[P, R]):
         """A configured copy: `.enqueue(...)` takes the task's own arguments, none stolen."""
         if delay is not None and eta is not None:
             raise ConfigurationError("give delay or eta, not both")
-        if retries is not None and retries < 0:
-            raise ConfigurationError(f"retries must be >= 0, got {retries}")
+        if delay is not None:
+            seconds(delay, "delay")
+        if eta is not None and not isinstance(eta, datetime):  # time.time() + 60 would mean 2083
+            raise ConfigurationError(f"eta must be a datetime (delay= takes seconds), got {eta!r}")
+        if expires is not None:
+            epoch(expires, 0.0, "expires")
+        if retries is not None:
+            check_retries(retries)
         if priority is not None:
             check_priority(priority)
         if timeout is not None and timedelta_or_seconds(timeout) <= 0:  # type: ignore[operator]
             raise ConfigurationError(f"timeout must be > 0, got {timeout}")
-        if key is not None and not key:
-            raise ConfigurationError("an idempotency key must not be empty")
+        if key is not None and not (isinstance(key, str) and key):
+            raise ConfigurationError(f"an idempotency key must be a non-empty string, got {key!r}")
         return TaskCall(self, CallOptions(delay, eta, priority, expires, timeout, retries, key))
 
     async def enqueue(self, *args: P.args, **kwargs: P.kwargs) -> Job[R]:

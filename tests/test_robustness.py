@@ -103,6 +103,36 @@ def test_bad_options_fail_at_once(queue: Queue) -> None:
         queue.task(timeout=0)(work.fn)
     with pytest.raises(ConfigurationError, match="key"):
         work.options(key="")
+    # Each of these was taken, then failed at every enqueue, or meant what nobody wrote.
+    with pytest.raises(ConfigurationError, match="key must be a non-empty string, got 0"):
+        work.options(key=0)  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="eta must be a datetime"):  # 57 years ahead
+        work.options(eta=time.time() + 60)  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="delay must be seconds"):
+        work.options(delay="5")  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="expires must be seconds"):
+        work.options(expires="tomorrow")  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="expires must be seconds"):
+        queue.task(expires="tomorrow")(work.fn)  # type: ignore[call-overload]
+    with pytest.raises(ConfigurationError, match="retries must be a whole number"):
+        work.options(retries=1.5)  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="retries must be a whole number"):
+        queue.task(retries=True)(work.fn)  # type: ignore[call-overload]
+
+
+async def test_bad_arguments_of_calls_fail_at_once(queue: Queue) -> None:
+    @queue.task
+    async def work() -> None:
+        return None
+
+    with pytest.raises(ConfigurationError, match="eta must be a datetime"):
+        await work.schedule(eta=60)  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="unknown job state 'bogus'"):
+        await queue.jobs(state="bogus")
+    with pytest.raises(ConfigurationError, match="concurrency must be a whole number"):
+        async with queue.worker(concurrency=1.5):  # type: ignore[arg-type]
+            pass
+    assert await queue.jobs() == []
 
 
 def test_default_task_name_is_the_function_name(queue: Queue) -> None:

@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
-from aqueue._exceptions import BrokerConnectionError, BrokerError, ConfigurationError
+from aqueue._checks import check_count
+from aqueue._exceptions import BrokerConnectionError, BrokerError
 from aqueue._signals import Signal, SignalJob
 from aqueue._tasks import NO_OPTIONS
 from aqueue._threads import worker_threads
@@ -85,8 +86,7 @@ class Worker:
         shutdown_timeout: Seconds = 30.0,
         name: str | None = None,
     ) -> None:
-        if concurrency < 1:
-            raise ConfigurationError(f"concurrency must be >= 1, got {concurrency}")
+        check_count(concurrency, "concurrency")
         self.queue = queue
         self.concurrency = concurrency
         self.scheduler = scheduler
