@@ -727,6 +727,31 @@ def test_queue_on_refuses_a_handler_that_cannot_take_signal_job_and_exc(queue: Q
     assert queue.on(Signal.ERROR)(print) is print  # a builtin: called as it is
 
 
+async def test_immediate_mode_hands_back_the_job_of_a_cancelled_enqueue(queue: Queue) -> None:
+    # The caller's deadline (a web request's, say) cancels the job under way: it goes back to the
+    # queue for a worker, instead of staying `running` with nobody to run it (nor to reclaim it).
+    started, proceed = anyio.Event(), anyio.Event()
+
+    @queue.task
+    async def slow() -> str:
+        started.set()
+        await proceed.wait()
+        return "done"
+
+    queue.immediate = True
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(slow.enqueue)
+            await started.wait()
+            tg.cancel_scope.cancel()
+    [info] = await queue.jobs()
+    assert (info.state, info.worker, info.started_at) == (JobState.PENDING, None, None)
+    queue.immediate = False
+    proceed.set()
+    async with queue.worker():
+        assert await queue.job(info.id).result(timeout=10) == "done"
+
+
 async def test_immediate_mode_runs_inside_enqueue(queue: Queue) -> None:
     queue.immediate = True
     calls = 0
