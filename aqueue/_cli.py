@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import anyio
 
 from aqueue._argv import HELP, USAGE, RunArgs, UsageError, parse
-from aqueue._exceptions import BrokerError
+from aqueue._exceptions import BrokerError, ConfigurationError
 from aqueue._queue import Queue
 from aqueue._worker import Worker
 
@@ -78,6 +78,9 @@ def _run(args: RunArgs) -> int:
         queue = load_queue(args.target)
     except TargetError as exc:
         print(f"aqueue: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ConfigurationError as exc:  # raised as the app was imported: a bad queue URL, say
+        print(f"aqueue: {args.target}: {exc}", file=sys.stderr)
         return EXIT_USAGE
     worker = Worker(queue, concurrency=args.concurrency, scheduler=not args.no_scheduler,
                     shutdown_timeout=args.shutdown_timeout)

@@ -155,6 +155,64 @@ def test_a_database_that_is_not_a_number_is_refused() -> None:
     assert Queue("redis://127.0.0.1:6379/3").broker.url == "redis://127.0.0.1:6379/3"
 
 
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://:s3cr#et9@myhost:6379/0", "redis://:***@myhost:6379/0"),
+        ("redis://:s3cr/et9@myhost:6379/0", "redis://:***@myhost:6379/0"),
+        ("redis://:s3cr?et9@myhost:6379/0", "redis://:***@myhost:6379/0"),
+        ("redis://user:s3cr@x#et9@myhost/0", "redis://user:***@myhost/0"),
+        ("redis://myhost/0?password=s3cr@et9", "redis://:***@"),
+        ("redis://myhost/0?password=s3cr#et9", "redis://myhost/0?password=***#***"),
+    ],
+)
+def test_a_password_with_unencoded_reserved_characters_never_shows(url: str, shown: str) -> None:
+    # urlsplit finds no user part past a "/", "?" or "#": redis-py would connect to a host or
+    # database made of the password's end, and fail with it in its message.
+    assert redact(url) == shown
+    with pytest.raises(ConfigurationError, match="percent-encode the password") as refused:
+        Queue(url)
+    message = str(refused.value)
+    assert message.startswith(f"{shown}: ")
+    assert "s3cr" not in message
+    assert "et9" not in message
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("redis://127.0.0.1:6433/0?foo=bar", "'foo' is not a connection option of a redis:// URL"),
+        ("redis://127.0.0.1:6433/0?db=x", "db='x' is not a valid value"),
+        ("redis://127.0.0.1:6433/0?socket_timeout=soon", "socket_timeout='soon' is not a valid value"),
+        ("redis://127.0.0.1:abc/0", "the port must be a number from 0 to 65535"),
+        ("redis://:s3cret@127.0.0.1:abc/0", "the port must be a number from 0 to 65535"),
+        ("redis://127.0.0.1:99999/0", "the port must be a number from 0 to 65535"),
+        ("REDIS://127.0.0.1:6433/abc", "the database must be a number, got 'abc'"),
+        ("UNIX:///tmp/x.sock?foo=bar", "'foo' is not a connection option of a unix:// URL"),
+    ],
+)
+def test_a_bad_url_is_refused_when_the_queue_is_made(url: str, message: str) -> None:
+    # Not at the first enqueue, with redis-py's TypeError or ValueError.
+    with pytest.raises(ConfigurationError) as refused:
+        Queue(url)
+    assert str(refused.value) == f"{redact(url)}: {message}"
+    assert "s3cret" not in str(refused.value)
+
+
+def test_url_options_are_those_of_the_scheme() -> None:
+    # What redis-py's connection for the scheme takes: TLS options only with rediss://, no TCP
+    # keepalive on a Unix socket; the pool's max_connections with any.
+    for url in ("rediss://h:6380/0?ssl_cert_reqs=none&ssl_check_hostname=false&ssl_ca_certs=ca.pem",
+                "redis://h/0?password=pw&socket_timeout=2&max_connections=3&protocol=3&client_name=me",
+                "redis://h/0?socket_keepalive=false", "unix:///tmp/x.sock?db=2&health_check_interval=5"):
+        assert isinstance(Queue(url).broker, RedisBroker)
+    for url, name in (("redis://h/0?ssl_ca_certs=ca.pem", "ssl_ca_certs"),
+                      ("unix:///tmp/x.sock?socket_keepalive=true", "socket_keepalive"),
+                      ("redis://h/0?timeout=5", "timeout")):  # BlockingConnectionPool's, not ours
+        with pytest.raises(ConfigurationError, match=f"'{name}' is not a connection option"):
+            Queue(url)
+
+
 def test_url_schemes_pick_the_broker() -> None:
     assert isinstance(Queue("rediss://127.0.0.1:6380/0").broker, RedisBroker)
     assert isinstance(Queue("unix:///tmp/x.sock").broker, RedisBroker)
@@ -635,11 +693,12 @@ async def test_entries_ended_before_they_ran_leave_the_stream_on_prune(
             await client.aclose()
 
 
-async def test_unix_socket_url() -> None:
+@pytest.mark.parametrize("scheme", ["unix", "UNIX"])  # a scheme is read in any case
+async def test_unix_socket_url(scheme: str) -> None:
     socket_path = Path(tempfile.mkdtemp(prefix="aqueue-sock-")) / "redis.sock"
     server = start_redis("--unixsocket", str(socket_path), "--unixsocketperm", "700")
     try:
-        queue = Queue(f"unix://{socket_path}", name="sock")
+        queue = Queue(f"{scheme}://{socket_path}", name="sock")
 
         @queue.task
         async def add(a: int, b: int) -> int:

@@ -17,17 +17,25 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import inspect
 import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from functools import cache
 from typing import Any, NoReturn
-from urllib.parse import parse_qs, parse_qsl, urlencode, urlsplit
+from urllib.parse import SplitResult, parse_qsl, urlencode, urlsplit
 
 import anyio
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
+from redis.asyncio.connection import (
+    URL_QUERY_ARGUMENT_PARSERS,
+    Connection,
+    SSLConnection,
+    UnixDomainSocketConnection,
+)
 
 from aqueue._exceptions import BrokerConnectionError, BrokerError, ConfigurationError
 from aqueue.brokers._base import (
@@ -63,24 +71,98 @@ KEEP_BEHIND = 2_000
 
 def redact(url: str) -> str:
     """The URL without its password (in its user part or a `?password=`), for log lines and error
-    messages."""
+    messages. No part of a password is shown, whatever the URL looks like."""
     parts = urlsplit(url)
-    in_query = "password" in parse_qs(parts.query)
-    if parts.password is None and not in_query:
+    head, sep, rest = url.partition("://")
+    if _stray_at(url):
+        # A password with an unencoded "/", "?" or "#" (or an "@" in a query value): urlsplit sees
+        # no user part. All up to the last "@" may be the password; what follows it is shown too
+        # unless a `password=` came before (then it may be that password's end).
+        if not sep:
+            head, rest = "", url
+        userinfo, _, tail = rest.rpartition("@")
+        user, colon, _ = userinfo.partition(":")
+        user = user if colon and not any(c in user for c in "/?#") else ""
+        after = urlsplit("//" + ("" if "password=" in userinfo.lower() else tail))
+        return f"{head}{sep}{user}:***@{after.netloc}{_shown_rest(after)}"
+    if parts.password is None and not _secret_query(parts.query) and not parts.fragment:
         return url
-    query = parts.query
-    if in_query:
-        query = urlencode([(k, "***" if k == "password" else v) for k, v in parse_qsl(query)],
-                          safe="*")
     netloc = parts.netloc
     if parts.password is not None:
-        host = parts.hostname or ""
-        if parts.port is not None:
-            host = f"{host}:{parts.port}"
-        netloc = (f"{parts.username}:***@" if parts.username else ":***@") + host
+        user = f"{parts.username}:***@" if parts.username else ":***@"
+        netloc = user + netloc.rpartition("@")[2]  # as written: `.port` raises on a bad one
     # Joined by hand: urlunsplit writes "unix:/path" for an empty host.
-    redacted = f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
-    return redacted + (f"#{parts.fragment}" if parts.fragment else "")
+    return f"{parts.scheme}://{netloc}{_shown_rest(parts)}"
+
+
+def _secret_query(query: str) -> bool:
+    return any("password" in name.lower() for name, _ in parse_qsl(query))
+
+
+def _shown_rest(parts: SplitResult) -> str:
+    """The path, query and fragment of a URL as `redact` shows them."""
+    query = parts.query
+    if _secret_query(query):
+        query = urlencode([(k, "***" if "password" in k.lower() else v) for k, v in parse_qsl(query)],
+                          safe="*")
+    shown = parts.path + (f"?{query}" if query else "")
+    return shown + ("#***" if parts.fragment else "")  # only an unencoded "#" makes one
+
+
+def _stray_at(url: str) -> bool:
+    """Whether an "@" comes after the user part urlsplit finds (it finds none past a "/", "?" or
+    "#"): redis-py would take a part of the password for the host, database or query."""
+    _, sep, rest = url.partition("://")
+    return "@" in (rest[len(urlsplit(url).netloc):] if sep else url)
+
+
+# Query options redis-py passes to the connection as text; those it parses first are in its
+# URL_QUERY_ARGUMENT_PARSERS. Any other name fails on the first connection.
+TEXT_OPTIONS = {"username", "password", "client_name", "lib_name", "lib_version", "ssl_keyfile",
+                "ssl_certfile", "ssl_cert_reqs", "ssl_ca_certs", "ssl_ca_data", "ssl_ca_path",
+                "ssl_ciphers", "ssl_password"}
+
+
+@cache
+def _query_options(scheme: str) -> frozenset[str]:
+    """The query options a URL of this scheme can give: what its connection class takes (the TLS
+    ones only with rediss://, keepalive not with unix://), and the pool's `max_connections`."""
+    connection = {"rediss": SSLConnection, "unix": UnixDomainSocketConnection}.get(scheme, Connection)
+    taken = {"max_connections"}
+    for cls in connection.__mro__:
+        if (init := vars(cls).get("__init__")) is not None:
+            taken.update(inspect.signature(init).parameters)
+    return frozenset(taken & (set(URL_QUERY_ARGUMENT_PARSERS) | TEXT_OPTIONS))
+
+
+def _check_url(url: str, shown: str) -> None:
+    """Refuse a URL that redis-py would misread, or fail on at the first connection (with its own
+    errors, which can hold a part of the password); `shown` is the URL redacted."""
+    parts = urlsplit(url)
+    if _stray_at(url) or parts.fragment:
+        raise ConfigurationError(
+            f"{shown}: percent-encode the password ('@', '#', '?', '/' as %40, %23, %3F, %2F): "
+            "as written, a part of it would be read as the host, database or query"
+        )
+    try:
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError:
+        raise ConfigurationError(f"{shown}: the port must be a number from 0 to 65535") from None
+    database = parts.path.strip("/")
+    if parts.scheme in ("redis", "rediss") and database and not database.isdigit():
+        # redis-py would quietly use database 0
+        raise ConfigurationError(f"{shown}: the database must be a number, got {database!r}")
+    options = _query_options(parts.scheme)
+    for name, value in parse_qsl(parts.query):
+        if name not in options:
+            raise ConfigurationError(f"{shown}: {name!r} is not a connection option of a "
+                                     f"{parts.scheme}:// URL")
+        parse = URL_QUERY_ARGUMENT_PARSERS.get(name)
+        try:
+            if parse is not None:
+                parse(value)
+        except (TypeError, ValueError):
+            raise ConfigurationError(f"{shown}: {name}={value!r} is not a valid value") from None
 
 
 def waiting_name(consumer: str) -> str:
@@ -286,10 +368,8 @@ class RedisBroker(Broker):
         **client_options: Any,
     ) -> None:
         self.url = redact(url) if client is None else "redis://(client)"
-        database = urlsplit(url).path.strip("/")
-        if client is None and url.startswith(("redis://", "rediss://")) and database \
-                and not database.isdigit():  # redis-py would quietly use database 0
-            raise ConfigurationError(f"{self.url}: the database must be a number, got {database!r}")
+        if client is None:
+            _check_url(url, self.url)
         self._connect_url = url
         self._client_options = client_options
         self._client = client
@@ -330,7 +410,7 @@ class RedisBroker(Broker):
             # is none) bounds each call and each connect too; the URL or the options win.
             options: dict[str, Any] = {"health_check_interval": 30, "max_connections": 200,
                                        "socket_timeout": 5.0, "socket_connect_timeout": 5.0}
-            if not self._connect_url.startswith("unix:"):
+            if urlsplit(self._connect_url).scheme != "unix":  # urlsplit lowercases it
                 options["socket_keepalive"] = True  # notice a dead peer on an idle TCP connection
             if not any(name in self._client_options for name in IDENTITY_OPTIONS):
                 options.update(identity())
