@@ -19,7 +19,7 @@ from aqueue._jobs import Job, ResultGroup
 from aqueue._serialization import encode_call
 from aqueue._states import JobState
 from aqueue._tasks import NO_OPTIONS, CallOptions, Task, call_overrides
-from aqueue._time import Seconds
+from aqueue._time import Seconds, seconds
 from aqueue.brokers import (
     BatchSpec,
     ChordSpec,
@@ -282,6 +282,11 @@ class Plan:
         new_jobs: list[NewJob] = []
         for index in reversed(range(len(steps))):
             step, last = steps[index], index == len(steps) - 1
+            delayed = step.call.eta is not None or bool(step.call.delay and seconds(step.call.delay, "delay"))
+            if delayed and (member.waiting or index > 0):
+                raise ConfigurationError(
+                    f"{step.task.name}: a pipeline step after the first, or a chord callback, starts "
+                    "when the job before it ends; delay and eta do not apply to it")
             options = self._options(member, following, chord_input=chord_input and index == 0)
             links = WorkflowLinks(
                 waiting=member.waiting or index > 0,

@@ -611,6 +611,28 @@ async def test_an_idempotency_key_in_a_workflow_stands_alone(queue: Queue) -> No
     assert len(await queue.jobs()) == 2  # the live job and the group's other: nothing else stored
 
 
+async def test_a_delay_on_a_job_that_waits_in_a_workflow_is_refused(queue: Queue) -> None:
+    # Such a job starts when the one before it ends: its delay was dropped (workers ran it at once,
+    # immediate mode never ran it).
+    add = arithmetic(queue)
+
+    @queue.task
+    async def total(values: list[int]) -> int:
+        return sum(values)
+
+    later = datetime(2100, 1, 1, tzinfo=UTC)
+    for node in (add.s(1, 1).then(add.options(delay=3).s(1)),
+                 add.s(1, 1).then(add, 1).then(add.options(eta=later).s(1)),
+                 chord([add.s(1, 1)], total.options(delay=3).s()),
+                 chord([add.s(1, 1)], total.s().then(add.options(delay=3).s(1)))):
+        with pytest.raises(ConfigurationError, match="delay and eta do not apply"):
+            await queue.enqueue(node)
+    assert await queue.jobs() == []
+    # The first step and chord members are jobs of their own: their delay stands.
+    res = await queue.enqueue(chord([add.options(delay=600).s(1, 1)], total.s()))
+    assert await res.results.jobs[0].state() == JobState.SCHEDULED
+
+
 async def test_immediate_mode_runs_the_live_job_a_workflow_key_found(queue: Queue) -> None:
     add = arithmetic(queue)
     live = await add.options(key="nightly").enqueue(1, 1)  # stored, not run: not immediate yet
