@@ -201,7 +201,9 @@ class Batch:
     async def state(self) -> BatchState:
         states = [await job.state() for job in self.members]
         count = states.count
-        unfinished = sum(1 for s in states if s is None or not s.is_final)
+        # No record (None): it ended, and its record expired (`result_ttl`); only an ended job's
+        # record expires. It is counted in none of the ends, as a revoked or expired member.
+        unfinished = sum(1 for s in states if s is not None and not s.is_final)
         return BatchState(len(states), count(JobState.SUCCEEDED), count(JobState.FAILED),
                           count(JobState.CANCELLED), unfinished)
 

@@ -13,6 +13,7 @@ import anyio
 import pytest
 
 from aqueue import (
+    BatchState,
     ChordResult,
     ConfigurationError,
     JobCancelled,
@@ -270,6 +271,21 @@ async def test_many_chords_with_random_failures_fire_exactly_once(queue: Queue) 
         values = [await c.get(timeout=60) for c in chords]
     assert values == [45] * 200
     assert fired == Counter(dict.fromkeys(range(200), 1))
+
+
+async def test_a_batch_stays_finished_once_its_members_records_expired(queue: Queue) -> None:
+    # A loop waiting for `(await b.state()).finished` must end, even if it looks after result_ttl.
+    queue = Queue(broker=queue.broker, name=queue.name, result_ttl=1)
+    add = arithmetic(queue)
+    async with queue.worker():
+        b = await queue.batch([add.s(1, 1), add.s(2, 2)])
+        assert await b.members.get(timeout=10) == [2, 4]
+    assert await b.state() == BatchState(size=2, succeeded=2, failed=0, cancelled=0, unfinished=0)
+    with anyio.fail_after(10):
+        while any([await job.state() is not None for job in b.members]):  # noqa: ASYNC110 - a record's expiry has no event
+            await anyio.sleep(0.05)
+    state = await b.state()
+    assert (state.finished, state.unfinished, state.succeeded) == (True, 0, 0)
 
 
 async def test_batch_on_success_after_a_failed_member_is_retried(queue: Queue) -> None:
