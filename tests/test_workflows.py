@@ -24,7 +24,7 @@ from aqueue import (
     current_job,
     group,
 )
-from aqueue.brokers import Broker, error_handler_id
+from aqueue.brokers import Broker, MemoryBroker, RedisBroker, error_handler_id
 
 
 def arithmetic(queue: Queue) -> Any:
@@ -286,6 +286,30 @@ async def test_a_batch_stays_finished_once_its_members_records_expired(queue: Qu
             await anyio.sleep(0.05)
     state = await b.state()
     assert (state.finished, state.unfinished, state.succeeded) == (True, 0, 0)
+
+
+async def test_a_batch_that_succeeded_and_a_fired_chord_leave_no_bookkeeping(queue: Queue) -> None:
+    # What the broker keeps to count a batch or fill a chord is freed once it can change nothing:
+    # it was kept for ever, one hash (or entry) per batch.
+    add = arithmetic(queue)
+
+    @queue.task
+    async def total(values: list[int]) -> int:
+        return sum(values)
+
+    async with queue.worker():
+        batches = [await queue.batch([add.s(i, 1), add.s(i, 2)], on_success=add.s(0, 0)) for i in range(3)]
+        for b in batches:
+            await b.members.get(timeout=10)  # the last member's end creates the callback
+            assert await b.callback("success").result(timeout=10) == 0
+        assert await (await queue.enqueue(chord([add.s(1, 1)], total.s()))).get(timeout=10) == 2
+    broker = queue.broker
+    if isinstance(broker, MemoryBroker):
+        q = broker._queues[queue.name]
+        assert (q.batches, q.chords) == ({}, {})
+    else:
+        assert isinstance(broker, RedisBroker)
+        assert [k async for k in broker.client.scan_iter(match=f"aqueue:{{{queue.name}}}:batch:*")] == []
 
 
 async def test_batch_on_success_after_a_failed_member_is_retried(queue: Queue) -> None:

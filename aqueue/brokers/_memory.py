@@ -106,7 +106,6 @@ class _Chord:
     size: int
     callback: str
     slots: dict[int, bytes] = field(default_factory=dict)
-    fired: bool = False
 
 
 @dataclass(slots=True)
@@ -611,9 +610,11 @@ class MemoryBroker(Broker):
         if old is not None and not old.startswith(ERROR_HEAD):
             return  # counted once; a value is final
         chord.slots[slot] = value  # a retried member may replace its error
-        if old is not None or len(chord.slots) < chord.size or chord.fired:
+        if old is not None or len(chord.slots) < chord.size:
             return
-        chord.fired = True
+        # It fires once and for all: a member retried later changes nothing (as on Redis, where
+        # the chord's hash expires).
+        del q.chords[chord_id]
         callback = q.records.get(chord.callback)
         if callback is None or callback.id not in q.waiting:
             return  # cancelled or revoked while it waited (its record may have expired since)
@@ -635,6 +636,8 @@ class MemoryBroker(Broker):
                 self._store(q, NewJob(id=batch_callback_id(batch_id, kind), task=template.task,
                                       payload=template.payload, priority=template.priority,
                                       enqueued_at=now), now)
+        if succeeded == batch.size:  # nothing can change it now (only a failed member is retried)
+            del q.batches[batch_id]
 
     def _task_revoked(self, q: _Queue, task: str, now: float) -> bool:
         """Whether the task is revoked now; a revocation for one job only is used up here."""

@@ -376,6 +376,8 @@ local function batch_arrive(bid, id, state, now)
       store_job(now, bid .. ':' .. kind, cb[1], cb[2], cb[3], '', '', '', nil)
     end
   end
+  -- Every member succeeded: nothing can change the batch now (only a failed member is retried).
+  if ok == size then redis.call('DEL', bk) end
 end
 
 -- The record fields that ending a job looks at, read in one call (missing ones are false).
