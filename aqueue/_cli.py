@@ -35,7 +35,9 @@ def load_queue(target: str) -> Queue:
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        if exc.name and module_name.startswith(exc.name):
+        # The target itself (or a package above it) is missing; a module it imports that is
+        # missing is the app's own error, traceback and all.
+        if exc.name and (module_name == exc.name or module_name.startswith(exc.name + ".")):
             raise TargetError(f"cannot import module {module_name!r}: {exc}") from None
         raise
     queue = getattr(module, attribute, None)

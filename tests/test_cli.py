@@ -217,6 +217,17 @@ def test_bad_target_exits_2(target: str, message: str, capsys: pytest.CaptureFix
     assert message in capsys.readouterr().err
 
 
+def test_an_app_whose_own_import_is_missing_shows_that_import(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `app_sx` imports a missing `app_s`: not a bad target, but the app's error (it was reported
+    # as "cannot import module 'app_sx'", the name being a prefix of it, and the traceback hidden).
+    (tmp_path / "app_sx.py").write_text("import app_s\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ModuleNotFoundError, match="'app_s'"):
+        main(["run", "app_sx:queue"])
+
+
 @pytest.mark.parametrize("logfile", ["/nonexistent-dir/aqueue.log", "."])  # no folder; a folder
 def test_a_logfile_that_cannot_be_opened_exits_2(
     logfile: str, capsys: pytest.CaptureFixture[str]
