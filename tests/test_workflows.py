@@ -184,6 +184,26 @@ async def test_a_chord_whose_cancelled_callback_expired_still_takes_its_members(
         assert await later.result(timeout=10) == 10
 
 
+async def test_a_chord_callback_whose_values_outgrow_the_payload_bound_ends_failed(queue: Queue) -> None:
+    # The members' values count toward the worker's max_payload_size (README): the chord still
+    # completes, its callback dead-lettered with the reason, not left waiting.
+    queue = Queue(broker=queue.broker, name=queue.name, max_payload_size=1000)
+
+    @queue.task
+    async def big() -> str:
+        return "x" * 400
+
+    @queue.task
+    async def count(values: list[str]) -> int:
+        return len(values)
+
+    async with queue.worker():
+        c = await queue.enqueue(chord([big.s(), big.s(), big.s()], count.s()))
+        with pytest.raises(TaskError, match="max_payload_size"):
+            await c.get(timeout=10)
+    assert await c.callback.state() == JobState.FAILED
+
+
 async def test_nested_chords_and_chords_of_pipelines(queue: Queue) -> None:
     add = arithmetic(queue)
 
