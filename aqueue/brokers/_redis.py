@@ -70,21 +70,17 @@ KEEP_BEHIND = 2_000
 
 
 def redact(url: str) -> str:
-    """The URL without its password (in its user part or a `?password=`), for log lines and error
-    messages. No part of a password is shown, whatever the URL looks like."""
-    parts = urlsplit(url)
-    head, sep, rest = url.partition("://")
-    if _stray_at(url):
-        # A password with an unencoded "/", "?" or "#" (or an "@" in a query value): urlsplit sees
-        # no user part. All up to the last "@" may be the password; what follows it is shown too
-        # unless a `password=` came before (then it may be that password's end).
-        if not sep:
-            head, rest = "", url
-        userinfo, _, tail = rest.rpartition("@")
-        user, colon, _ = userinfo.partition(":")
-        user = user if colon and not any(c in user for c in "/?#") else ""
-        after = urlsplit("//" + ("" if "password=" in userinfo.lower() else tail))
-        return f"{head}{sep}{user}:***@{after.netloc}{_shown_rest(after)}"
+    """The URL without its password (in its user part or a query option named like one), for log
+    lines and error messages. No part of a password is shown, whatever the URL looks like: one
+    that urlsplit cannot read, or with an "@" past the part it takes for the host (a password
+    holding an unencoded "/", "?", "#" or "@" ends that part early), is shown as its scheme alone."""
+    scheme = url.partition("://")[0]
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # an unbalanced "[" or "]", in a password say
+        return f"{scheme}://***"
+    if "@" in url.partition("://")[2][len(parts.netloc):]:
+        return f"{parts.scheme}://***"
     if parts.password is None and not _secret_query(parts.query) and not parts.fragment:
         return url
     netloc = parts.netloc
@@ -100,20 +96,32 @@ def _secret_query(query: str) -> bool:
 
 
 def _shown_rest(parts: SplitResult) -> str:
-    """The path, query and fragment of a URL as `redact` shows them."""
-    query = parts.query
-    if _secret_query(query):
-        query = urlencode([(k, "***" if "password" in k.lower() else v) for k, v in parse_qsl(query)],
-                          safe="*")
+    """The path, query and fragment of a URL as `redact` shows them: past a password in the query,
+    a name that is no connection option may be that password's end (after an unencoded "&")."""
+    fields, secret = [], False
+    for name, value in parse_qsl(parts.query):
+        if "password" in name.lower():
+            fields.append(f"{name}=***")
+            secret = True
+        elif secret and name not in KNOWN_OPTIONS:
+            fields.append("***")
+        else:
+            fields.append(urlencode([(name, value)]))
+    query = "&".join(fields) if secret else parts.query
     shown = parts.path + (f"?{query}" if query else "")
     return shown + ("#***" if parts.fragment else "")  # only an unencoded "#" makes one
 
 
-def _stray_at(url: str) -> bool:
-    """Whether an "@" comes after the user part urlsplit finds (it finds none past a "/", "?" or
-    "#"): redis-py would take a part of the password for the host, database or query."""
-    _, sep, rest = url.partition("://")
-    return "@" in (rest[len(urlsplit(url).netloc):] if sep else url)
+def _misread_password(parts: SplitResult) -> bool:
+    """Whether a password holding an unencoded "/", "?" or "#" ends the part urlsplit takes for the
+    host before its "@": redis-py would read a part of it as the host, database or query. An "@"
+    elsewhere is fine: in a query value, or in a Unix socket's path."""
+    if "@" in parts.fragment:
+        return True
+    if parts.scheme == "unix":
+        return bool(parts.netloc) and "@" not in parts.netloc and "@" in parts.path + parts.query
+    names = (field.partition("=")[0] for field in parts.query.split("&"))
+    return "@" in parts.path or any("@" in name for name in names)
 
 
 # Query options redis-py passes to the connection as text; those it parses first are in its
@@ -121,6 +129,7 @@ def _stray_at(url: str) -> bool:
 TEXT_OPTIONS = {"username", "password", "client_name", "lib_name", "lib_version", "ssl_keyfile",
                 "ssl_certfile", "ssl_cert_reqs", "ssl_ca_certs", "ssl_ca_data", "ssl_ca_path",
                 "ssl_ciphers", "ssl_password"}
+KNOWN_OPTIONS = {"max_connections", *URL_QUERY_ARGUMENT_PARSERS, *TEXT_OPTIONS}
 
 
 @cache
@@ -138,8 +147,12 @@ def _query_options(scheme: str) -> frozenset[str]:
 def _check_url(url: str, shown: str) -> None:
     """Refuse a URL that redis-py would misread, or fail on at the first connection (with its own
     errors, which can hold a part of the password); `shown` is the URL redacted."""
-    parts = urlsplit(url)
-    if _stray_at(url) or parts.fragment:
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:  # only its own words: the URL may hold a password
+        raise ConfigurationError(f"{shown}: not a valid URL ({exc}; percent-encode '[' and ']' "
+                                 "in a password as %5B and %5D)") from None
+    if _misread_password(parts) or parts.fragment:
         raise ConfigurationError(
             f"{shown}: percent-encode the password ('@', '#', '?', '/' as %40, %23, %3F, %2F): "
             "as written, a part of it would be read as the host, database or query"
@@ -152,9 +165,13 @@ def _check_url(url: str, shown: str) -> None:
     if parts.scheme in ("redis", "rediss") and database and not database.isdigit():
         # redis-py would quietly use database 0
         raise ConfigurationError(f"{shown}: the database must be a number, got {database!r}")
-    options = _query_options(parts.scheme)
+    options, secret = _query_options(parts.scheme), False
     for name, value in parse_qsl(parts.query):
+        secret = secret or "password" in name.lower()
         if name not in options:
+            if secret and name not in KNOWN_OPTIONS:  # maybe the password's end: not named
+                raise ConfigurationError(f"{shown}: an option after the password is not a connection "
+                                         "option (percent-encode '&' in a password as %26)")
             raise ConfigurationError(f"{shown}: {name!r} is not a connection option of a "
                                      f"{parts.scheme}:// URL")
         parse = URL_QUERY_ARGUMENT_PARSERS.get(name)
@@ -162,7 +179,8 @@ def _check_url(url: str, shown: str) -> None:
             if parse is not None:
                 parse(value)
         except (TypeError, ValueError):
-            raise ConfigurationError(f"{shown}: {name}={value!r} is not a valid value") from None
+            shown_value = "***" if "password" in name.lower() else repr(value)
+            raise ConfigurationError(f"{shown}: {name}={shown_value} is not a valid value") from None
 
 
 def waiting_name(consumer: str) -> str:
