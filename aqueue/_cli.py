@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import sys
+import traceback
 from collections.abc import Sequence
 
 import anyio
@@ -75,6 +76,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         handler.close()
 
 
+def _where(exc: BaseException) -> str | None:
+    """The line of the app's own code that led to `exc` ("app.py:12"): the last outside aqueue."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if not os.path.abspath(f.filename).startswith(package + os.sep) and "<frozen" not in f.filename]
+    return f"{os.path.relpath(frames[-1].filename)}:{frames[-1].lineno}" if frames else None
+
+
 def _run(args: RunArgs) -> int:
     try:
         queue = load_queue(args.target)
@@ -82,7 +91,7 @@ def _run(args: RunArgs) -> int:
         print(f"aqueue: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except ConfigurationError as exc:  # raised as the app was imported: a bad queue URL, say
-        print(f"aqueue: {args.target}: {exc}", file=sys.stderr)
+        print(f"aqueue: {_where(exc) or args.target}: {exc}", file=sys.stderr)
         return EXIT_USAGE
     worker = Worker(queue, concurrency=args.concurrency, scheduler=not args.no_scheduler,
                     shutdown_timeout=args.shutdown_timeout)

@@ -191,13 +191,15 @@ def test_unreachable_redis_at_start_is_one_line_and_exit_1(queue_name: str) -> N
 
 
 def test_a_bad_queue_url_is_one_line_and_exit_2(queue_name: str) -> None:
+    app_lines = (ROOT / "tests" / "apps" / "worker_app.py").read_text().splitlines()
+    where = f"{os.path.join('tests', 'apps', 'worker_app.py')}:{app_lines.index('queue = Queue(') + 1}"
     # The app makes its queue as it is imported: the URL is refused there, before any connection.
     env = {**os.environ, "AQUEUE_URL": "redis://:s3cr#et9@127.0.0.1:6379/0", "AQUEUE_QUEUE": queue_name}
     done = subprocess.run([sys.executable, "-m", "aqueue", "run", APP], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
-    assert done.stderr.splitlines() == [
-        f"aqueue: {APP}: redis://:***@127.0.0.1:6379/0: percent-encode the password ('@', '#', '?', "
+    assert done.stderr.splitlines() == [  # the app's line that made the queue
+        f"aqueue: {where}: redis://***: percent-encode the password ('@', '#', '?', "
         "'/' as %40, %23, %3F, %2F): as written, a part of it would be read as the host, database "
         "or query"
     ]
