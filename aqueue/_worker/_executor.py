@@ -260,7 +260,8 @@ def _next_payload(queue: Queue, task: str, value: Any, following: dict[str, Any]
         kwargs.update(value)
     elif value is not None:
         args = [value, *args]
-    return encode_call(task, args, kwargs, following["options"], queue.max_payload_size)
+    # The value passed encode_result's check, the step's own arguments the check at enqueue.
+    return encode_call(task, args, kwargs, following["options"], queue.max_payload_size, checked=True)
 
 
 def _errors_restored(value: Any) -> Any:
