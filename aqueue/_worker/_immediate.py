@@ -85,13 +85,16 @@ async def _run(queue: Queue, job_id: str, may_appear: bool) -> bool:
         if d.ended:  # ended by the broker (expired, revoked, cancelled, dead): said as a worker says it
             await report_ended(queue, d)
             return True
+        ended = False
         try:
             completion = await execute(queue, RunningJob(d))
-        except BaseException:
-            # The caller was cancelled (a request's deadline, say): the job goes back to the
-            # queue, as a stopping worker's does, rather than stay leased to no one.
-            with anyio.CancelScope(shield=True):
-                await broker.release(name, [d])
-            raise
+            ended = True
+        finally:
+            if not ended:
+                # The caller was cancelled (a request's deadline, say): the job goes back to the
+                # queue, as a stopping worker's does, rather than stay leased to no one.
+                with anyio.move_on_after(5, shield=True):
+                    await broker.release(name, [d])
         if completion is not None:
-            await broker.finish(name, [completion], queue.result_ttl)
+            with anyio.CancelScope(shield=True):  # its end is written whatever comes now
+                await broker.finish(name, [completion], queue.result_ttl)
