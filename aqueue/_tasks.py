@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, cast
 
-from aqueue._checks import check_retries
+from aqueue._checks import check_count
 from aqueue._exceptions import ConfigurationError
 from aqueue._time import Seconds, When, epoch, seconds, timedelta_or_seconds
 
@@ -33,7 +33,7 @@ class TaskPolicy:
     expires: When | None = None
 
     def __post_init__(self) -> None:
-        check_retries(self.retries)
+        check_count(self.retries, "retries", minimum=0)
         if self.expires is not None:
             epoch(self.expires, 0.0, "expires")  # a bad one fails here, not at every enqueue
         if self.retry_delay < 0 or self.retry_backoff < 1:
@@ -111,7 +111,7 @@ class Task(Generic[P, R]):
         if expires is not None:
             epoch(expires, 0.0, "expires")
         if retries is not None:
-            check_retries(retries)
+            check_count(retries, "retries", minimum=0)
         if priority is not None:
             check_priority(priority)
         if timeout is not None and timedelta_or_seconds(timeout) <= 0:  # type: ignore[operator]
@@ -202,8 +202,6 @@ class TaskCall(Generic[P, R]):
 
         return Signature(self.task, args, kwargs, self.call)
 
-    def with_options(self, **changes: Any) -> TaskCall[P, R]:
-        return TaskCall(self.task, replace(self.call, **changes))
 
 
 def call_overrides(call: CallOptions) -> dict[str, Any]:

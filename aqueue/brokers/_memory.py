@@ -616,8 +616,8 @@ class MemoryBroker(Broker):
         # the chord's hash expires).
         del q.chords[chord_id]
         callback = q.records.get(chord.callback)
-        if callback is None or callback.id not in q.waiting:
-            return  # cancelled or revoked while it waited (its record may have expired since)
+        if callback is None:
+            return  # cancelled or revoked while it waited, and its record expired since
         values = b"[" + b",".join(chord.slots[i] for i in range(chord.size)) + b"]"
         self._activate(q, chord.callback, prepend_arg(callback.payload, values))
 
