@@ -19,7 +19,7 @@ from aqueue._jobs import Job, ResultGroup
 from aqueue._serialization import encode_call
 from aqueue._states import JobState
 from aqueue._tasks import NO_OPTIONS, CallOptions, Task, call_overrides
-from aqueue._time import Seconds, seconds
+from aqueue._time import Seconds
 from aqueue.brokers import (
     BatchSpec,
     ChordSpec,
@@ -90,19 +90,23 @@ class Group:
     def error(self, handler: Task[Any, Any] | Signature[Any], *args: Any, **kwargs: Any) -> Group:
         return Group([m.error(handler, *args, **kwargs) for m in self.members])
 
+    def then(self, task: Task[Any, Any] | Signature[Any], *args: Any, **kwargs: Any) -> Chord:
+        """As in Huey, a group fed into a task is a chord: `task(values, ...)` once all have ended."""
+        return Chord(self.members, signature(task, args, kwargs))
+
 
 class Chord:
     """Members side by side, then `callback(values, ...)` once every member has ended. A member
     that fails for good puts its error (a `TaskError`) in its place: a chord always completes."""
 
-    def __init__(self, members: Iterable[Node], callback: Signature[Any] | Pipeline) -> None:
+    def __init__(self, members: Iterable[Node], callback: Task[Any, Any] | Signature[Any] | Pipeline) -> None:
         self.members = list(members)
         if not self.members:
             raise ConfigurationError("a chord needs at least one member")
         for m in self.members:
             if isinstance(m, Group):
                 raise ConfigurationError("a chord member is a signature, a pipeline or a chord, not a group")
-        self.callback = callback if isinstance(callback, Pipeline) else Pipeline([callback])
+        self.callback = callback if isinstance(callback, Pipeline) else Pipeline([signature(callback, (), {})])
 
     def then(self, task: Task[Any, Any] | Signature[Any], *args: Any, **kwargs: Any) -> Chord:
         """Attaches to the callback: it feeds `task`."""
@@ -120,7 +124,7 @@ def group(members: Iterable[Node]) -> Group:
     return Group(members)
 
 
-def chord(members: Iterable[Node], callback: Signature[Any] | Pipeline) -> Chord:
+def chord(members: Iterable[Node], callback: Task[Any, Any] | Signature[Any] | Pipeline) -> Chord:
     return Chord(members, callback)
 
 
@@ -220,6 +224,10 @@ class Batch:
 
 # --- compiling a workflow into linked jobs ------------------------------------------------------
 
+# Each step's payload nests the steps after it (what the worker needs to start the next one), two
+# levels of JSON per step: orjson refuses past 254 levels, and a step's own arguments need some.
+MAX_PIPELINE_STEPS = 100
+
 
 @dataclass
 class _Membership:
@@ -279,13 +287,16 @@ class Plan:
 
     def _pipeline(self, steps: list[Signature[Any]], member: _Membership,
                   chord_input: bool = False) -> list[Job[Any]]:
+        if len(steps) > MAX_PIPELINE_STEPS:
+            raise ConfigurationError(
+                f"a pipeline of {len(steps)} steps: at most {MAX_PIPELINE_STEPS} (each step carries the "
+                "ones after it; a longer chain can be split, its last step enqueuing the rest)")
         ids = [new_id() for _ in steps]
         following: dict[str, Any] | None = None  # the next step, as the worker needs it
         new_jobs: list[NewJob] = []
         for index in reversed(range(len(steps))):
             step, last = steps[index], index == len(steps) - 1
-            delayed = step.call.eta is not None or bool(step.call.delay and seconds(step.call.delay, "delay"))
-            if delayed and (member.waiting or index > 0):
+            if (member.waiting or index > 0) and (step.call.delay is not None or step.call.eta is not None):
                 raise ConfigurationError(
                     f"{step.task.name}: a pipeline step after the first, or a chord callback, starts "
                     "when the job before it ends; delay and eta do not apply to it")
