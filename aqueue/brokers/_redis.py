@@ -125,8 +125,9 @@ def _misread_password(parts: SplitResult) -> bool:
 
 
 # Query options redis-py passes to the connection as text; those it parses first are in its
-# URL_QUERY_ARGUMENT_PARSERS. Any other name fails on the first connection.
-TEXT_OPTIONS = {"username", "password", "client_name", "lib_name", "lib_version", "ssl_keyfile",
+# URL_QUERY_ARGUMENT_PARSERS (redis-py 8 parses `protocol`; 7 passes it as text, which its
+# connection reads). Any other name fails on the first connection.
+TEXT_OPTIONS = {"username", "password", "client_name", "lib_name", "lib_version", "protocol", "ssl_keyfile",
                 "ssl_certfile", "ssl_cert_reqs", "ssl_ca_certs", "ssl_ca_data", "ssl_ca_path",
                 "ssl_ciphers", "ssl_password"}
 KNOWN_OPTIONS = {"max_connections", *URL_QUERY_ARGUMENT_PARSERS, *TEXT_OPTIONS}
