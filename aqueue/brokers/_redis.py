@@ -74,12 +74,12 @@ def redact(url: str) -> str:
     lines and error messages. No part of a password is shown, whatever the URL looks like: one
     that urlsplit cannot read, or with an "@" past the part it takes for the host (a password
     holding an unencoded "/", "?", "#" or "@" ends that part early), is shown as its scheme alone."""
-    scheme = url.partition("://")[0]
+    scheme, _, rest = url.partition("://")
     try:
         parts = urlsplit(url)
     except ValueError:  # an unbalanced "[" or "]", in a password say
         return f"{scheme}://***"
-    if "@" in url.partition("://")[2][len(parts.netloc):]:
+    if "@" in rest[len(parts.netloc):]:
         return f"{parts.scheme}://***"
     if parts.password is None and not _secret_query(parts.query) and not parts.fragment:
         return url
@@ -91,8 +91,13 @@ def redact(url: str) -> str:
     return f"{parts.scheme}://{netloc}{_shown_rest(parts)}"
 
 
+def _secret(name: str) -> bool:
+    """A query option that holds a password (`password`, `ssl_password`)."""
+    return "password" in name.lower()
+
+
 def _secret_query(query: str) -> bool:
-    return any("password" in name.lower() for name, _ in parse_qsl(query))
+    return any(_secret(name) for name, _ in parse_qsl(query))
 
 
 def _shown_rest(parts: SplitResult) -> str:
@@ -100,7 +105,7 @@ def _shown_rest(parts: SplitResult) -> str:
     a name that is no connection option may be that password's end (after an unencoded "&")."""
     fields, secret = [], False
     for name, value in parse_qsl(parts.query):
-        if "password" in name.lower():
+        if _secret(name):
             fields.append(f"{name}=***")
             secret = True
         elif secret and name not in KNOWN_OPTIONS:
@@ -142,7 +147,7 @@ def _query_options(scheme: str) -> frozenset[str]:
     for cls in connection.__mro__:
         if (init := vars(cls).get("__init__")) is not None:
             taken.update(inspect.signature(init).parameters)
-    return frozenset(taken & (set(URL_QUERY_ARGUMENT_PARSERS) | TEXT_OPTIONS))
+    return frozenset(taken & KNOWN_OPTIONS)
 
 
 def _check_url(url: str, shown: str) -> None:
@@ -168,7 +173,7 @@ def _check_url(url: str, shown: str) -> None:
         raise ConfigurationError(f"{shown}: the database must be a number, got {database!r}")
     options, secret = _query_options(parts.scheme), False
     for name, value in parse_qsl(parts.query):
-        secret = secret or "password" in name.lower()
+        secret = secret or _secret(name)
         if name not in options:
             if secret and name not in KNOWN_OPTIONS:  # maybe the password's end: not named
                 raise ConfigurationError(f"{shown}: an option after the password is not a connection "
@@ -180,7 +185,7 @@ def _check_url(url: str, shown: str) -> None:
             if parse is not None:
                 parse(value)
         except (TypeError, ValueError):
-            shown_value = "***" if "password" in name.lower() else repr(value)
+            shown_value = "***" if _secret(name) else repr(value)
             raise ConfigurationError(f"{shown}: {name}={shown_value} is not a valid value") from None
 
 
