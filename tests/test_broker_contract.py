@@ -421,6 +421,15 @@ async def test_failed_dead_letters_retry_and_purge(broker: Broker, queue_name: s
     assert await broker.retry(queue_name, "a", time.time()) is False
 
 
+async def test_jobs_of_one_call_list_in_its_order(broker: Broker, queue_name: str) -> None:
+    # Ids whose sorted order is not the call's: what a zset would fall back on for equal scores.
+    ids = ["m", "c", "x", "a", "q", "b"]
+    now = time.time()
+    await broker.enqueue(queue_name, [new(job_id, enqueued_at=now) for job_id in ids])
+    assert [r.id for r in await broker.jobs(queue_name, None, None, 10)] == ids[::-1]
+    assert [r.id for r in await broker.jobs(queue_name, None, None, 2)] == ["b", "q"]
+
+
 async def test_retry_from_dead_letters_resets_delivery_count(
     broker: Broker, queue_name: str
 ) -> None:

@@ -355,3 +355,15 @@ async def test_jobs_lists_newest_first_with_filters(queue: Queue) -> None:
             await second.result(timeout=10)
     assert [i.id for i in await queue.jobs(state="failed")] == [second.id]
     assert [i.id for i in await queue.jobs(state=JobState.SUCCEEDED)] == [third.id, first.id]
+
+
+async def test_jobs_lists_the_jobs_of_one_map_newest_first(queue: Queue) -> None:
+    # One call stores them all at one time: they still list in the order they were enqueued.
+    @queue.task
+    async def a(i: int) -> int:
+        return i
+
+    before = await a.enqueue(-1)
+    group = await a.map([(i,) for i in range(30)])
+    listed = [i.id for i in await queue.jobs(limit=50)]
+    assert listed == [*(job.id for job in reversed(group.jobs)), before.id]

@@ -181,6 +181,15 @@ local function put_back(s, p, entry, fields)
   if jk and redis.call('HGET', jk, 'entry') == entry then make_ready(id, jk, p) end
 end
 
+-- A new job's score in the index. The jobs one call stores share its `now`, and a zset orders
+-- equal scores by member (random ids): each gets a microsecond more than the one stored before it
+-- in the call, so that listings keep the order they were enqueued in.
+local written = 0
+local function in_order(now)
+  written = written + 1
+  return tonumber(now) + written * 1e-6
+end
+
 -- Store a plain new job (no key, eta, expiry or workflow link) and make it ready with a lean
 -- entry: store_job's common case, written out without its tables, as most jobs take it. The
 -- record's fields are store_job's, in its order, with `more` 0. A job already stored under the id
@@ -191,7 +200,7 @@ local function store_plain(now, id, task, payload, p)
   local entry = add_entry(p, 'id', id, 'task', task, 'payload', payload, 'at', now)
   redis.call('HSET', jk, 'state', 'pending', 'token', '0', 'more', '0', 'task', task,
     'payload', payload, 'priority', p, 'attempt', '1', 'enqueued_at', now, 'entry', entry)
-  redis.call('ZADD', prefix .. 'index', now, id)
+  redis.call('ZADD', prefix .. 'index', in_order(now), id)
 end
 
 -- The live job an idempotency key names, if any (the key's entry may outlive its job's end).
@@ -248,7 +257,7 @@ local function store_job(now, id, task, payload, p, eta, expires, key, extra)
     -- An expiry is checked when the job starts: that needs the record, so a plain entry.
     make_ready(id, jk, p, fields)
   end
-  redis.call('ZADD', prefix .. 'index', now, id)
+  redis.call('ZADD', prefix .. 'index', in_order(now), id)
   if key ~= '' then redis.call('SET', prefix .. 'key:' .. key, id) end
   return id
 end
