@@ -93,6 +93,12 @@ def _run(args: RunArgs) -> int:
     except ConfigurationError as exc:  # raised as the app was imported: a bad queue URL, say
         print(f"aqueue: {_where(exc) or args.target}: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    if queue.broker.url == "memory://":
+        # Legit for a process that enqueues its own jobs (periodic tasks), but a web app's jobs,
+        # enqueued in its own process, never reach this one: most likely a wrong URL.
+        logger.warning("queue %r is on memory://: this worker runs only the jobs its own process "
+                       "enqueues (its periodic tasks), never another process's; share a redis:// "
+                       "URL with the processes that enqueue", queue.name)
     worker = Worker(queue, concurrency=args.concurrency, scheduler=not args.no_scheduler,
                     shutdown_timeout=args.shutdown_timeout)
     return anyio.run(_serve, worker)

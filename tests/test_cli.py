@@ -178,6 +178,23 @@ async def test_password_url_works_and_never_shows(
         server.stop()
 
 
+async def test_a_worker_on_memory_says_it_runs_only_its_own_jobs(
+    queue_name: str, workers: list[WorkerProcess]
+) -> None:
+    # A process's memory:// queue is its own: a web app's jobs never reach this worker.
+    worker = WorkerProcess("memory://", queue_name)
+    workers.append(worker)
+
+    async def started() -> bool:  # the worker's own start-up line comes after the warning
+        return ", concurrency " in worker.output()
+
+    await poll_until(started, timeout=30)
+    [line] = [line for line in worker.output().splitlines() if "is on memory://" in line]
+    assert "WARNING" in line
+    assert "never another process's" in line
+    assert worker.process.poll() is None  # it runs all the same (periodic tasks may be its work)
+
+
 def test_unreachable_redis_at_start_is_one_line_and_exit_1(queue_name: str) -> None:
     port = __import__("tests.conftest", fromlist=["free_port"]).free_port()
     env = {**os.environ, "AQUEUE_URL": f"redis://127.0.0.1:{port}/0", "AQUEUE_QUEUE": queue_name}
