@@ -10,7 +10,8 @@ observability hooks and a health check; on a one-by-one enqueue those cost about
 client's CPU, a third of a round trip. The connections made here write the packed command and
 read the reply directly, with redis-py's own parser (and hiredis's packer when installed). What
 the wrappers are for is kept: the connection's `socket_timeout` bounds the call, an error mid-call
-drops the connection (its next use reconnects), and a reply that is an error is raised.
+drops the connection (its next use reconnects), one that Redis closed while it sat in the pool is
+opened again before it is used, and a reply that is an error is raised.
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ class _LeanCalls:
         conn: Any = self
         if not conn.is_connected:
             await conn.connect()
+        else:
+            await _reopen_if_closed(conn)
         try:
             for args in commands:
                 if _hiredis_pack is not None:
@@ -89,6 +92,15 @@ class _LeanCalls:
         return replies
 
 
+async def _reopen_if_closed(conn: Any) -> None:
+    """A pooled connection that Redis closed while it sat in the pool (a restart, say) would fail
+    the call it is taken for: opened again first. (redis-py 8 no longer probes for this as it
+    hands out a connection, where maintenance notifications are enabled, its default.)"""
+    if conn._reader is not None and conn._reader.at_eof():
+        await conn.disconnect(nowait=True)
+        await conn.connect()
+
+
 _LEAN: dict[type, type] = {}
 
 
@@ -111,10 +123,16 @@ class WaitingPool(aioredis.ConnectionPool):
     async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
         await self._free.acquire()
         try:
-            return await super().get_connection(*args, **kwargs)  # type: ignore[no-untyped-call]
+            conn = await super().get_connection(*args, **kwargs)  # type: ignore[no-untyped-call]
         except BaseException:
             self._free.release()
             raise
+        try:
+            await _reopen_if_closed(conn)
+        except BaseException:
+            await self.release(conn)
+            raise
+        return conn
 
     async def release(self, connection: Any) -> None:
         try:
