@@ -3,6 +3,10 @@
 `listen(channel)` returns only once Redis has confirmed the subscription, so a caller that then reads
 some state and waits cannot miss a message published after that read. Without this, a SUBSCRIBE sent
 on one connection may still be unprocessed when a read on another connection runs.
+
+A connection that answers nothing (a peer gone without a word: a failover behind a virtual address,
+a dropped flow) is found out by a confirmation or a PING that does not come back within ANSWER_WITHIN,
+and dropped: everyone listening re-checks and subscribes again on a new one.
 """
 
 from __future__ import annotations
@@ -18,6 +22,10 @@ import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
 
 logger = logging.getLogger("aqueue")
+
+# How long a confirmation or a PING's reply may take before the connection is taken for dead (the
+# connection's own socket_timeout); a connection quiet that long is PINGed.
+ANSWER_WITHIN = 5.0
 
 
 class Listener:
@@ -52,6 +60,7 @@ class _Channel:
     sent: int = 0  # SUBSCRIBE commands sent for this channel
     confirmed: int = 0  # their confirmations read back
     confirmation: anyio.Event = field(default_factory=anyio.Event)
+    refused: Exception | None = None  # Redis's error reply to the SUBSCRIBE (NOPERM, BUSY)
 
 
 class Notifier:
@@ -126,8 +135,13 @@ class Notifier:
                 raise
         target = state.sent
         self._ensure_reader()
-        while state.confirmed < target:
-            await state.confirmation.wait()
+        with anyio.move_on_after(ANSWER_WITHIN):
+            while state.confirmed < target:
+                await state.confirmation.wait()
+        if state.confirmed < target:
+            await self._drop(TimeoutError(f"no confirmation of SUBSCRIBE within {ANSWER_WITHIN}s"))
+        if state.refused is not None:
+            raise state.refused
 
     async def _unsubscribe(self) -> None:
         while self._idle:
@@ -146,17 +160,31 @@ class Notifier:
             self._reader = asyncio.get_running_loop().create_task(self._read())
 
     async def _read(self) -> None:
+        pinged = False
         while True:
             try:
-                message = await self._pubsub.get_message(timeout=None)
-            except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
-                self._lost(exc)
-                await anyio.sleep(0.1)
+                message = await self._pubsub.get_message(timeout=ANSWER_WITHIN)
+                if message is None and self._channels:  # quiet: is the connection still there?
+                    if pinged:
+                        await self._drop(TimeoutError(f"no reply to PING within {ANSWER_WITHIN}s"))
+                        return
+                    async with self._commands:
+                        await self._pubsub.ping()
+                    pinged = True
+                    continue
+            except redis_errors.ResponseError as exc:  # an error reply: a SUBSCRIBE refused
+                self._refused(exc)
                 continue
+            except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
+                # Nothing is subscribed now: the next listen() reconnects and starts a reader.
+                self._reader = None
+                self._lost(exc)
+                return
             except RuntimeError:  # nothing subscribed any more: stop until the next listen()
                 self._reader = None
                 return
-            if message is None:
+            pinged = False
+            if message is None or message["type"] == "pong":
                 continue
             channel = message["channel"].decode()
             state = self._channels.get(channel)
@@ -175,6 +203,30 @@ class Notifier:
                         heard._wake(data)
                 # A turn of the loop: those woken go on before this task reads the next message.
                 await asyncio.sleep(0)
+
+    def _refused(self, exc: Exception) -> None:
+        """Redis answered a SUBSCRIBE with an error (replies come in order: it is the oldest still
+        unconfirmed, but those are told apart by nothing): every listen waiting for a
+        confirmation raises it, and the next one subscribes afresh."""
+        logger.warning("Redis refused a pub/sub command: %s", exc)
+        for channel, state in list(self._channels.items()):
+            if state.confirmed < state.sent:
+                state.refused = exc
+                state.confirmed = state.sent
+                state.confirmation.set()
+                del self._channels[channel]
+
+    async def _drop(self, exc: Exception) -> None:
+        """The connection answers nothing: closed, so that the next listen() opens a new one."""
+        if self._reader is not None and self._reader is not asyncio.current_task():
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+        self._reader = None
+        connection = self._pubsub.connection
+        if connection is not None:
+            async with self._commands:
+                await connection.disconnect()
+        self._lost(exc)
 
     def _lost(self, exc: BaseException) -> None:
         """Every subscription is gone with the connection: wake everyone to re-check and re-listen."""

@@ -1,0 +1,244 @@
+"""Waiting on outcomes when the Redis pub/sub connection misbehaves: a SUBSCRIBE refused, a
+connection that stops answering without closing."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+
+import anyio
+import pytest
+import redis.asyncio
+
+from aqueue import BrokerError, Queue
+from aqueue.brokers import RedisBroker
+from aqueue.brokers import _notifier as notifier_module
+from tests.conftest import start_redis
+
+
+class FreezingProxy:
+    """A TCP proxy to Redis that can stop forwarding on one connection while keeping it open: the
+    other end hears nothing, and no close either (a failover behind a virtual address, a flow a
+    load balancer dropped)."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.frozen: dict[int, asyncio.Event] = {}  # per client-side port
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    def freeze(self, client_port: int) -> None:
+        self.frozen[client_port].set()
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._server is not None:
+            self._server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        frozen = self.frozen[writer.get_extra_info("peername")[1]] = asyncio.Event()
+        for source, sink in ((reader, up_writer), (up_reader, writer)):
+            task = asyncio.get_running_loop().create_task(self._pipe(source, sink, frozen))
+            self._tasks.add(task)
+
+    @staticmethod
+    async def _pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter, frozen: asyncio.Event) -> None:
+        try:
+            while data := await source.read(65536):
+                if frozen.is_set():
+                    await asyncio.Event().wait()  # holds the connection open, silent
+                sink.write(data)
+                await sink.drain()
+        finally:
+            sink.close()
+
+
+@pytest.fixture
+async def proxy(redis_url: str) -> AsyncIterator[FreezingProxy]:
+    proxy = FreezingProxy(int(redis_url.rsplit(":", 1)[1].split("/")[0]))
+    await proxy.start()
+    yield proxy
+    await proxy.close()
+
+
+def pubsub_port(broker: RedisBroker) -> int:
+    """The client-side port of the broker's pub/sub connection."""
+    assert broker._notifier is not None
+    connection = broker._notifier._pubsub.connection
+    assert connection is not None
+    return int(connection._writer.get_extra_info("sockname")[1])  # type: ignore[union-attr]
+
+
+async def test_a_refused_subscribe_fails_the_wait_and_the_next_wait_subscribes_again(
+    redis_url: str, queue_name: str
+) -> None:
+    # An ACL user without channel rights: Redis answers the inbox's SUBSCRIBE with an error.
+    # The pub/sub reader used to end on it, and every later wait of the process hang.
+    admin = redis.asyncio.Redis.from_url(redis_url)
+    user = f"u{uuid.uuid4().hex[:8]}"
+    await admin.execute_command("ACL", "SETUSER", user, "on", ">pw", "~*", "+@all", "resetchannels")
+    worker_queue = Queue(redis_url, name=queue_name)
+    queue = Queue(f"redis://{user}:pw@{redis_url.split('://', 1)[1]}", name=queue_name)
+    for q in (worker_queue, queue):
+        q.task(name="two")(two)
+    try:
+        async with worker_queue.worker():
+            job = await queue.tasks["two"].enqueue()
+            with anyio.fail_after(5):
+                with pytest.raises(BrokerError, match="no permissions"):
+                    await job.result(timeout=30)
+            await admin.execute_command("ACL", "SETUSER", user, "allchannels")
+            with anyio.fail_after(5):
+                assert await job.result(timeout=30) == 2
+    finally:
+        await queue.close()
+        await worker_queue.close()
+        await admin.execute_command("ACL", "DELUSER", user)
+        await admin.aclose()
+
+
+async def two() -> int:
+    return 2
+
+
+@pytest.fixture
+def answer_within(monkeypatch: pytest.MonkeyPatch) -> float:
+    monkeypatch.setattr(notifier_module, "ANSWER_WITHIN", 0.3)
+    return 0.3
+
+
+async def test_a_subscribe_on_a_connection_that_answers_nothing_moves_to_a_new_one(
+    redis_url: str, queue_name: str, proxy: FreezingProxy, answer_within: float
+) -> None:
+    # Its SUBSCRIBE went into a silent connection: no confirmation ever came, and the wait hung
+    # until TCP keepalive gave up on the connection (hours).
+    broker = RedisBroker(f"redis://127.0.0.1:{proxy.port}/0")
+    first, second = (Queue(broker=broker, name=f"{queue_name}-{i}") for i in (1, 2))
+    worker_first, worker_second = (Queue(redis_url, name=q.name) for q in (first, second))
+    for q in (first, second, worker_first, worker_second):
+        q.task(name="two")(two)
+    try:
+        async with worker_first.worker(), worker_second.worker():
+            with anyio.fail_after(10):
+                assert await (await first.tasks["two"].enqueue()).result() == 2  # subscribed
+            job = await second.tasks["two"].enqueue()
+            proxy.freeze(pubsub_port(broker))
+            with anyio.fail_after(10 * answer_within):
+                assert await job.result() == 2  # a new inbox: subscribed on a new connection
+    finally:
+        await broker.close()
+        await worker_first.close()
+        await worker_second.close()
+
+
+async def test_a_subscription_on_a_connection_that_answers_nothing_moves_to_a_new_one(
+    redis_url: str, queue_name: str, proxy: FreezingProxy, answer_within: float
+) -> None:
+    # Subscribed already, its outcome published into a silent connection: the waiter heard of it
+    # only when it read the job again, RECHECK (10 s) later.
+    queue = Queue(f"redis://127.0.0.1:{proxy.port}/0", name=queue_name)
+    worker_queue = Queue(redis_url, name=queue_name)
+    go = anyio.Event()
+
+    async def gated() -> int:
+        await go.wait()
+        return 2
+
+    queue.task(name="gated")(gated)
+    worker_queue.task(name="gated")(gated)
+    admin = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        async with worker_queue.worker():
+            go.set()
+            with anyio.fail_after(10):
+                assert await (await queue.tasks["gated"].enqueue()).result() == 2  # subscribed
+            go = anyio.Event()
+            assert isinstance(queue.broker, RedisBroker)
+            proxy.freeze(pubsub_port(queue.broker))
+            job = await queue.tasks["gated"].enqueue()
+
+            async def end_it_once_waited_on() -> None:
+                record = f"aqueue:{{{queue_name}}}:job:{job.id}"
+                while not await admin.hget(record, "waiters"):  # noqa: ASYNC110 - state in Redis
+                    await anyio.sleep(0.01)
+                go.set()
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(end_it_once_waited_on)
+                with anyio.fail_after(10 * answer_within):
+                    assert await job.result() == 2
+    finally:
+        await queue.close()
+        await worker_queue.close()
+        await admin.aclose()
+
+
+
+async def test_a_wait_whose_last_read_gets_no_reply_ends_at_its_timeout(
+    redis_url: str, queue_name: str
+) -> None:
+    # Redis paused as the timeout passed: the read of the record as it stands waited for Redis
+    # (up to its socket_timeout, then failing with a connection error) past the caller's timeout.
+    queue = Queue(redis_url, name=queue_name)
+    queue.task(name="two")(two)
+    admin = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        job = await queue.tasks["two"].enqueue()  # no worker: it stays pending
+        record = f"aqueue:{{{queue_name}}}:job:{job.id}"
+
+        async def pause_once_waited_on() -> None:
+            while not await admin.hget(record, "waiters"):  # noqa: ASYNC110 - state in Redis
+                await anyio.sleep(0.01)
+            await admin.execute_command("CLIENT", "PAUSE", 2000, "ALL")
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(pause_once_waited_on)
+            with anyio.fail_after(1.5), pytest.raises(TimeoutError, match="no reply from Redis"):
+                await job.result(timeout=0.5)
+        with anyio.fail_after(10):
+            await admin.ping()  # answered once the pause is over
+    finally:
+        await queue.close()
+        await admin.aclose()
+
+
+async def test_the_reader_stops_when_the_connection_is_lost_and_a_later_wait_starts_it(
+    queue_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # With Redis gone it reconnected ten times a second, each time logging the loss, for as long
+    # as Redis stayed away, whether anyone waited or not.
+    server = start_redis()
+    queue = Queue(server.url, name=queue_name)
+    queue.task(name="two")(two)
+    try:
+        async with queue.worker():
+            with anyio.fail_after(10):
+                assert await (await queue.tasks["two"].enqueue()).result() == 2
+        assert isinstance(queue.broker, RedisBroker)
+        notifier = queue.broker._notifier
+        assert notifier is not None
+        assert notifier._reader is not None
+        reader = notifier._reader
+        server.kill()
+        with anyio.fail_after(10):
+            await reader  # it ends, having logged the loss once
+        assert notifier._reader is None
+        assert [r.message for r in caplog.records].count(
+            "pub/sub connection lost, listeners re-subscribe: Connection closed by server."
+        ) <= 1
+        server.start()
+        async with queue.worker():
+            with anyio.fail_after(10):
+                assert await (await queue.tasks["two"].enqueue()).result() == 2
+    finally:
+        await queue.close()
+        server.stop()
