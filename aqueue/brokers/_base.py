@@ -318,7 +318,8 @@ class Broker(ABC):
         dead_reason): what `job.result()` reads.
 
         Returns None at once when the job is unknown. When `timeout` (seconds; None waits forever)
-        passes first, returns the record as it stands then (not final).
+        passes first, returns the record as it stands then (not final), or raises TimeoutError
+        when the record cannot be read promptly then either.
         """
 
     @abstractmethod

@@ -62,6 +62,7 @@ ENQUEUE_WINDOW = 20
 # Errors that pass (a failover, a server loading its data): retried like a lost connection.
 TRANSIENT = {"READONLY", "LOADING", "BUSY", "TRYAGAIN", "MASTERDOWN", "CLUSTERDOWN"}
 RECHECK = 10.0  # a waiter re-reads the state this often, in case a notification was lost
+LAST_READ_WITHIN = 0.5  # how long past its timeout a wait may read the record it returns
 # Ended entries that may wait in a stream behind a job still pending, for the trim after it ends
 # (see trim_acked in lua/_common.lua): past that, each is deleted as it ends, at a cost to Redis.
 # Two workers at concurrency 500 left at most 600 waiting here; the bound also caps what a long
@@ -845,7 +846,11 @@ class RedisBroker(Broker):
                             outcome = _outcome_record(job_id, message) if message else None
                             if outcome is not None:
                                 return outcome
-        return await self.get(queue, job_id)  # the timeout passed: the record as it stands
+        # The timeout passed: the record as it stands, if Redis answers at once (a read takes well
+        # under a millisecond; a paused or lost Redis would hold the caller for its socket_timeout).
+        with anyio.move_on_after(LAST_READ_WITHIN):
+            return await self.get(queue, job_id)
+        raise TimeoutError(f"job {job_id}: no reply from Redis at {self.url} as the timeout passed")
 
     async def jobs(
         self, queue: str, state: str | None, task: str | None, limit: int
