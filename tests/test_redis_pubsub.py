@@ -242,3 +242,51 @@ async def test_the_reader_stops_when_the_connection_is_lost_and_a_later_wait_sta
     finally:
         await queue.close()
         server.stop()
+
+
+async def test_closing_the_queue_ends_its_waits_and_keeps_it_closed(
+    redis_url: str, queue_name: str
+) -> None:
+    # The waiter was not told: it waited on until its next read of the job (10 s), which opened
+    # the broker again, and its connections, behind the close.
+    queue = Queue(redis_url, name=queue_name)
+    queue.task(name="two")(two)
+    admin = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        job = await queue.tasks["two"].enqueue()  # no worker: it stays pending
+        record = f"aqueue:{{{queue_name}}}:job:{job.id}"
+
+        async def close_once_waited_on() -> None:
+            while not await admin.hget(record, "waiters"):  # noqa: ASYNC110 - state in Redis
+                await anyio.sleep(0.01)
+            await queue.close()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(close_once_waited_on)
+            with anyio.fail_after(5), pytest.raises(BrokerError, match="closed while waiting on job"):
+                await job.result()
+        assert isinstance(queue.broker, RedisBroker)
+        assert queue.broker._client is None  # not opened again
+    finally:
+        await queue.close()
+        await admin.aclose()
+
+
+async def test_a_job_keeps_only_the_newest_waiting_processes(redis_url: str, queue_name: str) -> None:
+    # A process that stopped waiting (a timeout, a cancel) stayed on the record: a job waited on by
+    # short-lived processes grew one inbox per process, each published to when it ended.
+    queue = Queue(redis_url, name=queue_name)
+    queue.task(name="two")(two)
+    admin = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        job = await queue.tasks["two"].enqueue()
+        assert isinstance(queue.broker, RedisBroker)
+        inboxes = [f"{i:016x}" for i in range(100)]
+        for inbox in inboxes:
+            assert await queue.broker._run(queue_name, "watch", [job.id, inbox]) == 0
+        waiters = await admin.hget(f"aqueue:{{{queue_name}}}:job:{job.id}", "waiters")
+        assert waiters is not None
+        assert waiters.decode().split() == inboxes[-64:]
+    finally:
+        await queue.close()
+        await admin.aclose()

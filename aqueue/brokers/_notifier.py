@@ -115,6 +115,7 @@ class Notifier:
             self._reader.cancel()
             await asyncio.gather(self._reader, return_exceptions=True)
             self._reader = None
+        self._release_all()  # whoever still listens hears no more here: woken, they see it closed
         await self._pubsub.aclose()  # type: ignore[no-untyped-call]
 
     async def _subscribe(self, channel: str, state: _Channel) -> None:
@@ -231,6 +232,10 @@ class Notifier:
     def _lost(self, exc: BaseException) -> None:
         """Every subscription is gone with the connection: wake everyone to re-check and re-listen."""
         logger.warning("pub/sub connection lost, listeners re-subscribe: %s", exc)
+        self._release_all()
+
+    def _release_all(self) -> None:
+        """Forget every subscription and wake everyone listening, as for a lost connection."""
         channels, self._channels = self._channels, {}
         self._idle.clear()
         for state in channels.values():

@@ -480,6 +480,11 @@ class RedisBroker(Broker):
         elif self._loop is not asyncio.get_running_loop():
             self._check_loop()
 
+    def _check_open(self, notifier: Notifier, waiting: str) -> None:
+        """A wait that outlives `close()` ends: going on would open the broker again behind it."""
+        if self._notifier is not notifier:
+            raise BrokerError(f"RedisBroker {self.url} was closed while {waiting}")
+
     def _check_loop(self) -> None:
         if self._loop is not None and self._loop is not asyncio.get_running_loop():
             raise BrokerError(
@@ -828,11 +833,13 @@ class RedisBroker(Broker):
 
     async def wait(self, queue: str, job_id: str, timeout: float | None) -> JobRecord | None:
         await self._ready()
-        assert self._notifier is not None
+        notifier = self._notifier
+        assert notifier is not None
         inbox = self._key(queue).done_channel(self._inbox)
         with anyio.move_on_after(timeout):  # None: no deadline
             while True:
-                async with self._translated(), self._notifier.listen(inbox, job_id, keep=True) as heard:
+                self._check_open(notifier, f"waiting on job {job_id}")
+                async with self._translated(), notifier.listen(inbox, job_id, keep=True) as heard:
                     # The inbox is subscribed (confirmed) before the job is watched, so its outcome,
                     # published when it ends after the watch, is heard.
                     while not heard.lost:
@@ -987,9 +994,10 @@ class RedisBroker(Broker):
 
     async def lock_wait(self, queue: str, name: str, timeout: float | None) -> None:
         await self._ready()
-        assert self._notifier is not None
+        notifier = self._notifier
+        assert notifier is not None
         key = self._key(queue).lock(name)
-        async with self._translated(), self._notifier.listen(key) as released:
+        async with self._translated(), notifier.listen(key) as released:
             pttl = await self.client.pttl(key)  # read after subscribing: a release between is heard
             if pttl == -2:
                 return  # free
@@ -998,6 +1006,7 @@ class RedisBroker(Broker):
                 wait = min(wait, timeout)
             with anyio.move_on_after(wait):
                 await released.wait()
+        self._check_open(notifier, f"waiting for lock {name!r}")
 
     async def rate_limit_hit(self, queue: str, key: str, limit: int, per: float, now: float) -> float:
         window = math.floor(now / per)
