@@ -11,6 +11,10 @@ local waiters = redis.call('HGET', jk, 'waiters')
 if not waiters or waiters == '' then
   redis.call('HSET', jk, 'waiters', ARGV[2], 'more', '1')
 elseif not string.find(' ' .. waiters .. ' ', ' ' .. ARGV[2] .. ' ', 1, true) then
+  -- A process that stopped waiting is never taken off (a timeout, a cancel): past about 64
+  -- processes (16-character inboxes), the longest-registered go, as the ones most likely gone; one
+  -- still waiting hears of the end when it reads the job again.
+  while #waiters > 1070 do waiters = string.sub(waiters, string.find(waiters, ' ', 1, true) + 1) end
   redis.call('HSET', jk, 'waiters', waiters .. ' ' .. ARGV[2], 'more', '1')
 end
 return 0
