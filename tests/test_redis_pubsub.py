@@ -78,6 +78,13 @@ def pubsub_port(broker: RedisBroker) -> int:
     return int(connection._writer.get_extra_info("sockname")[1])  # type: ignore[union-attr]
 
 
+async def until_waited_on(admin: redis.asyncio.Redis, queue_name: str, job_id: str) -> None:
+    """Until a process has registered on the job's record to hear of its end."""
+    record = f"aqueue:{{{queue_name}}}:job:{job_id}"
+    while not await admin.hget(record, "waiters"):  # noqa: ASYNC110 - state in Redis
+        await anyio.sleep(0.01)
+
+
 async def test_a_refused_subscribe_fails_the_wait_and_the_next_wait_subscribes_again(
     redis_url: str, queue_name: str
 ) -> None:
@@ -167,9 +174,7 @@ async def test_a_subscription_on_a_connection_that_answers_nothing_moves_to_a_ne
             job = await queue.tasks["gated"].enqueue()
 
             async def end_it_once_waited_on() -> None:
-                record = f"aqueue:{{{queue_name}}}:job:{job.id}"
-                while not await admin.hget(record, "waiters"):  # noqa: ASYNC110 - state in Redis
-                    await anyio.sleep(0.01)
+                await until_waited_on(admin, queue_name, job.id)
                 go.set()
 
             async with anyio.create_task_group() as tg:
@@ -182,7 +187,6 @@ async def test_a_subscription_on_a_connection_that_answers_nothing_moves_to_a_ne
         await admin.aclose()
 
 
-
 async def test_a_wait_whose_last_read_gets_no_reply_ends_at_its_timeout(
     redis_url: str, queue_name: str
 ) -> None:
@@ -193,11 +197,9 @@ async def test_a_wait_whose_last_read_gets_no_reply_ends_at_its_timeout(
     admin = redis.asyncio.Redis.from_url(redis_url)
     try:
         job = await queue.tasks["two"].enqueue()  # no worker: it stays pending
-        record = f"aqueue:{{{queue_name}}}:job:{job.id}"
 
         async def pause_once_waited_on() -> None:
-            while not await admin.hget(record, "waiters"):  # noqa: ASYNC110 - state in Redis
-                await anyio.sleep(0.01)
+            await until_waited_on(admin, queue_name, job.id)
             await admin.execute_command("CLIENT", "PAUSE", 2000, "ALL")
 
         async with anyio.create_task_group() as tg:
@@ -254,11 +256,9 @@ async def test_closing_the_queue_ends_its_waits_and_keeps_it_closed(
     admin = redis.asyncio.Redis.from_url(redis_url)
     try:
         job = await queue.tasks["two"].enqueue()  # no worker: it stays pending
-        record = f"aqueue:{{{queue_name}}}:job:{job.id}"
 
         async def close_once_waited_on() -> None:
-            while not await admin.hget(record, "waiters"):  # noqa: ASYNC110 - state in Redis
-                await anyio.sleep(0.01)
+            await until_waited_on(admin, queue_name, job.id)
             await queue.close()
 
         async with anyio.create_task_group() as tg:

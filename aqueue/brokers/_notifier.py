@@ -23,8 +23,8 @@ from redis import exceptions as redis_errors
 
 logger = logging.getLogger("aqueue")
 
-# How long a confirmation or a PING's reply may take before the connection is taken for dead (the
-# connection's own socket_timeout); a connection quiet that long is PINGed.
+# How long a confirmation or a PING's reply may take before the connection is taken for dead (as
+# long as the default socket_timeout); a connection quiet that long is PINGed.
 ANSWER_WITHIN = 5.0
 
 
@@ -206,9 +206,9 @@ class Notifier:
                 await asyncio.sleep(0)
 
     def _refused(self, exc: Exception) -> None:
-        """Redis answered a SUBSCRIBE with an error (replies come in order: it is the oldest still
-        unconfirmed, but those are told apart by nothing): every listen waiting for a
-        confirmation raises it, and the next one subscribes afresh."""
+        """Redis answered a pub/sub command with an error. Which SUBSCRIBE it answers goes unsaid
+        (replies only keep their order), so every listen waiting for a confirmation raises it,
+        and the next listen subscribes afresh."""
         logger.warning("Redis refused a pub/sub command: %s", exc)
         for channel, state in list(self._channels.items()):
             if state.confirmed < state.sent:
