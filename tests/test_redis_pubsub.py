@@ -92,7 +92,7 @@ async def test_a_refused_subscribe_fails_the_wait_and_the_next_wait_subscribes_a
     # The pub/sub reader used to end on it, and every later wait of the process hang.
     admin = redis.asyncio.Redis.from_url(redis_url)
     user = f"u{uuid.uuid4().hex[:8]}"
-    await admin.execute_command("ACL", "SETUSER", user, "on", ">pw", "~*", "+@all", "resetchannels")
+    await admin.execute_command("ACL", "SETUSER", user, "on", ">pw", "~aqueue:*", "+@all", "resetchannels")
     worker_queue = Queue(redis_url, name=queue_name)
     queue = Queue(f"redis://{user}:pw@{redis_url.split('://', 1)[1]}", name=queue_name)
     for q in (worker_queue, queue):
@@ -103,7 +103,7 @@ async def test_a_refused_subscribe_fails_the_wait_and_the_next_wait_subscribes_a
             with anyio.fail_after(5):
                 with pytest.raises(BrokerError, match="no permissions"):
                     await job.result(timeout=30)
-            await admin.execute_command("ACL", "SETUSER", user, "allchannels")
+            await admin.execute_command("ACL", "SETUSER", user, "&aqueue:*")  # as README says
             with anyio.fail_after(5):
                 assert await job.result(timeout=30) == 2
     finally:
