@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 
 import anyio
 import pytest
@@ -78,19 +79,46 @@ def pubsub_port(broker: RedisBroker) -> int:
     return int(connection._writer.get_extra_info("sockname")[1])  # type: ignore[union-attr]
 
 
-async def until_waited_on(admin: redis.asyncio.Redis, queue_name: str, job_id: str) -> None:
-    """Until a process has registered on the job's record to hear of its end."""
-    record = f"aqueue:{{{queue_name}}}:job:{job_id}"
-    while not await admin.hget(record, "waiters"):  # noqa: ASYNC110 - state in Redis
-        await anyio.sleep(0.01)
+@pytest.fixture
+async def admin(redis_url: str) -> AsyncIterator[redis.asyncio.Redis]:
+    client = redis.asyncio.Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def idle_queue(redis_url: str, queue_name: str) -> AsyncIterator[Queue]:
+    """A queue with the task `two`, and no worker: what it enqueues stays pending."""
+    queue = Queue(redis_url, name=queue_name)
+    queue.task(name="two")(two)
+    yield queue
+    await queue.close()
+
+
+@asynccontextmanager
+async def once_waited_on(
+    admin: redis.asyncio.Redis, queue_name: str, job_id: str, then: Callable[[], Awaitable[object]]
+) -> AsyncIterator[None]:
+    """For the body (which waits on the job): `then` runs as soon as a process has registered on
+    the job's record to hear of its end."""
+
+    async def act() -> None:
+        record = f"aqueue:{{{queue_name}}}:job:{job_id}"
+        with anyio.fail_after(10):
+            while not await admin.hget(record, "waiters"):  # noqa: ASYNC110 - state in Redis
+                await anyio.sleep(0.01)
+        await then()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(act)
+        yield
 
 
 async def test_a_refused_subscribe_fails_the_wait_and_the_next_wait_subscribes_again(
-    redis_url: str, queue_name: str
+    redis_url: str, queue_name: str, admin: redis.asyncio.Redis
 ) -> None:
     # An ACL user without channel rights: Redis answers the inbox's SUBSCRIBE with an error.
     # The pub/sub reader used to end on it, and every later wait of the process hang.
-    admin = redis.asyncio.Redis.from_url(redis_url)
     user = f"u{uuid.uuid4().hex[:8]}"
     await admin.execute_command("ACL", "SETUSER", user, "on", ">pw", "~aqueue:*", "+@all", "resetchannels")
     worker_queue = Queue(redis_url, name=queue_name)
@@ -110,7 +138,6 @@ async def test_a_refused_subscribe_fails_the_wait_and_the_next_wait_subscribes_a
         await queue.close()
         await worker_queue.close()
         await admin.execute_command("ACL", "DELUSER", user)
-        await admin.aclose()
 
 
 async def two() -> int:
@@ -148,7 +175,8 @@ async def test_a_subscribe_on_a_connection_that_answers_nothing_moves_to_a_new_o
 
 
 async def test_a_subscription_on_a_connection_that_answers_nothing_moves_to_a_new_one(
-    redis_url: str, queue_name: str, proxy: FreezingProxy, answer_within: float
+    redis_url: str, queue_name: str, proxy: FreezingProxy, answer_within: float,
+    admin: redis.asyncio.Redis,
 ) -> None:
     # Subscribed already, its outcome published into a silent connection: the waiter heard of it
     # only when it read the job again, RECHECK (10 s) later.
@@ -162,7 +190,10 @@ async def test_a_subscription_on_a_connection_that_answers_nothing_moves_to_a_ne
 
     queue.task(name="gated")(gated)
     worker_queue.task(name="gated")(gated)
-    admin = redis.asyncio.Redis.from_url(redis_url)
+
+    async def end_it() -> None:
+        go.set()
+
     try:
         async with worker_queue.worker():
             go.set()
@@ -172,45 +203,28 @@ async def test_a_subscription_on_a_connection_that_answers_nothing_moves_to_a_ne
             assert isinstance(queue.broker, RedisBroker)
             proxy.freeze(pubsub_port(queue.broker))
             job = await queue.tasks["gated"].enqueue()
-
-            async def end_it_once_waited_on() -> None:
-                await until_waited_on(admin, queue_name, job.id)
-                go.set()
-
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(end_it_once_waited_on)
+            async with once_waited_on(admin, queue_name, job.id, end_it):
                 with anyio.fail_after(10 * answer_within):
                     assert await job.result() == 2
     finally:
         await queue.close()
         await worker_queue.close()
-        await admin.aclose()
 
 
 async def test_a_wait_whose_last_read_gets_no_reply_ends_at_its_timeout(
-    redis_url: str, queue_name: str
+    idle_queue: Queue, queue_name: str, admin: redis.asyncio.Redis
 ) -> None:
     # Redis paused as the timeout passed: the read of the record as it stands waited for Redis
     # (up to its socket_timeout, then failing with a connection error) past the caller's timeout.
-    queue = Queue(redis_url, name=queue_name)
-    queue.task(name="two")(two)
-    admin = redis.asyncio.Redis.from_url(redis_url)
-    try:
-        job = await queue.tasks["two"].enqueue()  # no worker: it stays pending
+    async def pause() -> None:
+        await admin.execute_command("CLIENT", "PAUSE", 2000, "ALL")
 
-        async def pause_once_waited_on() -> None:
-            await until_waited_on(admin, queue_name, job.id)
-            await admin.execute_command("CLIENT", "PAUSE", 2000, "ALL")
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(pause_once_waited_on)
-            with anyio.fail_after(1.5), pytest.raises(TimeoutError, match="no reply from Redis"):
-                await job.result(timeout=0.5)
-        with anyio.fail_after(10):
-            await admin.ping()  # answered once the pause is over
-    finally:
-        await queue.close()
-        await admin.aclose()
+    job = await idle_queue.tasks["two"].enqueue()  # no worker: it stays pending
+    async with once_waited_on(admin, queue_name, job.id, pause):
+        with anyio.fail_after(1.5), pytest.raises(TimeoutError, match="no reply from Redis"):
+            await job.result(timeout=0.5)
+    with anyio.fail_after(10):
+        await admin.ping()  # answered once the pause is over
 
 
 async def test_the_reader_stops_when_the_connection_is_lost_and_a_later_wait_starts_it(
@@ -247,46 +261,28 @@ async def test_the_reader_stops_when_the_connection_is_lost_and_a_later_wait_sta
 
 
 async def test_closing_the_queue_ends_its_waits_and_keeps_it_closed(
-    redis_url: str, queue_name: str
+    idle_queue: Queue, queue_name: str, admin: redis.asyncio.Redis
 ) -> None:
     # The waiter was not told: it waited on until its next read of the job (10 s), which opened
     # the broker again, and its connections, behind the close.
-    queue = Queue(redis_url, name=queue_name)
-    queue.task(name="two")(two)
-    admin = redis.asyncio.Redis.from_url(redis_url)
-    try:
-        job = await queue.tasks["two"].enqueue()  # no worker: it stays pending
-
-        async def close_once_waited_on() -> None:
-            await until_waited_on(admin, queue_name, job.id)
-            await queue.close()
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(close_once_waited_on)
-            with anyio.fail_after(5), pytest.raises(BrokerError, match="closed while waiting on job"):
-                await job.result()
-        assert isinstance(queue.broker, RedisBroker)
-        assert queue.broker._client is None  # not opened again
-    finally:
-        await queue.close()
-        await admin.aclose()
+    job = await idle_queue.tasks["two"].enqueue()  # no worker: it stays pending
+    async with once_waited_on(admin, queue_name, job.id, idle_queue.close):
+        with anyio.fail_after(5), pytest.raises(BrokerError, match="closed while waiting on job"):
+            await job.result()
+    assert isinstance(idle_queue.broker, RedisBroker)
+    assert idle_queue.broker._client is None  # not opened again
 
 
-async def test_a_job_keeps_only_the_newest_waiting_processes(redis_url: str, queue_name: str) -> None:
+async def test_a_job_keeps_only_the_newest_waiting_processes(
+    idle_queue: Queue, queue_name: str, admin: redis.asyncio.Redis
+) -> None:
     # A process that stopped waiting (a timeout, a cancel) stayed on the record: a job waited on by
     # short-lived processes grew one inbox per process, each published to when it ended.
-    queue = Queue(redis_url, name=queue_name)
-    queue.task(name="two")(two)
-    admin = redis.asyncio.Redis.from_url(redis_url)
-    try:
-        job = await queue.tasks["two"].enqueue()
-        assert isinstance(queue.broker, RedisBroker)
-        inboxes = [f"{i:016x}" for i in range(100)]
-        for inbox in inboxes:
-            assert await queue.broker._run(queue_name, "watch", [job.id, inbox]) == 0
-        waiters = await admin.hget(f"aqueue:{{{queue_name}}}:job:{job.id}", "waiters")
-        assert waiters is not None
-        assert waiters.decode().split() == inboxes[-64:]
-    finally:
-        await queue.close()
-        await admin.aclose()
+    job = await idle_queue.tasks["two"].enqueue()
+    assert isinstance(idle_queue.broker, RedisBroker)
+    inboxes = [f"{i:016x}" for i in range(100)]
+    for inbox in inboxes:
+        assert await idle_queue.broker._run(queue_name, "watch", [job.id, inbox]) == 0
+    waiters = await admin.hget(f"aqueue:{{{queue_name}}}:job:{job.id}", "waiters")
+    assert waiters is not None
+    assert waiters.decode().split() == inboxes[-64:]
