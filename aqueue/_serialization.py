@@ -5,19 +5,57 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping, Sequence
+from enum import Enum
 from typing import Any
 
 import orjson
 
 from aqueue._exceptions import PayloadTooLarge, SerializationError
 
-_OPTIONS = orjson.OPT_NON_STR_KEYS
-
 
 def dumps(value: Any) -> bytes:
+    try:
+        data = orjson.dumps(value)
+    except TypeError:  # a dict key that is not a str, most likely
+        data = _dumps_other_keys(value)
     # orjson (3.12+) returns bytes objects that keep at least a 4 KiB buffer, even for b"null":
     # a copy of the right size, so that thousands of held payloads and results do not cost 4 KiB each.
-    return memoryview(orjson.dumps(value, option=_OPTIONS)).tobytes()
+    return memoryview(data).tobytes()
+
+
+def _dumps_other_keys(value: Any) -> bytes:
+    """Dict keys that are not str become JSON's string keys (1 becomes "1"). Two keys of one dict
+    that become the same one (1 and "1") are refused: read back, one would overwrite the other."""
+    data = orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS)
+    _check_keys(value)
+    return data
+
+
+def _json_key(key: Any) -> bytes:
+    return orjson.dumps({key: 0}, option=orjson.OPT_NON_STR_KEYS)[1:-3]
+
+
+def _check_keys(value: Any) -> None:
+    if isinstance(value, dict):
+        if not all(type(k) is str for k in value):
+            seen: dict[bytes, Any] = {}
+            for key in value:
+                if isinstance(key, float) and not math.isfinite(key):
+                    raise TypeError(f"a dict key {key!r} has no JSON form (it would arrive as 'null')")
+                json_key = _json_key(key)
+                if json_key in seen:
+                    raise TypeError(f"dict keys {seen[json_key]!r} and {key!r} both become the JSON key "
+                                    f"{json_key.decode()} (one would overwrite the other)")
+                seen[json_key] = key
+        values: Any = value.values()
+    elif isinstance(value, list | tuple):
+        values = value
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        values = (getattr(value, f.name) for f in dataclasses.fields(value))
+    else:
+        return
+    for item in values:
+        _check_keys(item)
 
 
 def _dumps_exact(value: Any) -> bytes:
@@ -40,6 +78,8 @@ def _finite(value: Any) -> bool:
         return math.isfinite(value)
     if isinstance(value, dict):
         return all(map(_finite, value.values()))
+    if isinstance(value, Enum):  # written as its value
+        return _finite(value.value)
     if isinstance(value, list | tuple):
         return all(map(_finite, value))
     if dataclasses.is_dataclass(value) and not isinstance(value, type):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import enum
 import tracemalloc
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -102,6 +103,47 @@ async def test_rich_arguments_round_trip_as_json(queue: Queue) -> None:
         job = await echo.enqueue(Point(1, 2), moment, ident, flag=True)
         value = await job.result(timeout=10)
     assert value == [[{"x": 1, "y": 2}, "2026-01-02T03:04:05+00:00", str(ident)], {"flag": True}]
+
+
+async def test_dict_keys_that_are_not_strings_arrive_as_json_keys(queue: Queue) -> None:
+    @queue.task
+    async def echo(value: object) -> object:
+        return value
+
+    async with queue.worker():
+        job = await echo.enqueue({1: "a", 2.5: {True: None}, None: [{3: 4}]})
+        value = await job.result(timeout=10)
+    assert value == {"1": "a", "2.5": {"true": None}, "null": [{"3": 4}]}
+
+
+async def test_dict_keys_that_would_become_one_json_key_are_refused(queue: Queue) -> None:
+    """1 and "1" are both written as the JSON key "1": read back, one would overwrite the other."""
+
+    class Colour(enum.Enum):
+        NONE = float("nan")  # written as its value: null
+
+    @queue.task
+    async def take(a: object, b: object = None) -> None:
+        return None
+
+    with pytest.raises(SerializationError, match=r"argument 0 .*1 and '1'.*\"1\""):
+        await take.enqueue({1: "int", "1": "str"})
+    with pytest.raises(SerializationError, match=r"argument 'b' .*True and 'true'"):
+        await take.enqueue(1, b=[{"x": {True: 1, "true": 2}}])
+    with pytest.raises(SerializationError, match=r"argument 0 .*key nan"):
+        await take.enqueue({float("nan"): 1})
+    with pytest.raises(SerializationError, match=r"argument 0 .*NaN"):
+        await take.enqueue(Colour.NONE)
+    assert await queue.jobs() == []
+
+    @queue.task
+    async def colliding() -> object:
+        return {None: 1, "null": 2}
+
+    async with queue.worker():
+        with pytest.raises(TaskError, match="both become the JSON key") as caught:
+            await (await colliding.enqueue()).result(timeout=10)
+    assert caught.value.metadata["type"] == "SerializationError"
 
 
 def test_held_payloads_cost_their_size_not_a_buffer() -> None:
