@@ -3,6 +3,8 @@ redelivery, chords fire once and batches re-evaluate."""
 
 from __future__ import annotations
 
+import contextlib
+import math
 import random
 import time
 from collections import Counter
@@ -17,6 +19,7 @@ from aqueue import (
     ChordResult,
     ConfigurationError,
     JobCancelled,
+    JobError,
     JobState,
     Queue,
     TaskError,
@@ -347,6 +350,68 @@ async def test_a_batch_that_succeeded_and_a_fired_chord_leave_no_bookkeeping(que
     else:
         assert isinstance(broker, RedisBroker)
         assert [k async for k in broker.client.scan_iter(match=f"aqueue:{{{queue.name}}}:batch:*")] == []
+
+
+async def batch_kept(queue: Queue, batch_id: str) -> float | None:
+    """How long the broker keeps what it counts a batch with: None if it keeps nothing, inf if it
+    keeps it with no end, else the seconds left."""
+    broker = queue.broker
+    if isinstance(broker, MemoryBroker):
+        batch = broker._queues[queue.name].batches.get(batch_id)
+        if batch is None:
+            return None
+        return math.inf if batch.expires_at is None else batch.expires_at - time.time()
+    assert isinstance(broker, RedisBroker)
+    ttl = await broker.client.ttl(f"aqueue:{{{queue.name}}}:batch:{batch_id}")
+    return None if ttl == -2 else math.inf if ttl == -1 else float(ttl)
+
+
+async def test_a_batch_is_kept_only_while_a_retry_can_change_it(queue: Queue) -> None:
+    # A batch whose members did not all succeed was kept for ever, one hash (or entry) each,
+    # though only a dead letter's retry can change it.
+    add = arithmetic(queue)
+    failing = {1, 2, 3, 4}
+
+    @queue.task
+    async def flaky(n: int) -> int:
+        if n in failing:
+            raise ConnectionError("upstream down")
+        return n
+
+    cancelled = await queue.batch([add.s(1, 1), add.s(2, 2)], on_complete=add.s(0, 0))
+    assert await cancelled.members[1].cancel()
+    dead = await queue.batch([flaky.s(1), add.s(1, 1)], on_success=add.s(0, 1))
+    purged = await queue.batch([flaky.s(2)])
+    skipped = await queue.batch([flaky.s(3).then(add, 1)])
+    rearmed = await queue.batch([flaky.s(4).then(add, 1)], on_success=add.s(0, 2))
+    async with queue.worker():
+        for b in (cancelled, dead, purged, skipped, rearmed):
+            for member in b.members:  # its end is counted in the same step that reports it
+                with contextlib.suppress(JobError):
+                    await member.result(timeout=10)
+        assert await cancelled.callback("complete").result(timeout=10) == 0
+    assert await batch_kept(queue, cancelled.id) is None  # no member can come back
+    for b in (dead, purged):
+        assert await batch_kept(queue, b.id) == math.inf  # as long as its dead letter
+    for b in (skipped, rearmed):  # as long as the skipped step's record (result_ttl: a day)
+        assert 86_390 < (await batch_kept(queue, b.id) or 0) <= 86_400
+
+    # Retried, a failed member keeps its batch through a purge of the dead letters until it ends;
+    # a re-armed step keeps its batch with no end until it ends.
+    assert await queue.retry(dead.members[0].id)
+    assert await rearmed.retry_failed() == 1
+    assert await batch_kept(queue, rearmed.id) == math.inf
+    assert await queue.purge_dead_letters() == 2  # flaky(2), flaky(3)
+    assert await batch_kept(queue, purged.id) is None
+    assert await batch_kept(queue, dead.id) == math.inf
+    failing.clear()
+    async with queue.worker():
+        assert await dead.members[0].result(timeout=10) == 1
+        assert await rearmed.members[0].result(timeout=10) == 5
+        assert await dead.callback("success").result(timeout=10) == 1
+        assert await rearmed.callback("success").result(timeout=10) == 2
+    assert await batch_kept(queue, dead.id) is None
+    assert await batch_kept(queue, rearmed.id) is None
 
 
 async def test_batch_on_success_after_a_failed_member_is_retried(queue: Queue) -> None:

@@ -114,6 +114,7 @@ class _Batch:
     callbacks: dict[str, Template]
     members: dict[str, str] = field(default_factory=dict)  # job id -> final state
     fired: set[str] = field(default_factory=set)
+    expires_at: float | None = None  # kept by a skipped member, as long as its record
 
 
 
@@ -263,6 +264,9 @@ class MemoryBroker(Broker):
         expired = [job_id for job_id, at in q.expiry.items() if at <= now][:limit]
         for job_id in expired:
             self._drop(q, job_id)
+        for batch_id in [b for b, batch in q.batches.items()
+                         if batch.expires_at is not None and batch.expires_at <= now]:
+            del q.batches[batch_id]
         return len(expired)
 
     async def interrupt_receive(self, queue: str, consumer: str) -> bool:
@@ -443,6 +447,9 @@ class MemoryBroker(Broker):
             q.expiry.pop(following, None)
             q.waiting.add(following)
             step_links = q.links.get(following)
+            batch = q.batches.get(step_links.batch) if step_links and step_links.batch else None
+            if batch is not None:  # kept as long as the step's record (see _settle_batch)
+                batch.expires_at = None
             following = step_links.next if step_links else None
         return True
 
@@ -452,7 +459,20 @@ class MemoryBroker(Broker):
         for job_id in q.dead:
             self._drop(q, job_id)
         q.dead.clear()
+        # The batches that only a dead letter kept (see _settle_batch) can change no more, but
+        # one whose member, retried before, runs again.
+        for batch_id, batch in list(q.batches.items()):
+            if len(batch.members) < batch.size or batch.expires_at is not None:
+                continue
+            if not any(self._live(q, job_id) for job_id, state in batch.members.items()
+                       if state != JobState.SUCCEEDED):
+                del q.batches[batch_id]
         return count
+
+    @staticmethod
+    def _live(q: _Queue, job_id: str) -> bool:
+        rec = q.records.get(job_id)
+        return rec is not None and rec.state not in FINAL_STATES
 
     # --- the critical sections' parts (none awaits) ----------------------------------------------
 
@@ -600,7 +620,7 @@ class MemoryBroker(Broker):
             value = (rec.result or b"null") if state == JobState.SUCCEEDED else error_marker(error)
             self._chord_arrive(q, links.chord, links.slot, value)
         if links.batch is not None:
-            self._batch_arrive(q, links.batch, rec.id, state, now)
+            self._batch_arrive(q, links.batch, rec.id, state, now, ttl)
 
     def _chord_arrive(self, q: _Queue, chord_id: str, slot: int, value: bytes) -> None:
         chord = q.chords.get(chord_id)
@@ -621,10 +641,17 @@ class MemoryBroker(Broker):
         values = b"[" + b",".join(chord.slots[i] for i in range(chord.size)) + b"]"
         self._activate(q, chord.callback, prepend_arg(callback.payload, values))
 
-    def _batch_arrive(self, q: _Queue, batch_id: str, job_id: str, state: str, now: float) -> None:
+    def _batch_arrive(
+        self, q: _Queue, batch_id: str, job_id: str, state: str, now: float, ttl: float
+    ) -> None:
         batch = q.batches.get(batch_id)
-        if batch is None or batch.members.get(job_id) == state:
+        if batch is None:
             return
+        if batch.expires_at is not None and batch.expires_at <= time.time():  # gone, as on Redis
+            del q.batches[batch_id]
+            return
+        # The same end again (a retried member failed again) fires nothing (each callback fires
+        # once), but the batch is settled anew.
         batch.members[job_id] = state
         if len(batch.members) < batch.size:
             return
@@ -636,8 +663,22 @@ class MemoryBroker(Broker):
                 self._store(q, NewJob(id=batch_callback_id(batch_id, kind), task=template.task,
                                       payload=template.payload, priority=template.priority,
                                       enqueued_at=now), now)
-        if succeeded == batch.size:  # nothing can change it now (only a failed member is retried)
-            del q.batches[batch_id]
+        self._settle_batch(q, batch_id, batch, succeeded == batch.size, ttl)
+
+    @staticmethod
+    def _settle_batch(q: _Queue, batch_id: str, batch: _Batch, all_succeeded: bool, ttl: float) -> None:
+        """A batch whose members have all ended is kept only while a retry can change it: while
+        one of them is a dead letter (`purge_dead_letters` drops it), or was skipped after a
+        pipeline step that is one, as long as the skipped step's record (`retry` re-arms the step
+        and keeps the batch). As settle_batch in _common.lua."""
+        batch.expires_at = None
+        if not all_succeeded:
+            if JobState.FAILED in batch.members.values():
+                return
+            if any(job_id in q.skipped for job_id in batch.members):
+                batch.expires_at = time.time() + ttl
+                return
+        del q.batches[batch_id]
 
     def _task_revoked(self, q: _Queue, task: str, now: float) -> bool:
         """Whether the task is revoked now; a revocation for one job only is used up here."""

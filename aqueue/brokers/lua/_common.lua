@@ -364,20 +364,55 @@ local function chord_arrive(cid, slot, value, ttl)
   redis.call('EXPIRE', ck, expire_arg(ttl))
 end
 
+-- A batch whose members have all ended is kept only while a retry can change it: while one of
+-- them is a dead letter, or was skipped after a pipeline step that is one (until the skipped
+-- step's record expires with `ttl`: a retry after that cannot reach it; retry.lua takes the ttl
+-- off when it re-arms the step). A batch kept by a dead letter is listed for purge.lua.
+local function settle_batch(bk, bid, all_succeeded, ttl)
+  local kept = prefix .. 'batches'
+  if not all_succeeded then
+    local fields = redis.call('HGETALL', bk)
+    local skipped = false
+    for i = 1, #fields, 2 do
+      if string.sub(fields[i], 1, 2) == 'm:' then
+        local state = fields[i + 1]
+        if state == 'failed' then
+          redis.call('PERSIST', bk)
+          redis.call('SADD', kept, bid)
+          return
+        end
+        if state == 'cancelled' and not skipped then
+          skipped = redis.call('HGET', job_key(string.sub(fields[i], 3)), 'skipped') == '1'
+        end
+      end
+    end
+    if skipped then
+      redis.call('EXPIRE', bk, expire_arg(ttl))
+      redis.call('SREM', kept, bid)
+      return
+    end
+  end
+  redis.call('DEL', bk)
+  redis.call('SREM', kept, bid)
+end
+
 -- A batch member ended: count it, and fire each callback once when its moment comes. A failed
 -- member retried into success is counted again, so on_success can still fire (once).
-local function batch_arrive(bid, id, state, now)
+local function batch_arrive(bid, id, state, now, ttl)
   local bk = prefix .. 'batch:' .. bid
   local size = tonumber(redis.call('HGET', bk, 'size') or '0')
   if size == 0 then return end
+  -- The same end again (a retried member failed again): nothing to count, nor to fire (each
+  -- callback fires once), but the batch is settled anew.
   local prev = redis.call('HGET', bk, 'm:' .. id)
-  if prev == state then return end
-  redis.call('HSET', bk, 'm:' .. id, state)
-  if not prev then redis.call('HINCRBY', bk, 'ended', 1) end
-  if state == 'succeeded' then
-    redis.call('HINCRBY', bk, 'ok', 1)
-  elseif prev == 'succeeded' then
-    redis.call('HINCRBY', bk, 'ok', -1)
+  if prev ~= state then
+    redis.call('HSET', bk, 'm:' .. id, state)
+    if not prev then redis.call('HINCRBY', bk, 'ended', 1) end
+    if state == 'succeeded' then
+      redis.call('HINCRBY', bk, 'ok', 1)
+    elseif prev == 'succeeded' then
+      redis.call('HINCRBY', bk, 'ok', -1)
+    end
   end
   local ended = tonumber(redis.call('HGET', bk, 'ended'))
   if ended < size then return end
@@ -390,8 +425,7 @@ local function batch_arrive(bid, id, state, now)
       store_job(now, bid .. ':' .. kind, cb[1], cb[2], cb[3], '', '', '', nil)
     end
   end
-  -- Every member succeeded: nothing can change the batch now (only a failed member is retried).
-  if ok == size then redis.call('DEL', bk) end
+  settle_batch(bk, bid, ok == size, ttl)
 end
 
 -- The record fields that ending a job looks at, read in one call (missing ones are false).
@@ -456,7 +490,7 @@ local function after_final(id, state, now, ttl, rec, reason)
     if state ~= 'succeeded' then value = error_marker(err) elseif not set(value) then value = 'null' end
     chord_arrive(rec.chord, rec.slot, value, ttl)
   end
-  if set(rec.batch) then batch_arrive(rec.batch, id, state, now) end
+  if set(rec.batch) then batch_arrive(rec.batch, id, state, now, ttl) end
 end
 
 -- What a waiter on the job's outcome needs, in the message itself when it is small, so that

@@ -21,6 +21,9 @@ while following and following ~= '' do
   redis.call('HDEL', nk, 'skipped', 'error', 'finished_at')
   redis.call('HSET', nk, 'state', 'scheduled', 'waiting', '1')
   redis.call('PERSIST', nk)
+  -- A batch member: its batch was kept as long as the step's record (see settle_batch).
+  local batch = redis.call('HGET', nk, 'batch')
+  if batch and batch ~= '' then redis.call('PERSIST', prefix .. 'batch:' .. batch) end
   following = redis.call('HGET', nk, 'next')
 end
 return 1
