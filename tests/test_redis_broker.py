@@ -1009,3 +1009,21 @@ async def test_a_stopping_consumer_is_forgotten_under_both_its_names(
     assert await redis_broker.finish(queue_name, [done], 60) == [True]
     await redis_broker.forget_consumer(queue_name, "w")
     assert await pending_by_consumer(client, queue_name) == {}
+
+
+async def test_a_lock_waiter_told_pttl_0_waits_a_millisecond_not_the_recheck(
+    redis_broker: RedisBroker, queue_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # PTTL answers 0 in a key's last millisecond: read as "no ttl", the waiter slept the whole
+    # 10 s re-check (a key's expiry publishes nothing to wake it).
+    queue = Queue(broker=redis_broker, name=queue_name)
+    assert await redis_broker.lock_acquire(queue_name, "P", "dead-holder", 0.05)
+    await redis_broker.connect()
+
+    async def last_millisecond(key: str) -> int:
+        return 0
+
+    monkeypatch.setattr(redis_broker.client, "pttl", last_millisecond)
+    with anyio.fail_after(3):  # the lock expires 50 ms after it was taken
+        async with queue.lock("P", timeout=30):
+            pass

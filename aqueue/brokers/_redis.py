@@ -1001,7 +1001,8 @@ class RedisBroker(Broker):
             pttl = await self.client.pttl(key)  # read after subscribing: a release between is heard
             if pttl == -2:
                 return  # free
-            wait = pttl / 1000 if pttl > 0 else RECHECK  # -1: no ttl (set by hand)
+            # 0 is the key's last millisecond; -1 no ttl at all (set by hand).
+            wait = max(pttl, 1) / 1000 if pttl >= 0 else RECHECK
             if timeout is not None:
                 wait = min(wait, timeout)
             with anyio.move_on_after(wait):
