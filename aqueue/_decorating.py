@@ -8,6 +8,8 @@ from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any, ParamSpec, TypeVar
 
+from aqueue._exceptions import ConfigurationError
+from aqueue._tasks import Task
 from aqueue._threads import run_in_thread
 
 P = ParamSpec("P")
@@ -19,6 +21,10 @@ def around(
 ) -> Callable[P, Any]:
     """An async function running `fn` inside `guard()`; a plain `fn` still runs in a worker thread,
     and the guard (a lock) is held until that thread returns."""
+    if isinstance(fn, Task):
+        # Above it, it would guard the direct call alone: the jobs would run unguarded.
+        raise ConfigurationError(f"a lock or rate limit decorator goes below @queue.task (or "
+                                 f"@queue.periodic), on the function itself: {fn!r} is a task")
 
     @functools.wraps(fn)
     async def guarded(*args: P.args, **kwargs: P.kwargs) -> Any:

@@ -97,6 +97,12 @@ class _PeriodicDecorator(TaskDecorator):
         self._schedule = schedule
 
     def __call__(self, fn: Callable[..., Any], /) -> Task[Any, Any]:  # type: ignore[override]
+        # Each tick calls it with none: one that needs some would fail at every tick, in a worker.
+        try:
+            inspect.signature(fn).bind()
+        except TypeError:
+            raise ConfigurationError(f"a periodic task is called with no arguments; "
+                                     f"{getattr(fn, '__name__', fn)!r} needs some") from None
         task = self._queue._register(fn, self._name, self._policy)
         self._queue.schedules[task.name] = self._schedule
         return task

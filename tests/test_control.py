@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -443,6 +444,50 @@ async def test_a_guarded_task_called_directly_runs_as_it_is(queue: Queue) -> Non
         assert await (await coro.enqueue(3, 4)).result(timeout=10) == 7
     with pytest.raises(RateLimitExceeded):  # spent by the job alone
         await queue.rate_limit("spent", limit=1, per=3600).hit()
+
+
+async def test_a_guard_above_the_task_decorator_is_refused(queue: Queue) -> None:
+    # Above @queue.task a lock or rate limit guarded the direct call alone: above @queue.periodic
+    # every tick ran unguarded, without a word.
+    with pytest.raises(ConfigurationError, match=r"goes below @queue\.task"):
+        @queue.lock("nightly")
+        @queue.periodic(every(hours=1))
+        async def nightly() -> None:
+            return None
+
+    with pytest.raises(ConfigurationError, match=r"goes below @queue\.task"):
+        @queue.rate_limit("api", limit=1, per=60)
+        @queue.task
+        async def call_api() -> None:
+            return None
+
+
+async def test_a_periodic_task_that_needs_arguments_is_refused(queue: Queue) -> None:
+    # It was registered, then failed at every tick in the worker (TypeError).
+    with pytest.raises(ConfigurationError, match="'report' needs some"):
+        @queue.periodic(every(hours=1))
+        @queue.lock("report")
+        async def report(day: str) -> None:
+            return None
+
+    @queue.periodic(every(hours=1))
+    async def optional(day: str = "today", *more: str) -> None:
+        return None
+
+    assert "optional" in queue.schedules
+
+
+async def test_two_rate_limits_on_one_key_count_apart(queue: Queue) -> None:
+    # With windows of different lengths, the memory broker's count of one was reset by every hit
+    # of the other: neither limited anything (Redis counts each window apart).
+    narrow = queue.rate_limit("api", limit=2, per=3600)
+    wide = queue.rate_limit("api", limit=100, per=7200)
+    admitted = 0
+    for _ in range(5):
+        with contextlib.suppress(RateLimitExceeded):
+            async with wide, narrow:
+                admitted += 1
+    assert admitted == 2
 
 
 async def test_lock_decorator_with_a_timeout_waits_that_long_for_the_lock(queue: Queue) -> None:

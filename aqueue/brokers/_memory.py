@@ -143,7 +143,9 @@ class _Queue:
     ticks: dict[str, float] = field(default_factory=dict)  # periodic task -> last tick enqueued
     locks: dict[str, tuple[str, float]] = field(default_factory=dict)  # name -> token, deadline
     lock_released: dict[str, _LoopEvent] = field(default_factory=dict)
-    rates: dict[str, tuple[int, int]] = field(default_factory=dict)  # key -> window, hits
+    rates: dict[tuple[str, float], tuple[int, int]] = field(default_factory=dict)
+    """(key, window length) -> window, hits: two limits on one key with windows of different
+    lengths count apart, as Redis counts each window under a key of its own."""
     links: dict[str, WorkflowLinks] = field(default_factory=dict)
     waiting: set[str] = field(default_factory=set)  # jobs a workflow will activate
     skipped: set[str] = field(default_factory=set)  # pipeline steps skipped by a failed step
@@ -808,7 +810,7 @@ class MemoryBroker(Broker):
     async def rate_limit_hit(self, queue: str, key: str, limit: int, per: float, now: float) -> float:
         q = self._queue(queue)
         window = math.floor(now / per)
-        current, hits = q.rates.get(key, (window, 0))
+        current, hits = q.rates.get((key, per), (window, 0))
         hits = hits + 1 if current == window else 1
-        q.rates[key] = (window, hits)
+        q.rates[key, per] = (window, hits)
         return 0.0 if hits <= limit else max((window + 1) * per - now, 0.001)
