@@ -58,7 +58,16 @@ class Lock:
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> bool | None:
-        return await self._stacks.pop(anyio.get_current_task().id).__aexit__(exc_type, exc, tb)
+        stack = self._stacks.pop(anyio.get_current_task().id, None)
+        if stack is None:
+            # Left from another task than the one that entered it (an AsyncExitStack closed
+            # elsewhere, a fixture's teardown): the one holder is released. Of several, which one
+            # is meant cannot be told.
+            if len(self._stacks) != 1:
+                raise RuntimeError(f"lock {self.name!r} left from a task that did not enter it, "
+                                   f"while {len(self._stacks)} tasks hold it through this object")
+            _, stack = self._stacks.popitem()
+        return await stack.__aexit__(exc_type, exc, tb)
 
     def __call__(self, fn: F) -> F:
         """As a task decorator: the job runs holding the lock, or raises `TaskLocked`."""
@@ -102,7 +111,13 @@ class Lock:
             renewer.cancel()
             with anyio.CancelScope(shield=True):
                 await asyncio.gather(renewer, return_exceptions=True)
-                await self.queue.broker.lock_release(self.queue.name, self.name, token)
+                try:
+                    await self.queue.broker.lock_release(self.queue.name, self.name, token)
+                except BrokerError as exc:
+                    # Raised here it would replace what ended the body (its error, its
+                    # cancellation, or its success); the lock frees itself after its ttl.
+                    logger.warning("releasing lock %r failed; it frees itself within %ss: %s",
+                                   self.name, self.ttl, exc)
 
     async def _renew(self, token: str) -> None:
         while True:

@@ -14,6 +14,7 @@ import anyio.lowlevel
 import pytest
 
 from aqueue import (
+    BrokerConnectionError,
     ConfigurationError,
     JobCancelled,
     JobExpired,
@@ -475,6 +476,41 @@ async def test_a_periodic_task_that_needs_arguments_is_refused(queue: Queue) -> 
         return None
 
     assert "optional" in queue.schedules
+
+
+async def test_a_lock_left_from_another_task_is_released(queue: Queue) -> None:
+    # Entered in one task, left in another (a fixture's teardown, an exit stack closed elsewhere):
+    # it raised KeyError and its renewer kept it held for as long as the process lived.
+    lock = queue.lock("handover", ttl=30)
+    entered = anyio.Event()
+
+    async def enter() -> None:
+        await lock.__aenter__()
+        entered.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(enter)
+        await entered.wait()
+    await lock.__aexit__(None, None, None)
+    async with queue.lock("handover", timeout=0):  # free at once, not after its ttl
+        pass
+
+
+async def test_a_failed_release_does_not_replace_how_the_body_ended(
+    queue: Queue, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def unreachable(queue_name: str, name: str, token: str) -> bool:
+        raise BrokerConnectionError("connection refused")
+
+    monkeypatch.setattr(queue.broker, "lock_release", unreachable)
+    with pytest.raises(ValueError, match="the body's own"):
+        async with queue.lock("flaky"):
+            raise ValueError("the body's own")
+    async with queue.lock("other"):
+        pass  # its work done: a release that failed does not fail it
+    releases = [r.getMessage() for r in caplog.records if "releasing lock" in r.getMessage()]
+    assert len(releases) == 2
+    assert "frees itself within 30.0s: connection refused" in releases[0]
 
 
 async def test_two_rate_limits_on_one_key_count_apart(queue: Queue) -> None:
