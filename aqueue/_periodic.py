@@ -8,6 +8,7 @@ the others.
 
 from __future__ import annotations
 
+import math
 import re
 from abc import ABC, abstractmethod
 from calendar import monthrange
@@ -62,6 +63,12 @@ class every(Schedule):
         hours: float = 0,
         days: float = 0,
     ) -> None:
+        for unit, value in (("seconds", seconds), ("minutes", minutes), ("hours", hours), ("days", days)):
+            if isinstance(value, timedelta) and unit == "seconds":
+                continue
+            # True would be 1, "5" fail at a worker's first tick, infinity overflow a timedelta.
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise ValueError(f"every: {unit} must be a finite number, got {value!r}")
         rest = timedelta(minutes=minutes, hours=hours, days=days)
         first = seconds if isinstance(seconds, timedelta) else timedelta(seconds=seconds)
         interval = first + rest

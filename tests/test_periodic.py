@@ -286,6 +286,21 @@ def test_every_needs_a_positive_interval(make: Any) -> None:
         make()
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: every(seconds=True),  # was every(seconds=1)
+        lambda: every(minutes=float("inf")),  # was OverflowError
+        lambda: every(hours=float("nan")),
+        lambda: every(seconds="5"),  # type: ignore[arg-type]
+        lambda: every(days=timedelta(days=1)),  # type: ignore[arg-type]  # a timedelta goes first
+    ],
+)
+def test_every_needs_finite_numbers(make: Any) -> None:
+    with pytest.raises(ValueError, match="must be a finite number"):
+        make()
+
+
 def test_every_refuses_an_interval_with_no_next_tick() -> None:
     # Its first tick would fall past the year 9999: refused when built, not at the scheduler's
     # first use of it.
