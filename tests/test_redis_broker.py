@@ -1027,3 +1027,18 @@ async def test_a_lock_waiter_told_pttl_0_waits_a_millisecond_not_the_recheck(
     with anyio.fail_after(3):  # the lock expires 50 ms after it was taken
         async with queue.lock("P", timeout=30):
             pass
+
+
+async def test_a_tick_far_ahead_of_redis_clock_is_refused_and_stops_no_other_tick(
+    redis_broker: RedisBroker, queue_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A scheduler on a host whose clock ran a day ahead recorded its tick as the task's latest:
+    # every other scheduler's ticks were refused as past, and the task stopped for that day.
+    now = time.time()
+    fast = new_job()
+    assert await redis_broker.enqueue_tick(queue_name, now + 86_400, fast) is False
+    assert await redis_broker.get(queue_name, fast.id) is None
+    assert "clock is wrong" in caplog.text
+    on_time = new_job()
+    assert await redis_broker.enqueue_tick(queue_name, math.floor(now), on_time) is True
+    assert await redis_broker.get(queue_name, on_time.id) is not None

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import inspect
+import logging
 import math
 import time
 import uuid
@@ -53,6 +54,8 @@ from aqueue.brokers._keys import GROUP, Keys
 from aqueue.brokers._notifier import Notifier
 from aqueue.brokers._pool import IDENTITY_OPTIONS, WaitingPool, identity
 from aqueue.brokers._scripts import source
+
+logger = logging.getLogger("aqueue")
 
 ENQUEUE_CHUNK = 500  # jobs per enqueue script call: bounds how long one call holds Redis
 # Enqueue calls sent in one pipeline. A pipeline's writes wait while Redis runs the calls before
@@ -402,6 +405,7 @@ class RedisBroker(Broker):
         # Per script: its SHA1, worked out on first use. Only the hash is kept: the text (about
         # 7 KB each, with its helpers) is made again to load it where Redis does not have it.
         self._shas: dict[str, str] = {}
+        self._clock_warned: dict[str, float] = {}  # task -> when its next clock warning may come
         self._keys: dict[str, Keys] = {}
         # Per queue: the priority bands last seen, highest first, for blocking reads.
         self._bands: dict[str, list[str]] = {}
@@ -977,7 +981,15 @@ class RedisBroker(Broker):
     async def enqueue_tick(self, queue: str, tick: float, job: NewJob) -> bool:
         args = [repr(job.enqueued_at or time.time()), job.id, job.task, job.payload, job.priority,
                 _opt(job.eta), _opt(job.expires), job.key or ""]
-        return bool(await self._run(queue, "tick", [args[0], repr(tick), *args[1:]]))
+        enqueued = await self._run(queue, "tick", [args[0], repr(tick), *args[1:]])
+        if enqueued == -1:  # this host's clock is far ahead of Redis's (see tick.lua)
+            now = time.monotonic()
+            if now >= self._clock_warned.get(job.task, 0.0):
+                self._clock_warned[job.task] = now + 60
+                logger.warning("periodic %s: not enqueued, its tick (%s) is over 5 minutes ahead of "
+                               "Redis's clock: this host's clock is wrong", job.task, repr(tick))
+            return False
+        return bool(enqueued)
 
     async def lock_acquire(self, queue: str, name: str, token: str, ttl: float) -> bool:
         await self._ready()
