@@ -92,12 +92,16 @@ class Lock:
         broker, queue = self.queue.broker, self.queue.name
         token = uuid.uuid4().hex
         deadline = None if timeout is None else anyio.current_time() + timeout
-        while not await broker.lock_acquire(queue, self.name, token, self.ttl):
+        while True:
+            # Not cancelled half way: a lock taken by a request whose answer was never read would
+            # stay held, by no one, until its ttl ran out. Taken, its holder's exit releases it.
+            with anyio.CancelScope(shield=True):
+                if await broker.lock_acquire(queue, self.name, token, self.ttl):
+                    return token
             remaining = None if deadline is None else deadline - anyio.current_time()
             if remaining is not None and remaining <= 0:
                 raise LockTimeout(f"lock {self.name!r} not acquired within {timeout}s")
             await broker.lock_wait(queue, self.name, remaining)  # woken when it is released
-        return token
 
     @asynccontextmanager
     async def _keep(self, token: str) -> AsyncIterator[None]:

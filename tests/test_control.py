@@ -496,6 +496,41 @@ async def test_a_lock_left_from_another_task_is_released(queue: Queue) -> None:
         pass
 
 
+async def test_a_waiter_cancelled_while_its_request_takes_the_lock_leaves_it_free(
+    queue: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Cancelled after Redis took the lock for it but before the answer was read, the waiter left
+    # the lock held by no one until its ttl ran out.
+    broker = queue.broker
+    taking = broker.lock_acquire
+    taken, answered = anyio.Event(), anyio.Event()
+
+    async def slow_answer(queue_name: str, name: str, token: str, ttl: float) -> bool:
+        result = await taking(queue_name, name, token, ttl)
+        taken.set()
+        await answered.wait()  # the answer is on its way when the cancel comes
+        return result
+
+    monkeypatch.setattr(broker, "lock_acquire", slow_answer)
+    entered = False
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            async def wait_for_the_lock() -> None:
+                nonlocal entered
+                async with queue.lock("contended", ttl=30):
+                    entered = True
+                    await anyio.sleep_forever()
+
+            tg.start_soon(wait_for_the_lock)
+            await taken.wait()
+            tg.cancel_scope.cancel()
+            answered.set()
+    monkeypatch.setattr(broker, "lock_acquire", taking)
+    async with queue.lock("contended", timeout=0):  # free at once, not after 30 s
+        pass
+    assert entered  # the lock was its: the body began, and was cancelled at its first await
+
+
 async def test_a_failed_release_does_not_replace_how_the_body_ended(
     queue: Queue, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
