@@ -449,7 +449,7 @@ class MemoryBroker(Broker):
             q.expiry.pop(following, None)
             q.waiting.add(following)
             step_links = q.links.get(following)
-            batch = q.batches.get(step_links.batch) if step_links and step_links.batch else None
+            batch = self._batch(q, step_links.batch) if step_links and step_links.batch else None
             if batch is not None:  # kept as long as the step's record (see _settle_batch)
                 batch.expires_at = None
             following = step_links.next if step_links else None
@@ -646,11 +646,8 @@ class MemoryBroker(Broker):
     def _batch_arrive(
         self, q: _Queue, batch_id: str, job_id: str, state: str, now: float, ttl: float
     ) -> None:
-        batch = q.batches.get(batch_id)
+        batch = self._batch(q, batch_id)
         if batch is None:
-            return
-        if batch.expires_at is not None and batch.expires_at <= time.time():  # gone, as on Redis
-            del q.batches[batch_id]
             return
         # The same end again (a retried member failed again) fires nothing (each callback fires
         # once), but the batch is settled anew.
@@ -666,6 +663,16 @@ class MemoryBroker(Broker):
                                       payload=template.payload, priority=template.priority,
                                       enqueued_at=now), now)
         self._settle_batch(q, batch_id, batch, succeeded == batch.size, ttl)
+
+    @staticmethod
+    def _batch(q: _Queue, batch_id: str) -> _Batch | None:
+        """The batch, while it is kept: one kept by a skipped member lapses with the member's
+        record, gone at once as its Redis hash is (`prune` frees those nobody looks up)."""
+        batch = q.batches.get(batch_id)
+        if batch is not None and batch.expires_at is not None and batch.expires_at <= time.time():
+            del q.batches[batch_id]
+            return None
+        return batch
 
     @staticmethod
     def _settle_batch(q: _Queue, batch_id: str, batch: _Batch, all_succeeded: bool, ttl: float) -> None:
