@@ -286,3 +286,69 @@ async def test_a_job_keeps_only_the_newest_waiting_processes(
     waiters = await admin.hget(f"aqueue:{{{queue_name}}}:job:{job.id}", "waiters")
     assert waiters is not None
     assert waiters.decode().split() == inboxes[-64:]
+
+
+class FailingGetMessage:
+    """Stands in for the pub/sub connection's get_message: once armed, the next call raises what
+    redis-py raised from a connection torn down while it reconnected."""
+
+    def __init__(self, real: Callable[..., Awaitable[object]]) -> None:
+        self.real, self.armed = real, False
+
+    async def __call__(self, *args: object, **kwargs: object) -> object:
+        if self.armed:
+            self.armed = False
+            raise AttributeError("'NoneType' object has no attribute 'writelines'")
+        return await self.real(*args, **kwargs)
+
+
+async def test_an_unexpected_error_in_the_reader_wakes_the_listeners_to_listen_again(
+    admin: redis.asyncio.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The reader used to end on an exception it did not name, the channel still counted as
+    # subscribed: every later wait on it heard nothing until its own re-check.
+    notifier = notifier_module.Notifier(admin)
+    failing = FailingGetMessage(notifier._pubsub.get_message)
+    monkeypatch.setattr(notifier._pubsub, "get_message", failing)
+    channel = f"c{uuid.uuid4().hex}"
+    try:
+        async with notifier.listen(channel) as heard:
+            failing.armed = True  # the reader's next read, after the message below
+            await admin.publish(channel, b"first")
+            with anyio.fail_after(10):
+                assert await heard.wait() == b"first"
+                assert await heard.wait() is None
+            assert heard.lost
+        async with notifier.listen(channel) as heard:
+            await admin.publish(channel, b"second")
+            with anyio.fail_after(10):
+                assert await heard.wait() == b"second"
+    finally:
+        await notifier.close()
+
+
+async def test_an_unexpected_error_unsubscribing_drops_the_connection(
+    admin: redis.asyncio.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    notifier = notifier_module.Notifier(admin)
+    channel = f"c{uuid.uuid4().hex}"
+
+    async def failing_unsubscribe(*channels: str) -> None:
+        raise AttributeError("'NoneType' object has no attribute 'writelines'")
+
+    try:
+        async with notifier.listen(channel):
+            monkeypatch.setattr(notifier._pubsub, "unsubscribe", failing_unsubscribe)
+        unsubscriber = notifier._unsubscriber
+        assert unsubscriber is not None
+        with anyio.fail_after(10):
+            await asyncio.gather(unsubscriber, return_exceptions=True)
+        assert unsubscriber.exception() is None
+        assert notifier._pubsub.connection is None or not notifier._pubsub.connection.is_connected
+        monkeypatch.undo()
+        async with notifier.listen(channel) as heard:
+            await admin.publish(channel, b"again")
+            with anyio.fail_after(10):
+                assert await heard.wait() == b"again"
+    finally:
+        await notifier.close()

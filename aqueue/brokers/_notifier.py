@@ -146,6 +146,7 @@ class Notifier:
 
     async def _unsubscribe(self) -> None:
         while self._idle:
+            failed: Exception | None = None
             async with self._commands:  # after any SUBSCRIBE already under way, before any later one
                 channels = list(self._idle)
                 self._idle.clear()
@@ -155,6 +156,11 @@ class Notifier:
                     await self._pubsub.unsubscribe(*channels)
                 except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError):
                     return  # the subscriptions went with the connection
+                except Exception as exc:  # the connection's state is unknown: see `_read`
+                    failed = exc
+            if failed is not None:
+                await self._drop(failed)
+                return
 
     def _ensure_reader(self) -> None:
         if self._reader is None or self._reader.done():
@@ -183,6 +189,12 @@ class Notifier:
                 return
             except RuntimeError:  # nothing subscribed any more: stop until the next listen()
                 self._reader = None
+                return
+            except Exception as exc:
+                # Anything else leaves the connection in a state unknown (redis-py has raised
+                # AttributeError from a connection torn down while it reconnected): dropped as
+                # dead. A reader that ended here would leave every listener waiting unwoken.
+                await self._drop(exc)
                 return
             pinged = False
             if message is None or message["type"] == "pong":
