@@ -9,7 +9,15 @@ from collections.abc import Sequence
 import anyio
 import pytest
 
-from aqueue import BrokerError, ConfigurationError, JobState, Queue, TaskError
+from aqueue import (
+    BrokerConnectionError,
+    BrokerError,
+    ConfigurationError,
+    JobState,
+    Queue,
+    TaskError,
+    current_job,
+)
 from aqueue.brokers import Broker, Completion, Delivery, MemoryBroker, NewJob, RedisBroker
 
 
@@ -376,6 +384,66 @@ class _HeldReclaim:
 
         monkeypatch.setattr(broker, "reclaim", reclaim)
         monkeypatch.setattr(broker, "finish", finish)
+
+
+class _RetryReadyBeforeItsReply:
+    """The first finish is applied, and its reply held back until the worker has received the
+    job's next attempt (ready at once, with no retry delay): a worker busy elsewhere reads replies
+    late. With `lose_reply`, the reply is then lost on the way (BrokerConnectionError), so the
+    worker writes the same outcome again."""
+
+    def __init__(self, broker: Broker, monkeypatch: pytest.MonkeyPatch, lose_reply: bool) -> None:
+        self.next_attempt_received = anyio.Event()
+        self.held = False
+        real_receive, real_finish = broker.receive, broker.finish
+
+        async def receive(queue: str, consumer: str, count: int, timeout: float,
+                          max_deliveries: int) -> list[Delivery]:
+            taken = await real_receive(queue, consumer, count, timeout, max_deliveries)
+            if any(d.attempt == 2 for d in taken):
+                self.next_attempt_received.set()
+            return taken
+
+        async def finish(queue: str, completions: Sequence[Completion], ttl: float) -> list[bool]:
+            applied = await real_finish(queue, completions, ttl)
+            if not self.held:
+                self.held = True
+                with anyio.fail_after(10):
+                    await self.next_attempt_received.wait()
+                if lose_reply:
+                    raise BrokerConnectionError("reply lost")
+            return applied
+
+        monkeypatch.setattr(broker, "receive", receive)
+        monkeypatch.setattr(broker, "finish", finish)
+
+
+@pytest.mark.parametrize("lose_reply", [False, True], ids=["late-reply", "lost-reply"])
+async def test_a_retry_received_before_the_reply_to_its_outcome_runs_as_the_next_attempt(
+    broker: Broker, queue_name: str, monkeypatch: pytest.MonkeyPatch, lose_reply: bool
+) -> None:
+    # The worker took the new attempt for its own job come back, its outcome still to be written:
+    # the attempt never ran and, no longer leased, waited for the visibility timeout (then went
+    # round as "taken over from a silent worker"); with the reply lost, the retry written again
+    # under the new delivery skipped an attempt.
+    queue = Queue(broker=broker, name=queue_name, visibility_timeout=60)
+    _RetryReadyBeforeItsReply(broker, monkeypatch, lose_reply)
+    attempts: list[int] = []
+
+    @queue.task(retries=2)
+    async def flaky() -> int:
+        attempts.append(current_job().attempt)
+        if current_job().attempt == 1:
+            raise ValueError("not yet")
+        return current_job().attempt
+
+    async with queue.worker():
+        job = await flaky.enqueue()
+        assert await job.result(timeout=10) == 2
+    assert attempts == [1, 2]
+    info = await job.info()
+    assert info is not None
+    assert info.attempt == 2
 
 
 @pytest.mark.parametrize("fails", [False, True], ids=["success", "failure"])

@@ -421,6 +421,12 @@ class Worker:
         be written, the outcome is written under the new delivery. True if adopted."""
         running = self._running.get(d.job_id)
         completing = self._completing.get(d.job_id)
+        if completing is not None and completing.delivery.receipt != d.receipt:
+            # Not the same entry come back but the job made ready anew: by this outcome, written
+            # with its reply not yet read (a retry with no delay), or by whoever took the job over
+            # (the outcome is then refused). Either way the new delivery is a run of its own.
+            del self._completing[d.job_id]
+            completing = None
         if running is None and completing is None:
             return False
         if running is not None:
