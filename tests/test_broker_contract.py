@@ -87,6 +87,44 @@ async def test_priority_then_fifo(broker: Broker, queue_name: str) -> None:
     assert order == ["high1", "high2", "mid", "low1", "low2"]
 
 
+async def test_an_idle_receive_takes_the_highest_band_of_one_enqueue_first(
+    broker: Broker, queue_name: str
+) -> None:
+    # A receive waiting when one call enqueues into several bands: on Redis its read is woken by
+    # the first stream written to, band 0 here.
+    await broker.enqueue(queue_name, [new("known", priority=5)])  # the band exists
+    await take_one(broker, queue_name)
+    got: list[Delivery] = []
+
+    async def receiver() -> None:
+        got.extend(await broker.receive(queue_name, "w1", 1, 30, MAX))
+
+    with anyio.fail_after(5):  # well under the receive timeout
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(receiver)
+            await anyio.wait_all_tasks_blocked()
+            await broker.enqueue(queue_name, [new("low"), new("high1", priority=5),
+                                              new("high2", priority=5)])
+    assert [d.job_id for d in got] == ["high1"]
+    assert [d.job_id for d in await take(broker, queue_name, count=5)] == ["high2", "low"]
+
+
+async def test_a_receive_after_a_partial_one_keeps_each_band_in_order(
+    broker: Broker, queue_name: str
+) -> None:
+    # On Redis a receive that found fewer jobs than it asked for blocks on every band next time,
+    # and a read finding several bands ready takes `count` of each: what it took past `count`
+    # keeps its place in its band.
+    await broker.enqueue(queue_name, [new("x5", priority=5), new("x0")])
+    assert [d.job_id for d in await take(broker, queue_name, count=3)] == ["x5", "x0"]
+    await broker.enqueue(queue_name, [new(f"{c}0") for c in "abcde"]
+                         + [new("f5", priority=5), new("g5", priority=5)])
+    taken = await broker.receive(queue_name, "w1", 3, 5, MAX)
+    assert [d.job_id for d in taken] == ["f5", "g5", "a0"]
+    rest = await take(broker, queue_name, "w2", count=10)
+    assert [d.job_id for d in rest] == ["b0", "c0", "d0", "e0"]
+
+
 async def test_receive_returns_empty_on_timeout(broker: Broker, queue_name: str) -> None:
     with anyio.fail_after(5):
         assert await broker.receive(queue_name, "w1", 3, 0.05, MAX) == []

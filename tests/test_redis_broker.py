@@ -271,14 +271,16 @@ async def test_a_new_band_is_read_even_when_announced_beside_a_job(
     redis_broker: RedisBroker, queue_name: str
 ) -> None:
     # A consumer whose last receive came back short blocks on the bands it knows at once. A new
-    # band is announced by a 'wake' entry in band 0; read together with a job, it must still
-    # make the next receive learn the new band.
+    # band is announced by a 'wake' entry in band 0; read together with a job, it must still be
+    # learned. The take script reads the bands it sees above the one read: the new band's job
+    # comes first, in the same receive.
     await redis_broker.enqueue(queue_name, [new_job(0)])
     assert len(await redis_broker.receive(queue_name, "c", 10, 1.0, 5)) == 1  # short: blocks next
-    high = new_job(7)
-    await redis_broker.enqueue(queue_name, [high, new_job(0)])  # announces band 7, then a band-0 job
-    assert [d.priority for d in await redis_broker.receive(queue_name, "c", 10, 1.0, 5)] == [0]
-    assert [d.job_id for d in await redis_broker.receive(queue_name, "c", 10, 1.0, 5)] == [high.id]
+    high, low = new_job(7), new_job(0)
+    await redis_broker.enqueue(queue_name, [high, low])  # announces band 7, then a band-0 job
+    taken = await redis_broker.receive(queue_name, "c", 10, 1.0, 5)
+    assert [d.job_id for d in taken] == [high.id, low.id]
+    assert redis_broker._bands[queue_name] == ["7", "0"]
 
 
 async def test_two_processes_waiting_on_one_job_both_hear_it(redis_url: str, queue_name: str) -> None:
@@ -956,7 +958,7 @@ async def test_an_idle_consumers_take_script_is_loaded_again_after_a_flush(
     assert await pending_by_consumer(client, queue_name) == {"w": 1, waiting_name("w"): 0}
 
 
-async def test_an_idle_consumer_keeps_what_it_asked_for_and_puts_back_the_rest(
+async def test_an_idle_consumer_keeps_what_it_asked_for_and_hands_back_the_rest_in_place(
     redis_broker: RedisBroker, client: redis.asyncio.Redis, queue_name: str
 ) -> None:
     # XREADGROUP's COUNT is per stream: two bands can hand over twice what was asked.
@@ -966,12 +968,31 @@ async def test_an_idle_consumer_keeps_what_it_asked_for_and_puts_back_the_rest(
     assert await redis_broker.finish(queue_name, [done], 60) == [True]
     high, low = [new_job(3), new_job(3)], [new_job(0), new_job(0)]
     await redis_broker.enqueue(queue_name, high + low)
+    entries = [e for e, _ in await client.xrange(Keys(queue_name).stream(0))][-2:]
     taken = await redis_broker.receive(queue_name, "w", 2, 1.0, 5)
     assert [d.job_id for d in taken] == [j.id for j in high]
     assert await pending_by_consumer(client, queue_name, 0) == {"w": 0, waiting_name("w"): 0}
-    # The rest went back on band 0, for any worker, as plain entries.
+    # The rest are band 0's to read again, for any worker, as the entries they were.
     rest = await redis_broker.receive(queue_name, "other", 10, 0, 5)
-    assert sorted(d.job_id for d in rest) == sorted(j.id for j in low)
+    assert [(d.job_id, d.receipt.encode()) for d in rest] == list(
+        zip([j.id for j in low], entries, strict=True))
+
+
+async def test_entries_read_past_the_count_go_to_the_back_once_another_read_past_them(
+    redis_broker: RedisBroker, client: redis.asyncio.Redis, queue_name: str
+) -> None:
+    # Handed back in place only while nothing after them was read: moving the group back then
+    # would hand out again what another worker holds. Put back at the end instead, none lost.
+    jobs = [new_job() for _ in range(4)]
+    await redis_broker.enqueue(queue_name, jobs)
+    stream, waiting = Keys(queue_name).stream(0), waiting_name("w")
+    await client.xreadgroup(GROUP, waiting, {stream: ">"}, count=2)  # the first two
+    await client.xreadgroup(GROUP, "other", {stream: ">"}, count=1)  # the third
+    reply = await redis_broker._run(queue_name, "take", ["w", waiting, 1])
+    assert [row[0].decode() for row in reply[2:]] == [jobs[0].id]
+    assert await pending_by_consumer(client, queue_name) == {"w": 1, waiting_name("w"): 0, "other": 1}
+    rest = await redis_broker.receive(queue_name, "x", 10, 0, 5)
+    assert [d.job_id for d in rest] == [jobs[3].id, jobs[1].id]
 
 
 async def test_a_lean_job_whose_read_answer_is_lost_is_taken_over_after_its_lease(

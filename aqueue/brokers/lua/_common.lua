@@ -181,6 +181,42 @@ local function put_back(s, p, entry, fields)
   if jk and redis.call('HGET', jk, 'entry') == entry then make_ready(id, jk, p) end
 end
 
+-- Entries read past what the consumer asked for, the last a read took from a stream (`rows`:
+-- {entry id, fields or nil where deleted}, oldest first), handed back unread: they keep their
+-- place, ahead of the entries after them. The group's position moves back to just before them,
+-- unless someone read past them since, or the span holds entries not theirs (delivered
+-- elsewhere, or done with): then each goes back at the stream's end (put_back). A wake-up entry
+-- after them wakes a worker blocked on the stream, as an entry put back would.
+local function unread(s, p, rows)
+  local first, last = rows[1][1], rows[#rows][1]
+  local ours = {}
+  for _, row in ipairs(rows) do ours[row[1]] = true end
+  local movable = group_progress(s) == last
+  if movable then
+    for _, e in ipairs(redis.call('XRANGE', s, first, last, 'COUNT', #rows + 1)) do
+      if not ours[e[1]] then movable = false end
+    end
+  end
+  if not movable then
+    for _, row in ipairs(rows) do
+      if row[2] then put_back(s, p, row[1], row[2]) else drop_entry(s, row[1]) end
+    end
+    return
+  end
+  local ids = {}
+  for j, row in ipairs(rows) do ids[j] = row[1] end
+  call_chunked(ids, 'XACK', s, GROUP)
+  local ms, seq = string.match(first, '^(%d+)-(%d+)$')
+  local before
+  if seq == '0' then
+    before = string.format('%d', tonumber(ms) - 1) .. '-18446744073709551615'
+  else
+    before = ms .. '-' .. string.format('%d', tonumber(seq) - 1)
+  end
+  redis.call('XGROUP', 'SETID', s, GROUP, before)
+  redis.call('XADD', s, '*', 'wake', p)
+end
+
 -- A new job's score in the index: its enqueue time in whole microseconds. The jobs one call stores
 -- share its `now`, and a zset orders equal scores by member (random ids): each gets a microsecond
 -- more than the one stored before it in the call, so that listings keep the order they were
