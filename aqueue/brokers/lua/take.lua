@@ -43,9 +43,9 @@ if top then
   for i, p in ipairs(all) do
     local s = stream_key(p)
     if i < top and kept < count then  -- a band above what was read: its ready jobs come first
-      local reply = redis.call('XREADGROUP', 'GROUP', GROUP, consumer, 'COUNT', count - kept,
-        'STREAMS', s, '>')
-      if reply and reply[1] then
+      local reply = redis.pcall('XREADGROUP', 'GROUP', GROUP, consumer, 'COUNT', count - kept,
+        'STREAMS', s, '>')  -- no group: as above
+      if reply and not reply.err and reply[1] then
         for _, e in ipairs(reply[1][2]) do keep(p, e[1], e[2]) end
       end
     elseif read[i] then
