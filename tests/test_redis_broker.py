@@ -972,6 +972,8 @@ async def test_an_idle_consumer_keeps_what_it_asked_for_and_hands_back_the_rest_
     taken = await redis_broker.receive(queue_name, "w", 2, 1.0, 5)
     assert [d.job_id for d in taken] == [j.id for j in high]
     assert await pending_by_consumer(client, queue_name, 0) == {"w": 0, waiting_name("w"): 0}
+    [group] = await client.xinfo_groups(Keys(queue_name).stream(0))
+    assert group["lag"] == 3  # the two jobs and a wake-up: still counted (see unread in _common.lua)
     # The rest are band 0's to read again, for any worker, as the entries they were.
     rest = await redis_broker.receive(queue_name, "other", 10, 0, 5)
     assert [(d.job_id, d.receipt.encode()) for d in rest] == list(

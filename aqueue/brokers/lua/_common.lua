@@ -81,20 +81,22 @@ end
 
 -- The group's progress on a stream: the newest entry it has delivered ('0-0': none yet; every
 -- older entry was delivered too, as the group hands entries out in order, so it is now either
--- pending or done with), and how many entries it has yet to read: false where Redis cannot tell
--- (before Redis 7, or after a deletion ahead of what the group read, until it reads past it).
+-- pending or done with), and how many entries it has yet to read and has read: false where Redis
+-- cannot tell (before Redis 7, or after a deletion ahead of what the group read, until it reads
+-- past it).
 local function group_progress(s)
   for _, group in ipairs(redis.call('XINFO', 'GROUPS', s)) do
-    local name, last, lag = nil, nil, false
+    local name, last, lag, read = nil, nil, false, false
     for j = 1, #group, 2 do
       local field = group[j]
       if field == 'name' then name = group[j + 1]
       elseif field == 'last-delivered-id' then last = group[j + 1]
-      elseif field == 'lag' then lag = group[j + 1] end
+      elseif field == 'lag' then lag = group[j + 1]
+      elseif field == 'entries-read' then read = group[j + 1] end
     end
-    if name == GROUP then return last, lag end
+    if name == GROUP then return last, lag, read end
   end
-  return '0-0', false
+  return '0-0', false, false
 end
 
 -- Trim the entries of a stream that are done with: those older than both the newest the group
@@ -191,7 +193,8 @@ local function unread(s, p, rows)
   local first, last = rows[1][1], rows[#rows][1]
   local ours = {}
   for _, row in ipairs(rows) do ours[row[1]] = true end
-  local movable = group_progress(s) == last
+  local delivered, _, read = group_progress(s)
+  local movable = delivered == last
   if movable then
     for _, e in ipairs(redis.call('XRANGE', s, first, last, 'COUNT', #rows + 1)) do
       if not ours[e[1]] then movable = false end
@@ -213,7 +216,13 @@ local function unread(s, p, rows)
   else
     before = ms .. '-' .. string.format('%d', tonumber(seq) - 1)
   end
-  redis.call('XGROUP', 'SETID', s, GROUP, before)
+  -- The count read is kept known: unknown, the lag is counted again only once the group reads
+  -- to the stream's end, and the trims meanwhile delete each entry as it ends (see trim_acked).
+  if read then
+    redis.call('XGROUP', 'SETID', s, GROUP, before, 'ENTRIESREAD', read - #rows)
+  else
+    redis.call('XGROUP', 'SETID', s, GROUP, before)
+  end
   redis.call('XADD', s, '*', 'wake', p)
 end
 
