@@ -320,6 +320,37 @@ async def test_reclaim_and_renew(broker: Broker, queue_name: str) -> None:
     assert await broker.finish(queue_name, [done(d3)], 60) == [True]
 
 
+async def test_recover_hands_over_again_what_a_lost_answer_leased(
+    broker: Broker, queue_name: str
+) -> None:
+    # Answers that never reached their worker: a receive's and a reclaim's. Their jobs come back
+    # to that consumer, under the leases it holds, and no delivery is counted twice. (On Redis,
+    # "c" has an expiry, so its entry is plain: leased by the start script, not lean.)
+    far = time.time() + 3600
+    await broker.enqueue(queue_name, [new("a"), new("b", priority=1), new("c", expires=far)])
+    known = await take_one(broker, queue_name)  # "b": the one w1 heard of
+    lost = await take(broker, queue_name, count=2)
+    assert await broker.recover(queue_name, "w2", [], MAX) == []  # w1's leases stay w1's
+    again = await broker.recover(queue_name, "w1", [known], MAX)
+    assert [(d.job_id, d.token, d.receipt, d.attempt, d.payload, d.consumer) for d in again] == [
+        (d.job_id, d.token, d.receipt, d.attempt, d.payload, "w1") for d in lost]
+    assert [d.job_id for d in again] == ["a", "c"]
+    assert await broker.recover(queue_name, "w1", [known, *again], MAX) == []
+    assert await broker.renew(queue_name, "w1", [known, *again]) == []
+    # Counted once: a takeover with max_deliveries=2 is each job's second delivery, not its third.
+    others = await broker.reclaim(queue_name, "w3", 3, 0, 2)
+    assert [(d.job_id, d.ended) for d in others] == [("b", None), ("a", None), ("c", None)]
+    assert await broker.finish(queue_name, [done(d) for d in others], 60) == [True] * 3
+    # A takeover whose answer was lost: its lease, with the token it gave.
+    await broker.enqueue(queue_name, [new("d")])
+    await take_one(broker, queue_name, consumer="w4")
+    [taken] = await broker.reclaim(queue_name, "w1", 1, 0, MAX)
+    [back] = await broker.recover(queue_name, "w1", [], MAX)
+    assert (back.job_id, back.token, back.receipt) == ("d", taken.token, taken.receipt)
+    assert await broker.finish(queue_name, [done(back)], 60) == [True]
+    assert (await record(broker, queue_name, "d")).state == "succeeded"
+
+
 async def test_renew_keeps_lease_from_reclaim(broker: Broker, queue_name: str) -> None:
     await broker.enqueue(queue_name, [new("a"), new("b")])
     [da, db] = [await take_one(broker, queue_name) for _ in range(2)]

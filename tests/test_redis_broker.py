@@ -997,14 +997,10 @@ async def test_entries_read_past_the_count_go_to_the_back_once_another_read_past
     assert [d.job_id for d in rest] == [jobs[3].id, jobs[1].id]
 
 
-async def test_a_lean_job_whose_read_answer_is_lost_is_taken_over_after_its_lease(
-    redis_broker: RedisBroker, queue_name: str, monkeypatch: pytest.MonkeyPatch
+async def receive_with_answer_cut(
+    broker: RedisBroker, queue_name: str, consumer: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The connection is cut after the read and its take ran: the job is leased to "w", which never
-    # heard of it. It is not lost: once its lease lapses, the reclaim hands it to a worker.
-    await drained(redis_broker, queue_name)
-    job = new_job()
-    await redis_broker.enqueue(queue_name, [job])
+    """A blocking receive whose read and take run, the connection cut before their answer comes."""
     real_call_many = _Reader.call_many
 
     async def answer_lost(self: _Reader, commands: tuple[tuple[Any, ...], ...]) -> list[Any]:
@@ -1013,10 +1009,41 @@ async def test_a_lean_job_whose_read_answer_is_lost_is_taken_over_after_its_leas
 
     monkeypatch.setattr(_Reader, "call_many", answer_lost)
     with pytest.raises(BrokerConnectionError):
-        await redis_broker.receive(queue_name, "w", 10, 1.0, 5)
+        await broker.receive(queue_name, consumer, 10, 1.0, 5)
     monkeypatch.setattr(_Reader, "call_many", real_call_many)
+
+
+async def test_a_lean_job_whose_read_answer_is_lost_is_taken_over_after_its_lease(
+    redis_broker: RedisBroker, queue_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The connection is cut after the read and its take ran: the job is leased to "w", which never
+    # heard of it. It is not lost: once its lease lapses, the reclaim hands it to a worker.
+    await drained(redis_broker, queue_name)
+    job = new_job()
+    await redis_broker.enqueue(queue_name, [job])
+    await receive_with_answer_cut(redis_broker, queue_name, "w", monkeypatch)
     [taken] = await redis_broker.reclaim(queue_name, "other", 10, 0, 5)  # idle 0: lapsed at once
     assert (taken.job_id, taken.consumer) == (job.id, "other")
+
+
+async def test_what_blocking_reads_leased_before_their_answers_were_lost_is_recovered_at_once(
+    redis_broker: RedisBroker, client: redis.asyncio.Redis, queue_name: str,
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A read and its take ran, and the answer was cut on the way: the job is leased to "w". A read
+    # ran, and the take after it did not: the job waits under the waiting name. `recover` hands
+    # both to "w" now, rather than to whoever takes them over when their leases lapse.
+    await drained(redis_broker, queue_name)
+    first, second = new_job(), new_job()
+    await redis_broker.enqueue(queue_name, [first])
+    await receive_with_answer_cut(redis_broker, queue_name, "w", monkeypatch)
+    await redis_broker.enqueue(queue_name, [second])
+    await client.xreadgroup(GROUP, waiting_name("w"), {Keys(queue_name).stream(0): ">"}, count=10)
+    back = await redis_broker.recover(queue_name, "w", [], 1)
+    assert [(d.job_id, d.token) for d in back] == [(first.id, 1), (second.id, 1)]
+    assert await pending_by_consumer(client, queue_name) == {"w": 2, waiting_name("w"): 0}
+    ends = [Completion(d, Outcome.SUCCEEDED, time.time()) for d in back]
+    assert await redis_broker.finish(queue_name, ends, 60) == [True, True]
 
 
 async def test_a_stopping_consumer_is_forgotten_under_both_its_names(

@@ -446,6 +446,36 @@ async def test_a_retry_received_before_the_reply_to_its_outcome_runs_as_the_next
     assert info.attempt == 2
 
 
+async def test_jobs_leased_by_a_receive_whose_answer_was_lost_run_at_once(
+    broker: Broker, queue_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The connection dropped after the broker leased jobs to a receive, and the worker never heard
+    # of them: they waited for their leases to lapse (a minute here), went round as "taken over
+    # from a silent worker", and counted a delivery they never had (max_deliveries=1: dead).
+    queue = Queue(broker=broker, name=queue_name, visibility_timeout=60, max_deliveries=1)
+    real_receive = broker.receive
+    lost = anyio.Event()
+
+    async def receive(queue: str, consumer: str, count: int, timeout: float,
+                      max_deliveries: int) -> list[Delivery]:
+        taken = await real_receive(queue, consumer, count, timeout, max_deliveries)
+        if taken and not lost.is_set():
+            lost.set()
+            raise BrokerConnectionError("answer lost")
+        return taken
+
+    monkeypatch.setattr(broker, "receive", receive)
+
+    @queue.task
+    async def echo(x: int) -> int:
+        return x
+
+    jobs = [await echo.enqueue(i) for i in range(3)]
+    async with queue.worker():
+        assert [await job.result(timeout=10) for job in jobs] == [0, 1, 2]
+    assert lost.is_set()
+
+
 @pytest.mark.parametrize("fails", [False, True], ids=["success", "failure"])
 async def test_outcome_of_a_job_the_worker_reclaimed_from_itself_is_written_not_run_again(
     broker: Broker, queue_name: str, monkeypatch: pytest.MonkeyPatch, fails: bool

@@ -105,6 +105,7 @@ class Worker:
         self._fetch_ended = anyio.Event()
         self._reclaim_done = anyio.Event()
         self._reclaim_done.set()
+        self._answer_lost = False  # a receive or reclaim failed: it may have leased jobs even so
         # Jobs wait here for a runner. Runners are long-lived tasks: a busy worker does not pay for
         # a new task per job. When jobs wait, one runner is called at a time: an idle one woken,
         # or else a new one (up to `concurrency`); once it takes a job, it calls the next if more
@@ -266,7 +267,9 @@ class Worker:
                 continue
             try:
                 taken = 0
-                if time.monotonic() >= next_reclaim:
+                if self._answer_lost:
+                    taken = await self._recover()
+                elif time.monotonic() >= next_reclaim:
                     next_reclaim = time.monotonic() + reclaim_every
                     taken = await self._reclaim(free)
                 if not taken:
@@ -276,11 +279,13 @@ class Worker:
                     taken = len(deliveries)
                 backoff = 0.05
             except BrokerConnectionError as exc:
+                self._answer_lost = True
                 logger.warning("broker unreachable, retrying in %.2fs: %s", backoff, exc)
                 await anyio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
             except Exception:  # a broker error or a fault of aqueue's own: log it, never die of it
+                self._answer_lost = True
                 logger.exception("receiving jobs failed, retrying in %.2fs", backoff)
                 await anyio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
@@ -315,6 +320,20 @@ class Worker:
             return len(deliveries)
         finally:
             self._reclaim_done.set()
+
+    async def _recover(self) -> int:
+        """Take in what a failed receive or reclaim may have leased to this worker before its
+        answer was lost: left alone, those jobs would wait for their lease to lapse, and then
+        count a delivery they never had. Returns how many jobs came."""
+        queue = self.queue
+        deliveries = await queue.broker.recover(queue.name, self.name, list(self._held.values()),
+                                                queue.max_deliveries)
+        self._answer_lost = False
+        if deliveries:
+            logger.warning("%d job(s) leased to this worker by a call whose answer was lost: "
+                           "taken in now", len(deliveries))
+        await self._take(deliveries)
+        return len(deliveries)
 
     async def _reclaim_settled(self) -> None:
         """Wait for a reclaim under way to be taken in. An outcome refused while it was under way

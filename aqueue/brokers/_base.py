@@ -262,6 +262,16 @@ class Broker(ABC):
         (their worker died) and lease them to `consumer`, exactly as `receive` would. Never waits."""
 
     @abstractmethod
+    async def recover(
+        self, queue: str, consumer: str, held: Sequence[Delivery], max_deliveries: int
+    ) -> list[Delivery]:
+        """Hand `consumer` again every job leased to it under a receipt none of `held` carries:
+        a `receive` or `reclaim` whose answer was lost (the connection dropped after the broker
+        acted) leased jobs its worker never heard of. Each comes under the lease the consumer
+        holds (the same token; no delivery counted again; the lease renewed), or, when that
+        call had not yet started it, leased as `receive` would. Never waits."""
+
+    @abstractmethod
     async def renew(self, queue: str, consumer: str, deliveries: Sequence[Delivery]) -> list[str]:
         """Renew the leases of these deliveries held by `consumer`, all in one step.
 

@@ -294,6 +294,24 @@ class MemoryBroker(Broker):
                 out.append(d)
         return out
 
+    async def recover(
+        self, queue: str, consumer: str, held: Sequence[Delivery], max_deliveries: int
+    ) -> list[Delivery]:
+        q = self._queue(queue)
+        known = {d.receipt for d in held}
+        lost = [q.records[i] for i, (owner, _) in q.leases.items()
+                if owner == consumer and str(q.entries[i]) not in known]
+        lost.sort(key=lambda r: (-r.priority, q.entries[r.id]))
+        now = time.monotonic()
+        out: list[Delivery] = []
+        for rec in lost:
+            q.leases[rec.id] = (consumer, now)
+            out.append(Delivery(job_id=rec.id, task=rec.task, payload=rec.payload,
+                                attempt=rec.attempt, token=q.tokens[rec.id], priority=rec.priority,
+                                enqueued_at=rec.enqueued_at, receipt=str(q.entries[rec.id]),
+                                consumer=consumer, leased_at=rec.started_at or time.time()))
+        return out
+
     async def renew(self, queue: str, consumer: str, deliveries: Sequence[Delivery]) -> list[str]:
         q = self._queue(queue)
         lost: list[str] = []

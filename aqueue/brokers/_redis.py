@@ -779,6 +779,18 @@ class RedisBroker(Broker):
         )
         return [_delivery(row, consumer, now) for row in reply]
 
+    async def recover(
+        self, queue: str, consumer: str, held: Sequence[Delivery], max_deliveries: int
+    ) -> list[Delivery]:
+        now = time.time()
+        reply = await self._run(queue, "recover", [
+            consumer, waiting_name(consumer), repr(now), max_deliveries, 86400,
+            *(x for d in held for x in (d.priority, d.receipt)),
+        ])
+        # Entries whose start was to be tried again (see `_start`) were leased by this script too.
+        self._unstarted.pop((queue, consumer), None)
+        return [_delivery(row, consumer, now) for row in reply]
+
     async def renew(self, queue: str, consumer: str, deliveries: Sequence[Delivery]) -> list[str]:
         if not deliveries:
             return []

@@ -33,6 +33,7 @@ NAMES = (
     "receive",
     "records",
     "reclaim",
+    "recover",
     "release",
     "renew",
     "retry",
