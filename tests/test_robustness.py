@@ -16,6 +16,7 @@ from aqueue import (
     JobState,
     Queue,
     TaskError,
+    Worker,
     current_job,
 )
 from aqueue.brokers import Broker, Completion, Delivery, MemoryBroker, NewJob, RedisBroker
@@ -474,6 +475,41 @@ async def test_jobs_leased_by_a_receive_whose_answer_was_lost_run_at_once(
     async with queue.worker():
         assert [await job.result(timeout=10) for job in jobs] == [0, 1, 2]
     assert lost.is_set()
+
+
+async def test_a_worker_stopping_after_a_lost_answer_hands_back_what_it_leased(
+    broker: Broker, queue_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Stopped while a receive's answer was being lost: the jobs it leased stayed with a worker that
+    # was gone, until their leases lapsed (a minute here).
+    queue = Queue(broker=broker, name=queue_name, visibility_timeout=60)
+    real_receive = broker.receive
+    started = anyio.Event()
+    workers: list[Worker] = []
+
+    async def receive(queue: str, consumer: str, count: int, timeout: float,
+                      max_deliveries: int) -> list[Delivery]:
+        taken = await real_receive(queue, consumer, count, timeout, max_deliveries)
+        if taken:
+            await started.wait()
+            workers[0].stop()
+            raise BrokerConnectionError("answer lost")
+        return taken
+
+    monkeypatch.setattr(broker, "receive", receive)
+
+    @queue.task
+    async def echo(x: int) -> int:
+        return x
+
+    job = await echo.enqueue(7)
+    async with queue.worker() as worker:
+        workers.append(worker)
+        started.set()
+    assert worker.jobs_done == 0
+    monkeypatch.setattr(broker, "receive", real_receive)
+    async with queue.worker():
+        assert await job.result(timeout=10) == 7
 
 
 @pytest.mark.parametrize("fails", [False, True], ids=["success", "failure"])

@@ -297,6 +297,12 @@ class Worker:
                 await anyio.lowlevel.checkpoint()
                 if self._completer is not None and self._completer.woken:
                     await anyio.lowlevel.checkpoint()
+        if self._answer_lost:  # stopping right after: those jobs are handed back with the rest
+            try:
+                await self._recover()
+            except BrokerError as exc:
+                logger.warning("could not look for jobs leased by a call whose answer was lost "
+                               "(they return after the visibility timeout): %s", exc)
 
     async def _reclaim(self, free: int) -> int:
         """Take over lapsed leases; returns how many jobs came. Until those jobs are taken in, an
