@@ -351,6 +351,21 @@ async def test_recover_hands_over_again_what_a_lost_answer_leased(
     assert (await record(broker, queue_name, "d")).state == "succeeded"
 
 
+async def test_recover_hands_over_a_job_anew_that_its_own_lost_takeover_leased(
+    broker: Broker, queue_name: str
+) -> None:
+    # The consumer's own reclaim took over a job it holds (its lease had lapsed), and the answer
+    # was lost: the job comes back under the token that takeover gave it.
+    await broker.enqueue(queue_name, [new("a")])
+    d1 = await take_one(broker, queue_name)
+    [d2] = await broker.reclaim(queue_name, "w1", 1, 0, MAX)
+    [back] = await broker.recover(queue_name, "w1", [d1], MAX)
+    assert (back.job_id, back.token, back.receipt) == ("a", d2.token, d1.receipt)
+    assert await broker.recover(queue_name, "w1", [back], MAX) == []
+    assert await broker.finish(queue_name, [done(back, Outcome.RETRY)], 60) == [True]
+    assert (await record(broker, queue_name, "a")).attempt == 2
+
+
 async def test_renew_keeps_lease_from_reclaim(broker: Broker, queue_name: str) -> None:
     await broker.enqueue(queue_name, [new("a"), new("b")])
     [da, db] = [await take_one(broker, queue_name) for _ in range(2)]

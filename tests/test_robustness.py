@@ -477,6 +477,42 @@ async def test_jobs_leased_by_a_receive_whose_answer_was_lost_run_at_once(
     assert lost.is_set()
 
 
+async def test_a_job_its_own_worker_took_over_with_the_answer_lost_keeps_its_outcome(
+    broker: Broker, queue_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The worker's reclaim took over a job it was running (its lease had lapsed), and the answer
+    # was lost: the job's failure, refused under the delivery the worker knew, was dropped, and
+    # the job ran its first attempt again once its lease lapsed once more.
+    queue = Queue(broker=broker, name=queue_name, visibility_timeout=4)  # a reclaim every second
+    real_reclaim = broker.reclaim
+    started, taken_over = anyio.Event(), anyio.Event()
+
+    async def reclaim(queue: str, consumer: str, count: int, idle: float,
+                      max_deliveries: int) -> list[Delivery]:
+        if not started.is_set() or taken_over.is_set():
+            return await real_reclaim(queue, consumer, count, idle, max_deliveries)
+        await real_reclaim(queue, consumer, count, 0, max_deliveries)  # as if lapsed
+        taken_over.set()
+        raise BrokerConnectionError("answer lost")
+
+    monkeypatch.setattr(broker, "reclaim", reclaim)
+    attempts: list[int] = []
+
+    @queue.task(retries=1)
+    async def flaky() -> int:
+        attempts.append(current_job().attempt)
+        if current_job().attempt == 1:
+            started.set()
+            await taken_over.wait()
+            raise ValueError("first attempt")
+        return current_job().attempt
+
+    async with queue.worker():
+        job = await flaky.enqueue()
+        assert await job.result(timeout=10) == 2
+    assert attempts == [1, 2]
+
+
 async def test_a_worker_stopping_after_a_lost_answer_hands_back_what_it_leased(
     broker: Broker, queue_name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

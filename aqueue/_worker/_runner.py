@@ -306,7 +306,8 @@ class Worker:
 
     async def _reclaim(self, free: int) -> int:
         """Take over lapsed leases; returns how many jobs came. Until those jobs are taken in, an
-        outcome refused to this worker is not given up (see `_reclaim_settled`)."""
+        outcome refused to this worker is not given up (see `_reclaim_settled`), nor after a
+        failure until `_recover` has taken in what it may have leased."""
         queue = self.queue
         self._reclaim_done = anyio.Event()
         held = set(self._held)
@@ -323,23 +324,31 @@ class Worker:
             for d in deliveries:
                 logger.warning("job %s (%s) taken over from a silent worker", d.job_id, d.task)
             await self._take(deliveries)
-            return len(deliveries)
-        finally:
             self._reclaim_done.set()
+            return len(deliveries)
+        except BaseException as exc:
+            # Failed, its answer may be lost: the recover that follows takes in what it leased,
+            # then sets the event. Cancelled, no recover follows.
+            if not isinstance(exc, Exception):
+                self._reclaim_done.set()
+            raise
 
     async def _recover(self) -> int:
         """Take in what a failed receive or reclaim may have leased to this worker before its
         answer was lost: left alone, those jobs would wait for their lease to lapse, and then
         count a delivery they never had. Returns how many jobs came."""
         queue = self.queue
-        deliveries = await queue.broker.recover(queue.name, self.name, list(self._held.values()),
-                                                queue.max_deliveries)
-        self._answer_lost = False
-        if deliveries:
-            logger.warning("%d job(s) leased to this worker by a call whose answer was lost: "
-                           "taken in now", len(deliveries))
-        await self._take(deliveries)
-        return len(deliveries)
+        try:
+            deliveries = await queue.broker.recover(
+                queue.name, self.name, list(self._held.values()), queue.max_deliveries)
+            self._answer_lost = False
+            if deliveries:
+                logger.warning("%d job(s) leased to this worker by a call whose answer was lost: "
+                               "taken in now", len(deliveries))
+            await self._take(deliveries)
+            return len(deliveries)
+        finally:
+            self._reclaim_done.set()  # a lost reclaim's jobs are taken in (or it is given up)
 
     async def _reclaim_settled(self) -> None:
         """Wait for a reclaim under way to be taken in. An outcome refused while it was under way

@@ -265,11 +265,14 @@ class Broker(ABC):
     async def recover(
         self, queue: str, consumer: str, held: Sequence[Delivery], max_deliveries: int
     ) -> list[Delivery]:
-        """Hand `consumer` again every job leased to it under a receipt none of `held` carries:
-        a `receive` or `reclaim` whose answer was lost (the connection dropped after the broker
-        acted) leased jobs its worker never heard of. Each comes under the lease the consumer
-        holds (the same token; no delivery counted again; the lease renewed), or, when that
-        call had not yet started it, leased as `receive` would. Never waits."""
+        """Hand `consumer` again every job leased to it that `held` does not name with the
+        job's newest token: a `receive` or `reclaim` whose answer was lost (the connection
+        dropped after the broker acted) leased jobs its worker never heard of, or took over one
+        it holds under an older token. Each comes under the lease the consumer holds (its newest
+        token; no delivery counted again; the lease renewed), all of them, however many. Where
+        the broker cannot tell that call's lease from a fresh one (a job it had not yet started;
+        on Redis, a lean delivery while some task is revoked), the job is leased as `receive`
+        would lease it, and may come ended, as a notice. Never waits."""
 
     @abstractmethod
     async def renew(self, queue: str, consumer: str, deliveries: Sequence[Delivery]) -> list[str]:

@@ -298,9 +298,9 @@ class MemoryBroker(Broker):
         self, queue: str, consumer: str, held: Sequence[Delivery], max_deliveries: int
     ) -> list[Delivery]:
         q = self._queue(queue)
-        known = {d.receipt for d in held}
+        known = {d.receipt: d.token for d in held}
         lost = [q.records[i] for i, (owner, _) in q.leases.items()
-                if owner == consumer and str(q.entries[i]) not in known]
+                if owner == consumer and known.get(str(q.entries[i])) != q.tokens[i]]
         lost.sort(key=lambda r: (-r.priority, q.entries[r.id]))
         now = time.monotonic()
         out: list[Delivery] = []

@@ -785,7 +785,7 @@ class RedisBroker(Broker):
         now = time.time()
         reply = await self._run(queue, "recover", [
             consumer, waiting_name(consumer), repr(now), max_deliveries, 86400,
-            *(x for d in held for x in (d.priority, d.receipt)),
+            *(x for d in held for x in (d.priority, d.receipt, d.token)),
         ])
         # Entries whose start was to be tried again (see `_start`) were leased by this script too.
         self._unstarted.pop((queue, consumer), None)
