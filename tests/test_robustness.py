@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gc
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import anyio
 import pytest
@@ -447,13 +447,12 @@ async def test_a_retry_received_before_the_reply_to_its_outcome_runs_as_the_next
     assert info.attempt == 2
 
 
-async def test_jobs_leased_by_a_receive_whose_answer_was_lost_run_at_once(
-    broker: Broker, queue_name: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # The connection dropped after the broker leased jobs to a receive, and the worker never heard
-    # of them: they waited for their leases to lapse (a minute here), went round as "taken over
-    # from a silent worker", and counted a delivery they never had (max_deliveries=1: dead).
-    queue = Queue(broker=broker, name=queue_name, visibility_timeout=60, max_deliveries=1)
+def lose_a_receive_answer(
+    broker: Broker, monkeypatch: pytest.MonkeyPatch,
+    before: Callable[[], Awaitable[None]] | None = None,
+) -> anyio.Event:
+    """The first receive that leases jobs loses its answer on the way: the broker acted, the worker
+    hears BrokerConnectionError (after `before` ran). The event returned is set when it happened."""
     real_receive = broker.receive
     lost = anyio.Event()
 
@@ -461,11 +460,24 @@ async def test_jobs_leased_by_a_receive_whose_answer_was_lost_run_at_once(
                       max_deliveries: int) -> list[Delivery]:
         taken = await real_receive(queue, consumer, count, timeout, max_deliveries)
         if taken and not lost.is_set():
+            if before is not None:
+                await before()
             lost.set()
             raise BrokerConnectionError("answer lost")
         return taken
 
     monkeypatch.setattr(broker, "receive", receive)
+    return lost
+
+
+async def test_jobs_leased_by_a_receive_whose_answer_was_lost_run_at_once(
+    broker: Broker, queue_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The connection dropped after the broker leased jobs to a receive, and the worker never heard
+    # of them: they waited for their leases to lapse (a minute here), went round as "taken over
+    # from a silent worker", and counted a delivery they never had (max_deliveries=1: dead).
+    queue = Queue(broker=broker, name=queue_name, visibility_timeout=60, max_deliveries=1)
+    lost = lose_a_receive_answer(broker, monkeypatch)
 
     @queue.task
     async def echo(x: int) -> int:
@@ -523,16 +535,11 @@ async def test_a_worker_stopping_after_a_lost_answer_hands_back_what_it_leased(
     started = anyio.Event()
     workers: list[Worker] = []
 
-    async def receive(queue: str, consumer: str, count: int, timeout: float,
-                      max_deliveries: int) -> list[Delivery]:
-        taken = await real_receive(queue, consumer, count, timeout, max_deliveries)
-        if taken:
-            await started.wait()
-            workers[0].stop()
-            raise BrokerConnectionError("answer lost")
-        return taken
+    async def stop_the_worker() -> None:
+        await started.wait()
+        workers[0].stop()
 
-    monkeypatch.setattr(broker, "receive", receive)
+    lose_a_receive_answer(broker, monkeypatch, before=stop_the_worker)
 
     @queue.task
     async def echo(x: int) -> int:
