@@ -64,6 +64,9 @@ ENQUEUE_CHUNK = 500  # jobs per enqueue script call: bounds how long one call ho
 ENQUEUE_WINDOW = 20
 # Errors that pass (a failover, a server loading its data): retried like a lost connection.
 TRANSIENT = {"READONLY", "LOADING", "BUSY", "TRYAGAIN", "MASTERDOWN", "CLUSTERDOWN"}
+# Records that a receive, claim, reclaim or recover ends rather than leases (expired, revoked,
+# cancelled, dead) are kept a day: those calls take no result_ttl.
+ENDED_HERE_TTL = 86_400
 RECHECK = 10.0  # a waiter re-reads the state this often, in case a notification was lost
 LAST_READ_WITHIN = 0.5  # how long past its timeout a wait may read the record it returns
 # Ended entries that may wait in a stream behind a job still pending, for the trim after it ends
@@ -599,7 +602,7 @@ class RedisBroker(Broker):
     async def receive(
         self, queue: str, consumer: str, count: int, timeout: float, max_deliveries: int
     ) -> list[Delivery]:
-        ttl = 86400  # records that end here (expired, dead) are kept a day
+        ttl = ENDED_HERE_TTL
         unstarted = self._unstarted.get((queue, consumer))
         if unstarted:
             found, _ = await self._start(queue, consumer, unstarted, count, max_deliveries, ttl)
@@ -748,7 +751,7 @@ class RedisBroker(Broker):
         self, queue: str, consumer: str, job_id: str, max_deliveries: int
     ) -> Delivery | None:
         now = time.time()
-        row = await self._run(queue, "claim", [job_id, consumer, repr(now), max_deliveries, 86400])
+        row = await self._run(queue, "claim", [job_id, consumer, repr(now), max_deliveries, ENDED_HERE_TTL])
         return _delivery(row, consumer, now) if row else None
 
     async def forget_consumer(self, queue: str, consumer: str) -> None:
@@ -775,7 +778,7 @@ class RedisBroker(Broker):
     ) -> list[Delivery]:
         now = time.time()
         reply = await self._run(
-            queue, "reclaim", [consumer, count, repr(now), max_deliveries, 86400, int(idle * 1000)]
+            queue, "reclaim", [consumer, count, repr(now), max_deliveries, ENDED_HERE_TTL, int(idle * 1000)]
         )
         return [_delivery(row, consumer, now) for row in reply]
 
@@ -784,7 +787,7 @@ class RedisBroker(Broker):
     ) -> list[Delivery]:
         now = time.time()
         reply = await self._run(queue, "recover", [
-            consumer, waiting_name(consumer), repr(now), max_deliveries, 86400,
+            consumer, waiting_name(consumer), repr(now), max_deliveries, ENDED_HERE_TTL,
             *(x for d in held for x in (d.priority, d.receipt, d.token)),
         ])
         # Entries whose start was to be tried again (see `_start`) were leased by this script too.

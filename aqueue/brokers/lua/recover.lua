@@ -44,14 +44,15 @@ for _, p in ipairs(bands()) do
         'task', 'payload', 'attempt', 'enqueued_at')
       -- Started by the call whose answer was lost, or by one before it: that delivery.
       local started = rec and rec[1] == 'running' and rec[2] == consumer and rec[3] == entry
-      if started and rec[4] ~= known then
+      if not known or (started and rec[4] ~= known) then
         redis.call('XCLAIM', s, GROUP, consumer, 0, entry, 'JUSTID')
-        out[#out + 1] = {id, rec[5], rec[6], rec[7], rec[4], p, rec[8], entry}
-      elseif not known then  -- not started yet: leased as receive leases it
-        redis.call('XCLAIM', s, GROUP, consumer, 0, entry, 'JUSTID')
-        local d = lean_delivery(p, entry, fields) or
-          start(s, p, entry, fields, consumer, now, max_deliveries, ttl)
-        if d then out[#out + 1] = d end
+        if started then
+          out[#out + 1] = {id, rec[5], rec[6], rec[7], rec[4], p, rec[8], entry}
+        else  -- not started yet: leased as receive leases it
+          local d = lean_delivery(p, entry, fields) or
+            start(s, p, entry, fields, consumer, now, max_deliveries, ttl)
+          if d then out[#out + 1] = d end
+        end
       end
     end
   end
