@@ -78,7 +78,8 @@ LIBS = [
         note="this working tree, installed editable and byte-compiled before the run (as pip compiles "
              "a package it installs)."),
     # redis-py 8 loads more modules of its own than 7 at import (its keyspace and maintenance
-    # notifications among them); saq caps redis-py below 8. The same aqueue on redis-py 7 tells the two apart in the RSS columns.
+    # notifications among them); saq caps redis-py below 8. The same aqueue on redis-py 7 tells the
+    # two apart in the RSS columns.
     Lib("aqueue-r7", ["-e", ROOT, "hiredis", "redis<8"], ["aqueue", "redis", "hiredis", "anyio"], 500,
         venv="aqueue-redis7", driver="aqueue", cells=("W2t", "W4"), peer=False,
         note="aqueue again, on redis-py 7 (below 8, as saq's `redis` extra caps it): W2 tuned and W4 "
