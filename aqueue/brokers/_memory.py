@@ -306,10 +306,7 @@ class MemoryBroker(Broker):
         out: list[Delivery] = []
         for rec in lost:
             q.leases[rec.id] = (consumer, now)
-            out.append(Delivery(job_id=rec.id, task=rec.task, payload=rec.payload,
-                                attempt=rec.attempt, token=q.tokens[rec.id], priority=rec.priority,
-                                enqueued_at=rec.enqueued_at, receipt=str(q.entries[rec.id]),
-                                consumer=consumer, leased_at=rec.started_at or time.time()))
+            out.append(self._leased(q, rec, consumer, rec.started_at or time.time()))
         return out
 
     async def renew(self, queue: str, consumer: str, deliveries: Sequence[Delivery]) -> list[str]:
@@ -572,12 +569,17 @@ class MemoryBroker(Broker):
                             token=0, priority=rec.priority, enqueued_at=rec.enqueued_at,
                             receipt=receipt, ended=JobState.FAILED.value, consumer=consumer,
                             leased_at=now)
-        token = q.tokens[rec.id] = q.tokens.get(rec.id, 0) + 1
+        q.tokens[rec.id] = q.tokens.get(rec.id, 0) + 1
         rec.state, rec.started_at, rec.worker = JobState.RUNNING.value, now, consumer
         q.leases[rec.id] = (consumer, time.monotonic())
+        return self._leased(q, rec, consumer, now)
+
+    @staticmethod
+    def _leased(q: _Queue, rec: JobRecord, consumer: str, leased_at: float) -> Delivery:
+        """The delivery of `rec` under the lease `consumer` holds now (the job's newest token)."""
         return Delivery(job_id=rec.id, task=rec.task, payload=rec.payload, attempt=rec.attempt,
-                        token=token, priority=rec.priority, enqueued_at=rec.enqueued_at,
-                        receipt=str(q.entries[rec.id]), consumer=consumer, leased_at=now)
+                        token=q.tokens[rec.id], priority=rec.priority, enqueued_at=rec.enqueued_at,
+                        receipt=str(q.entries[rec.id]), consumer=consumer, leased_at=leased_at)
 
     def _finalize(
         self, q: _Queue, rec: JobRecord, state: str, finished_at: float, ttl: float,
