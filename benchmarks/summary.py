@@ -33,6 +33,11 @@ MACHINES = {
 }
 
 
+def _percent(share: float) -> str:
+    """Whole percents, or tenths where a whole would round to 0 (a bare "0%" hides which way it went)."""
+    return f"{100 * share:.1f}" if round(100 * share) == 0 else f"{round(100 * share)}"
+
+
 def results_text(commit: str | None) -> tuple[str, str]:
     """The RESULTS.md a commit holds (default: the last that changed it), and the commit's short id."""
     if commit is None:
@@ -103,7 +108,7 @@ def row(text: str, label: str) -> str:
         f"{aq['w3']} / {w3_best} {rows[w3_best]['w3']}",
         f"{aq['p50']} / {aq['p99']} ({saq['p50']} / {saq['p99']})",
         f"{aq['rss']} / {saq['rss']}",
-        f"{'+' if w5 >= 0 else MINUS}{abs(round(100 * w5))}%",
+        f"{'+' if w5 >= 0 else MINUS}{_percent(abs(w5))}%",
     ]
     return "| " + " | ".join(cells) + " |"
 
