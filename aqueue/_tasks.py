@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import time
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -140,10 +141,6 @@ class Task(Generic[P, R]):
     async def revoke(self, once: bool = False, until: When | None = None) -> None:
         """Revoke every job of this task a worker meets (they end `revoked`): until `restore()`,
         until `until` (seconds, timedelta or datetime), or, with `once`, only the next one."""
-        import time
-
-        from aqueue._time import epoch
-
         deadline = None if until is None else epoch(until, time.time(), "until")
         await self.queue.broker.revoke_task(self.queue.name, self.name, once, deadline)
 
@@ -152,8 +149,7 @@ class Task(Generic[P, R]):
         return await self.queue.broker.restore_task(self.queue.name, self.name)
 
     async def is_revoked(self) -> bool:
-        import time
-
+        """Whether this task is revoked now (a revoke with `until` lapses by itself)."""
         return await self.queue.broker.revoked(self.queue.name, None, self.name, time.time())
 
     def s(self, *args: P.args, **kwargs: P.kwargs) -> Signature[R]:
