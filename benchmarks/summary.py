@@ -35,7 +35,8 @@ MACHINES = {
 
 def _percent(share: float) -> str:
     """Whole percents, or tenths where a whole would round to 0 (a bare "0%" hides which way it went)."""
-    return f"{100 * share:.1f}" if round(100 * share) == 0 else f"{round(100 * share)}"
+    whole = round(100 * share)
+    return str(whole) if whole else f"{100 * share:.1f}"
 
 
 def results_text(commit: str | None) -> tuple[str, str]:
