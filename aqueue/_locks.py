@@ -107,12 +107,16 @@ class Lock:
     async def _keep(self, token: str) -> AsyncIterator[None]:
         """Renew while the body runs; release on the way out, whatever ends the body."""
         # A plain task, not a task group around the body: the body's own errors reach the caller
-        # unwrapped, as from any `async with`.
-        renewer = asyncio.get_running_loop().create_task(self._renew(token))
+        # unwrapped, as from any `async with`. Stopped through a cancel scope, which cancels it
+        # again until it is out: a bare `Task.cancel()` is delivered once, and one swallowed on
+        # the way (redis-py's connect can, if it lands while a connection is opened) would leave
+        # the renewer running and this exit waiting for it for ever.
+        stop = anyio.CancelScope()
+        renewer = asyncio.get_running_loop().create_task(self._renew(token, stop))
         try:
             yield
         finally:
-            renewer.cancel()
+            stop.cancel()
             with anyio.CancelScope(shield=True):
                 await asyncio.gather(renewer, return_exceptions=True)
                 try:
@@ -123,14 +127,16 @@ class Lock:
                     logger.warning("releasing lock %r failed; it frees itself within %ss: %s",
                                    self.name, self.ttl, exc)
 
-    async def _renew(self, token: str) -> None:
-        while True:
-            await anyio.sleep(self.ttl / 3)
-            try:
-                extended = await self.queue.broker.lock_extend(self.queue.name, self.name, token, self.ttl)
-            except BrokerError as exc:
-                logger.warning("renewing lock %r failed, trying again: %s", self.name, exc)
-                continue
-            if not extended:
-                logger.error("lock %r was lost while held (its ttl ran out)", self.name)
-                return
+    async def _renew(self, token: str, stop: anyio.CancelScope) -> None:
+        with stop:
+            while True:
+                await anyio.sleep(self.ttl / 3)
+                try:
+                    extended = await self.queue.broker.lock_extend(self.queue.name, self.name, token,
+                                                                   self.ttl)
+                except BrokerError as exc:
+                    logger.warning("renewing lock %r failed, trying again: %s", self.name, exc)
+                    continue
+                if not extended:
+                    logger.error("lock %r was lost while held (its ttl ran out)", self.name)
+                    return

@@ -395,6 +395,43 @@ async def test_lock_is_renewed_while_held(queue: Queue) -> None:
                 pass
 
 
+async def test_lock_exit_ends_a_renewer_that_swallowed_its_cancellation(
+    queue: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A renewal under way when the holder leaves, in a call that swallows the cancellation sent to
+    # it once (as redis-py's connect can): the renewer is cancelled again, and the exit ends.
+    broker = queue.broker
+    renewing = anyio.Event()
+    swallowed = []
+
+    async def extend_swallowing_once(queue_name: str, name: str, token: str, ttl: float) -> bool:
+        if swallowed:
+            await anyio.sleep_forever()
+        renewing.set()
+        try:
+            await anyio.sleep_forever()
+        except asyncio.CancelledError:
+            swallowed.append(name)
+        return True
+
+    monkeypatch.setattr(broker, "lock_extend", extend_swallowing_once)
+    left = anyio.Event()
+
+    async def hold() -> None:
+        async with queue.lock("sticky", ttl=0.3):
+            await renewing.wait()
+        left.set()
+
+    # In a task of its own: the exit is shielded, so a hang there fails this test, not the run.
+    holder = asyncio.get_running_loop().create_task(hold())
+    with anyio.move_on_after(5):
+        await left.wait()
+    assert left.is_set(), "the lock's exit still waits for its renewer"
+    await holder
+    assert swallowed == ["sticky"]
+    assert await broker.lock_acquire(queue.name, "sticky", "next", 1.0)  # released on the way out
+
+
 async def test_dead_holders_lock_frees_after_ttl(queue: Queue) -> None:
     assert await queue.broker.lock_acquire(queue.name, "orphan", "dead-holder", 0.3)
     start = time.monotonic()
