@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import uuid
@@ -13,6 +12,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 
+from aqueue._background import Background
 from aqueue._decorating import around
 from aqueue._exceptions import BrokerError, ConfigurationError, LockTimeout, TaskLocked
 from aqueue._time import Seconds, finite_seconds, seconds
@@ -106,19 +106,14 @@ class Lock:
     @asynccontextmanager
     async def _keep(self, token: str) -> AsyncIterator[None]:
         """Renew while the body runs; release on the way out, whatever ends the body."""
-        # A plain task, not a task group around the body: the body's own errors reach the caller
-        # unwrapped, as from any `async with`. Stopped through a cancel scope, which cancels it
-        # again until it is out: a bare `Task.cancel()` is delivered once, and one swallowed on
-        # the way (redis-py's connect can, if it lands while a connection is opened) would leave
-        # the renewer running and this exit waiting for it for ever.
-        stop = anyio.CancelScope()
-        renewer = asyncio.get_running_loop().create_task(self._renew(token, stop))
+        renewer = Background(self._renew(token))
         try:
             yield
         finally:
-            stop.cancel()
+            failure = await renewer.stop()
+            if failure is not None:
+                logger.error("renewing lock %r failed", self.name, exc_info=failure)
             with anyio.CancelScope(shield=True):
-                await asyncio.gather(renewer, return_exceptions=True)
                 try:
                     await self.queue.broker.lock_release(self.queue.name, self.name, token)
                 except BrokerError as exc:
@@ -127,16 +122,15 @@ class Lock:
                     logger.warning("releasing lock %r failed; it frees itself within %ss: %s",
                                    self.name, self.ttl, exc)
 
-    async def _renew(self, token: str, stop: anyio.CancelScope) -> None:
-        with stop:
-            while True:
-                await anyio.sleep(self.ttl / 3)
-                try:
-                    extended = await self.queue.broker.lock_extend(self.queue.name, self.name, token,
-                                                                   self.ttl)
-                except BrokerError as exc:
-                    logger.warning("renewing lock %r failed, trying again: %s", self.name, exc)
-                    continue
-                if not extended:
-                    logger.error("lock %r was lost while held (its ttl ran out)", self.name)
-                    return
+    async def _renew(self, token: str) -> None:
+        while True:
+            await anyio.sleep(self.ttl / 3)
+            try:
+                extended = await self.queue.broker.lock_extend(self.queue.name, self.name, token,
+                                                               self.ttl)
+            except BrokerError as exc:
+                logger.warning("renewing lock %r failed, trying again: %s", self.name, exc)
+                continue
+            if not extended:
+                logger.error("lock %r was lost while held (its ttl ran out)", self.name)
+                return

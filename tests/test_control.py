@@ -399,7 +399,8 @@ async def test_lock_exit_ends_a_renewer_that_swallowed_its_cancellation(
     queue: Queue, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A renewal under way when the holder leaves, in a call that swallows the cancellation sent to
-    # it once (as redis-py's connect can): the renewer is cancelled again, and the exit ends.
+    # it once (as a redis-py call can on Python 3.11): the renewer is cancelled again, and the exit
+    # ends.
     broker = queue.broker
     renewing = anyio.Event()
     swallowed = []
