@@ -243,7 +243,7 @@ async def test_the_reader_stops_when_the_connection_is_lost_and_a_later_wait_sta
         notifier = queue.broker._notifier
         assert notifier is not None
         assert notifier._reader is not None
-        reader = notifier._reader
+        reader = notifier._reader.task
         server.kill()
         with anyio.fail_after(10):
             await reader  # it ends, having logged the loss once
@@ -302,6 +302,35 @@ class FailingGetMessage:
         return await self.real(*args, **kwargs)
 
 
+class SwallowingGetMessage:
+    """Stands in for the pub/sub connection's get_message: once armed, the next call waits, loses
+    the first cancellation sent to it (as a redis-py call can on Python 3.11), and waits on."""
+
+    def __init__(self, real: Callable[..., Awaitable[object]]) -> None:
+        self.real, self.armed = real, False
+        self.waiting = anyio.Event()
+        self.swallowed = 0
+
+    async def __call__(self, *args: object, **kwargs: object) -> object:
+        if not self.armed:
+            return await self.real(*args, **kwargs)
+        self.armed = False
+        self.waiting.set()
+        try:
+            await anyio.sleep_forever()
+        except asyncio.CancelledError:
+            self.swallowed += 1
+        await anyio.sleep_forever()
+
+
+async def stall_reader(admin: redis.asyncio.Redis, channel: str, stalling: SwallowingGetMessage) -> None:
+    """The reader's next read is the stand-in's (a message brings it round at once)."""
+    stalling.armed = True
+    await admin.publish(channel, b"first")
+    with anyio.fail_after(10):
+        await stalling.waiting.wait()
+
+
 async def hears_anew(notifier: notifier_module.Notifier, admin: redis.asyncio.Redis, channel: str) -> None:
     """Listening on the channel again works: a message published then is heard."""
     async with notifier.listen(channel) as heard:
@@ -344,12 +373,63 @@ async def test_an_unexpected_error_unsubscribing_drops_the_connection(
     try:
         async with notifier.listen(channel):
             monkeypatch.setattr(notifier._pubsub, "unsubscribe", failing_unsubscribe)
-        unsubscriber = notifier._unsubscriber
-        assert unsubscriber is not None
+        assert notifier._unsubscriber is not None
+        unsubscriber = notifier._unsubscriber.task
         with anyio.fail_after(10):
             await asyncio.gather(unsubscriber, return_exceptions=True)
         assert unsubscriber.exception() is None
         assert notifier._pubsub.connection is None or not notifier._pubsub.connection.is_connected
+        monkeypatch.undo()
+        await hears_anew(notifier, admin, channel)
+    finally:
+        await notifier.close()
+
+
+async def test_closing_ends_a_reader_that_swallowed_its_cancellation(
+    admin: redis.asyncio.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The close cancelled the reader once and waited for it: a read that lost the cancellation
+    # left the close waiting for ever.
+    notifier = notifier_module.Notifier(admin)
+    stalling = SwallowingGetMessage(notifier._pubsub.get_message)
+    monkeypatch.setattr(notifier._pubsub, "get_message", stalling)
+    channel = f"c{uuid.uuid4().hex}"
+    async with notifier.listen(channel):
+        await stall_reader(admin, channel, stalling)
+    # In a task of its own: the close's wait is shielded, so a hang fails this test, not the run.
+    closing = asyncio.get_running_loop().create_task(notifier.close())
+    with anyio.move_on_after(5):
+        await asyncio.wait([closing])
+    assert closing.done(), "the close still waits for its reader"
+    closing.result()
+    assert stalling.swallowed == 1
+
+
+async def test_dropping_the_connection_ends_a_reader_that_swallowed_its_cancellation(
+    admin: redis.asyncio.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An unsubscribe that fails drops the connection, stopping the reader first: cancelled once,
+    # a reader that lost the cancellation left the drop (and every later unsubscribe) waiting.
+    notifier = notifier_module.Notifier(admin)
+    stalling = SwallowingGetMessage(notifier._pubsub.get_message)
+    monkeypatch.setattr(notifier._pubsub, "get_message", stalling)
+    channel = f"c{uuid.uuid4().hex}"
+
+    async def failing_unsubscribe(*channels: str) -> None:
+        raise AttributeError("'NoneType' object has no attribute 'writelines'")
+
+    try:
+        async with notifier.listen(channel):
+            await stall_reader(admin, channel, stalling)
+            monkeypatch.setattr(notifier._pubsub, "unsubscribe", failing_unsubscribe)
+        assert notifier._unsubscriber is not None
+        unsubscriber = notifier._unsubscriber.task
+        with anyio.move_on_after(5):
+            await asyncio.wait([unsubscriber])
+        assert unsubscriber.done(), "the drop still waits for the reader"
+        assert unsubscriber.exception() is None
+        assert stalling.swallowed == 1
+        assert notifier._reader is None
         monkeypatch.undo()
         await hears_anew(notifier, admin, channel)
     finally:

@@ -21,6 +21,8 @@ import anyio
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
 
+from aqueue._background import Background
+
 logger = logging.getLogger("aqueue")
 
 # How long a confirmation or a PING's reply may take before the connection is taken for dead (as
@@ -67,12 +69,12 @@ class Notifier:
     def __init__(self, client: aioredis.Redis) -> None:
         self._pubsub = client.pubsub()
         self._channels: dict[str, _Channel] = {}
-        self._reader: asyncio.Task[None] | None = None
+        self._reader: Background[None] | None = None
         self._commands = asyncio.Lock()  # SUBSCRIBE / UNSUBSCRIBE go out one at a time
         # Channels nobody listens on any more: unsubscribed in the background, so that a waiter
         # returns at once, and reused as they are if listened on again before that.
         self._idle: set[str] = set()
-        self._unsubscriber: asyncio.Task[None] | None = None
+        self._unsubscriber: Background[None] | None = None
 
     @asynccontextmanager
     async def listen(
@@ -102,18 +104,16 @@ class Notifier:
                 if state.sent:
                     self._idle.add(channel)
                     if self._unsubscriber is None or self._unsubscriber.done():
-                        self._unsubscriber = asyncio.get_running_loop().create_task(self._unsubscribe())
+                        self._unsubscriber = Background(self._unsubscribe())
                 else:
                     del self._channels[channel]
 
     async def close(self) -> None:
         if self._unsubscriber is not None:
-            self._unsubscriber.cancel()
-            await asyncio.gather(self._unsubscriber, return_exceptions=True)
+            await self._unsubscriber.stop()
             self._unsubscriber = None
         if self._reader is not None:
-            self._reader.cancel()
-            await asyncio.gather(self._reader, return_exceptions=True)
+            await self._reader.stop()
             self._reader = None
         self._release_all()  # whoever still listens hears no more here: woken, they see it closed
         await self._pubsub.aclose()  # type: ignore[no-untyped-call]
@@ -164,7 +164,7 @@ class Notifier:
 
     def _ensure_reader(self) -> None:
         if self._reader is None or self._reader.done():
-            self._reader = asyncio.get_running_loop().create_task(self._read())
+            self._reader = Background(self._read())
 
     async def _read(self) -> None:
         pinged = False
@@ -231,9 +231,8 @@ class Notifier:
 
     async def _drop(self, exc: Exception) -> None:
         """The connection answers nothing: closed, so that the next listen() opens a new one."""
-        if self._reader is not None and self._reader is not asyncio.current_task():
-            self._reader.cancel()
-            await asyncio.gather(self._reader, return_exceptions=True)
+        if self._reader is not None and self._reader.task is not asyncio.current_task():
+            await self._reader.stop()
         self._reader = None
         connection = self._pubsub.connection
         if connection is not None:
