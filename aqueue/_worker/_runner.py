@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
+from aqueue._background import Background
 from aqueue._checks import check_count
 from aqueue._exceptions import BrokerConnectionError, BrokerError
 from aqueue._signals import Signal, SignalJob
@@ -149,10 +150,11 @@ class Worker:
     async def running(self) -> AsyncIterator[Worker]:
         """Run in the background of the current task; stop gracefully on exit, however the body
         ends (an error or a cancellation included): running jobs finish or are handed back."""
-        # A plain task rather than a task group around the body, so the body's own errors reach
-        # the caller unwrapped and do not cancel the worker before it can stop gracefully.
+        # A task of its own rather than a task group around the body, so the body's own errors
+        # reach the caller unwrapped and do not cancel the worker before it can stop gracefully.
         started = _Started()
-        task = asyncio.get_running_loop().create_task(self.run(task_status=started))
+        worker = Background(self.run(task_status=started))
+        task = worker.task
         try:
             with anyio.CancelScope() as scope:
                 started.scope = scope
@@ -162,8 +164,8 @@ class Worker:
             # run on unseen, nor hold the caller up. Not started yet, it has taken no job: its
             # start (a connect that hangs, say) is cancelled too; it stops as on any exit.
             if not started.done:
-                task.cancel()
-            await self._stop_running(task)
+                worker.cancel()
+            await self._stop_running(worker)
             if task.done() and not task.cancelled():
                 task.exception()  # read: a failure to start is not what the caller asked about
             raise
@@ -173,23 +175,21 @@ class Worker:
         try:
             yield self
         finally:
-            await self._stop_running(task)
+            await self._stop_running(worker)
         if not task.cancelled() and task.exception() is not None:
             raise task.exception()  # type: ignore[misc]
 
-    async def _stop_running(self, task: asyncio.Task[None]) -> None:
+    async def _stop_running(self, worker: Background[None]) -> None:
         """Stop the worker `running()` started and wait for it, gracefully but for a thread that
         outlasts the shutdown timeout by more than 10 s."""
         self.stop()
         with anyio.CancelScope(shield=True), anyio.move_on_after(self.shutdown_timeout + 10):
-            await asyncio.wait([task])
-        if not task.done():
+            await asyncio.wait([worker.task])
+        if not worker.done():
             if self._running:
                 logger.warning("worker %s: still waiting for %d job(s) whose threads cannot be "
                                "stopped", self.name, len(self._running))
-            task.cancel()
-            with anyio.CancelScope(shield=True):
-                await asyncio.wait([task])
+            await worker.stop()
 
     async def run(self, *, task_status: TaskStatus[Worker] = anyio.TASK_STATUS_IGNORED) -> None:
         queue = self.queue
