@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 import anyio
 
+from aqueue._background import Background
 from aqueue._exceptions import (
     JobCancelled,
     JobExpired,
@@ -196,10 +197,11 @@ class ResultGroup(Generic[R]):
 
     async def as_completed(self, timeout: Seconds | None = None) -> AsyncIterator[R]:
         """Values in the order the jobs finish; raises the first error met."""
-        # Plain asyncio tasks, not a task group: a generator must not yield inside a cancel scope.
-        waiters = [asyncio.ensure_future(job.result()) for job in self.jobs]
+        # Tasks of their own, not a task group: a generator must not yield inside a cancel scope.
+        waiters = [Background(job.result()) for job in self.jobs]
         try:
-            for next_done in asyncio.as_completed(waiters, timeout=timedelta_or_seconds(timeout)):
+            for next_done in asyncio.as_completed([waiter.task for waiter in waiters],
+                                                  timeout=timedelta_or_seconds(timeout)):
                 yield cast(R, await next_done)
         finally:
             for waiter in waiters:

@@ -7,12 +7,14 @@ import dataclasses
 import enum
 import tracemalloc
 import uuid
+from contextlib import aclosing
 from datetime import UTC, datetime, timedelta
 
 import anyio
 import pytest
 
 from aqueue import (
+    Job,
     JobInfo,
     JobNotFound,
     JobState,
@@ -326,6 +328,47 @@ async def test_as_completed_yields_every_value(queue: Queue) -> None:
         group = await nap.map([3, 1, 2])
         seen = [v async for v in group.as_completed(timeout=10)]
     assert sorted(seen) == [1, 2, 3]
+
+
+async def test_leaving_as_completed_ends_a_wait_that_swallowed_its_cancellation(
+    queue: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Left early, as_completed cancels its waits on the jobs not heard of yet. Cancelled once,
+    # a wait that lost the cancellation on the way (a redis-py call can, on 3.11) ran on for ever.
+    @queue.task
+    async def value(n: int) -> int:
+        return n
+
+    first, stuck = await value.enqueue(1), await value.enqueue(2)
+    real_result = Job.result
+    waiting, ended = anyio.Event(), anyio.Event()
+    swallowed: list[str] = []
+
+    async def result(self: Job[int], timeout: float | None = None) -> int:
+        if self.id != stuck.id:
+            return await real_result(self, timeout)
+        waiting.set()
+        try:
+            await anyio.sleep_forever()
+        except asyncio.CancelledError:
+            swallowed.append(self.id)
+        try:
+            await anyio.sleep_forever()
+        finally:
+            ended.set()
+
+    monkeypatch.setattr(Job, "result", result)
+    async with queue.worker():
+        with anyio.fail_after(10):
+            async with aclosing(ResultGroup([first, stuck]).as_completed()) as values:
+                async for got in values:
+                    assert got == 1
+                    await waiting.wait()
+                    break
+    with anyio.move_on_after(5):
+        await ended.wait()
+    assert ended.is_set(), "the wait on the job not heard of still runs"
+    assert swallowed == [stuck.id]
 
 
 async def test_context_inside_a_running_job(queue: Queue) -> None:
