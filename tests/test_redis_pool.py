@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -206,4 +208,45 @@ async def test_calls_share_connections_and_hand_each_back(redis_url: str, packer
         assert not conn.should_reconnect()  # handed back through a reconnect
         assert conn in pool._available_connections
     finally:
+        await pool.aclose()
+
+
+@pytest.mark.parametrize("when", ["command", "handshake"])
+async def test_a_cancellation_that_lands_as_a_send_ends_is_not_lost(redis_url: str, when: str) -> None:
+    # redis-py bounds a send by the socket timeout through `asyncio.wait_for`, which on Python 3.11
+    # returns as if nothing happened when a cancellation lands after the send has finished but
+    # before the waiting task resumes (CPython issue 86296): the task ran on, uncancelled. Here the
+    # send itself asks for the cancellation, so that it lands at that moment every time.
+    pool = WaitingPool.from_url(redis_url, max_connections=1, socket_timeout=5.0)
+    conn: Any = pool.make_connection()  # type: ignore[no-untyped-call]
+    if when == "command":
+        await conn.connect()
+    real_send = conn._send_packed_command
+    asked: list[str] = []
+
+    async def send_then_cancel(command: Any) -> None:
+        await real_send(command)
+        if not asked:
+            asked.append(when)
+            asyncio.get_running_loop().call_soon(sender.cancel)
+
+    conn._send_packed_command = send_then_cancel
+
+    async def send() -> None:
+        if when == "command":
+            await conn.send_command("PING")
+        else:
+            await conn.connect()  # HELLO and CLIENT SETINFO go out, each waiting for its reply
+        await asyncio.Event().wait()  # never set: only the cancellation ends this
+
+    sender = asyncio.get_running_loop().create_task(send())
+    try:
+        with anyio.move_on_after(5):
+            await asyncio.wait([sender])
+        assert sender.done(), "the cancellation was lost: the task ran on"
+        assert sender.cancelled()
+        assert asked == [when]
+    finally:
+        sender.cancel()
+        await conn.disconnect()
         await pool.aclose()

@@ -17,6 +17,7 @@ opened again before it is used, and a reply that is an error is raised.
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import Callable
 from functools import cache
 from typing import Any
@@ -101,15 +102,55 @@ async def _reopen_if_closed(conn: Any) -> None:
         await conn.connect()
 
 
+class _SendKeepsCancellation:
+    """redis-py's `send_packed_command` with the socket timeout applied by `asyncio.timeout`
+    rather than `asyncio.wait_for`. On Python 3.11, `wait_for` returns as if nothing happened when
+    a cancellation lands after the send has finished but before the waiting task resumes (CPython
+    issue 86296): the cancelled task ran on. Every command that redis-py itself sends comes here: a
+    connection's handshake (HELLO, CLIENT SETINFO) and the pub/sub commands. Python 3.12's
+    `wait_for` is built on `asyncio.timeout`, and redis-py's own method is used there."""
+
+    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        conn: Any = self
+        if not conn.socket_timeout:
+            await super().send_packed_command(command, check_health)  # type: ignore[misc]
+            return
+        if not conn.is_connected:
+            await conn.connect_check_health(check_health=False)
+        if check_health:
+            await conn.check_health()
+        if isinstance(command, str):
+            command = command.encode()
+        if isinstance(command, bytes):
+            command = [command]
+        try:
+            async with asyncio.timeout(conn.socket_timeout):
+                await conn._send_packed_command(command)
+        except TimeoutError:
+            await conn.disconnect(nowait=True)
+            raise redis_errors.TimeoutError("Timeout writing to socket") from None
+        except OSError as exc:
+            await conn.disconnect(nowait=True)
+            raise redis_errors.ConnectionError(f"Error while writing to Redis: {exc}") from exc
+        except BaseException:
+            # Cut off mid-write: what went out of the command is unknown, so the connection goes.
+            await conn.disconnect(nowait=True)
+            raise
+
+
+_MIXINS: tuple[type, ...] = (
+    (_LeanCalls, _SendKeepsCancellation) if sys.version_info < (3, 12) else (_LeanCalls,)
+)
 _LEAN: dict[type, type] = {}
 
 
 def _lean(connection_class: type) -> type:
-    """The connection class with `call` mixed in, made once per class."""
+    """The connection class with `call` mixed in (and, on Python 3.11, a send that does not lose
+    a cancellation), made once per class."""
     lean = _LEAN.get(connection_class)
     if lean is None:
         lean = _LEAN[connection_class] = type(
-            f"Lean{connection_class.__name__}", (_LeanCalls, connection_class), {}
+            f"Lean{connection_class.__name__}", (*_MIXINS, connection_class), {}
         )
     return lean
 
