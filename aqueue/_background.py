@@ -1,12 +1,11 @@
 """Helper tasks that can be stopped for sure.
 
-A bare `Task.cancel()` is delivered once, and one can be lost on the way: on Python 3.11,
-`asyncio.wait_for` returns as if nothing happened when the cancellation lands just as what it waits on
-finishes (CPython issue 86296), and redis-py sends a command through it whenever the connection has a
-socket timeout, as aqueue's have (aqueue's own calls write directly, but a connection's opening
-handshake and the pub/sub commands go that way). The task then carries on, and whoever waits for it
-waits for ever. A `Background` task runs its coroutine inside an anyio cancel scope instead:
-cancelled, anyio cancels the task again at each wait until it is out.
+A bare `Task.cancel()` is delivered once, and code on the way can lose it: on Python 3.11,
+`asyncio.wait_for` returns as if nothing happened when a cancellation lands just as what it waits on
+finishes (CPython issue 86296), and redis-py sends its commands through it (aqueue's connections no
+longer do: `brokers/_pool.py`). The task then carries on, and whoever waits for it waits for ever. A
+`Background` task runs its coroutine inside an anyio cancel scope instead: cancelled, anyio cancels
+the task again at each wait until it is out.
 """
 
 from __future__ import annotations
