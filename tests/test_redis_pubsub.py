@@ -434,3 +434,46 @@ async def test_dropping_the_connection_ends_a_reader_that_swallowed_its_cancella
         await hears_anew(notifier, admin, channel)
     finally:
         await notifier.close()
+
+
+async def test_a_wait_whose_call_the_close_cuts_off_says_it_was_closed(
+    idle_queue: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # close() takes the connections from under a call in flight: the wait raised the lost
+    # connection ("cannot reach Redis") rather than the close.
+    job = await idle_queue.tasks["two"].enqueue()
+    broker = idle_queue.broker
+    assert isinstance(broker, RedisBroker)
+    pool = broker.client.connection_pool
+    real_call = pool.call
+    watch = broker._sha("watch")
+
+    async def call_cut_off_by_close(*args: object) -> object:
+        if args[:2] == ("EVALSHA", watch):
+            await idle_queue.close()
+            raise redis.exceptions.ConnectionError("Connection closed by server.")
+        return await real_call(*args)
+
+    monkeypatch.setattr(pool, "call", call_cut_off_by_close)
+    with anyio.fail_after(5), pytest.raises(BrokerError, match="closed while waiting on job"):
+        await job.result()
+    assert broker._client is None  # not opened again
+
+
+async def test_a_lock_wait_whose_call_the_close_cuts_off_says_it_was_closed(
+    idle_queue: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    broker = idle_queue.broker
+    assert isinstance(broker, RedisBroker)
+    assert await broker.lock_acquire(idle_queue.name, "held", "other", 30.0)
+    client = broker.client
+
+    async def pttl_cut_off_by_close(key: str) -> int:
+        await idle_queue.close()
+        raise redis.exceptions.ConnectionError("Connection closed by server.")
+
+    monkeypatch.setattr(client, "pttl", pttl_cut_off_by_close)
+    with anyio.fail_after(5), pytest.raises(BrokerError, match="closed while waiting for lock 'held'"):
+        async with idle_queue.lock("held", timeout=10):
+            pytest.fail("the lock was taken")
+    assert broker._client is None

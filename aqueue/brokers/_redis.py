@@ -22,8 +22,8 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from functools import cache
 from typing import Any, NoReturn
 from urllib.parse import SplitResult, parse_qsl, urlencode, urlsplit
@@ -492,6 +492,17 @@ class RedisBroker(Broker):
         if self._notifier is not notifier:
             raise BrokerError(f"RedisBroker {self.url} was closed while {waiting}")
 
+    @contextmanager
+    def _closed_said(self, notifier: Notifier, waiting: str) -> Iterator[None]:
+        """An error that comes of `close()` taking the connections from under a wait's call in
+        flight (a connection closed, the client gone) is said as the close it is."""
+        try:
+            yield
+        except Exception as exc:
+            if self._notifier is not notifier:
+                raise BrokerError(f"RedisBroker {self.url} was closed while {waiting}") from exc
+            raise
+
     def _check_loop(self) -> None:
         if self._loop is not None and self._loop is not asyncio.get_running_loop():
             raise BrokerError(
@@ -855,13 +866,15 @@ class RedisBroker(Broker):
         notifier = self._notifier
         assert notifier is not None
         inbox = self._key(queue).done_channel(self._inbox)
-        with anyio.move_on_after(timeout):  # None: no deadline
+        waiting = f"waiting on job {job_id}"
+        with self._closed_said(notifier, waiting), anyio.move_on_after(timeout):  # None: no deadline
             while True:
-                self._check_open(notifier, f"waiting on job {job_id}")
+                self._check_open(notifier, waiting)
                 async with self._translated(), notifier.listen(inbox, job_id, keep=True) as heard:
                     # The inbox is subscribed (confirmed) before the job is watched, so its outcome,
                     # published when it ends after the watch, is heard.
                     while not heard.lost:
+                        self._check_open(notifier, waiting)  # else the call would connect again
                         reply = await self._run(queue, "watch", [job_id, self._inbox])
                         if reply is None:
                             return None
@@ -1024,17 +1037,19 @@ class RedisBroker(Broker):
         notifier = self._notifier
         assert notifier is not None
         key = self._key(queue).lock(name)
-        async with self._translated(), notifier.listen(key) as released:
-            pttl = await self.client.pttl(key)  # read after subscribing: a release between is heard
-            if pttl == -2:
-                return  # free
-            # 0 is the key's last millisecond; -1 no ttl at all (set by hand).
-            wait = max(pttl, 1) / 1000 if pttl >= 0 else RECHECK
-            if timeout is not None:
-                wait = min(wait, timeout)
-            with anyio.move_on_after(wait):
-                await released.wait()
-        self._check_open(notifier, f"waiting for lock {name!r}")
+        waiting = f"waiting for lock {name!r}"
+        with self._closed_said(notifier, waiting):
+            async with self._translated(), notifier.listen(key) as released:
+                pttl = await self.client.pttl(key)  # after subscribing: a release between is heard
+                if pttl == -2:
+                    return  # free
+                # 0 is the key's last millisecond; -1 no ttl at all (set by hand).
+                wait = max(pttl, 1) / 1000 if pttl >= 0 else RECHECK
+                if timeout is not None:
+                    wait = min(wait, timeout)
+                with anyio.move_on_after(wait):
+                    await released.wait()
+        self._check_open(notifier, waiting)
 
     async def rate_limit_hit(self, queue: str, key: str, limit: int, per: float, now: float) -> float:
         window = math.floor(now / per)
