@@ -498,9 +498,8 @@ class RedisBroker(Broker):
         flight (a connection closed, the client gone) is said as the close it is."""
         try:
             yield
-        except Exception as exc:
-            if self._notifier is not notifier:
-                raise BrokerError(f"RedisBroker {self.url} was closed while {waiting}") from exc
+        except Exception:
+            self._check_open(notifier, waiting)  # its error chained to what the close caused
             raise
 
     def _check_loop(self) -> None:
@@ -1040,6 +1039,7 @@ class RedisBroker(Broker):
         waiting = f"waiting for lock {name!r}"
         with self._closed_said(notifier, waiting):
             async with self._translated(), notifier.listen(key) as released:
+                self._check_open(notifier, waiting)  # else the read would connect again
                 pttl = await self.client.pttl(key)  # after subscribing: a release between is heard
                 if pttl == -2:
                     return  # free
