@@ -323,6 +323,22 @@ class SwallowingGetMessage:
         await anyio.sleep_forever()
 
 
+def with_stalling_reads(
+    admin: redis.asyncio.Redis, monkeypatch: pytest.MonkeyPatch
+) -> tuple[notifier_module.Notifier, SwallowingGetMessage]:
+    """A notifier whose reads go through a `SwallowingGetMessage` (not armed yet)."""
+    notifier = notifier_module.Notifier(admin)
+    stalling = SwallowingGetMessage(notifier._pubsub.get_message)
+    monkeypatch.setattr(notifier._pubsub, "get_message", stalling)
+    return notifier, stalling
+
+
+async def failing_unsubscribe(*channels: str) -> None:
+    """Stands in for the pub/sub connection's unsubscribe: raises what redis-py raised from a
+    connection torn down while it reconnected."""
+    raise AttributeError("'NoneType' object has no attribute 'writelines'")
+
+
 async def stall_reader(admin: redis.asyncio.Redis, channel: str, stalling: SwallowingGetMessage) -> None:
     """The reader's next read is the stand-in's (a message brings it round at once)."""
     stalling.armed = True
@@ -367,9 +383,6 @@ async def test_an_unexpected_error_unsubscribing_drops_the_connection(
     notifier = notifier_module.Notifier(admin)
     channel = f"c{uuid.uuid4().hex}"
 
-    async def failing_unsubscribe(*channels: str) -> None:
-        raise AttributeError("'NoneType' object has no attribute 'writelines'")
-
     try:
         async with notifier.listen(channel):
             monkeypatch.setattr(notifier._pubsub, "unsubscribe", failing_unsubscribe)
@@ -390,9 +403,7 @@ async def test_closing_ends_a_reader_that_swallowed_its_cancellation(
 ) -> None:
     # The close cancelled the reader once and waited for it: a read that lost the cancellation
     # left the close waiting for ever.
-    notifier = notifier_module.Notifier(admin)
-    stalling = SwallowingGetMessage(notifier._pubsub.get_message)
-    monkeypatch.setattr(notifier._pubsub, "get_message", stalling)
+    notifier, stalling = with_stalling_reads(admin, monkeypatch)
     channel = f"c{uuid.uuid4().hex}"
     async with notifier.listen(channel):
         await stall_reader(admin, channel, stalling)
@@ -410,13 +421,8 @@ async def test_dropping_the_connection_ends_a_reader_that_swallowed_its_cancella
 ) -> None:
     # An unsubscribe that fails drops the connection, stopping the reader first: cancelled once,
     # a reader that lost the cancellation left the drop (and every later unsubscribe) waiting.
-    notifier = notifier_module.Notifier(admin)
-    stalling = SwallowingGetMessage(notifier._pubsub.get_message)
-    monkeypatch.setattr(notifier._pubsub, "get_message", stalling)
+    notifier, stalling = with_stalling_reads(admin, monkeypatch)
     channel = f"c{uuid.uuid4().hex}"
-
-    async def failing_unsubscribe(*channels: str) -> None:
-        raise AttributeError("'NoneType' object has no attribute 'writelines'")
 
     try:
         async with notifier.listen(channel):
