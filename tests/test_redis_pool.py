@@ -211,6 +211,41 @@ async def test_calls_share_connections_and_hand_each_back(redis_url: str, packer
         await pool.aclose()
 
 
+@pytest.mark.parametrize("take", ["call", "get_connection"])
+async def test_a_connection_being_made_as_its_pool_closes_ends_closed(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch, take: str
+) -> None:
+    # The close found no socket yet on a connection being made: it opened after the close, held by
+    # a call the close had ended, and was never closed. `call` is the lean call; `get_connection`
+    # is how redis-py's commands and its pub/sub take a connection.
+    pool = WaitingPool.from_url(redis_url, max_connections=1)
+    connecting, go_on = anyio.Event(), anyio.Event()
+    real_connect = pool.connection_class._connect
+
+    async def held_connect(conn: Any) -> None:
+        connecting.set()
+        await go_on.wait()
+        await real_connect(conn)
+
+    monkeypatch.setattr(pool.connection_class, "_connect", held_connect)
+
+    async def use() -> None:
+        attempt = pool.call("PING") if take == "call" else pool.get_connection()
+        with pytest.raises(redis.ConnectionError, match="closed while the connection was made"):
+            await attempt
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(use)
+        await connecting.wait()
+        await pool.aclose()
+        go_on.set()
+    [conn] = pool._available_connections
+    assert not conn.is_connected
+    assert not pool._in_use_connections
+    with pytest.raises(redis.ConnectionError, match="pool is closed"):
+        await pool.call("PING")  # and none is made after the close
+
+
 @pytest.mark.parametrize("when", ["command", "handshake"])
 async def test_a_cancellation_that_lands_as_a_send_ends_is_not_lost(redis_url: str, when: str) -> None:
     # redis-py bounds a send by the socket timeout through `asyncio.wait_for`, which on Python 3.11

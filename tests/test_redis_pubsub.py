@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 import anyio
+import anyio.lowlevel
 import pytest
 import redis.asyncio
 
@@ -271,6 +272,29 @@ async def test_closing_the_queue_ends_its_waits_and_keeps_it_closed(
             await job.result()
     assert isinstance(idle_queue.broker, RedisBroker)
     assert idle_queue.broker._client is None  # not opened again
+
+
+@pytest.mark.parametrize("turns", [0, 1, 2, 3, 5, 8, 13])
+async def test_a_close_anywhere_in_a_wait_ends_it_and_keeps_the_queue_closed(
+    idle_queue: Queue, turns: int
+) -> None:
+    # The close lands after so many turns of the loop: in the wait's subscribe, with its watch in
+    # flight, or while it listens. It raised the lost connection, or RuntimeError, and its watch
+    # connected the queue again behind the close; or (on redis-py 7.2) a connection being made for
+    # the wait opened after the close and was left open.
+    job = await idle_queue.tasks["two"].enqueue()
+
+    async def close_later() -> None:
+        for _ in range(turns):
+            await anyio.lowlevel.checkpoint()
+        await idle_queue.close()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(close_later)
+        with anyio.fail_after(5), pytest.raises(BrokerError, match="closed while waiting on job"):
+            await job.result()
+    assert isinstance(idle_queue.broker, RedisBroker)
+    assert idle_queue.broker._client is None
 
 
 async def test_a_job_keeps_only_the_newest_waiting_processes(

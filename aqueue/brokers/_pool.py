@@ -138,8 +138,27 @@ class _SendKeepsCancellation:
             raise
 
 
+class _EndsWithItsPool:
+    """A pool's close disconnects each of its connections, but one still being made has no socket
+    yet to close, and would open after the close, held by a call the close has ended and left
+    open. Here a connection made for a closed pool closes as its connect ends, and none is made
+    once the pool is closed. Every connect (a call's, a handshake's, a pub/sub's) comes here."""
+
+    made_by: WaitingPool | None = None
+
+    async def connect_check_health(self, *args: Any, **kwargs: Any) -> None:
+        conn: Any = self
+        if self.made_by is not None and self.made_by.closed:
+            raise redis_errors.ConnectionError("the connection pool is closed")
+        await super().connect_check_health(*args, **kwargs)  # type: ignore[misc]
+        if self.made_by is not None and self.made_by.closed:
+            await conn.disconnect(nowait=True)
+            raise redis_errors.ConnectionError("the connection pool closed while the connection was made")
+
+
 _MIXINS: tuple[type, ...] = (
-    (_LeanCalls, _SendKeepsCancellation) if sys.version_info < (3, 12) else (_LeanCalls,)
+    (_LeanCalls, _EndsWithItsPool, _SendKeepsCancellation)
+    if sys.version_info < (3, 12) else (_LeanCalls, _EndsWithItsPool)
 )
 _LEAN: dict[type, type] = {}
 
@@ -160,6 +179,16 @@ class WaitingPool(aioredis.ConnectionPool):
         super().__init__(*args, **kwargs)
         self.connection_class = _lean(self.connection_class)
         self._free = asyncio.Semaphore(self.max_connections)
+        self.closed = False  # for good: see `_EndsWithItsPool`
+
+    def make_connection(self) -> Any:
+        conn = super().make_connection()  # type: ignore[no-untyped-call]
+        conn.made_by = self
+        return conn
+
+    async def aclose(self) -> None:
+        self.closed = True
+        await super().aclose()
 
     async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
         await self._free.acquire()
@@ -198,7 +227,7 @@ class WaitingPool(aioredis.ConnectionPool):
             try:
                 conn = self._available_connections.pop()
             except IndexError:
-                conn = self.make_connection()  # type: ignore[no-untyped-call]
+                conn = self.make_connection()
             self._in_use_connections.add(conn)
             try:
                 replies: list[Any] = await conn.call_many(commands)

@@ -471,7 +471,10 @@ class RedisBroker(Broker):
         for reader in readers.values():
             await reader.client.aclose(close_connection_pool=False)
         if self._client is not None and self._owns_client:
-            await self._client.aclose()
+            # The pool is closed for good, so that a connection still being made for a call the
+            # close cut off ends closed too (redis-py 7's `aclose` only disconnects the pool).
+            await self._client.aclose(close_connection_pool=False)
+            await self._client.connection_pool.aclose()
             self._client = None
 
     @property
