@@ -246,6 +246,36 @@ async def test_a_connection_being_made_as_its_pool_closes_ends_closed(
         await pool.call("PING")  # and none is made after the close
 
 
+async def test_a_connect_that_failed_gives_its_place_back_once(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # redis-py's get_connection hands a connection that failed to connect back through `release`,
+    # which gave its place back; the pool then gave it back again. Each failed connect (Redis
+    # away, say) raised the bound by one, until callers got "Too many connections" for waiting.
+    pool = WaitingPool.from_url(redis_url, max_connections=1)
+    real_connect = pool.connection_class._connect
+    refusals = 3
+
+    async def refusing_connect(conn: Any) -> None:
+        nonlocal refusals
+        if refusals:
+            refusals -= 1
+            raise ConnectionRefusedError(111, "Connection refused")
+        await real_connect(conn)
+
+    monkeypatch.setattr(pool.connection_class, "_connect", refusing_connect)
+    try:
+        for _ in range(3):
+            with pytest.raises(redis.ConnectionError, match="refused"):
+                await pool.get_connection()
+        held = await pool.get_connection()
+        assert pool._free.locked()  # the bound holds: the next caller waits for this one
+        await pool.release(held)
+        assert not pool._free.locked()
+    finally:
+        await pool.aclose()
+
+
 @pytest.mark.parametrize("when", ["command", "handshake"])
 async def test_a_cancellation_that_lands_as_a_send_ends_is_not_lost(redis_url: str, when: str) -> None:
     # redis-py bounds a send by the socket timeout through `asyncio.wait_for`, which on Python 3.11

@@ -179,6 +179,7 @@ class WaitingPool(aioredis.ConnectionPool):
         super().__init__(*args, **kwargs)
         self.connection_class = _lean(self.connection_class)
         self._free = asyncio.Semaphore(self.max_connections)
+        self._handed_out: set[Any] = set()  # by get_connection, not yet released
         self.closed = False  # for good: see `_EndsWithItsPool`
 
     def make_connection(self) -> Any:
@@ -194,21 +195,26 @@ class WaitingPool(aioredis.ConnectionPool):
         await self._free.acquire()
         try:
             conn = await super().get_connection(*args, **kwargs)  # type: ignore[no-untyped-call]
+            try:
+                await _reopen_if_closed(conn)
+            except BaseException:
+                await super().release(conn)
+                raise
         except BaseException:
             self._free.release()
             raise
-        try:
-            await _reopen_if_closed(conn)
-        except BaseException:
-            await self.release(conn)
-            raise
+        self._handed_out.add(conn)
         return conn
 
     async def release(self, connection: Any) -> None:
         try:
             await super().release(connection)
         finally:
-            self._free.release()
+            # Only for a connection handed out: redis-py's get_connection also hands back through
+            # here one that failed to connect, whose place get_connection gives back itself.
+            if connection in self._handed_out:
+                self._handed_out.remove(connection)
+                self._free.release()
 
     async def call(self, *args: Any) -> Any:
         """One command (name, then its arguments) and its reply, as redis-py would return it
