@@ -1092,3 +1092,20 @@ async def test_a_tick_far_ahead_of_redis_clock_is_refused_and_stops_no_other_tic
     on_time = new_job()
     assert await redis_broker.enqueue_tick(queue_name, math.floor(now), on_time) is True
     assert await redis_broker.get(queue_name, on_time.id) is not None
+
+
+async def test_a_broker_on_the_callers_client_connects_again_after_close(
+    client: redis.asyncio.Redis, queue_name: str
+) -> None:
+    # The close keeps a client the caller gave, and let its pub/sub go: the waits that came after
+    # found none (AssertionError) where other calls went on.
+    broker = RedisBroker(client=client)
+    try:
+        await broker.connect()
+        await broker.close()
+        with anyio.fail_after(5):
+            assert await broker.wait(queue_name, "never-enqueued", 1.0) is None
+            await broker.lock_wait(queue_name, "free", 1.0)  # free: at once
+        assert await client.ping()  # the caller's client is the caller's to close
+    finally:
+        await broker.close()

@@ -484,8 +484,9 @@ class RedisBroker(Broker):
         return self._client
 
     async def _ready(self) -> None:
-        """A queue connects on first use."""
-        if self._client is None:
+        """A queue connects on first use, and again after `close()` (a client the caller gave is
+        kept by the close, but its pub/sub, readers and loop are not)."""
+        if self._client is None or self._loop is None:
             await self.connect()
         elif self._loop is not asyncio.get_running_loop():
             self._check_loop()
