@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 import redis
 import redis.asyncio
@@ -1109,3 +1110,47 @@ async def test_a_broker_on_the_callers_client_connects_again_after_close(
         assert await client.ping()  # the caller's client is the caller's to close
     finally:
         await broker.close()
+
+
+@pytest.mark.parametrize("how", ["aqueue's pool", "own client"])
+async def test_a_stop_reaches_a_read_on_a_connection_redis_closed_while_idle(
+    redis_url: str, client: redis.asyncio.Redis, queue_name: str, how: str
+) -> None:
+    # Redis closed the reader's idle connection (a restart, CLIENT KILL, its `timeout`): the read
+    # reopened it under a new CLIENT ID while a stop unblocked the old id, and missed the read
+    # (after a restart, the old id may be another client's).
+    own = redis.asyncio.Redis.from_url(redis_url) if how == "own client" else None
+    broker = RedisBroker(client=own) if own is not None else RedisBroker(redis_url)
+
+    async def receive_and_stop_it() -> None:
+        got: list[list[Any]] = []
+        returned = anyio.Event()
+
+        async def receiver() -> None:
+            got.append(await broker.receive(queue_name, "w1", 1, 30, 5))
+            returned.set()
+
+        with anyio.fail_after(5):  # well under the receive's 30 s: the stop must reach it
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(receiver)
+                await anyio.wait_all_tasks_blocked()
+                # The read may still be on its way to Redis: tried until it is blocked there.
+                while not await broker.interrupt_receive(queue_name, "w1"):
+                    with anyio.move_on_after(0.01):
+                        await returned.wait()
+                    assert not returned.is_set(), "the receive ended by itself"
+        assert got == [[]]
+
+    try:
+        await receive_and_stop_it()
+        reader = broker._readers["w1"]
+        connection: Any = reader.client.connection
+        assert await client.client_kill_filter(_id=await reader.connection_id()) == 1
+        with anyio.fail_after(5):
+            while not connection._reader.at_eof():  # the event loop reads the close
+                await anyio.lowlevel.checkpoint()
+        await receive_and_stop_it()
+    finally:
+        await broker.close()
+        if own is not None:
+            await own.aclose()

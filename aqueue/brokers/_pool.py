@@ -64,7 +64,7 @@ class _LeanCalls:
         if not conn.is_connected:
             await conn.connect()
         else:
-            await _reopen_if_closed(conn)
+            await reopen_if_closed(conn)
         try:
             for args in commands:
                 if _hiredis_pack is not None:
@@ -93,7 +93,7 @@ class _LeanCalls:
         return replies
 
 
-async def _reopen_if_closed(conn: Any) -> None:
+async def reopen_if_closed(conn: Any) -> None:
     """A pooled connection that Redis closed while it sat in the pool (a restart, say) would fail
     the call it is taken for: opened again first. (redis-py 8 no longer probes for this as it
     hands out a connection, where maintenance notifications are enabled, its default.)"""
@@ -196,7 +196,7 @@ class WaitingPool(aioredis.ConnectionPool):
         try:
             conn = await super().get_connection(*args, **kwargs)  # type: ignore[no-untyped-call]
             try:
-                await _reopen_if_closed(conn)
+                await reopen_if_closed(conn)
             except BaseException:
                 await super().release(conn)
                 raise

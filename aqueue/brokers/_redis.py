@@ -52,7 +52,7 @@ from aqueue.brokers._base import (
 )
 from aqueue.brokers._keys import GROUP, Keys
 from aqueue.brokers._notifier import Notifier
-from aqueue.brokers._pool import IDENTITY_OPTIONS, WaitingPool, identity
+from aqueue.brokers._pool import IDENTITY_OPTIONS, WaitingPool, identity, reopen_if_closed
 from aqueue.brokers._scripts import source
 
 logger = logging.getLogger("aqueue")
@@ -354,6 +354,11 @@ class _Reader:
 
     async def connection_id(self) -> int:
         connection = self.client.connection
+        if connection is not None and connection.is_connected:
+            # One Redis closed while it sat idle (a restart, CLIENT KILL, its `timeout`) is opened
+            # again here, under its new id: the read would reopen it unasked, and a stop would
+            # unblock the old id (after a restart, whoever has it now).
+            await reopen_if_closed(connection)
         if self._id is None or connection is None or not connection.is_connected:
             # Asked on the connection the read will use: a reconnect would come with a new id.
             self._id = None
