@@ -297,6 +297,51 @@ async def test_a_close_anywhere_in_a_wait_ends_it_and_keeps_the_queue_closed(
     assert idle_queue.broker._client is None
 
 
+@pytest.mark.parametrize("wait", ["job", "lock"])
+async def test_a_close_while_a_waits_pubsub_connection_comes_leaves_nothing_subscribed(
+    redis_url: str, queue_name: str, wait: str
+) -> None:
+    # On a client the caller gave, whose pool the close leaves open, the pub/sub connection a wait
+    # was taking came after the close: it subscribed, stayed taken from the caller's pool, and a
+    # reader the close had stopped started again on it.
+    client = redis.asyncio.Redis.from_url(redis_url)
+    broker = RedisBroker(client=client)
+    pool = client.connection_pool
+    taking, go_on = anyio.Event(), anyio.Event()
+    take = pool.get_connection
+
+    async def held_take(*args: object, **kwargs: object) -> object:
+        taking.set()
+        await go_on.wait()
+        return await take(*args, **kwargs)
+
+    try:
+        await broker.connect()
+        await broker.lock_acquire(queue_name, "held", "token", 30)
+        notifier = broker._notifier
+        pool.get_connection = held_take  # type: ignore[method-assign]
+        async with anyio.create_task_group() as tg:
+
+            async def waiter() -> None:
+                waiting = (broker.wait(queue_name, "some-job", None) if wait == "job"
+                           else broker.lock_wait(queue_name, "held", None))
+                with anyio.fail_after(5), pytest.raises(BrokerError, match="was closed while"):
+                    await waiting
+
+            tg.start_soon(waiter)
+            await taking.wait()
+            await broker.close()
+            go_on.set()
+        pool.get_connection = take  # type: ignore[method-assign]
+        assert [c for c in await client.client_list() if c["sub"] != "0"] == []
+        assert not pool._in_use_connections
+        assert notifier is not None
+        assert notifier._reader is None  # no reader started again
+    finally:
+        await broker.close()
+        await client.aclose()
+
+
 async def test_a_job_keeps_only_the_newest_waiting_processes(
     idle_queue: Queue, queue_name: str, admin: redis.asyncio.Redis
 ) -> None:

@@ -75,6 +75,7 @@ class Notifier:
         # returns at once, and reused as they are if listened on again before that.
         self._idle: set[str] = set()
         self._unsubscriber: Background[None] | None = None
+        self._closed = False
 
     @asynccontextmanager
     async def listen(
@@ -83,6 +84,8 @@ class Notifier:
         """Subscribed (confirmed) for the body. With a `key`, only the messages whose first line
         is that key are heard. With `keep`, the channel stays subscribed when nobody listens (a
         process's inbox, listened on again and again)."""
+        if self._closed:
+            raise redis_errors.ConnectionError("the pub/sub connection is closed")
         heard = Listener()
         self._idle.discard(channel)
         state = self._channels.get(channel)
@@ -109,6 +112,7 @@ class Notifier:
                     del self._channels[channel]
 
     async def close(self) -> None:
+        self._closed = True
         if self._unsubscriber is not None:
             await self._unsubscriber.stop()
             self._unsubscriber = None
@@ -124,6 +128,12 @@ class Notifier:
             try:
                 async with self._commands:
                     await self._pubsub.subscribe(channel)
+                    if self._closed:
+                        # Closed while the SUBSCRIBE was on its way (its connection still being
+                        # made, which the close could not reach): closed again, left subscribed
+                        # to nothing, the connection handed back.
+                        await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+                        raise redis_errors.ConnectionError("the pub/sub connection was closed")
             except BaseException:
                 # Not sent (or not known to be): forget the state, so the next listen subscribes
                 # again, and release whoever waits for its confirmation.
@@ -163,6 +173,8 @@ class Notifier:
                 return
 
     def _ensure_reader(self) -> None:
+        if self._closed:
+            return
         if self._reader is None or self._reader.done():
             self._reader = Background(self._read())
 
