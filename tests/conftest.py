@@ -17,6 +17,7 @@ from pathlib import Path
 import anyio
 import pytest
 import redis
+import redis.asyncio
 
 from aqueue import Queue
 from aqueue.brokers import Broker, MemoryBroker, RedisBroker
@@ -166,6 +167,19 @@ def wait_for_stop(*, raise_it: bool = False) -> None:
                 raise
             return
         time.sleep(0.005)
+
+
+async def wait_for_blocked_client(redis_url: str) -> None:
+    """Until a client of the server is blocked in a command (polled, under a deadline)."""
+    client = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        with anyio.fail_after(10):
+            while True:
+                if (await client.info("clients"))["blocked_clients"]:
+                    return
+                await anyio.sleep(0.01)
+    finally:
+        await client.aclose()
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, exitstatus: int) -> None:

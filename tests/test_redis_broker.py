@@ -25,7 +25,7 @@ from aqueue.brokers._keys import GROUP, Keys
 from aqueue.brokers._notifier import Notifier
 from aqueue.brokers._redis import _Reader, redact, waiting_name
 from aqueue.brokers._scripts import NAMES, source
-from tests.conftest import RedisServer, start_redis
+from tests.conftest import RedisServer, start_redis, wait_for_blocked_client
 
 PAYLOAD = b'{"args":[],"kwargs":{},"options":{}}'
 
@@ -1154,3 +1154,34 @@ async def test_a_stop_reaches_a_read_on_a_connection_redis_closed_while_idle(
         await broker.close()
         if own is not None:
             await own.aclose()
+
+
+async def test_a_close_cuts_off_a_blocked_read_and_hands_its_connection_back_once(
+    redis_url: str, client: redis.asyncio.Redis, queue_name: str
+) -> None:
+    # On a client the caller gave, the close handed a reader's connection back while its blocking
+    # read still waited on it: the read ran on to its end, the caller's next command took the
+    # connection and failed (two readers on one socket), and the read's end handed it back again.
+    own = redis.asyncio.Redis.from_url(redis_url)
+    broker = RedisBroker(client=own)
+    failed: list[Exception] = []
+
+    async def receiver() -> None:
+        try:
+            await broker.receive(queue_name, "w1", 1, 30, 5)
+        except Exception as exc:
+            failed.append(exc)
+
+    try:
+        await broker.connect()
+        with anyio.fail_after(5):  # well under the read's 30 s: the close must end it
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(receiver)
+                await wait_for_blocked_client(redis_url)
+                await broker.close()
+        assert [type(exc) for exc in failed] == [BrokerConnectionError]  # cut off, said as such
+        assert not own.connection_pool._in_use_connections  # handed back, once
+        assert await own.set(f"{queue_name}:after", "v")  # the caller's client goes on
+    finally:
+        await broker.close()
+        await own.aclose()

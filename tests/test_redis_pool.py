@@ -17,7 +17,7 @@ from aqueue.brokers._keys import Keys
 from aqueue.brokers._pool import WaitingPool
 from aqueue.brokers._redis import ENQUEUE_CHUNK
 from aqueue.brokers._scripts import source
-from tests.conftest import start_redis
+from tests.conftest import start_redis, wait_for_blocked_client
 
 
 @pytest.fixture(params=["hiredis", "python"])
@@ -35,19 +35,6 @@ async def pool(redis_url: str, packer: str) -> AsyncIterator[WaitingPool]:
     pool = WaitingPool.from_url(redis_url, max_connections=1)
     yield pool
     await pool.aclose()
-
-
-async def wait_for_blocked_client(redis_url: str) -> None:
-    """Until a client of the server is blocked in a command (polled, under a deadline)."""
-    client = aioredis.Redis.from_url(redis_url)
-    try:
-        with anyio.fail_after(10):
-            while True:
-                if (await client.info("clients"))["blocked_clients"]:
-                    return
-                await anyio.sleep(0.01)
-    finally:
-        await client.aclose()
 
 
 async def test_replies_come_back_as_redis_py_gives_them(pool: WaitingPool, queue_name: str) -> None:

@@ -351,6 +351,31 @@ class _Reader:
         self.client = aioredis.Redis(connection_pool=pool, single_connection_client=True)
         self._id: int | None = None
         self._watching = False
+        self._reading = False
+        self._closing = False
+
+    @asynccontextmanager
+    async def reading(self) -> AsyncIterator[_Reader]:
+        """Held around a read: a close that comes meanwhile leaves the hand-back to its end."""
+        self._reading = True
+        try:
+            yield self
+        finally:
+            self._reading = False
+            if self._closing:
+                with anyio.CancelScope(shield=True):  # a cancelled read hands it back too
+                    await self.client.aclose(close_connection_pool=False)
+
+    async def close(self) -> None:
+        """The connection goes back to the pool. A read in flight on it is cut off first, and
+        hands it back as it ends: back now, its next taker would share the socket with the read."""
+        if not self._reading:
+            await self.client.aclose(close_connection_pool=False)
+            return
+        self._closing = True
+        connection = self.client.connection
+        if connection is not None:
+            await connection.disconnect(nowait=True)
 
     async def connection_id(self) -> int:
         connection = self.client.connection
@@ -376,6 +401,8 @@ class _Reader:
         error is raised once all have run. Sent together on the lean path when the pool is
         aqueue's own; one after another, through redis-py, for a client the caller made (its
         pipelines would take another of its connections)."""
+        if self._closing:  # its connection was cut off: not opened again for this read
+            raise redis_errors.ConnectionError("the reader was closed")
         if isinstance(self.client.connection_pool, WaitingPool):
             connection: Any = self.client.connection
             assert connection is not None, "connection_id() is asked first"
@@ -474,7 +501,7 @@ class RedisBroker(Broker):
             await notifier.close()
         readers, self._readers = self._readers, {}
         for reader in readers.values():
-            await reader.client.aclose(close_connection_pool=False)
+            await reader.close()
         if self._client is not None and self._owns_client:
             # The pool is closed for good, so that a connection still being made for a call the
             # close cut off ends closed too (redis-py 7's `aclose` only disconnects the pool).
@@ -725,9 +752,10 @@ class RedisBroker(Broker):
             reader = self._readers.get(consumer)
             if reader is None:
                 reader = self._readers[consumer] = _Reader(self.client.connection_pool)
-            self._blocked[consumer] = await reader.connection_id()
             try:
-                reply: Any = (await reader.call_many((read, take)))[1]
+                async with reader.reading():
+                    self._blocked[consumer] = await reader.connection_id()
+                    reply: Any = (await reader.call_many((read, take)))[1]
             except redis_errors.NoScriptError:
                 # Redis lost the script: what was read waits under the waiting name meanwhile.
                 reply = await self._run(queue, "take", [consumer, waiting, count])
@@ -778,7 +806,7 @@ class RedisBroker(Broker):
         self._unstarted.pop((queue, consumer), None)  # pending still: the reclaim takes them
         reader = self._readers.pop(consumer, None)
         if reader is not None:
-            await reader.client.aclose(close_connection_pool=False)
+            await reader.close()
         await self._run(queue, "forget", [consumer, waiting_name(consumer)])
 
     async def prune(self, queue: str, now: float, limit: int) -> int:
