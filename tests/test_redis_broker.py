@@ -1004,8 +1004,8 @@ async def receive_with_answer_cut(
     """A blocking receive whose read and take run, the connection cut before their answer comes."""
     real_call_many = _Reader.call_many
 
-    async def answer_lost(self: _Reader, commands: tuple[tuple[Any, ...], ...]) -> list[Any]:
-        await real_call_many(self, commands)
+    async def answer_lost(self: _Reader, commands: tuple[tuple[Any, ...], ...], blocks: float) -> list[Any]:
+        await real_call_many(self, commands, blocks)
         raise redis.exceptions.ConnectionError("connection cut")
 
     monkeypatch.setattr(_Reader, "call_many", answer_lost)
@@ -1185,3 +1185,26 @@ async def test_a_close_cuts_off_a_blocked_read_and_hands_its_connection_back_onc
     finally:
         await broker.close()
         await own.aclose()
+
+
+@pytest.mark.parametrize("how", ["aqueue's pool", "own client"])
+async def test_a_blocking_read_longer_than_the_socket_timeout_is_no_lost_connection(
+    redis_url: str, queue_name: str, how: str
+) -> None:
+    # With a socket timeout under the worker's one-second block (a URL's `socket_timeout=0.5`,
+    # set for a quick failover), every idle read raised "no reply from Redis within 0.5 s", and
+    # an idle worker took Redis for gone, again and again.
+    own = None
+    if how == "own client":
+        own = redis.asyncio.Redis.from_url(redis_url, socket_timeout=0.5)
+        broker = RedisBroker(client=own)
+    else:
+        broker = RedisBroker(f"{redis_url}?socket_timeout=0.5")
+    try:
+        with anyio.fail_after(5):
+            for _ in range(2):  # the first runs the receive script, the second blocks
+                assert await broker.receive(queue_name, "w1", 1, 1.0, 5) == []
+    finally:
+        await broker.close()
+        if own is not None:
+            await own.aclose()

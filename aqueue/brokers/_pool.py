@@ -58,8 +58,10 @@ class _LeanCalls:
     async def call(self, args: tuple[Any, ...]) -> Any:
         return (await self.call_many((args,)))[0]
 
-    async def call_many(self, commands: tuple[tuple[Any, ...], ...]) -> list[Any]:
-        """The commands' replies; the first that is an error is raised, once all are read."""
+    async def call_many(self, commands: tuple[tuple[Any, ...], ...], blocks: float = 0.0) -> list[Any]:
+        """The commands' replies; the first that is an error is raised, once all are read. The
+        socket timeout bounds the wait for them beyond the `blocks` seconds that a blocking command
+        among them may wait in Redis."""
         conn: Any = self
         if not conn.is_connected:
             await conn.connect()
@@ -71,7 +73,7 @@ class _LeanCalls:
                     conn._writer.write(_hiredis_pack(args))
                 else:
                     conn._writer.writelines(conn.pack_command(*args))
-            async with asyncio.timeout(conn.socket_timeout or None):  # None: no bound
+            async with asyncio.timeout(conn.socket_timeout + blocks if conn.socket_timeout else None):
                 await conn._writer.drain()
                 replies = [await conn._parser.read_response() for _ in commands]
         except TimeoutError:

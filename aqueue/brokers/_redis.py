@@ -396,7 +396,7 @@ class _Reader:
     def _reconnected(self, connection: object) -> None:
         self._id = None
 
-    async def call_many(self, commands: tuple[tuple[Any, ...], ...]) -> list[Any]:
+    async def call_many(self, commands: tuple[tuple[Any, ...], ...], blocks: float) -> list[Any]:
         """Commands on the reader's own connection (asked its id first), their replies; the first
         error is raised once all have run. Sent together on the lean path when the pool is
         aqueue's own; one after another, through redis-py, for a client the caller made (its
@@ -406,7 +406,7 @@ class _Reader:
         if isinstance(self.client.connection_pool, WaitingPool):
             connection: Any = self.client.connection
             assert connection is not None, "connection_id() is asked first"
-            replies: list[Any] = await connection.call_many(commands)
+            replies: list[Any] = await connection.call_many(commands, blocks)
             return replies
         results: list[Any] = []
         for command in commands:
@@ -745,6 +745,12 @@ class RedisBroker(Broker):
         keys = self._key(queue)
         streams = [keys.stream(b) for b in bands]
         waiting = waiting_name(consumer)
+        pool = self.client.connection_pool
+        socket_timeout = pool.connection_kwargs.get("socket_timeout")
+        if socket_timeout and not isinstance(pool, WaitingPool):
+            # redis-py bounds the reply by the socket timeout alone: a longer block would read as
+            # a lost connection (aqueue's own connections allow for the block).
+            timeout = min(timeout, socket_timeout / 2)
         read = ("XREADGROUP", "GROUP", GROUP, waiting, "COUNT", count,
                 "BLOCK", max(1, int(timeout * 1000)), "STREAMS", *streams, *[">"] * len(streams))
         take = ("EVALSHA", self._sha("take"), 1, keys.prefix, consumer, waiting, count)
@@ -755,7 +761,7 @@ class RedisBroker(Broker):
             try:
                 async with reader.reading():
                     self._blocked[consumer] = await reader.connection_id()
-                    reply: Any = (await reader.call_many((read, take)))[1]
+                    reply: Any = (await reader.call_many((read, take), timeout))[1]
             except redis_errors.NoScriptError:
                 # Redis lost the script: what was read waits under the waiting name meanwhile.
                 reply = await self._run(queue, "take", [consumer, waiting, count])
