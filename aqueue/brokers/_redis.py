@@ -377,6 +377,17 @@ class _Reader:
         if connection is not None:
             await connection.disconnect(nowait=True)
 
+    def longest_block(self, wanted: float) -> float:
+        """How long a read may block on this reader: as long as wanted on aqueue's own connections,
+        whose calls allow for the block on top of the socket timeout; on a client the caller made,
+        half its socket timeout at most, as redis-py bounds the reply by that alone (a longer
+        block would read as a lost connection)."""
+        pool = self.client.connection_pool
+        socket_timeout: float | None = pool.connection_kwargs.get("socket_timeout")
+        if socket_timeout and not isinstance(pool, WaitingPool):
+            return min(wanted, socket_timeout / 2)
+        return wanted
+
     async def connection_id(self) -> int:
         connection = self.client.connection
         if connection is not None and connection.is_connected:
@@ -745,19 +756,14 @@ class RedisBroker(Broker):
         keys = self._key(queue)
         streams = [keys.stream(b) for b in bands]
         waiting = waiting_name(consumer)
-        pool = self.client.connection_pool
-        socket_timeout = pool.connection_kwargs.get("socket_timeout")
-        if socket_timeout and not isinstance(pool, WaitingPool):
-            # redis-py bounds the reply by the socket timeout alone: a longer block would read as
-            # a lost connection (aqueue's own connections allow for the block).
-            timeout = min(timeout, socket_timeout / 2)
+        reader = self._readers.get(consumer)
+        if reader is None:
+            reader = self._readers[consumer] = _Reader(self.client.connection_pool)
+        timeout = reader.longest_block(timeout)
         read = ("XREADGROUP", "GROUP", GROUP, waiting, "COUNT", count,
                 "BLOCK", max(1, int(timeout * 1000)), "STREAMS", *streams, *[">"] * len(streams))
         take = ("EVALSHA", self._sha("take"), 1, keys.prefix, consumer, waiting, count)
         async with self._translated():
-            reader = self._readers.get(consumer)
-            if reader is None:
-                reader = self._readers[consumer] = _Reader(self.client.connection_pool)
             try:
                 async with reader.reading():
                     self._blocked[consumer] = await reader.connection_id()
