@@ -467,6 +467,45 @@ async def test_an_unexpected_error_unsubscribing_drops_the_connection(
         await notifier.close()
 
 
+@pytest.mark.parametrize("released_by", ["a lost connection", "a refused SUBSCRIBE"])
+async def test_a_subscribe_waiting_its_turn_sends_nothing_once_its_channel_is_released(
+    admin: redis.asyncio.Redis, released_by: str
+) -> None:
+    # A listen whose SUBSCRIBE waited behind another pub/sub command (a drop's disconnect, say)
+    # while the notifier forgot its channels sent it afterwards, for a channel no longer tracked:
+    # subscribed for good, every message on it read and thrown away.
+    notifier = notifier_module.Notifier(admin)
+    channel = f"c{uuid.uuid4().hex}"
+    refusal = redis.exceptions.ResponseError("NOPERM no permissions to access a channel")
+    outcome: list[object] = []
+
+    async def listen() -> None:
+        try:
+            async with notifier.listen(channel) as heard:
+                outcome.append(await heard.wait())
+        except redis.exceptions.ResponseError as exc:
+            outcome.append(exc)
+
+    try:
+        async with anyio.create_task_group() as tg:
+            async with notifier._commands:  # another command's turn
+                tg.start_soon(listen)
+                with anyio.fail_after(10):
+                    while channel not in notifier._channels:
+                        await anyio.lowlevel.checkpoint()
+                assert notifier._channels[channel].sent == 1  # its SUBSCRIBE waits for the turn
+                if released_by == "a lost connection":
+                    notifier._lost(ConnectionError("the connection is gone"))
+                else:
+                    notifier._refused(refusal)
+        assert outcome == ([None] if released_by == "a lost connection" else [refusal])
+        assert not notifier._pubsub.channels
+        assert await admin.pubsub_numsub(channel) == [(channel.encode(), 0)]
+        await hears_anew(notifier, admin, channel)
+    finally:
+        await notifier.close()
+
+
 async def test_closing_ends_a_reader_that_swallowed_its_cancellation(
     admin: redis.asyncio.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -127,6 +127,13 @@ class Notifier:
             state.sent += 1
             try:
                 async with self._commands:
+                    if self._channels.get(channel) is not state:
+                        # Released while it waited its turn (the connection dropped or closed, or
+                        # a SUBSCRIBE refused): its listeners were told. Sent now, it would
+                        # subscribe a channel nobody tracks, never to be unsubscribed.
+                        if state.refused is not None:
+                            raise state.refused
+                        return
                     await self._pubsub.subscribe(channel)
                     if self._closed:
                         # Closed while the SUBSCRIBE was on its way (its connection still being
