@@ -263,6 +263,52 @@ async def test_a_connect_that_failed_gives_its_place_back_once(
         await pool.aclose()
 
 
+@pytest.mark.parametrize("step", ["reconnect", "re-auth"])
+async def test_a_call_cut_off_as_it_hands_its_connection_back_leaves_it_in_the_pool_closed(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch, step: str
+) -> None:
+    # The hand-back's steps (the reconnect a maintenance notice asks for, the re-auth a new token
+    # asks for) ran on a connection in neither list, or already free: cut off there, it was lost
+    # to the pool with its socket open, or left free with a re-auth's reply still to come.
+    pool = WaitingPool.from_url(redis_url, max_connections=1)
+    handing_back = anyio.Event()
+
+    async def held(**kwargs: Any) -> None:
+        handing_back.set()
+        await anyio.sleep_forever()
+
+    try:
+        await pool.call("PING")
+        [conn] = pool._available_connections
+        if step == "reconnect":
+            conn._should_reconnect = True  # as a maintenance notice would mark it
+            real_disconnect = conn.disconnect
+
+            async def held_disconnect(nowait: bool = False, **kwargs: Any) -> None:
+                if not nowait:
+                    await held()
+                await real_disconnect(nowait=nowait, **kwargs)
+
+            monkeypatch.setattr(conn, "disconnect", held_disconnect)
+        else:
+            monkeypatch.setattr(conn, "re_auth", held)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(pool.call, "PING")
+            with anyio.fail_after(10):
+                await handing_back.wait()
+            assert conn in pool._in_use_connections  # where a close reaches it
+            tg.cancel_scope.cancel()
+        assert pool._available_connections == [conn]
+        assert not pool._in_use_connections
+        assert not conn.is_connected
+        assert not pool._free.locked()
+        monkeypatch.undo()
+        assert await pool.call("PING") == b"PONG"
+    finally:
+        monkeypatch.undo()
+        await pool.aclose()
+
+
 @pytest.mark.parametrize("when", ["command", "handshake"])
 async def test_a_cancellation_that_lands_as_a_send_ends_is_not_lost(redis_url: str, when: str) -> None:
     # redis-py bounds a send by the socket timeout through `asyncio.wait_for`, which on Python 3.11

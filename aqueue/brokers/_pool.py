@@ -241,10 +241,18 @@ class WaitingPool(aioredis.ConnectionPool):
                 replies: list[Any] = await conn.call_many(commands)
                 return replies
             finally:
-                self._in_use_connections.remove(conn)
-                if conn.should_reconnect():
-                    await conn.disconnect()
-                self._available_connections.append(conn)
-                await conn.re_auth()
+                # Still in use while it is made ready (a close reaches it there), then free at once.
+                try:
+                    if conn.should_reconnect():
+                        await conn.disconnect()
+                    await conn.re_auth()
+                except BaseException:
+                    # Cut off or failed mid-way: a re-auth's reply may still come, so it is closed
+                    # (its next use reconnects).
+                    await conn.disconnect(nowait=True)
+                    raise
+                finally:
+                    self._in_use_connections.remove(conn)
+                    self._available_connections.append(conn)
         finally:
             self._free.release()
