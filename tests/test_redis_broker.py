@@ -998,6 +998,42 @@ async def test_entries_read_past_the_count_go_to_the_back_once_another_read_past
     assert [d.job_id for d in rest] == [jobs[3].id, jobs[1].id]
 
 
+async def redis_milliseconds(client: redis.asyncio.Redis) -> int:
+    """Redis's clock, which stream ids are made from, in milliseconds."""
+    seconds, micros = await client.time()
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
+async def test_an_entry_handed_back_from_the_start_of_its_millisecond_leaves_its_band_working(
+    redis_broker: RedisBroker, client: redis.asyncio.Redis, queue_name: str
+) -> None:
+    # Handed back in place, an entry with sequence 0 moves the group back to the greatest id of the
+    # millisecond before ("<ms - 1>-18446744073709551615"). The trim after a finish added one to
+    # that sequence as a Lua number and sent an id that is none ("...-1.844674407371e+19"): every
+    # finish and prune on the band failed until a read took from it again.
+    held, low, high = new_job(), new_job(), new_job(5)
+    await redis_broker.enqueue(queue_name, [held])
+    [delivery] = await redis_broker.receive(queue_name, "w", 1, 0, 5)
+    stream = Keys(queue_name).stream(0)
+    [(last, _)] = await client.xrevrange(stream, count=1)
+    with anyio.fail_after(10):  # the next entry starts a millisecond of its own
+        while await redis_milliseconds(client) <= int(last.split(b"-")[0]):  # noqa: ASYNC110 - Redis's clock
+            await anyio.sleep(0.001)
+    await redis_broker.enqueue(queue_name, [low])
+    await redis_broker.enqueue(queue_name, [high])  # a new band: a wake-up entry after `low`
+    waiting = waiting_name("other")
+    [[_, [(entry, _)]]] = await client.xreadgroup(GROUP, waiting, {stream: ">"}, count=1)
+    assert entry.endswith(b"-0")
+    reply = await redis_broker._run(queue_name, "take", ["other", waiting, 1])
+    assert [row[0].decode() for row in reply[2:]] == [high.id]  # and `low` handed back in place
+    done = Completion(delivery, Outcome.SUCCEEDED, time.time())
+    assert await redis_broker.finish(queue_name, [done], 60) == [True]
+    assert await redis_broker.prune(queue_name, time.time(), 10) == 0
+    assert (await client.xpending(stream, GROUP))["pending"] == 0  # `held` acked
+    rest = await redis_broker.receive(queue_name, "x", 10, 0, 5)
+    assert [d.job_id for d in rest] == [low.id]
+
+
 async def receive_with_answer_cut(
     broker: RedisBroker, queue_name: str, consumer: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

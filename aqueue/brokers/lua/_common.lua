@@ -9,6 +9,10 @@ local GROUP = 'workers'
 -- A block of its own, as each helper is: a table costs every call of a script that carries it.
 local FINAL = {succeeded = true, failed = true, cancelled = true, revoked = true, expired = true}
 
+-- A stream id's greatest sequence: `unread` moves a group back to it, in the millisecond before an
+-- entry that is its millisecond's first. Past what a Lua number holds exactly: kept as a string.
+local MAX_SEQ = '18446744073709551615'
+
 local function job_key(id) return prefix .. 'job:' .. id end
 local function stream_key(p) return prefix .. 'stream:' .. p end
 
@@ -111,7 +115,12 @@ local function trim_acked(s, acked, keep)
   local read, lag = group_progress(s)
   if read == '0-0' then return end
   local ms, seq = string.match(read, '^(%d+)-(%d+)$')
-  local floor = ms .. '-' .. (tonumber(seq) + 1)
+  local floor
+  if seq == MAX_SEQ then  -- where `unread` moved the group: the next millisecond's first id
+    floor = string.format('%d', tonumber(ms) + 1) .. '-0'
+  else
+    floor = ms .. '-' .. string.format('%d', tonumber(seq) + 1)
+  end
   local pending = redis.call('XPENDING', s, GROUP)
   if pending[1] > 0 and id_after(floor, pending[2]) then
     floor = pending[2]
@@ -212,7 +221,7 @@ local function unread(s, p, rows)
   local ms, seq = string.match(first, '^(%d+)-(%d+)$')
   local before
   if seq == '0' then
-    before = string.format('%d', tonumber(ms) - 1) .. '-18446744073709551615'
+    before = string.format('%d', tonumber(ms) - 1) .. '-' .. MAX_SEQ
   else
     before = ms .. '-' .. string.format('%d', tonumber(seq) - 1)
   end
