@@ -632,6 +632,31 @@ async def test_a_job_that_never_reaches_a_worker_still_signals_its_end(queue: Qu
     assert seen == [(Signal.CANCELLED, "nap"), (Signal.EXPIRED, "nap")]
 
 
+async def test_the_jobs_beside_one_the_broker_ended_start_before_its_signal_is_handled(
+    queue: Queue,
+) -> None:
+    # The jobs of a batch after one the broker ended waited, not yet held, for its signal's
+    # handlers: their leases went unrenewed, and a handler slower than the visibility timeout let
+    # another worker take them over and run them too.
+    handled, started = anyio.Event(), anyio.Event()
+
+    @queue.on(Signal.EXPIRED)
+    async def slow(signal: Signal, job: object, exc: BaseException | None = None) -> None:
+        await handled.wait()
+
+    @queue.task
+    async def mark() -> None:
+        started.set()
+
+    await mark.options(expires=datetime(2000, 1, 1, tzinfo=UTC)).enqueue()
+    job = await mark.enqueue()
+    async with queue.worker(concurrency=10):  # both come in its first receive
+        with anyio.fail_after(10):
+            await started.wait()  # while the handler still runs
+        handled.set()
+        assert await job.result(timeout=10) is None
+
+
 async def test_a_worker_whose_service_failed_raises_why_and_stops_quietly(queue: Queue) -> None:
     @queue.periodic(Breaking())
     async def tick() -> None:

@@ -359,9 +359,10 @@ class Worker:
         await self._reclaim_done.wait()
 
     async def _take(self, deliveries: list[Delivery]) -> None:
+        ended = []
         for d in deliveries:
             if d.ended is not None:  # the broker ended it (expired, revoked, cancelled, dead)
-                await report_ended(self.queue, d)
+                ended.append(d)
                 continue
             if self._adopt(d):
                 continue
@@ -373,6 +374,10 @@ class Worker:
                 self._running[d.job_id] = running
                 self._ready.append(running)
                 self._wake_runner()
+        # Said once every leased job is held: the handlers are the user's code, and may take
+        # longer than a lease that nothing renews lasts.
+        for d in ended:
+            await report_ended(self.queue, d)
 
     # --- running ---------------------------------------------------------------------------------
 
