@@ -1083,6 +1083,22 @@ async def test_what_blocking_reads_leased_before_their_answers_were_lost_is_reco
     assert await redis_broker.finish(queue_name, ends, 60) == [True, True]
 
 
+async def test_recover_hands_out_no_job_that_has_ended(
+    redis_broker: RedisBroker, client: redis.asyncio.Redis, queue_name: str
+) -> None:
+    # A finish that wrote a job's end and then failed before its acks ran (Redis does not undo a
+    # script's writes) left the entry leased to a worker that had let the job go: a recover handed
+    # it out again as a new job, and the job ran a second time.
+    await drained(redis_broker, queue_name)
+    job = new_job()
+    await redis_broker.enqueue(queue_name, [job])
+    assert len(await redis_broker.receive(queue_name, "w", 10, 0, 5)) == 1
+    record = f"aqueue:{{{queue_name}}}:job:{job.id}"
+    await client.hset(record, "state", "succeeded")  # as such a finish leaves it
+    assert await redis_broker.recover(queue_name, "w", [], 1) == []
+    assert await pending_by_consumer(client, queue_name) == {"w": 0}  # and its entry let go
+
+
 async def test_a_stopping_consumer_is_forgotten_under_both_its_names(
     redis_broker: RedisBroker, client: redis.asyncio.Redis, queue_name: str
 ) -> None:

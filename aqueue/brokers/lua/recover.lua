@@ -44,7 +44,11 @@ for _, p in ipairs(bands()) do
         'task', 'payload', 'attempt', 'enqueued_at')
       -- Started by the call whose answer was lost, or by one before it: that delivery.
       local started = rec and rec[1] == 'running' and rec[2] == consumer and rec[3] == entry
-      if not known or (started and rec[4] ~= known) then
+      if not known and rec and FINAL[rec[1]] then
+        -- Ended while the consumer never knew of it (a finish that failed before its acks ran):
+        -- nothing to run.
+        redis.call('XACK', s, GROUP, entry)
+      elseif not known or (started and rec[4] ~= known) then
         redis.call('XCLAIM', s, GROUP, consumer, 0, entry, 'JUSTID')
         if started then
           out[#out + 1] = {id, rec[5], rec[6], rec[7], rec[4], p, rec[8], entry}
