@@ -532,6 +532,80 @@ async def test_skipped_steps_cancelled_steps_and_a_retry_around_pruning(queue: Q
     assert failing[1].id in {info.id for info in await queue.jobs(limit=1000)}
 
 
+async def test_retry_failed_on_two_pipeline_members_ends_in_on_success(queue: Queue) -> None:
+    # The first re-armed pipeline to end settled the batch while the other's re-armed step still
+    # waited, its member still counted as skipped but no longer marked so: the batch was deleted,
+    # and when the other ended, on_success never fired.
+    healthy = False
+    add = arithmetic(queue)
+
+    @queue.task
+    async def fetch() -> int:
+        if not healthy:
+            raise ConnectionError("upstream down")
+        return 10
+
+    async with queue.worker():
+        b = await queue.batch([fetch.s().then(add, 1), fetch.s().then(add, 2)],
+                              on_success=add.s(0, 3), on_failure=add.s(0, 4))
+        for member in b.members:  # skipped: its end is counted in the same step that reports it
+            with pytest.raises(JobCancelled):
+                await member.result(timeout=10)
+        assert await b.callback("failure").result(timeout=10) == 4
+        healthy = True
+        assert await b.retry_failed() == 2
+        assert [await m.result(timeout=10) for m in b.members] == [11, 12]
+        assert await b.callback("success").result(timeout=10) == 3
+
+
+async def test_a_member_retried_while_its_batch_or_chord_runs_is_waited_for(queue: Queue) -> None:
+    # Retried from the dead letters while the others still ran, a member stayed counted as
+    # failed: their ends fired on_complete and on_failure while it ran again (and its success then
+    # on_success too), and a chord's callback got its old error.
+    healthy = False
+    rerunning, retried_may_end, others_may_end = anyio.Event(), anyio.Event(), anyio.Event()
+    add = arithmetic(queue)
+
+    @queue.task
+    async def flaky(n: int) -> int:
+        if not healthy:
+            raise ConnectionError("upstream down")
+        rerunning.set()
+        await retried_may_end.wait()
+        return n
+
+    @queue.task
+    async def slow(n: int) -> int:
+        await others_may_end.wait()
+        return n
+
+    @queue.task
+    async def collect(values: list[Any]) -> list[Any]:
+        return values
+
+    async with queue.worker(concurrency=10):
+        b = await queue.batch([flaky.s(1), slow.s(2)], on_success=add.s(0, 1),
+                              on_failure=add.s(0, 2), on_complete=add.s(0, 3))
+        c = await queue.enqueue(chord([flaky.s(3), slow.s(4)], collect.s()))
+        dead = [b.members[0], c.results.jobs[0]]
+        for job in dead:
+            with pytest.raises(TaskError):
+                await job.result(timeout=10)
+        healthy = True
+        for job in dead:
+            assert await queue.retry(job.id)
+        with anyio.fail_after(10):
+            await rerunning.wait()
+        others_may_end.set()
+        assert [await job.result(timeout=10) for job in (b.members[1], c.results.jobs[1])] == [2, 4]
+        for kind in ("complete", "failure"):
+            assert await b.callback(kind).state() is None  # not while a member runs
+        retried_may_end.set()
+        assert await c.get(timeout=10) == [3, 4]
+        assert [await b.callback(kind).result(timeout=10) for kind in ("complete", "success")] == [3, 1]
+        assert await b.callback("failure").state() is None
+
+
 async def test_a_chord_in_a_batch_names_the_batch_to_its_members(queue: Queue) -> None:
     # The chord is the batch member (its callback's end is counted); its members belong to the
     # batch through it, and current_job().batch_id names it inside them too.

@@ -452,6 +452,7 @@ class MemoryBroker(Broker):
         if rec.key is not None and self._live_key_holder(q, rec.key) is None:
             q.keys[rec.key] = job_id  # live again, it takes its key back
         self._make_ready(q, rec)
+        self._uncount(q, job_id)
         # The steps its failure skipped wait for it again, so that its success runs them.
         links = q.links.get(job_id)
         following = links.next if links else None
@@ -463,12 +464,26 @@ class MemoryBroker(Broker):
             step.state, step.error, step.finished_at = JobState.SCHEDULED.value, None, None
             q.expiry.pop(following, None)
             q.waiting.add(following)
+            self._uncount(q, following)
             step_links = q.links.get(following)
             batch = self._batch(q, step_links.batch) if step_links and step_links.batch else None
             if batch is not None:  # kept as long as the step's record (see _settle_batch)
                 batch.expires_at = None
             following = step_links.next if step_links else None
         return True
+
+    def _uncount(self, q: _Queue, job_id: str) -> None:
+        """Live again, a job is no longer counted as ended in its batch, nor in its chord while
+        that has not fired (a fired chord is gone): they wait for its new end. As in retry.lua."""
+        links = q.links.get(job_id)
+        if links is None:
+            return
+        batch = self._batch(q, links.batch) if links.batch is not None else None
+        if batch is not None:
+            batch.members.pop(job_id, None)
+        chord = q.chords.get(links.chord) if links.chord is not None else None
+        if chord is not None and links.slot is not None:
+            chord.slots.pop(links.slot, None)
 
     async def purge_dead_letters(self, queue: str) -> int:
         q = self._queue(queue)

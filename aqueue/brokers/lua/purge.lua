@@ -10,7 +10,9 @@ local kept = prefix .. 'batches'
 for _, bid in ipairs(redis.call('SMEMBERS', kept)) do
   local bk = prefix .. 'batch:' .. bid
   local fields = redis.call('HGETALL', bk)
-  local again = false
+  -- A member retried is no longer counted as ended (see retry.lua): the batch waits for it.
+  local size, ended = unpack(redis.call('HMGET', bk, 'size', 'ended'))
+  local again = size and tonumber(ended or '0') < tonumber(size)
   for i = 1, #fields, 2 do
     if string.sub(fields[i], 1, 2) == 'm:' and fields[i + 1] ~= 'succeeded' then
       local state = redis.call('HGET', job_key(string.sub(fields[i], 3)), 'state')
