@@ -309,6 +309,31 @@ async def test_a_call_cut_off_as_it_hands_its_connection_back_leaves_it_in_the_p
         await pool.aclose()
 
 
+async def test_a_hand_back_that_fails_leaves_the_calls_reply_standing(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The call had run, and the hand-back's failure took the place of its reply: a caller told an
+    # enqueue failed would enqueue it again.
+    pool = WaitingPool.from_url(redis_url, max_connections=1)
+
+    async def failing_re_auth() -> None:
+        raise redis.ConnectionError("re-auth refused")
+
+    try:
+        await pool.call("PING")
+        [conn] = pool._available_connections
+        monkeypatch.setattr(conn, "re_auth", failing_re_auth)
+        assert await pool.call("ECHO", "ran") == b"ran"
+        assert pool._available_connections == [conn]
+        assert not conn.is_connected  # reconnects on its next use
+        assert "re-auth refused" in caplog.text
+        monkeypatch.undo()
+        assert await pool.call("PING") == b"PONG"
+    finally:
+        monkeypatch.undo()
+        await pool.aclose()
+
+
 @pytest.mark.parametrize("when", ["command", "handshake"])
 async def test_a_cancellation_that_lands_as_a_send_ends_is_not_lost(redis_url: str, when: str) -> None:
     # redis-py bounds a send by the socket timeout through `asyncio.wait_for`, which on Python 3.11

@@ -17,6 +17,7 @@ opened again before it is used, and a reply that is an error is raised.
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 from collections.abc import Callable
 from functools import cache
@@ -34,6 +35,8 @@ try:
 except ImportError:  # pragma: no cover - hiredis is an optional extra
     pass
 
+
+logger = logging.getLogger("aqueue")
 
 IDENTITY_OPTIONS = ("driver_info", "lib_name", "lib_version")
 
@@ -246,10 +249,14 @@ class WaitingPool(aioredis.ConnectionPool):
                     if conn.should_reconnect():
                         await conn.disconnect()
                     await conn.re_auth()
-                except BaseException:
-                    # Cut off or failed mid-way: a re-auth's reply may still come, so it is closed
-                    # (its next use reconnects).
+                except Exception as exc:
+                    # The call has run: its replies (or its own error) stand, not a failure that
+                    # would have a caller run an enqueue again. The connection may still get a
+                    # re-auth's reply: closed, it reconnects on its next use.
                     await conn.disconnect(nowait=True)
+                    logger.warning("handing a Redis connection back failed (it reconnects): %s", exc)
+                except BaseException:
+                    await conn.disconnect(nowait=True)  # cut off mid-way: as above
                     raise
                 finally:
                     self._in_use_connections.remove(conn)
