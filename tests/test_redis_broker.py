@@ -1034,6 +1034,32 @@ async def test_an_entry_handed_back_from_the_start_of_its_millisecond_leaves_its
     assert [d.job_id for d in rest] == [low.id]
 
 
+async def test_jobs_enqueued_while_the_listing_reads_it_are_not_listed_twice(
+    redis_broker: RedisBroker, queue_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The listing reads the index a page at a time, by position: jobs enqueued between two pages
+    # pushed some of the first page's into the second, and they were listed twice.
+    def job(task: str) -> NewJob:
+        return NewJob(id=uuid.uuid4().hex, task=task, payload=PAYLOAD, enqueued_at=time.time())
+
+    await redis_broker.enqueue(queue_name, [job(task) for _ in range(100) for task in ("a", "b")])
+    real_records = redis_broker._records
+    pages = 0
+
+    async def records_then_enqueue(queue: str, ids: Any) -> Any:
+        nonlocal pages
+        records = await real_records(queue, ids)
+        pages += 1
+        if pages == 1:  # between the first page and the second
+            await redis_broker.enqueue(queue_name, [job("a") for _ in range(20)])
+        return records
+
+    monkeypatch.setattr(redis_broker, "_records", records_then_enqueue)
+    listed = await redis_broker.jobs(queue_name, None, "a", 150)  # pages of 150 jobs
+    assert pages >= 2
+    assert len({r.id for r in listed}) == len(listed) == 100
+
+
 async def receive_with_answer_cut(
     broker: RedisBroker, queue_name: str, consumer: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

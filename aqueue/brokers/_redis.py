@@ -945,13 +945,17 @@ class RedisBroker(Broker):
         await self._ready()
         keys = self._key(queue)
         found: list[JobRecord] = []
+        # Jobs enqueued while the pages are read push the ones read down into the next page.
+        seen: set[bytes] = set()
         start, page = 0, max(limit, 100)
         async with self._translated():
             while len(found) < limit:
-                ids: Any = await self.client.zrevrange(keys.index, start, start + page - 1)
-                if not ids:
+                page_ids: Any = await self.client.zrevrange(keys.index, start, start + page - 1)
+                if not page_ids:
                     break
                 start += page
+                ids = [raw for raw in page_ids if raw not in seen]
+                seen.update(ids)
                 records = await self._records(queue, [raw.decode() for raw in ids])
                 gone = [raw for raw, record in zip(ids, records, strict=True) if record is None]
                 if gone:  # records that expired: forget them in the index as well
