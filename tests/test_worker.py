@@ -786,6 +786,25 @@ async def test_immediate_mode_hands_back_the_job_of_a_cancelled_enqueue(queue: Q
         assert await queue.job(info.id).result(timeout=10) == "done"
 
 
+async def test_immediate_mode_leaves_a_delayed_job_an_idempotency_key_finds(queue: Queue) -> None:
+    # The key found the delayed job, and the enqueue waited out its delay (an hour here) to run it:
+    # a delayed job is stored, not run, in immediate mode.
+    ran: list[int] = []
+
+    @queue.task
+    async def note(n: int) -> None:
+        ran.append(n)
+
+    queue.immediate = True
+    delayed = await note.options(key="nightly", delay=3600).enqueue(1)
+    with anyio.fail_after(10):
+        again = await note.options(key="nightly").enqueue(1)
+    assert again.id == delayed.id
+    assert (await again.state(), ran) == (JobState.SCHEDULED, [])
+    await note.options(key="other").enqueue(2)  # a job of its own still runs in the enqueue
+    assert ran == [2]
+
+
 async def test_immediate_mode_runs_inside_enqueue(queue: Queue) -> None:
     queue.immediate = True
     calls = 0

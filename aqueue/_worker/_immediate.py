@@ -61,7 +61,7 @@ async def _run(queue: Queue, job_id: str, may_appear: bool) -> bool:
     """Run the job to its end if it is ready. False while it waits on a workflow (or, if it may
     appear, does not exist yet); True once it is done with here."""
     broker, name = queue.broker, queue.name
-    promoted = False
+    promoted = ran = False
     while True:
         d = await broker.claim(name, CONSUMER, job_id, queue.max_deliveries)
         if d is None:
@@ -74,6 +74,10 @@ async def _run(queue: Queue, job_id: str, may_appear: bool) -> bool:
                 return False  # waits on a workflow
             now = time.time()
             if record.eta > now:
+                if not ran:
+                    # Delayed by whoever stored it (an idempotency key found it): a delayed job
+                    # is stored, not run, here.
+                    return True
                 await anyio.sleep(record.eta - now)  # a retry's delay
                 continue
             if promoted:
@@ -81,7 +85,7 @@ async def _run(queue: Queue, job_id: str, may_appear: bool) -> bool:
             await broker.promote_due(name, now, 1000)
             promoted = True
             continue
-        promoted = False
+        promoted, ran = False, True
         if d.ended:  # ended by the broker (expired, revoked, cancelled, dead): said as a worker says it
             await report_ended(queue, d)
             return True
