@@ -23,6 +23,7 @@ a handler catching `AqueueError` never swallows them.
 
 from __future__ import annotations
 
+import math
 from datetime import timedelta
 from typing import Any
 
@@ -116,6 +117,10 @@ class RetryTask(Exception):
     def __init__(self, delay: float | timedelta | None = None) -> None:
         if isinstance(delay, timedelta):
             delay = delay.total_seconds()
+        if delay is not None and (isinstance(delay, bool) or not isinstance(delay, int | float)
+                                  or not 0 <= delay < math.inf):  # NaN fails this too
+            raise ConfigurationError(
+                f"RetryTask's delay must be finite seconds >= 0 or a timedelta, got {delay!r}")
         super().__init__(f"retry requested (delay={delay})")
         self.delay = delay
 

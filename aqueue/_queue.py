@@ -375,12 +375,15 @@ class Queue:
 
     def job(self, job_id: str) -> Job[Any]:
         """A handle on a job from its id alone."""
+        if not isinstance(job_id, str):
+            raise ConfigurationError(f"a job id is a string, got {job_id!r}")
         return Job(self, job_id)
 
     async def jobs(
         self, state: JobState | str | None = None, task: str | None = None, limit: int = 100
     ) -> list[JobInfo]:
         """Jobs newest first, filtered by state and task name."""
+        check_count(limit, "limit", minimum=0)
         if state is not None:
             try:
                 state = JobState(state)
@@ -392,6 +395,7 @@ class Queue:
 
     async def dead_letters(self, limit: int = 100) -> list[JobInfo]:
         """Jobs that failed for good, newest first, with `dead_reason` saying why."""
+        check_count(limit, "limit", minimum=0)
         return [JobInfo.from_record(r) for r in await self.broker.dead_letters(self.name, limit)]
 
     async def retry(self, job_id: str) -> bool:

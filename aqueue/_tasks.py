@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 import time
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, replace
@@ -37,8 +38,11 @@ class TaskPolicy:
         check_count(self.retries, "retries", minimum=0)
         if self.expires is not None:
             epoch(self.expires, 0.0, "expires")  # a bad one fails here, not at every enqueue
-        if self.retry_delay < 0 or self.retry_backoff < 1:
-            raise ConfigurationError("retry_delay must be >= 0 and retry_backoff >= 1")
+        for what, value, least in (("retry_delay", self.retry_delay, 0),
+                                   ("retry_backoff", self.retry_backoff, 1)):
+            if (isinstance(value, bool) or not isinstance(value, int | float)
+                    or not least <= value < math.inf):  # NaN fails this too
+                raise ConfigurationError(f"{what} must be a finite number >= {least}, got {value!r}")
         if self.timeout is not None and self.timeout <= 0:
             raise ConfigurationError(f"timeout must be > 0, got {self.timeout}")
         check_priority(self.priority)

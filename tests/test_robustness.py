@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -15,6 +16,7 @@ from aqueue import (
     ConfigurationError,
     JobState,
     Queue,
+    RetryTask,
     TaskError,
     Worker,
     current_job,
@@ -127,6 +129,16 @@ def test_bad_options_fail_at_once(queue: Queue) -> None:
         work.options(retries=1.5)  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError, match="retries must be a whole number"):
         queue.task(retries=True)(work.fn)  # type: ignore[call-overload]
+    # NaN passed `< 1` and fired every retry at once; a string raised a bare TypeError.
+    for backoff in (math.nan, math.inf, True, "2"):
+        with pytest.raises(ConfigurationError, match="retry_backoff must be a finite number >= 1"):
+            queue.task(retry_backoff=backoff)(work.fn)  # type: ignore[call-overload]
+    with pytest.raises(ConfigurationError, match="retry_delay must be a finite number"):
+        queue.task(retry_delay=math.inf)(work.fn)  # type: ignore[call-overload]
+    # Checked where it is raised, not in the worker as an internal error.
+    for delay in ("10", -1, math.nan, math.inf, True):
+        with pytest.raises(ConfigurationError, match="RetryTask's delay must be finite seconds"):
+            RetryTask(delay=delay)  # type: ignore[arg-type]
 
 
 async def test_bad_arguments_of_calls_fail_at_once(queue: Queue) -> None:
@@ -138,6 +150,14 @@ async def test_bad_arguments_of_calls_fail_at_once(queue: Queue) -> None:
         await work.schedule(eta=60)  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError, match="unknown job state 'bogus'"):
         await queue.jobs(state="bogus")
+    # Each raised a bare TypeError, or on Redis a BrokerError that blamed Redis.
+    for limit in (1.5, None, "3", math.inf, True, -1):
+        with pytest.raises(ConfigurationError, match="limit must be a whole number >= 0"):
+            await queue.jobs(limit=limit)  # type: ignore[arg-type]
+        with pytest.raises(ConfigurationError, match="limit must be a whole number >= 0"):
+            await queue.dead_letters(limit=limit)  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="a job id is a string, got None"):
+        queue.job(None)  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError, match="concurrency must be a whole number"):
         async with queue.worker(concurrency=1.5):  # type: ignore[arg-type]
             pass
