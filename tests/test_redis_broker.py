@@ -1034,11 +1034,14 @@ async def test_an_entry_handed_back_from_the_start_of_its_millisecond_leaves_its
     assert [d.job_id for d in rest] == [low.id]
 
 
-async def test_jobs_enqueued_while_the_listing_reads_it_are_not_listed_twice(
-    redis_broker: RedisBroker, queue_name: str, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("between_pages", ["enqueued", "pruned"])
+async def test_jobs_that_come_or_go_while_the_listing_reads_it_move_none_across_a_page(
+    redis_broker: RedisBroker, client: redis.asyncio.Redis, queue_name: str,
+    monkeypatch: pytest.MonkeyPatch, between_pages: str
 ) -> None:
-    # The listing reads the index a page at a time, by position: jobs enqueued between two pages
-    # pushed some of the first page's into the second, and they were listed twice.
+    # The listing read the index a page at a time, by position: jobs enqueued between two pages
+    # pushed some of the first page's into the second (listed twice), and index entries pruned
+    # meanwhile pulled some of the second page's into the first (never listed).
     def job(task: str) -> NewJob:
         return NewJob(id=uuid.uuid4().hex, task=task, payload=PAYLOAD, enqueued_at=time.time())
 
@@ -1046,15 +1049,17 @@ async def test_jobs_enqueued_while_the_listing_reads_it_are_not_listed_twice(
     real_records = redis_broker._records
     pages = 0
 
-    async def records_then_enqueue(queue: str, ids: Any) -> Any:
+    async def records_then_change(queue: str, ids: Any) -> Any:
         nonlocal pages
         records = await real_records(queue, ids)
         pages += 1
-        if pages == 1:  # between the first page and the second
+        if pages == 1 and between_pages == "enqueued":
             await redis_broker.enqueue(queue_name, [job("a") for _ in range(20)])
+        elif pages == 1:  # as a prune in another process forgets expired records' entries
+            await client.zremrangebyrank(Keys(queue_name).index, -20, -1)
         return records
 
-    monkeypatch.setattr(redis_broker, "_records", records_then_enqueue)
+    monkeypatch.setattr(redis_broker, "_records", records_then_change)
     listed = await redis_broker.jobs(queue_name, None, "a", 150)  # pages of 150 jobs
     assert pages >= 2
     assert len({r.id for r in listed}) == len(listed) == 100

@@ -945,22 +945,29 @@ class RedisBroker(Broker):
         await self._ready()
         keys = self._key(queue)
         found: list[JobRecord] = []
-        # Jobs enqueued while the pages are read push the ones read down into the next page.
+        # Paged by score (enqueue time), not position: jobs enqueued or pruned while the pages are
+        # read would move the ones not yet read across a page's edge, listed twice or never. Each
+        # page starts at the last one's lowest score, the jobs of it already listed skipped.
         seen: set[bytes] = set()
-        start, page = 0, max(limit, 100)
+        top, page = "+inf", max(limit, 100)
         async with self._translated():
             while len(found) < limit:
-                page_ids: Any = await self.client.zrevrange(keys.index, start, start + page - 1)
-                if not page_ids:
-                    break
-                start += page
-                ids = [raw for raw in page_ids if raw not in seen]
+                rows: Any = await self.client.zrevrangebyscore(
+                    keys.index, top, "-inf", start=0, num=page, withscores=True)
+                ids = [raw for raw, _ in rows if raw not in seen]
+                if not ids:
+                    if len(rows) < page:
+                        break
+                    # A whole page at one score, all listed (no aqueue call stores that many at
+                    # one microsecond): on below it.
+                    top = f"({rows[-1][1]!r}"
+                    continue
                 seen.update(ids)
+                top = repr(rows[-1][1])
                 records = await self._records(queue, [raw.decode() for raw in ids])
                 gone = [raw for raw, record in zip(ids, records, strict=True) if record is None]
                 if gone:  # records that expired: forget them in the index as well
                     await self.client.zrem(keys.index, *gone)
-                    start -= len(gone)
                 for record in records:
                     if record is None:
                         continue
@@ -968,6 +975,8 @@ class RedisBroker(Broker):
                         task is None or record.task == task
                     ):
                         found.append(record)
+                if len(rows) < page:
+                    break
         return found[:limit]
 
     async def set_progress(self, queue: str, job_id: str, token: int, progress: bytes) -> bool:
