@@ -23,7 +23,6 @@ a handler catching `AqueueError` never swallows them.
 
 from __future__ import annotations
 
-import math
 from datetime import timedelta
 from typing import Any
 
@@ -117,8 +116,9 @@ class RetryTask(Exception):
     def __init__(self, delay: float | timedelta | None = None) -> None:
         if isinstance(delay, timedelta):
             delay = delay.total_seconds()
-        if delay is not None and (isinstance(delay, bool) or not isinstance(delay, int | float)
-                                  or not 0 <= delay < math.inf):  # NaN fails this too
+        from aqueue._checks import finite_at_least  # imports this module
+
+        if delay is not None and not finite_at_least(delay, 0):
             raise ConfigurationError(
                 f"RetryTask's delay must be finite seconds >= 0 or a timedelta, got {delay!r}")
         super().__init__(f"retry requested (delay={delay})")

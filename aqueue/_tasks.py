@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import inspect
-import math
 import time
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, cast
 
-from aqueue._checks import check_count
+from aqueue._checks import check_count, finite_at_least
 from aqueue._exceptions import ConfigurationError
 from aqueue._time import Seconds, When, epoch, seconds, timedelta_or_seconds
 
@@ -40,8 +39,7 @@ class TaskPolicy:
             epoch(self.expires, 0.0, "expires")  # a bad one fails here, not at every enqueue
         for what, value, least in (("retry_delay", self.retry_delay, 0),
                                    ("retry_backoff", self.retry_backoff, 1)):
-            if (isinstance(value, bool) or not isinstance(value, int | float)
-                    or not least <= value < math.inf):  # NaN fails this too
+            if not finite_at_least(value, least):
                 raise ConfigurationError(f"{what} must be a finite number >= {least}, got {value!r}")
         if self.timeout is not None and self.timeout <= 0:
             raise ConfigurationError(f"timeout must be > 0, got {self.timeout}")
