@@ -1124,8 +1124,7 @@ async def test_recover_hands_out_no_job_that_has_ended(
     job = new_job()
     await redis_broker.enqueue(queue_name, [job])
     assert len(await redis_broker.receive(queue_name, "w", 10, 0, 5)) == 1
-    record = f"aqueue:{{{queue_name}}}:job:{job.id}"
-    await client.hset(record, "state", "succeeded")  # as such a finish leaves it
+    await client.hset(Keys(queue_name).job(job.id), "state", "succeeded")  # as such a finish leaves it
     assert await redis_broker.recover(queue_name, "w", [], 1) == []
     assert await pending_by_consumer(client, queue_name) == {"w": 0}  # and its entry let go
 

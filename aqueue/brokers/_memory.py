@@ -466,21 +466,21 @@ class MemoryBroker(Broker):
             q.waiting.add(following)
             self._uncount(q, following)
             step_links = q.links.get(following)
-            batch = self._batch(q, step_links.batch) if step_links and step_links.batch else None
-            if batch is not None:  # kept as long as the step's record (see _settle_batch)
-                batch.expires_at = None
             following = step_links.next if step_links else None
         return True
 
     def _uncount(self, q: _Queue, job_id: str) -> None:
         """Live again, a job is no longer counted as ended in its batch, nor in its chord while
-        that has not fired (a fired chord is gone): they wait for its new end. As in retry.lua."""
+        that has not fired (a fired chord is gone): they wait for its new end, and the batch is
+        kept until then (one kept by a skipped step lasted as long as the step's record, see
+        `_settle_batch`). As in retry.lua."""
         links = q.links.get(job_id)
         if links is None:
             return
         batch = self._batch(q, links.batch) if links.batch is not None else None
         if batch is not None:
             batch.members.pop(job_id, None)
+            batch.expires_at = None
         chord = q.chords.get(links.chord) if links.chord is not None else None
         if chord is not None and links.slot is not None:
             chord.slots.pop(links.slot, None)
@@ -491,20 +491,12 @@ class MemoryBroker(Broker):
         for job_id in q.dead:
             self._drop(q, job_id)
         q.dead.clear()
-        # The batches that only a dead letter kept (see _settle_batch) can change no more, but
-        # one whose member, retried before, runs again.
+        # The batches that only a dead letter kept (see _settle_batch) can change no more; one
+        # whose member was retried does not count that member as ended (see _uncount).
         for batch_id, batch in list(q.batches.items()):
-            if len(batch.members) < batch.size or batch.expires_at is not None:
-                continue
-            if not any(self._live(q, job_id) for job_id, state in batch.members.items()
-                       if state != JobState.SUCCEEDED):
+            if len(batch.members) == batch.size and batch.expires_at is None:
                 del q.batches[batch_id]
         return count
-
-    @staticmethod
-    def _live(q: _Queue, job_id: str) -> bool:
-        rec = q.records.get(job_id)
-        return rec is not None and rec.state not in FINAL_STATES
 
     # --- the critical sections' parts (none awaits) ----------------------------------------------
 

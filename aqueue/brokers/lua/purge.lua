@@ -10,16 +10,19 @@ local kept = prefix .. 'batches'
 for _, bid in ipairs(redis.call('SMEMBERS', kept)) do
   local bk = prefix .. 'batch:' .. bid
   local fields = redis.call('HGETALL', bk)
-  -- A member retried is no longer counted as ended (see retry.lua): the batch waits for it.
-  local size, ended = unpack(redis.call('HMGET', bk, 'size', 'ended'))
-  local again = size and tonumber(ended or '0') < tonumber(size)
+  local size, ended, again = 0, 0, false
   for i = 1, #fields, 2 do
-    if string.sub(fields[i], 1, 2) == 'm:' and fields[i + 1] ~= 'succeeded' then
-      local state = redis.call('HGET', job_key(string.sub(fields[i], 3)), 'state')
-      if state and not FINAL[state] then again = true break end
+    local name, value = fields[i], fields[i + 1]
+    if name == 'size' then size = tonumber(value)
+    elseif name == 'ended' then ended = tonumber(value)
+    elseif not again and string.sub(name, 1, 2) == 'm:' and value ~= 'succeeded' then
+      -- Retried, yet still counted as ended: a batch that an earlier release wrote.
+      local state = redis.call('HGET', job_key(string.sub(name, 3)), 'state')
+      again = state and not FINAL[state]
     end
   end
-  if not again then
+  -- A member retried is not counted as ended (see retry.lua): the batch waits for its end.
+  if not again and ended >= size then
     redis.call('DEL', bk)
     redis.call('SREM', kept, bid)
   end

@@ -5,11 +5,13 @@ local id = ARGV[1]
 
 -- Live again, a job is no longer counted as ended in its batch, nor in its chord while that has
 -- not fired: they wait for its new end (a batch would otherwise fire its callbacks, or a chord
--- its callback with the old error, while the job runs again).
+-- its callback with the old error, while the job runs again). Its batch is kept until then (one
+-- kept by a skipped step lasted as long as the step's record: see settle_batch).
 local function uncount(member, jk)
   local batch, chord, slot = unpack(redis.call('HMGET', jk, 'batch', 'chord', 'slot'))
   if batch and batch ~= '' then
     local bk = prefix .. 'batch:' .. batch
+    redis.call('PERSIST', bk)
     local prev = redis.call('HGET', bk, 'm:' .. member)
     if prev then
       redis.call('HDEL', bk, 'm:' .. member)
@@ -46,9 +48,6 @@ while following and following ~= '' do
   redis.call('HSET', nk, 'state', 'scheduled', 'waiting', '1')
   redis.call('PERSIST', nk)
   uncount(following, nk)
-  -- A batch member: its batch was kept as long as the step's record (see settle_batch).
-  local batch = redis.call('HGET', nk, 'batch')
-  if batch and batch ~= '' then redis.call('PERSIST', prefix .. 'batch:' .. batch) end
   following = redis.call('HGET', nk, 'next')
 end
 return 1
