@@ -105,10 +105,9 @@ while i <= #ARGV do
   end
 end
 flush_expiring()
-for s, entries in pairs(acked) do
-  -- One XACK per stream, one trim up to what the group has delivered (comparing the entries
-  -- themselves to find the newest cost more than both).
-  call_chunked(entries, 'XACK', s, GROUP)
-  trim_acked(s, entries, keep)
-end
+-- One XACK per stream, one trim up to what the group has delivered (comparing the entries
+-- themselves to find the newest cost more than both). Every band is acked before any is trimmed:
+-- a script stops at its first error, and a trim that failed must not leave later bands un-acked.
+for s, entries in pairs(acked) do call_chunked(entries, 'XACK', s, GROUP) end
+for s, entries in pairs(acked) do trim_acked(s, entries, keep) end
 return out
