@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 
 import anyio
 import pytest
 
+import aqueue._worker._runner as runner_module
 from aqueue import JobCancelled, JobState, LockTimeout, Queue, Signal, TaskError, current_job
 from tests.conftest import wait_for_stop
 
@@ -141,3 +143,48 @@ async def test_a_lock_on_a_plain_def_keeps_its_timeout_and_is_held_until_the_thr
         async with queue.lock("report", timeout=0):  # released with the thread's return
             pass
     assert caught.value.metadata["type"] == "TaskTimeout"
+
+
+async def test_a_thread_outlasting_the_stop_grace_keeps_its_outcome_and_the_rest_are_handed_back(
+    queue: Queue, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Cancelling the worker past its grace stopped no thread, but skipped writing the thread's
+    # outcome (the job ran again) and handing back the coroutine job it had interrupted.
+    monkeypatch.setattr(runner_module, "STOP_GRACE", 0.2)
+    started, let_go = threading.Event(), threading.Event()
+    sleeping = anyio.Event()
+    runs: list[int] = []
+
+    @queue.task
+    def long_job() -> str:
+        runs.append(current_job().attempt)
+        started.set()
+        let_go.wait(10)  # deaf to the stop: let go only once the grace has passed
+        return "finished"
+
+    @queue.task
+    async def sleeper() -> None:
+        sleeping.set()
+        await anyio.sleep_forever()
+
+    thread_job = await long_job.enqueue()
+    coroutine_job = await sleeper.enqueue()
+
+    async def let_go_past_the_grace() -> None:
+        with anyio.fail_after(10):
+            while "cannot be stopped" not in caplog.text:  # noqa: ASYNC110 - a log line, no event
+                await anyio.sleep(0.01)
+        # Time in which a worker cancelled past its grace gives up writing outcomes.
+        await anyio.sleep(0.3)
+        let_go.set()
+
+    with caplog.at_level(logging.WARNING, logger="aqueue"):
+        async with anyio.create_task_group() as tg:
+            async with queue.worker(shutdown_timeout=0.1):
+                await _wait(started)
+                await sleeping.wait()
+                tg.start_soon(let_go_past_the_grace)
+    assert await thread_job.state() == JobState.SUCCEEDED
+    assert await thread_job.result(timeout=1) == "finished"
+    assert runs == [1]
+    assert await coroutine_job.state() == JobState.PENDING  # handed back, not left to its lease

@@ -44,6 +44,9 @@ RECEIVE_BATCH = 200  # jobs per receive at most: a bigger batch only holds more 
 # holds at most this many such leases: enough to receive while writes are under way, and a bound,
 # so that a fetcher running ahead of the writes piles up neither leases nor memory.
 WRITING_SLACK = RECEIVE_BATCH
+# Seconds `running()`'s exit waits past the shutdown timeout for a worker held up by anything but
+# threads (a broker that does not answer), before it cancels the worker.
+STOP_GRACE = 10.0
 FETCH_BLOCK = 1.0  # seconds a receive waits for a job; bounds how long a stop request waits
 SCHEDULER_TICK = 0.1  # a due job waits at most this long to become ready
 PROMOTE_BATCH = 1000
@@ -180,15 +183,24 @@ class Worker:
             raise task.exception()  # type: ignore[misc]
 
     async def _stop_running(self, worker: Background[None]) -> None:
-        """Stop the worker `running()` started and wait for it, gracefully but for a thread that
-        outlasts the shutdown timeout by more than 10 s."""
+        """Stop the worker `running()` started and wait for it: gracefully, and for as long as
+        threads that cannot be stopped run; cancelled once anything else holds it up
+        `STOP_GRACE` seconds past the shutdown timeout."""
         self.stop()
-        with anyio.CancelScope(shield=True), anyio.move_on_after(self.shutdown_timeout + 10):
-            await asyncio.wait([worker.task])
-        if not worker.done():
-            if self._running:
+        with anyio.CancelScope(shield=True):
+            with anyio.move_on_after(self.shutdown_timeout + STOP_GRACE):
+                await asyncio.wait([worker.task])
+            if not worker.done() and self._running:
+                # Cancelled, the worker would wait for the threads all the same, but then neither
+                # write their outcomes (their jobs would run again) nor hand back the jobs it
+                # interrupted (they would wait for the visibility timeout).
                 logger.warning("worker %s: still waiting for %d job(s) whose threads cannot be "
                                "stopped", self.name, len(self._running))
+                self._all_idle = anyio.Event()  # set once `_running` is empty
+                await self._all_idle.wait()
+                with anyio.move_on_after(self.shutdown_timeout + STOP_GRACE):
+                    await asyncio.wait([worker.task])
+        if not worker.done():
             await worker.stop()
 
     async def run(self, *, task_status: TaskStatus[Worker] = anyio.TASK_STATUS_IGNORED) -> None:
