@@ -344,9 +344,9 @@ class Queue:
         self,
         members: Sequence[Signature[Any] | Pipeline | Chord],
         *,
-        on_success: Signature[Any] | None = None,
-        on_failure: Signature[Any] | None = None,
-        on_complete: Signature[Any] | None = None,
+        on_success: Task[Any, Any] | Signature[Any] | None = None,
+        on_failure: Task[Any, Any] | Signature[Any] | None = None,
+        on_complete: Task[Any, Any] | Signature[Any] | None = None,
     ) -> Batch:
         """Enqueue jobs tracked together, with callbacks that each fire once (see `Batch`)."""
         if not members:

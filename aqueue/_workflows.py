@@ -54,12 +54,12 @@ class Signature(Generic[R]):
     def __repr__(self) -> str:
         return f"{self.task.name}.s({', '.join(map(repr, self.args))})"
 
-    def then(self, task: Task[Any, Any] | Signature[Any], *args: Any, **kwargs: Any) -> Pipeline:
+    def then(self, task: Task[Any, Any] | Signature[Any], /, *args: Any, **kwargs: Any) -> Pipeline:
         """Run `task` with this step's value: a tuple extends its *args, a dict updates its
         **kwargs, None passes nothing, anything else comes first in *args."""
         return Pipeline([self]).then(task, *args, **kwargs)
 
-    def error(self, handler: Task[Any, Any] | Signature[Any], *args: Any, **kwargs: Any) -> Signature[R]:
+    def error(self, handler: Task[Any, Any] | Signature[Any], /, *args: Any, **kwargs: Any) -> Signature[R]:
         """Run `handler(exc, *args, **kwargs)` if this step fails for good."""
         return Signature(self.task, self.args, self.kwargs, self.call, signature(handler, args, kwargs))
 
@@ -73,10 +73,10 @@ class Pipeline:
     def __repr__(self) -> str:
         return " -> ".join(map(repr, self.steps))
 
-    def then(self, task: Task[Any, Any] | Signature[Any], *args: Any, **kwargs: Any) -> Pipeline:
+    def then(self, task: Task[Any, Any] | Signature[Any], /, *args: Any, **kwargs: Any) -> Pipeline:
         return Pipeline([*self.steps, signature(task, args, kwargs)])
 
-    def error(self, handler: Task[Any, Any] | Signature[Any], *args: Any, **kwargs: Any) -> Pipeline:
+    def error(self, handler: Task[Any, Any] | Signature[Any], /, *args: Any, **kwargs: Any) -> Pipeline:
         """Run `handler(exc, ...)` if any step fails for good; the steps after it are skipped."""
         return Pipeline([step.error(handler, *args, **kwargs) for step in self.steps])
 
@@ -87,10 +87,10 @@ class Group:
     def __init__(self, members: Iterable[Node]) -> None:
         self.members = list(members)
 
-    def error(self, handler: Task[Any, Any] | Signature[Any], *args: Any, **kwargs: Any) -> Group:
+    def error(self, handler: Task[Any, Any] | Signature[Any], /, *args: Any, **kwargs: Any) -> Group:
         return Group([m.error(handler, *args, **kwargs) for m in self.members])
 
-    def then(self, task: Task[Any, Any] | Signature[Any], *args: Any, **kwargs: Any) -> Chord:
+    def then(self, task: Task[Any, Any] | Signature[Any], /, *args: Any, **kwargs: Any) -> Chord:
         """As in Huey, a group fed into a task is a chord: `task(values, ...)` once all have ended."""
         return Chord(self.members, signature(task, args, kwargs))
 
@@ -108,11 +108,11 @@ class Chord:
                 raise ConfigurationError("a chord member is a signature, a pipeline or a chord, not a group")
         self.callback = callback if isinstance(callback, Pipeline) else Pipeline([signature(callback, (), {})])
 
-    def then(self, task: Task[Any, Any] | Signature[Any], *args: Any, **kwargs: Any) -> Chord:
+    def then(self, task: Task[Any, Any] | Signature[Any], /, *args: Any, **kwargs: Any) -> Chord:
         """Attaches to the callback: it feeds `task`."""
         return Chord(self.members, self.callback.then(task, *args, **kwargs))
 
-    def error(self, handler: Task[Any, Any] | Signature[Any], *args: Any, **kwargs: Any) -> Chord:
+    def error(self, handler: Task[Any, Any] | Signature[Any], /, *args: Any, **kwargs: Any) -> Chord:
         """Attaches to the callback."""
         return Chord(self.members, self.callback.error(handler, *args, **kwargs))
 
@@ -157,9 +157,11 @@ class ChordResult(Generic[R]):
         return self.callback.id
 
     async def get(self, timeout: Seconds | None = None) -> R:
-        """The chord's final value: its callback's, or the last `then()` step's."""
-        job: Job[R] = self.pipeline_results[len(self.pipeline_results) - 1]
-        return await job.result(timeout)
+        """The chord's final value: its callback's, or the last `then()` step's. A step that failed
+        raises its own error, as a pipeline's `get()` does, not the skip of the steps after it."""
+        values: list[Any] = await self.pipeline_results.get(timeout)
+        result: R = values[-1]
+        return result
 
 
 async def _failed_step(member: Job[Any]) -> str | None:
@@ -309,6 +311,7 @@ class Plan:
                 next=ids[index + 1] if not last else None,
                 on_error=self._template(step.on_error, member.batch_id, wf_in=True) if step.on_error else None,
             )
+            self._check_queue(step)
             job = self.queue._new_job(step.task, step.args, step.kwargs, step.call, self.now,
                                       job_id=ids[index], options=options, links=links)
             new_jobs.append(job)
@@ -348,9 +351,18 @@ class Plan:
             options["batch_id"] = member.batch_id
         return options
 
+    def _check_queue(self, sig: Signature[Any]) -> None:
+        """A workflow's jobs all go to the queue it is enqueued on: a task of another queue would
+        wait there for a worker that does not know it (and end in the dead letters)."""
+        if sig.task.queue.name != self.queue.name:
+            raise ConfigurationError(
+                f"{sig.task.name} is a task of queue {sig.task.queue.name!r}: a workflow enqueued on "
+                f"queue {self.queue.name!r} runs its jobs there (enqueue it on its own queue)")
+
     def _template(self, sig: Signature[Any], batch: str | None, *, wf_in: bool) -> Template:
         """A job the broker creates when the workflow says (an error handler, a batch callback),
         with its signature's priority, timeout and retries."""
+        self._check_queue(sig)
         call = sig.call
         if call.delay is not None or call.eta is not None or call.expires is not None or call.key is not None:
             raise ConfigurationError(
@@ -368,13 +380,14 @@ class Plan:
         priority = call.priority if call.priority is not None else sig.task.policy.priority
         return Template(sig.task.name, payload, priority)
 
-    def batch(self, members: Sequence[Node], on_success: Signature[Any] | None,
-              on_failure: Signature[Any] | None, on_complete: Signature[Any] | None) -> Batch:
+    def batch(self, members: Sequence[Node], on_success: Task[Any, Any] | Signature[Any] | None,
+              on_failure: Task[Any, Any] | Signature[Any] | None,
+              on_complete: Task[Any, Any] | Signature[Any] | None) -> Batch:
         batch_id = new_id()
         ends = [self.add(m, _Membership(batch=batch_id))[0][-1] for m in members]
 
-        def template(sig: Signature[Any] | None) -> Template | None:
-            return None if sig is None else self._template(sig, batch_id, wf_in=False)
+        def template(sig: Task[Any, Any] | Signature[Any] | None) -> Template | None:
+            return None if sig is None else self._template(signature(sig, (), {}), batch_id, wf_in=False)
 
         self.batches.append(BatchSpec(batch_id, len(ends), template(on_success), template(on_failure),
                                       template(on_complete)))

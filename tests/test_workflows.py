@@ -926,3 +926,80 @@ async def test_immediate_mode_runs_a_whole_workflow_inside_enqueue(queue: Queue)
                           on_complete=note.s("complete"), on_success=note.s("success"))
     assert sorted(handled[1:]) == ["complete", "failure"]
     assert (await b.state()).unfinished == 0
+
+
+async def test_a_chord_with_then_raises_its_failed_callbacks_own_error(queue: Queue) -> None:
+    @queue.task
+    async def member(n: int) -> int:
+        return n
+
+    @queue.task
+    async def boom(values: list[int]) -> int:
+        raise ValueError("callback failed")
+
+    @queue.task
+    async def after(total: int) -> int:
+        return total
+
+    async with queue.worker():
+        c = await queue.enqueue(chord([member.s(1), member.s(2)], boom.s()).then(after))
+        assert isinstance(c, ChordResult)
+        with pytest.raises(TaskError) as caught:  # not the JobCancelled of the skipped step
+            await c.get(timeout=10)
+    assert caught.value.metadata["type"] == "ValueError"
+
+
+async def test_then_and_error_leave_the_keywords_task_and_handler_to_the_task(queue: Queue) -> None:
+    @queue.task
+    async def first() -> None:
+        return None
+
+    @queue.task
+    async def log(task: str = "", handler: str = "") -> str:
+        return f"{task}/{handler}"
+
+    async with queue.worker():
+        res = await queue.enqueue(first.s().then(log, task="t", handler="h"))
+        assert await res.get(timeout=10) == [None, "t/h"]
+    handled = first.s().error(log, task="t", handler="h")
+    assert handled.on_error is not None
+    assert handled.on_error.kwargs == {"task": "t", "handler": "h"}
+
+
+async def test_a_batch_takes_a_bare_task_as_its_callback(queue: Queue) -> None:
+    done = anyio.Event()
+
+    @queue.task
+    async def member() -> None:
+        return None
+
+    @queue.task
+    async def on_success() -> None:
+        done.set()
+
+    async with queue.worker():
+        await queue.batch([member.s()], on_success=on_success)
+        with anyio.fail_after(10):
+            await done.wait()
+    with pytest.raises(ConfigurationError, match="expected a task or a signature"):
+        await queue.batch([member.s()], on_complete="on_success")  # type: ignore[arg-type]
+
+
+async def test_a_workflow_refuses_a_task_of_another_queue(queue: Queue) -> None:
+    other = Queue(broker=queue.broker, name=f"{queue.name}-other")
+
+    @queue.task
+    async def here(n: int) -> int:
+        return n
+
+    @other.task
+    async def elsewhere(n: int) -> int:
+        return n
+
+    for workflow in (elsewhere.s(1), here.s(1).then(elsewhere), chord([here.s(1)], elsewhere.s()),
+                     here.s(1).error(elsewhere)):
+        with pytest.raises(ConfigurationError, match="is a task of queue"):
+            await queue.enqueue(workflow)
+    with pytest.raises(ConfigurationError, match="is a task of queue"):
+        await queue.batch([here.s(1)], on_failure=elsewhere.s())
+    assert await queue.jobs() == []  # nothing stored on the way
