@@ -141,8 +141,9 @@ class Queue:
             raise ConfigurationError(f"result_ttl must be at least 1 second, and finite, got {result_ttl!r}")
         self.immediate = immediate
         self.default_timeout = None if default_timeout is None else seconds(default_timeout, "default_timeout")
-        if self.default_timeout == 0:
-            raise ConfigurationError("default_timeout must be > 0 (None: no timeout)")
+        if self.default_timeout is not None and not 0 < self.default_timeout < math.inf:
+            raise ConfigurationError(f"default_timeout must be > 0 and finite (None: no timeout), "
+                                     f"got {default_timeout!r}")
         self.visibility_timeout = seconds(visibility_timeout, "visibility_timeout")
         if not 1 <= self.visibility_timeout < math.inf:
             raise ConfigurationError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 import time
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, replace
@@ -41,8 +42,8 @@ class TaskPolicy:
                                    ("retry_backoff", self.retry_backoff, 1)):
             if not finite_at_least(value, least):
                 raise ConfigurationError(f"{what} must be a finite number >= {least}, got {value!r}")
-        if self.timeout is not None and self.timeout <= 0:
-            raise ConfigurationError(f"timeout must be > 0, got {self.timeout}")
+        if self.timeout is not None and not 0 < self.timeout < math.inf:
+            raise ConfigurationError(f"timeout must be > 0 and finite, got {self.timeout}")
         check_priority(self.priority)
 
     def retry_wait(self, attempt: int) -> float:
@@ -117,8 +118,8 @@ class Task(Generic[P, R]):
             check_count(retries, "retries", minimum=0)
         if priority is not None:
             check_priority(priority)
-        if timeout is not None and timedelta_or_seconds(timeout) <= 0:  # type: ignore[operator]
-            raise ConfigurationError(f"timeout must be > 0, got {timeout}")
+        if timeout is not None and not 0 < timedelta_or_seconds(timeout) < math.inf:  # type: ignore[operator]
+            raise ConfigurationError(f"timeout must be > 0 and finite, got {timeout}")
         if key is not None and not (isinstance(key, str) and key):
             raise ConfigurationError(f"an idempotency key must be a non-empty string, got {key!r}")
         return TaskCall(self, CallOptions(delay, eta, priority, expires, timeout, retries, key))

@@ -92,6 +92,7 @@ async def test_worker_block_error_still_stops_gracefully(queue: Queue) -> None:
     ({"default_timeout": "x"}, "default_timeout must be seconds or a timedelta"),
     ({"default_timeout": -5}, "default_timeout must be >= 0"),
     ({"default_timeout": 0}, "default_timeout must be > 0"),
+    ({"default_timeout": float("inf")}, "default_timeout must be > 0 and finite"),
 ])
 def test_bad_queue_options_fail_when_the_queue_is_made(options: dict[str, object], message: str) -> None:
     # Each was accepted before and failed later, or never: a TypeError at enqueue, nan as a ttl.
@@ -112,6 +113,11 @@ def test_bad_options_fail_at_once(queue: Queue) -> None:
         work.options(timeout=0)
     with pytest.raises(ConfigurationError, match="timeout must be > 0"):  # was read as no timeout
         queue.task(timeout=0)(work.fn)
+    # Infinity was taken: the deadline it made failed every job, or the enqueue blamed the arguments.
+    with pytest.raises(ConfigurationError, match="timeout must be > 0 and finite"):
+        work.options(timeout=math.inf)
+    with pytest.raises(ConfigurationError, match="timeout must be > 0 and finite"):
+        queue.task(timeout=math.inf)(work.fn)
     with pytest.raises(ConfigurationError, match="key"):
         work.options(key="")
     # Each of these was taken, then failed at every enqueue, or meant what nobody wrote.
