@@ -268,6 +268,44 @@ async def test_malformed_stream_entry_goes_to_dead_letters(redis_url: str, queue
     assert "no job record" in str(dead["no-such-record"].dead_reason)
 
 
+@pytest.mark.parametrize("when", ["queued", "read-while-blocked"])
+async def test_a_job_shaped_entry_aqueue_did_not_write_goes_to_dead_letters(
+    redis_url: str, queue_name: str, when: str
+) -> None:
+    # Shaped as a new job's entry, but with a time that is no number or a task that is no UTF-8:
+    # every receive failed on it, and the worker took no job again. A task named past ASCII,
+    # which such a check must not turn away, still runs.
+    queue = Queue(redis_url, name=queue_name)
+
+    @queue.task
+    async def ok() -> int:
+        return 1
+
+    @queue.task(name="envoyé")
+    async def accented() -> str:
+        return "sent"
+
+    bad = [{"id": "bad-time", "task": "ok", "payload": '{"args":[],"kwargs":{}}', "at": "soon"},
+           {"id": "bad-task", "task": b"\xff\xfe", "payload": "{}", "at": "1"}]
+    async with queue:
+        await queue.broker.receive(queue.name, "setup", 1, 0, 10)  # creates the stream and group
+        client = redis.asyncio.Redis.from_url(redis_url)
+        if when == "queued":
+            for fields in bad:
+                await client.xadd(Keys(queue_name).stream(0), fields)  # type: ignore[arg-type]
+        async with queue.worker():
+            if when == "read-while-blocked":
+                await wait_for_blocked_client(redis_url)
+                for fields in bad:
+                    await client.xadd(Keys(queue_name).stream(0), fields)  # type: ignore[arg-type]
+            assert await (await ok.enqueue()).result(timeout=10) == 1
+            assert await (await accented.enqueue()).result(timeout=10) == "sent"
+        await client.aclose()
+        dead = {d.id: d.dead_reason for d in await queue.dead_letters()}
+    assert set(dead) == {"bad-time", "bad-task"}
+    assert all("no job record" in str(reason) for reason in dead.values())
+
+
 async def test_a_new_band_is_read_even_when_announced_beside_a_job(
     redis_broker: RedisBroker, queue_name: str
 ) -> None:

@@ -724,19 +724,23 @@ class RedisBroker(Broker):
             return []
         # RESP3 (redis-py 8's default, not 7's) replies with a map of streams, RESP2 with a list of pairs.
         [rows] = entries.values() if isinstance(entries, dict) else [rows for _, rows in entries]
-        if revoked or not all(len(fields) == 8 and fields[2] == b"task" for _, fields in rows):
-            found, known = await self._start(
-                queue, consumer, [x for entry_id, _ in rows for x in (0, entry_id)], count,
-                max_deliveries, ttl,
-            )
-            self._bands[queue] = known  # a wake-up in band 0 announces a new band
-            return found
-        return [
-            Delivery(job_id=fields[1].decode(), task=fields[3].decode(), payload=fields[5], attempt=1,
-                     token=1, priority=0, enqueued_at=float(fields[7]), receipt=entry_id.decode(),
-                     consumer=consumer, leased_at=now)
-            for entry_id, fields in rows
-        ]
+        if not revoked and all(len(fields) == 8 and fields[2] == b"task" and fields[0] == b"id"
+                               for _, fields in rows):
+            try:
+                return [
+                    Delivery(job_id=fields[1].decode(), task=fields[3].decode(), payload=fields[5],
+                             attempt=1, token=1, priority=0, enqueued_at=float(fields[7]),
+                             receipt=entry_id.decode(), consumer=consumer, leased_at=now)
+                    for entry_id, fields in rows
+                ]
+            except ValueError:  # UnicodeDecodeError too: an entry aqueue did not write
+                pass  # `start` reads the records, and dead-letters an entry that has none
+        found, known = await self._start(
+            queue, consumer, [x for entry_id, _ in rows for x in (0, entry_id)], count,
+            max_deliveries, ttl,
+        )
+        self._bands[queue] = known  # a wake-up in band 0 announces a new band
+        return found
 
     def _note_drained(self, consumer: str, drained: bool) -> None:
         if drained:

@@ -694,9 +694,15 @@ end
 -- takes over (`start` then counts deliveries by the pending list). What would have stopped it
 -- at the start is dealt with where it arises: a cancel or revoke moves the waiting entry, an
 -- expiry makes the entry plain. Returns nil when `start` must decide instead: a plain entry, or
--- some task is revoked (the entry's task may be).
+-- some task is revoked (the entry's task may be), or the entry may not be aqueue's: its time not
+-- a number, or bytes past ASCII in its id or task, which the worker must decode (`start` reads
+-- them from the record, and dead-letters an entry that has none).
 local function lean_delivery(p, entry, fields)
-  if fields[3] ~= 'task' or #fields ~= 8 or revocations_exist() then return nil end
+  if fields[3] ~= 'task' or #fields ~= 8 or fields[1] ~= 'id' or not tonumber(fields[8])
+      or string.find(fields[2], '[\128-\255]') or string.find(fields[4], '[\128-\255]')
+      or revocations_exist() then
+    return nil
+  end
   return {fields[2], fields[4], fields[6], '1', '1', p, fields[8], entry}
 end
 
