@@ -258,6 +258,7 @@ async def test_malformed_stream_entry_goes_to_dead_letters(redis_url: str, queue
         keys = Keys(queue_name)
         junk = await client.xadd(keys.stream(0), {"garbage": "x"})
         await client.xadd(keys.stream(0), {"id": "no-such-record"})
+        await client.xadd(keys.stream(0), {"id": b"\xff\xfe"})  # listing it failed every listing
         await client.aclose()
         async with queue.worker():
             assert await (await ok.enqueue()).result(timeout=10) == 1
@@ -266,6 +267,7 @@ async def test_malformed_stream_entry_goes_to_dead_letters(redis_url: str, queue
             await queue.job("no-such-record").result(timeout=1)
     assert dead[f"entry-{junk.decode()}"].dead_reason == "malformed stream entry: no job id"
     assert "no job record" in str(dead["no-such-record"].dead_reason)
+    assert "no job record" in str(dead["\\xff\\xfe"].dead_reason)  # its bytes, escaped
 
 
 @pytest.mark.parametrize("when", ["queued", "read-while-blocked"])

@@ -996,10 +996,12 @@ class RedisBroker(Broker):
         async with self._translated():
             ids: Any = await self.client.zrevrange(keys.dead, 0, limit - 1)
             async with self.client.pipeline(transaction=False) as pipe:
+                job_prefix = keys.job("").encode()
                 for raw in ids:
-                    pipe.hgetall(keys.job(raw.decode()))
-                rows = await pipe.execute()
-        return [_record(raw.decode(), f) for raw, f in zip(ids, rows, strict=True) if f]
+                    pipe.hgetall(job_prefix + raw)  # an id as stored: one aqueue did not write
+                rows = await pipe.execute()         # may be no UTF-8 (shown escaped, below)
+        return [_record(raw.decode(errors="backslashreplace"), f)
+                for raw, f in zip(ids, rows, strict=True) if f]
 
     async def retry(self, queue: str, job_id: str, now: float) -> bool:
         return bool(await self._run(queue, "retry", [job_id, repr(now)]))
