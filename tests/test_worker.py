@@ -899,3 +899,24 @@ async def test_an_idle_worker_sends_an_outcome_before_it_waits_for_more(
         await (await mark.enqueue()).result(timeout=10)
     run = order.index("run")
     assert order[run + 1:run + 3] == ["finish", "receive"], order
+
+
+async def test_failures_and_retries_are_logged_for_the_operator(
+    queue: Queue, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A worker whose every job failed said nothing of it, -v or not.
+    @queue.task(retries=1, retry_delay=0)
+    async def flaky() -> None:
+        raise ValueError("upstream said no")
+
+    with caplog.at_level(logging.INFO, logger="aqueue"):
+        async with queue.worker():
+            job = await flaky.enqueue()
+            with pytest.raises(TaskError):
+                await job.result(timeout=10)
+    mine = [r for r in caplog.records if job.id in r.getMessage()]
+    assert [r.levelno for r in mine] == [logging.WARNING, logging.ERROR]
+    assert "attempt 1: ValueError('upstream said no'); retried at once" in mine[0].getMessage()
+    failed = mine[1].getMessage()
+    assert "failed after 2 attempt(s): ValueError" in failed
+    assert 'raise ValueError("upstream said no")' in failed  # the traceback

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 import traceback
@@ -30,6 +31,9 @@ from aqueue.brokers import Completion, Delivery, Outcome
 
 if TYPE_CHECKING:
     from aqueue._queue import Queue
+
+# An operator reads of failures here; a job's own code hears of them through signals.
+logger = logging.getLogger("aqueue")
 
 
 @dataclass(eq=False)
@@ -115,6 +119,7 @@ async def dead(queue: Queue, d: Delivery, reason: str) -> Completion:
     """A delivery no worker can run (unknown task, undecodable payload): straight to the dead
     letters, an ERROR as any failure for good is."""
     error = _dead_metadata(d, reason)
+    logger.error("job %s (%s) sent to the dead letters: %s", d.job_id, d.task, reason)
     if queue.signals.wants(Signal.ERROR):
         await queue.signals.send(Signal.ERROR, SignalJob(d.job_id, d.task), TaskError(error))
     return Completion(d, Outcome.FAILED, time.time(), error=dumps(error), reason=reason)
@@ -284,6 +289,9 @@ async def _retry(
     if queue.signals.wants(Signal.RETRYING):
         await queue.signals.send(Signal.RETRYING, context, error)
     meta = _metadata(error, d, max(0, policy.retries - d.attempt + 1))
+    asked = isinstance(error, RetryTask | CancelExecution)  # the job's own request, not a failure
+    logger.log(logging.INFO if asked else logging.WARNING, "job %s (%s) attempt %d: %s; retried %s",
+               d.job_id, d.task, d.attempt, meta["error"], f"in {delay:.3g}s" if delay else "at once")
     return Completion(d, Outcome.RETRY, now, error=dumps(meta),
                       retry_at=now + delay if delay else None)
 
@@ -302,4 +310,5 @@ async def _fail(
         await queue.signals.send(Signal.ERROR, context, error)
     meta = _metadata(error, d, 0)
     reason = f"failed after {d.attempt} attempt(s): {type(error).__name__}"
+    logger.error("job %s (%s) %s\n%s", d.job_id, d.task, reason, meta["traceback"].rstrip())
     return Completion(d, Outcome.FAILED, time.time(), error=dumps(meta), reason=reason)
