@@ -45,6 +45,7 @@ async def _execute_while(
 def _waiting_job(queue: Queue, ran: list[str]) -> RunningJob:
     @queue.task(name="steps")
     async def steps() -> str:
+        ran.append("started")  # what runs of it before a cancelled scope could strike
         await anyio.lowlevel.checkpoint()  # where a cancelled scope strikes
         ran.append("past the checkpoint")
         return "done"
@@ -62,17 +63,25 @@ async def test_a_job_runs_when_nothing_stops_it(queue: Queue) -> None:
     completion = await execute(queue, _waiting_job(queue, ran))
     assert completion is not None
     assert completion.outcome is Outcome.SUCCEEDED
-    assert ran == ["past the checkpoint"]
+    assert ran == ["started", "past the checkpoint"]
 
 
 async def test_a_cancel_asked_before_the_start_ends_it_cancelled(queue: Queue) -> None:
+    # Not a line of the job runs (it ran up to its first await), and no EXECUTING is said.
     ran: list[str] = []
+    executing: list[str] = []
+
+    @queue.on(Signal.EXECUTING)
+    def record(signal: Signal, job: object, exc: BaseException | None = None) -> None:
+        executing.append(getattr(job, "id", ""))
+
     running = _waiting_job(queue, ran)
     running.request_cancel()
     completion = await execute(queue, running)
     assert completion is not None
     assert completion.outcome is Outcome.CANCELLED
     assert ran == []
+    assert executing == []
 
 
 @pytest.mark.parametrize("stop", ["interrupt", "abandon"])

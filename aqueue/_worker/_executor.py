@@ -161,6 +161,17 @@ async def execute(queue: Queue, running: RunningJob) -> Completion | None:
     deadline = time.time() + policy.timeout if policy.timeout else None
     context = JobContext(d.job_id, d.task, d.attempt, queue, d, deadline, overrides.get("batch_id"))
     signals = queue.signals
+    # Stopped while it waited for a runner: its code must not run, not even to its first await.
+    if running.lost:
+        return None  # another worker's now
+    if running.interrupted_at < math.inf:  # the worker's shutdown: handed back
+        if signals.wants(Signal.INTERRUPTED):
+            await signals.send(Signal.INTERRUPTED, context)
+        return None
+    if running.cancel_requested:
+        if signals.wants(Signal.CANCELLED):
+            await signals.send(Signal.CANCELLED, context)
+        return Completion(d, Outcome.CANCELLED, time.time())
     if signals.wants(Signal.EXECUTING):
         await signals.send(Signal.EXECUTING, context)
     error: BaseException | None = None
