@@ -201,3 +201,24 @@ async def test_a_job_stopped_by_a_shutdown_is_handed_back_though_its_cleanup_out
     completion = await _execute_while(queue, running, shut_down)
     assert cleaned.is_set()
     assert completion is None
+
+
+async def test_a_job_that_turns_the_shutdowns_cancel_into_an_error_is_handed_back(queue: Queue) -> None:
+    # It was judged a failure of its own: with no retries left, a plain SIGTERM dead-lettered it.
+    started = anyio.Event()
+
+    @queue.task(name="wrapping", retries=0)
+    async def wrapping() -> None:
+        started.set()
+        try:
+            await anyio.sleep_forever()
+        except asyncio.CancelledError:
+            raise ConnectionError("connection reset while closing") from None
+
+    running = _delivered("wrapping", "j5")
+
+    async def shut_down() -> None:
+        await started.wait()
+        running.interrupt()
+
+    assert await _execute_while(queue, running, shut_down) is None

@@ -212,7 +212,10 @@ async def execute(queue: Queue, running: RunningJob) -> Completion | None:
             return Completion(d, Outcome.CANCELLED, time.time())
         elif scope.deadline <= min(anyio.current_time(), running.interrupted_at):
             error = TaskTimeout(f"job {d.job_id} ({d.task}) timed out after {policy.timeout}s")
-        elif scope.cancelled_caught:
+        elif scope.cancelled_caught or (error is not None and running.interrupted_at < math.inf):
+            # Stopped by the shutdown, or it turned the shutdown's cancellation into an error of
+            # its own (a task group's cleanup that raised, a client that wraps it): handed back,
+            # not failed, as a timeout turned into an error is still a timeout (above).
             if signals.wants(Signal.INTERRUPTED):
                 await signals.send(Signal.INTERRUPTED, context)
             return None
