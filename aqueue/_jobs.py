@@ -199,6 +199,8 @@ class ResultGroup(Generic[R]):
         """Values in the order the jobs finish; raises the first error met."""
         # Tasks of their own, not a task group: a generator must not yield inside a cancel scope.
         waiters = [Background(job.result()) for job in self.jobs]
+        for waiter in waiters:  # once one error is raised, the others' are read here, not logged
+            waiter.task.add_done_callback(_read_outcome)    # by asyncio as never retrieved
         try:
             for next_done in asyncio.as_completed([waiter.task for waiter in waiters],
                                                   timeout=timedelta_or_seconds(timeout)):
@@ -206,3 +208,8 @@ class ResultGroup(Generic[R]):
         finally:
             for waiter in waiters:
                 waiter.cancel()
+
+
+def _read_outcome(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled():
+        task.exception()

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import enum
+import gc
 import tracemalloc
 import uuid
 from contextlib import aclosing
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import anyio
 import pytest
@@ -25,6 +27,8 @@ from aqueue import (
     TaskError,
     current_job,
 )
+from aqueue import _jobs as jobs_module
+from aqueue._background import Background
 
 
 async def test_direct_call_runs_function_unchanged(queue: Queue) -> None:
@@ -328,6 +332,43 @@ async def test_as_completed_yields_every_value(queue: Queue) -> None:
         group = await nap.map([3, 1, 2])
         seen = [v async for v in group.as_completed(timeout=10)]
     assert sorted(seen) == [1, 2, 3]
+
+
+async def test_as_completed_reads_the_errors_it_does_not_raise(
+    queue: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # It raises the first error; the other failed jobs' waits were left unread, and asyncio
+    # logged each as "Task exception was never retrieved".
+    @queue.task
+    async def fail(n: int) -> None:
+        raise ValueError(n)
+
+    waiters: list[Background[Any]] = []
+
+    def kept(coro: Any) -> Background[Any]:
+        waiters.append(Background(coro))
+        return waiters[-1]
+
+    monkeypatch.setattr(jobs_module, "Background", kept)
+    unretrieved: list[str] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _, context: unretrieved.append(context["message"]))
+    try:
+        async with queue.worker():
+            group = await fail.map([1, 2, 3])
+            for job in group:
+                with pytest.raises(TaskError):
+                    await job.result(timeout=10)
+        with pytest.raises(TaskError):
+            async for _ in group.as_completed(timeout=10):
+                pass
+        with anyio.fail_after(10):
+            await asyncio.wait([w.task for w in waiters])
+        waiters.clear()  # the last references: an unread error is logged as its task goes
+        gc.collect()
+    finally:
+        loop.set_exception_handler(None)
+    assert unretrieved == []
 
 
 async def test_leaving_as_completed_ends_a_wait_that_swallowed_its_cancellation(
