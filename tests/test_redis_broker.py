@@ -308,6 +308,34 @@ async def test_a_job_shaped_entry_aqueue_did_not_write_goes_to_dead_letters(
     assert all("no job record" in str(reason) for reason in dead.values())
 
 
+async def test_a_job_cancelled_while_its_entry_waits_to_be_taken_stays_cancelled(
+    redis_url: str, queue_name: str
+) -> None:
+    # A blocking read took the entry (COUNT is per stream: one band more than asked), the job was
+    # cancelled, and the take script handed the entry back: it made the job 'pending' again, and
+    # the next worker ran it. Each step is a real read or script, in an order Redis allows.
+    queue = Queue(redis_url, name=queue_name)
+
+    @queue.task
+    async def work(n: str) -> str:
+        return n
+
+    keys = Keys(queue_name)
+    async with queue:
+        cancelled = await work.options(expires=600).enqueue("B")  # band 0, an entry with no copy
+        await work.options(priority=5).enqueue("A")  # band 5, announced by an entry in band 0
+        client = redis.asyncio.Redis.from_url(redis_url)
+        waiting = waiting_name("w")
+        await client.xreadgroup(GROUP, waiting, {keys.stream(5): ">", keys.stream(0): ">"}, count=1)
+        await client.xreadgroup(GROUP, "other", {keys.stream(0): ">"}, count=1)  # reads past it
+        await client.aclose()
+        assert await cancelled.cancel()
+        await queue.broker._run(queue.name, "take", ["w", waiting, 1])  # keeps A, hands B back
+        assert await cancelled.state() == JobState.CANCELLED
+        taken = await queue.broker.receive(queue.name, "w2", 10, 0, 10)
+    assert cancelled.id not in [d.job_id for d in taken]
+
+
 async def test_a_new_band_is_read_even_when_announced_beside_a_job(
     redis_broker: RedisBroker, queue_name: str
 ) -> None:

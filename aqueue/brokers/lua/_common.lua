@@ -184,12 +184,15 @@ end
 
 -- An entry read past what the consumer asked for (XREADGROUP's COUNT is per stream): off the
 -- pending list, and its job back on its stream, at the back, for any worker. `fields`: the entry's.
+-- Only a job still waiting goes back: one cancelled (or otherwise ended) meanwhile stays ended.
 local function put_back(s, p, entry, fields)
   drop_entry(s, entry)
   local id = nil
   for j = 1, #fields, 2 do if fields[j] == 'id' then id = fields[j + 1] end end
   local jk = id and job_key(id)
-  if jk and redis.call('HGET', jk, 'entry') == entry then make_ready(id, jk, p) end
+  if not jk then return end
+  local rec = redis.call('HMGET', jk, 'entry', 'state')
+  if rec[1] == entry and rec[2] == 'pending' then make_ready(id, jk, p) end
 end
 
 -- Entries read past what the consumer asked for, the last a read took from a stream (`rows`:
