@@ -29,6 +29,7 @@ from aqueue import (
 )
 from aqueue import _jobs as jobs_module
 from aqueue._background import Background
+from aqueue.brokers import _redis as redis_broker_module
 
 
 async def test_direct_call_runs_function_unchanged(queue: Queue) -> None:
@@ -483,8 +484,17 @@ async def test_jobs_lists_newest_first_with_filters(queue: Queue) -> None:
     assert [i.id for i in await queue.jobs(state=JobState.SUCCEEDED)] == [third.id, first.id]
 
 
-async def test_jobs_lists_the_jobs_of_one_map_newest_first(queue: Queue) -> None:
-    # One call stores them all at one time: they still list in the order they were enqueued.
+@pytest.mark.parametrize("split", [False, True], ids=["one-call", "split-into-calls"])
+async def test_jobs_lists_the_jobs_of_one_map_newest_first(
+    queue: Queue, monkeypatch: pytest.MonkeyPatch, split: bool
+) -> None:
+    # One call stores them all at one time: they still list in the order they were enqueued. On
+    # Redis, split into several script calls (of 500 jobs; 4 here) in pipelines (of 20 calls; 3
+    # here), the calls' jobs listed interleaved.
+    if split:
+        monkeypatch.setattr(redis_broker_module, "ENQUEUE_CHUNK", 4)
+        monkeypatch.setattr(redis_broker_module, "ENQUEUE_WINDOW", 3)
+
     @queue.task
     async def a(i: int) -> int:
         return i

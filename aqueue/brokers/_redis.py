@@ -311,17 +311,20 @@ def _enqueue_now(jobs: Sequence[NewJob]) -> str:
     return repr(jobs[0].enqueued_at or time.time()) if jobs else repr(time.time())
 
 
-def _enqueue_plain_args(jobs: Sequence[NewJob]) -> list[Any]:
-    args: list[Any] = [_enqueue_now(jobs)]
+def _enqueue_plain_args(jobs: Sequence[NewJob], first: int = 0) -> list[Any]:
+    """`first`: how many jobs of the same enqueue were stored by earlier calls (listings keep
+    the order of the whole enqueue)."""
+    args: list[Any] = [_enqueue_now(jobs), first]
     for job in jobs:
         args += [job.id, job.task, job.payload, job.priority]
     return args
 
 
 def _enqueue_args(
-    jobs: Sequence[NewJob], chords: Sequence[ChordSpec] = (), batches: Sequence[BatchSpec] = ()
+    jobs: Sequence[NewJob], chords: Sequence[ChordSpec] = (), batches: Sequence[BatchSpec] = (),
+    first: int = 0,
 ) -> list[Any]:
-    args: list[Any] = [_enqueue_now(jobs)]
+    args: list[Any] = [_enqueue_now(jobs), first]
     args.append(len(chords))
     for c in chords:
         args += [c.id, c.size, c.callback]
@@ -337,8 +340,8 @@ def _enqueue_args(
 
 
 # Each enqueue script's arguments for a chunk of jobs.
-_ENQUEUE_ARGS: dict[str, Callable[[Sequence[NewJob]], list[Any]]] = {
-    "enqueue": _enqueue_args,
+_ENQUEUE_ARGS: dict[str, Callable[[Sequence[NewJob], int], list[Any]]] = {
+    "enqueue": lambda jobs, first: _enqueue_args(jobs, first=first),
     "enqueue_plain": _enqueue_plain_args,
 }
 
@@ -628,29 +631,32 @@ class RedisBroker(Broker):
         chunks = [jobs[i : i + ENQUEUE_CHUNK] for i in range(0, len(jobs), ENQUEUE_CHUNK)]
         replies: list[Any] = []
         if len(chunks) == 1:
-            replies.append(await self._run(queue, script, _ENQUEUE_ARGS[script](chunks[0])))
+            replies.append(await self._run(queue, script, _ENQUEUE_ARGS[script](chunks[0], 0)))
         else:
             async with self._translated():
                 for w in range(0, len(chunks), ENQUEUE_WINDOW):
                     window = chunks[w : w + ENQUEUE_WINDOW]
                     try:
-                        replies += await self._enqueue_pipelined(queue, script, window)
+                        replies += await self._enqueue_pipelined(queue, script, window, w)
                     except redis_errors.NoScriptError:
                         # Redis lost the script: load it, send again (the ids make that idempotent).
                         await self.client.script_load(source(script))
-                        replies += await self._enqueue_pipelined(queue, script, window)
+                        replies += await self._enqueue_pipelined(queue, script, window, w)
         if plain:
             return [job.id for job in jobs]
         return [i.decode() for reply in replies for i in reply]
 
     async def _enqueue_pipelined(
-        self, queue: str, script: str, chunks: Sequence[Sequence[NewJob]]
+        self, queue: str, script: str, chunks: Sequence[Sequence[NewJob]], first_chunk: int
     ) -> list[Any]:
-        """One call of an enqueue script per chunk, in one pipeline; their replies."""
+        """One call of an enqueue script per chunk, in one pipeline; their replies. `first_chunk`:
+        the first chunk's place in the whole enqueue."""
+        first = first_chunk * ENQUEUE_CHUNK
         prefix, sha, make_args = self._key(queue).prefix, self._sha(script), _ENQUEUE_ARGS[script]
         async with self.client.pipeline(transaction=False) as pipe:
             for chunk in chunks:
-                pipe.evalsha(sha, 1, prefix, *make_args(chunk))
+                pipe.evalsha(sha, 1, prefix, *make_args(chunk, first))
+                first += len(chunk)
             replies: list[Any] = await pipe.execute()
         return replies
 

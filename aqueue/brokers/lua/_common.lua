@@ -251,6 +251,10 @@ local function in_order(now)
   written = written + 1
   return string.format('%d', base + written)
 end
+-- One enqueue split into calls: this call's jobs come after the `first` ones stored before it.
+local function in_order_after(first)
+  written = tonumber(first)
+end
 
 -- Store a plain new job (no key, eta, expiry or workflow link) and make it ready with a lean
 -- entry: store_job's common case, written out without its tables, as most jobs take it. The

@@ -1,13 +1,15 @@
 -- Store jobs and make each ready, scheduled or waiting; define the chords and batches they form.
 -- KEYS[1] prefix
--- ARGV: now, chord count, 3 per chord: id, size, callback id;
+-- ARGV: now, how many jobs of the same enqueue earlier calls stored (see in_order_after),
+--       chord count, 3 per chord: id, size, callback id;
 --       batch count, 10 per batch: id, size, then task, payload, priority for each of
 --       success, failure and complete ('' when none);
 --       then 8 per job: id, task, payload, priority, eta, expires, key, and its workflow fields
 --       as one string of "name\31value\30" pairs ('' when none)
 -- Returns the id each job lives under (an existing live job's id for a repeated idempotency key).
 local now = ARGV[1]
-local i = 2
+in_order_after(ARGV[2])
+local i = 3
 for _ = 1, tonumber(ARGV[i]) do
   local ck = prefix .. 'chord:' .. ARGV[i + 1]
   redis.call('HSET', ck, 'size', ARGV[i + 2], 'arrived', 0, 'callback', ARGV[i + 3])
