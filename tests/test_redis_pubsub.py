@@ -4,16 +4,18 @@ connection that stops answering without closing."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 import anyio
 import anyio.lowlevel
 import pytest
 import redis.asyncio
 
-from aqueue import BrokerError, Queue
+from aqueue import BrokerError, JobCancelled, Queue
 from aqueue.brokers import RedisBroker
 from aqueue.brokers import _notifier as notifier_module
 from tests.conftest import start_redis
@@ -591,3 +593,38 @@ async def test_a_lock_wait_whose_call_the_close_cuts_off_says_it_was_closed(
         async with idle_queue.lock("held", timeout=10):
             pytest.fail("the lock was taken")
     assert broker._client is None
+
+
+async def test_the_cancel_listener_reads_within_the_socket_timeout(
+    redis_url: str, queue_name: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # redis-py 7 bounds a blocking pub/sub read by the connection's socket timeout (8 does not):
+    # a read for ever failed there as a lost connection every 5 s of quiet, and a cancel published
+    # while the worker listened again waited for the fallback check. Stood in for here: a read
+    # asked to wait longer than the socket timeout fails at once.
+    real_get_message = redis.asyncio.client.PubSub.get_message
+
+    async def bounded(self: redis.asyncio.client.PubSub, *args: Any, **kwargs: Any) -> Any:
+        timeout = kwargs.get("timeout", args[1] if len(args) > 1 else 0.0)
+        if timeout is None or timeout > 5.0:
+            raise redis.exceptions.TimeoutError("Timeout reading (a read past the socket timeout)")
+        return await real_get_message(self, *args, **kwargs)
+
+    monkeypatch.setattr(redis.asyncio.client.PubSub, "get_message", bounded)
+    queue = Queue(redis_url, name=queue_name)
+    started = anyio.Event()
+
+    @queue.task
+    async def wait_for_cancel() -> None:
+        started.set()
+        await anyio.sleep_forever()
+
+    with caplog.at_level(logging.WARNING, logger="aqueue"):
+        async with queue, queue.worker():
+            job = await wait_for_cancel.enqueue()
+            with anyio.fail_after(10):
+                await started.wait()
+            assert await job.cancel()
+            with pytest.raises(JobCancelled):
+                await job.result(timeout=10)
+    assert "listening for cancel requests failed" not in caplog.text

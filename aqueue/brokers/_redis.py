@@ -1027,10 +1027,15 @@ class RedisBroker(Broker):
         await self._ready()
         async with self._translated():
             pubsub = self.client.pubsub()
+            # redis-py 7 bounds a blocking pub/sub read by the socket timeout (8 does not): a read
+            # that long fails as a lost connection, and requests published while it listened
+            # again were left to the fallback check. Each read waits less; a quiet one reads on.
+            socket_timeout = self.client.connection_pool.connection_kwargs.get("socket_timeout")
+            quiet = min(1.0, socket_timeout / 2) if socket_timeout else 1.0
             try:
                 await pubsub.subscribe(self._key(queue).prefix + "cancel")
                 while True:
-                    message = await pubsub.get_message(timeout=None)
+                    message = await pubsub.get_message(timeout=quiet)
                     if message is None:
                         continue
                     if message["type"] == "message":
