@@ -108,10 +108,13 @@ async def test_cancel_execution(queue: Queue) -> None:
     async def stop_for_good() -> None:
         raise CancelExecution(retry=False)
 
-    @queue.task(retries=0)
+    starts: list[float] = []
+
+    @queue.task(retries=0, retry_delay=0.2)
     async def stop_and_retry() -> int:
+        starts.append(time.monotonic())
         if current_job().attempt == 1:
-            raise CancelExecution(retry=True)
+            raise CancelExecution(retry=True)  # whatever the count: after the retry delay
         return current_job().attempt
 
     @queue.task(retries=0)
@@ -128,6 +131,7 @@ async def test_cancel_execution(queue: Queue) -> None:
             await cancelled.result(timeout=10)
         assert await cancelled.state() == JobState.CANCELLED
         assert await (await stop_and_retry.enqueue()).result(timeout=10) == 2
+        assert starts[1] - starts[0] >= 0.2  # it was retried at once
         # Out of retries, CancelExecution() cancels the job rather than failing it (as in Huey).
         by_policy = await stop_by_policy.enqueue()
         with pytest.raises(JobCancelled):

@@ -251,8 +251,8 @@ async def execute(queue: Queue, running: RunningJob) -> Completion | None:
     if isinstance(error, TaskTimeout) and signals.wants(Signal.TIMEOUT):
         await signals.send(Signal.TIMEOUT, context, error)
     if isinstance(error, CancelExecution):
-        if error.retry:
-            return await _retry(queue, context, policy, error, None)
+        if error.retry:  # whatever the count, but after the policy's wait, as in Huey
+            return await _retry(queue, context, policy, error, policy.retry_wait(d.attempt))
         if error.retry is None and policy.retries > d.attempt - 1:
             return await _retry(queue, context, policy, error, policy.retry_wait(d.attempt))
         # As in Huey: out of retries (or told not to retry), the job is cancelled, not failed.
