@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
+from collections.abc import Callable
+from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 import aqueue._worker._runner as runner_module
@@ -188,3 +192,22 @@ async def test_a_thread_outlasting_the_stop_grace_keeps_its_outcome_and_the_rest
     assert await thread_job.result(timeout=1) == "finished"
     assert runs == [1]
     assert await coroutine_job.state() == JobState.PENDING  # handed back, not left to its lease
+
+
+async def test_an_async_function_behind_a_plain_wrapper_runs_to_its_value(queue: Queue) -> None:
+    # The wrapper hides that it is async: run in a thread, it gave back a coroutine, and the job
+    # failed for good ("the result (coroutine) cannot be serialized"), never awaited.
+    def logged(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            return fn(*args, **kwargs)
+        return wrapper
+
+    @queue.task
+    @logged
+    async def add(a: int, b: int) -> int:
+        await anyio.lowlevel.checkpoint()
+        return a + b
+
+    async with queue.worker():
+        assert await (await add.enqueue(1, 2)).result(timeout=10) == 3

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import math
 import time
@@ -186,6 +187,8 @@ async def execute(queue: Queue, running: RunningJob) -> Completion | None:
                 value = await task.fn(*args, **kwargs)
             else:
                 value = await run_in_thread(task.fn, *args, **kwargs)
+                if inspect.iscoroutine(value):  # an async function behind a plain wrapper
+                    value = await value
         except Exception as exc:  # the job's failure, judged below; cancellation passes through
             error = exc
         except asyncio.CancelledError as exc:
