@@ -68,11 +68,17 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _logfile(text: str) -> str:
+    if not text:  # `--logfile=`: it logged to stderr, as if the option were not given
+        raise UsageError("--logfile needs a file name")
+    return text
+
+
 # Options that take a value: the RunArgs field each sets, and how its text is read.
 VALUED: dict[str, tuple[str, Callable[[str], object]]] = {
     "--concurrency": ("concurrency", _concurrency),
     "--shutdown-timeout": ("shutdown_timeout", _seconds),
-    "--logfile": ("logfile", str),
+    "--logfile": ("logfile", _logfile),
 }
 FLAGS = {"--no-scheduler": "no_scheduler", "--verbose": "verbose", "--quiet": "quiet", "--help": "help"}
 SHORT = {"-v": "--verbose", "-q": "--quiet", "-h": "--help"}
@@ -120,7 +126,9 @@ def parse(argv: Sequence[str]) -> RunArgs | None:
             continue
         if not equals:
             following = next(rest, None)
-            if following is None:
+            # An option in its place (`--logfile -v`) is an option forgotten its value, as in
+            # argparse, not a file named "-v" (a negative number still reads as a value).
+            if following is None or following.startswith("--") or following in SHORT:
                 raise UsageError(f"{name} needs a value")
             value = following
         field, read = VALUED[name]

@@ -45,7 +45,8 @@ def load_queue(target: str) -> Queue:
     if queue is None:
         raise TargetError(f"module {module_name!r} has no attribute {attribute!r}")
     if not isinstance(queue, Queue):
-        raise TargetError(f"{target} is a {type(queue).__name__}, not an aqueue.Queue")
+        what = f"the class {queue.__name__}" if isinstance(queue, type) else f"a {type(queue).__name__}"
+        raise TargetError(f"{target} is {what}, not an aqueue.Queue")
     return queue
 
 

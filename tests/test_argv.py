@@ -64,6 +64,9 @@ def test_help_is_asked(words: list[str]) -> None:
         (["run", "a:q", "--shutdown-timeout", "soon"], "expected a number of seconds"),
         (["run", "a:q", "--no-scheduler=yes"], "--no-scheduler takes no value"),
         (["run", "a:q", "-v", "-q"], "cannot be used together"),
+        (["run", "a:q", "--logfile="], "--logfile needs a file name"),  # it logged to stderr
+        (["run", "a:q", "--logfile", "-v"], "--logfile needs a value"),  # it wrote a file "-v"
+        (["run", "a:q", "--concurrency", "--no-scheduler"], "--concurrency needs a value"),
     ],
 )
 def test_bad_command_lines_say_why(words: list[str], message: str) -> None:

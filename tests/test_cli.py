@@ -228,6 +228,7 @@ def test_a_bad_queue_url_is_one_line_and_exit_2(queue_name: str) -> None:
         ("nosuchmodule:queue", "cannot import module 'nosuchmodule'"),
         ("tests.apps.worker_app:missing", "has no attribute 'missing'"),
         ("tests.apps.worker_app:add", "not an aqueue.Queue"),
+        ("tests.apps.worker_app:Queue", "is the class Queue, not an aqueue.Queue"),  # "a type"
         ("no-colon", "expected module:attribute"),
     ],
 )
