@@ -51,7 +51,7 @@ def _check_keys(value: Any) -> None:
     elif isinstance(value, list | tuple):
         values = value
     elif dataclasses.is_dataclass(value) and not isinstance(value, type):
-        values = (getattr(value, f.name) for f in dataclasses.fields(value))
+        values = _written_attributes(value)
     else:
         return
     for item in values:
@@ -83,8 +83,18 @@ def _finite(value: Any) -> bool:
     if isinstance(value, list | tuple):
         return all(map(_finite, value))
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return all(_finite(getattr(value, f.name)) for f in dataclasses.fields(value))
+        return all(map(_finite, _written_attributes(value)))
     return True
+
+
+def _written_attributes(instance: Any) -> list[Any]:
+    """The values orjson writes of a dataclass instance, those whose names do not start with "_":
+    of its `__dict__` (an attribute set beside the fields included), or of its fields where it
+    has none (slots)."""
+    attributes = getattr(instance, "__dict__", None)
+    if attributes is None:
+        attributes = {f.name: getattr(instance, f.name) for f in dataclasses.fields(instance)}
+    return [v for k, v in attributes.items() if not k.startswith("_")]
 
 
 def loads(data: bytes | str) -> Any:

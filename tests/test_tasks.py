@@ -169,6 +169,15 @@ def test_held_payloads_cost_their_size_not_a_buffer() -> None:
     assert grown < 300_000  # about 100 bytes each; a 4 KiB buffer each would be 8 MB
 
 
+@dataclasses.dataclass
+class _WithExtra:
+    x: float
+    extra: dataclasses.InitVar[Any] = None
+
+    def __post_init__(self, extra: Any) -> None:
+        self.note = float("nan") if extra is None else extra  # beside the fields: orjson writes it
+
+
 async def test_unserializable_argument_fails_at_enqueue_naming_it(queue: Queue) -> None:
     @queue.task
     async def take(a: object, b: object = None) -> None:
@@ -183,6 +192,11 @@ async def test_unserializable_argument_fails_at_enqueue_naming_it(queue: Queue) 
         await take.enqueue(1, b={"x": [1.0, float("nan")]})
     with pytest.raises(SerializationError, match=r"argument 0.*NaN"):
         await take.enqueue(float("-inf"))
+    # orjson writes a dataclass's attributes, one set beside its fields too: that NaN went as null.
+    with pytest.raises(SerializationError, match=r"argument 0.*NaN"):
+        await take.enqueue(_WithExtra(1.0))
+    with pytest.raises(SerializationError, match="both become the JSON key"):
+        await take.enqueue(_WithExtra(1.0, extra={1: "a", "1": "b"}))
     assert await queue.jobs() == []
     await take.enqueue(None, b=[None, 1.5])  # a null of the caller's own is fine
 
