@@ -10,6 +10,7 @@ import signal
 import sys
 import traceback
 from collections.abc import Sequence
+from types import FrameType
 
 import anyio
 
@@ -125,17 +126,32 @@ async def _serve(worker: Worker) -> int:
 
 async def _watch_signals(worker: Worker) -> None:
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        stopping = False
-        async for signum in signals:
-            name = signal.Signals(signum).name
-            if not stopping:
-                stopping = True
-                logger.warning("%s received: finishing running jobs for up to %ss, then "
-                               "cancelling them, and waiting for threads of plain `def` jobs "
-                               "(send it again to exit at once)", name, worker.shutdown_timeout)
-                worker.stop()
-            else:
-                logger.warning("%s received again: exiting at once; running jobs return after "
-                               "the visibility timeout", name)
-                logging.shutdown()
-                os._exit(128 + signum)
+        _count_signals(worker)
+        async for _ in signals:  # the first; a second ends the process before the loop hears it
+            worker.stop()
+
+
+def _count_signals(worker: Worker) -> None:
+    """Say the first signal, and exit at once on the second. The event loop hears a signal only
+    when it runs: a job that blocks it (a `time.sleep` in an async task) kept a second signal from
+    ending the process until it let go. Python runs this handler in the main thread between two
+    bytecodes, the loop blocked or not; the loop still hears each signal as before (asyncio's
+    wakeup fd is written beneath any Python handler), and stops the worker."""
+    heard = 0
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        nonlocal heard
+        heard += 1
+        name = signal.Signals(signum).name
+        if heard == 1:
+            logger.warning("%s received: finishing running jobs for up to %ss, then cancelling "
+                           "them, and waiting for threads of plain `def` jobs (send it again to "
+                           "exit at once)", name, worker.shutdown_timeout)
+            return
+        logger.warning("%s received again: exiting at once; running jobs return after the "
+                       "visibility timeout", name)
+        logging.shutdown()
+        os._exit(128 + signum)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, on_signal)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import anyio
 
@@ -27,3 +28,10 @@ async def nap(seconds: float, tag: int = 0) -> int:
     await current_job().set_progress(0)
     await anyio.sleep(seconds)
     return tag
+
+
+@queue.task(name="block_loop")
+async def block_loop(seconds: float) -> None:
+    # A mistake a real app makes: blocking the event loop (time.sleep in an async task).
+    await current_job().set_progress(0)
+    time.sleep(seconds)  # noqa: ASYNC251 - the block is the point
