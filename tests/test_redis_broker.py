@@ -336,6 +336,35 @@ async def test_a_job_cancelled_while_its_entry_waits_to_be_taken_stays_cancelled
     assert cancelled.id not in [d.job_id for d in taken]
 
 
+@pytest.mark.parametrize("action", ["cancel", "revoke"])
+async def test_a_job_flagged_while_its_lean_entry_waits_to_be_taken_never_runs(
+    redis_url: str, queue_name: str, action: str
+) -> None:
+    # A cancel or revoke of a job whose lean entry a blocking read held only flags the record (the
+    # job looks delivered); the take script gave the entry back in place, still lean, and the next
+    # read ran it unchecked: a revoked job ran to its end, a cancelled one started.
+    queue = Queue(redis_url, name=queue_name)
+
+    @queue.task
+    async def work(n: str) -> str:
+        return n
+
+    keys = Keys(queue_name)
+    async with queue:
+        await work.options(priority=5).enqueue("A")  # band 5, announced by an entry in band 0
+        flagged = await work.enqueue("B")  # band 0, a lean entry
+        client = redis.asyncio.Redis.from_url(redis_url)
+        waiting = waiting_name("w")
+        await client.xreadgroup(GROUP, waiting, {keys.stream(5): ">"}, count=1)
+        await client.xreadgroup(GROUP, waiting, {keys.stream(0): ">"}, count=2)  # the wake-up, B
+        await client.aclose()
+        assert await (flagged.cancel() if action == "cancel" else flagged.revoke())
+        await queue.broker._run(queue.name, "take", ["w", waiting, 1])  # keeps A, hands B back
+        taken = await queue.broker.receive(queue.name, "w2", 10, 0, 10)
+        assert [d.job_id for d in taken if d.ended is None and d.job_id == flagged.id] == []
+        assert await flagged.state() == (JobState.CANCELLED if action == "cancel" else JobState.REVOKED)
+
+
 async def test_a_new_band_is_read_even_when_announced_beside_a_job(
     redis_broker: RedisBroker, queue_name: str
 ) -> None:

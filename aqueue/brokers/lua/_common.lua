@@ -212,6 +212,16 @@ local function unread(s, p, rows)
       if not ours[e[1]] then movable = false end
     end
   end
+  if movable then
+    -- A lean entry is run unchecked when read again; its job, taken for delivered, may have been
+    -- flagged meanwhile (a cancel, a revoke): it goes back plain, for `start` to see the flag.
+    for _, row in ipairs(rows) do
+      local f = row[2]
+      if f and f[3] == 'task' and redis.call('HGET', job_key(f[2]), 'more') == '1' then
+        movable = false
+      end
+    end
+  end
   if not movable then
     for _, row in ipairs(rows) do
       if row[2] then put_back(s, p, row[1], row[2]) else drop_entry(s, row[1]) end
