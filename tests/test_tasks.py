@@ -24,6 +24,7 @@ from aqueue import (
     Queue,
     ResultGroup,
     SerializationError,
+    Signal,
     TaskError,
     current_job,
 )
@@ -450,6 +451,26 @@ async def test_context_inside_a_running_job(queue: Queue) -> None:
     info = await job.info()
     assert info is not None
     assert info.progress == {"done": 5, "total": 10, "message": "halfway"}
+
+
+async def test_the_deadline_a_job_reads_is_its_timeouts_after_slow_executing_handlers(
+    queue: Queue,
+) -> None:
+    # It was reckoned before the EXECUTING handlers ran, the timeout's own clock after them:
+    # check_timeout() and time_remaining ran ahead of the timeout by the handlers' time.
+    @queue.on(Signal.EXECUTING)
+    async def slow_handler(signal: Signal, job: object, exc: BaseException | None = None) -> None:
+        await anyio.sleep(0.5)  # the handler's own time, the point of the test
+
+    @queue.task(timeout=2)
+    async def read_it() -> float:
+        remaining = current_job().time_remaining
+        assert remaining is not None
+        return remaining
+
+    async with queue.worker():
+        remaining = await (await read_it.enqueue()).result(timeout=10)
+    assert remaining > 1.7  # 1.5 when the handler's time counted
 
 
 async def test_info_fields(queue: Queue) -> None:

@@ -181,6 +181,8 @@ async def execute(queue: Queue, running: RunningJob) -> Completion | None:
     with scope:
         if policy.timeout:
             scope.deadline = anyio.current_time() + policy.timeout
+            # As the scope's, from now: the EXECUTING handlers above took time of their own.
+            context._deadline = time.time() + policy.timeout
         token = _enter(context)
         try:
             if task.is_async:
