@@ -265,45 +265,27 @@ def test_python_dash_m_entry_point() -> None:
     assert "cannot import module" in done.stderr
 
 
+@pytest.mark.parametrize("blocks_loop", [False, True], ids=["free-loop", "blocked-loop"])
 async def test_second_signal_exits_at_once(
-    redis_url: str, queue_name: str, workers: list[WorkerProcess]
+    redis_url: str, queue_name: str, workers: list[WorkerProcess], blocks_loop: bool
 ) -> None:
+    # With a job blocking the event loop, the loop heard the signals only once the job let go.
     worker = WorkerProcess(redis_url, queue_name, "--shutdown-timeout", "30")
     workers.append(worker)
     async with client_queue(redis_url, queue_name) as q:
-        job = await q.tasks["nap"].enqueue(30.0, 1)
+        job = await (q.tasks["block_loop"].enqueue(30.0) if blocks_loop
+                     else q.tasks["nap"].enqueue(30.0, 1))
 
         async def first_signal_heard() -> bool:
             return "send it again to exit at once" in worker.output()
 
         await poll_until(lambda: code_runs(job), 30)
         worker.process.send_signal(signal.SIGTERM)
-        await poll_until(first_signal_heard, 10)
+        await poll_until(first_signal_heard, 10)  # two at once are one to the process
         started = time.monotonic()
         worker.process.send_signal(signal.SIGTERM)
         assert worker.process.wait(timeout=5) == 128 + signal.SIGTERM
         assert time.monotonic() - started < 3
+        assert "SIGTERM received again: exiting at once" in worker.output()
         # Not handed back: it returns after the visibility timeout, as for a crash.
         assert await job.state() == JobState.RUNNING
-
-
-async def test_second_signal_exits_at_once_while_a_job_blocks_the_loop(
-    redis_url: str, queue_name: str, workers: list[WorkerProcess]
-) -> None:
-    # The loop heard the signals only once the job let it go (after 30 s here).
-    worker = WorkerProcess(redis_url, queue_name, "--shutdown-timeout", "30")
-    workers.append(worker)
-    async with client_queue(redis_url, queue_name) as q:
-        job = await q.tasks["block_loop"].enqueue(30.0)
-
-        async def first_signal_heard() -> bool:
-            return "send it again to exit at once" in worker.output()
-
-        await poll_until(lambda: code_runs(job), 30)
-        started = time.monotonic()
-        worker.process.send_signal(signal.SIGTERM)
-        await poll_until(first_signal_heard, 10)  # two at once are one to the process
-        worker.process.send_signal(signal.SIGTERM)
-        assert worker.process.wait(timeout=10) == 128 + signal.SIGTERM
-        assert time.monotonic() - started < 5
-        assert "SIGTERM received again: exiting at once" in worker.output()

@@ -308,12 +308,15 @@ async def test_a_job_shaped_entry_aqueue_did_not_write_goes_to_dead_letters(
     assert all("no job record" in str(reason) for reason in dead.values())
 
 
-async def test_a_job_cancelled_while_its_entry_waits_to_be_taken_stays_cancelled(
-    redis_url: str, queue_name: str
+@pytest.mark.parametrize(("entry", "action"), [("plain", "cancel"), ("lean", "cancel"), ("lean", "revoke")])
+async def test_a_job_cancelled_or_revoked_while_its_entry_waits_to_be_taken_never_runs(
+    redis_url: str, queue_name: str, entry: str, action: str
 ) -> None:
-    # A blocking read took the entry (COUNT is per stream: one band more than asked), the job was
-    # cancelled, and the take script handed the entry back: it made the job 'pending' again, and
-    # the next worker ran it. Each step is a real read or script, in an order Redis allows.
+    # A blocking read took the job's entry (COUNT is per stream: one band more than asked), the
+    # job was cancelled or revoked, and the take script handed the entry back. A plain entry's
+    # job was made 'pending' again; a lean entry's job, which looks delivered, was only flagged,
+    # and its entry went back in place, still lean: either way the next read ran it (a revoked job
+    # to its end). Each step is a real read or script, in an order Redis allows.
     queue = Queue(redis_url, name=queue_name)
 
     @queue.task
@@ -321,48 +324,25 @@ async def test_a_job_cancelled_while_its_entry_waits_to_be_taken_stays_cancelled
         return n
 
     keys = Keys(queue_name)
+    waiting = waiting_name("w")
     async with queue:
-        cancelled = await work.options(expires=600).enqueue("B")  # band 0, an entry with no copy
-        await work.options(priority=5).enqueue("A")  # band 5, announced by an entry in band 0
         client = redis.asyncio.Redis.from_url(redis_url)
-        waiting = waiting_name("w")
-        await client.xreadgroup(GROUP, waiting, {keys.stream(5): ">", keys.stream(0): ">"}, count=1)
-        await client.xreadgroup(GROUP, "other", {keys.stream(0): ">"}, count=1)  # reads past it
+        if entry == "plain":
+            target = await work.options(expires=600).enqueue("B")  # band 0, an entry with no copy
+            await work.options(priority=5).enqueue("A")  # band 5, announced by an entry in band 0
+            await client.xreadgroup(GROUP, waiting, {keys.stream(5): ">", keys.stream(0): ">"}, count=1)
+            await client.xreadgroup(GROUP, "other", {keys.stream(0): ">"}, count=1)  # reads past it
+        else:
+            await work.options(priority=5).enqueue("A")
+            target = await work.enqueue("B")  # band 0, a lean entry
+            await client.xreadgroup(GROUP, waiting, {keys.stream(5): ">"}, count=1)
+            await client.xreadgroup(GROUP, waiting, {keys.stream(0): ">"}, count=2)  # wake-up, B
         await client.aclose()
-        assert await cancelled.cancel()
-        await queue.broker._run(queue.name, "take", ["w", waiting, 1])  # keeps A, hands B back
-        assert await cancelled.state() == JobState.CANCELLED
-        taken = await queue.broker.receive(queue.name, "w2", 10, 0, 10)
-    assert cancelled.id not in [d.job_id for d in taken]
-
-
-@pytest.mark.parametrize("action", ["cancel", "revoke"])
-async def test_a_job_flagged_while_its_lean_entry_waits_to_be_taken_never_runs(
-    redis_url: str, queue_name: str, action: str
-) -> None:
-    # A cancel or revoke of a job whose lean entry a blocking read held only flags the record (the
-    # job looks delivered); the take script gave the entry back in place, still lean, and the next
-    # read ran it unchecked: a revoked job ran to its end, a cancelled one started.
-    queue = Queue(redis_url, name=queue_name)
-
-    @queue.task
-    async def work(n: str) -> str:
-        return n
-
-    keys = Keys(queue_name)
-    async with queue:
-        await work.options(priority=5).enqueue("A")  # band 5, announced by an entry in band 0
-        flagged = await work.enqueue("B")  # band 0, a lean entry
-        client = redis.asyncio.Redis.from_url(redis_url)
-        waiting = waiting_name("w")
-        await client.xreadgroup(GROUP, waiting, {keys.stream(5): ">"}, count=1)
-        await client.xreadgroup(GROUP, waiting, {keys.stream(0): ">"}, count=2)  # the wake-up, B
-        await client.aclose()
-        assert await (flagged.cancel() if action == "cancel" else flagged.revoke())
+        assert await (target.cancel() if action == "cancel" else target.revoke())
         await queue.broker._run(queue.name, "take", ["w", waiting, 1])  # keeps A, hands B back
         taken = await queue.broker.receive(queue.name, "w2", 10, 0, 10)
-        assert [d.job_id for d in taken if d.ended is None and d.job_id == flagged.id] == []
-        assert await flagged.state() == (JobState.CANCELLED if action == "cancel" else JobState.REVOKED)
+        assert [d.job_id for d in taken if d.ended is None and d.job_id == target.id] == []
+        assert await target.state() == (JobState.CANCELLED if action == "cancel" else JobState.REVOKED)
 
 
 async def test_a_new_band_is_read_even_when_announced_beside_a_job(
