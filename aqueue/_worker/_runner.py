@@ -197,7 +197,9 @@ class Worker:
                 logger.warning("worker %s: still waiting for %d job(s) whose threads cannot be "
                                "stopped", self.name, len(self._running))
                 self._all_idle = anyio.Event()  # set once `_running` is empty
-                await self._all_idle.wait()
+                idle = asyncio.ensure_future(self._all_idle.wait())
+                await asyncio.wait([worker.task, idle], return_when=asyncio.FIRST_COMPLETED)
+                idle.cancel()  # the worker ended first (it failed): nothing left to wait for
                 with anyio.move_on_after(self.shutdown_timeout + STOP_GRACE):
                     await asyncio.wait([worker.task])
         if not worker.done():
