@@ -148,10 +148,15 @@ def _count_signals(worker: Worker) -> None:
                            "them, and waiting for threads of plain `def` jobs (send it again to "
                            "exit at once)", name, worker.shutdown_timeout)
             return
-        logger.warning("%s received again: exiting at once; running jobs return after the "
-                       "visibility timeout", name)
-        logging.shutdown()
-        os._exit(128 + signum)
+        try:
+            logger.warning("%s received again: exiting at once; running jobs return after the "
+                           "visibility timeout", name)
+            logging.shutdown()
+        finally:  # a log that cannot be written must not keep the process alive
+            os._exit(128 + signum)
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, on_signal)
+        # As asyncio set it: a system call a signal interrupts is restarted, not failed with EINTR
+        # (signal.signal would leave a C extension's blocking call in a job's thread to fail).
+        signal.siginterrupt(signum, False)

@@ -222,3 +222,37 @@ async def test_a_job_that_turns_the_shutdowns_cancel_into_an_error_is_handed_bac
         running.interrupt()
 
     assert await _execute_while(queue, running, shut_down) is None
+
+
+async def test_a_thread_that_fails_of_its_own_during_the_shutdown_keeps_its_failure(queue: Queue) -> None:
+    # A thread never sees the shutdown's cancellation: its error is its own, and a job handed
+    # back for it would run twice.
+    started = threading.Event()
+
+    @queue.task(name="failing_thread", retries=0)
+    def failing_thread() -> None:
+        started.set()
+        wait_for_stop()  # returns once the worker has asked it to stop
+        raise ValueError("its own failure")
+
+    running = _delivered("failing_thread", "j6")
+
+    async def shut_down() -> None:
+        assert await anyio.to_thread.run_sync(started.wait, 10)
+        running.interrupt()
+
+    completion = await _execute_while(queue, running, shut_down)
+    assert completion is not None
+    assert completion.outcome is Outcome.FAILED
+
+
+async def test_a_cancel_before_the_start_stands_over_a_shutdown_after_it(queue: Queue) -> None:
+    ran: list[str] = []
+    running = _waiting_job(queue, ran)
+    running.request_cancel()
+    running.interrupt()
+    completion = await execute(queue, running)
+    assert completion is not None
+    assert completion.outcome is Outcome.CANCELLED
+    assert ran == []
+

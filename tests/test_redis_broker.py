@@ -288,7 +288,8 @@ async def test_a_job_shaped_entry_aqueue_did_not_write_goes_to_dead_letters(
         return "sent"
 
     bad = [{"id": "bad-time", "task": "ok", "payload": '{"args":[],"kwargs":{}}', "at": "soon"},
-           {"id": "bad-task", "task": b"\xff\xfe", "payload": "{}", "at": "1"}]
+           {"id": "bad-task", "task": b"\xff\xfe", "payload": "{}", "at": "1"},
+           {"id": "hex-time", "task": "ok", "payload": "{}", "at": "0x10"}]  # Lua reads it, Python not
     async with queue:
         await queue.broker.receive(queue.name, "setup", 1, 0, 10)  # creates the stream and group
         client = redis.asyncio.Redis.from_url(redis_url)
@@ -304,7 +305,7 @@ async def test_a_job_shaped_entry_aqueue_did_not_write_goes_to_dead_letters(
             assert await (await accented.enqueue()).result(timeout=10) == "sent"
         await client.aclose()
         dead = {d.id: d.dead_reason for d in await queue.dead_letters()}
-    assert set(dead) == {"bad-time", "bad-task"}
+    assert set(dead) == {"bad-time", "bad-task", "hex-time"}
     assert all("no job record" in str(reason) for reason in dead.values())
 
 

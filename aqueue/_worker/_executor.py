@@ -131,6 +131,8 @@ async def report_ended(queue: Queue, d: Delivery) -> None:
     max_deliveries is an ERROR as any failure for good is."""
     signals = queue.signals
     if d.ended == Outcome.FAILED:
+        logger.error("job %s (%s) sent to the dead letters: delivered max_deliveries (%d) times "
+                     "without finishing", d.job_id, d.task, queue.max_deliveries)
         if signals.wants(Signal.ERROR):
             record = await queue.broker.get(queue.name, d.job_id)
             reason = (record.dead_reason if record else None) or "dead-lettered"
@@ -165,14 +167,14 @@ async def execute(queue: Queue, running: RunningJob) -> Completion | None:
     # Stopped while it waited for a runner: its code must not run, not even to its first await.
     if running.lost:
         return None  # another worker's now
+    if running.cancel_requested:  # stands over a shutdown that came after it, as below
+        if signals.wants(Signal.CANCELLED):
+            await signals.send(Signal.CANCELLED, context)
+        return Completion(d, Outcome.CANCELLED, time.time())
     if running.interrupted_at < math.inf:  # the worker's shutdown: handed back
         if signals.wants(Signal.INTERRUPTED):
             await signals.send(Signal.INTERRUPTED, context)
         return None
-    if running.cancel_requested:
-        if signals.wants(Signal.CANCELLED):
-            await signals.send(Signal.CANCELLED, context)
-        return Completion(d, Outcome.CANCELLED, time.time())
     if signals.wants(Signal.EXECUTING):
         await signals.send(Signal.EXECUTING, context)
     error: BaseException | None = None
@@ -217,10 +219,12 @@ async def execute(queue: Queue, running: RunningJob) -> Completion | None:
             return Completion(d, Outcome.CANCELLED, time.time())
         elif scope.deadline <= min(anyio.current_time(), running.interrupted_at):
             error = TaskTimeout(f"job {d.job_id} ({d.task}) timed out after {policy.timeout}s")
-        elif scope.cancelled_caught or (error is not None and running.interrupted_at < math.inf):
+        elif scope.cancelled_caught or (task.is_async and error is not None
+                                        and running.interrupted_at < math.inf):
             # Stopped by the shutdown, or it turned the shutdown's cancellation into an error of
             # its own (a task group's cleanup that raised, a client that wraps it): handed back,
-            # not failed, as a timeout turned into an error is still a timeout (above).
+            # not failed, as a timeout turned into an error is still a timeout (above). A thread
+            # never sees the cancellation: an error it raises is its own, and stands.
             if signals.wants(Signal.INTERRUPTED):
                 await signals.send(Signal.INTERRUPTED, context)
             return None

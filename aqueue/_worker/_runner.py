@@ -190,7 +190,10 @@ class Worker:
         with anyio.CancelScope(shield=True):
             with anyio.move_on_after(self.shutdown_timeout + STOP_GRACE):
                 await asyncio.wait([worker.task])
-            if not worker.done() and self._running:
+            # Past the fetcher's end the coroutine jobs are interrupted (`_wind_down`): what runs
+            # on is threads. Before it, what holds the worker up is something else (a broker call
+            # that never answers): cancelled, as below.
+            if not worker.done() and self._running and self._fetch_ended.is_set():
                 # Cancelled, the worker would wait for the threads all the same, but then neither
                 # write their outcomes (their jobs would run again) nor hand back the jobs it
                 # interrupted (they would wait for the visibility timeout).

@@ -705,17 +705,18 @@ local function start(s, p, entry, fields, consumer, now, max_deliveries, ttl)
   return {id, rec[2], rec[3], rec[4], token, p, rec[5], entry}
 end
 
--- A lean delivery: the entry of a new job carries what the worker needs (see make_ready), so the
--- job is handed over without reading or writing its record. Its token is 1, and the record stays
--- 'pending' (token 0) until the job ends, a renewal writes the start down, or another delivery
--- takes over (`start` then counts deliveries by the pending list). What would have stopped it
--- at the start is dealt with where it arises: a cancel or revoke moves the waiting entry, an
--- expiry makes the entry plain. Returns nil when `start` must decide instead: a plain entry, or
--- some task is revoked (the entry's task may be), or the entry may not be aqueue's: its time not
--- a number, or bytes past ASCII in its id or task, which the worker must decode (`start` reads
--- them from the record, and dead-letters an entry that has none).
+-- A lean delivery: the entry of a new job carries what the worker needs (see make_ready), so the job is
+-- handed over without reading or writing its record. Its token is 1, and the record stays 'pending'
+-- (token 0) until the job ends, a renewal writes the start down, or another delivery takes over
+-- (`start` then counts deliveries by the pending list). What would have stopped it at the start is
+-- dealt with where it arises: a cancel or revoke moves the waiting entry, an expiry makes the entry
+-- plain. Returns nil when `start` must decide instead: a plain entry, or some task is revoked (the
+-- entry's task may be), or the entry may not be aqueue's: its time not decimal digits (Lua would read
+-- "0x10", Python not), or bytes past ASCII in its id or task, which the worker must decode (`start`
+-- reads them from the record, and dead-letters an entry that has none).
 local function lean_delivery(p, entry, fields)
-  if fields[3] ~= 'task' or #fields ~= 8 or fields[1] ~= 'id' or not tonumber(fields[8])
+  if fields[3] ~= 'task' or #fields ~= 8 or fields[1] ~= 'id'
+      or not string.find(fields[8], '^%d+%.?%d*$')
       or string.find(fields[2], '[\128-\255]') or string.find(fields[4], '[\128-\255]')
       or revocations_exist() then
     return nil
