@@ -31,7 +31,10 @@ def around(
         async with guard():
             if inspect.iscoroutinefunction(fn):
                 return await fn(*args, **kwargs)
-            return await run_in_thread(fn, *args, **kwargs)
+            value = await run_in_thread(fn, *args, **kwargs)
+            if inspect.iscoroutine(value):  # an async function behind a plain wrapper
+                value = await value
+            return value
 
     guarded.__aqueue_guarded__ = fn  # type: ignore[attr-defined]  # see aqueue._tasks.unguarded
     return guarded

@@ -87,6 +87,9 @@ class Task(Generic[P, R]):
         self.policy = policy
         self.is_async = inspect.iscoroutinefunction(fn)
         self._direct = unguarded(fn)  # what a direct call runs: no lock, no rate limit
+        # Whether the job's own code runs in a worker thread: a lock or rate limit wraps a plain
+        # function in an async one, which only waits for the thread.
+        self.in_thread = not inspect.iscoroutinefunction(self._direct)
         self.__doc__ = fn.__doc__
         self.__name__ = getattr(fn, "__name__", name)
         self.__wrapped__ = fn

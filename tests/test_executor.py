@@ -224,17 +224,22 @@ async def test_a_job_that_turns_the_shutdowns_cancel_into_an_error_is_handed_bac
     assert await _execute_while(queue, running, shut_down) is None
 
 
-async def test_a_thread_that_fails_of_its_own_during_the_shutdown_keeps_its_failure(queue: Queue) -> None:
+@pytest.mark.parametrize("guarded", [False, True], ids=["bare", "under_a_lock"])
+async def test_a_thread_that_fails_of_its_own_during_the_shutdown_keeps_its_failure(
+    queue: Queue, guarded: bool
+) -> None:
     # A thread never sees the shutdown's cancellation: its error is its own, and a job handed
-    # back for it would run twice.
+    # back for it would run twice. Under a lock the task's function is the lock's async wrapper,
+    # and the job was taken for a coroutine's.
     started = threading.Event()
 
-    @queue.task(name="failing_thread", retries=0)
     def failing_thread() -> None:
         started.set()
         wait_for_stop()  # returns once the worker has asked it to stop
         raise ValueError("its own failure")
 
+    queue.task(name="failing_thread", retries=0)(
+        queue.lock("held")(failing_thread) if guarded else failing_thread)
     running = _delivered("failing_thread", "j6")
 
     async def shut_down() -> None:

@@ -194,20 +194,25 @@ async def test_a_thread_outlasting_the_stop_grace_keeps_its_outcome_and_the_rest
     assert await coroutine_job.state() == JobState.PENDING  # handed back, not left to its lease
 
 
-async def test_an_async_function_behind_a_plain_wrapper_runs_to_its_value(queue: Queue) -> None:
+@pytest.mark.parametrize("guarded", [False, True], ids=["bare", "under_a_lock"])
+async def test_an_async_function_behind_a_plain_wrapper_runs_to_its_value(
+    queue: Queue, guarded: bool
+) -> None:
     # The wrapper hides that it is async: run in a thread, it gave back a coroutine, and the job
-    # failed for good ("the result (coroutine) cannot be serialized"), never awaited.
+    # failed for good ("the result (coroutine) cannot be serialized"), never awaited; under a
+    # lock, the lock's wrapper handed that coroutine on.
     def logged(fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             return fn(*args, **kwargs)
         return wrapper
 
-    @queue.task
     @logged
     async def add(a: int, b: int) -> int:
         await anyio.lowlevel.checkpoint()
         return a + b
 
+    task = queue.task(queue.lock("held")(add) if guarded else add)
+
     async with queue.worker():
-        assert await (await add.enqueue(1, 2)).result(timeout=10) == 3
+        assert await (await task.enqueue(1, 2)).result(timeout=10) == 3

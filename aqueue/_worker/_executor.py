@@ -219,7 +219,7 @@ async def execute(queue: Queue, running: RunningJob) -> Completion | None:
             return Completion(d, Outcome.CANCELLED, time.time())
         elif scope.deadline <= min(anyio.current_time(), running.interrupted_at):
             error = TaskTimeout(f"job {d.job_id} ({d.task}) timed out after {policy.timeout}s")
-        elif scope.cancelled_caught or (task.is_async and error is not None
+        elif scope.cancelled_caught or (not task.in_thread and error is not None
                                         and running.interrupted_at < math.inf):
             # Stopped by the shutdown, or it turned the shutdown's cancellation into an error of
             # its own (a task group's cleanup that raised, a client that wraps it): handed back,
