@@ -215,10 +215,15 @@ local function unread(s, p, rows)
   if movable then
     -- A lean entry is run unchecked when read again; its job, taken for delivered, may have been
     -- flagged meanwhile (a cancel, a revoke): it goes back plain, for `start` to see the flag.
+    -- Only a record that may hold rare fields (`more`) is looked at for the flags.
     for _, row in ipairs(rows) do
       local f = row[2]
-      if f and f[3] == 'task' and redis.call('HGET', job_key(f[2]), 'more') == '1' then
-        movable = false
+      if f and f[3] == 'task' then
+        local jk = job_key(f[2])
+        if redis.call('HGET', jk, 'more') == '1' then
+          local flags = redis.call('HMGET', jk, 'cancel', 'revoked')
+          if flags[1] == '1' or flags[2] == '1' then movable = false end
+        end
       end
     end
   end
