@@ -96,12 +96,27 @@ class Lock:
             # Not cancelled half way: a lock taken by a request whose answer was never read would
             # stay held, by no one, until its ttl ran out. Taken, its holder's exit releases it.
             with anyio.CancelScope(shield=True):
-                if await broker.lock_acquire(queue, self.name, token, self.ttl):
-                    return token
+                try:
+                    if await broker.lock_acquire(queue, self.name, token, self.ttl):
+                        return token
+                except BaseException:
+                    # The answer was lost (a timeout, a cancel from asyncio, which the shield does
+                    # not stop): the lock may be taken all the same. Released by its token, it is
+                    # free again whether it was taken or not.
+                    await self._release_after_failure(token)
+                    raise
             remaining = None if deadline is None else deadline - anyio.current_time()
             if remaining is not None and remaining <= 0:
                 raise LockTimeout(f"lock {self.name!r} not acquired within {timeout}s")
             await broker.lock_wait(queue, self.name, remaining)  # woken when it is released
+
+    async def _release_after_failure(self, token: str) -> None:
+        with anyio.CancelScope(shield=True):
+            try:
+                await self.queue.broker.lock_release(self.queue.name, self.name, token)
+            except BrokerError as exc:
+                logger.warning("a request for lock %r failed, and so did releasing what it may have "
+                               "taken; it frees itself within %ss: %s", self.name, self.ttl, exc)
 
     @asynccontextmanager
     async def _keep(self, token: str) -> AsyncIterator[None]:

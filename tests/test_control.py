@@ -569,6 +569,31 @@ async def test_a_waiter_cancelled_while_its_request_takes_the_lock_leaves_it_fre
     assert entered  # the lock was its: the body began, and was cancelled at its first await
 
 
+@pytest.mark.parametrize("how", ["asyncio_cancel", "lost_answer"])
+async def test_a_request_whose_answer_never_comes_leaves_the_lock_free(
+    queue: Queue, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    # The lock was taken in the broker, but its taker never heard so: cancelled by asyncio itself
+    # (`wait_for`, `asyncio.timeout`: the shield stops only anyio's cancellations), or the answer
+    # lost to a timeout. The lock stayed held by no one until its ttl ran out.
+    broker = queue.broker
+    taking = broker.lock_acquire
+
+    async def answer_lost(queue_name: str, name: str, token: str, ttl: float) -> bool:
+        assert await taking(queue_name, name, token, ttl)
+        if how == "lost_answer":
+            raise BrokerConnectionError("Timeout reading from the server")
+        await anyio.sleep_forever()
+        raise AssertionError("not reached")
+
+    monkeypatch.setattr(broker, "lock_acquire", answer_lost)
+    with pytest.raises(TimeoutError if how == "asyncio_cancel" else BrokerConnectionError):
+        await asyncio.wait_for(queue.lock("contended", ttl=30).__aenter__(), 0.1)
+    monkeypatch.setattr(broker, "lock_acquire", taking)
+    async with queue.lock("contended", timeout=0):  # free at once, not after 30 s
+        pass
+
+
 async def test_a_failed_release_does_not_replace_how_the_body_ended(
     queue: Queue, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
