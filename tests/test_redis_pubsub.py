@@ -15,9 +15,10 @@ import anyio.lowlevel
 import pytest
 import redis.asyncio
 
-from aqueue import BrokerError, JobCancelled, Queue
+from aqueue import BrokerError, JobCancelled, JobState, Queue
 from aqueue.brokers import RedisBroker
 from aqueue.brokers import _notifier as notifier_module
+from aqueue.brokers._keys import GROUP, Keys
 from tests.conftest import start_redis
 
 
@@ -628,3 +629,85 @@ async def test_the_cancel_listener_reads_within_the_socket_timeout(
             with pytest.raises(JobCancelled):
                 await job.result(timeout=10)
     assert "listening for cancel requests failed" not in caplog.text
+
+
+@pytest.fixture
+async def channelless_url(redis_url: str, admin: redis.asyncio.Redis) -> AsyncIterator[str]:
+    """The URL of an ACL user with the keys but no channel rights (README says it needs them)."""
+    user = f"u{uuid.uuid4().hex[:8]}"
+    await admin.execute_command("ACL", "SETUSER", user, "on", ">pw", "~aqueue:*", "+@all", "resetchannels")
+    yield f"redis://{user}:pw@{redis_url.split('://', 1)[1]}"
+    await admin.execute_command("ACL", "DELUSER", user)
+
+
+async def test_a_worker_without_channel_rights_still_ends_a_job_someone_waits_on(
+    redis_url: str, queue_name: str, admin: redis.asyncio.Redis, channelless_url: str
+) -> None:
+    # The finish script's message to the waiter was refused (NOPERM) and ended the script half
+    # way: the outcomes before it written, nothing acked, and the jobs ran again after their lease.
+    runs: list[int] = []
+    release = anyio.Event()
+    worker_queue, queue = Queue(channelless_url, name=queue_name), Queue(redis_url, name=queue_name)
+
+    @worker_queue.task(name="once")
+    async def once() -> int:
+        runs.append(1)
+        await release.wait()
+        return 2
+
+    queue.task(name="once")(two)
+    try:
+        async with worker_queue.worker():
+            job = await queue.tasks["once"].enqueue()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(job.result)  # waits on, told of the end or not
+                async with once_waited_on(admin, queue_name, job.id, then=_set(release)):
+                    with anyio.fail_after(5):
+                        while await job.state() != JobState.SUCCEEDED:  # noqa: ASYNC110 - in Redis
+                            await anyio.sleep(0.01)
+                        # and its entry acked: left pending, the job would run again
+                        stream = Keys(queue_name).stream(0)
+                        while (await admin.xpending(stream, GROUP))["pending"]:  # noqa: ASYNC110
+                            await anyio.sleep(0.01)
+                tg.cancel_scope.cancel()
+        assert runs == [1]
+    finally:
+        await queue.close()
+        await worker_queue.close()
+
+
+async def test_a_client_without_channel_rights_cancels_and_releases_a_lock(
+    redis_url: str, queue_name: str, channelless_url: str
+) -> None:
+    # The cancel flag was set, then its message refused: the caller got BrokerError for a cancel
+    # that took. A lock's release was refused likewise, and the lock stayed held for its ttl.
+    started = anyio.Event()
+    worker_queue, queue = Queue(redis_url, name=queue_name), Queue(channelless_url, name=queue_name)
+
+    @worker_queue.task(name="forever")
+    async def forever() -> None:
+        started.set()
+        await anyio.sleep_forever()
+
+    queue.task(name="forever")(two)
+    try:
+        async with worker_queue.worker():
+            job = await queue.tasks["forever"].enqueue()
+            await started.wait()
+            assert await job.cancel()
+            with anyio.fail_after(10):  # the worker checks for cancels it was not told of
+                while await job.state() != JobState.CANCELLED:  # noqa: ASYNC110 - state in Redis
+                    await anyio.sleep(0.01)
+        async with queue.lock("shared", ttl=30):
+            pass
+        async with queue.lock("shared", timeout=0):  # free at once, not after 30 s
+            pass
+    finally:
+        await queue.close()
+        await worker_queue.close()
+
+
+def _set(event: anyio.Event) -> Callable[[], Awaitable[None]]:
+    async def set_it() -> None:
+        event.set()
+    return set_it

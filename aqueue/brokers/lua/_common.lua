@@ -620,7 +620,9 @@ finalize = function(id, jk, state, now, ttl, reason, rec, fields)
   if set(rec.waiters) then
     local message = done_message(id, state, rec, reason)
     for waiter in string.gmatch(rec.waiters, '%S+') do
-      redis.call('PUBLISH', done_channel(waiter), message)
+      -- pcall: a message Redis refuses (an ACL user without channel rights) must not undo the
+      -- end half way; the waiter reads the job again on its own.
+      redis.pcall('PUBLISH', done_channel(waiter), message)
     end
     redis.call('HDEL', jk, 'waiters')  -- told: a later end (after a retry) tells whoever waits then
   end

@@ -17,7 +17,7 @@ end
 if state == 'running' then
   -- The flag outlives a missed message: `start` ends the job if it is delivered again.
   redis.call('HSET', jk, 'cancel', '1', 'more', '1')
-  redis.call('PUBLISH', prefix .. 'cancel', id)
+  redis.pcall('PUBLISH', prefix .. 'cancel', id)  -- refused (no channel rights): the flag stands
   return 'requested'
 end
 if state == 'scheduled' then
