@@ -191,10 +191,16 @@ def test_a_password_with_unencoded_reserved_characters_never_shows(url: str, sho
         ("REDIS://127.0.0.1:6433/abc", "the database must be a number, got 'abc'"),
         ("UNIX:///tmp/x.sock?foo=bar", "'foo' is not a connection option of a unix:// URL"),
         # A password holding a "[", or an unencoded "&" (its end not named: it may be a secret).
-        ("redis://:s3cr[et@h/0", "not a valid URL (Invalid IPv6 URL; percent-encode '[' and ']' in a "
-                                 "password as %5B and %5D)"),
+        # Python's own words quoted the bracketed part, or the whole netloc.
+        *((url, "not a valid URL (an unencoded '[', ']' or a character it may not hold: "
+                "percent-encode them in a password, '[' and ']' as %5B and %5D)")
+          for url in ("redis://:s3cr[et@h/0", "redis://:s3cr[et9]@h/0", "redis://:s3cr\uff20et9@h/0")),
         ("redis://h/0?password=s3cret&et9=x", "an option after the password is not a connection "
                                                 "option (percent-encode '&' in a password as %26)"),
+        # redis-py drops a field with no "=": the password was cut short at the "&".
+        ("redis://h/0?password=s3cret&et9", "a field after the password has no value "
+                                              "(percent-encode '&' in a password as %26)"),
+        ("redis://h/0?socket_timeout", "the option 'socket_timeout' has no value"),
     ],
 )
 def test_a_bad_url_is_refused_when_the_queue_is_made(url: str, message: str) -> None:

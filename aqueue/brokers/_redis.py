@@ -162,9 +162,10 @@ def _check_url(url: str, shown: str) -> None:
     errors, which can hold a part of the password); `shown` is the URL redacted."""
     try:
         parts = urlsplit(url)
-    except ValueError as exc:  # only its own words: the URL may hold a password
-        raise ConfigurationError(f"{shown}: not a valid URL ({exc}; percent-encode '[' and ']' "
-                                 "in a password as %5B and %5D)") from None
+    except ValueError:  # not its words: they can quote a part of the URL, and so of a password
+        raise ConfigurationError(f"{shown}: not a valid URL (an unencoded '[', ']' or a character "
+                                 "it may not hold: percent-encode them in a password, '[' and ']' "
+                                 "as %5B and %5D)") from None
     if _misread_password(parts) or parts.fragment:
         raise ConfigurationError(
             f"{shown}: percent-encode the password ('@', '#', '?', '/' as %40, %23, %3F, %2F): "
@@ -179,8 +180,16 @@ def _check_url(url: str, shown: str) -> None:
         # redis-py would quietly use database 0
         raise ConfigurationError(f"{shown}: the database must be a number, got {database!r}")
     options, secret = _query_options(parts.scheme), False
-    for name, value in parse_qsl(parts.query):
+    for field in filter(None, parts.query.split("&")):
+        [(name, value)] = parse_qsl(field, keep_blank_values=True)
         secret = secret or _secret(name)
+        if "=" not in field:  # redis-py leaves it out: a typo, or a password's end after an '&'
+            if secret:
+                raise ConfigurationError(f"{shown}: a field after the password has no value "
+                                         "(percent-encode '&' in a password as %26)")
+            raise ConfigurationError(f"{shown}: the option {name!r} has no value")
+        if not value:
+            continue  # as redis-py does
         if name not in options:
             if secret and name not in KNOWN_OPTIONS:  # maybe the password's end: not named
                 raise ConfigurationError(f"{shown}: an option after the password is not a connection "
