@@ -201,6 +201,12 @@ def test_a_password_with_unencoded_reserved_characters_never_shows(url: str, sho
         ("redis://h/0?password=s3cret&et9", "a field after the password has no value "
                                               "(percent-encode '&' in a password as %26)"),
         ("redis://h/0?socket_timeout", "the option 'socket_timeout' has no value"),
+        # Values that parse, refused only by the connection (a BrokerConnectionError, which no
+        # retry mends) or the pool (a ValueError from the first enqueue).
+        ("redis://h/0?protocol=5", "protocol='5' is not a valid value (2 or 3)"),
+        ("redis://h/0?max_connections=-5", "max_connections='-5' is not a valid value (at least 1)"),
+        ("rediss://h/0?ssl_cert_reqs=bogus",
+         "ssl_cert_reqs='bogus' is not a valid value (none, optional or required)"),
     ],
 )
 def test_a_bad_url_is_refused_when_the_queue_is_made(url: str, message: str) -> None:

@@ -143,6 +143,13 @@ TEXT_OPTIONS = {"username", "password", "client_name", "lib_name", "lib_version"
                 "ssl_certfile", "ssl_cert_reqs", "ssl_ca_certs", "ssl_ca_data", "ssl_ca_path",
                 "ssl_ciphers", "ssl_password"}
 KNOWN_OPTIONS = {"max_connections", *URL_QUERY_ARGUMENT_PARSERS, *TEXT_OPTIONS}
+# Values that parse but that the connection or pool refuse only when it is made, each with what
+# they may be.
+VALUE_RANGES: dict[str, tuple[Callable[[str], bool], str]] = {
+    "protocol": (lambda v: v.strip() in ("2", "3"), "2 or 3"),
+    "max_connections": (lambda v: int(v) >= 1, "at least 1"),
+    "ssl_cert_reqs": (lambda v: v in ("none", "optional", "required"), "none, optional or required"),
+}
 
 
 @cache
@@ -203,6 +210,11 @@ def _check_url(url: str, shown: str) -> None:
         except (TypeError, ValueError):
             shown_value = "***" if _secret(name) else repr(value)
             raise ConfigurationError(f"{shown}: {name}={shown_value} is not a valid value") from None
+        if name in VALUE_RANGES:
+            within, allowed = VALUE_RANGES[name]
+            if not within(value):
+                raise ConfigurationError(f"{shown}: {name}={value!r} is not a valid value "
+                                         f"({allowed})")
 
 
 def waiting_name(consumer: str) -> str:
