@@ -192,18 +192,25 @@ class ResultGroup(Generic[R]):
 
     async def get(self, timeout: Seconds | None = None) -> list[R]:
         """Every job's value in order; raises the first error met, like `Job.result`."""
-        with anyio.fail_after(timedelta_or_seconds(timeout)):
-            return [await job.result() for job in self.jobs]
+        # Each job waits out what is left of the group's time, as `Job.result` waits: a job that
+        # has finished is read even when no time is left.
+        seconds = timedelta_or_seconds(timeout)
+        deadline = None if seconds is None else anyio.current_time() + seconds
+        values = []
+        for job in self.jobs:
+            left = None if deadline is None else max(0.0, deadline - anyio.current_time())
+            values.append(await job.result(timeout=left))
+        return values
 
     async def as_completed(self, timeout: Seconds | None = None) -> AsyncIterator[R]:
         """Values in the order the jobs finish; raises the first error met."""
         # Tasks of their own, not a task group: a generator must not yield inside a cancel scope.
-        waiters = [Background(job.result()) for job in self.jobs]
+        seconds = timedelta_or_seconds(timeout)
+        waiters = [Background(job.result(timeout=seconds)) for job in self.jobs]
         for waiter in waiters:  # once one error is raised, the others' are read here, not logged
             waiter.task.add_done_callback(_read_outcome)    # by asyncio as never retrieved
         try:
-            for next_done in asyncio.as_completed([waiter.task for waiter in waiters],
-                                                  timeout=timedelta_or_seconds(timeout)):
+            for next_done in asyncio.as_completed([waiter.task for waiter in waiters]):
                 yield cast(R, await next_done)
         finally:
             for waiter in waiters:

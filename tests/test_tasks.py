@@ -336,6 +336,10 @@ async def test_map_enqueues_in_bulk(queue: Queue) -> None:
         assert await group.get(timeout=10) == [3, 7, 11]
         single = await add.map([])
         assert await single.get(timeout=1) == []
+    # Finished: read at once, as `Job.result(timeout=0)` reads them (on Redis the whole group was
+    # cut off by its deadline before any read).
+    assert await group.get(timeout=0) == [3, 7, 11]
+    assert sorted([v async for v in group.as_completed(timeout=0)]) == [3, 7, 11]
 
 
 async def test_as_completed_yields_every_value(queue: Queue) -> None:
