@@ -544,6 +544,21 @@ async def test_a_finished_batch_is_pruned_no_sooner_than_its_records_expire(
     assert not await client.exists(prefix + "expiring_at", f"{prefix}expiring:{second}")
 
 
+async def test_purged_dead_letters_leave_the_listing_index(
+    redis_broker: RedisBroker, queue_name: str
+) -> None:
+    # Their records were deleted, their index entries left: nothing lists or prunes them after
+    # (a dead letter never expires), so a queue that purges often grew its index for good.
+    kept, dead = new_job(), [new_job(), new_job()]
+    await redis_broker.enqueue(queue_name, [*dead, kept])
+    taken = await redis_broker.receive(queue_name, "w", 2, 0, 5)
+    await redis_broker.finish(queue_name, [Completion(d, Outcome.FAILED, time.time(), reason="x")
+                                           for d in taken], 60)
+    assert await redis_broker.purge_dead_letters(queue_name) == 2
+    index = await redis_broker.client.zrange(Keys(queue_name).index, 0, -1)
+    assert index == [kept.id.encode()]
+
+
 async def test_prune_takes_at_most_its_limit_across_seconds(
     redis_broker: RedisBroker, client: redis.asyncio.Redis, queue_name: str
 ) -> None:

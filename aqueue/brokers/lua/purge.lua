@@ -1,10 +1,12 @@
--- Delete every dead letter and its record, then the batches that only a dead letter kept (see
--- settle_batch): none can change now, but one whose member, retried before, runs again.
+-- Delete every dead letter, its record and its index entry, then the batches that only a dead
+-- letter kept (see settle_batch): none can change now, but one whose member, retried before, runs
+-- again.
 -- KEYS[1] prefix
 -- Returns how many dead letters.
 local dkey = prefix .. 'dead'
 local ids = redis.call('ZRANGE', dkey, 0, -1)
 for _, id in ipairs(ids) do redis.call('DEL', job_key(id)) end
+call_chunked(ids, 'ZREM', prefix .. 'index')  -- a dead letter never expires: nothing else would
 redis.call('DEL', dkey)
 local kept = prefix .. 'batches'
 for _, bid in ipairs(redis.call('SMEMBERS', kept)) do
