@@ -301,6 +301,20 @@ async def test_promote_due_limit_and_next_eta(broker: Broker, queue_name: str) -
     assert [d.job_id for d in await take(broker, queue_name, count=5)] == ["a", "b"]
 
 
+async def test_jobs_due_at_one_time_become_ready_in_the_order_they_were_enqueued(
+    broker: Broker, queue_name: str
+) -> None:
+    # On Redis they moved in the order of their ids (the scheduled set's order for equal times):
+    # random ids, a random order. A batch that a limit cuts leaves its last time's jobs whole.
+    eta = time.time() + 10
+    for job_id in "edcba":
+        await broker.enqueue(queue_name, [new(job_id, eta=eta)])
+    await broker.enqueue(queue_name, [new("f", eta=eta - 5)])
+    await broker.promote_due(queue_name, eta, 3)
+    await broker.promote_due(queue_name, eta, 100)
+    assert [d.job_id for d in await take(broker, queue_name, count=10)] == list("fedcba")
+
+
 async def test_reclaim_and_renew(broker: Broker, queue_name: str) -> None:
     await broker.enqueue(queue_name, [new("a")])
     d1 = await take_one(broker, queue_name, consumer="w1")
