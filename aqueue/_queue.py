@@ -97,6 +97,14 @@ class _PeriodicDecorator(TaskDecorator):
         self._schedule = schedule
 
     def __call__(self, fn: Callable[..., Any], /) -> Task[Any, Any]:  # type: ignore[override]
+        if isinstance(fn, Task):
+            raise ConfigurationError(f"@queue.periodic decorates a function, not the task {fn.name!r} "
+                                     "(one schedule per task: name another task to run it on another)")
+        name = self._name or default_name(fn)
+        if name in self._queue.schedules:  # a second would replace the first without a word
+            raise ConfigurationError(f"the task {name!r} already runs on "
+                                     f"{self._queue.schedules[name]!r}: one schedule per task "
+                                     "(register another with name=...)")
         # Each tick calls it with none: one that needs some would fail at every tick, in a worker.
         try:
             inspect.signature(fn).bind()

@@ -25,6 +25,7 @@ from aqueue import (
     RateLimitExceeded,
     Signal,
     TaskError,
+    crontab,
     current_job,
     every,
 )
@@ -514,6 +515,24 @@ async def test_a_periodic_task_that_needs_arguments_is_refused(queue: Queue) -> 
         return None
 
     assert "optional" in queue.schedules
+
+
+async def test_a_second_schedule_for_one_task_is_refused(queue: Queue) -> None:
+    # The second replaced the first without a word: only its ticks ran.
+    async def report() -> None:
+        return None
+
+    morning = crontab(minute="0", hour="9")
+    queue.periodic(morning)(report)
+    with pytest.raises(ConfigurationError, match="'report' already runs on crontab"):
+        queue.periodic(crontab(minute="30", hour="17"))(report)
+    assert queue.schedules["report"] is morning
+    queue.periodic(crontab(minute="30", hour="17"), name="evening_report")(report)  # named apart
+    with pytest.raises(ConfigurationError, match="decorates a function, not the task"):
+        @queue.periodic(every(hours=1))
+        @queue.periodic(every(hours=2))
+        async def stacked() -> None:
+            return None
 
 
 async def test_a_lock_left_from_another_task_is_released(queue: Queue) -> None:
