@@ -73,6 +73,9 @@ class RateLimitExceeded(AqueueError):
         self.reschedule = reschedule
         """Inside a job: run it again in the next window, without using a retry."""
 
+    def __reduce__(self) -> tuple[Any, ...]:  # rebuilt by its arguments, not from its message
+        return type(self), (self.key, self.retry_after, self.reschedule), vars(self)
+
 
 class JobError(AqueueError):
     """About one job's outcome."""
@@ -80,6 +83,9 @@ class JobError(AqueueError):
     def __init__(self, message: str, job_id: str | None = None) -> None:
         super().__init__(message)
         self.job_id = job_id
+
+    def __reduce__(self) -> tuple[Any, ...]:  # a copy or a pickle keeps the job id
+        return type(self), (str(self), self.job_id), vars(self)
 
 
 class JobNotFound(JobError):
@@ -96,6 +102,9 @@ class TaskError(JobError):
     def __init__(self, metadata: dict[str, Any]) -> None:
         super().__init__(f"{metadata.get('error')}", job_id=metadata.get("job_id"))
         self.metadata = metadata
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (self.metadata,), vars(self)
 
 
 class JobCancelled(JobError):
@@ -124,6 +133,9 @@ class RetryTask(Exception):
         super().__init__(f"retry requested (delay={delay})")
         self.delay = delay
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (self.delay,), vars(self)
+
 
 class CancelExecution(Exception):
     """Raise in a task to stop it.
@@ -135,3 +147,6 @@ class CancelExecution(Exception):
     def __init__(self, retry: bool | None = None) -> None:
         super().__init__(f"execution cancelled (retry={retry})")
         self.retry = retry
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (self.retry,), vars(self)
