@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import math
 import time
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, cast
@@ -141,7 +141,7 @@ class Task(Generic[P, R]):
     ) -> Job[R]:
         """Enqueue to run after `delay` seconds or at `eta`."""
         call = self.options(delay=delay, eta=eta)
-        jobs = await self.queue._enqueue_calls([(self, tuple(args), kwargs or {}, call.call)])
+        jobs = await self.queue._enqueue_calls([(self, *call_arguments(args, kwargs), call.call)])
         return cast("Job[R]", jobs[0])
 
     async def revoke(self, once: bool = False, until: When | None = None) -> None:
@@ -227,6 +227,20 @@ def default_name(fn: Callable[..., Any]) -> str:
     """The function's own name (`queue.jobs(task="add")`): the same whichever way its module was
     imported (`app`, `examples.app`, `__main__`). Two tasks of one name on a queue are refused."""
     return str(fn.__name__)
+
+
+def call_arguments(args: Iterable[Any], kwargs: object) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """`schedule`'s arguments, refused where they would be misread: a string would be spread into
+    its characters; a key that is no name fails the call in the worker."""
+    if isinstance(args, str | bytes | bytearray | Mapping):
+        raise ConfigurationError(f"schedule() takes the positional arguments as a tuple or list, "
+                                 f"got {args!r} (one argument: (x,))")
+    if kwargs is None:
+        return tuple(args), {}
+    if not isinstance(kwargs, Mapping) or not all(isinstance(name, str) for name in kwargs):
+        raise ConfigurationError(f"schedule() takes the keyword arguments as a dict of names, "
+                                 f"got {kwargs!r}")
+    return tuple(args), dict(kwargs)
 
 
 def check_priority(priority: object) -> None:

@@ -16,6 +16,7 @@ import anyio
 import pytest
 
 from aqueue import (
+    ConfigurationError,
     Job,
     JobInfo,
     JobNotFound,
@@ -280,6 +281,22 @@ async def test_result_timeout_when_not_finished(queue: Queue) -> None:
         async for _ in ResultGroup([job]).as_completed(timeout=timedelta(milliseconds=100)):
             pass
     assert await job.state() == JobState.PENDING
+
+
+async def test_schedule_refuses_arguments_it_would_misread(queue: Queue) -> None:
+    # "ab" ran add("a", "b"); a key that is not a string failed in the worker, at every retry.
+    @queue.task
+    async def add(a: int, b: int = 0) -> int:
+        return a + b
+
+    for args in ("ab", b"ab", {"a": 1}):
+        with pytest.raises(ConfigurationError, match="positional arguments as a tuple or list"):
+            await add.schedule(args, delay=1)
+    for kwargs in ({1: 2}, [("a", 1)]):
+        with pytest.raises(ConfigurationError, match="keyword arguments as a dict of names"):
+            await add.schedule((1,), kwargs, delay=1)  # type: ignore[arg-type]
+    assert await queue.jobs() == []
+    assert await (await add.schedule(iter([1, 2]), delay=1)).state() == JobState.SCHEDULED
 
 
 async def test_schedule_with_delay_and_eta(queue: Queue) -> None:
