@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import enum
+import functools
 import gc
 import tracemalloc
 import uuid
@@ -281,6 +282,16 @@ async def test_result_timeout_when_not_finished(queue: Queue) -> None:
         async for _ in ResultGroup([job]).as_completed(timeout=timedelta(milliseconds=100)):
             pass
     assert await job.state() == JobState.PENDING
+
+
+def test_a_task_of_a_callable_without_a_name_needs_one_given(queue: Queue) -> None:
+    # A functools.partial or a callable object: AttributeError '__name__'.
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    with pytest.raises(ConfigurationError, match="give one with name="):
+        queue.task(functools.partial(add, 1))
+    assert queue.task(name="add_one")(functools.partial(add, 1)).name == "add_one"
 
 
 async def test_schedule_refuses_arguments_it_would_misread(queue: Queue) -> None:
