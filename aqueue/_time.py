@@ -35,11 +35,18 @@ def timedelta_or_seconds(value: Seconds | None, what: str = "a timeout") -> floa
     raise ConfigurationError(f"{what} must be seconds or a timedelta, got {value!r}")
 
 
+# The longest lock ttl or rate-limit window (about 31 years): Redis refuses an expiry past what
+# its milliseconds hold, and only when the key is written.
+LONGEST = 1e9
+
+
 def finite_seconds(value: Seconds, what: str) -> float:
     """A duration over zero and finite: a lock's ttl, a rate limit's window."""
     result = seconds(value, what)
     if not 0 < result < math.inf:
         raise ConfigurationError(f"{what} must be over 0 seconds and finite, got {value!r}")
+    if result > LONGEST:
+        raise ConfigurationError(f"{what} must be at most {LONGEST:.0e} seconds, got {value!r}")
     return result
 
 

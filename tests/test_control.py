@@ -668,6 +668,10 @@ async def test_lock_decorator_with_a_timeout_waits_that_long_for_the_lock(queue:
     (lambda q: q.lock("l", ttl=0), "lock ttl"),
     (lambda q: q.rate_limit("r", limit=10, per=math.inf), "rate limit per"),
     (lambda q: q.rate_limit("r", limit=10, per=0), "rate limit per"),
+    # Past what Redis keeps as an expiry: refused by Redis at every use, after the rate limit's
+    # count was written (with no expiry).
+    (lambda q: q.lock("l", ttl=1e17), "lock ttl must be at most 1e"),
+    (lambda q: q.rate_limit("r", limit=10, per=1e17), "rate limit per must be at most 1e"),
     (lambda q: q.rate_limit("r", limit=1.5, per=1), "limit"),
     (lambda q: q.rate_limit("r", limit=True, per=1), "limit"),
     (lambda q: q.rate_limit("r", limit=0, per=1), "limit"),
@@ -677,6 +681,14 @@ def test_lock_and_rate_limit_refuse_what_they_cannot_keep(
 ) -> None:
     with pytest.raises(ConfigurationError, match=message):
         make(queue)
+
+
+async def test_the_longest_lock_ttl_and_rate_limit_window_work(queue: Queue) -> None:
+    async with queue.lock("long", ttl=1e9), queue.rate_limit("long", limit=1, per=1e9):
+        pass
+    with pytest.raises(RateLimitExceeded):
+        async with queue.rate_limit("long", limit=1, per=1e9):
+            pass
 
 
 async def test_result_refuses_a_timeout_that_is_not_a_duration(queue: Queue) -> None:
