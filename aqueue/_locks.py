@@ -24,6 +24,10 @@ logger = logging.getLogger("aqueue")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+# The locks each task holds in this process, by queue: one that a task asks for again, with no
+# timeout, would wait for itself for ever (a lock is not re-entrant).
+_held: set[tuple[int, str, object]] = set()
+
 
 class Lock:
     """`async with queue.lock("name", ttl=30, timeout=None):`, or a decorator below `@queue.task`.
@@ -89,6 +93,9 @@ class Lock:
             yield
 
     async def _acquire(self, timeout: float | None) -> str:
+        if timeout is None and self._holding() in _held:  # with a timeout, it times out
+            raise RuntimeError(f"lock {self.name!r} is already held by this task: a lock is not "
+                               "re-entrant, and would wait for itself for ever")
         broker, queue = self.queue.broker, self.queue.name
         token = uuid.uuid4().hex
         deadline = None if timeout is None else anyio.current_time() + timeout
@@ -121,10 +128,13 @@ class Lock:
     @asynccontextmanager
     async def _keep(self, token: str) -> AsyncIterator[None]:
         """Renew while the body runs; release on the way out, whatever ends the body."""
+        holding = self._holding()
+        _held.add(holding)
         renewer = Background(self._renew(token))
         try:
             yield
         finally:
+            _held.discard(holding)
             failure = await renewer.stop()
             if failure is not None:
                 logger.error("renewing lock %r failed", self.name, exc_info=failure)
@@ -136,6 +146,9 @@ class Lock:
                     # cancellation, or its success); the lock frees itself after its ttl.
                     logger.warning("releasing lock %r failed; it frees itself within %ss: %s",
                                    self.name, self.ttl, exc)
+
+    def _holding(self) -> tuple[int, str, object]:
+        return id(self.queue), self.name, anyio.get_current_task().id
 
     async def _renew(self, token: str) -> None:
         while True:

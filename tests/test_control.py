@@ -535,6 +535,35 @@ async def test_a_second_schedule_for_one_task_is_refused(queue: Queue) -> None:
             return None
 
 
+async def test_a_task_asking_again_for_a_lock_it_holds_is_refused(queue: Queue) -> None:
+    # It waited for itself for ever (a job under @queue.lock taking its own lock again held its
+    # runner and renewed the lock for good).
+    ran: list[str] = []
+
+    @queue.task(retries=0)
+    @queue.lock("report")
+    async def report() -> None:
+        async with queue.lock("report"):
+            ran.append("inner")
+
+    with anyio.fail_after(5):
+        async with queue.lock("shared"):
+            with pytest.raises(RuntimeError, match="already held by this task"):
+                async with queue.lock("shared"):
+                    pass
+            with pytest.raises(LockTimeout):  # with a timeout, it times out as before
+                async with queue.lock("shared", timeout=0):
+                    pass
+            async with queue.lock("other"):  # another name is another lock
+                pass
+        async with queue.lock("shared", timeout=0):  # held no more once left
+            pass
+        async with queue.worker():
+            with pytest.raises(TaskError, match="already held by this task"):
+                await (await report.enqueue()).result(timeout=5)
+    assert ran == []
+
+
 async def test_a_lock_left_from_another_task_is_released(queue: Queue) -> None:
     # Entered in one task, left in another (a fixture's teardown, an exit stack closed elsewhere):
     # it raised KeyError and its renewer kept it held for as long as the process lived.
