@@ -32,6 +32,9 @@ def load_queue(target: str) -> Queue:
     module_name, sep, attribute = target.partition(":")
     if not sep or not module_name or not attribute:
         raise TargetError(f"expected module:attribute (e.g. app:queue), got {target!r}")
+    if module_name.startswith("."):  # import_module raises TypeError: it needs a package
+        raise TargetError(f"{module_name!r} is a relative module name: name it from the top "
+                          "(e.g. app.tasks:queue)")
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
@@ -46,7 +49,9 @@ def load_queue(target: str) -> Queue:
     if queue is None:
         raise TargetError(f"module {module_name!r} has no attribute {attribute!r}")
     if not isinstance(queue, Queue):
-        what = f"the class {queue.__name__}" if isinstance(queue, type) else f"a {type(queue).__name__}"
+        kind = type(queue).__name__
+        what = (f"the class {queue.__name__}" if isinstance(queue, type)
+                else f"{'an' if kind[:1] in 'AEIOUaeiou' else 'a'} {kind}")
         raise TargetError(f"{target} is {what}, not an aqueue.Queue")
     return queue
 
