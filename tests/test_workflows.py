@@ -207,6 +207,26 @@ async def test_a_chord_callback_whose_values_outgrow_the_payload_bound_ends_fail
     assert await c.callback.state() == JobState.FAILED
 
 
+async def test_a_step_whose_value_outgrows_the_next_steps_payload_bound_names_that_step(
+    queue: Queue,
+) -> None:
+    # The error named the step that ran ("the arguments of big"), not the step they were for.
+    queue = Queue(broker=queue.broker, name=queue.name, max_payload_size=1000)
+
+    @queue.task
+    async def big() -> str:
+        return "x" * 2000
+
+    @queue.task
+    async def step(value: str) -> int:
+        return len(value)
+
+    async with queue.worker():
+        res = await queue.enqueue(big.s().then(step))
+        with pytest.raises(TaskError, match="the arguments of the step after big encode to"):
+            await res.get(timeout=10)
+
+
 async def test_a_group_fed_into_a_task_is_a_chord_and_a_chord_takes_a_bare_task(queue: Queue) -> None:
     # Huey's guide: `group([...]).then(total)` is `chord([...], total)`, and a chord's callback may
     # be given as the task itself.

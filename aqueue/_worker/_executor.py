@@ -289,7 +289,8 @@ def _next_payload(queue: Queue, task: str, value: Any, following: dict[str, Any]
     elif value is not None:
         args = [value, *args]
     # The value passed encode_result's check, the step's own arguments the check at enqueue.
-    return encode_call(task, args, kwargs, following["options"], queue.max_payload_size, checked=True)
+    return encode_call(f"the step after {task}", args, kwargs, following["options"],
+                       queue.max_payload_size, checked=True)
 
 
 def _errors_restored(value: Any) -> Any:
