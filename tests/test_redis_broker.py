@@ -559,6 +559,24 @@ async def test_purged_dead_letters_leave_the_listing_index(
     assert index == [kept.id.encode()]
 
 
+async def test_a_lapsed_task_revocation_is_pruned_and_lean_deliveries_resume(
+    redis_broker: RedisBroker, queue_name: str
+) -> None:
+    # Dropped only when a job of its task was met: while it stayed, every delivery of every task
+    # took the slower path through the record (a lean one has token 1).
+    await redis_broker.revoke_task(queue_name, "retired", False, time.time() + 1)
+    await redis_broker.revoke_task(queue_name, "paused", False, None)
+    await redis_broker.prune(queue_name, time.time(), 100)
+    revoked = Keys(queue_name).revoked_tasks
+    assert await redis_broker.client.hkeys(revoked) == [b"retired", b"paused"]  # none lapsed
+    await redis_broker.prune(queue_name, time.time() + 2, 100)
+    assert await redis_broker.client.hkeys(revoked) == [b"paused"]
+    assert await redis_broker.restore_task(queue_name, "paused")
+    await redis_broker.enqueue(queue_name, [new_job()])
+    [d] = await redis_broker.receive(queue_name, "w", 1, 0, 5)
+    assert d.token == 1
+
+
 async def test_prune_takes_at_most_its_limit_across_seconds(
     redis_broker: RedisBroker, client: redis.asyncio.Redis, queue_name: str
 ) -> None:

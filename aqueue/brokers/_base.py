@@ -247,7 +247,8 @@ class Broker(ABC):
     @abstractmethod
     async def prune(self, queue: str, now: float, limit: int) -> int:
         """Forget what is left of up to `limit` records that expired by `now` (their entries in
-        the listing index). Returns how many; fewer than `limit` means none are left."""
+        the listing index), and task revocations that lapsed by then. Returns how many records;
+        fewer than `limit` means none are left."""
 
     @abstractmethod
     async def interrupt_receive(self, queue: str, consumer: str) -> bool:

@@ -269,6 +269,9 @@ class MemoryBroker(Broker):
         for batch_id in [b for b, batch in q.batches.items()
                          if batch.expires_at is not None and batch.expires_at <= now]:
             del q.batches[batch_id]
+        for task in [task for task, (_, until) in q.revoked_tasks.items()
+                     if until is not None and until <= now]:
+            del q.revoked_tasks[task]
         return len(expired)
 
     async def interrupt_receive(self, queue: str, consumer: str) -> bool:

@@ -1,9 +1,17 @@
--- Forget index entries of jobs whose records have expired.
+-- Forget index entries of jobs whose records have expired, and task revocations that lapsed.
 -- KEYS[1] prefix
 -- ARGV: now, limit
 -- Returns how many were forgotten (fewer than limit: none are left).
 local now, limit = ARGV[1], tonumber(ARGV[2])
 local ikey = prefix .. 'index'
+-- Task revocations whose `until` has passed: one that stays keeps every delivery off the lean
+-- path (see lean_delivery) until a job of its task is met.
+local rkey = prefix .. 'revoked_tasks'
+local revocations = redis.call('HGETALL', rkey)
+for i = 1, #revocations, 2 do
+  local till = string.match(revocations[i + 1], '^%d|(.+)$')
+  if till and tonumber(till) <= tonumber(now) then redis.call('HDEL', rkey, revocations[i]) end
+end
 -- Entries acked outside a finish (wake-ups, jobs ended before they ran) leave their streams here.
 for _, p in ipairs(redis.call('ZRANGE', prefix .. 'priorities', 0, -1)) do
   local s = stream_key(p)
