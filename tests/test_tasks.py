@@ -347,6 +347,13 @@ async def test_idempotency_key_returns_the_live_job(queue: Queue) -> None:
     first = await send.options(key="welcome:1").enqueue("a@example.com")
     again = await send.options(key="welcome:1").enqueue("a@example.com")
     assert again.id == first.id
+
+    @queue.task
+    async def other(to: str) -> str:
+        return to
+
+    # The key is the queue's (README): another task's enqueue under it finds the same live job.
+    assert (await other.options(key="welcome:1").enqueue("b@example.com")).id == first.id
     async with queue.worker():
         assert await first.result(timeout=10) == "a@example.com"
     # Once finished, the key is free: a new job is made.
