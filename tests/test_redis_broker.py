@@ -577,6 +577,30 @@ async def test_a_lapsed_task_revocation_is_pruned_and_lean_deliveries_resume(
     assert d.token == 1
 
 
+async def test_prune_forgets_consumers_that_hold_nothing_and_read_nothing_for_long(
+    redis_broker: RedisBroker, queue_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A worker killed (not stopped) left its consumers in every band's group for good, emptied by
+    # the takeover of its jobs.
+    monkeypatch.setattr(aqueue.brokers._redis, "FORGET_CONSUMERS_AFTER", 0.05)
+    await redis_broker.enqueue(queue_name, [new_job(), new_job()])
+    [gone] = await redis_broker.receive(queue_name, "gone", 1, 0, 5)
+    await redis_broker.receive(queue_name, "holding", 1, 0, 5)
+    await redis_broker.finish(queue_name, [Completion(gone, Outcome.SUCCEEDED, time.time())], 60)
+    stream = Keys(queue_name).stream(0)
+
+    async def consumers() -> list[str]:
+        return [c["name"].decode() for c in await redis_broker.client.xinfo_consumers(stream, GROUP)]
+
+    with anyio.fail_after(5):
+        while "gone" in await consumers():
+            await redis_broker.prune(queue_name, time.time(), 100)
+            await anyio.sleep(0.01)
+    assert await consumers() == ["holding"]  # it holds a job: kept, however long idle
+    await redis_broker.enqueue(queue_name, [new_job()])
+    assert len(await redis_broker.receive(queue_name, "gone", 1, 0, 5)) == 1  # named again
+
+
 async def test_prune_takes_at_most_its_limit_across_seconds(
     redis_broker: RedisBroker, client: redis.asyncio.Redis, queue_name: str
 ) -> None:

@@ -247,8 +247,9 @@ class Broker(ABC):
     @abstractmethod
     async def prune(self, queue: str, now: float, limit: int) -> int:
         """Forget what is left of up to `limit` records that expired by `now` (their entries in
-        the listing index), and task revocations that lapsed by then. Returns how many records;
-        fewer than `limit` means none are left."""
+        the listing index), and task revocations that lapsed by then (on Redis, also consumers
+        that hold nothing and have read nothing for an hour). Returns how many records; fewer
+        than `limit` means none are left."""
 
     @abstractmethod
     async def interrupt_receive(self, queue: str, consumer: str) -> bool:

@@ -217,6 +217,11 @@ def _check_url(url: str, shown: str) -> None:
                                          f"({allowed})")
 
 
+# How long a consumer that holds nothing stays in its group with no read delivering to it (a
+# worker that died leaves its consumers; one that stops removes its own).
+FORGET_CONSUMERS_AFTER = 3600.0
+
+
 def waiting_name(consumer: str) -> str:
     """The name a consumer's blocking reads are made under: what its group's pending list holds
     under it is only ever what the last read handed over, before the take script moves it to
@@ -853,7 +858,8 @@ class RedisBroker(Broker):
         await self._run(queue, "forget", [consumer, waiting_name(consumer)])
 
     async def prune(self, queue: str, now: float, limit: int) -> int:
-        return int(await self._run(queue, "prune", [repr(now), limit]))
+        idle_ms = int(FORGET_CONSUMERS_AFTER * 1000)
+        return int(await self._run(queue, "prune", [repr(now), limit, idle_ms]))
 
     async def interrupt_receive(self, queue: str, consumer: str) -> bool:
         client_id = self._blocked.get(consumer)

@@ -1,8 +1,9 @@
--- Forget index entries of jobs whose records have expired, and task revocations that lapsed.
+-- Forget index entries of jobs whose records have expired, task revocations that lapsed, and
+-- consumers that hold nothing and have read nothing for `idle_ms`.
 -- KEYS[1] prefix
--- ARGV: now, limit
--- Returns how many were forgotten (fewer than limit: none are left).
-local now, limit = ARGV[1], tonumber(ARGV[2])
+-- ARGV: now, limit, idle_ms
+-- Returns how many records were forgotten (fewer than limit: none are left).
+local now, limit, idle_ms = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local ikey = prefix .. 'index'
 -- Task revocations whose `until` has passed: one that stays keeps every delivery off the lean
 -- path (see lean_delivery) until a job of its task is met.
@@ -13,9 +14,25 @@ for i = 1, #revocations, 2 do
   if till and tonumber(till) <= tonumber(now) then redis.call('HDEL', rkey, revocations[i]) end
 end
 -- Entries acked outside a finish (wake-ups, jobs ended before they ran) leave their streams here.
+-- A worker that stopped cleanly removes its consumers (forget.lua); one that died (killed, out of
+-- memory) leaves them, emptied by the takeover of its jobs. Removing one that holds nothing is
+-- harmless even if its worker lives: a read names it again (a blocked one too).
 for _, p in ipairs(redis.call('ZRANGE', prefix .. 'priorities', 0, -1)) do
   local s = stream_key(p)
-  if redis.call('EXISTS', s) == 1 then trim_acked(s) end
+  if redis.call('EXISTS', s) == 1 then
+    trim_acked(s)
+    for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', s, GROUP)) do
+      local name, pending, idle = nil, nil, nil
+      for j = 1, #c, 2 do
+        if c[j] == 'name' then name = c[j + 1]
+        elseif c[j] == 'pending' then pending = c[j + 1]
+        elseif c[j] == 'idle' then idle = c[j + 1] end
+      end
+      if pending == 0 and idle and idle >= idle_ms then
+        redis.call('XGROUP', 'DELCONSUMER', s, GROUP, name)
+      end
+    end
+  end
 end
 -- Records listed one by one in the zset 'expiring' (by aqueue before the per-second lists).
 local legacy = prefix .. 'expiring'
