@@ -237,7 +237,8 @@ class Broker(ABC):
         self, queue: str, consumer: str, job_id: str, max_deliveries: int
     ) -> Delivery | None:
         """Lease this one job if it is ready (`pending`), as `receive` would; None otherwise.
-        Immediate mode runs its own jobs with it, never another producer's."""
+        Immediate mode runs the jobs its enqueue stored with it, and the live job an idempotency
+        key found in one's place (no worker may be there to run it); never another job."""
 
     @abstractmethod
     async def forget_consumer(self, queue: str, consumer: str) -> None:
