@@ -129,8 +129,8 @@ class Lock:
     async def _keep(self, token: str) -> AsyncIterator[None]:
         """Renew while the body runs; release on the way out, whatever ends the body."""
         holding = self._holding()
-        _held.add(holding)
         renewer = Background(self._renew(token))
+        _held.add(holding)
         try:
             yield
         finally:
