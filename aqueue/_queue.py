@@ -11,8 +11,6 @@ from contextlib import asynccontextmanager
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
-import anyio.lowlevel
-
 from aqueue._checks import check_count
 from aqueue._exceptions import ConfigurationError
 from aqueue._ids import new_id
@@ -119,10 +117,8 @@ class _PeriodicDecorator(TaskDecorator):
         return task
 
 
-# The queues connected through each broker (several may share one: `Queue(broker=...)`), and
-# the event loop they connected in: those of a loop before count no more.
-_users: weakref.WeakKeyDictionary[Broker, tuple[object, weakref.WeakSet[Queue]]] = (
-    weakref.WeakKeyDictionary())
+# The queues connected through each broker: several may share one (`Queue(broker=...)`).
+_users: weakref.WeakKeyDictionary[Broker, weakref.WeakSet[Queue]] = weakref.WeakKeyDictionary()
 
 
 class Queue:
@@ -180,21 +176,17 @@ class Queue:
 
     async def connect(self) -> None:
         await self.broker.connect()
-        loop = anyio.lowlevel.current_token().native_token
-        users = _users.get(self.broker)
-        if users is None or users[0] is not loop:
-            users = _users[self.broker] = (loop, weakref.WeakSet())
-        users[1].add(self)
+        _users.setdefault(self.broker, weakref.WeakSet()).add(self)
         self._connected = True
 
     async def close(self) -> None:
-        """Release the broker's connections, unless another queue on it is still connected in
-        this event loop: the last of them to close releases them."""
+        """Release the broker's connections, unless another queue on it is still connected: the
+        last of them to close releases them."""
         self._connected = False
         users = _users.get(self.broker)
-        if users is not None and users[0] is anyio.lowlevel.current_token().native_token:
-            users[1].discard(self)
-            if users[1]:
+        if users is not None:
+            users.discard(self)
+            if users:
                 return
         await self.broker.close()
 

@@ -372,25 +372,20 @@ def test_a_broker_closed_in_one_event_loop_works_in_the_next(
 # Closing a Redis queue from the new loop lets the old loop's connections go unclosed (their
 # transports belong to that loop), and Python warns of each when it is collected (README).
 @pytest.mark.filterwarnings("ignore::ResourceWarning")
-@pytest.mark.parametrize("shared", [False, True], ids=["alone", "sharing_its_broker"])
 def test_a_queue_left_open_in_an_ended_event_loop(
-    backend: str, request: pytest.FixtureRequest, queue_name: str, shared: bool
+    backend: str, request: pytest.FixtureRequest, queue_name: str
 ) -> None:
     # The same queue, not closed before its loop ended. In memory nothing belongs to the loop.
     # Redis connections do: a clear error says what to do, and closing the queue lets it
-    # connect again in the new loop, even while another queue on its broker, connected in the
-    # old loop, was never closed.
+    # connect again in the new loop.
     queue = Queue("memory://" if backend == "memory" else request.getfixturevalue("redis_url"),
                   name=queue_name)
-    other = Queue(broker=queue.broker, name=f"{queue_name}-other")
 
     @queue.task
     async def add(a: int, b: int) -> int:
         return a + b
 
     async def first() -> None:
-        if shared:
-            await other.connect()
         async with queue.worker():
             assert await (await add.enqueue(1, 2)).result(timeout=10) == 3
 
