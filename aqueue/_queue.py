@@ -5,7 +5,6 @@ from __future__ import annotations
 import inspect
 import math
 import time
-import weakref
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from types import TracebackType
@@ -117,10 +116,6 @@ class _PeriodicDecorator(TaskDecorator):
         return task
 
 
-# The queues connected through each broker: several may share one (`Queue(broker=...)`).
-_users: weakref.WeakKeyDictionary[Broker, weakref.WeakSet[Queue]] = weakref.WeakKeyDictionary()
-
-
 class Queue:
     """A named queue on a broker.
 
@@ -176,18 +171,10 @@ class Queue:
 
     async def connect(self) -> None:
         await self.broker.connect()
-        _users.setdefault(self.broker, weakref.WeakSet()).add(self)
         self._connected = True
 
     async def close(self) -> None:
-        """Release the broker's connections, unless another queue on it is still connected: the
-        last of them to close releases them."""
         self._connected = False
-        users = _users.get(self.broker)
-        if users is not None:
-            users.discard(self)
-            if users:
-                return
         await self.broker.close()
 
     async def __aenter__(self) -> Queue:

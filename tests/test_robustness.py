@@ -295,32 +295,6 @@ async def test_blocking_receive_never_returns_more_than_count(broker: Broker, qu
     assert sorted([*got[0], *(d.job_id for d in rest)]) == ["b0", "b7"]  # nothing lost
 
 
-async def test_closing_one_queue_leaves_the_broker_to_the_others_on_it(
-    broker: Broker, queue_name: str
-) -> None:
-    # Two queues on one broker: the first one's close closed the broker under the other (its
-    # waiter failed "closed while waiting", its worker lost its reads for a while).
-    first, second = (Queue(broker=broker, name=f"{queue_name}-{n}") for n in (1, 2))
-    release = anyio.Event()
-
-    @second.task(name="two")
-    async def two() -> int:
-        await release.wait()
-        return 2
-
-    async with second.worker():
-        job = await two.enqueue()
-        async with anyio.create_task_group() as tg:
-            async def close_first_then_release() -> None:
-                async with first:
-                    pass
-                release.set()
-
-            with anyio.fail_after(10):
-                tg.start_soon(close_first_then_release)
-                assert await job.result(timeout=10) == 2
-
-
 async def test_immediate_mode_runs_only_its_own_jobs(broker: Broker, queue_name: str) -> None:
     producer = Queue(broker=broker, name=queue_name)
     immediate = Queue(broker=broker, name=queue_name, immediate=True)
