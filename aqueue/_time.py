@@ -35,9 +35,9 @@ def timedelta_or_seconds(value: Seconds | None, what: str = "a timeout") -> floa
     raise ConfigurationError(f"{what} must be seconds or a timedelta, got {value!r}")
 
 
-# The longest lock ttl or rate-limit window (about 31 years): Redis refuses an expiry past what
-# its milliseconds hold, and only when the key is written.
-LONGEST = 1e9
+# The longest lock ttl or rate-limit window: Redis refuses an expiry past what its milliseconds
+# hold (a signed 64-bit count: about 9e15 seconds), and only when the key is written.
+LONGEST = 1e15
 
 
 def finite_seconds(value: Seconds, what: str) -> float:
