@@ -26,7 +26,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 # The locks each task holds in this process, by queue: one that a task asks for again, with no
 # timeout, would wait for itself for ever (a lock is not re-entrant).
-_held: set[tuple[int, str, object]] = set()
+_held: set[tuple[int, str, str, object]] = set()
 
 
 class Lock:
@@ -147,8 +147,9 @@ class Lock:
                     logger.warning("releasing lock %r failed; it frees itself within %ss: %s",
                                    self.name, self.ttl, exc)
 
-    def _holding(self) -> tuple[int, str, object]:
-        return id(self.queue), self.name, anyio.get_current_task().id
+    def _holding(self) -> tuple[int, str, str, object]:
+        # By broker and queue name, not by Queue object: two objects for one queue share its locks.
+        return id(self.queue.broker), self.queue.name, self.name, anyio.get_current_task().id
 
     async def _renew(self, token: str) -> None:
         while True:

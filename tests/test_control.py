@@ -554,6 +554,10 @@ async def test_a_task_asking_again_for_a_lock_it_holds_is_refused(queue: Queue) 
             with pytest.raises(LockTimeout):  # with a timeout, it times out as before
                 async with queue.lock("shared", timeout=0):
                     pass
+            same_queue = Queue(broker=queue.broker, name=queue.name)  # another object, one queue
+            with pytest.raises(RuntimeError, match="already held by this task"):
+                async with same_queue.lock("shared"):
+                    pass
             async with queue.lock("other"):  # another name is another lock
                 pass
         async with queue.lock("shared", timeout=0):  # held no more once left
