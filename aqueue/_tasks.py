@@ -226,7 +226,9 @@ def policy_for_call(policy: TaskPolicy, overrides: dict[str, Any]) -> TaskPolicy
 def default_name(fn: Callable[..., Any]) -> str:
     """The function's own name (`queue.jobs(task="add")`): the same whichever way its module was
     imported (`app`, `examples.app`, `__main__`). Two tasks of one name on a queue are refused."""
-    name = getattr(fn, "__name__", None)
+    # The function's own, under a lock or rate limit (whose wrapper is named "guarded" when the
+    # function has no name to copy).
+    name = getattr(unguarded(fn), "__name__", None)
     if not isinstance(name, str):  # a functools.partial, a callable object
         raise ConfigurationError(f"{fn!r} has no __name__ to name its task: give one with name=...")
     return name
