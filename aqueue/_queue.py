@@ -101,7 +101,9 @@ class _PeriodicDecorator(TaskDecorator):
             raise ConfigurationError(f"@queue.periodic decorates a function, not the task {fn.name!r} "
                                      "(one schedule per task: name another task to run it on another)")
         name = self._name or default_name(fn)
-        if name in self._queue.schedules:  # a second would replace the first without a word
+        existing, task = self._queue.schedules.get(name), self._queue.tasks.get(name)
+        again = task is not None and task.fn is fn and repr(existing) == repr(self._schedule)
+        if existing is not None and not again:  # a second would replace the first without a word
             raise ConfigurationError(f"the task {name!r} already runs on "
                                      f"{self._queue.schedules[name]!r}: one schedule per task "
                                      "(register another with name=...)")

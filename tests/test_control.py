@@ -524,9 +524,10 @@ async def test_a_second_schedule_for_one_task_is_refused(queue: Queue) -> None:
 
     morning = crontab(minute="0", hour="9")
     queue.periodic(morning)(report)
+    queue.periodic(crontab(minute="0", hour="9"))(report)  # the same again, as @queue.task allows
     with pytest.raises(ConfigurationError, match="'report' already runs on crontab"):
         queue.periodic(crontab(minute="30", hour="17"))(report)
-    assert queue.schedules["report"] is morning
+    assert repr(queue.schedules["report"]) == repr(morning)
     queue.periodic(crontab(minute="30", hour="17"), name="evening_report")(report)  # named apart
     with pytest.raises(ConfigurationError, match="decorates a function, not the task"):
         @queue.periodic(every(hours=1))
