@@ -121,9 +121,9 @@ class Lock:
         with anyio.CancelScope(shield=True):
             try:
                 await self.queue.broker.lock_release(self.queue.name, self.name, token)
-            except BrokerError as exc:
+            except Exception as exc:  # raised, it would replace the failure (or cancel) being raised
                 logger.warning("a request for lock %r failed, and so did releasing what it may have "
-                               "taken; it frees itself within %ss: %s", self.name, self.ttl, exc)
+                               "taken; it frees itself within %ss: %r", self.name, self.ttl, exc)
 
     @asynccontextmanager
     async def _keep(self, token: str) -> AsyncIterator[None]:

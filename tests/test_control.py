@@ -647,6 +647,22 @@ async def test_a_request_whose_answer_never_comes_leaves_the_lock_free(
         pass
 
 
+async def test_a_release_failing_after_a_lost_answer_leaves_the_first_error_standing(
+    queue: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def answer_lost(queue_name: str, name: str, token: str, ttl: float) -> bool:
+        raise BrokerConnectionError("Timeout reading from the server")
+
+    async def release_breaks(queue_name: str, name: str, token: str) -> bool:
+        raise RuntimeError("a broker of the user's that fails its own way")
+
+    monkeypatch.setattr(queue.broker, "lock_acquire", answer_lost)
+    monkeypatch.setattr(queue.broker, "lock_release", release_breaks)
+    with pytest.raises(BrokerConnectionError):
+        async with queue.lock("contended"):
+            pass
+
+
 async def test_a_failed_release_does_not_replace_how_the_body_ended(
     queue: Queue, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
