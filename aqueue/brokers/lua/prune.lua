@@ -13,14 +13,14 @@ for i = 1, #revocations, 2 do
   local till = string.match(revocations[i + 1], '^%d|(.+)$')
   if till and tonumber(till) <= tonumber(now) then redis.call('HDEL', rkey, revocations[i]) end
 end
--- Entries acked outside a finish (wake-ups, jobs ended before they ran) leave their streams here.
--- A worker that stopped cleanly removes its consumers (forget.lua); one that died (killed, out of
--- memory) leaves them, emptied by the takeover of its jobs. Removing one that holds nothing is
--- harmless even if its worker lives: a read names it again (a blocked one too).
 for _, p in ipairs(redis.call('ZRANGE', prefix .. 'priorities', 0, -1)) do
   local s = stream_key(p)
   if redis.call('EXISTS', s) == 1 then
+    -- Entries acked outside a finish (wake-ups, jobs ended before they ran) leave their stream here.
     trim_acked(s)
+    -- A worker that stopped cleanly removes its consumers (forget.lua); one that died (killed, out
+    -- of memory) leaves them, emptied by the takeover of its jobs. Removing one that holds nothing
+    -- is harmless even if its worker lives: a read names it again (a blocked one too).
     for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', s, GROUP)) do
       local name, pending, idle = nil, nil, nil
       for j = 1, #c, 2 do
