@@ -148,6 +148,11 @@ KNOWN_OPTIONS = {"max_connections", *URL_QUERY_ARGUMENT_PARSERS, *TEXT_OPTIONS}
 VALUE_RANGES: dict[str, tuple[Callable[[str], bool], str]] = {
     "protocol": (lambda v: v.strip() in ("2", "3"), "2 or 3"),
     "max_connections": (lambda v: int(v) >= 1, "at least 1"),
+    # Each of these failed every call as if Redis could not be reached.
+    "socket_timeout": (lambda v: float(v) > 0, "over 0 seconds"),
+    "socket_connect_timeout": (lambda v: float(v) > 0, "over 0 seconds"),
+    "socket_read_size": (lambda v: int(v) >= 1, "at least 1"),
+    "health_check_interval": (lambda v: int(v) >= 0, "0 or more seconds"),
     "ssl_cert_reqs": (lambda v: v in ("none", "optional", "required"), "none, optional or required"),
 }
 
