@@ -26,7 +26,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 # The locks each task holds in this process, by queue: one that a task asks for again, with no
 # timeout, would wait for itself for ever (a lock is not re-entrant).
-_held: set[tuple[int, str, str, object]] = set()
+_held: set[tuple[object, str, str, object]] = set()
 
 
 class Lock:
@@ -141,15 +141,16 @@ class Lock:
             with anyio.CancelScope(shield=True):
                 try:
                     await self.queue.broker.lock_release(self.queue.name, self.name, token)
-                except BrokerError as exc:
+                except Exception as exc:
                     # Raised here it would replace what ended the body (its error, its
                     # cancellation, or its success); the lock frees itself after its ttl.
                     logger.warning("releasing lock %r failed; it frees itself within %ss: %s",
                                    self.name, self.ttl, exc)
 
-    def _holding(self) -> tuple[int, str, str, object]:
-        # By broker and queue name, not by Queue object: two objects for one queue share its locks.
-        return id(self.queue.broker), self.queue.name, self.name, anyio.get_current_task().id
+    def _holding(self) -> tuple[object, str, str, object]:
+        # By where the broker keeps its data and by queue name, not by Queue or broker object: two
+        # objects for one queue share its locks.
+        return self.queue.broker._data_home(), self.queue.name, self.name, anyio.get_current_task().id
 
     async def _renew(self, token: str) -> None:
         while True:

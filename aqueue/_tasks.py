@@ -228,9 +228,10 @@ def default_name(fn: Callable[..., Any]) -> str:
     imported (`app`, `examples.app`, `__main__`). Two tasks of one name on a queue are refused."""
     # The function's own, under a lock or rate limit (whose wrapper is named "guarded" when the
     # function has no name to copy).
-    name = getattr(unguarded(fn), "__name__", None)
+    own = unguarded(fn)
+    name = getattr(own, "__name__", None)
     if not isinstance(name, str):  # a functools.partial, a callable object
-        raise ConfigurationError(f"{fn!r} has no __name__ to name its task: give one with name=...")
+        raise ConfigurationError(f"{own!r} has no __name__ to name its task: give one with name=...")
     return name
 
 

@@ -663,11 +663,14 @@ async def test_a_release_failing_after_a_lost_answer_leaves_the_first_error_stan
             pass
 
 
+@pytest.mark.parametrize("failure", [BrokerConnectionError, RuntimeError])
 async def test_a_failed_release_does_not_replace_how_the_body_ended(
-    queue: Queue, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    queue: Queue, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+    failure: type[Exception],
 ) -> None:
+    # RuntimeError: a broker of the user's failing its own way replaced the body's error.
     async def unreachable(queue_name: str, name: str, token: str) -> bool:
-        raise BrokerConnectionError("connection refused")
+        raise failure("connection refused")
 
     monkeypatch.setattr(queue.broker, "lock_release", unreachable)
     with pytest.raises(ValueError, match="the body's own"):

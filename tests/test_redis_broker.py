@@ -233,6 +233,17 @@ def test_an_at_sign_in_a_query_value_or_a_socket_path_is_taken(url: str) -> None
     assert Queue(url).broker.url == url.partition("://")[0] + "://***"
 
 
+@pytest.mark.parametrize(("options", "shown"), [
+    ({"socket_timeout": 0}, "socket_timeout=0"), ({"socket_read_size": 0}, "socket_read_size=0"),
+    ({"health_check_interval": -5}, "health_check_interval=-5"), ({"protocol": 5}, "protocol=5"),
+])
+def test_broker_options_that_cannot_work_are_refused_when_made(options: dict[str, object], shown: str) -> None:
+    # Given to the broker rather than in the URL, they were taken, then failed every call.
+    with pytest.raises(ConfigurationError, match=f"{shown} is not a valid value"):
+        RedisBroker("redis://h/0", **options)
+    RedisBroker("redis://h/0", socket_timeout=None, protocol=3, health_check_interval=0)
+
+
 def test_url_options_are_those_of_the_scheme() -> None:
     # What redis-py's connection for the scheme takes: TLS options only with rediss://, no TCP
     # keepalive on a Unix socket; the pool's max_connections with any.
@@ -548,6 +559,23 @@ async def test_a_finished_batch_is_pruned_no_sooner_than_its_records_expire(
     assert await redis_broker.prune(queue_name, ends[-1] + 62, 100) == 3
     assert await client.zcard(Keys(queue_name).index) == 0
     assert not await client.exists(prefix + "expiring_at", f"{prefix}expiring:{second}")
+
+
+async def test_a_task_asking_again_through_another_queue_object_for_a_lock_it_holds_is_refused(
+    redis_url: str, queue_name: str
+) -> None:
+    # Each Queue made from a URL has a broker of its own: the check went by the broker object, and
+    # the task waited for itself for ever.
+    first, second = Queue(redis_url, name=queue_name), Queue(redis_url, name=queue_name)
+    try:
+        with anyio.fail_after(5):
+            async with first.lock("shared"):
+                with pytest.raises(RuntimeError, match="already held by this task"):
+                    async with second.lock("shared"):
+                        pass
+    finally:
+        await first.close()
+        await second.close()
 
 
 async def test_purged_dead_letters_leave_the_listing_index(

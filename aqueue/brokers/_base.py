@@ -189,6 +189,11 @@ class Broker(ABC):
     async def close(self) -> None:
         """Release connections. Idempotent; the broker may connect again afterwards."""
 
+    def _data_home(self) -> object:
+        """What tells apart, in this process, where the broker keeps its data: the same for two
+        broker objects on one store (a lock held through one is held through the other)."""
+        return self
+
     # --- producing -------------------------------------------------------------------------------
 
     @abstractmethod

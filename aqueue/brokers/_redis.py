@@ -148,7 +148,7 @@ KNOWN_OPTIONS = {"max_connections", *URL_QUERY_ARGUMENT_PARSERS, *TEXT_OPTIONS}
 VALUE_RANGES: dict[str, tuple[Callable[[str], bool], str]] = {
     "protocol": (lambda v: v.strip() in ("2", "3"), "2 or 3"),
     "max_connections": (lambda v: int(v) >= 1, "at least 1"),
-    # Each of these failed every call as if Redis could not be reached.
+    # Each of these failed every call (most as if Redis could not be reached).
     "socket_timeout": (lambda v: float(v) > 0, "over 0 seconds"),
     "socket_connect_timeout": (lambda v: float(v) > 0, "over 0 seconds"),
     "socket_read_size": (lambda v: int(v) >= 1, "at least 1"),
@@ -215,11 +215,19 @@ def _check_url(url: str, shown: str) -> None:
         except (TypeError, ValueError):
             shown_value = "***" if _secret(name) else repr(value)
             raise ConfigurationError(f"{shown}: {name}={shown_value} is not a valid value") from None
-        if name in VALUE_RANGES:
-            within, allowed = VALUE_RANGES[name]
-            if not within(value):
-                raise ConfigurationError(f"{shown}: {name}={value!r} is not a valid value "
-                                         f"({allowed})")
+        if name in VALUE_RANGES and not _in_range(name, value):
+            raise ConfigurationError(f"{shown}: {name}={value!r} is not a valid value "
+                                     f"({VALUE_RANGES[name][1]})")
+
+
+def _in_range(name: str, value: object) -> bool:
+    """Whether a connection option's value (from the URL, or given to the broker) can work."""
+    if value is None or (name == "ssl_cert_reqs" and not isinstance(value, str)):
+        return True  # no timeout; an `ssl.VerifyMode`
+    try:
+        return VALUE_RANGES[name][0](str(value))
+    except ValueError:
+        return False
 
 
 # How long a consumer that holds nothing stays in its group with no read delivering to it (a
@@ -478,6 +486,10 @@ class RedisBroker(Broker):
         self.url = redact(url) if client is None else "redis://(client)"
         if client is None:
             _check_url(url, self.url)
+        for name, value in client_options.items():
+            if name in VALUE_RANGES and not _in_range(name, value):
+                raise ConfigurationError(f"{self.url}: {name}={value!r} is not a valid value "
+                                         f"({VALUE_RANGES[name][1]})")
         self._connect_url = url
         self._client_options = client_options
         self._client = client
@@ -507,6 +519,10 @@ class RedisBroker(Broker):
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # --- lifecycle -------------------------------------------------------------------------------
+
+    def _data_home(self) -> object:
+        # The URL it connects to (kept in memory only), or the client it was handed.
+        return ("url", self._connect_url) if self._owns_client else ("client", id(self._client))
 
     async def connect(self) -> None:
         self._check_loop()
