@@ -110,20 +110,13 @@ class Lock:
                     # The answer was lost (a timeout, a cancel from asyncio, which the shield does
                     # not stop): the lock may be taken all the same. Released by its token, it is
                     # free again whether it was taken or not.
-                    await self._release_after_failure(token)
+                    await self._release(token, "a request for lock %r failed, and so did "
+                                        "releasing what it may have taken")
                     raise
             remaining = None if deadline is None else deadline - anyio.current_time()
             if remaining is not None and remaining <= 0:
                 raise LockTimeout(f"lock {self.name!r} not acquired within {timeout}s")
             await broker.lock_wait(queue, self.name, remaining)  # woken when it is released
-
-    async def _release_after_failure(self, token: str) -> None:
-        with anyio.CancelScope(shield=True):
-            try:
-                await self.queue.broker.lock_release(self.queue.name, self.name, token)
-            except Exception as exc:  # raised, it would replace the failure (or cancel) being raised
-                logger.warning("a request for lock %r failed, and so did releasing what it may have "
-                               "taken; it frees itself within %ss: %r", self.name, self.ttl, exc)
 
     @asynccontextmanager
     async def _keep(self, token: str) -> AsyncIterator[None]:
@@ -138,14 +131,17 @@ class Lock:
             failure = await renewer.stop()
             if failure is not None:
                 logger.error("renewing lock %r failed", self.name, exc_info=failure)
-            with anyio.CancelScope(shield=True):
-                try:
-                    await self.queue.broker.lock_release(self.queue.name, self.name, token)
-                except Exception as exc:
-                    # Raised here it would replace what ended the body (its error, its
-                    # cancellation, or its success); the lock frees itself after its ttl.
-                    logger.warning("releasing lock %r failed; it frees itself within %ss: %s",
-                                   self.name, self.ttl, exc)
+            await self._release(token, "releasing lock %r failed")
+
+    async def _release(self, token: str, failed: str) -> None:
+        """Release by `token`, whatever is being raised around it; a release that fails is logged
+        (`failed`, with the lock's name), as raised it would replace what ended the body or the
+        request (an error, a cancellation, a success). The lock frees itself after its ttl."""
+        with anyio.CancelScope(shield=True):
+            try:
+                await self.queue.broker.lock_release(self.queue.name, self.name, token)
+            except Exception as exc:
+                logger.warning(failed + "; it frees itself within %ss: %s", self.name, self.ttl, exc)
 
     def _holding(self) -> tuple[object, str, str, object]:
         # By where the broker keeps its data and by queue name, not by Queue or broker object: two
