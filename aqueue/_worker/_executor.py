@@ -25,7 +25,7 @@ from aqueue._exceptions import (
     TaskTimeout,
 )
 from aqueue._serialization import dumps, encode_call, encode_result, loads
-from aqueue._signals import ENDED_SIGNALS, Signal, SignalJob
+from aqueue._signals import ENDED_SIGNALS, Signal, SignalJob, Signals
 from aqueue._tasks import TaskPolicy, policy_for_call
 from aqueue._threads import run_in_thread
 from aqueue.brokers import Completion, Delivery, Outcome
@@ -168,12 +168,9 @@ async def execute(queue: Queue, running: RunningJob) -> Completion | None:
     if running.lost:
         return None  # another worker's now
     if running.cancel_requested:  # stands over a shutdown that came after it, as below
-        if signals.wants(Signal.CANCELLED):
-            await signals.send(Signal.CANCELLED, context)
-        return Completion(d, Outcome.CANCELLED, time.time())
+        return await _cancelled(signals, context, d)
     if running.interrupted_at < math.inf:  # the worker's shutdown: handed back
-        if signals.wants(Signal.INTERRUPTED):
-            await signals.send(Signal.INTERRUPTED, context)
+        await _interrupted(signals, context)
         return None
     if signals.wants(Signal.EXECUTING):
         await signals.send(Signal.EXECUTING, context)
@@ -214,9 +211,7 @@ async def execute(queue: Queue, running: RunningJob) -> Completion | None:
             if scope.cancelled_caught or error is not None:
                 return None
         elif running.cancel_requested:
-            if signals.wants(Signal.CANCELLED):
-                await signals.send(Signal.CANCELLED, context)
-            return Completion(d, Outcome.CANCELLED, time.time())
+            return await _cancelled(signals, context, d)
         elif scope.deadline <= min(anyio.current_time(), running.interrupted_at):
             error = TaskTimeout(f"job {d.job_id} ({d.task}) timed out after {policy.timeout}s")
         elif scope.cancelled_caught or (not task.in_thread and error is not None
@@ -225,8 +220,7 @@ async def execute(queue: Queue, running: RunningJob) -> Completion | None:
             # its own (a task group's cleanup that raised, a client that wraps it): handed back,
             # not failed, as a timeout turned into an error is still a timeout (above). A thread
             # never sees the cancellation: an error it raises is its own, and stands.
-            if signals.wants(Signal.INTERRUPTED):
-                await signals.send(Signal.INTERRUPTED, context)
+            await _interrupted(signals, context)
             return None
     if error is None:
         try:
@@ -276,6 +270,18 @@ async def execute(queue: Queue, running: RunningJob) -> Completion | None:
     if own and signals.wants(Signal.ERROR):
         await signals.send(Signal.ERROR, context, error)
     return await _fail(queue, context, policy, error, retry=True, signalled=own)
+
+
+async def _cancelled(signals: Signals, context: JobContext, d: Delivery) -> Completion:
+    if signals.wants(Signal.CANCELLED):
+        await signals.send(Signal.CANCELLED, context)
+    return Completion(d, Outcome.CANCELLED, time.time())
+
+
+async def _interrupted(signals: Signals, context: JobContext) -> None:
+    """Handed back by the worker's shutdown, to run again elsewhere."""
+    if signals.wants(Signal.INTERRUPTED):
+        await signals.send(Signal.INTERRUPTED, context)
 
 
 def _next_payload(queue: Queue, task: str, value: Any, following: dict[str, Any]) -> bytes:
