@@ -12,6 +12,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
+from aqueue import Queue, group
 from aqueue.brokers import NewJob, RedisBroker, _pool, _redis
 from aqueue.brokers._keys import Keys
 from aqueue.brokers._pool import WaitingPool
@@ -373,3 +374,38 @@ async def test_a_cancellation_that_lands_as_a_send_ends_is_not_lost(redis_url: s
         sender.cancel()
         await conn.disconnect()
         await pool.aclose()
+
+
+async def test_a_pipeline_spanning_chunks_is_stored_whole_before_any_step_runs(
+    redis_url: str, queue_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 2 jobs a chunk, a chunk a pipeline: the 3 steps of one pipeline would take two. Were the
+    # first chunk stored alone, its second step could end before the third step is stored: the
+    # step that starts it would find nothing, and the third would wait for ever.
+    monkeypatch.setattr(_redis, "ENQUEUE_CHUNK", 2)
+    monkeypatch.setattr(_redis, "ENQUEUE_WINDOW", 1)
+    queue = Queue(redis_url, name=queue_name)
+
+    @queue.task
+    async def add(a: int, b: int) -> int:
+        return a + b
+
+    assert isinstance(queue.broker, RedisBroker)
+    send_window = queue.broker._enqueue_pipelined
+    windows = 0
+
+    async def first_window_runs_first(queue_name: str, script: str, chunks: Any, first: int) -> Any:
+        nonlocal windows
+        replies = await send_window(queue_name, script, chunks, first)  # NoScriptError: sent again
+        windows += 1
+        if windows == 1:  # the next window waits until the first one's last job has ended
+            assert await queue.job(chunks[-1][-1].id).result(timeout=10) == 3
+        return replies
+
+    monkeypatch.setattr(queue.broker, "_enqueue_pipelined", first_window_runs_first)
+    try:
+        async with queue.worker():
+            results = await queue.enqueue(group([add.s(1, 1).then(add, 1).then(add, 1)]))
+            assert await results.get(timeout=10) == [4]
+    finally:
+        await queue.close()

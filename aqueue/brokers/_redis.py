@@ -346,6 +346,11 @@ def _plain(job: NewJob) -> bool:
     return job.eta is None and job.expires is None and job.key is None and job.links is None
 
 
+def _linked(job: NewJob) -> bool:
+    """Whether the job is a pipeline step or callback, or starts one: stored with what it links to."""
+    return job.links is not None and (job.links.waiting or job.links.next is not None)
+
+
 def _enqueue_now(jobs: Sequence[NewJob]) -> str:
     return repr(jobs[0].enqueued_at or time.time()) if jobs else repr(time.time())
 
@@ -668,12 +673,15 @@ class RedisBroker(Broker):
         batches: Sequence[BatchSpec] = (),
     ) -> list[str]:
         await self._ready()
-        if chords or batches:  # a workflow is stored whole, in one step
-            ids = await self._run(queue, "enqueue", _enqueue_args(jobs, chords, batches))
-            return [i.decode() for i in ids]
         # Most jobs are plain: a script of their own takes them with less of Redis's time, and
         # says nothing back, as each lives under its own id.
         plain = all(map(_plain, jobs))
+        if chords or batches or (not plain and any(map(_linked, jobs))):
+            # A workflow is stored whole, in one step: in chunks, a pipeline step stored in one
+            # could end before the step it starts is stored by the next, which would then wait
+            # for ever.
+            ids = await self._run(queue, "enqueue", _enqueue_args(jobs, chords, batches))
+            return [i.decode() for i in ids]
         script = "enqueue_plain" if plain else "enqueue"
         chunks = [jobs[i : i + ENQUEUE_CHUNK] for i in range(0, len(jobs), ENQUEUE_CHUNK)]
         replies: list[Any] = []
