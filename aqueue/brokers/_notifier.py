@@ -120,7 +120,7 @@ class Notifier:
             await self._reader.stop()
             self._reader = None
         self._release_all()  # whoever still listens hears no more here: woken, they see it closed
-        await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+        await self._pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]  # typed from redis-py 8.2
 
     async def _subscribe(self, channel: str, state: _Channel) -> None:
         if state.sent == state.confirmed:
@@ -139,7 +139,7 @@ class Notifier:
                         # Closed while the SUBSCRIBE was on its way (its connection still being
                         # made, which the close could not reach): closed again, left subscribed
                         # to nothing, the connection handed back.
-                        await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+                        await self._pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]  # typed from redis-py 8.2
                         raise redis_errors.ConnectionError("the pub/sub connection was closed")
             except BaseException:
                 # Not sent (or not known to be): forget the state, so the next listen subscribes

@@ -1102,7 +1102,7 @@ class RedisBroker(Broker):
                         on_listening()
             finally:
                 with anyio.CancelScope(shield=True):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]  # typed from redis-py 8.2
 
     async def cancel_requested(self, queue: str, job_ids: Sequence[str]) -> list[str]:
         if not job_ids:
