@@ -67,8 +67,12 @@ class Signature(Generic[R]):
 class Pipeline:
     """Steps run one after another, each fed the previous step's value."""
 
-    def __init__(self, steps: Sequence[Signature[Any]]) -> None:
-        self.steps = list(steps)
+    def __init__(self, steps: Sequence[Signature[Any] | Task[Any, Any]]) -> None:
+        if isinstance(steps, (Signature, Task)):
+            raise ConfigurationError("a pipeline takes a list of steps: wrap the one step in a list")
+        self.steps = [signature(step, (), {}) for step in steps]
+        if not self.steps:
+            raise ConfigurationError("a pipeline needs at least one step")
 
     def __repr__(self) -> str:
         return " -> ".join(map(repr, self.steps))
@@ -77,18 +81,23 @@ class Pipeline:
         return Pipeline([*self.steps, signature(task, args, kwargs)])
 
     def error(self, handler: Task[Any, Any] | Signature[Any], /, *args: Any, **kwargs: Any) -> Pipeline:
-        """Run `handler(exc, ...)` if any step fails for good; the steps after it are skipped."""
-        return Pipeline([step.error(handler, *args, **kwargs) for step in self.steps])
+        """Run `handler(exc, ...)` if any step fails for good; the steps after it are skipped. A
+        step with a handler of its own keeps it."""
+        return Pipeline([step if step.on_error is not None else step.error(handler, *args, **kwargs)
+                         for step in self.steps])
 
 
 class Group:
     """Members run side by side; `queue.enqueue(group)` gives their values in member order."""
 
     def __init__(self, members: Iterable[Node]) -> None:
-        self.members = list(members)
+        self.members = _nodes(members, "group")
 
     def error(self, handler: Task[Any, Any] | Signature[Any], /, *args: Any, **kwargs: Any) -> Group:
-        return Group([m.error(handler, *args, **kwargs) for m in self.members])
+        """Run `handler(exc, ...)` for each member that fails for good (a member signature with a
+        handler of its own keeps it)."""
+        return Group([m if isinstance(m, Signature) and m.on_error is not None
+                      else m.error(handler, *args, **kwargs) for m in self.members])
 
     def then(self, task: Task[Any, Any] | Signature[Any], /, *args: Any, **kwargs: Any) -> Chord:
         """As in Huey, a group fed into a task is a chord: `task(values, ...)` once all have ended."""
@@ -100,7 +109,7 @@ class Chord:
     that fails for good puts its error (a `TaskError`) in its place: a chord always completes."""
 
     def __init__(self, members: Iterable[Node], callback: Task[Any, Any] | Signature[Any] | Pipeline) -> None:
-        self.members = list(members)
+        self.members = _nodes(members, "chord")
         if not self.members:
             raise ConfigurationError("a chord needs at least one member")
         for m in self.members:
@@ -113,11 +122,26 @@ class Chord:
         return Chord(self.members, self.callback.then(task, *args, **kwargs))
 
     def error(self, handler: Task[Any, Any] | Signature[Any], /, *args: Any, **kwargs: Any) -> Chord:
-        """Attaches to the callback."""
-        return Chord(self.members, self.callback.error(handler, *args, **kwargs))
+        """Attaches to the callback, as in Huey: if it fails for good, `handler(exc, ...)` runs and
+        the steps `then()` added after it are skipped (a failure of theirs runs a handler of
+        their own)."""
+        first, *rest = self.callback.steps
+        return Chord(self.members, Pipeline([first.error(handler, *args, **kwargs), *rest]))
 
 
 Node: TypeAlias = Signature[Any] | Pipeline | Group | Chord
+
+
+def _nodes(members: Iterable[Node], what: str) -> list[Node]:
+    """The members of a group or chord, each checked (a chord refuses a group member itself)."""
+    if isinstance(members, (Signature, Pipeline, Group, Chord, Task)):
+        raise ConfigurationError(f"a {what} takes a list of members: wrap the one member in a list")
+    nodes = list(members)
+    for m in nodes:
+        if not isinstance(m, (Signature, Pipeline, Group, Chord)):
+            raise ConfigurationError(f"a {what} member is a signature (task.s(...)), a pipeline or a "
+                                     f"chord, not {m!r}")
+    return nodes
 
 
 def group(members: Iterable[Node]) -> Group:
@@ -157,10 +181,9 @@ class ChordResult(Generic[R]):
         return self.callback.id
 
     async def get(self, timeout: Seconds | None = None) -> R:
-        """The chord's final value: its callback's, or the last `then()` step's. A step that failed
-        raises its own error, as a pipeline's `get()` does, not the skip of the steps after it."""
-        values: list[Any] = await self.pipeline_results.get(timeout)
-        result: R = values[-1]
+        """The callback's value, as in Huey; the steps `then()` added after it give theirs in
+        `pipeline_results`."""
+        result: R = await self.callback.result(timeout)
         return result
 
 

@@ -18,9 +18,11 @@ from aqueue import (
     BatchState,
     ChordResult,
     ConfigurationError,
+    Job,
     JobCancelled,
     JobError,
     JobState,
+    Pipeline,
     Queue,
     TaskError,
     chord,
@@ -260,8 +262,8 @@ async def test_nested_chords_and_chords_of_pipelines(queue: Queue) -> None:
         c = await queue.enqueue(chord([inner, pipe, add.s(0, 1)], total.s()))
         assert await c.get(timeout=10) == 6 + 21 + 1
         then = await queue.enqueue(chord([add.s(1, 2), add.s(3, 4)], total.s()).then(add, 100))
-        assert await then.get(timeout=10) == 110
-        assert await then.pipeline_results.get(timeout=1) == [10, 110]
+        assert await then.pipeline_results.get(timeout=10) == [10, 110]
+        assert await then.get(timeout=1) == 10  # the callback's value, as in Huey
 
 
 async def test_dynamic_fan_out_from_inside_a_task(queue: Queue) -> None:
@@ -1023,3 +1025,67 @@ async def test_a_workflow_refuses_a_task_of_another_queue(queue: Queue) -> None:
     with pytest.raises(ConfigurationError, match="is a task of queue"):
         await queue.batch([here.s(1)], on_failure=elsewhere.s())
     assert await queue.jobs() == []  # nothing stored on the way
+
+
+async def test_a_chords_error_handler_is_its_callbacks_and_a_steps_own_handler_is_kept(queue: Queue) -> None:
+    add = arithmetic(queue)
+
+    @queue.task
+    async def total(values: list[int]) -> int:
+        if sum(values) > 100:
+            raise ValueError("too much")
+        return sum(values)
+
+    @queue.task
+    async def boom(x: int) -> int:
+        raise ValueError(f"boom {x}")
+
+    @queue.task
+    async def on_error(exc: TaskError, tag: str) -> str:
+        return tag
+
+    async def handled(job: Job[Any]) -> str | None:
+        """The tag of the handler the job's failure created; None if it created none."""
+        with pytest.raises(TaskError):
+            await job.result(timeout=10)
+        handler = queue.job(error_handler_id(job.id))
+        # Created by the step that ended the job, or never.
+        return await handler.result(timeout=10) if await handler.state() is not None else None
+
+    async with queue.worker():
+        # As in Huey: the handler is the callback's, not the steps `then()` adds after it.
+        after = await queue.enqueue(chord([add.s(1, 2)], total.s()).then(boom).error(on_error, "chord"))
+        assert await after.get(timeout=10) == 3
+        assert await handled(after.pipeline_results[1]) is None
+        failing = await queue.enqueue(chord([add.s(100, 2)], total.s()).then(boom).error(on_error, "chord"))
+        assert await handled(failing.callback) == "chord"
+        assert await failing.pipeline_results[1].state() == JobState.CANCELLED  # skipped
+        # A pipeline-wide handler fills in the steps that have none of their own.
+        own = await queue.enqueue(boom.s(1).error(on_error, "own").then(add, 1).error(on_error, "all"))
+        assert await handled(own[0]) == "own"
+        rest = await queue.enqueue(add.s(1, 1).error(on_error, "own").then(boom).error(on_error, "all"))
+        assert await handled(rest[1]) == "all"
+        members = await queue.enqueue(
+            group([boom.s(3).error(on_error, "own"), boom.s(4)]).error(on_error, "all"))
+        assert [await handled(job) for job in members] == ["own", "all"]
+
+
+def test_workflows_refuse_what_is_not_a_list_of_steps_or_members(queue: Queue) -> None:
+    add = arithmetic(queue)
+    with pytest.raises(ConfigurationError, match="at least one step"):
+        Pipeline([])
+    with pytest.raises(ConfigurationError, match="wrap the one step in a list"):
+        Pipeline(add.s(1, 1))  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="expected a task or a signature"):
+        Pipeline([add.s(1, 1), "add"])  # type: ignore[list-item]
+    assert [step.task for step in Pipeline([add]).steps] == [add]  # a task is its signature
+    with pytest.raises(ConfigurationError, match="at least one step"):
+        chord([add.s(1, 1)], Pipeline([]))
+    with pytest.raises(ConfigurationError, match="a group takes a list of members"):
+        group(add.s(1, 1))  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="a chord takes a list of members"):
+        chord(add.s(1, 1), add)  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match=r"a group member is a signature .* not 'add'"):
+        group([add.s(1, 1), "add"])  # type: ignore[list-item]
+    with pytest.raises(ConfigurationError, match=r"a chord member is a signature .* not <"):
+        chord([add], add)  # type: ignore[list-item]
