@@ -27,7 +27,7 @@ from aqueue._tasks import (
     default_name,
     unguarded,
 )
-from aqueue._time import Seconds, When, epoch, seconds, timedelta_or_seconds
+from aqueue._time import Seconds, When, epoch, longest, seconds, timedelta_or_seconds
 from aqueue.brokers import Broker, NewJob, WorkflowLinks
 
 if TYPE_CHECKING:
@@ -149,6 +149,7 @@ class Queue:
         self.result_ttl = seconds(result_ttl, "result_ttl")
         if not 1 <= self.result_ttl < math.inf:
             raise ConfigurationError(f"result_ttl must be at least 1 second, and finite, got {result_ttl!r}")
+        longest("result_ttl", self.result_ttl, result_ttl)  # see LONGEST
         self.immediate = immediate
         self.default_timeout = None if default_timeout is None else seconds(default_timeout, "default_timeout")
         if self.default_timeout is not None and not 0 < self.default_timeout < math.inf:
@@ -158,6 +159,7 @@ class Queue:
         if not 1 <= self.visibility_timeout < math.inf:
             raise ConfigurationError(
                 f"visibility_timeout must be at least 1 second, and finite, got {visibility_timeout!r}")
+        longest("visibility_timeout", self.visibility_timeout, visibility_timeout)
         self.max_deliveries = max_deliveries
         self.max_payload_size = max_payload_size
         self.tasks: dict[str, Task[Any, Any]] = {}

@@ -35,8 +35,9 @@ def timedelta_or_seconds(value: Seconds | None, what: str = "a timeout") -> floa
     raise ConfigurationError(f"{what} must be seconds or a timedelta, got {value!r}")
 
 
-# The longest lock ttl or rate-limit window: Redis refuses an expiry past what its milliseconds
-# hold (a signed 64-bit count: about 9e15 seconds), and only when the key is written.
+# The longest lock ttl, rate-limit window, result ttl or visibility timeout: Redis refuses an
+# expiry (or an idle time) past what its milliseconds hold (a signed 64-bit count: about 9e15
+# seconds), and only when the key is written.
 LONGEST = 1e15
 
 
@@ -45,9 +46,14 @@ def finite_seconds(value: Seconds, what: str) -> float:
     result = seconds(value, what)
     if not 0 < result < math.inf:
         raise ConfigurationError(f"{what} must be over 0 seconds and finite, got {value!r}")
+    longest(what, result, value)
+    return result
+
+
+def longest(what: str, result: float, value: object) -> None:
+    """Refuse a duration longer than `LONGEST`."""
     if result > LONGEST:
         raise ConfigurationError(f"{what} must be at most {LONGEST:.0e} seconds, got {value!r}")
-    return result
 
 
 def aware(moment: datetime) -> datetime:

@@ -89,6 +89,10 @@ async def test_worker_block_error_still_stops_gracefully(queue: Queue) -> None:
     ({"result_ttl": float("inf")}, "result_ttl must be at least 1 second, and finite"),
     ({"result_ttl": "abc"}, "result_ttl must be seconds or a timedelta"),
     ({"visibility_timeout": float("inf")}, "visibility_timeout must be at least 1 second"),
+    # Redis refuses an expiry past 2**63 ms: the finish that stores the outcome failed, and the
+    # job ran again and again.
+    ({"result_ttl": 1e16}, r"result_ttl must be at most 1e\+15 seconds"),
+    ({"visibility_timeout": 1e16}, r"visibility_timeout must be at most 1e\+15 seconds"),
     ({"default_timeout": "x"}, "default_timeout must be seconds or a timedelta"),
     ({"default_timeout": -5}, "default_timeout must be >= 0"),
     ({"default_timeout": 0}, "default_timeout must be > 0"),
