@@ -157,7 +157,8 @@ class Job(Generic[R]):
         return verdict is not None
 
     async def revoke(self) -> bool:
-        """Revoke the job: when a worker meets it, it ends `revoked` instead of running.
+        """Revoke the job: when a worker meets it, it ends `revoked` instead of running. A job
+        already running runs on (`cancel()` stops it); a retry of it is revoked when met.
         False when the job is unknown or already finished."""
         return await self.queue.broker.revoke(self.queue.name, self.id, True)
 

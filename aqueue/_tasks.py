@@ -147,11 +147,13 @@ class Task(Generic[P, R]):
     async def revoke(self, once: bool = False, until: When | None = None) -> None:
         """Revoke every job of this task a worker meets (they end `revoked`): until `restore()`,
         until `until` (seconds, timedelta or datetime), or, with `once`, only the next one."""
+        if not isinstance(once, bool):  # the brokers would read 2 or "yes" each its own way
+            raise ConfigurationError(f"once must be True or False, got {once!r}")
         deadline = None if until is None else epoch(until, time.time(), "until")
         await self.queue.broker.revoke_task(self.queue.name, self.name, once, deadline)
 
     async def restore(self) -> bool:
-        """Undo `revoke()`. False when the task was not revoked."""
+        """Undo `revoke()`. False when the task was not revoked (or its `until` had passed)."""
         return await self.queue.broker.restore_task(self.queue.name, self.name)
 
     async def is_revoked(self) -> bool:

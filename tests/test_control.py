@@ -109,6 +109,29 @@ async def test_a_retried_dead_letter_runs_though_it_was_revoked_while_it_ran(que
     assert runs == [1, 2]
 
 
+async def test_a_job_revoked_while_it_runs_runs_on_and_its_retry_is_revoked(queue: Queue) -> None:
+    started, go_on = anyio.Event(), anyio.Event()
+    runs = 0
+
+    @queue.task(retries=1)
+    async def flaky() -> None:
+        nonlocal runs
+        runs += 1
+        started.set()
+        await go_on.wait()
+        raise ValueError("down")
+
+    async with queue.worker():
+        job = await flaky.enqueue()
+        with anyio.fail_after(10):
+            await started.wait()
+        assert await job.revoke() is True
+        go_on.set()
+        with pytest.raises(JobRevoked):
+            await job.result(timeout=10)
+    assert runs == 1
+
+
 async def test_a_retried_dead_letter_takes_its_idempotency_key_back(queue: Queue) -> None:
     @queue.task
     async def once() -> None:
@@ -151,6 +174,11 @@ async def test_revoke_a_task_for_good_once_and_until(queue: Queue) -> None:
         await work.revoke(until=datetime.now(UTC) - timedelta(seconds=1))  # already over
         assert await work.is_revoked() is False
         assert await (await work.enqueue(5)).result(timeout=10) == 5
+        await work.revoke(until=datetime.now(UTC) - timedelta(seconds=1))
+        assert await work.restore() is False  # over: there was nothing to undo
+    for once in (2, "yes", None):  # read each its own way by the two brokers before
+        with pytest.raises(ConfigurationError, match="once must be True or False"):
+            await work.revoke(once=once)  # type: ignore[arg-type]
 
 
 async def test_revocations_hold_for_every_job_leased_at_once(queue: Queue) -> None:

@@ -406,7 +406,7 @@ class Broker(ABC):
 
     @abstractmethod
     async def restore_task(self, queue: str, task: str) -> bool:
-        """Undo `revoke_task`. False when the task was not revoked."""
+        """Undo `revoke_task`. False when the task was not revoked (or its `until` had passed)."""
 
     @abstractmethod
     async def revoked(self, queue: str, job_id: str | None, task: str, now: float) -> bool:

@@ -793,7 +793,8 @@ class MemoryBroker(Broker):
         self._queue(queue).revoked_tasks[task] = (once, until)
 
     async def restore_task(self, queue: str, task: str) -> bool:
-        return self._queue(queue).revoked_tasks.pop(task, None) is not None
+        revocation = self._queue(queue).revoked_tasks.pop(task, None)
+        return revocation is not None and (revocation[1] is None or revocation[1] > time.time())
 
     async def revoked(self, queue: str, job_id: str | None, task: str, now: float) -> bool:
         q = self._queue(queue)

@@ -1121,8 +1121,16 @@ class RedisBroker(Broker):
 
     async def restore_task(self, queue: str, task: str) -> bool:
         await self._ready()
+        key = self._key(queue).revoked_tasks
         async with self._translated():
-            return bool(await self.client.hdel(self._key(queue).revoked_tasks, task))
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.hget(key, task)
+                pipe.hdel(key, task)
+                revocation, _ = await pipe.execute()
+        if revocation is None:
+            return False
+        until = revocation.decode().partition("|")[2]  # "<once>|<until or empty>"
+        return until == "" or float(until) > time.time()
 
     async def revoked(self, queue: str, job_id: str | None, task: str, now: float) -> bool:
         await self._ready()
