@@ -9,7 +9,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from aqueue._exceptions import AqueueError, TaskTimeout
-from aqueue._serialization import dumps
+from aqueue._serialization import encode_progress
 from aqueue._time import to_datetime
 
 if TYPE_CHECKING:
@@ -57,7 +57,7 @@ class JobContext:
         self, done: float, total: float | None = None, message: str | None = None
     ) -> None:
         """Record progress, visible in `job.info().progress`."""
-        progress = dumps({"done": done, "total": total, "message": message})
+        progress = encode_progress(done, total, message)
         await self.queue.broker.set_progress(
             self.queue.name, self.id, self._delivery.token, progress
         )

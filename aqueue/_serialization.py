@@ -136,6 +136,13 @@ def encode_result(value: Any) -> bytes:
         ) from None
 
 
+def encode_progress(done: float, total: float | None, message: str | None) -> bytes:
+    try:
+        return _dumps_exact({"done": done, "total": total, "message": message})
+    except TypeError as exc:
+        raise SerializationError(f"the progress cannot be serialized as JSON: {exc}") from None
+
+
 def _name_the_culprit(
     task: str, args: Sequence[Any], kwargs: Mapping[str, Any], exc: TypeError
 ) -> SerializationError:

@@ -7,6 +7,7 @@ import dataclasses
 import enum
 import functools
 import gc
+import math
 import tracemalloc
 import uuid
 from contextlib import aclosing
@@ -474,6 +475,9 @@ async def test_context_inside_a_running_job(queue: Queue) -> None:
     async def introspect() -> dict[str, object]:
         ctx = current_job()
         ctx.check_timeout()  # well before the deadline: no error
+        for done, message in ((math.nan, None), (1, {"a set"})):  # NaN was stored as None
+            with pytest.raises(SerializationError, match="the progress cannot be serialized as JSON"):
+                await ctx.set_progress(done, 10, message)  # type: ignore[arg-type]
         await ctx.set_progress(5, 10, "halfway")
         remaining = ctx.time_remaining
         return {
