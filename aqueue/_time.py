@@ -65,6 +65,8 @@ def epoch(value: When, now: float, what: str) -> float:
     """An absolute time (datetime) or one relative to `now` (seconds or timedelta)."""
     if isinstance(value, datetime):
         return aware(value).timestamp()
+    if not isinstance(value, int | float | timedelta) or isinstance(value, bool):
+        raise ConfigurationError(f"{what} must be seconds, a timedelta or a datetime, got {value!r}")
     return now + seconds(value, what)
 
 

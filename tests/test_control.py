@@ -179,6 +179,8 @@ async def test_revoke_a_task_for_good_once_and_until(queue: Queue) -> None:
     for once in (2, "yes", None):  # read each its own way by the two brokers before
         with pytest.raises(ConfigurationError, match="once must be True or False"):
             await work.revoke(once=once)  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="until must be seconds, a timedelta or a datetime"):
+        await work.revoke(until="tomorrow")  # type: ignore[arg-type]
 
 
 async def test_revocations_hold_for_every_job_leased_at_once(queue: Queue) -> None:

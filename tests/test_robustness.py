@@ -131,9 +131,9 @@ def test_bad_options_fail_at_once(queue: Queue) -> None:
         work.options(eta=time.time() + 60)  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError, match="delay must be seconds"):
         work.options(delay="5")  # type: ignore[arg-type]
-    with pytest.raises(ConfigurationError, match="expires must be seconds"):
+    with pytest.raises(ConfigurationError, match="expires must be seconds, a timedelta or a datetime"):
         work.options(expires="tomorrow")  # type: ignore[arg-type]
-    with pytest.raises(ConfigurationError, match="expires must be seconds"):
+    with pytest.raises(ConfigurationError, match="expires must be seconds, a timedelta or a datetime"):
         queue.task(expires="tomorrow")(work.fn)  # type: ignore[call-overload]
     with pytest.raises(ConfigurationError, match="retries must be a whole number"):
         work.options(retries=1.5)  # type: ignore[arg-type]
