@@ -62,6 +62,16 @@ async def test_past_eta_is_ready_at_once(broker: Broker, queue_name: str) -> Non
     assert [d.job_id for d in await take(broker, queue_name)] == ["a"]
 
 
+async def test_an_eta_is_judged_by_when_the_job_was_enqueued(broker: Broker, queue_name: str) -> None:
+    # Due by the time it is stored, but not when the producer made it (a delay of microseconds):
+    # scheduled, as the producer said in its SCHEDULED signal; the next promotion makes it ready.
+    now = time.time()
+    await broker.enqueue(queue_name, [new("a", eta=now - 5, enqueued_at=now - 10)])
+    assert (await record(broker, queue_name, "a")).state == "scheduled"
+    await broker.promote_due(queue_name, time.time(), 10)
+    assert [d.job_id for d in await take(broker, queue_name)] == ["a"]
+
+
 async def test_queues_are_separate(broker: Broker, queue_name: str) -> None:
     await broker.enqueue(queue_name, [new("a")])
     assert await take(broker, queue_name + "-other") == []

@@ -211,7 +211,9 @@ class MemoryBroker(Broker):
             if job.links is not None and job.links.waiting:
                 rec.state = JobState.SCHEDULED.value
                 q.waiting.add(job.id)
-            elif job.eta is not None and job.eta > now:
+            elif job.eta is not None and job.eta > (job.enqueued_at or now):
+                # Judged at the producer's moment, as on Redis: a job the producer said it
+                # scheduled (and signalled so) is scheduled, however soon its eta comes.
                 self._schedule(q, rec, job.eta)
             else:
                 self._make_ready(q, rec)
