@@ -52,7 +52,7 @@ class Signals:
                 outcome = handler(signal, job, exc)
                 if inspect.isawaitable(outcome):
                     await outcome
-            except Exception:
+            except (Exception, SystemExit):  # a handler's `sys.exit()` ends no worker either
                 logger.exception("signal handler %r failed on %s for job %s", handler, signal,
                                  getattr(job, "id", job))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import math
+import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -17,6 +18,7 @@ from aqueue import (
     JobState,
     Queue,
     RetryTask,
+    Signal,
     TaskError,
     Worker,
     current_job,
@@ -58,6 +60,45 @@ async def test_unencodable_error_text_still_dead_letters(queue: Queue) -> None:
             await job.result(timeout=10)
     assert "cannot parse" in caught.value.metadata["error"]
     assert [d.id for d in await queue.dead_letters()] == [job.id]
+
+
+async def test_a_job_that_calls_sys_exit_fails_and_the_worker_and_its_other_jobs_go_on(queue: Queue) -> None:
+    # SystemExit went through the worker's task groups: the worker ended, the job beside it was
+    # cut off unrecorded, and every worker that took them over ended the same way.
+    beside_started, exited = anyio.Event(), anyio.Event()
+    handled: list[str] = []
+
+    @queue.task
+    async def beside() -> str:
+        beside_started.set()
+        await exited.wait()
+        return "done"
+
+    @queue.task
+    def leave(code: int) -> None:  # argparse's parser.error() in a plain def, say
+        sys.exit(code)
+
+    @queue.task
+    async def leave_async() -> None:
+        raise SystemExit("bye")
+
+    @queue.on(Signal.COMPLETE)
+    def exits_too(signal: Signal, job: object, exc: BaseException | None = None) -> None:
+        handled.append(signal.value)
+        sys.exit(3)  # logged as any failing handler is
+
+    async with queue.worker():
+        running = await beside.enqueue()
+        with anyio.fail_after(10):
+            await beside_started.wait()
+        for job in (await leave.enqueue(2), await leave_async.enqueue()):
+            with pytest.raises(TaskError) as caught:
+                await job.result(timeout=10)
+            assert caught.value.metadata["type"] == "SystemExit"
+        exited.set()
+        assert await running.result(timeout=10) == "done"
+    assert handled == ["complete"]
+    assert len(await queue.dead_letters()) == 2
 
 
 async def test_worker_block_error_still_stops_gracefully(queue: Queue) -> None:

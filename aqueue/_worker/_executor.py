@@ -190,7 +190,9 @@ async def execute(queue: Queue, running: RunningJob) -> Completion | None:
                 value = await run_in_thread(task.fn, *args, **kwargs)
                 if inspect.iscoroutine(value):  # an async function behind a plain wrapper
                     value = await value
-        except Exception as exc:  # the job's failure, judged below; cancellation passes through
+        except (Exception, SystemExit) as exc:  # the job's failure, judged below
+            # SystemExit too (`sys.exit()`, argparse's `parser.error()`): it is the job's to end,
+            # not the worker's, nor the jobs' that run beside it. Cancellation passes through.
             error = exc
         except asyncio.CancelledError as exc:
             # Raised by the job's own code (it awaited a future cancelled elsewhere): a failure
