@@ -103,6 +103,38 @@ async def test_retry_task_retries_regardless_of_count(queue: Queue) -> None:
         assert await (await again.enqueue()).result(timeout=10) == 2
 
 
+async def test_retry_task_uses_none_of_the_tasks_retries(queue: Queue) -> None:
+    # As in Huey: the runs that asked for their retry leave the task's retries as they were, and
+    # its backoff too. retries=2: two asked retries, then two failures retried, then a success.
+    attempts: list[int] = []
+    retries_left: list[int] = []
+
+    @queue.task(retries=2, retry_delay=0.01, retry_backoff=1)
+    async def flaky() -> int:
+        attempt = current_job().attempt
+        attempts.append(attempt)
+        if attempt <= 2:
+            raise RetryTask()
+        if attempt <= 4:
+            raise ValueError("transient")
+        return attempt
+
+    async with queue.worker():
+        job = await flaky.enqueue()
+        assert await job.result(timeout=10) == 5
+        failing = await flaky.options(retries=1).enqueue()
+        with pytest.raises(TaskError) as caught:  # 2 asked, 1 retried failure, then out of retries
+            await failing.result(timeout=10)
+        retries_left.append(caught.value.metadata["retries_left"])
+        assert caught.value.metadata["attempt"] == 4
+        assert await queue.retry(failing.id)  # from the dead letters: a fresh count, asked ones too
+        with pytest.raises(TaskError) as again:
+            await failing.result(timeout=10)
+    assert attempts == [1, 2, 3, 4, 5, 1, 2, 3, 4, 1, 2, 3, 4]
+    assert retries_left == [0]
+    assert again.value.metadata["attempt"] == 4
+
+
 async def test_cancel_execution(queue: Queue) -> None:
     @queue.task(retries=3)
     async def stop_for_good() -> None:

@@ -16,6 +16,7 @@ import anyio
 
 from aqueue._context import JobContext, _enter, _leave
 from aqueue._exceptions import (
+    BrokerError,
     CancelExecution,
     RateLimitExceeded,
     RetryTask,
@@ -239,8 +240,9 @@ async def execute(queue: Queue, running: RunningJob) -> Completion | None:
         if signals.wants(Signal.COMPLETE):
             await signals.send(Signal.COMPLETE, context)
         return Completion(d, Outcome.SUCCEEDED, time.time(), result=result, activate=activate)
-    if isinstance(error, RetryTask):
-        return await _retry(queue, context, policy, error, error.delay)
+    used = await _retries_used(queue, d)
+    if isinstance(error, RetryTask):  # uses none of the task's retries, as in Huey
+        return await _retry(queue, context, policy, error, error.delay, used)
     if isinstance(error, RateLimitExceeded):
         if signals.wants(Signal.RATE_LIMITED):
             await signals.send(Signal.RATE_LIMITED, context, error)
@@ -249,17 +251,16 @@ async def execute(queue: Queue, running: RunningJob) -> Completion | None:
             return Completion(d, Outcome.DEFER, now, retry_at=now + error.retry_after)
         # retry=False: a retry of the task's own, but none before the window has passed (an
         # earlier one would find the limit still used up).
-        return await _fail(queue, context, policy, error, retry=True, wait=error.retry_after)
+        return await _fail(queue, context, policy, error, retry=True, wait=error.retry_after, used=used)
     if isinstance(error, TaskLocked) and signals.wants(Signal.LOCKED):
         await signals.send(Signal.LOCKED, context, error)
     # Its deadline stopped it, or it stopped itself past it (`check_timeout()`).
     if isinstance(error, TaskTimeout) and signals.wants(Signal.TIMEOUT):
         await signals.send(Signal.TIMEOUT, context, error)
     if isinstance(error, CancelExecution):
-        if error.retry:  # whatever the count, but after the policy's wait, as in Huey
-            return await _retry(queue, context, policy, error, policy.retry_wait(d.attempt))
-        if error.retry is None and policy.retries > d.attempt - 1:
-            return await _retry(queue, context, policy, error, policy.retry_wait(d.attempt))
+        if error.retry or (error.retry is None and policy.retries > used):
+            # With retry=True whatever the count, but after the policy's wait, as in Huey.
+            return await _retry(queue, context, policy, error, policy.retry_wait(used + 1), used)
         # As in Huey: out of retries (or told not to retry), the job is cancelled, not failed.
         if signals.wants(Signal.CANCELLED):
             await signals.send(Signal.CANCELLED, context, error)
@@ -271,7 +272,7 @@ async def execute(queue: Queue, running: RunningJob) -> Completion | None:
     own = not isinstance(error, TaskLocked)
     if own and signals.wants(Signal.ERROR):
         await signals.send(Signal.ERROR, context, error)
-    return await _fail(queue, context, policy, error, retry=True, signalled=own)
+    return await _fail(queue, context, policy, error, retry=True, signalled=own, used=used)
 
 
 async def _cancelled(signals: Signals, context: JobContext, d: Delivery) -> Completion:
@@ -312,32 +313,45 @@ def _errors_restored(value: Any) -> Any:
     return value
 
 
+async def _retries_used(queue: Queue, d: Delivery) -> int:
+    """How many of the task's retries the job has used: its runs before this one, but for those
+    that ended in a retry it asked for (`RetryTask`), which its record counts."""
+    if d.attempt == 1:
+        return 0
+    try:
+        record = await queue.broker.get(queue.name, d.job_id)
+    except BrokerError as exc:
+        logger.warning("job %s (%s): could not read how many retries it asked for (every run "
+                       "before this one counts as a retry used): %s", d.job_id, d.task, exc)
+        return d.attempt - 1
+    return d.attempt - 1 - (record.asked if record is not None else 0)
+
+
 async def _retry(
     queue: Queue, context: JobContext, policy: TaskPolicy, error: BaseException,
-    delay: float | None,
+    delay: float | None, used: int,
 ) -> Completion:
     d = context._delivery
     now = time.time()
     if queue.signals.wants(Signal.RETRYING):
         await queue.signals.send(Signal.RETRYING, context, error)
-    meta = _metadata(error, d, max(0, policy.retries - d.attempt + 1))
+    meta = _metadata(error, d, max(0, policy.retries - used))
     asked = isinstance(error, RetryTask | CancelExecution)  # the job's own request, not a failure
     logger.log(logging.INFO if asked else logging.WARNING, "job %s (%s) attempt %d: %s; retried %s",
                d.job_id, d.task, d.attempt, meta["error"], f"in {delay:.3g}s" if delay else "at once")
-    return Completion(d, Outcome.RETRY, now, error=dumps(meta),
-                      retry_at=now + delay if delay else None)
+    outcome = Outcome.ASKED if isinstance(error, RetryTask) else Outcome.RETRY
+    return Completion(d, outcome, now, error=dumps(meta), retry_at=now + delay if delay else None)
 
 
 async def _fail(
     queue: Queue, context: JobContext, policy: TaskPolicy, error: BaseException, *, retry: bool,
-    wait: float = 0.0, signalled: bool = False,
+    wait: float = 0.0, signalled: bool = False, used: int = 0,
 ) -> Completion:
-    """Retry by the task's policy, waiting at least `wait` seconds, or fail for good (an ERROR
-    unless `signalled` already)."""
+    """Retry by the task's policy (`used`: the retries used so far), waiting at least `wait`
+    seconds, or fail for good (an ERROR unless `signalled` already)."""
     d = context._delivery
-    retries_left = policy.retries - (d.attempt - 1)
-    if retry and retries_left > 0:
-        return await _retry(queue, context, policy, error, max(policy.retry_wait(d.attempt), wait))
+    if retry and policy.retries > used:
+        return await _retry(queue, context, policy, error, max(policy.retry_wait(used + 1), wait), used)
     if not signalled and queue.signals.wants(Signal.ERROR):
         await queue.signals.send(Signal.ERROR, context, error)
     meta = _metadata(error, d, 0)

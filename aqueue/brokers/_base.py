@@ -121,6 +121,9 @@ class JobRecord:
     dead_reason: str | None = None
     failures: int = 0
     """How often it has failed for good: a dead letter retried may fail again."""
+    asked: int = 0
+    """How many of its runs ended in a retry the job asked for (`RetryTask`), which uses up none
+    of its task's retries."""
 
 
 @dataclass(slots=True)
@@ -155,6 +158,7 @@ class Outcome(StrEnum):
     FAILED = "failed"  # for good: the job also enters the dead letters with `reason`
     CANCELLED = "cancelled"
     RETRY = "retry"  # attempt + 1, ready again at `retry_at`
+    ASKED = "asked"  # as RETRY, and the record's `asked` + 1 (a retry the job asked for)
     DEFER = "defer"  # ready again at `retry_at`, attempt unchanged (a rate limit, not a failure)
 
 
@@ -303,6 +307,7 @@ class Broker(ABC):
           until it is retried or purged.
         - RETRY: `attempt` + 1, delivery count reset; `scheduled` until `retry_at`, or
           `pending` at once when `retry_at` is None or past. DEFER: the same, attempt unchanged.
+          ASKED: as RETRY, and `asked` + 1.
 
         Returns, for each, whether it applied. A completion whose token is stale (the job has been
         delivered again since) changes nothing and gives False: the newer delivery owns the job.

@@ -351,10 +351,11 @@ class MemoryBroker(Broker):
                 # A cancel asked for while it ran outlasts a failure that came before the job heard
                 # of it: neither retried nor dead-lettered, it ends cancelled.
                 outcome, error, reason = Outcome.CANCELLED, None, None
-            if outcome in (Outcome.RETRY, Outcome.DEFER):
+            if outcome in (Outcome.RETRY, Outcome.DEFER, Outcome.ASKED):
                 if error is not None:
                     rec.error = error
-                rec.attempt += outcome == Outcome.RETRY
+                rec.attempt += outcome != Outcome.DEFER
+                rec.asked += outcome == Outcome.ASKED
                 q.deliveries[rec.id] = 0
                 if c.retry_at is not None and c.retry_at > c.finished_at:
                     self._schedule(q, rec, c.retry_at)
@@ -450,7 +451,7 @@ class MemoryBroker(Broker):
             return False
         del q.dead[job_id]
         rec = q.records[job_id]
-        rec.attempt = 1
+        rec.attempt, rec.asked = 1, 0
         rec.result = rec.error = rec.dead_reason = rec.progress = rec.worker = None
         rec.started_at = rec.finished_at = None
         q.deliveries[job_id] = 0

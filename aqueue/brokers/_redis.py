@@ -273,6 +273,7 @@ def _record(job_id: str, fields: dict[bytes, bytes]) -> JobRecord:
         key=_text(get(b"key")) or None,
         dead_reason=_text(get(b"dead_reason")),
         failures=int(get(b"failures") or 0),
+        asked=int(get(b"asked") or 0),
     )
 
 

@@ -81,8 +81,9 @@ while i <= #ARGV do
         outcome, err, reason = 'cancelled', '', ''
       end
       if err ~= '' then with(fields, 'error', err, 'more', '1') end
-      if outcome == 'retry' or outcome == 'defer' then
-        if outcome == 'retry' then redis.call('HINCRBY', jk, 'attempt', 1) end
+      if outcome == 'retry' or outcome == 'defer' or outcome == 'asked' then
+        if outcome ~= 'defer' then redis.call('HINCRBY', jk, 'attempt', 1) end
+        if outcome == 'asked' then redis.call('HINCRBY', jk, 'asked', 1) end
         with(fields, 'deliveries', 0)
         if retry_at ~= '' and tonumber(retry_at) > tonumber(now) then
           redis.call('HSET', jk, unpack(with(fields, 'state', 'scheduled', 'eta', retry_at, 'entry', '')))

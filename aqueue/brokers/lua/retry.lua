@@ -32,7 +32,7 @@ local jk = job_key(id)
 if redis.call('EXISTS', jk) == 0 then return 0 end
 -- A revoke or cancel asked for while it ran last is spent: retrying it is asking it to run.
 redis.call('HDEL', jk, 'result', 'error', 'dead_reason', 'finished_at', 'started_at', 'worker',
-  'progress', 'revoked', 'cancel')
+  'progress', 'revoked', 'cancel', 'asked')
 redis.call('HSET', jk, 'attempt', 1, 'deliveries', 0)
 -- Live again, it takes its idempotency key back, unless another live job holds it by now.
 local key = redis.call('HGET', jk, 'key')
