@@ -74,12 +74,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{USAGE}\naqueue: error: --logfile {args.logfile}: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_USAGE
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logger.addHandler(handler)
-    logger.setLevel(level)
     try:
-        return _run(args)
+        return _run(args, handler, level)
     finally:
-        logger.removeHandler(handler)
+        logging.getLogger().removeHandler(handler)
         handler.close()
 
 
@@ -91,7 +89,7 @@ def _where(exc: BaseException) -> str | None:
     return f"{os.path.relpath(frames[-1].filename)}:{frames[-1].lineno}" if frames else None
 
 
-def _run(args: RunArgs) -> int:
+def _run(args: RunArgs, handler: logging.Handler, level: int) -> int:
     try:
         queue = load_queue(args.target)
     except TargetError as exc:
@@ -100,6 +98,14 @@ def _run(args: RunArgs) -> int:
     except ConfigurationError as exc:  # raised as the app was imported: a bad queue URL, say
         print(f"aqueue: {_where(exc) or args.target}: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    # The worker's log is the process's: the app's own loggers (its tasks') go where aqueue's go.
+    # An app that set up logging as it was imported keeps its handlers, which aqueue's lines
+    # reach as they are (one handler of ours beside them would write each line twice); a
+    # --logfile is added to them.
+    root = logging.getLogger()
+    if args.logfile or not root.handlers:
+        root.addHandler(handler)
+    logger.setLevel(level)
     if queue.broker.url == "memory://":
         # Legit for a process that enqueues its own jobs (periodic tasks), but a web app's jobs,
         # enqueued in its own process, never reach this one: most likely a wrong URL.

@@ -16,22 +16,25 @@ import pytest
 
 from aqueue import Job, JobState, Queue
 from aqueue._cli import main
+from tests.apps import logging_app
 from tests.conftest import RedisServer, start_redis
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = "tests.apps.worker_app:queue"
+LOGGING_APP = "tests.apps.logging_app:queue"
 
 pytestmark = pytest.mark.subprocess
 
 
 class WorkerProcess:
-    def __init__(self, url: str, queue_name: str, *flags: str, visibility: float = 60) -> None:
+    def __init__(self, url: str, queue_name: str, *flags: str, visibility: float = 60, app: str = APP,
+                 env: dict[str, str] | None = None) -> None:
         self.log = Path(os.environ.get("TMPDIR", "/tmp")) / f"aqueue-worker-{queue_name}-{time.time_ns()}.log"
         env = {**os.environ, "AQUEUE_URL": url, "AQUEUE_QUEUE": queue_name,
-               "AQUEUE_VISIBILITY": str(visibility)}
+               "AQUEUE_VISIBILITY": str(visibility), **(env or {})}
         with self.log.open("w") as stderr:  # the child keeps its own copy of the descriptor
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "aqueue", "run", APP, *flags],
+                [sys.executable, "-m", "aqueue", "run", app, *flags],
                 cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=stderr,
             )
 
@@ -193,6 +196,40 @@ async def test_a_worker_on_memory_says_it_runs_only_its_own_jobs(
     assert "WARNING" in line
     assert "never another process's" in line
     assert worker.process.poll() is None  # it runs all the same (periodic tasks may be its work)
+
+
+async def run_speak(worker: WorkerProcess, redis_url: str, queue_name: str) -> None:
+    """Run the logging app's task through the worker, then stop the worker (its log complete)."""
+    async with Queue(redis_url, name=queue_name) as q:
+        q.task(name="speak")(logging_app.speak.fn)
+        await (await q.tasks["speak"].enqueue()).result(timeout=30)
+    assert worker.stop() == 0
+
+
+async def test_an_app_that_sets_up_logging_gets_each_line_once_through_its_own_handlers(
+    redis_url: str, queue_name: str, workers: list[WorkerProcess]
+) -> None:
+    # A handler of the worker's beside the app's wrote every line of aqueue's twice.
+    worker = WorkerProcess(redis_url, queue_name, app=LOGGING_APP, env={"AQUEUE_APP_LOGGING": "1"})
+    workers.append(worker)
+    await run_speak(worker, redis_url, queue_name)
+    lines = worker.output().splitlines()
+    [start] = [line for line in lines if ", concurrency " in line]
+    assert start.startswith("APP INFO aqueue: worker ")
+    assert [line for line in lines if "the task speaks" in line] == ["APP WARNING app: the task speaks"]
+
+
+async def test_a_logfile_takes_the_tasks_own_log_lines_too(
+    redis_url: str, queue_name: str, workers: list[WorkerProcess], tmp_path: Path
+) -> None:
+    logfile = tmp_path / "worker.log"
+    worker = WorkerProcess(redis_url, queue_name, "--logfile", str(logfile), app=LOGGING_APP)
+    workers.append(worker)
+    await run_speak(worker, redis_url, queue_name)
+    written = logfile.read_text()
+    assert ", concurrency " in written
+    assert " WARNING app: the task speaks" in written  # it went to stderr, unformatted
+    assert "the task speaks" not in worker.output()
 
 
 def test_unreachable_redis_at_start_is_one_line_and_exit_1(queue_name: str) -> None:

@@ -1,0 +1,20 @@
+"""A worker app that logs from its task, and (with AQUEUE_APP_LOGGING set) sets up logging itself
+as it is imported, as many apps do."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from aqueue import Queue
+
+if os.environ.get("AQUEUE_APP_LOGGING"):
+    logging.basicConfig(level=logging.INFO, format="APP %(levelname)s %(name)s: %(message)s")
+
+queue = Queue(os.environ.get("AQUEUE_URL", "redis://127.0.0.1:1/0"),
+              name=os.environ.get("AQUEUE_QUEUE", "default"))
+
+
+@queue.task(name="speak")
+async def speak() -> None:
+    logging.getLogger("app").warning("the task speaks")
