@@ -20,10 +20,8 @@ import pytest
 from aqueue import (
     ConfigurationError,
     Job,
-    JobCancelled,
     JobInfo,
     JobNotFound,
-    JobRevoked,
     JobState,
     PayloadTooLarge,
     Queue,
@@ -364,38 +362,6 @@ async def test_idempotency_key_returns_the_live_job(queue: Queue) -> None:
     # Once finished, the key is free: a new job is made.
     fresh = await send.options(key="welcome:1").enqueue("a@example.com")
     assert fresh.id != first.id
-
-
-async def test_a_key_held_by_a_job_revoked_or_asked_to_cancel_goes_to_a_new_job(queue: Queue) -> None:
-    started, go_on = anyio.Event(), anyio.Event()
-
-    @queue.task
-    async def send(to: str) -> str:
-        if to == "held":
-            started.set()
-            with anyio.CancelScope(shield=True):  # runs on, asked to cancel
-                await go_on.wait()
-        return to
-
-    revoked = await send.options(key="welcome:1").enqueue("revoked")
-    assert await revoked.revoke() is True
-    fresh = await send.options(key="welcome:1").enqueue("fresh")  # the revoked one never runs
-    assert fresh.id != revoked.id
-    assert (await send.options(key="welcome:1").enqueue("again")).id == fresh.id
-    async with queue.worker():
-        with pytest.raises(JobRevoked):
-            await revoked.result(timeout=10)
-        assert await fresh.result(timeout=10) == "fresh"
-        held = await send.options(key="welcome:2").enqueue("held")
-        with anyio.fail_after(10):
-            await started.wait()
-        assert await held.cancel() is True
-        after = await send.options(key="welcome:2").enqueue("after")
-        assert after.id != held.id
-        go_on.set()
-        assert await after.result(timeout=10) == "after"
-        with pytest.raises(JobCancelled):
-            await held.result(timeout=10)
 
 
 async def test_map_enqueues_in_bulk(queue: Queue) -> None:

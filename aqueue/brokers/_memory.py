@@ -191,13 +191,10 @@ class MemoryBroker(Broker):
         return [self._store(q, job, now) for job in jobs]
 
     def _live_key_holder(self, q: _Queue, key: str) -> str | None:
-        """The live job an idempotency key names, if any (the key may outlive its job's end). A
-        job revoked or asked to cancel is not: it will not run to its end."""
+        """The live job an idempotency key names, if any (the key may outlive its job's end)."""
         holder = q.keys.get(key)
         rec = self._record(q, holder) if holder is not None else None
-        if rec is None or rec.state in FINAL_STATES or holder in q.revoked or holder in q.cancel:
-            return None
-        return holder
+        return holder if rec is not None and rec.state not in FINAL_STATES else None
 
     def _store(self, q: _Queue, job: NewJob, now: float) -> str:
         live = self._live_key_holder(q, job.key) if job.key is not None else None

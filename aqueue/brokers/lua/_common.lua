@@ -284,13 +284,12 @@ local function store_plain(now, id, task, payload, p)
   redis.call('ZADD', prefix .. 'index', in_order(now), id)
 end
 
--- The live job an idempotency key names, if any (the key's entry may outlive its job's end). A job
--- revoked or asked to cancel is not: it will not run to its end, and a new one takes the key.
+-- The live job an idempotency key names, if any (the key's entry may outlive its job's end).
 local function live_key_holder(key)
   local holder = redis.call('GET', prefix .. 'key:' .. key)
   if not holder then return nil end
-  local rec = redis.call('HMGET', job_key(holder), 'state', 'revoked', 'cancel')
-  if rec[1] and not FINAL[rec[1]] and not rec[2] and not rec[3] then return holder end
+  local state = redis.call('HGET', job_key(holder), 'state')
+  if state and not FINAL[state] then return holder end
   return nil
 end
 
