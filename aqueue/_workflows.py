@@ -124,9 +124,11 @@ class Chord:
     def error(self, handler: Task[Any, Any] | Signature[Any], /, *args: Any, **kwargs: Any) -> Chord:
         """Attaches to the callback, as in Huey: if it fails for good, `handler(exc, ...)` runs and
         the steps `then()` added after it are skipped (a failure of theirs runs a handler of
-        their own)."""
+        their own). A callback with a handler of its own keeps it."""
         first, *rest = self.callback.steps
-        return Chord(self.members, Pipeline([first.error(handler, *args, **kwargs), *rest]))
+        if first.on_error is None:
+            first = first.error(handler, *args, **kwargs)
+        return Chord(self.members, Pipeline([first, *rest]))
 
 
 Node: TypeAlias = Signature[Any] | Pipeline | Group | Chord

@@ -1068,6 +1068,9 @@ async def test_a_chords_error_handler_is_its_callbacks_and_a_steps_own_handler_i
         members = await queue.enqueue(
             group([boom.s(3).error(on_error, "own"), boom.s(4)]).error(on_error, "all"))
         assert [await handled(job) for job in members] == ["own", "all"]
+        inner = chord([add.s(100, 2)], total.s().error(on_error, "own"))
+        chords = await queue.enqueue(group([inner, chord([add.s(100, 3)], total.s())]).error(on_error, "all"))
+        assert [await handled(job) for job in chords] == ["own", "all"]
 
 
 def test_workflows_refuse_what_is_not_a_list_of_steps_or_members(queue: Queue) -> None:
