@@ -260,7 +260,7 @@ async def execute(queue: Queue, running: RunningJob) -> Completion | None:
     if isinstance(error, CancelExecution):
         if error.retry or (error.retry is None and policy.retries > used):
             # With retry=True whatever the count, but after the policy's wait, as in Huey.
-            return await _retry(queue, context, policy, error, policy.retry_wait(used + 1), used)
+            return await _retry(queue, context, policy, error, policy.retry_wait(d.attempt), used)
         # As in Huey: out of retries (or told not to retry), the job is cancelled, not failed.
         if signals.wants(Signal.CANCELLED):
             await signals.send(Signal.CANCELLED, context, error)
@@ -339,8 +339,8 @@ async def _retry(
     asked = isinstance(error, RetryTask | CancelExecution)  # the job's own request, not a failure
     logger.log(logging.INFO if asked else logging.WARNING, "job %s (%s) attempt %d: %s; retried %s",
                d.job_id, d.task, d.attempt, meta["error"], f"in {delay:.3g}s" if delay else "at once")
-    outcome = Outcome.ASKED if isinstance(error, RetryTask) else Outcome.RETRY
-    return Completion(d, outcome, now, error=dumps(meta), retry_at=now + delay if delay else None)
+    return Completion(d, Outcome.RETRY, now, error=dumps(meta), retry_at=now + delay if delay else None,
+                      asked=isinstance(error, RetryTask))
 
 
 async def _fail(
@@ -351,7 +351,7 @@ async def _fail(
     seconds, or fail for good (an ERROR unless `signalled` already)."""
     d = context._delivery
     if retry and policy.retries > used:
-        return await _retry(queue, context, policy, error, max(policy.retry_wait(used + 1), wait), used)
+        return await _retry(queue, context, policy, error, max(policy.retry_wait(d.attempt), wait), used)
     if not signalled and queue.signals.wants(Signal.ERROR):
         await queue.signals.send(Signal.ERROR, context, error)
     meta = _metadata(error, d, 0)

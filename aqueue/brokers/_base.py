@@ -158,7 +158,6 @@ class Outcome(StrEnum):
     FAILED = "failed"  # for good: the job also enters the dead letters with `reason`
     CANCELLED = "cancelled"
     RETRY = "retry"  # attempt + 1, ready again at `retry_at`
-    ASKED = "asked"  # as RETRY, and the record's `asked` + 1 (a retry the job asked for)
     DEFER = "defer"  # ready again at `retry_at`, attempt unchanged (a rate limit, not a failure)
 
 
@@ -177,6 +176,8 @@ class Completion:
     activate: tuple[tuple[str, bytes], ...] = ()
     """With a success: waiting jobs to make ready, with their payloads (the next pipeline step,
     its arguments built from this job's value), in the same atomic step."""
+    asked: bool = False
+    """With a RETRY: the job asked for it (`RetryTask`); it uses none of the task's retries."""
 
 
 class Broker(ABC):
@@ -306,8 +307,8 @@ class Broker(ABC):
           seconds. FAILED puts the job in the dead letters with `reason`; its record is kept
           until it is retried or purged.
         - RETRY: `attempt` + 1, delivery count reset; `scheduled` until `retry_at`, or
-          `pending` at once when `retry_at` is None or past. DEFER: the same, attempt unchanged.
-          ASKED: as RETRY, and `asked` + 1.
+          `pending` at once when `retry_at` is None or past (with `asked`, the record's `asked`
+          + 1 too). DEFER: the same, attempt unchanged.
 
         Returns, for each, whether it applied. A completion whose token is stale (the job has been
         delivered again since) changes nothing and gives False: the newer delivery owns the job.

@@ -348,11 +348,11 @@ class MemoryBroker(Broker):
                 # A cancel asked for while it ran outlasts a failure that came before the job heard
                 # of it: neither retried nor dead-lettered, it ends cancelled.
                 outcome, error, reason = Outcome.CANCELLED, None, None
-            if outcome in (Outcome.RETRY, Outcome.DEFER, Outcome.ASKED):
+            if outcome in (Outcome.RETRY, Outcome.DEFER):
                 if error is not None:
                     rec.error = error
-                rec.attempt += outcome != Outcome.DEFER
-                rec.asked += outcome == Outcome.ASKED
+                rec.attempt += outcome == Outcome.RETRY
+                rec.asked += outcome == Outcome.RETRY and c.asked
                 q.deliveries[rec.id] = 0
                 if c.retry_at is not None and c.retry_at > c.finished_at:
                     self._schedule(q, rec, c.retry_at)

@@ -946,7 +946,8 @@ class RedisBroker(Broker):
             if c.outcome is Outcome.SUCCEEDED and not c.error and c.retry_at is None and not c.reason:
                 args += ["ok", c.result or b""]
             else:
-                args += [c.outcome.value, c.result or b"", c.error or b"", _opt(c.retry_at), c.reason or ""]
+                outcome = "asked" if c.asked and c.outcome is Outcome.RETRY else c.outcome.value
+                args += [outcome, c.result or b"", c.error or b"", _opt(c.retry_at), c.reason or ""]
             args += [repr(c.finished_at), len(c.activate)]
             for job_id, payload in c.activate:
                 args += [job_id, payload]

@@ -82,6 +82,7 @@ while i <= #ARGV do
       end
       if err ~= '' then with(fields, 'error', err, 'more', '1') end
       if outcome == 'retry' or outcome == 'defer' or outcome == 'asked' then
+        -- 'asked': a retry the job asked for (RetryTask), counted apart from those it used.
         if outcome ~= 'defer' then redis.call('HINCRBY', jk, 'attempt', 1) end
         if outcome == 'asked' then redis.call('HINCRBY', jk, 'asked', 1) end
         with(fields, 'deliveries', 0)
