@@ -28,8 +28,8 @@ options:
   --no-scheduler        do not promote delayed jobs or enqueue periodic ones
   -v, --verbose         log debug lines
   -q, --quiet           log warnings and errors only
-  --logfile F           write the log to this file instead of stderr (an app that
-                        sets up logging keeps its own handlers besides)
+  --logfile F           write aqueue's log to this file (not to stderr, nor to the
+                        handlers of an app that sets up logging)
   -h, --help            show this help and exit
 """
 

@@ -77,7 +77,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _run(args, handler, level)
     finally:
-        logging.getLogger().removeHandler(handler)
+        logger.removeHandler(handler)
+        logger.propagate = True
         handler.close()
 
 
@@ -98,13 +99,12 @@ def _run(args: RunArgs, handler: logging.Handler, level: int) -> int:
     except ConfigurationError as exc:  # raised as the app was imported: a bad queue URL, say
         print(f"aqueue: {_where(exc) or args.target}: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    # The worker's log is the process's: the app's own loggers (its tasks') go where aqueue's go.
-    # An app that set up logging as it was imported keeps its handlers, which aqueue's lines
-    # reach as they are (one handler of ours beside them would write each line twice); a
-    # --logfile is added to them.
-    root = logging.getLogger()
-    if args.logfile or not root.handlers:
-        root.addHandler(handler)
+    # aqueue's log goes to --logfile alone; else through the handlers of an app that set up
+    # logging as it was imported (one of ours beside them would write each line twice); else to
+    # stderr. The app's own loggers log where the app sends them.
+    if args.logfile or not logging.getLogger().handlers:
+        logger.addHandler(handler)
+        logger.propagate = not args.logfile
     logger.setLevel(level)
     if queue.broker.url == "memory://":
         # Legit for a process that enqueues its own jobs (periodic tasks), but a web app's jobs,

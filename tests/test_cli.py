@@ -210,7 +210,7 @@ async def test_an_app_that_sets_up_logging_gets_each_line_once_through_its_own_h
     redis_url: str, queue_name: str, workers: list[WorkerProcess]
 ) -> None:
     # A handler of the worker's beside the app's wrote every line of aqueue's twice.
-    worker = WorkerProcess(redis_url, queue_name, app=LOGGING_APP, env={"AQUEUE_APP_LOGGING": "1"})
+    worker = WorkerProcess(redis_url, queue_name, app=LOGGING_APP, env={"AQUEUE_APP_LOGGING": "root"})
     workers.append(worker)
     await run_speak(worker, redis_url, queue_name)
     lines = worker.output().splitlines()
@@ -219,17 +219,21 @@ async def test_an_app_that_sets_up_logging_gets_each_line_once_through_its_own_h
     assert [line for line in lines if "the task speaks" in line] == ["APP WARNING app: the task speaks"]
 
 
-async def test_a_logfile_takes_the_tasks_own_log_lines_too(
-    redis_url: str, queue_name: str, workers: list[WorkerProcess], tmp_path: Path
+@pytest.mark.parametrize("app_logging", ["named", "root"])
+async def test_a_logfile_takes_aqueues_lines_alone_and_the_apps_go_where_it_sends_them(
+    redis_url: str, queue_name: str, workers: list[WorkerProcess], tmp_path: Path, app_logging: str
 ) -> None:
     logfile = tmp_path / "worker.log"
-    worker = WorkerProcess(redis_url, queue_name, "--logfile", str(logfile), app=LOGGING_APP)
+    worker = WorkerProcess(redis_url, queue_name, "--logfile", str(logfile), app=LOGGING_APP,
+                           env={"AQUEUE_APP_LOGGING": app_logging})
     workers.append(worker)
     await run_speak(worker, redis_url, queue_name)
-    written = logfile.read_text()
+    written, output = logfile.read_text(), worker.output()
     assert ", concurrency " in written
-    assert " WARNING app: the task speaks" in written  # it went to stderr, unformatted
-    assert "the task speaks" not in worker.output()
+    assert ", concurrency " not in output  # the file, not the app's handlers too
+    assert "the task speaks" not in written
+    assert [line for line in output.splitlines() if "the task speaks" in line] == [
+        "APP WARNING app: the task speaks"]  # once, however the app set up logging
 
 
 def test_unreachable_redis_at_start_is_one_line_and_exit_1(queue_name: str) -> None:
