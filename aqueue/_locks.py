@@ -41,8 +41,8 @@ class Lock:
     def __init__(
         self, queue: Queue, name: str, ttl: Seconds = 30.0, timeout: Seconds | None = None
     ) -> None:
-        if not name:
-            raise ConfigurationError("a lock needs a name")
+        if not isinstance(name, str) or not name:  # 5 and "5" were one lock on Redis, two in memory
+            raise ConfigurationError(f"a lock's name is a non-empty string, got {name!r}")
         self.queue, self.name, self.ttl = queue, name, finite_seconds(ttl, "lock ttl")
         self.timeout = None if timeout is None else seconds(timeout, "lock timeout")
         if self.timeout == math.inf:

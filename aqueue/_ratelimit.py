@@ -30,8 +30,8 @@ class RateLimit:
 
     def __init__(self, queue: Queue, key: str, limit: int, per: Seconds, retry: bool = True) -> None:
         per = finite_seconds(per, "rate limit per")
-        if not key:
-            raise ConfigurationError("a rate limit needs a key")
+        if not isinstance(key, str) or not key:  # 7 and "7" were one key on Redis, two in memory
+            raise ConfigurationError(f"a rate limit's key is a non-empty string, got {key!r}")
         check_count(limit, "a rate limit's limit")
         self.queue, self.key, self.limit, self.per, self.retry = queue, key, limit, per, retry
 
