@@ -24,9 +24,11 @@ class Completer:
         result_ttl: float,
         on_written: Callable[[list[Completion]], None],
         reclaim_settled: Callable[[], Awaitable[None]],
+        on_applied: Callable[[list[Completion]], None] = lambda completions: None,
     ) -> None:
         self._broker, self._queue, self._ttl = broker, queue, result_ttl
         self._on_written = on_written
+        self._on_applied = on_applied  # those the broker took, of each batch written
         self._reclaim_settled = reclaim_settled
         self._pending: list[Completion] = []
         self._wake = anyio.Event()
@@ -63,6 +65,7 @@ class Completer:
         while True:
             try:
                 applied = await self._broker.finish(self._queue, batch, self._ttl)
+                self._on_applied([c for c, ok in zip(batch, applied, strict=True) if ok])
                 if not all(applied):
                     # This worker's own reclaim, under way, may be what took those jobs over.
                     await self._reclaim_settled()

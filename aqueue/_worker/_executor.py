@@ -54,6 +54,9 @@ class RunningJob:
     """Set by `job.cancel()`: the job ends `cancelled`, neither retried nor run again."""
     lost: bool = False
     """Set when another worker took the job over: stop it here and write nothing."""
+    completed: JobContext | None = None
+    """A success with COMPLETE handlers: they are called once the success is written (as in
+    Huey, whose handlers find the result stored)."""
 
     def start_scope(self) -> anyio.CancelScope:
         """The job's cancel scope; a stop asked for before the job started carries over to it."""
@@ -238,7 +241,7 @@ async def execute(queue: Queue, running: RunningJob) -> Completion | None:
             except SerializationError as exc:  # the next step's arguments cannot be stored
                 return await _fail(queue, context, policy, exc, retry=False)
         if signals.wants(Signal.COMPLETE):
-            await signals.send(Signal.COMPLETE, context)
+            running.completed = context
         return Completion(d, Outcome.SUCCEEDED, time.time(), result=result, activate=activate)
     used = await _retries_used(queue, d)
     if isinstance(error, RetryTask):  # uses none of the task's retries, as in Huey

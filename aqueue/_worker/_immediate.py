@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import anyio
 
 from aqueue._serialization import loads
+from aqueue._signals import Signal
 from aqueue._states import JobState
 from aqueue._worker._executor import RunningJob, execute, report_ended
 from aqueue.brokers._base import BATCH_CALLBACK_KINDS, batch_callback_id, error_handler_id
@@ -91,7 +92,8 @@ async def _run(queue: Queue, job_id: str, may_appear: bool) -> bool:
             return True
         ended = False
         try:
-            completion = await execute(queue, RunningJob(d))
+            running = RunningJob(d)
+            completion = await execute(queue, running)
             ended = True
         finally:
             if not ended:
@@ -101,4 +103,6 @@ async def _run(queue: Queue, job_id: str, may_appear: bool) -> bool:
                     await broker.release(name, [d])
         if completion is not None:
             with anyio.CancelScope(shield=True):  # its end is written whatever comes now
-                await broker.finish(name, [completion], queue.result_ttl)
+                [written] = await broker.finish(name, [completion], queue.result_ttl)
+            if written and running.completed is not None:
+                await queue.signals.send(Signal.COMPLETE, running.completed)

@@ -35,6 +35,7 @@ from aqueue._worker._executor import RunningJob, dead, execute, report_ended, sa
 from aqueue.brokers import Completion, Delivery
 
 if TYPE_CHECKING:
+    from aqueue._context import JobContext
     from aqueue._queue import Queue
 
 logger = logging.getLogger("aqueue")
@@ -100,6 +101,10 @@ class Worker:
         self._running: dict[str, RunningJob] = {}
         self._held: dict[str, Delivery] = {}  # leased until their outcome is written
         self._completing: dict[str, Completion] = {}  # ended, outcome not yet written
+        # Successes whose COMPLETE handlers wait for the success to be written, and the task
+        # group that calls them (their own, so that a stop waits for them).
+        self._completed: dict[str, JobContext] = {}
+        self._announcements: TaskGroup | None = None
         self._handed_back: list[Delivery] = []
         self._stop_requested = False
         self._wake_fetcher = anyio.Event()
@@ -217,7 +222,7 @@ class Worker:
             ", ".join(sorted(queue.tasks)) or "(none)",
         )
         self._completer = Completer(queue.broker, queue.name, queue.result_ttl, self._written,
-                                    self._reclaim_settled)
+                                    self._reclaim_settled, self._applied)
         # The running backend's own scope class: `anyio.CancelScope()` looks the backend up on every
         # call, which costs more than all the rest of a no-op job's bookkeeping.
         self._new_scope = type(anyio.CancelScope())
@@ -239,18 +244,21 @@ class Worker:
                 # No job is taken before cancel requests are listened for: one made in between
                 # would wait for the fallback check.
                 await listen_tried.wait()
-                async with anyio.create_task_group() as jobs:
-                    self._jobs = jobs
-                    task_status.started(self)
-                    try:
-                        await self._fetch()
-                    finally:
-                        self._fetch_ended.set()
-                    await self._wind_down()
-                    self._end_runners()
-                await self._release(self._handed_back)
-                with anyio.move_on_after(max(self.shutdown_timeout, 1.0)):  # a broker that is gone
-                    await self._completer.drained()
+                async with anyio.create_task_group() as announcements:
+                    self._announcements = announcements
+                    async with anyio.create_task_group() as jobs:
+                        self._jobs = jobs
+                        task_status.started(self)
+                        try:
+                            await self._fetch()
+                        finally:
+                            self._fetch_ended.set()
+                        await self._wind_down()
+                        self._end_runners()
+                    await self._release(self._handed_back)
+                    with anyio.move_on_after(max(self.shutdown_timeout, 1.0)):  # a broker that is gone
+                        await self._completer.drained()
+                    self._announcements = None  # its handlers are waited for: no more come
                 services.cancel_scope.cancel()
         except Exception:
             # One of its services failed (a schedule of the user's, say) and it takes no more
@@ -467,6 +475,8 @@ class Worker:
         else:
             completion.delivery = d
             self._completing[d.job_id] = completion
+            if running.completed is not None:
+                self._completed[d.job_id] = running.completed
             self.jobs_done += 1
             assert self._completer is not None
             self._completer.put(completion)
@@ -492,9 +502,17 @@ class Worker:
         self._held[d.job_id] = d
         return True
 
+    def _applied(self, completions: list[Completion]) -> None:
+        """Call the COMPLETE handlers of the successes just written."""
+        for c in completions:
+            context = self._completed.pop(c.delivery.job_id, None)
+            if context is not None and self._announcements is not None:
+                self._announcements.start_soon(self.queue.signals.send, Signal.COMPLETE, context)
+
     def _written(self, completions: list[Completion]) -> None:
         for c in completions:
             job_id = c.delivery.job_id
+            self._completed.pop(job_id, None)  # refused, or not written: no COMPLETE
             if self._completing.get(job_id) is c:
                 del self._completing[job_id]
             if self._held.get(job_id) is c.delivery:
