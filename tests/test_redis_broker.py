@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import resource
 import tempfile
@@ -17,6 +18,7 @@ import anyio.lowlevel
 import pytest
 import redis
 import redis.asyncio
+from redis._parsers.base import BaseParser
 
 import aqueue
 from aqueue import BrokerConnectionError, ConfigurationError, JobState, Queue, TaskError
@@ -25,7 +27,7 @@ from aqueue.brokers._keys import GROUP, Keys
 from aqueue.brokers._notifier import Notifier
 from aqueue.brokers._redis import _Reader, redact, waiting_name
 from aqueue.brokers._scripts import NAMES, source
-from tests.conftest import RedisServer, start_redis, wait_for_blocked_client
+from tests.conftest import RedisServer, free_port, start_redis, wait_for_blocked_client
 
 PAYLOAD = b'{"args":[],"kwargs":{},"options":{}}'
 
@@ -889,6 +891,62 @@ async def test_entries_ended_before_they_ran_leave_the_stream_on_prune(
             assert await client.xlen(stream) == 0
         finally:
             await client.aclose()
+
+
+@pytest.mark.parametrize("reply", [
+    "READONLY You can't write against a read only replica.", "LOADING Redis is loading",
+    "BUSY Redis is busy running a script", "TRYAGAIN Multiple keys request during rehashing",
+    "MASTERDOWN Link with MASTER is down", "CLUSTERDOWN The cluster is down",
+    "OOM command not allowed when used memory > 'maxmemory'.",
+])
+def test_a_failover_or_a_full_server_is_a_broker_connection_error(reply: str) -> None:
+    # redis-py cuts the code from most of these messages (READONLY becomes ReadOnlyError("You
+    # can't write...")): they were a plain BrokerError, and a worker dropped its outcomes.
+    error = BaseParser.parse_error(reply)
+    with pytest.raises(BrokerConnectionError, match=r"unavailable|cannot reach"):
+        RedisBroker("redis://127.0.0.1:1/0")._raise_translated(error)
+
+
+async def test_a_worker_keeps_an_outcome_through_a_failover(queue_name: str) -> None:
+    # Its server turned replica while the job ran: the success's write was refused (READONLY),
+    # the outcome dropped, and the job ran again once its lease lapsed.
+    server = start_redis()
+    admin = redis.asyncio.Redis.from_url(server.url)
+    queue = Queue(server.url, name=queue_name)
+    started, finish, refused = anyio.Event(), anyio.Event(), anyio.Event()
+    runs = 0
+
+    class Refusals(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "job outcome(s)" in record.getMessage():
+                refused.set()
+
+    @queue.task
+    async def work() -> str:
+        nonlocal runs
+        runs += 1
+        started.set()
+        await finish.wait()
+        return "done"
+
+    handler = Refusals()
+    logging.getLogger("aqueue").addHandler(handler)
+    try:
+        async with queue, queue.worker():
+            job = await work.enqueue()
+            with anyio.fail_after(10):
+                await started.wait()
+            await admin.replicaof("127.0.0.1", str(free_port()))  # a master that is not there
+            finish.set()
+            with anyio.fail_after(10):
+                await refused.wait()
+            await admin.replicaof("NO", "ONE")
+            assert await job.result(timeout=10) == "done"
+        assert runs == 1
+    finally:
+        logging.getLogger("aqueue").removeHandler(handler)
+        await admin.aclose()
+        server.stop()
 
 
 @pytest.mark.parametrize("scheme", ["unix", "UNIX"])  # a scheme is read in any case

@@ -62,8 +62,12 @@ ENQUEUE_CHUNK = 500  # jobs per enqueue script call: bounds how long one call ho
 # them, and the connection's socket_timeout (5 s by default) bounds the write: 300,000 jobs in one
 # pipeline took longer than that here. 10,000 take well under a second.
 ENQUEUE_WINDOW = 20
-# Errors that pass (a failover, a server loading its data): retried like a lost connection.
-TRANSIENT = {"READONLY", "LOADING", "BUSY", "TRYAGAIN", "MASTERDOWN", "CLUSTERDOWN"}
+# Errors that pass (a failover, a server loading its data, out of memory for now, busy with a
+# script): retried like a lost connection, a worker's outcomes kept until written. redis-py raises
+# most as classes of their own, their code cut from the message; the rest keep the code.
+TRANSIENT_ERRORS = (redis_errors.ReadOnlyError, redis_errors.TryAgainError,
+                    redis_errors.ClusterDownError, redis_errors.OutOfMemoryError)
+TRANSIENT = {"READONLY", "LOADING", "BUSY", "TRYAGAIN", "MASTERDOWN", "CLUSTERDOWN", "OOM"}
 # Records that a receive, claim, reclaim or recover ends rather than leases (expired, revoked,
 # cancelled, dead) are kept a day: those calls take no result_ttl.
 ENDED_HERE_TTL = 86_400
@@ -621,7 +625,7 @@ class RedisBroker(Broker):
             raise BrokerConnectionError(f"Redis at {self.url} refused the credentials: {exc}") from None
         if isinstance(exc, (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)):
             raise BrokerConnectionError(f"cannot reach Redis at {self.url}: {exc}") from None
-        if str(exc).split(" ", 1)[0] in TRANSIENT:
+        if isinstance(exc, TRANSIENT_ERRORS) or str(exc).split(" ", 1)[0] in TRANSIENT:
             raise BrokerConnectionError(f"Redis at {self.url} is unavailable: {exc}") from None
         raise BrokerError(f"Redis at {self.url} failed: {exc}") from exc
 
