@@ -206,7 +206,11 @@ def test_a_password_with_unencoded_reserved_characters_never_shows(url: str, sho
         # Values that parse, refused only by the connection (a BrokerConnectionError, which no
         # retry mends) or the pool (a ValueError from the first enqueue).
         ("redis://h/0?protocol=5", "protocol='5' is not a valid value (2 or 3)"),
-        ("redis://h/0?max_connections=-5", "max_connections='-5' is not a valid value (at least 1)"),
+        ("redis://h/0?max_connections=-5", "max_connections='-5' is not a valid value (at least 4: a "
+                                           "worker holds 3 for good)"),
+        # A worker's blocking read and two listeners hold three: every other call waited for ever.
+        ("redis://h/0?max_connections=3", "max_connections='3' is not a valid value (at least 4: a "
+                                          "worker holds 3 for good)"),
         ("rediss://h/0?ssl_cert_reqs=bogus",
          "ssl_cert_reqs='bogus' is not a valid value (none, optional or required)"),
         ("redis://h/0?socket_timeout=-1", "socket_timeout='-1' is not a valid value (over 0 seconds)"),
@@ -249,7 +253,7 @@ def test_url_options_are_those_of_the_scheme() -> None:
     # What redis-py's connection for the scheme takes: TLS options only with rediss://, no TCP
     # keepalive on a Unix socket; the pool's max_connections with any.
     for url in ("rediss://h:6380/0?ssl_cert_reqs=none&ssl_check_hostname=false&ssl_ca_certs=ca.pem",
-                "redis://h/0?password=pw&socket_timeout=2&max_connections=3&protocol=3&client_name=me",
+                "redis://h/0?password=pw&socket_timeout=2&max_connections=4&protocol=3&client_name=me",
                 "redis://h/0?socket_keepalive=false", "unix:///tmp/x.sock?db=2&health_check_interval=5"):
         assert isinstance(Queue(url).broker, RedisBroker)
     for url, name in (("redis://h/0?ssl_ca_certs=ca.pem", "ssl_ca_certs"),

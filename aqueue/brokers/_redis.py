@@ -151,7 +151,9 @@ KNOWN_OPTIONS = {"max_connections", *URL_QUERY_ARGUMENT_PARSERS, *TEXT_OPTIONS}
 # they may be.
 VALUE_RANGES: dict[str, tuple[Callable[[str], bool], str]] = {
     "protocol": (lambda v: v.strip() in ("2", "3"), "2 or 3"),
-    "max_connections": (lambda v: int(v) >= 1, "at least 1"),
+    # A worker holds three for good (its blocking read and two pub/sub listeners): with fewer
+    # left for calls than one, every call waited for ever.
+    "max_connections": (lambda v: int(v) >= 4, "at least 4: a worker holds 3 for good"),
     # Each of these failed every call (most as if Redis could not be reached).
     "socket_timeout": (lambda v: float(v) > 0, "over 0 seconds"),
     "socket_connect_timeout": (lambda v: float(v) > 0, "over 0 seconds"),
