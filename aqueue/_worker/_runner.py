@@ -566,8 +566,8 @@ class Worker:
                 renewed = held[job_id]
                 if self._held.get(job_id) is not renewed or job_id in self._completing:
                     continue  # finished, or delivered anew, while the renewal was under way
-                logger.warning("job %s: its lease was taken over by another worker: stopping it here",
-                               job_id)
+                logger.warning("job %s: its lease is gone (another worker took the job over, or Redis "
+                               "lost its data): stopping it here", job_id)
                 del self._held[job_id]
                 running = self._running.get(job_id)
                 if running is not None and running.delivery is renewed:
