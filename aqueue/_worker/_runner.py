@@ -504,15 +504,19 @@ class Worker:
 
     def _applied(self, completions: list[Completion]) -> None:
         """Call the COMPLETE handlers of the successes just written."""
+        if not self._completed:  # no handlers: nothing to look up per job
+            return
         for c in completions:
             context = self._completed.pop(c.delivery.job_id, None)
             if context is not None and self._announcements is not None:
                 self._announcements.start_soon(self.queue.signals.send, Signal.COMPLETE, context)
 
     def _written(self, completions: list[Completion]) -> None:
+        completed = self._completed
         for c in completions:
             job_id = c.delivery.job_id
-            self._completed.pop(job_id, None)  # refused, or not written: no COMPLETE
+            if completed:
+                completed.pop(job_id, None)  # refused, or not written: no COMPLETE
             if self._completing.get(job_id) is c:
                 del self._completing[job_id]
             if self._held.get(job_id) is c.delivery:
