@@ -83,11 +83,12 @@ async def test_revoke_and_restore_a_job(queue: Queue) -> None:
     assert await revoked.revoke() is False  # final: nothing to revoke
 
 
-async def test_a_retried_dead_letter_runs_though_it_was_revoked_while_it_ran(queue: Queue) -> None:
+@pytest.mark.parametrize("retries", [0, 1], ids=["dead-letter-retried", "retried-by-its-policy"])
+async def test_a_job_revoked_while_it_runs_runs_on(queue: Queue, retries: int) -> None:
     started, go_on = anyio.Event(), anyio.Event()
     runs: list[int] = []
 
-    @queue.task
+    @queue.task(retries=retries)
     async def flaky() -> str:
         runs.append(len(runs) + 1)
         if len(runs) == 1:
@@ -102,34 +103,15 @@ async def test_a_retried_dead_letter_runs_though_it_was_revoked_while_it_ran(que
             await started.wait()
         assert await job.revoke() is True  # too late for this run: it is running
         go_on.set()
-        with pytest.raises(TaskError):
-            await job.result(timeout=10)
-        assert await queue.retry(job.id) is True  # asks it to run again: the revoke is spent
-        assert await job.result(timeout=10) == "up"
-    assert runs == [1, 2]
-
-
-async def test_a_job_revoked_while_it_runs_runs_on_and_its_retry_is_revoked(queue: Queue) -> None:
-    started, go_on = anyio.Event(), anyio.Event()
-    runs = 0
-
-    @queue.task(retries=1)
-    async def flaky() -> None:
-        nonlocal runs
-        runs += 1
-        started.set()
-        await go_on.wait()
-        raise ValueError("down")
-
-    async with queue.worker():
-        job = await flaky.enqueue()
-        with anyio.fail_after(10):
-            await started.wait()
-        assert await job.revoke() is True
-        go_on.set()
-        with pytest.raises(JobRevoked):
-            await job.result(timeout=10)
-    assert runs == 1
+        if retries:  # its retry is revoked when met
+            with pytest.raises(JobRevoked):
+                await job.result(timeout=10)
+        else:
+            with pytest.raises(TaskError):
+                await job.result(timeout=10)
+            assert await queue.retry(job.id) is True  # asks it to run again: the revoke is spent
+            assert await job.result(timeout=10) == "up"
+    assert runs == ([1] if retries else [1, 2])
 
 
 async def test_a_retried_dead_letter_takes_its_idempotency_key_back(queue: Queue) -> None:
