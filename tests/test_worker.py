@@ -13,6 +13,7 @@ import anyio
 import pytest
 
 from aqueue import (
+    BrokerConnectionError,
     CancelExecution,
     ConfigurationError,
     JobCancelled,
@@ -28,7 +29,7 @@ from aqueue import (
 from aqueue._context import JobContext
 from aqueue._threads import worker_threads
 from aqueue._worker import _runner
-from aqueue.brokers import Broker, NewJob
+from aqueue.brokers import Broker, Completion, NewJob
 
 
 class Breaking(Schedule):
@@ -589,6 +590,44 @@ async def test_a_complete_handler_finds_the_result_stored(queue: Queue, immediat
             with anyio.fail_after(10):
                 await handled.wait()
     assert found == [(JobState.SUCCEEDED, 3)]
+
+
+async def test_complete_comes_when_the_reply_to_the_stored_success_was_lost(
+    queue: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The success is stored, its reply lost: written again, it is refused (the job has ended),
+    # and its handlers were never called.
+    completed: list[str] = []
+    handled = anyio.Event()
+
+    @queue.on(Signal.COMPLETE)
+    def seen(signal: Signal, job: JobContext, exc: BaseException | None = None) -> None:
+        completed.append(job.id)
+        handled.set()
+
+    @queue.task
+    async def add(a: int, b: int) -> int:
+        return a + b
+
+    finish = queue.broker.finish
+    calls = 0
+
+    async def reply_lost_once(name: str, completions: list[Completion], ttl: float) -> list[bool]:
+        nonlocal calls
+        calls += 1
+        applied = await finish(name, completions, ttl)
+        if calls == 1:
+            raise BrokerConnectionError("no reply from Redis (the test's)")
+        return applied
+
+    monkeypatch.setattr(queue.broker, "finish", reply_lost_once)
+    async with queue.worker():
+        job = await add.enqueue(1, 2)
+        assert await job.result(timeout=10) == 3
+        with anyio.fail_after(10):
+            await handled.wait()
+    assert calls == 2
+    assert completed == [job.id]
 
 
 @pytest.mark.parametrize("swallows", [False, True], ids=["cancellable", "swallows-once"])

@@ -27,6 +27,7 @@ from aqueue._background import Background
 from aqueue._checks import check_count
 from aqueue._exceptions import BrokerConnectionError, BrokerError
 from aqueue._signals import Signal, SignalJob
+from aqueue._states import JobState
 from aqueue._tasks import NO_OPTIONS
 from aqueue._threads import worker_threads
 from aqueue._time import Seconds, seconds
@@ -502,6 +503,18 @@ class Worker:
         self._held[d.job_id] = d
         return True
 
+    async def _complete_if_stored(self, c: Completion, context: JobContext) -> None:
+        """Call the COMPLETE handlers of a success this worker's run stored after all."""
+        try:
+            record = await self.queue.broker.get(self.queue.name, c.delivery.job_id)
+        except BrokerError as exc:
+            logger.warning("job %s: could not read whether its success was stored, for its COMPLETE "
+                           "handlers (not called): %s", c.delivery.job_id, exc)
+            return
+        if (record is not None and record.state == JobState.SUCCEEDED.value
+                and record.worker == c.delivery.consumer):
+            await self.queue.signals.send(Signal.COMPLETE, context)
+
     def _applied(self, completions: list[Completion]) -> None:
         """Call the COMPLETE handlers of the successes just written."""
         if not self._completed:  # no handlers: nothing to look up per job
@@ -515,8 +528,11 @@ class Worker:
         completed = self._completed
         for c in completions:
             job_id = c.delivery.job_id
-            if completed:
-                completed.pop(job_id, None)  # refused, or not written: no COMPLETE
+            context = completed.pop(job_id, None) if completed else None
+            if context is not None and self._announcements is not None:
+                # Refused, or not written: but a write whose reply was lost may have stored it
+                # before the one that was refused.
+                self._announcements.start_soon(self._complete_if_stored, c, context)
             if self._completing.get(job_id) is c:
                 del self._completing[job_id]
             if self._held.get(job_id) is c.delivery:
