@@ -123,6 +123,12 @@ async def _serve(worker: Worker) -> int:
     except BrokerError as exc:  # unreachable, or it refused us (a wrong password, say)
         print(f"aqueue: {exc}", file=sys.stderr)
         return 1
+    try:
+        worker.queue.broker.check_for_worker()
+    except ConfigurationError as exc:  # a pool too small for a worker, say
+        print(f"aqueue: {exc}", file=sys.stderr)
+        await worker.queue.close()
+        return EXIT_USAGE
     # What start-up made (modules, the app, connections) lives as long as the process: out of the
     # collector's sight, a full collection scans only what jobs make (measured: from 10-30 ms each,
     # stalling every job, down to a few ms).

@@ -206,11 +206,7 @@ def test_a_password_with_unencoded_reserved_characters_never_shows(url: str, sho
         # Values that parse, refused only by the connection (a BrokerConnectionError, which no
         # retry mends) or the pool (a ValueError from the first enqueue).
         ("redis://h/0?protocol=5", "protocol='5' is not a valid value (2 or 3)"),
-        ("redis://h/0?max_connections=-5", "max_connections='-5' is not a valid value (at least 4: a "
-                                           "worker holds 3 for good)"),
-        # A worker's blocking read and two listeners hold three: every other call waited for ever.
-        ("redis://h/0?max_connections=3", "max_connections='3' is not a valid value (at least 4: a "
-                                          "worker holds 3 for good)"),
+        ("redis://h/0?max_connections=-5", "max_connections='-5' is not a valid value (at least 1)"),
         ("rediss://h/0?ssl_cert_reqs=bogus",
          "ssl_cert_reqs='bogus' is not a valid value (none, optional or required)"),
         ("redis://h/0?socket_timeout=-1", "socket_timeout='-1' is not a valid value (over 0 seconds)"),
@@ -951,6 +947,31 @@ async def test_a_worker_keeps_an_outcome_through_a_failover(queue_name: str) -> 
         logging.getLogger("aqueue").removeHandler(handler)
         await admin.aclose()
         server.stop()
+
+
+async def test_a_pool_too_small_for_a_worker_serves_a_producer_and_refuses_a_worker(
+    redis_url: str, queue_name: str
+) -> None:
+    # A worker holds three connections for good: with three at most, its jobs, results and locks
+    # waited for ever, without a word.
+    queue = Queue(f"{redis_url}?max_connections=3", name=queue_name)
+
+    @queue.task
+    async def add(a: int, b: int) -> int:
+        return a + b
+
+    async with queue:
+        job = await add.enqueue(1, 2)
+        async with queue.lock("producers-lock"):
+            assert await job.state() == JobState.PENDING
+        with pytest.raises(ConfigurationError, match="max_connections=3 is too few for a worker, "
+                                                     "which holds 3 for good: give it at least 4"):
+            async with queue.worker():
+                pass
+    async with Queue(f"{redis_url}?max_connections=4", name=queue_name) as roomy:
+        roomy.task(name=add.name)(add.fn)
+        async with roomy.worker():
+            assert await roomy.job(job.id).result(timeout=10) == 3
 
 
 @pytest.mark.parametrize("scheme", ["unix", "UNIX"])  # a scheme is read in any case

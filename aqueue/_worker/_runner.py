@@ -217,6 +217,7 @@ class Worker:
     async def run(self, *, task_status: TaskStatus[Worker] = anyio.TASK_STATUS_IGNORED) -> None:
         queue = self.queue
         await queue.connect()
+        queue.broker.check_for_worker()
         logger.info(
             "worker %s: queue %r on %s, concurrency %d, tasks: %s",
             self.name, queue.name, queue.broker.url, self.concurrency,

@@ -186,6 +186,9 @@ class Broker(ABC):
     url: str = ""
     """Where the broker lives, for log lines: never carries a password."""
 
+    def check_for_worker(self) -> None:  # noqa: B027 - most brokers need no check
+        """Raise `ConfigurationError` if, as connected, it cannot serve a worker."""
+
     @abstractmethod
     async def connect(self) -> None:
         """Open connections. Idempotent. Raises `BrokerConnectionError` when unreachable."""

@@ -62,6 +62,7 @@ ENQUEUE_CHUNK = 500  # jobs per enqueue script call: bounds how long one call ho
 # them, and the connection's socket_timeout (5 s by default) bounds the write: 300,000 jobs in one
 # pipeline took longer than that here. 10,000 take well under a second.
 ENQUEUE_WINDOW = 20
+WORKER_CONNECTIONS = 3  # held for good: a worker's blocking read and its two pub/sub listeners
 # Errors that pass (a failover, a server loading its data, out of memory for now, busy with a
 # script): retried like a lost connection, a worker's outcomes kept until written. redis-py raises
 # most as classes of their own, their code cut from the message; the rest keep the code.
@@ -151,9 +152,7 @@ KNOWN_OPTIONS = {"max_connections", *URL_QUERY_ARGUMENT_PARSERS, *TEXT_OPTIONS}
 # they may be.
 VALUE_RANGES: dict[str, tuple[Callable[[str], bool], str]] = {
     "protocol": (lambda v: v.strip() in ("2", "3"), "2 or 3"),
-    # A worker holds three for good (its blocking read and two pub/sub listeners): with fewer
-    # left for calls than one, every call waited for ever.
-    "max_connections": (lambda v: int(v) >= 4, "at least 4: a worker holds 3 for good"),
+    "max_connections": (lambda v: int(v) >= 1, "at least 1"),  # a worker's: see check_for_worker
     # Each of these failed every call (most as if Redis could not be reached).
     "socket_timeout": (lambda v: float(v) > 0, "over 0 seconds"),
     "socket_connect_timeout": (lambda v: float(v) > 0, "over 0 seconds"),
@@ -663,6 +662,15 @@ class RedisBroker(Broker):
                 return await self.client.evalsha(sha, 1, prefix, *args)
         except (redis_errors.RedisError, OSError) as exc:
             self._raise_translated(exc)
+
+    def check_for_worker(self) -> None:
+        # A worker holds three connections for good (its blocking read and two pub/sub listeners):
+        # with none left for calls, its jobs, results and locks waited for ever, without a word.
+        limit = self.client.connection_pool.max_connections
+        if limit < WORKER_CONNECTIONS + 1:
+            raise ConfigurationError(
+                f"{self.url}: max_connections={limit} is too few for a worker, which holds "
+                f"{WORKER_CONNECTIONS} for good: give it at least {WORKER_CONNECTIONS + 1}")
 
     def _key(self, queue: str) -> Keys:
         keys = self._keys.get(queue)
