@@ -13,6 +13,18 @@ def check_count(value: object, what: str, minimum: int = 1) -> None:
         raise ConfigurationError(f"{what} must be a whole number >= {minimum}, got {value!r}")
 
 
+def check_name(value: object, what: str) -> None:
+    """A non-empty string that UTF-8 can write (Redis keys are bytes): 5 and "5" would be one
+    name on Redis and two in memory, and a lone surrogate fails on Redis alone."""
+    if isinstance(value, str) and value:
+        try:
+            value.encode()
+            return
+        except UnicodeEncodeError:
+            pass
+    raise ConfigurationError(f"{what} is a non-empty string that UTF-8 can write, got {value!r}")
+
+
 def finite_at_least(value: object, least: float) -> bool:
     """A real number, finite and >= `least`: not NaN (which fails every comparison), not a
     string, and not True, which Python counts as 1."""

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import anyio
 
 from aqueue._background import Background
+from aqueue._checks import check_name
 from aqueue._decorating import around
 from aqueue._exceptions import BrokerError, ConfigurationError, LockTimeout, TaskLocked
 from aqueue._time import Seconds, finite_seconds, seconds
@@ -41,8 +42,7 @@ class Lock:
     def __init__(
         self, queue: Queue, name: str, ttl: Seconds = 30.0, timeout: Seconds | None = None
     ) -> None:
-        if not isinstance(name, str) or not name:  # 5 and "5" were one lock on Redis, two in memory
-            raise ConfigurationError(f"a lock's name is a non-empty string, got {name!r}")
+        check_name(name, "a lock's name")
         self.queue, self.name, self.ttl = queue, name, finite_seconds(ttl, "lock ttl")
         self.timeout = None if timeout is None else seconds(timeout, "lock timeout")
         if self.timeout == math.inf:

@@ -8,9 +8,9 @@ from contextlib import asynccontextmanager
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from aqueue._checks import check_count
+from aqueue._checks import check_count, check_name
 from aqueue._decorating import around
-from aqueue._exceptions import ConfigurationError, RateLimitExceeded
+from aqueue._exceptions import RateLimitExceeded
 from aqueue._time import Seconds, finite_seconds
 
 if TYPE_CHECKING:
@@ -30,8 +30,7 @@ class RateLimit:
 
     def __init__(self, queue: Queue, key: str, limit: int, per: Seconds, retry: bool = True) -> None:
         per = finite_seconds(per, "rate limit per")
-        if not isinstance(key, str) or not key:  # 7 and "7" were one key on Redis, two in memory
-            raise ConfigurationError(f"a rate limit's key is a non-empty string, got {key!r}")
+        check_name(key, "a rate limit's key")
         check_count(limit, "a rate limit's limit")
         self.queue, self.key, self.limit, self.per, self.retry = queue, key, limit, per, retry
 
