@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
-from aqueue._checks import check_count
+from aqueue._checks import check_count, check_name
 from aqueue._exceptions import ConfigurationError
 from aqueue._ids import new_id
 from aqueue._jobs import Job, JobInfo, ResultGroup
@@ -140,8 +140,9 @@ class Queue:
     ) -> None:
         if (url is None) == (broker is None):
             raise ConfigurationError("give a queue URL or a broker (one of them)")
-        if not name or "{" in name or "}" in name:
-            raise ConfigurationError(f"queue name {name!r} must be non-empty, without braces")
+        check_name(name, "a queue's name")
+        if "{" in name or "}" in name:
+            raise ConfigurationError(f"queue name {name!r} must be without braces")
         check_count(max_deliveries, "max_deliveries")
         check_count(max_payload_size, "max_payload_size")
         self.broker: Broker = broker if broker is not None else broker_from_url(str(url))

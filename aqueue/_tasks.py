@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, cast
 
-from aqueue._checks import check_count, finite_at_least
+from aqueue._checks import check_count, check_name, finite_at_least
 from aqueue._exceptions import ConfigurationError
 from aqueue._time import Seconds, When, epoch, seconds, timedelta_or_seconds
 
@@ -123,8 +123,8 @@ class Task(Generic[P, R]):
             check_priority(priority)
         if timeout is not None and not 0 < timedelta_or_seconds(timeout) < math.inf:  # type: ignore[operator]
             raise ConfigurationError(f"timeout must be > 0 and finite, got {timeout}")
-        if key is not None and not (isinstance(key, str) and key):
-            raise ConfigurationError(f"an idempotency key must be a non-empty string, got {key!r}")
+        if key is not None:
+            check_name(key, "an idempotency key")
         return TaskCall(self, CallOptions(delay, eta, priority, expires, timeout, retries, key))
 
     async def enqueue(self, *args: P.args, **kwargs: P.kwargs) -> Job[R]:

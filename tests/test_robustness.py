@@ -133,6 +133,11 @@ async def test_worker_block_error_still_stops_gracefully(queue: Queue) -> None:
     # Redis refuses an expiry past 2**63 ms: the finish that stores the outcome failed, and the
     # job ran again and again.
     ({"result_ttl": 1e16}, r"result_ttl must be at most 1e\+15 seconds"),
+    # Taken in memory, a UnicodeEncodeError at the first enqueue on Redis.
+    ({"name": "\udcff"}, "a queue's name is a non-empty string that UTF-8 can write"),
+    ({"name": ""}, "a queue's name is a non-empty string that UTF-8 can write"),
+    ({"name": 5}, "a queue's name is a non-empty string that UTF-8 can write, got 5"),
+    ({"name": "a{b}"}, "queue name 'a{b}' must be without braces"),
     ({"visibility_timeout": 1e16}, r"visibility_timeout must be at most 1e\+15 seconds"),
     ({"default_timeout": "x"}, "default_timeout must be seconds or a timedelta"),
     ({"default_timeout": -5}, "default_timeout must be >= 0"),
@@ -166,8 +171,10 @@ def test_bad_options_fail_at_once(queue: Queue) -> None:
     with pytest.raises(ConfigurationError, match="key"):
         work.options(key="")
     # Each of these was taken, then failed at every enqueue, or meant what nobody wrote.
-    with pytest.raises(ConfigurationError, match="key must be a non-empty string, got 0"):
+    with pytest.raises(ConfigurationError, match="key is a non-empty string that UTF-8 can write, got 0"):
         work.options(key=0)  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="key is a non-empty string that UTF-8 can write"):
+        work.options(key="\udcff")  # a UnicodeEncodeError at enqueue on Redis, taken in memory
     with pytest.raises(ConfigurationError, match="eta must be a datetime"):  # 57 years ahead
         work.options(eta=time.time() + 60)  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError, match="delay must be seconds"):
