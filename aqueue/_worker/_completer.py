@@ -24,7 +24,7 @@ class Completer:
         result_ttl: float,
         on_written: Callable[[list[Completion]], None],
         reclaim_settled: Callable[[], Awaitable[None]],
-        on_applied: Callable[[list[Completion]], None] = lambda completions: None,
+        on_applied: Callable[[list[Completion]], None],
     ) -> None:
         self._broker, self._queue, self._ttl = broker, queue, result_ttl
         self._on_written = on_written

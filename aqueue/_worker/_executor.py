@@ -243,15 +243,17 @@ async def execute(queue: Queue, running: RunningJob) -> Completion | None:
         if signals.wants(Signal.COMPLETE):
             running.completed = context
         return Completion(d, Outcome.SUCCEEDED, time.time(), result=result, activate=activate)
-    used = await _retries_used(queue, d)
-    if isinstance(error, RetryTask):  # uses none of the task's retries, as in Huey
-        return await _retry(queue, context, policy, error, error.delay, used)
     if isinstance(error, RateLimitExceeded):
         if signals.wants(Signal.RATE_LIMITED):
             await signals.send(Signal.RATE_LIMITED, context, error)
         if error.reschedule:  # run again in the next window, without using a retry
             now = time.time()
             return Completion(d, Outcome.DEFER, now, retry_at=now + error.retry_after)
+    # Read only where a retry is judged: a rate limit's reschedule, above, needs no count.
+    used = await _retries_used(queue, d)
+    if isinstance(error, RetryTask):  # uses none of the task's retries, as in Huey
+        return await _retry(queue, context, policy, error, error.delay, used)
+    if isinstance(error, RateLimitExceeded):
         # retry=False: a retry of the task's own, but none before the window has passed (an
         # earlier one would find the limit still used up).
         return await _fail(queue, context, policy, error, retry=True, wait=error.retry_after, used=used)
