@@ -974,6 +974,63 @@ async def test_a_pool_too_small_for_a_worker_serves_a_producer_and_refuses_a_wor
             assert await roomy.job(job.id).result(timeout=10) == 3
 
 
+async def test_a_pool_of_one_connection_enqueues_and_refuses_to_wait(
+    redis_url: str, queue_name: str
+) -> None:
+    # Waiting (on a job, or for a lock) listens on the process's inbox, which holds a connection
+    # for good: with one in all, the wait's reads found none, for ever without a timeout.
+    queue = Queue(f"{redis_url}?max_connections=1", name=queue_name)
+    other = Queue(redis_url, name=queue_name)
+
+    @queue.task
+    async def add(a: int, b: int) -> int:
+        return a + b
+
+    async with queue, other, other.lock("held"):
+        job = await add.enqueue(1, 2)
+        assert await job.state() == JobState.PENDING
+        with anyio.fail_after(10):
+            with pytest.raises(ConfigurationError, match="max_connections=1 is too few for "
+                                                         f"waiting on job {job.id}: the inbox it "
+                                                         "listens on holds 1 for good; give it "
+                                                         "at least 2"):
+                await job.result()
+            with pytest.raises(ConfigurationError, match="max_connections=1 is too few for "
+                                                         "waiting for lock 'held'"):
+                async with queue.lock("held"):
+                    pass
+        async with queue.lock("free"):  # taken at once: nothing to wait for
+            assert await job.state() == JobState.PENDING
+
+
+async def test_workers_sharing_a_broker_are_counted_against_its_pool(
+    redis_url: str, queue_name: str
+) -> None:
+    # Two workers on one broker share its inbox but each holds its own blocking read and cancel
+    # listener: with five connections, two workers waited for ever on their calls.
+    queue = Queue(f"{redis_url}?max_connections=5", name=queue_name)
+
+    @queue.task
+    async def add(a: int, b: int) -> int:
+        return a + b
+
+    async with queue:
+        async with queue.worker():
+            with pytest.raises(ConfigurationError, match="max_connections=5 is too few for 2 "
+                                                         "workers, which hold 5 for good: give "
+                                                         "it at least 6"):
+                async with queue.worker():
+                    pass
+            assert await (await add.enqueue(1, 2)).result(timeout=10) == 3
+        async with queue.worker():  # the first one stopped: it is no longer counted
+            assert await (await add.enqueue(2, 3)).result(timeout=10) == 5
+    async with Queue(f"{redis_url}?max_connections=6", name=queue_name) as roomy:
+        roomy_add = roomy.task(name=add.name)(add.fn)
+        async with roomy.worker(), roomy.worker():
+            jobs = await roomy_add.map((n, n) for n in range(50))
+            assert await jobs.get(timeout=10) == [2 * n for n in range(50)]
+
+
 @pytest.mark.parametrize("scheme", ["unix", "UNIX"])  # a scheme is read in any case
 async def test_unix_socket_url(scheme: str) -> None:
     socket_path = Path(tempfile.mkdtemp(prefix="aqueue-sock-")) / "redis.sock"

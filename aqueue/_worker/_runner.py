@@ -217,60 +217,61 @@ class Worker:
     async def run(self, *, task_status: TaskStatus[Worker] = anyio.TASK_STATUS_IGNORED) -> None:
         queue = self.queue
         await queue.connect()
-        queue.broker.check_for_worker()
-        logger.info(
-            "worker %s: queue %r on %s, concurrency %d, tasks: %s",
-            self.name, queue.name, queue.broker.url, self.concurrency,
-            ", ".join(sorted(queue.tasks)) or "(none)",
-        )
-        self._completer = Completer(queue.broker, queue.name, queue.result_ttl, self._written,
-                                    self._reclaim_settled, self._applied)
-        # The running backend's own scope class: `anyio.CancelScope()` looks the backend up on every
-        # call, which costs more than all the rest of a no-op job's bookkeeping.
-        self._new_scope = type(anyio.CancelScope())
-        threads = worker_threads.set(anyio.CapacityLimiter(self.concurrency))
-        self._clean_context = contextvars.copy_context()
-        try:
-            async with anyio.create_task_group() as services:
-                self._services = services
-                if self._stop_requested:  # stopped before it started
-                    services.start_soon(self._unblock_fetcher)
-                services.start_soon(self._completer.run)
-                services.start_soon(self._renew_leases)
-                listen_tried = anyio.Event()
-                services.start_soon(self._listen_cancel, listen_tried)
-                services.start_soon(self._check_cancel)
-                if self.scheduler:
-                    services.start_soon(self._schedule)
-                    services.start_soon(self._prune)
-                # No job is taken before cancel requests are listened for: one made in between
-                # would wait for the fallback check.
-                await listen_tried.wait()
-                async with anyio.create_task_group() as announcements:
-                    self._announcements = announcements
-                    async with anyio.create_task_group() as jobs:
-                        self._jobs = jobs
-                        task_status.started(self)
-                        try:
-                            await self._fetch()
-                        finally:
-                            self._fetch_ended.set()
-                        await self._wind_down()
-                        self._end_runners()
-                    await self._release(self._handed_back)
-                    with anyio.move_on_after(max(self.shutdown_timeout, 1.0)):  # a broker that is gone
-                        await self._completer.drained()
-                    self._announcements = None  # its handlers are waited for: no more come
-                services.cancel_scope.cancel()
-        except Exception:
-            # One of its services failed (a schedule of the user's, say) and it takes no more
-            # jobs: said now, as whoever runs it in the background hears of it only at its exit.
-            logger.exception("worker %s stopped: one of its services failed", self.name)
-            raise
-        finally:
-            # Also when a service failed and ended the group: stop() must not start tasks in it.
-            self._services = None
-            worker_threads.reset(threads)
+        # Counted while it runs: the broker refuses a worker more than its connections can serve.
+        with queue.broker.serving_worker():
+            logger.info(
+                "worker %s: queue %r on %s, concurrency %d, tasks: %s",
+                self.name, queue.name, queue.broker.url, self.concurrency,
+                ", ".join(sorted(queue.tasks)) or "(none)",
+            )
+            self._completer = Completer(queue.broker, queue.name, queue.result_ttl, self._written,
+                                        self._reclaim_settled, self._applied)
+            # The running backend's own scope class: `anyio.CancelScope()` looks the backend up on every
+            # call, which costs more than all the rest of a no-op job's bookkeeping.
+            self._new_scope = type(anyio.CancelScope())
+            threads = worker_threads.set(anyio.CapacityLimiter(self.concurrency))
+            self._clean_context = contextvars.copy_context()
+            try:
+                async with anyio.create_task_group() as services:
+                    self._services = services
+                    if self._stop_requested:  # stopped before it started
+                        services.start_soon(self._unblock_fetcher)
+                    services.start_soon(self._completer.run)
+                    services.start_soon(self._renew_leases)
+                    listen_tried = anyio.Event()
+                    services.start_soon(self._listen_cancel, listen_tried)
+                    services.start_soon(self._check_cancel)
+                    if self.scheduler:
+                        services.start_soon(self._schedule)
+                        services.start_soon(self._prune)
+                    # No job is taken before cancel requests are listened for: one made in between
+                    # would wait for the fallback check.
+                    await listen_tried.wait()
+                    async with anyio.create_task_group() as announcements:
+                        self._announcements = announcements
+                        async with anyio.create_task_group() as jobs:
+                            self._jobs = jobs
+                            task_status.started(self)
+                            try:
+                                await self._fetch()
+                            finally:
+                                self._fetch_ended.set()
+                            await self._wind_down()
+                            self._end_runners()
+                        await self._release(self._handed_back)
+                        with anyio.move_on_after(max(self.shutdown_timeout, 1.0)):  # a broker that is gone
+                            await self._completer.drained()
+                        self._announcements = None  # its handlers are waited for: no more come
+                    services.cancel_scope.cancel()
+            except Exception:
+                # One of its services failed (a schedule of the user's, say) and it takes no more
+                # jobs: said now, as whoever runs it in the background hears of it only at its exit.
+                logger.exception("worker %s stopped: one of its services failed", self.name)
+                raise
+            finally:
+                # Also when a service failed and ended the group: stop() must not start tasks in it.
+                self._services = None
+                worker_threads.reset(threads)
         with anyio.CancelScope(shield=True), anyio.move_on_after(5):
             try:
                 await queue.broker.forget_consumer(queue.name, self.name)

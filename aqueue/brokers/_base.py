@@ -12,7 +12,8 @@ Times are epoch seconds (`float`), read from the caller's clock.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -187,7 +188,14 @@ class Broker(ABC):
     """Where the broker lives, for log lines: never carries a password."""
 
     def check_for_worker(self) -> None:  # noqa: B027 - most brokers need no check
-        """Raise `ConfigurationError` if, as connected, it cannot serve a worker."""
+        """Raise `ConfigurationError` if, as connected, it cannot serve one worker more than those
+        running on it (`serving_worker`)."""
+
+    @contextmanager
+    def serving_worker(self) -> Iterator[None]:
+        """Held by a worker while it runs on this broker; checks first (`check_for_worker`)."""
+        self.check_for_worker()
+        yield
 
     @abstractmethod
     async def connect(self) -> None:

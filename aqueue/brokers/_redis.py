@@ -62,7 +62,10 @@ ENQUEUE_CHUNK = 500  # jobs per enqueue script call: bounds how long one call ho
 # them, and the connection's socket_timeout (5 s by default) bounds the write: 300,000 jobs in one
 # pipeline took longer than that here. 10,000 take well under a second.
 ENQUEUE_WINDOW = 20
-WORKER_CONNECTIONS = 3  # held for good: a worker's blocking read and its two pub/sub listeners
+# Connections held for good: the process's inbox (one pub/sub listener, shared), and per worker
+# its blocking read and its cancel listener.
+INBOX_CONNECTIONS = 1
+WORKER_CONNECTIONS = 2
 # Errors that pass (a failover, a server loading its data, out of memory for now, busy with a
 # script): retried like a lost connection, a worker's outcomes kept until written. redis-py raises
 # most as classes of their own, their code cut from the message; the rest keep the code.
@@ -524,6 +527,7 @@ class RedisBroker(Broker):
         # to nobody: its next receive starts them, rather than leave them to the reclaim.
         self._unstarted: dict[tuple[str, str], list[Any]] = {}
         self._notifier: Notifier | None = None
+        self._workers = 0  # running on this broker: see serving_worker
         # This process's inbox: the jobs it waits on publish their outcomes there.
         self._inbox = uuid.uuid4().hex[:16]
         # The event loop its connections belong to (asyncio streams cannot move to another).
@@ -664,13 +668,25 @@ class RedisBroker(Broker):
             self._raise_translated(exc)
 
     def check_for_worker(self) -> None:
-        # A worker holds three connections for good (its blocking read and two pub/sub listeners):
-        # with none left for calls, its jobs, results and locks waited for ever, without a word.
+        # Workers hold connections for good (see INBOX_CONNECTIONS): with none left for calls,
+        # their jobs, results and locks waited for ever, without a word.
         limit = self.client.connection_pool.max_connections
-        if limit < WORKER_CONNECTIONS + 1:
+        workers = self._workers + 1
+        held = INBOX_CONNECTIONS + WORKER_CONNECTIONS * workers
+        if limit < held + 1:
+            who = "a worker, which holds" if workers == 1 else f"{workers} workers, which hold"
             raise ConfigurationError(
-                f"{self.url}: max_connections={limit} is too few for a worker, which holds "
-                f"{WORKER_CONNECTIONS} for good: give it at least {WORKER_CONNECTIONS + 1}")
+                f"{self.url}: max_connections={limit} is too few for {who} {held} for good: "
+                f"give it at least {held + 1}")
+
+    @contextmanager
+    def serving_worker(self) -> Iterator[None]:
+        self.check_for_worker()
+        self._workers += 1
+        try:
+            yield
+        finally:
+            self._workers -= 1
 
     def _key(self, queue: str) -> Keys:
         keys = self._keys.get(queue)
@@ -991,12 +1007,23 @@ class RedisBroker(Broker):
         return [_record(job_id, _hash(row)) if row else None
                 for job_id, row in zip(ids, rows, strict=True)]
 
+    def _check_room_to_listen(self, waiting: str) -> None:
+        # The inbox holds a connection for good: with no other, the wait's own reads waited for
+        # ever for one (a result without a timeout, or a lock, hung without a word).
+        limit = self.client.connection_pool.max_connections
+        if limit < INBOX_CONNECTIONS + 1:
+            raise ConfigurationError(
+                f"{self.url}: max_connections={limit} is too few for {waiting}: the inbox it "
+                f"listens on holds {INBOX_CONNECTIONS} for good; give it at least "
+                f"{INBOX_CONNECTIONS + 1}")
+
     async def wait(self, queue: str, job_id: str, timeout: float | None) -> JobRecord | None:
         await self._ready()
         notifier = self._notifier
         assert notifier is not None
         inbox = self._key(queue).done_channel(self._inbox)
         waiting = f"waiting on job {job_id}"
+        self._check_room_to_listen(waiting)
         with self._closed_said(notifier, waiting), anyio.move_on_after(timeout):  # None: no deadline
             while True:
                 self._check_open(notifier, waiting)
@@ -1196,6 +1223,7 @@ class RedisBroker(Broker):
         assert notifier is not None
         key = self._key(queue).lock(name)
         waiting = f"waiting for lock {name!r}"
+        self._check_room_to_listen(waiting)
         with self._closed_said(notifier, waiting):
             async with self._translated(), notifier.listen(key) as released:
                 self._check_open(notifier, waiting)  # else the read would connect again
