@@ -592,6 +592,75 @@ async def test_a_complete_handler_finds_the_result_stored(queue: Queue, immediat
     assert found == [(JobState.SUCCEEDED, 3)]
 
 
+async def test_a_retry_or_reschedule_that_waits_is_scheduled_once_written(queue: Queue) -> None:
+    # As in Huey, whose retry with a delay is added to the schedule (SCHEDULED): none was sent,
+    # for a retry, a RetryTask with a delay or a rate limit's reschedule. A retry at once waits
+    # for no schedule.
+    seen: list[tuple[str, JobState | None]] = []
+    scheduled = anyio.Event()
+
+    @queue.on(Signal.SCHEDULED)
+    async def read_it(signal: Signal, job: object, exc: BaseException | None = None) -> None:
+        job_id = getattr(job, "id", "")
+        seen.append((job_id, await queue.job(job_id).state()))
+        if len(seen) == 3:
+            scheduled.set()
+
+    @queue.task(retries=1, retry_delay=3600)
+    async def flaky() -> None:
+        raise ValueError("not yet")
+
+    @queue.task
+    async def asks() -> None:
+        raise RetryTask(delay=3600)
+
+    @queue.task
+    @queue.rate_limit("scarce", limit=1, per=3600, retry=True)
+    async def limited() -> None:
+        return None
+
+    runs = 0
+
+    @queue.task(retries=1)
+    async def once_more() -> int:
+        nonlocal runs
+        runs += 1
+        if runs == 1:
+            raise ValueError("again at once")
+        return runs
+
+    async with queue.worker():
+        waiting = [(await flaky.enqueue()).id, (await asks.enqueue()).id]
+        # One of the two spends the window; the other waits for the next.
+        limited_ids = {(await limited.enqueue()).id, (await limited.enqueue()).id}
+        assert await (await once_more.enqueue()).result(timeout=10) == 2
+        with anyio.fail_after(10):
+            await scheduled.wait()
+    assert all(state == JobState.SCHEDULED for _, state in seen)
+    ids = {job_id for job_id, _ in seen}
+    assert len(seen) == 3
+    assert set(waiting) < ids
+    assert len(ids & limited_ids) == 1
+
+
+async def test_an_immediate_retry_that_waits_is_scheduled_once_written(queue: Queue) -> None:
+    seen: list[tuple[str, JobState | None]] = []
+
+    @queue.on(Signal.SCHEDULED)
+    async def read_it(signal: Signal, job: object, exc: BaseException | None = None) -> None:
+        job_id = getattr(job, "id", "")
+        seen.append((job_id, await queue.job(job_id).state()))
+
+    @queue.task(retries=1, retry_delay=0.01)
+    async def flaky() -> None:
+        raise ValueError("not yet")
+
+    queue.immediate = True
+    job = await flaky.enqueue()  # runs, waits out the delay, runs again and fails for good
+    assert seen == [(job.id, JobState.SCHEDULED)]
+    assert await job.state() == JobState.FAILED
+
+
 async def test_complete_comes_when_the_reply_to_the_stored_success_was_lost(
     queue: Queue, monkeypatch: pytest.MonkeyPatch
 ) -> None:

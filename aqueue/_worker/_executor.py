@@ -145,6 +145,17 @@ async def report_ended(queue: Queue, d: Delivery) -> None:
         await signals.send(ENDED_SIGNALS[d.ended], SignalJob(d.job_id, d.task))
 
 
+def written_signal(queue: Queue, running: RunningJob, c: Completion) -> tuple[Signal, Any] | None:
+    """The signal, if it has handlers, to send once the outcome `c` is written (as in Huey, whose
+    handlers find it stored): COMPLETE for a success, SCHEDULED for a retry or a rate limit's
+    reschedule that waits for its time."""
+    if running.completed is not None:
+        return Signal.COMPLETE, running.completed
+    if c.retry_at is not None and queue.signals.wants(Signal.SCHEDULED):  # a RETRY or a DEFER
+        return Signal.SCHEDULED, SignalJob(c.delivery.job_id, c.delivery.task)
+    return None
+
+
 async def execute(queue: Queue, running: RunningJob) -> Completion | None:
     """Run the job; return its completion, or None when it was interrupted (hand it back)."""
     d = running.delivery

@@ -11,9 +11,8 @@ from typing import TYPE_CHECKING
 import anyio
 
 from aqueue._serialization import loads
-from aqueue._signals import Signal
 from aqueue._states import JobState
-from aqueue._worker._executor import RunningJob, execute, report_ended
+from aqueue._worker._executor import RunningJob, execute, report_ended, written_signal
 from aqueue.brokers._base import BATCH_CALLBACK_KINDS, batch_callback_id, error_handler_id
 
 if TYPE_CHECKING:
@@ -104,5 +103,6 @@ async def _run(queue: Queue, job_id: str, may_appear: bool) -> bool:
         if completion is not None:
             with anyio.CancelScope(shield=True):  # its end is written whatever comes now
                 [written] = await broker.finish(name, [completion], queue.result_ttl)
-            if written and running.completed is not None:
-                await queue.signals.send(Signal.COMPLETE, running.completed)
+            announced = written_signal(queue, running, completion) if written else None
+            if announced is not None:
+                await queue.signals.send(*announced)

@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
@@ -32,7 +32,14 @@ from aqueue._tasks import NO_OPTIONS
 from aqueue._threads import worker_threads
 from aqueue._time import Seconds, seconds
 from aqueue._worker._completer import Completer
-from aqueue._worker._executor import RunningJob, dead, execute, report_ended, safe_repr
+from aqueue._worker._executor import (
+    RunningJob,
+    dead,
+    execute,
+    report_ended,
+    safe_repr,
+    written_signal,
+)
 from aqueue.brokers import Completion, Delivery
 
 if TYPE_CHECKING:
@@ -102,9 +109,10 @@ class Worker:
         self._running: dict[str, RunningJob] = {}
         self._held: dict[str, Delivery] = {}  # leased until their outcome is written
         self._completing: dict[str, Completion] = {}  # ended, outcome not yet written
-        # Successes whose COMPLETE handlers wait for the success to be written, and the task
-        # group that calls them (their own, so that a stop waits for them).
-        self._completed: dict[str, JobContext] = {}
+        # Outcomes whose signal handlers (COMPLETE, SCHEDULED: `written_signal`) wait for the
+        # outcome to be written, and the task group that calls them (their own, so that a stop
+        # waits for them).
+        self._announced: dict[str, tuple[Signal, Any]] = {}
         self._announcements: TaskGroup | None = None
         self._handed_back: list[Delivery] = []
         self._stop_requested = False
@@ -478,8 +486,9 @@ class Worker:
         else:
             completion.delivery = d
             self._completing[d.job_id] = completion
-            if running.completed is not None:
-                self._completed[d.job_id] = running.completed
+            announced = written_signal(self.queue, running, completion)
+            if announced is not None:
+                self._announced[d.job_id] = announced
             self.jobs_done += 1
             assert self._completer is not None
             self._completer.put(completion)
@@ -506,7 +515,8 @@ class Worker:
         return True
 
     async def _complete_if_stored(self, c: Completion, context: JobContext) -> None:
-        """Call the COMPLETE handlers of a success this worker's run stored after all."""
+        """Call the COMPLETE handlers of a success this worker's run stored after all (a retry
+        refused is another worker's to tell of)."""
         try:
             record = await self.queue.broker.get(self.queue.name, c.delivery.job_id)
         except BrokerError as exc:
@@ -518,23 +528,24 @@ class Worker:
             await self.queue.signals.send(Signal.COMPLETE, context)
 
     def _applied(self, completions: list[Completion]) -> None:
-        """Call the COMPLETE handlers of the successes just written."""
-        if not self._completed:  # no handlers: nothing to look up per job
+        """Call the handlers of the outcomes just written (`written_signal`)."""
+        if not self._announced:  # no handlers: nothing to look up per job
             return
         for c in completions:
-            context = self._completed.pop(c.delivery.job_id, None)
-            if context is not None and self._announcements is not None:
-                self._announcements.start_soon(self.queue.signals.send, Signal.COMPLETE, context)
+            announced = self._announced.pop(c.delivery.job_id, None)
+            if announced is not None and self._announcements is not None:
+                self._announcements.start_soon(self.queue.signals.send, *announced)
 
     def _written(self, completions: list[Completion]) -> None:
-        completed = self._completed
+        pending = self._announced
         for c in completions:
             job_id = c.delivery.job_id
-            context = completed.pop(job_id, None) if completed else None
-            if context is not None and self._announcements is not None:
+            announced = pending.pop(job_id, None) if pending else None
+            if (announced is not None and announced[0] is Signal.COMPLETE
+                    and self._announcements is not None):
                 # Refused, or not written: but a write whose reply was lost may have stored it
                 # before the one that was refused.
-                self._announcements.start_soon(self._complete_if_stored, c, context)
+                self._announcements.start_soon(self._complete_if_stored, c, announced[1])
             if self._completing.get(job_id) is c:
                 del self._completing[job_id]
             if self._held.get(job_id) is c.delivery:
