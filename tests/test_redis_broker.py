@@ -339,6 +339,45 @@ async def test_a_job_shaped_entry_aqueue_did_not_write_goes_to_dead_letters(
     assert all("no job record" in str(reason) for reason in dead.values())
 
 
+async def test_a_stored_job_whose_task_or_id_is_no_utf8_stalls_no_worker(
+    redis_url: str, queue_name: str
+) -> None:
+    # Record and entry written as aqueue writes them, by another writer: a task name or id that
+    # is no UTF-8 failed every receive (the job stayed leased, and failed the next one), so no
+    # job ran again; listing the queue failed too.
+    queue = Queue(redis_url, name=queue_name)
+
+    @queue.task
+    async def add(a: int, b: int) -> int:
+        return a + b
+
+    keys = Keys(queue_name)
+    client = redis.asyncio.Redis.from_url(redis_url)
+    async with queue:
+        await queue.broker.receive(queue.name, "setup", 1, 0, 10)  # creates the stream and group
+        now, payload = repr(time.time()), b'{"args":[1,2],"kwargs":{}}'
+        for job_id, task in [(b"bad-task", b"\xffadd"), (b"\xffbad-id", b"add")]:
+            entry = await client.xadd(keys.stream(0), {b"id": job_id, b"task": task,
+                                                        b"payload": payload, b"at": now})
+            await client.hset(keys.prefix.encode() + b"job:" + job_id, mapping={
+                b"state": b"pending", b"token": b"0", b"more": b"0", b"task": task,
+                b"payload": payload, b"priority": b"0", b"attempt": b"1", b"enqueued_at": now,
+                b"entry": entry})
+            await client.zadd(keys.index, {job_id: float(now)})
+        async with queue.worker():
+            jobs = [await add.enqueue(n, n) for n in range(10)]
+            assert [await job.result(timeout=10) for job in jobs] == [2 * n for n in range(10)]
+            with anyio.fail_after(10):
+                while await queue.job("bad-task").state() != JobState.FAILED:  # noqa: ASYNC110 - the worker's write, polled
+                    await anyio.sleep(0.01)
+        listed = {record.id: record.task for record in await queue.jobs()}
+        [dead] = await queue.dead_letters()
+    await client.aclose()
+    assert listed["bad-task"] == "\\xffadd"
+    assert (dead.id, dead.dead_reason) == ("bad-task", "unknown task '\\\\xffadd': not registered "
+                                                       "on this worker")
+
+
 @pytest.mark.parametrize(("entry", "action"), [("plain", "cancel"), ("lean", "cancel"), ("lean", "revoke")])
 async def test_a_job_cancelled_or_revoked_while_its_entry_waits_to_be_taken_never_runs(
     redis_url: str, queue_name: str, entry: str, action: str

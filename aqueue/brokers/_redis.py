@@ -250,10 +250,17 @@ def waiting_name(consumer: str) -> str:
     return consumer + "~waiting"
 
 
+def _shown(raw: bytes) -> str:
+    """Text read back from Redis. Another writer may have put bytes there that are no UTF-8: they
+    come escaped (a task so named is unknown, and dead-lettered) rather than fail the whole call,
+    a worker's receive with it."""
+    return raw.decode("utf-8", "backslashreplace")
+
+
 def _text(value: bytes | str | None) -> str | None:
     if value is None:
         return None
-    return value.decode() if isinstance(value, bytes) else value
+    return _shown(value) if isinstance(value, bytes) else value
 
 
 def _number(value: bytes | None) -> float | None:
@@ -264,7 +271,7 @@ def _record(job_id: str, fields: dict[bytes, bytes]) -> JobRecord:
     get = fields.get
     return JobRecord(
         id=job_id,
-        task=(get(b"task") or b"").decode(),
+        task=_shown(get(b"task") or b""),
         state=(get(b"state") or b"").decode(),
         payload=get(b"payload") or b"",
         priority=int(get(b"priority") or 0),
@@ -307,8 +314,8 @@ def _delivery(row: list[bytes], consumer: str, now: float) -> Delivery:
     """A delivery as a script returns it, leased to `consumer` at `now`."""
     job_id, task, payload, attempt, token, band, enqueued_at, entry = row[:8]
     return Delivery(
-        job_id=job_id.decode(),
-        task=task.decode(),
+        job_id=_shown(job_id),
+        task=_shown(task),
         payload=payload,
         attempt=int(attempt),
         token=int(token),
@@ -1073,7 +1080,7 @@ class RedisBroker(Broker):
                     continue
                 seen.update(ids)
                 top = repr(rows[-1][1])
-                records = await self._records(queue, [raw.decode() for raw in ids])
+                records = await self._records(queue, [_shown(raw) for raw in ids])
                 gone = [raw for raw, record in zip(ids, records, strict=True) if record is None]
                 if gone:  # records that expired: forget them in the index as well
                     await self.client.zrem(keys.index, *gone)
