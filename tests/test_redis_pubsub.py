@@ -15,7 +15,7 @@ import anyio.lowlevel
 import pytest
 import redis.asyncio
 
-from aqueue import BrokerError, JobCancelled, JobState, Queue
+from aqueue import BrokerError, JobCancelled, JobState, LockTimeout, Queue
 from aqueue.brokers import RedisBroker
 from aqueue.brokers import _notifier as notifier_module
 from aqueue.brokers._keys import GROUP, Keys
@@ -116,6 +116,53 @@ async def once_waited_on(
     async with anyio.create_task_group() as tg:
         tg.start_soon(act)
         yield
+
+
+async def test_the_acl_commands_readme_lists_serve_a_worker_and_a_producer(
+    redis_url: str, queue_name: str, admin: redis.asyncio.Redis
+) -> None:
+    # The narrow list README gives (it lacked lists, PING, MULTI and EXEC: connecting, a busy
+    # worker's read and every outcome's write were refused).
+    user = f"u{uuid.uuid4().hex[:8]}"
+    await admin.execute_command(
+        "ACL", "SETUSER", user, "on", ">pw", "~aqueue:*", "&aqueue:*", "+@stream", "+@hash",
+        "+@sortedset", "+@list", "+@string", "+@keyspace", "+@pubsub", "+evalsha", "+script|load",
+        "+ping", "+multi", "+exec", "+client|id", "+client|unblock")
+    queue = Queue(f"redis://{user}:pw@{redis_url.split('://', 1)[1]}", name=queue_name)
+    runs: list[int] = []
+    started = anyio.Event()
+
+    @queue.task(retries=1)
+    async def add(a: int, b: int) -> int:
+        runs.append(a)
+        if len(runs) == 1:
+            raise ValueError("retried once")
+        return a + b
+
+    @queue.task
+    async def waits() -> None:
+        started.set()
+        await anyio.sleep_forever()
+
+    try:
+        async with queue, queue.worker():
+            assert await (await add.enqueue(1, 2)).result(timeout=10) == 3
+            assert await (await add.options(delay=0.05).enqueue(2, 2)).result(timeout=10) == 4
+            assert await (await add.map([(3, 3), (4, 4)])).get(timeout=10) == [6, 8]
+            async with queue.lock("guarded", ttl=5):
+                with pytest.raises(LockTimeout):
+                    async with queue.lock("guarded", timeout=0.05):  # waits on its release
+                        pass
+            job = await waits.enqueue()
+            with anyio.fail_after(10):
+                await started.wait()
+            assert await job.cancel()
+            with pytest.raises(JobCancelled):
+                await job.result(timeout=10)
+            assert [record.task for record in await queue.jobs(task="add")] == ["add"] * 4
+    finally:
+        await queue.close()
+        await admin.execute_command("ACL", "DELUSER", user)
 
 
 async def test_a_refused_subscribe_fails_the_wait_and_the_next_wait_subscribes_again(
