@@ -265,6 +265,7 @@ class Queue:
         if not callable(fn):
             raise ConfigurationError(f"@queue.task decorates a function, got {fn!r}")
         task_name = name or default_name(fn)
+        check_name(task_name, "a task's name")  # stored as the jobs' task, by which workers find it
         if task_name in self.tasks and self.tasks[task_name].fn is not fn:
             raise ConfigurationError(f"a task named {task_name!r} is already registered")
         # A plain function under a lock or rate limit is a plain task still: its direct call runs
@@ -392,6 +393,7 @@ class Queue:
         """A handle on a job from its id alone."""
         if not isinstance(job_id, str):
             raise ConfigurationError(f"a job id is a string, got {job_id!r}")
+        check_name(job_id, "a job id")
         return Job(self, job_id)
 
     async def jobs(

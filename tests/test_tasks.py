@@ -297,6 +297,23 @@ def test_a_task_of_a_callable_without_a_name_needs_one_given(queue: Queue) -> No
     assert queue.task(name="add_one")(functools.partial(add, 1)).name == "add_one"
 
 
+async def test_a_task_name_or_job_id_utf8_cannot_write_is_refused(queue: Queue) -> None:
+    # Taken in memory; on Redis a UnicodeEncodeError at the first enqueue, or on reading the job.
+    async def add(a: int, b: int) -> int:
+        return a + b
+
+    for name in ("surrogate\udcff", 5):
+        with pytest.raises(ConfigurationError, match="a task's name is a non-empty string that "
+                                                     "UTF-8 can write, got "):
+            queue.task(name=name)(add)  # type: ignore[arg-type]
+    assert queue.tasks == {}
+    for job_id in ("surrogate\udcff", ""):
+        with pytest.raises(ConfigurationError, match="a job id is a non-empty string that UTF-8 "
+                                                     "can write, got "):
+            queue.job(job_id)
+    assert await queue.job("envoyé").info() is None
+
+
 async def test_schedule_refuses_arguments_it_would_misread(queue: Queue) -> None:
     # "ab" ran add("a", "b"); a key that is not a string failed in the worker, at every retry.
     @queue.task
