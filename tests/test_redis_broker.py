@@ -192,6 +192,9 @@ def test_a_password_with_unencoded_reserved_characters_never_shows(url: str, sho
         ("redis://127.0.0.1:99999/0", "the port must be a number from 0 to 65535"),
         ("REDIS://127.0.0.1:6433/abc", "the database must be a number, got 'abc'"),
         ("UNIX:///tmp/x.sock?foo=bar", "'foo' is not a connection option of a unix:// URL"),
+        ("redis://127.0.0.1:6433/5?db=3", "two databases, /5 and ?db=3"),
+        *((url, "a unix:// URL takes the socket's absolute path after its '//' (unix:///tmp/redis.sock)")
+          for url in ("unix://tmp/redis.sock", "unix://redis.sock", "unix://:s3cret@tmp/redis.sock")),
         # A password holding a "[", or an unencoded "&" (its end not named: it may be a secret).
         # Python's own words quoted the bracketed part, or the whole netloc.
         *((url, "not a valid URL (an unencoded '[', ']' or a character it may not hold: "
@@ -223,6 +226,12 @@ def test_a_bad_url_is_refused_when_the_queue_is_made(url: str, message: str) -> 
     assert str(refused.value) == f"{redact(url)}: {message}"
     assert "s3cr" not in str(refused.value)
     assert "et9" not in str(refused.value)
+
+
+@pytest.mark.parametrize("url", ["unix://localhost/run/redis.sock", "unix://me:pw@/run/redis.sock",
+                                 "redis://h/5?db=5", "redis://h/5?db=05", "redis://h?db=3"])
+def test_a_socket_path_after_localhost_or_one_database_said_twice_is_taken(url: str) -> None:
+    assert Queue(url).broker.url.startswith(url.partition("://")[0])
 
 
 @pytest.mark.parametrize("url", ["redis://h/0?password=s3cr@et9", "redis://h/0?client_name=me@x",

@@ -199,6 +199,10 @@ def _check_url(url: str, shown: str) -> None:
     if parts.scheme in ("redis", "rediss") and database and not database.isdigit():
         # redis-py would quietly use database 0
         raise ConfigurationError(f"{shown}: the database must be a number, got {database!r}")
+    if parts.scheme == "unix" and parts.hostname not in (None, "localhost"):
+        # redis-py reads the path alone: unix://tmp/r.sock meant /r.sock, unix://r.sock nothing
+        raise ConfigurationError(f"{shown}: a unix:// URL takes the socket's absolute path after "
+                                 "its '//' (unix:///tmp/redis.sock)")
     options, secret = _query_options(parts.scheme), False
     for field in filter(None, parts.query.split("&")):
         [(name, value)] = parse_qsl(field, keep_blank_values=True)
@@ -226,6 +230,9 @@ def _check_url(url: str, shown: str) -> None:
         if name in VALUE_RANGES and not _in_range(name, value):
             raise ConfigurationError(f"{shown}: {name}={value!r} is not a valid value "
                                      f"({VALUE_RANGES[name][1]})")
+        if name == "db" and parts.scheme != "unix" and database and int(value) != int(database):
+            # redis-py takes the query's, without a word
+            raise ConfigurationError(f"{shown}: two databases, /{database} and ?db={value}")
 
 
 def _in_range(name: str, value: object) -> bool:
