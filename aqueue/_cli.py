@@ -45,12 +45,12 @@ def load_queue(target: str) -> Queue:
         if exc.name and (module_name == exc.name or module_name.startswith(exc.name + ".")):
             raise TargetError(f"cannot import module {module_name!r}: {exc}") from None
         raise
-    queue = getattr(module, attribute, None)
-    if queue is None:
+    if not hasattr(module, attribute):
         raise TargetError(f"module {module_name!r} has no attribute {attribute!r}")
+    queue = getattr(module, attribute)
     if not isinstance(queue, Queue):
         kind = type(queue).__name__
-        what = (f"the class {queue.__name__}" if isinstance(queue, type)
+        what = ("None" if queue is None else f"the class {queue.__name__}" if isinstance(queue, type)
                 else f"{'an' if kind[:1] in 'AEIOUaeiou' else 'a'} {kind}")
         raise TargetError(f"{target} is {what}, not an aqueue.Queue")
     return queue

@@ -270,6 +270,7 @@ def test_a_bad_queue_url_is_one_line_and_exit_2(queue_name: str) -> None:
         ("tests.apps.worker_app:missing", "has no attribute 'missing'"),
         ("tests.apps.worker_app:add", "is an AsyncTask, not an aqueue.Queue"),  # "a AsyncTask"
         ("tests.apps.worker_app:__name__", "is a str, not an aqueue.Queue"),
+        ("tests.apps:__doc__", "tests.apps:__doc__ is None, not an aqueue.Queue"),  # "has no attribute"
         (".worker_app:queue", "'.worker_app' is a relative module name"),  # a TypeError's traceback
         ("tests.apps.worker_app:Queue", "is the class Queue, not an aqueue.Queue"),  # "a type"
         ("no-colon", "expected module:attribute"),
