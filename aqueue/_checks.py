@@ -13,15 +13,23 @@ def check_count(value: object, what: str, minimum: int = 1) -> None:
         raise ConfigurationError(f"{what} must be a whole number >= {minimum}, got {value!r}")
 
 
+MAX_NAME_BYTES = 1024
+
+
 def check_name(value: object, what: str) -> None:
     """A non-empty string that UTF-8 can write (Redis keys are bytes): 5 and "5" would be one
-    name on Redis and two in memory, and a lone surrogate fails on Redis alone."""
+    name on Redis and two in memory, and a lone surrogate fails on Redis alone. Bounded as
+    payloads are: a name is stored in keys, records and entries, several times over."""
     if isinstance(value, str) and value:
         try:
-            value.encode()
-            return
+            size = len(value.encode())
         except UnicodeEncodeError:
             pass
+        else:
+            if size <= MAX_NAME_BYTES:
+                return
+            raise ConfigurationError(f"{what} is at most {MAX_NAME_BYTES} bytes in UTF-8, got "
+                                     f"{size} (hash a longer one)")
     raise ConfigurationError(f"{what} is a non-empty string that UTF-8 can write, got {value!r}")
 
 

@@ -749,16 +749,28 @@ async def test_lock_decorator_with_a_timeout_waits_that_long_for_the_lock(queue:
     # A path decoded with surrogateescape, say: taken in memory, a UnicodeEncodeError on Redis.
     (lambda q: q.lock("\udcff"), "a lock's name is a non-empty string that UTF-8 can write"),
     (lambda q: q.rate_limit("\udcff", limit=1, per=1), "a rate limit's key is a non-empty string"),
+    # Bounded as payloads are: a 20 MiB key was stored, several times over.
+    (lambda q: q.lock("é" * 513), r"a lock's name is at most 1024 bytes in UTF-8, got 1026 \(hash"),
+    (lambda q: q.rate_limit("k" * 1025, limit=1, per=1), "a rate limit's key is at most 1024 bytes"),
+    (lambda q: q.tasks["add"].options(key="k" * 1025), "an idempotency key is at most 1024 bytes"),
+    (lambda q: q.task(name="t" * 1025)(len), "a task's name is at most 1024 bytes"),
+    (lambda q: q.job("j" * 1025), "a job id is at most 1024 bytes"),
 ])
 def test_lock_and_rate_limit_refuse_what_they_cannot_keep(
     queue: Queue, make: Callable[[Queue], object], message: str
 ) -> None:
+    @queue.task
+    async def add(a: int, b: int) -> int:
+        return a + b
+
     with pytest.raises(ConfigurationError, match=message):
         make(queue)
 
 
 async def test_the_longest_lock_ttl_and_rate_limit_window_work(queue: Queue) -> None:
     async with queue.lock("long", ttl=1e15), queue.rate_limit("long", limit=1, per=1e15):
+        pass
+    async with queue.lock("é" * 512), queue.rate_limit("k" * 1024, limit=1, per=60):  # the longest names
         pass
     with pytest.raises(RateLimitExceeded):
         async with queue.rate_limit("long", limit=1, per=1e15):
