@@ -486,9 +486,10 @@ class Worker:
         else:
             completion.delivery = d
             self._completing[d.job_id] = completion
-            announced = written_signal(self.queue, running, completion)
-            if announced is not None:
-                self._announced[d.job_id] = announced
+            if running.completed is not None or completion.retry_at is not None:  # else none
+                announced = written_signal(self.queue, running, completion)
+                if announced is not None:
+                    self._announced[d.job_id] = announced
             self.jobs_done += 1
             assert self._completer is not None
             self._completer.put(completion)
