@@ -57,7 +57,7 @@ class JobContext:
         self, done: float, total: float | None = None, message: str | None = None
     ) -> None:
         """Record progress, visible in `job.info().progress`."""
-        progress = encode_progress(done, total, message)
+        progress = encode_progress(done, total, message, self.queue.max_payload_size)
         await self.queue.broker.set_progress(
             self.queue.name, self.id, self._delivery.token, progress
         )

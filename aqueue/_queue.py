@@ -44,6 +44,7 @@ DEFAULT_RESULT_TTL = 86400.0
 DEFAULT_VISIBILITY_TIMEOUT = 60.0
 DEFAULT_MAX_DELIVERIES = 10
 DEFAULT_MAX_PAYLOAD = 1 << 20
+MAX_PAYLOAD_LIMIT = 512 << 20
 
 EnqueueCall = tuple[Task[Any, Any], Sequence[Any], dict[str, Any], CallOptions]
 
@@ -145,6 +146,9 @@ class Queue:
             raise ConfigurationError(f"queue name {name!r} must be without braces")
         check_count(max_deliveries, "max_deliveries")
         check_count(max_payload_size, "max_payload_size")
+        if max_payload_size > MAX_PAYLOAD_LIMIT:
+            raise ConfigurationError(f"max_payload_size is at most {MAX_PAYLOAD_LIMIT} bytes (512 MiB, "
+                                     f"the largest string Redis takes), got {max_payload_size}")
         self.broker: Broker = broker if broker is not None else broker_from_url(str(url))
         self.name = name
         self.result_ttl = seconds(result_ttl, "result_ttl")

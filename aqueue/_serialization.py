@@ -125,22 +125,32 @@ def encode_call(
     return data
 
 
-def encode_result(value: Any) -> bytes:
+def encode_result(value: Any, task: str, max_size: int) -> bytes:
+    """A job's value as stored: bounded as its arguments are (stored in one write with hundreds
+    of others, a result of hundreds of MiB had Redis drop the worker's connection, every time)."""
     if value is None:  # what most tasks return
         return b"null"
     try:
-        return _dumps_exact(value)
+        data = _dumps_exact(value)
     except TypeError as exc:
         raise SerializationError(
             f"the result ({type(value).__name__}) cannot be serialized as JSON: {exc}"
         ) from None
+    if len(data) > max_size:
+        raise PayloadTooLarge(f"the result of {task} encodes to {len(data)} bytes, over the "
+                              f"queue's max_payload_size of {max_size} bytes")
+    return data
 
 
-def encode_progress(done: float, total: float | None, message: str | None) -> bytes:
+def encode_progress(done: float, total: float | None, message: str | None, max_size: int) -> bytes:
     try:
-        return _dumps_exact({"done": done, "total": total, "message": message})
+        data = _dumps_exact({"done": done, "total": total, "message": message})
     except TypeError as exc:
         raise SerializationError(f"the progress cannot be serialized as JSON: {exc}") from None
+    if len(data) > max_size:
+        raise PayloadTooLarge(f"the progress encodes to {len(data)} bytes, over the queue's "
+                              f"max_payload_size of {max_size} bytes")
+    return data
 
 
 def _name_the_culprit(

@@ -221,6 +221,58 @@ async def test_payload_over_the_bound_is_refused(broker: object, queue_name: str
     assert len(await small.jobs()) == 1
 
 
+async def test_a_result_or_progress_over_the_bound_fails_and_an_error_is_cut(
+    broker: object, queue_name: str
+) -> None:
+    # Results were unbounded: on Redis, one of hundreds of MiB had the worker's write of every
+    # outcome beside it refused, for ever. An error quoting a big value is cut, not refused: the
+    # failure must be stored.
+    from aqueue.brokers import Broker
+
+    assert isinstance(broker, Broker)
+    small = Queue(broker=broker, name=queue_name, max_payload_size=1000)
+    progress_refused: list[str] = []
+
+    @small.task(retries=3)
+    async def big() -> str:
+        return "x" * 2000
+
+    @small.task
+    async def reports() -> str:
+        try:
+            await current_job().set_progress(1, message="y" * 2000)
+        except PayloadTooLarge as exc:
+            progress_refused.append(str(exc))
+        return "x" * 900
+
+    @small.task(retries=0)
+    async def loud() -> None:
+        raise ValueError("z" * 200_000)
+
+    async with small.worker():
+        job = await big.enqueue()
+        with pytest.raises(TaskError) as caught:
+            await job.result(timeout=10)
+        assert caught.value.metadata["type"] == "PayloadTooLarge"
+        assert caught.value.metadata["attempt"] == 1  # not retried: it would fail the same way
+        assert "the result of big encodes to 2002 bytes, over the queue's max_payload_size of 1000" in (
+            caught.value.metadata["error"])
+        assert await (await reports.enqueue()).result(timeout=10) == "x" * 900
+        with pytest.raises(TaskError) as caught:
+            await (await loud.enqueue()).result(timeout=10)
+    assert progress_refused == ["the progress encodes to 2036 bytes, over the queue's "
+                                "max_payload_size of 1000 bytes"]
+    error, trace = caught.value.metadata["error"], caught.value.metadata["traceback"]
+    assert error.startswith("ValueError('zzz")
+    assert error.endswith(f" [... {len(repr(ValueError('z' * 200_000))) - 65_536} characters cut]")
+    assert len(error) < 65_600
+    assert trace.startswith("Traceback (most recent call last):")
+    assert trace.endswith(" characters cut]")
+    assert len(trace) < 65_600
+    with pytest.raises(ConfigurationError, match="max_payload_size is at most 536870912 bytes"):
+        Queue(broker=broker, name=queue_name, max_payload_size=(512 << 20) + 1)
+
+
 async def test_unserializable_result_fails_the_job_not_the_worker(queue: Queue) -> None:
     @queue.task(retries=3)
     async def bad() -> object:

@@ -84,8 +84,14 @@ class Completer:
                 await anyio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
             except BrokerError:
-                # Not a connection problem: the leases lapse and the jobs are delivered again.
-                logger.exception("writing %d job outcome(s) failed; they will be redelivered",
-                                 len(batch))
+                if len(batch) > 1:
+                    # One outcome Redis refuses (an argument over its proto-max-bulk-len, say)
+                    # must not take the others with it: each is written alone.
+                    for c in batch:
+                        await self._write([c])
+                    return
+                # Not a connection problem: the lease lapses and the job is delivered again.
+                logger.exception("writing the outcome of job %s failed; it will be redelivered",
+                                 batch[0].delivery.job_id)
                 break
         self._on_written(batch)

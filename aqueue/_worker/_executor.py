@@ -100,15 +100,26 @@ def safe_repr(exc: BaseException) -> str:
         return f"<{type(exc).__name__} (repr failed)>"
 
 
+# Characters of an error's repr, and of its traceback, kept in its record: an error that quotes a
+# big value is stored in the write of hundreds of outcomes, as results are (bounded apart).
+ERROR_TEXT_LIMIT = 65_536
+
+
+def _cut(text: str) -> str:
+    if len(text) <= ERROR_TEXT_LIMIT:
+        return text
+    return f"{text[:ERROR_TEXT_LIMIT]} [... {len(text) - ERROR_TEXT_LIMIT} characters cut]"
+
+
 def _metadata(exc: BaseException, d: Delivery, retries_left: int) -> dict[str, Any]:
     try:
         trace = _utf8("".join(traceback.format_exception(exc)))
     except Exception:
         trace = ""
     return {
-        "error": safe_repr(exc),
+        "error": _cut(safe_repr(exc)),
         "type": type(exc).__name__,
-        "traceback": trace,
+        "traceback": _cut(trace),  # its frames come first, the message last
         "job_id": d.job_id,
         "attempt": d.attempt,
         "retries_left": retries_left,
@@ -241,7 +252,7 @@ async def execute(queue: Queue, running: RunningJob) -> Completion | None:
             return None
     if error is None:
         try:
-            result = encode_result(value)
+            result = encode_result(value, d.task, queue.max_payload_size)
         except SerializationError as exc:  # retrying would give the same value: fail for good
             return await _fail(queue, context, policy, exc, retry=False)
         activate: tuple[tuple[str, bytes], ...] = ()
