@@ -23,6 +23,7 @@ from redis._parsers.base import BaseParser
 import aqueue
 from aqueue import BrokerConnectionError, ConfigurationError, JobState, Queue, TaskError
 from aqueue.brokers import Completion, NewJob, Outcome, RedisBroker
+from aqueue.brokers import _redis as redis_broker_module
 from aqueue.brokers._keys import GROUP, Keys
 from aqueue.brokers._notifier import Notifier
 from aqueue.brokers._redis import _Reader, redact, waiting_name
@@ -385,6 +386,41 @@ async def test_a_stored_job_whose_task_or_id_is_no_utf8_stalls_no_worker(
     assert listed["bad-task"] == "\\xffadd"
     assert (dead.id, dead.dead_reason) == ("bad-task", "unknown task '\\\\xffadd': not registered "
                                                        "on this worker")
+
+
+async def test_listings_read_records_a_page_at_a_time_whatever_the_limit(
+    redis_url: str, queue_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A limit of a million read the records in one call: with 200,000 jobs its reply took longer
+    # than the socket_timeout, and the listing failed as "cannot reach Redis".
+    monkeypatch.setattr(redis_broker_module, "LISTING_PAGE", 100, raising=False)
+    queue = Queue(redis_url, name=queue_name)
+
+    @queue.task(retries=0)
+    async def fails(n: int) -> None:
+        raise ValueError(n)
+
+    read: list[int] = []
+    records = queue.broker._records  # type: ignore[attr-defined]
+
+    async def counted(name: str, ids: list[str]) -> Any:
+        read.append(len(ids))
+        return await records(name, ids)
+
+    async with queue:
+        jobs = await fails.map(range(250))
+        async with queue.worker():
+            with anyio.fail_after(10):
+                for job in jobs:
+                    with pytest.raises(TaskError):
+                        await job.result(timeout=10)
+        monkeypatch.setattr(queue.broker, "_records", counted)
+        listed = await queue.jobs(state="failed", limit=1_000_000)
+        dead = await queue.dead_letters(limit=1_000_000)
+    assert sorted(record.id for record in listed) == sorted(job.id for job in jobs)
+    assert sorted(record.id for record in dead) == sorted(job.id for job in jobs)
+    assert max(read) == 100  # pages overlap at a score the last one ended on: its jobs skipped
+    assert sum(read) == 250
 
 
 @pytest.mark.parametrize(("entry", "action"), [("plain", "cancel"), ("lean", "cancel"), ("lean", "revoke")])

@@ -75,6 +75,9 @@ TRANSIENT = {"READONLY", "LOADING", "BUSY", "TRYAGAIN", "MASTERDOWN", "CLUSTERDO
 # Records that a receive, claim, reclaim or recover ends rather than leases (expired, revoked,
 # cancelled, dead) are kept a day: those calls take no result_ttl.
 ENDED_HERE_TTL = 86_400
+# Records read per call by a listing, whatever its limit: the call's reply must come within the
+# socket_timeout (200,000 records in one took longer than 5 s, a "cannot reach Redis").
+LISTING_PAGE = 1_000
 RECHECK = 10.0  # a waiter re-reads the state this often, in case a notification was lost
 LAST_READ_WITHIN = 0.5  # how long past its timeout a wait may read the record it returns
 # Ended entries that may wait in a stream behind a job still pending, for the trim after it ends
@@ -1072,7 +1075,7 @@ class RedisBroker(Broker):
         # read would move the ones not yet read across a page's edge, listed twice or never. Each
         # page starts at the last one's lowest score, the jobs of it already listed skipped.
         seen: set[bytes] = set()
-        top, page = "+inf", max(limit, 100)
+        top, page = "+inf", min(max(limit, 100), LISTING_PAGE)
         async with self._translated():
             while len(found) < limit:
                 rows: Any = await self.client.zrevrangebyscore(
@@ -1114,13 +1117,14 @@ class RedisBroker(Broker):
             return []
         async with self._translated():
             ids: Any = await self.client.zrevrange(keys.dead, 0, limit - 1)
-            async with self.client.pipeline(transaction=False) as pipe:
-                job_prefix = keys.job("").encode()
-                for raw in ids:
-                    pipe.hgetall(job_prefix + raw)  # an id as stored: one aqueue did not write
-                rows = await pipe.execute()         # may be no UTF-8 (shown escaped, below)
-        return [_record(raw.decode(errors="backslashreplace"), f)
-                for raw, f in zip(ids, rows, strict=True) if f]
+            job_prefix = keys.job("").encode()
+            rows: list[Any] = []
+            for start in range(0, len(ids), LISTING_PAGE):
+                async with self.client.pipeline(transaction=False) as pipe:
+                    for raw in ids[start:start + LISTING_PAGE]:
+                        pipe.hgetall(job_prefix + raw)  # an id as stored: one aqueue did not write
+                    rows += await pipe.execute()        # may be no UTF-8 (shown escaped, below)
+        return [_record(_shown(raw), f) for raw, f in zip(ids, rows, strict=True) if f]
 
     async def retry(self, queue: str, job_id: str, now: float) -> bool:
         return bool(await self._run(queue, "retry", [job_id, repr(now)]))
