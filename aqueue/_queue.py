@@ -401,10 +401,17 @@ class Queue:
         return Job(self, job_id)
 
     async def jobs(
-        self, state: JobState | str | None = None, task: str | None = None, limit: int = 100
+        self,
+        state: JobState | str | None = None,
+        task: str | Task[Any, Any] | None = None,
+        limit: int = 100,
     ) -> list[JobInfo]:
-        """Jobs newest first, filtered by state and task name."""
+        """Jobs newest first, filtered by state and task (its name, or the task itself)."""
         check_count(limit, "limit", minimum=0)
+        if isinstance(task, Task):
+            task = task.name
+        elif task is not None and not isinstance(task, str):  # it matched nothing, without a word
+            raise ConfigurationError(f"task is a task or its name, got {task!r}")
         if state is not None:
             try:
                 state = JobState(state)

@@ -208,6 +208,12 @@ async def test_bad_arguments_of_calls_fail_at_once(queue: Queue) -> None:
         await work.schedule(eta=60)  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError, match="unknown job state 'bogus'"):
         await queue.jobs(state="bogus")
+    # Matched nothing, without a word; the task itself is taken for its name.
+    with pytest.raises(ConfigurationError, match="task is a task or its name, got 5"):
+        await queue.jobs(task=5)  # type: ignore[arg-type]
+    job = await work.enqueue()
+    assert [info.id for info in await queue.jobs(task=work)] == [job.id]
+    assert [info.id for info in await queue.jobs(task="work")] == [job.id]
     # Each raised a bare TypeError, or on Redis a BrokerError that blamed Redis.
     for limit in (1.5, None, "3", math.inf, True, -1):
         with pytest.raises(ConfigurationError, match="limit must be a whole number >= 0"):
@@ -219,7 +225,7 @@ async def test_bad_arguments_of_calls_fail_at_once(queue: Queue) -> None:
     with pytest.raises(ConfigurationError, match="concurrency must be a whole number"):
         async with queue.worker(concurrency=1.5):  # type: ignore[arg-type]
             pass
-    assert await queue.jobs() == []
+    assert [info.id for info in await queue.jobs()] == [job.id]
 
 
 def test_default_task_name_is_the_function_name(queue: Queue) -> None:
