@@ -11,7 +11,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
 from aqueue._checks import check_count, check_name
-from aqueue._exceptions import ConfigurationError
+from aqueue._exceptions import ConfigurationError, SerializationError
 from aqueue._ids import new_id
 from aqueue._jobs import Job, JobInfo, ResultGroup
 from aqueue._serialization import encode_call
@@ -283,7 +283,16 @@ class Queue:
 
     async def _enqueue_calls(self, calls: Sequence[EnqueueCall]) -> list[Job[Any]]:
         now = time.time()
-        new_jobs = [self._new_job(task, args, kwargs, call, now) for task, args, kwargs, call in calls]
+        try:
+            new_jobs = [self._new_job(task, args, kwargs, call, now) for task, args, kwargs, call in calls]
+        except SerializationError as exc:
+            if len(calls) > 1:  # a map's: which item, found again here (the fast path keeps no count)
+                for index, (task, args, kwargs, call) in enumerate(calls):
+                    try:
+                        self._new_job(task, args, kwargs, call, now)
+                    except SerializationError:
+                        raise type(exc)(f"item {index} of {len(calls)}: {exc}") from None
+            raise
         if not self._connected:
             await self.connect()
         ids = await self.broker.enqueue(self.name, new_jobs)

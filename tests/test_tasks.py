@@ -221,6 +221,26 @@ async def test_payload_over_the_bound_is_refused(broker: object, queue_name: str
     assert len(await small.jobs()) == 1
 
 
+async def test_a_map_names_the_item_it_cannot_store(broker: object, queue_name: str) -> None:
+    # The error named the argument of the call, not which of the items it was.
+    from aqueue.brokers import Broker
+
+    assert isinstance(broker, Broker)
+    small = Queue(broker=broker, name=queue_name, max_payload_size=100)
+
+    @small.task
+    async def f(x: object) -> None:
+        return None
+
+    with pytest.raises(SerializationError, match=r"^item 2 of 4: argument 0 of f \(set\)"):
+        await f.map([1, 2, {3}, 4])
+    with pytest.raises(PayloadTooLarge, match=r"^item 1 of 3: the arguments of f encode to 2\d\d bytes"):
+        await f.map([1, "a" * 200, 3])
+    with pytest.raises(SerializationError, match=r"^argument 0 of f \(set\)"):  # a lone call
+        await f.enqueue({3})
+    assert await small.jobs() == []
+
+
 async def test_a_result_or_progress_over_the_bound_fails_and_an_error_is_cut(
     broker: object, queue_name: str
 ) -> None:
