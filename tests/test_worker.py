@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import threading
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -465,6 +466,40 @@ async def test_shutdown_hands_running_jobs_back(queue: Queue) -> None:
     info = await job.info()
     assert info is not None
     assert info.attempt == 1
+
+
+async def test_a_stopped_job_is_handed_back_while_a_thread_is_still_waited_for(queue: Queue) -> None:
+    # It was handed back only once the worker's last job ended: a plain `def` job's thread, which
+    # cannot be stopped, held it (its lease renewed) for as long as it ran.
+    thread_started, let_thread_end = threading.Event(), threading.Event()
+    started = anyio.Event()
+
+    @queue.task
+    def blocking() -> str:
+        thread_started.set()
+        let_thread_end.wait(30)
+        return "thread"
+
+    @queue.task
+    async def waits() -> None:
+        started.set()
+        await anyio.sleep_forever()
+
+    try:
+        async with queue.worker(concurrency=2, shutdown_timeout=0.05) as worker:
+            in_thread, stopped = await blocking.enqueue(), await waits.enqueue()
+            with anyio.fail_after(10):
+                await started.wait()
+                await anyio.to_thread.run_sync(thread_started.wait, 10)
+                worker.stop()
+                while await stopped.state() != JobState.PENDING:  # noqa: ASYNC110 - the release, polled
+                    await anyio.sleep(0.01)
+            assert await in_thread.state() == JobState.RUNNING
+            let_thread_end.set()
+    finally:
+        let_thread_end.set()
+    assert await in_thread.result(timeout=10) == "thread"
+    assert await stopped.state() == JobState.PENDING
 
 
 async def test_job_of_a_dead_worker_is_redelivered(queue: Queue) -> None:

@@ -115,6 +115,7 @@ class Worker:
         self._announced: dict[str, tuple[Signal, Any]] = {}
         self._announcements: TaskGroup | None = None
         self._handed_back: list[Delivery] = []
+        self._more_handed_back = anyio.Event()  # for `_hand_back_as_they_stop`
         self._stop_requested = False
         self._wake_fetcher = anyio.Event()
         self._all_idle = anyio.Event()
@@ -405,6 +406,7 @@ class Worker:
             self._held[d.job_id] = d
             if self._stop_requested:
                 self._handed_back.append(d)
+                self._more_handed_back.set()
             else:
                 running = RunningJob(d, self._new_scope)
                 self._running[d.job_id] = running
@@ -483,6 +485,7 @@ class Worker:
                 self._held.pop(job_id, None)  # another worker owns it now
             else:
                 self._handed_back.append(d)
+                self._more_handed_back.set()
         else:
             completion.delivery = d
             self._completing[d.job_id] = completion
@@ -563,11 +566,22 @@ class Worker:
         self._all_idle = anyio.Event()
         with anyio.move_on_after(self.shutdown_timeout):
             await self._all_idle.wait()
+        if self._running and self._services is not None:
+            self._services.start_soon(self._hand_back_as_they_stop)
         for running in list(self._running.values()):
             logger.warning("job %s (%s) still running at shutdown: cancelling it to hand it back "
                            "(a plain `def` task's thread cannot be stopped: it is waited for, and "
                            "the job keeps its outcome)", running.delivery.job_id, running.delivery.task)
             running.interrupt()
+
+    async def _hand_back_as_they_stop(self) -> None:
+        """Hand back each job the shutdown stopped as it stops, for another worker to run at once:
+        the worker itself ends only after its last job, maybe a thread that cannot be stopped."""
+        while True:
+            await self._more_handed_back.wait()
+            self._more_handed_back = anyio.Event()
+            batch, self._handed_back = self._handed_back, []
+            await self._release(batch)
 
     async def _release(self, deliveries: list[Delivery]) -> None:
         if not deliveries:
