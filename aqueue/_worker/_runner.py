@@ -224,6 +224,9 @@ class Worker:
             await worker.stop()
 
     async def run(self, *, task_status: TaskStatus[Worker] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Run until `stop()`, which stops gracefully. Cancelled, it stops as a kill does: running
+        jobs are not handed back, unwritten outcomes are lost (their jobs run again); `running()`
+        (`queue.worker()`) turns a cancellation into a graceful stop."""
         queue = self.queue
         await queue.connect()
         # Counted while it runs: the broker refuses a worker more than its connections can serve.
