@@ -217,14 +217,14 @@ async def test_a_step_whose_value_outgrows_the_next_steps_payload_bound_names_th
 
     @queue.task
     async def big() -> str:
-        return "x" * 2000
+        return "x" * 900  # within the bound itself (a result over it fails its own job)
 
     @queue.task
-    async def step(value: str) -> int:
-        return len(value)
+    async def step(value: str, extra: str) -> int:
+        return len(value) + len(extra)
 
     async with queue.worker():
-        res = await queue.enqueue(big.s().then(step))
+        res = await queue.enqueue(big.s().then(step, "y" * 200))
         with pytest.raises(TaskError, match="the arguments of the step after big encode to"):
             await res.get(timeout=10)
 
