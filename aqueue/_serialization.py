@@ -101,6 +101,14 @@ def loads(data: bytes | str) -> Any:
     return orjson.loads(data)
 
 
+def _within(data: bytes, max_size: int, what: str) -> bytes:
+    """`data`, if no bigger than the queue's bound; `what` says what it is ("... encodes")."""
+    if len(data) > max_size:
+        raise PayloadTooLarge(f"{what} to {len(data)} bytes, over the queue's max_payload_size "
+                              f"of {max_size} bytes")
+    return data
+
+
 def encode_call(
     task: str,
     args: Sequence[Any],
@@ -117,12 +125,7 @@ def encode_call(
         data = dumps(call) if checked else _dumps_exact(call)
     except TypeError as exc:
         raise _name_the_culprit(task, args, kwargs, exc) from None
-    if len(data) > max_size:
-        raise PayloadTooLarge(
-            f"the arguments of {task} encode to {len(data)} bytes, over the queue's "
-            f"max_payload_size of {max_size} bytes"
-        )
-    return data
+    return _within(data, max_size, f"the arguments of {task} encode")
 
 
 def encode_result(value: Any, task: str, max_size: int) -> bytes:
@@ -136,10 +139,7 @@ def encode_result(value: Any, task: str, max_size: int) -> bytes:
         raise SerializationError(
             f"the result ({type(value).__name__}) cannot be serialized as JSON: {exc}"
         ) from None
-    if len(data) > max_size:
-        raise PayloadTooLarge(f"the result of {task} encodes to {len(data)} bytes, over the "
-                              f"queue's max_payload_size of {max_size} bytes")
-    return data
+    return _within(data, max_size, f"the result of {task} encodes")
 
 
 def encode_progress(done: float, total: float | None, message: str | None, max_size: int) -> bytes:
@@ -147,10 +147,7 @@ def encode_progress(done: float, total: float | None, message: str | None, max_s
         data = _dumps_exact({"done": done, "total": total, "message": message})
     except TypeError as exc:
         raise SerializationError(f"the progress cannot be serialized as JSON: {exc}") from None
-    if len(data) > max_size:
-        raise PayloadTooLarge(f"the progress encodes to {len(data)} bytes, over the queue's "
-                              f"max_payload_size of {max_size} bytes")
-    return data
+    return _within(data, max_size, "the progress encodes")
 
 
 def _name_the_culprit(

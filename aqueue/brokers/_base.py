@@ -191,11 +191,18 @@ class Broker(ABC):
         """Raise `ConfigurationError` if, as connected, it cannot serve one worker more than those
         running on it (`serving_worker`)."""
 
+    _workers = 0
+    """Workers running on this broker (`serving_worker`), for `check_for_worker`."""
+
     @contextmanager
     def serving_worker(self) -> Iterator[None]:
         """Held by a worker while it runs on this broker; checks first (`check_for_worker`)."""
         self.check_for_worker()
-        yield
+        self._workers += 1
+        try:
+            yield
+        finally:
+            self._workers -= 1
 
     @abstractmethod
     async def connect(self) -> None:

@@ -544,7 +544,6 @@ class RedisBroker(Broker):
         # to nobody: its next receive starts them, rather than leave them to the reclaim.
         self._unstarted: dict[tuple[str, str], list[Any]] = {}
         self._notifier: Notifier | None = None
-        self._workers = 0  # running on this broker: see serving_worker
         # This process's inbox: the jobs it waits on publish their outcomes there.
         self._inbox = uuid.uuid4().hex[:16]
         # The event loop its connections belong to (asyncio streams cannot move to another).
@@ -695,15 +694,6 @@ class RedisBroker(Broker):
             raise ConfigurationError(
                 f"{self.url}: max_connections={limit} is too few for {who} {held} for good: "
                 f"give it at least {held + 1}")
-
-    @contextmanager
-    def serving_worker(self) -> Iterator[None]:
-        self.check_for_worker()
-        self._workers += 1
-        try:
-            yield
-        finally:
-            self._workers -= 1
 
     def _key(self, queue: str) -> Keys:
         keys = self._keys.get(queue)
