@@ -13,6 +13,7 @@ from aqueue._exceptions import (
     BrokerError,
     CancelExecution,
     ConfigurationError,
+    DeliveryLimitExceeded,
     JobCancelled,
     JobError,
     JobExpired,
@@ -26,6 +27,7 @@ from aqueue._exceptions import (
     TaskError,
     TaskLocked,
     TaskTimeout,
+    UnknownTask,
 )
 from aqueue._jobs import Job, JobInfo, ResultGroup
 from aqueue._lazy import lazy_attributes
@@ -76,6 +78,7 @@ __all__ = [
     "Chord",
     "ChordResult",
     "ConfigurationError",
+    "DeliveryLimitExceeded",
     "Group",
     "Job",
     "JobCancelled",
@@ -107,6 +110,7 @@ __all__ = [
     "TaskError",
     "TaskLocked",
     "TaskTimeout",
+    "UnknownTask",
     "Worker",
     "chord",
     "crontab",

@@ -63,6 +63,17 @@ class LockTimeout(AqueueError):
     """A lock could not be acquired within its timeout."""
 
 
+class UnknownTask(AqueueError, LookupError):
+    """A job names a task the worker has not registered: it goes to the dead letters unrun.
+    Met as the `type` of the `TaskError` its `job.result()` raises."""
+
+
+class DeliveryLimitExceeded(AqueueError):
+    """A job was delivered `max_deliveries` times without finishing (each worker that took it
+    died or lost it): it goes to the dead letters. Met as the `type` of the `TaskError` its
+    `job.result()` raises."""
+
+
 class RateLimitExceeded(AqueueError):
     """A rate limit is used up for the current window."""
 

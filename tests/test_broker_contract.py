@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import anyio
+import orjson
 import pytest
 
 from aqueue.brokers._base import Broker, Completion, Delivery, JobRecord, NewJob, Outcome
@@ -493,8 +494,12 @@ async def test_max_deliveries_dead_letters(broker: Broker, queue_name: str) -> N
     assert rec.state == "failed"
     assert rec.finished_at is not None
     assert rec.dead_reason is not None
-    assert "delivered 3 times" in rec.dead_reason
-    assert "max_deliveries=2" in rec.dead_reason
+    assert rec.dead_reason == "delivered 3 times without finishing (max_deliveries=2)"
+    # Its error is written down as any failure's, named by the class that stands for it.
+    assert rec.error is not None
+    assert orjson.loads(rec.error) == {
+        "error": "DeliveryLimitExceeded('delivered 3 times without finishing (max_deliveries=2)')",
+        "type": "DeliveryLimitExceeded", "traceback": "", "job_id": "a", "attempt": 1, "retries_left": 0}
     assert [r.id for r in await broker.dead_letters(queue_name, 10)] == ["a"]
     assert await take(broker, queue_name) == []
     assert await broker.reclaim(queue_name, "w4", 1, 0, 2) == []
@@ -700,7 +705,7 @@ async def test_an_end_without_an_error_of_its_own_keeps_none_of_an_earlier_attem
     broker: Broker, queue_name: str
 ) -> None:
     # Revoked as its retry is delivered, or dead-lettered for its deliveries: the first
-    # attempt's error is not why it ended.
+    # attempt's error is not why it ended (the dead letter has its own, DeliveryLimitExceeded).
     await broker.enqueue(queue_name, [new("a"), new("b")])
     for job_id in ("a", "b"):
         d = await take_one(broker, queue_name)
@@ -713,7 +718,9 @@ async def test_an_end_without_an_error_of_its_own_keeps_none_of_an_earlier_attem
     assert [d.ended for d in await broker.reclaim(queue_name, "w2", 1, 0, 1)] == ["failed"]  # one too many
     a, b = await record(broker, queue_name, "a"), await record(broker, queue_name, "b")
     assert (a.state, a.error) == ("revoked", None)
-    assert (b.state, b.error) == ("failed", None)
+    assert b.state == "failed"
+    assert b.error is not None
+    assert orjson.loads(b.error)["type"] == "DeliveryLimitExceeded"
     assert "max_deliveries=1" in str(b.dead_reason)
 
 

@@ -255,8 +255,9 @@ async def test_a_worker_bounds_the_payloads_it_reads(broker: Broker, queue_name:
     small = await producer.tasks["store"].enqueue("x" * 10)
     async with worker_side.worker():
         assert await small.result(timeout=10) == 10
-        with pytest.raises(TaskError, match="over this worker's max_payload_size"):
+        with pytest.raises(TaskError, match="over this worker's max_payload_size") as caught:
             await big.result(timeout=10)
+        assert caught.value.metadata["type"] == "PayloadTooLarge"
     assert ran == [10]
     assert [d.id for d in await worker_side.dead_letters()] == [big.id]
 

@@ -17,6 +17,7 @@ from aqueue import (
     BrokerConnectionError,
     CancelExecution,
     ConfigurationError,
+    DeliveryLimitExceeded,
     JobCancelled,
     JobState,
     Queue,
@@ -24,6 +25,7 @@ from aqueue import (
     Schedule,
     Signal,
     TaskError,
+    UnknownTask,
     Worker,
     current_job,
 )
@@ -381,22 +383,29 @@ async def test_unknown_task_goes_to_dead_letters(broker: Broker, queue_name: str
     async def known() -> int:
         return 1
 
-    errors: list[tuple[str, str]] = []
+    errors: list[tuple[str, str, str]] = []
 
     @worker_side.on(Signal.ERROR)  # a failure for good like any other
     def record(signal: Signal, job: object, exc: BaseException | None = None) -> None:
         assert isinstance(exc, TaskError)
-        errors.append((getattr(job, "task_name", ""), exc.metadata["error"]))
+        errors.append((getattr(job, "task_name", ""), exc.metadata["type"], exc.metadata["error"]))
 
     async with worker_side.worker():
         job = await ghost.enqueue()
-        with pytest.raises(TaskError, match="unknown task 'ghost'"):
+        with pytest.raises(TaskError, match="unknown task 'ghost'") as caught:
             await worker_side.job(job.id).result(timeout=10)
         assert await (await known.enqueue()).result(timeout=10) == 1  # still running
     dead = await worker_side.dead_letters()
     assert dead[0].id == job.id
-    assert "unknown task" in str(dead[0].dead_reason)
-    assert errors == [("ghost", "unknown task 'ghost': not registered on this worker")]
+    assert dead[0].dead_reason == "unknown task 'ghost': not registered on this worker"
+    # The error is named as any other's: its class (an aqueue one) and repr.
+    error = repr(UnknownTask("unknown task 'ghost': not registered on this worker"))
+    assert errors == [("ghost", "UnknownTask", error)]
+    assert (caught.value.metadata["type"], caught.value.metadata["error"]) == ("UnknownTask", error)
+    info = await job.info()
+    assert info is not None
+    assert info.error is not None
+    assert (info.error["type"], info.error["error"]) == ("UnknownTask", error)
 
 
 async def test_undecodable_payload_goes_to_dead_letters(queue: Queue) -> None:
@@ -409,8 +418,9 @@ async def test_undecodable_payload_goes_to_dead_letters(queue: Queue) -> None:
     await queue.broker.enqueue(queue.name, bad)
     async with queue.worker():
         for new in bad:
-            with pytest.raises(TaskError, match="undecodable payload"):
+            with pytest.raises(TaskError, match="undecodable payload") as caught:
                 await queue.job(new.id).result(timeout=10)
+            assert caught.value.metadata["type"] == "SerializationError"
         assert await (await victim.enqueue()).result(timeout=10) == 1
     assert {d.id for d in await queue.dead_letters()} == {b.id for b in bad}
 
@@ -540,13 +550,13 @@ async def test_poison_message_goes_to_dead_letters(broker: Broker, queue_name: s
     async def work() -> None:
         return None
 
-    errors: list[tuple[str, str]] = []
+    errors: list[tuple[str, str, str]] = []
     errored = anyio.Event()
 
     @q.on(Signal.ERROR)  # the worker that met it past max_deliveries says so
     def record(signal: Signal, job: object, exc: BaseException | None = None) -> None:
         assert isinstance(exc, TaskError)
-        errors.append((getattr(job, "task_name", ""), exc.metadata["error"]))
+        errors.append((getattr(job, "task_name", ""), exc.metadata["type"], exc.metadata["error"]))
         errored.set()
 
     job = await work.enqueue()
@@ -554,15 +564,21 @@ async def test_poison_message_goes_to_dead_letters(broker: Broker, queue_name: s
     assert await broker.receive(q.name, "dead-1", 1, 0, q.max_deliveries)
     assert await broker.reclaim(q.name, "dead-2", 1, 0, q.max_deliveries)
     async with q.worker():
-        with pytest.raises(TaskError, match="max_deliveries=2"):
+        with pytest.raises(TaskError, match="max_deliveries=2") as caught:
             await job.result(timeout=15)
         with anyio.fail_after(10):
             await errored.wait()
     dead = await q.dead_letters()
     assert [d.id for d in dead] == [job.id]
-    [(task, reason)] = errors
-    assert task == "work"
-    assert "max_deliveries=2" in reason
+    # Named as any error is: the class (an aqueue one) and its repr, in the signal, the result
+    # and the job's info alike.
+    error = repr(DeliveryLimitExceeded("delivered 3 times without finishing (max_deliveries=2)"))
+    assert errors == [("work", "DeliveryLimitExceeded", error)]
+    assert (caught.value.metadata["type"], caught.value.metadata["error"]) == ("DeliveryLimitExceeded", error)
+    info = await job.info()
+    assert info is not None
+    assert info.error is not None
+    assert (info.error["type"], info.error["error"]) == ("DeliveryLimitExceeded", error)
 
 
 async def test_signals_reach_sync_and_async_handlers(queue: Queue) -> None:

@@ -18,12 +18,15 @@ from aqueue._context import JobContext, _enter, _leave
 from aqueue._exceptions import (
     BrokerError,
     CancelExecution,
+    DeliveryLimitExceeded,
+    PayloadTooLarge,
     RateLimitExceeded,
     RetryTask,
     SerializationError,
     TaskError,
     TaskLocked,
     TaskTimeout,
+    UnknownTask,
 )
 from aqueue._serialization import dumps, encode_call, encode_result, loads
 from aqueue._signals import ENDED_SIGNALS, Signal, SignalJob, Signals
@@ -126,15 +129,17 @@ def _metadata(exc: BaseException, d: Delivery, retries_left: int) -> dict[str, A
     }
 
 
-def _dead_metadata(d: Delivery, reason: str) -> dict[str, Any]:
-    return {"error": reason, "type": "", "traceback": "", "job_id": d.job_id,
-            "attempt": d.attempt, "retries_left": 0}
+def _dead_metadata(d: Delivery, exc: BaseException) -> dict[str, Any]:
+    """The metadata of an error that ended a job without running it: no frames of its own."""
+    return {"error": _cut(safe_repr(exc)), "type": type(exc).__name__, "traceback": "",
+            "job_id": d.job_id, "attempt": d.attempt, "retries_left": 0}
 
 
-async def dead(queue: Queue, d: Delivery, reason: str) -> Completion:
+async def dead(queue: Queue, d: Delivery, exc: Exception, reason: str | None = None) -> Completion:
     """A delivery no worker can run (unknown task, undecodable payload): straight to the dead
-    letters, an ERROR as any failure for good is."""
-    error = _dead_metadata(d, reason)
+    letters, an ERROR as any failure for good is. `exc` says why; the reason is its message
+    unless given."""
+    error, reason = _dead_metadata(d, exc), reason or str(exc)
     logger.error("job %s (%s) sent to the dead letters: %s", d.job_id, d.task, reason)
     if queue.signals.wants(Signal.ERROR):
         await queue.signals.send(Signal.ERROR, SignalJob(d.job_id, d.task), TaskError(error))
@@ -148,10 +153,11 @@ async def report_ended(queue: Queue, d: Delivery) -> None:
     if d.ended == Outcome.FAILED:
         logger.error("job %s (%s) sent to the dead letters: delivered max_deliveries (%d) times "
                      "without finishing", d.job_id, d.task, queue.max_deliveries)
-        if signals.wants(Signal.ERROR):
+        if signals.wants(Signal.ERROR):  # the broker wrote the error down (DeliveryLimitExceeded)
             record = await queue.broker.get(queue.name, d.job_id)
-            reason = (record.dead_reason if record else None) or "dead-lettered"
-            await signals.send(Signal.ERROR, SignalJob(d.job_id, d.task), TaskError(_dead_metadata(d, reason)))
+            error = loads(record.error) if record and record.error else _dead_metadata(
+                d, DeliveryLimitExceeded(f"delivered more than max_deliveries ({queue.max_deliveries}) times"))
+            await signals.send(Signal.ERROR, SignalJob(d.job_id, d.task), TaskError(error))
     elif d.ended is not None and signals.wants(ENDED_SIGNALS[d.ended]):
         await signals.send(ENDED_SIGNALS[d.ended], SignalJob(d.job_id, d.task))
 
@@ -172,10 +178,10 @@ async def execute(queue: Queue, running: RunningJob) -> Completion | None:
     d = running.delivery
     task = queue.tasks.get(d.task)
     if task is None:
-        return await dead(queue, d, f"unknown task {d.task!r}: not registered on this worker")
+        return await dead(queue, d, UnknownTask(f"unknown task {d.task!r}: not registered on this worker"))
     if len(d.payload) > queue.max_payload_size:  # bounded where it is read, not only where written
-        return await dead(queue, d, f"payload of {len(d.payload)} bytes over this worker's "
-                                    f"max_payload_size ({queue.max_payload_size})")
+        return await dead(queue, d, PayloadTooLarge(f"payload of {len(d.payload)} bytes over this "
+                                                    f"worker's max_payload_size ({queue.max_payload_size})"))
     try:
         call = loads(d.payload)
         args, kwargs, overrides = call["args"], call["kwargs"], call.get("options") or {}
@@ -183,7 +189,7 @@ async def execute(queue: Queue, running: RunningJob) -> Completion | None:
             raise TypeError("args must be a list, kwargs and options objects")
         policy = policy_for_call(task.policy, overrides)
     except (ValueError, TypeError, KeyError) as exc:
-        return await dead(queue, d, f"undecodable payload: {exc!r}")
+        return await dead(queue, d, SerializationError(f"undecodable payload: {exc!r}"))
 
     if overrides.get("wf_in") and args:
         args[0] = _errors_restored(args[0])

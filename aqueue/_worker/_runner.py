@@ -475,7 +475,7 @@ class Worker:
             # A fault of aqueue's own, not of the task: into the dead letters with the reason,
             # so it is neither lost nor handed round for ever.
             logger.exception("job %s (%s): internal error", job_id, running.delivery.task)
-            completion = await dead(self.queue, running.delivery, f"internal error: {safe_repr(exc)}")
+            completion = await dead(self.queue, running.delivery, exc, f"internal error: {safe_repr(exc)}")
         finally:
             if self._running.get(job_id) is running:
                 del self._running[job_id]

@@ -18,6 +18,7 @@ import anyio
 import orjson
 from anyio.lowlevel import RunVar
 
+from aqueue._exceptions import DeliveryLimitExceeded
 from aqueue._states import FINAL_STATES, JobState
 from aqueue.brokers._base import (
     BatchSpec,
@@ -58,6 +59,11 @@ def ending_error(job_id: str, state: str, attempt: int, reason: str | None = Non
     one's gives why it went to the dead letters (`reason`)."""
     kind = _ENDING_NAMES.get(state, "")
     error = f"{kind}('job {job_id} was {state}')" if kind else (reason or "failed")
+    return _error_metadata(job_id, attempt, kind, error)
+
+
+def _error_metadata(job_id: str, attempt: int, kind: str, error: str) -> bytes:
+    """TaskError metadata for an error that ended a job without running it: no frames of its own."""
     return orjson.dumps({"error": error, "type": kind, "traceback": "", "job_id": job_id,
                          "attempt": attempt, "retries_left": 0})
 
@@ -577,7 +583,9 @@ class MemoryBroker(Broker):
             reason = (f"delivered {deliveries} times without finishing "
                       f"(max_deliveries={max_deliveries})")
             receipt = str(q.entries.get(rec.id, 0))
-            self._finalize(q, rec, JobState.FAILED.value, now, self._result_ttl, reason)
+            error = _error_metadata(rec.id, rec.attempt, "DeliveryLimitExceeded",
+                                    repr(DeliveryLimitExceeded(reason)))
+            self._finalize(q, rec, JobState.FAILED.value, now, self._result_ttl, reason, error)
             return Delivery(job_id=rec.id, task=rec.task, payload=b"", attempt=rec.attempt,
                             token=0, priority=rec.priority, enqueued_at=rec.enqueued_at,
                             receipt=receipt, ended=JobState.FAILED.value, consumer=consumer,

@@ -367,6 +367,12 @@ local function error_marker(err)
   return ERROR_HEAD .. err .. '}'
 end
 
+-- TaskError metadata for an error that ended a job without running it: no frames of its own.
+local function error_metadata(id, attempt, kind, err)
+  return cjson.encode({error = err, type = kind, traceback = '', job_id = id,
+    attempt = tonumber(attempt) or 1, retries_left = 0})
+end
+
 -- The error that stands for a job that ended without one of its own (in its chord slot, in the
 -- pipeline steps it skipped, for its error handler): TaskError metadata with every key; a
 -- cancelled, revoked or expired job's names the ending as `job.result()` would (no table of names:
@@ -378,8 +384,7 @@ local function ending_error(id, state, attempt, reason)
   elseif state == 'expired' then kind = 'JobExpired' end
   if kind ~= '' then err = kind .. "('job " .. id .. ' was ' .. state .. "')"
   elseif reason and reason ~= '' then err = reason end
-  return cjson.encode({error = err, type = kind, traceback = '', job_id = id,
-    attempt = tonumber(attempt) or 1, retries_left = 0})
+  return error_metadata(id, attempt, kind, err)
 end
 
 -- Whether any task is revoked: asked once per script call (a receive asks for every job it
@@ -703,8 +708,11 @@ local function start(s, p, entry, fields, consumer, now, max_deliveries, ttl)
     -- The token its last delivery holds is used up (a lean one's 1 was never written): a retry's
     -- delivery must not carry it again.
     redis.call('HSET', jk, 'deliveries', deliveries, 'token', string.format('%d', tonumber(token) - 1))
-    finalize(id, jk, 'failed', now, ttl, 'delivered ' .. deliveries ..
-      ' times without finishing (max_deliveries=' .. max_deliveries .. ')')
+    -- Its error is written down as any failure's is (the repr Python gives, the reason unquoted).
+    local reason = 'delivered ' .. deliveries .. ' times without finishing (max_deliveries=' ..
+      max_deliveries .. ')'
+    finalize(id, jk, 'failed', now, ttl, reason, nil, {'error', error_metadata(id, rec[4],
+      'DeliveryLimitExceeded', "DeliveryLimitExceeded('" .. reason .. "')")})
     return {id, rec[2], '', rec[4], '0', p, rec[5], entry, 'failed'}  -- a notice, as for `ended`
   end
   redis.call('HSET', jk, 'state', 'running', 'started_at', now, 'worker', consumer,
