@@ -254,7 +254,8 @@ class Broker(ABC):
         Waits up to `timeout` seconds for the first job (no busy polling), returns at once when
         some are ready. Each returned job is now `running`: `started_at`, `worker = consumer` set,
         its token grown by one, its delivery count grown by one. A job whose delivery count would
-        pass `max_deliveries` is not leased: it ends `failed` in the dead letters with the reason.
+        pass `max_deliveries` is not leased: it ends `failed` in the dead letters with the reason,
+        its error a `DeliveryLimitExceeded` (TaskError metadata, as a worker writes one).
         A job past its `expires` ends `expired`, a revoked job (its own flag, or its task revoked)
         ends `revoked`, one asked to cancel ends `cancelled`: each of these is returned with
         `ended` set and no lease, so the worker can report it. Returns [] on timeout.
