@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,10 +15,10 @@ from typing import Any
 import anyio
 import pytest
 
-from aqueue import Job, JobState, Queue
+from aqueue import BrokerConnectionError, Job, JobState, Queue
 from aqueue._cli import main
 from tests.apps import logging_app
-from tests.conftest import RedisServer, start_redis
+from tests.conftest import RedisServer, free_port, start_redis
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = "tests.apps.worker_app:queue"
@@ -179,6 +180,75 @@ async def test_password_url_works_and_never_shows(
         assert "wrong-pw" not in bad.output()
     finally:
         server.stop()
+
+
+TLS_PASSWORD = "s3cret-tls"
+# What a server certificate needs to be taken for 127.0.0.1 by Python's checks, strict ones included.
+SERVER_EXTENSIONS = """subjectAltName=IP:127.0.0.1,DNS:localhost
+basicConstraints=CA:FALSE
+keyUsage=digitalSignature,keyEncipherment
+extendedKeyUsage=serverAuth
+authorityKeyIdentifier=keyid
+subjectKeyIdentifier=hash
+"""
+
+
+@pytest.fixture(scope="module")
+def tls_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, Path]]:
+    """A redis-server with a password that takes TLS on a port of its own, its certificate signed
+    by a CA of the test's own: that port, and the CA's certificate."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.fail("openssl is not installed: the TLS tests cannot make certificates "
+                    "(apt-get install openssl)")
+    directory = tmp_path_factory.mktemp("tls")
+    (directory / "server.ext").write_text(SERVER_EXTENSIONS)
+    new_key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    for args in (["req", "-x509", *new_key, "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
+                  "-subj", "/CN=aqueue test CA"],
+                 ["req", *new_key, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1"],
+                 ["x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+                  "-out", "server.crt", "-days", "2", "-extfile", "server.ext"]):
+        subprocess.run([openssl, *args], cwd=directory, check=True, capture_output=True, timeout=60)
+    tls_port = free_port()
+    server = start_redis("--requirepass", TLS_PASSWORD, "--tls-port", str(tls_port),
+                         "--tls-cert-file", str(directory / "server.crt"),
+                         "--tls-key-file", str(directory / "server.key"),
+                         "--tls-ca-cert-file", str(directory / "ca.crt"), "--tls-auth-clients", "no")
+    yield tls_port, directory / "ca.crt"
+    server.stop()
+
+
+async def test_a_tls_url_with_a_password_works_and_never_shows(
+    tls_redis: tuple[int, Path], queue_name: str, workers: list[WorkerProcess]
+) -> None:
+    # What a managed Redis asks for: rediss://, a password, the provider's CA.
+    port, ca = tls_redis
+    url = f"rediss://:{TLS_PASSWORD}@127.0.0.1:{port}/0?ssl_ca_certs={ca}"
+    worker = WorkerProcess(url, queue_name)
+    workers.append(worker)
+    async with client_queue(url, queue_name) as q:
+        # A result waited on (pushed on a subscription) and a lock, over TLS too.
+        assert await (await q.tasks["add"].enqueue(3, 4)).result(timeout=30) == 7
+        async with q.lock("over-tls", ttl=5):
+            assert await q.tasks["add"].map([(1, 1), (2, 2)]) is not None
+    assert worker.stop() == 0
+    log = worker.output()
+    assert f"rediss://:***@127.0.0.1:{port}/0" in log
+    assert TLS_PASSWORD not in log
+    # The port speaks TLS alone (the above was TLS), and a server certificate no CA given vouches
+    # for is refused with the reason.
+    for plain_or_untrusted, reason in (
+        (f"redis://:{TLS_PASSWORD}@127.0.0.1:{port}/0", "cannot reach Redis"),
+        (f"rediss://:{TLS_PASSWORD}@127.0.0.1:{port}/0", "certificate verify failed"),
+    ):
+        q = client_queue(plain_or_untrusted, queue_name)
+        try:
+            with pytest.raises(BrokerConnectionError, match=reason) as refused:
+                await q.tasks["add"].enqueue(1, 1)
+        finally:
+            await q.close()
+        assert TLS_PASSWORD not in str(refused.value)
 
 
 async def test_a_worker_on_memory_says_it_runs_only_its_own_jobs(

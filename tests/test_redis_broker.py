@@ -218,6 +218,11 @@ def test_a_password_with_unencoded_reserved_characters_never_shows(url: str, sho
          "socket_connect_timeout='0' is not a valid value (over 0 seconds)"),
         ("redis://h/0?health_check_interval=-5",
          "health_check_interval='-5' is not a valid value (0 or more seconds)"),
+        # A file that is not there failed each connection as if Redis could not be reached.
+        ("rediss://h/0?ssl_ca_certs=/nonexistent/ca.pem",
+         "ssl_ca_certs='/nonexistent/ca.pem' is not a valid value (a file that exists)"),
+        ("rediss://h/0?ssl_certfile=client.pem",
+         "ssl_certfile='client.pem' is not a valid value (a file that exists)"),
     ],
 )
 def test_a_bad_url_is_refused_when_the_queue_is_made(url: str, message: str) -> None:
@@ -236,11 +241,14 @@ def test_a_socket_path_after_localhost_or_one_database_said_twice_is_taken(url: 
 
 
 @pytest.mark.parametrize("url", ["redis://h/0?password=s3cr@et9", "redis://h/0?client_name=me@x",
-                                 "rediss://h/0?ssl_ca_certs=/home/a@b/ca.pem",
+                                 "rediss://h/0?ssl_ca_certs={tmp}/a@b/ca.pem",
                                  "unix:///run/redis@main/redis.sock?db=1"])
-def test_an_at_sign_in_a_query_value_or_a_socket_path_is_taken(url: str) -> None:
+def test_an_at_sign_in_a_query_value_or_a_socket_path_is_taken(url: str, tmp_path: Path) -> None:
     # redis-py reads these as written; only the log line is cautious (an "@" past the host could
     # be a password's).
+    (tmp_path / "a@b").mkdir()
+    (tmp_path / "a@b" / "ca.pem").write_text("")  # a file named in a URL must exist
+    url = url.format(tmp=tmp_path)
     assert Queue(url).broker.url == url.partition("://")[0] + "://***"
 
 
@@ -255,10 +263,19 @@ def test_broker_options_that_cannot_work_are_refused_when_made(options: dict[str
     RedisBroker("redis://h/0", socket_timeout=None, protocol=3, health_check_interval=0)
 
 
-def test_url_options_are_those_of_the_scheme() -> None:
+def test_a_tls_file_given_to_the_broker_must_exist(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match=r"ssl_ca_certs='/nonexistent/ca\.pem' is not a valid value"):
+        RedisBroker("rediss://h/0", ssl_ca_certs="/nonexistent/ca.pem")
+    (tmp_path / "ca.pem").write_text("")
+    RedisBroker("rediss://h/0", ssl_ca_certs=str(tmp_path / "ca.pem"), ssl_certfile=None)
+
+
+def test_url_options_are_those_of_the_scheme(tmp_path: Path) -> None:
     # What redis-py's connection for the scheme takes: TLS options only with rediss://, no TCP
     # keepalive on a Unix socket; the pool's max_connections with any.
-    for url in ("rediss://h:6380/0?ssl_cert_reqs=none&ssl_check_hostname=false&ssl_ca_certs=ca.pem",
+    ca = tmp_path / "ca.pem"
+    ca.write_text("")
+    for url in (f"rediss://h:6380/0?ssl_cert_reqs=none&ssl_check_hostname=false&ssl_ca_certs={ca}",
                 "redis://h/0?password=pw&socket_timeout=2&max_connections=4&protocol=3&client_name=me",
                 "redis://h/0?socket_keepalive=false", "unix:///tmp/x.sock?db=2&health_check_interval=5"):
         assert isinstance(Queue(url).broker, RedisBroker)

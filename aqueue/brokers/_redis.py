@@ -20,6 +20,7 @@ import hashlib
 import inspect
 import logging
 import math
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -165,6 +166,10 @@ VALUE_RANGES: dict[str, tuple[Callable[[str], bool], str]] = {
     "socket_read_size": (lambda v: int(v) >= 1, "at least 1"),
     "health_check_interval": (lambda v: int(v) >= 0, "0 or more seconds"),
     "ssl_cert_reqs": (lambda v: v in ("none", "optional", "required"), "none, optional or required"),
+    # A missing one failed each connection as if Redis could not be reached ("Error 2 connecting").
+    "ssl_ca_certs": (os.path.isfile, "a file that exists"),
+    "ssl_certfile": (os.path.isfile, "a file that exists"),
+    "ssl_keyfile": (os.path.isfile, "a file that exists"),
 }
 
 
