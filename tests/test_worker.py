@@ -694,6 +694,40 @@ async def test_a_retry_or_reschedule_that_waits_is_scheduled_once_written(queue:
     assert len(ids & limited_ids) == 1
 
 
+async def test_a_retry_at_once_is_enqueued_again_once_written(queue: Queue) -> None:
+    # As in Huey, whose retry without a delay is put back on the queue (ENQUEUED): none was sent.
+    seen: list[tuple[str, int]] = []
+
+    @queue.on(Signal.ENQUEUED)
+    async def read_it(signal: Signal, job: object, exc: BaseException | None = None) -> None:
+        job_id = getattr(job, "id", "")
+        info = await queue.job(job_id).info()
+        seen.append((job_id, info.attempt if info else 0))
+
+    runs = 0
+
+    @queue.task(retries=2)
+    async def twice_more() -> int:
+        nonlocal runs
+        runs += 1
+        if runs < 3:
+            raise ValueError("again at once")
+        return runs
+
+    async with queue.worker():
+        job = await twice_more.enqueue()
+        assert await job.result(timeout=10) == 3
+    # At the enqueue, then at each retry once it was written (its record names the new attempt).
+    assert seen == [(job.id, 1), (job.id, 2), (job.id, 3)]
+
+    seen.clear()
+    runs = 0
+    queue.immediate = True
+    job = await twice_more.enqueue()  # runs each attempt before it returns
+    assert await job.result(timeout=10) == 3
+    assert seen == [(job.id, 1), (job.id, 2), (job.id, 3)]
+
+
 async def test_an_immediate_retry_that_waits_is_scheduled_once_written(queue: Queue) -> None:
     seen: list[tuple[str, JobState | None]] = []
 

@@ -165,12 +165,17 @@ async def report_ended(queue: Queue, d: Delivery) -> None:
 def written_signal(queue: Queue, running: RunningJob, c: Completion) -> tuple[Signal, Any] | None:
     """The signal, if it has handlers, to send once the outcome `c` is written (as in Huey, whose
     handlers find it stored): COMPLETE for a success, SCHEDULED for a retry or a rate limit's
-    reschedule that waits for its time."""
+    reschedule that waits for its time, ENQUEUED for a retry at once (back on the queue, as
+    Huey's requeue is)."""
     if running.completed is not None:
         return Signal.COMPLETE, running.completed
-    if c.retry_at is not None and queue.signals.wants(Signal.SCHEDULED):  # a RETRY or a DEFER
-        return Signal.SCHEDULED, SignalJob(c.delivery.job_id, c.delivery.task)
-    return None
+    if c.retry_at is not None:  # a RETRY or a DEFER
+        signal = Signal.SCHEDULED
+    elif c.outcome == Outcome.RETRY:
+        signal = Signal.ENQUEUED
+    else:
+        return None
+    return (signal, SignalJob(c.delivery.job_id, c.delivery.task)) if queue.signals.wants(signal) else None
 
 
 async def execute(queue: Queue, running: RunningJob) -> Completion | None:

@@ -40,7 +40,7 @@ from aqueue._worker._executor import (
     safe_repr,
     written_signal,
 )
-from aqueue.brokers import Completion, Delivery
+from aqueue.brokers import Completion, Delivery, Outcome
 
 if TYPE_CHECKING:
     from aqueue._context import JobContext
@@ -109,9 +109,9 @@ class Worker:
         self._running: dict[str, RunningJob] = {}
         self._held: dict[str, Delivery] = {}  # leased until their outcome is written
         self._completing: dict[str, Completion] = {}  # ended, outcome not yet written
-        # Outcomes whose signal handlers (COMPLETE, SCHEDULED: `written_signal`) wait for the
-        # outcome to be written, and the task group that calls them (their own, so that a stop
-        # waits for them).
+        # Outcomes whose signal handlers (COMPLETE, SCHEDULED, ENQUEUED: `written_signal`) wait
+        # for the outcome to be written, and the task group that calls them (their own, so that a
+        # stop waits for them).
         self._announced: dict[str, tuple[Signal, Any]] = {}
         self._announcements: TaskGroup | None = None
         self._handed_back: list[Delivery] = []
@@ -492,7 +492,8 @@ class Worker:
         else:
             completion.delivery = d
             self._completing[d.job_id] = completion
-            if running.completed is not None or completion.retry_at is not None:  # else none
+            if (running.completed is not None or completion.outcome == Outcome.RETRY
+                    or completion.retry_at is not None):  # else no signal waits for the write
                 announced = written_signal(self.queue, running, completion)
                 if announced is not None:
                     self._announced[d.job_id] = announced
