@@ -2,13 +2,15 @@
 
     AqueueError
     ├── ConfigurationError          bad arguments to the public API
-    ├── SerializationError          a value JSON cannot carry (fails at enqueue)
-    │   └── PayloadTooLarge         over the queue's payload bound
+    ├── SerializationError          a value JSON cannot carry (at enqueue), a message a worker cannot decode
+    │   └── PayloadTooLarge         over the queue's payload bound (or the worker's)
     ├── BrokerError                 the broker failed (Redis errors are translated once, at its boundary)
     │   └── BrokerConnectionError   the broker cannot be reached
     ├── TaskTimeout                 a job ran past its deadline (not a TimeoutError: it is retried)
     ├── TaskLocked                  a task's lock is held elsewhere
     ├── LockTimeout                 `queue.lock()` could not be acquired in time
+    ├── UnknownTask                 a job names a task the worker has not registered (dead-lettered)
+    ├── DeliveryLimitExceeded       a job delivered max_deliveries times without finishing (dead-lettered)
     ├── RateLimitExceeded           over a rate limit
     └── JobError                    about one job's outcome
         ├── JobNotFound

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import resource
 import tempfile
 import time
@@ -266,8 +267,13 @@ def test_broker_options_that_cannot_work_are_refused_when_made(options: dict[str
 def test_a_tls_file_given_to_the_broker_must_exist(tmp_path: Path) -> None:
     with pytest.raises(ConfigurationError, match=r"ssl_ca_certs='/nonexistent/ca\.pem' is not a valid value"):
         RedisBroker("rediss://h/0", ssl_ca_certs="/nonexistent/ca.pem")
-    (tmp_path / "ca.pem").write_text("")
-    RedisBroker("rediss://h/0", ssl_ca_certs=str(tmp_path / "ca.pem"), ssl_certfile=None)
+    with pytest.raises(ConfigurationError, match=r"ssl_certfile=.* is not a valid value"):
+        RedisBroker("rediss://h/0", ssl_certfile=tmp_path)  # a directory
+    ca = tmp_path / "ca.pem"
+    ca.write_text("")
+    # As str, bytes or a path, as redis-py takes it; "" is none given (the system's CAs).
+    for given in (str(ca), os.fsencode(ca), ca, ""):
+        RedisBroker("rediss://h/0", ssl_ca_certs=given, ssl_certfile=None)
 
 
 def test_url_options_are_those_of_the_scheme(tmp_path: Path) -> None:
@@ -320,11 +326,18 @@ async def test_malformed_stream_entry_goes_to_dead_letters(redis_url: str, queue
         async with queue.worker():
             assert await (await ok.enqueue()).result(timeout=10) == 1
         dead = {d.id: d for d in await queue.dead_letters()}
-        with pytest.raises(TaskError):
+        with pytest.raises(TaskError) as caught:
             await queue.job("no-such-record").result(timeout=1)
     assert dead[f"entry-{junk.decode()}"].dead_reason == "malformed stream entry: no job id"
     assert "no job record" in str(dead["no-such-record"].dead_reason)
     assert "no job record" in str(dead["\\xff\\xfe"].dead_reason)  # its bytes, escaped
+    # A message that cannot be read as a job, named as the worker names a payload it cannot read.
+    assert caught.value.metadata["type"] == "SerializationError"
+    for record in dead.values():
+        assert record.error is not None
+        assert record.error["type"] == "SerializationError"
+        assert record.error["error"] == f"SerializationError({record.dead_reason!r})"
+        assert record.error["job_id"] == record.id  # bytes that are no UTF-8 escaped alike
 
 
 @pytest.mark.parametrize("when", ["queued", "read-while-blocked"])

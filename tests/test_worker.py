@@ -408,6 +408,30 @@ async def test_unknown_task_goes_to_dead_letters(broker: Broker, queue_name: str
     assert (info.error["type"], info.error["error"]) == ("UnknownTask", error)
 
 
+async def test_an_internal_error_goes_to_the_dead_letters_with_its_traceback(
+    queue: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A fault of aqueue's own while running a job: dead-lettered (not lost, not handed round for
+    # ever), named by its exception as any error is, with the frames that raised it.
+    @queue.task
+    async def fine() -> int:
+        return 1
+
+    async def broken(queue: Queue, running: object) -> None:
+        raise KeyError("oops")
+
+    monkeypatch.setattr(_runner, "execute", broken)
+    async with queue.worker():
+        job = await fine.enqueue()
+        with pytest.raises(TaskError) as caught:
+            await job.result(timeout=10)
+    metadata = caught.value.metadata
+    assert (metadata["type"], metadata["error"]) == ("KeyError", "KeyError('oops')")
+    assert metadata["reason"] == "internal error: KeyError('oops')"
+    assert "in broken" in metadata["traceback"]
+    assert [d.id for d in await queue.dead_letters()] == [job.id]
+
+
 async def test_undecodable_payload_goes_to_dead_letters(queue: Queue) -> None:
     @queue.task(name="victim")
     async def victim() -> int:

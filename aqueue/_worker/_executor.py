@@ -136,10 +136,11 @@ def _dead_metadata(d: Delivery, exc: BaseException) -> dict[str, Any]:
 
 
 async def dead(queue: Queue, d: Delivery, exc: Exception, reason: str | None = None) -> Completion:
-    """A delivery no worker can run (unknown task, undecodable payload): straight to the dead
-    letters, an ERROR as any failure for good is. `exc` says why; the reason is its message
-    unless given."""
-    error, reason = _dead_metadata(d, exc), reason or str(exc)
+    """A delivery no worker can run (unknown task, undecodable payload), or one aqueue itself
+    failed on: straight to the dead letters, an ERROR as any failure for good is. `exc` says
+    why (with its traceback, if it was raised); the reason is its message unless given."""
+    error = _metadata(exc, d, 0) if exc.__traceback__ is not None else _dead_metadata(d, exc)
+    reason = reason or str(exc)
     logger.error("job %s (%s) sent to the dead letters: %s", d.job_id, d.task, reason)
     if queue.signals.wants(Signal.ERROR):
         await queue.signals.send(Signal.ERROR, SignalJob(d.job_id, d.task), TaskError(error))
@@ -155,8 +156,8 @@ async def report_ended(queue: Queue, d: Delivery) -> None:
                      "without finishing", d.job_id, d.task, queue.max_deliveries)
         if signals.wants(Signal.ERROR):  # the broker wrote the error down (DeliveryLimitExceeded)
             record = await queue.broker.get(queue.name, d.job_id)
-            error = loads(record.error) if record and record.error else _dead_metadata(
-                d, DeliveryLimitExceeded(f"delivered more than max_deliveries ({queue.max_deliveries}) times"))
+            error = loads(record.error) if record and record.error else _dead_metadata(d, DeliveryLimitExceeded(
+                f"delivered too many times without finishing (max_deliveries={queue.max_deliveries})"))
             await signals.send(Signal.ERROR, SignalJob(d.job_id, d.task), TaskError(error))
     elif d.ended is not None and signals.wants(ENDED_SIGNALS[d.ended]):
         await signals.send(ENDED_SIGNALS[d.ended], SignalJob(d.job_id, d.task))

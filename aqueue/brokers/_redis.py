@@ -155,6 +155,13 @@ TEXT_OPTIONS = {"username", "password", "client_name", "lib_name", "lib_version"
                 "ssl_certfile", "ssl_cert_reqs", "ssl_ca_certs", "ssl_ca_data", "ssl_ca_path",
                 "ssl_ciphers", "ssl_password"}
 KNOWN_OPTIONS = {"max_connections", *URL_QUERY_ARGUMENT_PARSERS, *TEXT_OPTIONS}
+
+
+def _a_file(path: str) -> bool:
+    """Whether `ssl` can read a file there: a file, or a pipe (not a directory)."""
+    return os.path.exists(path) and not os.path.isdir(path)
+
+
 # Values that parse but that the connection or pool refuse only when it is made, each with what
 # they may be.
 VALUE_RANGES: dict[str, tuple[Callable[[str], bool], str]] = {
@@ -167,10 +174,11 @@ VALUE_RANGES: dict[str, tuple[Callable[[str], bool], str]] = {
     "health_check_interval": (lambda v: int(v) >= 0, "0 or more seconds"),
     "ssl_cert_reqs": (lambda v: v in ("none", "optional", "required"), "none, optional or required"),
     # A missing one failed each connection as if Redis could not be reached ("Error 2 connecting").
-    "ssl_ca_certs": (os.path.isfile, "a file that exists"),
-    "ssl_certfile": (os.path.isfile, "a file that exists"),
-    "ssl_keyfile": (os.path.isfile, "a file that exists"),
+    "ssl_ca_certs": (_a_file, "a file that exists"),
+    "ssl_certfile": (_a_file, "a file that exists"),
+    "ssl_keyfile": (_a_file, "a file that exists"),
 }
+PATH_OPTIONS = {"ssl_ca_certs", "ssl_certfile", "ssl_keyfile"}
 
 
 @cache
@@ -247,6 +255,11 @@ def _in_range(name: str, value: object) -> bool:
     """Whether a connection option's value (from the URL, or given to the broker) can work."""
     if value is None or (name == "ssl_cert_reqs" and not isinstance(value, str)):
         return True  # no timeout; an `ssl.VerifyMode`
+    if name in PATH_OPTIONS:
+        if value == "" or value == b"":
+            return True  # none, to redis-py: the system's CAs
+        if isinstance(value, (str, bytes, os.PathLike)):
+            value = os.fsdecode(value)  # a path given as bytes, or a pathlib.Path
     try:
         return VALUE_RANGES[name][0](str(value))
     except ValueError:

@@ -373,6 +373,16 @@ local function error_metadata(id, attempt, kind, err)
     attempt = tonumber(attempt) or 1, retries_left = 0})
 end
 
+-- The error of a stream entry that cannot be read as a job (another writer's): a message that
+-- cannot be decoded, as the worker says of a payload it cannot read. Its id may be bytes that are
+-- no UTF-8, which no JSON reader takes: past ASCII they are written as Python escapes them.
+local function unreadable_error(id, reason)
+  local shown = string.gsub(id, '[\128-\255]', function(c)
+    return string.format('\\x%02x', string.byte(c))
+  end)
+  return error_metadata(shown, 1, 'SerializationError', "SerializationError('" .. reason .. "')")
+end
+
 -- The error that stands for a job that ended without one of its own (in its chord slot, in the
 -- pipeline steps it skipped, for its error handler): TaskError metadata with every key; a
 -- cancelled, revoked or expired job's names the ending as `job.result()` would (no table of names:
@@ -651,7 +661,8 @@ local function start(s, p, entry, fields, consumer, now, max_deliveries, ttl)
     local dead_id = 'entry-' .. entry
     redis.call('HSET', job_key(dead_id), 'task', '', 'payload', cjson.encode(fields), 'priority', p,
       'attempt', 1, 'enqueued_at', now, 'token', 0, 'deliveries', 1)
-    finalize(dead_id, job_key(dead_id), 'failed', now, ttl, 'malformed stream entry: no job id')
+    finalize(dead_id, job_key(dead_id), 'failed', now, ttl, 'malformed stream entry: no job id', nil,
+      {'error', unreadable_error(dead_id, 'malformed stream entry: no job id')})
     return nil
   end
   local jk = job_key(id)
@@ -667,7 +678,8 @@ local function start(s, p, entry, fields, consumer, now, max_deliveries, ttl)
     drop_entry(s, entry)
     redis.call('HSET', jk, 'task', '', 'payload', '', 'priority', p, 'attempt', 1,
       'enqueued_at', now, 'token', 0, 'deliveries', 1)
-    finalize(id, jk, 'failed', now, ttl, 'no job record for stream entry ' .. entry)
+    local reason = 'no job record for stream entry ' .. entry
+    finalize(id, jk, 'failed', now, ttl, reason, nil, {'error', unreadable_error(id, reason)})
     return nil
   end
   if rec[9] ~= entry or FINAL[rec[1]] then
