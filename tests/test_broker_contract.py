@@ -436,6 +436,31 @@ async def test_stale_token_changes_nothing(broker: Broker, queue_name: str) -> N
     assert (await record(broker, queue_name, "a")).result == b"new"
 
 
+async def test_a_job_that_runs_again_starts_with_no_progress(broker: Broker, queue_name: str) -> None:
+    # The last run's progress was read as the new run's until it said its own: after a retry
+    # (at once or later), a rate limit's reschedule and a hand-back alike.
+    await broker.enqueue(queue_name, [new("a")])
+    for outcome, retry_at in ((Outcome.RETRY, None), (Outcome.DEFER, None), (Outcome.RETRY, time.time() - 1),
+                              (None, None)):
+        if retry_at is not None:
+            assert await broker.promote_due(queue_name, time.time(), 10) is None
+        d = await take_one(broker, queue_name)
+        assert (await record(broker, queue_name, "a")).progress is None
+        assert await broker.set_progress(queue_name, "a", d.token, b'{"done": 9}')
+        assert (await record(broker, queue_name, "a")).progress == b'{"done": 9}'
+        if outcome is None:
+            await broker.release(queue_name, [d])
+        else:
+            assert await broker.finish(queue_name, [done(d, outcome, retry_at=retry_at)], 60) == [True]
+    assert (await record(broker, queue_name, "a")).progress is None
+    # A lean delivery's hand-back too (a job taken once, its record never written by a start).
+    await broker.enqueue(queue_name, [new("b")])
+    [d] = [x for x in await take(broker, queue_name, count=5) if x.job_id == "b"]
+    assert await broker.set_progress(queue_name, "b", d.token, b'{"done": 1}')
+    await broker.release(queue_name, [d])
+    assert (await record(broker, queue_name, "b")).progress is None
+
+
 async def test_success_of_a_run_taken_over_ends_the_job(broker: Broker, queue_name: str) -> None:
     # w1's loop was blocked past its lease, w2 took the job over; w1's run then succeeds. The work
     # is done: it ends the job, and w2's lease and later outcome count for nothing.

@@ -376,7 +376,9 @@ class Broker(ABC):
 
     @abstractmethod
     async def set_progress(self, queue: str, job_id: str, token: int, progress: bytes) -> bool:
-        """Store a running job's progress. False (and nothing stored) when the token is stale."""
+        """Store a running job's progress. False (and nothing stored) when the token is stale.
+        A retry, a reschedule (`finish`) and a hand-back (`release`) clear it: the next run starts
+        over."""
 
     # --- dead letters ----------------------------------------------------------------------------
 

@@ -359,6 +359,7 @@ class MemoryBroker(Broker):
                     rec.error = error
                 rec.attempt += outcome == Outcome.RETRY
                 rec.asked += outcome == Outcome.RETRY and c.asked
+                rec.progress = None  # the next run starts over
                 q.deliveries[rec.id] = 0
                 if c.retry_at is not None and c.retry_at > c.finished_at:
                     self._schedule(q, rec, c.retry_at)
@@ -381,7 +382,7 @@ class MemoryBroker(Broker):
                 del q.leases[d.job_id]
                 q.deliveries[d.job_id] -= 1  # a hand-back is not a failed delivery
                 rec = q.records[d.job_id]
-                rec.started_at = rec.worker = None  # no one runs it now
+                rec.started_at = rec.worker = rec.progress = None  # no one runs it now
                 self._make_ready(q, rec)
 
     async def promote_due(self, queue: str, now: float, limit: int) -> float | None:

@@ -85,6 +85,7 @@ while i <= #ARGV do
         -- 'asked': a retry the job asked for (RetryTask), counted apart from those it used.
         if outcome ~= 'defer' then redis.call('HINCRBY', jk, 'attempt', 1) end
         if outcome == 'asked' then redis.call('HINCRBY', jk, 'asked', 1) end
+        redis.call('HDEL', jk, 'progress')  -- the next run starts over
         with(fields, 'deliveries', 0)
         if retry_at ~= '' and tonumber(retry_at) > tonumber(now) then
           redis.call('HSET', jk, unpack(with(fields, 'state', 'scheduled', 'eta', retry_at, 'entry', '')))

@@ -8,10 +8,12 @@ for i = 1, #ARGV, 4 do
   if state == 'running' then
     drop_entry(stream_key(p), entry)
     redis.call('HINCRBY', jk, 'deliveries', -1)
-    redis.call('HDEL', jk, 'started_at', 'worker')  -- no one runs it now (a lean start wrote none)
+    -- No one runs it now (a lean start wrote none), and the next run starts over.
+    redis.call('HDEL', jk, 'started_at', 'worker', 'progress')
     make_ready(id, jk, p)
   elseif state then  -- a lean delivery, never counted: its token is used up all the same
     drop_entry(stream_key(p), entry)
+    redis.call('HDEL', jk, 'progress')  -- it may have said some
     make_ready(id, jk, p, {'token', '1'})
   end
 end
