@@ -459,6 +459,14 @@ async def test_a_job_that_runs_again_starts_with_no_progress(broker: Broker, que
     assert await broker.set_progress(queue_name, "b", d.token, b'{"done": 1}')
     await broker.release(queue_name, [d])
     assert (await record(broker, queue_name, "b")).progress is None
+    # And a delivery after a worker that died (its lease lapsed), from a lean one or not.
+    other = queue_name + "-c"
+    await broker.enqueue(other, [new("c")])
+    d = await take_one(broker, other)
+    for _ in range(2):
+        assert await broker.set_progress(other, "c", d.token, b'{"done": 2}')
+        [d] = await broker.reclaim(other, "w2", 1, 0, MAX)
+        assert (await record(broker, other, "c")).progress is None
 
 
 async def test_success_of_a_run_taken_over_ends_the_job(broker: Broker, queue_name: str) -> None:

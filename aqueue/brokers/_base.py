@@ -377,8 +377,8 @@ class Broker(ABC):
     @abstractmethod
     async def set_progress(self, queue: str, job_id: str, token: int, progress: bytes) -> bool:
         """Store a running job's progress. False (and nothing stored) when the token is stale.
-        A retry, a reschedule (`finish`) and a hand-back (`release`) clear it: the next run starts
-        over."""
+        A retry, a reschedule (`finish`), a hand-back (`release`) and a delivery after one that
+        lapsed clear it: the next run starts over."""
 
     # --- dead letters ----------------------------------------------------------------------------
 

@@ -593,6 +593,8 @@ class MemoryBroker(Broker):
                             leased_at=now)
         q.tokens[rec.id] = q.tokens.get(rec.id, 0) + 1
         rec.state, rec.started_at, rec.worker = JobState.RUNNING.value, now, consumer
+        if deliveries > 1:
+            rec.progress = None  # its last worker died or went silent: this run starts over
         q.leases[rec.id] = (consumer, time.monotonic())
         return self._leased(q, rec, consumer, now)
 

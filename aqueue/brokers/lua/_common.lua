@@ -729,6 +729,8 @@ local function start(s, p, entry, fields, consumer, now, max_deliveries, ttl)
   end
   redis.call('HSET', jk, 'state', 'running', 'started_at', now, 'worker', consumer,
     'deliveries', deliveries, 'token', token)
+  -- Its last worker died or went silent: this run starts over.
+  if deliveries ~= '1' then redis.call('HDEL', jk, 'progress') end
   return {id, rec[2], rec[3], rec[4], token, p, rec[5], entry}
 end
 
