@@ -347,6 +347,34 @@ async def test_a_close_anywhere_in_a_wait_ends_it_and_keeps_the_queue_closed(
     assert idle_queue.broker._client is None
 
 
+@pytest.mark.parametrize("call", ["result", "info"])
+async def test_a_call_made_while_the_close_runs_leaves_the_queue_whole(idle_queue: Queue, call: str) -> None:
+    # A request came while the app closed the queue: it connected again on the client being
+    # closed, and kept that pub/sub; every later wait on a result or a lock then failed ("the
+    # connection pool is closed") until the queue was closed again.
+    job = await idle_queue.tasks["two"].enqueue()
+    with pytest.raises(TimeoutError):
+        await job.result(timeout=0.05)  # its pub/sub connection is up
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(idle_queue.close)
+        await anyio.lowlevel.checkpoint()  # the close has begun, and waits on its connections
+        with anyio.fail_after(5):
+            if call == "result":
+                with pytest.raises(TimeoutError):  # a call of its own: it connects afresh
+                    await job.result(timeout=0.2)
+            else:
+                assert (await job.info()) is not None
+    # Waits made later work: on a result, and on a lock another holds.
+    with pytest.raises(TimeoutError):
+        await job.result(timeout=0.05)
+    async with idle_queue.lock("held", ttl=5):
+        with pytest.raises(LockTimeout):
+            async with idle_queue.lock("held", ttl=5, timeout=0.05):
+                pass
+    async with idle_queue.worker():
+        assert await job.result(timeout=10) == 2
+
+
 @pytest.mark.parametrize("wait", ["job", "lock"])
 async def test_a_close_while_a_waits_pubsub_connection_comes_leaves_nothing_subscribed(
     redis_url: str, queue_name: str, wait: str

@@ -605,19 +605,22 @@ class RedisBroker(Broker):
             if self._owns_client:
                 self._client = None
             return
-        self._loop = None
-        if self._notifier is not None:
-            notifier, self._notifier = self._notifier, None
+        # Let go of all of it before the first await: a call made while the close runs connects
+        # afresh (a client, pub/sub and readers of its own) rather than take up what is closing,
+        # which left every later wait on a closed pool.
+        notifier, readers, client = self._notifier, self._readers, self._client
+        self._loop, self._notifier, self._readers = None, None, {}
+        if self._owns_client:
+            self._client = None
+        if notifier is not None:
             await notifier.close()
-        readers, self._readers = self._readers, {}
         for reader in readers.values():
             await reader.close()
-        if self._client is not None and self._owns_client:
+        if client is not None and self._owns_client:
             # The pool is closed for good, so that a connection still being made for a call the
             # close cut off ends closed too (redis-py 7's `aclose` only disconnects the pool).
-            await self._client.aclose(close_connection_pool=False)
-            await self._client.connection_pool.aclose()
-            self._client = None
+            await client.aclose(close_connection_pool=False)
+            await client.connection_pool.aclose()
 
     @property
     def client(self) -> aioredis.Redis:
