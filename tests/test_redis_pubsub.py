@@ -15,7 +15,7 @@ import anyio.lowlevel
 import pytest
 import redis.asyncio
 
-from aqueue import BrokerError, JobCancelled, JobState, LockTimeout, Queue
+from aqueue import BrokerConnectionError, BrokerError, JobCancelled, JobState, LockTimeout, Queue
 from aqueue.brokers import RedisBroker
 from aqueue.brokers import _notifier as notifier_module
 from aqueue.brokers._keys import GROUP, Keys
@@ -276,6 +276,41 @@ async def test_a_wait_whose_last_read_gets_no_reply_ends_at_its_timeout(
             await job.result(timeout=0.5)
     with anyio.fail_after(10):
         await admin.ping()  # answered once the pause is over
+
+
+async def test_a_subscribe_racing_the_clients_own_reconnect_is_a_lost_connection(
+    idle_queue: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As Redis came back from a restart, waits re-subscribing raced redis-py's reader making the
+    # lost connection again: two reads at once on one stream, and about half of 200 waits raised
+    # asyncio's RuntimeError ("read() called while another coroutine is already waiting for
+    # incoming data") out of `job.result()`.
+    job = await idle_queue.tasks["two"].enqueue()  # no worker: it stays pending
+    with pytest.raises(TimeoutError):
+        await job.result(timeout=0.05)  # the notifier is up
+    assert isinstance(idle_queue.broker, RedisBroker)
+    notifier = idle_queue.broker._notifier
+    assert notifier is not None
+    pubsub = notifier._pubsub
+    subscribe = pubsub.subscribe
+    raced = False
+
+    async def racing_subscribe(*channels: str) -> None:
+        nonlocal raced
+        if not raced:
+            raced = True
+            raise RuntimeError("read() called while another coroutine is already waiting for incoming data")
+        await subscribe(*channels)
+
+    monkeypatch.setattr(pubsub, "subscribe", racing_subscribe)
+    notifier._release_all()  # as for a lost connection: the next wait subscribes again
+    with anyio.fail_after(5), pytest.raises(BrokerConnectionError, match="pub/sub connection was lost"):
+        await job.result(timeout=2)
+    assert raced
+    with pytest.raises(TimeoutError):  # the next wait subscribes on a connection made afresh
+        await job.result(timeout=0.05)
+    async with idle_queue.worker():
+        assert await job.result(timeout=10) == 2
 
 
 async def test_the_reader_stops_when_the_connection_is_lost_and_a_later_wait_starts_it(

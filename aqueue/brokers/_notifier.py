@@ -141,7 +141,7 @@ class Notifier:
                         # to nothing, the connection handed back.
                         await self._pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]  # typed from redis-py 8.2
                         raise redis_errors.ConnectionError("the pub/sub connection was closed")
-            except BaseException:
+            except BaseException as exc:
                 # Not sent (or not known to be): forget the state, so the next listen subscribes
                 # again, and release whoever waits for its confirmation.
                 if self._channels.get(channel) is state:
@@ -150,6 +150,13 @@ class Notifier:
                 state.confirmation.set()
                 for heard in [*state.waiters, *(h for hs in state.routed.values() for h in hs)]:
                     heard._wake(None)
+                if isinstance(exc, RuntimeError):
+                    # redis-py's reader was making the lost connection again at the same time
+                    # (two reads at once on one stream, as Redis came back): the connection's
+                    # state is unknown, so it is dropped, and the caller hears of the lost
+                    # connection it comes of, not of the client's insides.
+                    await self._drop(exc)
+                    raise redis_errors.ConnectionError(f"the pub/sub connection was lost: {exc}") from exc
                 raise
         target = state.sent
         self._ensure_reader()
