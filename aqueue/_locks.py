@@ -25,6 +25,10 @@ logger = logging.getLogger("aqueue")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+# How long a request for a lock, or the release of one that failed, may take before it is given up
+# on, whatever the timeout (a healthy Redis answers in well under a millisecond).
+ATTEMPT_WITHIN = 1.0
+
 # The locks each task holds in this process, by queue: one that a task asks for again, with no
 # timeout, would wait for itself for ever (a lock is not re-entrant).
 _held: set[tuple[object, str, str, object]] = set()
@@ -100,19 +104,25 @@ class Lock:
         token = uuid.uuid4().hex
         deadline = None if timeout is None else anyio.current_time() + timeout
         while True:
-            # Not cancelled half way: a lock taken by a request whose answer was never read would
-            # stay held, by no one, until its ttl ran out. Taken, its holder's exit releases it.
-            with anyio.CancelScope(shield=True):
-                try:
+            # Each request is bounded by what is left of the timeout (the first one, which even
+            # timeout=0 makes, by ATTEMPT_WITHIN at least) and cut off by the caller's cancel: a
+            # slow Redis held the caller for its socket timeout, twice. A request cut off, or
+            # failed, may have taken the lock all the same: released by its token below, it is
+            # free again whether it was taken or not.
+            bound = math.inf if deadline is None else max(deadline - anyio.current_time(), ATTEMPT_WITHIN)
+            try:
+                with anyio.move_on_after(bound) as attempt:
                     if await broker.lock_acquire(queue, self.name, token, self.ttl):
                         return token
-                except BaseException:
-                    # The answer was lost (a timeout, a cancel from asyncio, which the shield does
-                    # not stop): the lock may be taken all the same. Released by its token, it is
-                    # free again whether it was taken or not.
-                    await self._release(token, "a request for lock %r failed, and so did "
-                                        "releasing what it may have taken")
-                    raise
+            except BaseException:
+                await self._release(token, "a request for lock %r failed, and so did releasing what it "
+                                    "may have taken", within=ATTEMPT_WITHIN)
+                raise
+            if attempt.cancelled_caught:
+                await self._release(token, "a request for lock %r got no answer in time, and neither "
+                                    "did releasing what it may have taken", within=ATTEMPT_WITHIN)
+                raise LockTimeout(f"lock {self.name!r} not acquired within {timeout}s (no answer from "
+                                  "the broker in time)")
             remaining = None if deadline is None else deadline - anyio.current_time()
             if remaining is not None and remaining <= 0:
                 raise LockTimeout(f"lock {self.name!r} not acquired within {timeout}s")
@@ -133,15 +143,18 @@ class Lock:
                 logger.error("renewing lock %r failed", self.name, exc_info=failure)
             await self._release(token, "releasing lock %r failed")
 
-    async def _release(self, token: str, failed: str) -> None:
-        """Release by `token`, whatever is being raised around it; a release that fails is logged
-        (`failed`, with the lock's name), as raised it would replace what ended the body or the
-        request (an error, a cancellation, a success). The lock frees itself after its ttl."""
-        with anyio.CancelScope(shield=True):
+    async def _release(self, token: str, failed: str, within: float = math.inf) -> None:
+        """Release by `token`, whatever is being raised around it; a release that fails (or gets
+        no answer `within` seconds) is logged (`failed`, with the lock's name), as raised it would
+        replace what ended the body or the request (an error, a cancellation, a success). The
+        lock frees itself after its ttl."""
+        with anyio.CancelScope(shield=True), anyio.move_on_after(within) as release:
             try:
                 await self.queue.broker.lock_release(self.queue.name, self.name, token)
             except Exception as exc:
                 logger.warning(failed + "; it frees itself within %ss: %s", self.name, self.ttl, exc)
+        if release.cancelled_caught:
+            logger.warning(failed + "; it frees itself within %ss", self.name, self.ttl)
 
     def _holding(self) -> tuple[object, str, str, object]:
         # By where the broker keeps its data and by queue name, not by Queue or broker object: two

@@ -631,7 +631,45 @@ async def test_a_waiter_cancelled_while_its_request_takes_the_lock_leaves_it_fre
     monkeypatch.setattr(broker, "lock_acquire", taking)
     async with queue.lock("contended", timeout=0):  # free at once, not after 30 s
         pass
-    assert entered  # the lock was its: the body began, and was cancelled at its first await
+    # Cut off in its request (a cancel is not held up by a slow broker): the body never began,
+    # and what the request took was released by its token.
+    assert not entered
+
+
+async def test_a_broker_slow_to_answer_holds_a_lock_waiter_no_longer_than_its_timeout(
+    queue: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A stalled Redis held `lock(timeout=0.5)` for its socket timeout, twice (8 s), and a waiter
+    # whose request was cancelled until the broker answered: the request ran shielded.
+    broker = queue.broker
+    taking, releasing = broker.lock_acquire, broker.lock_release
+    released: list[str] = []
+
+    async def stalled(queue_name: str, name: str, token: str, ttl: float) -> bool:
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    async def release(queue_name: str, name: str, token: str) -> bool:
+        released.append(token)
+        return await releasing(queue_name, name, token)
+
+    monkeypatch.setattr(broker, "lock_acquire", stalled)
+    monkeypatch.setattr(broker, "lock_release", release)
+    started = anyio.current_time()
+    with anyio.fail_after(5), pytest.raises(LockTimeout, match="no answer from the broker in time"):
+        async with queue.lock("slow", timeout=0.5):
+            pass
+    assert anyio.current_time() - started < 2  # its attempt gets ATTEMPT_WITHIN (1 s) at least
+    assert len(released) == 1  # what the request may have taken is released by its token
+    with anyio.fail_after(5):
+        with anyio.move_on_after(0.2) as cut_off:  # a caller's cancel, with no timeout of its own
+            async with queue.lock("slow"):
+                pass
+    assert cut_off.cancelled_caught
+    assert len(released) == 2
+    monkeypatch.setattr(broker, "lock_acquire", taking)
+    async with queue.lock("slow", timeout=0):  # free
+        pass
 
 
 @pytest.mark.parametrize("how", ["asyncio_cancel", "lost_answer"])
