@@ -313,6 +313,44 @@ async def test_a_subscribe_racing_the_clients_own_reconnect_is_a_lost_connection
         assert await job.result(timeout=10) == 2
 
 
+async def test_a_reader_racing_the_clients_own_reconnect_drops_the_connection(
+    redis_url: str, queue_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The same race met by the reader: it stopped without a word, the lock waiter stayed
+    # subscribed on a connection nobody read, and got the lock only when its ttl ran out.
+    queue = Queue(redis_url, name=queue_name)
+    try:
+        await queue.connect()
+        assert isinstance(queue.broker, RedisBroker)
+        notifier = queue.broker._notifier
+        assert notifier is not None
+        reading = notifier._pubsub.get_message
+        raced = anyio.Event()
+
+        async def racing_read(*args: Any, **kwargs: Any) -> Any:
+            if notifier._channels and not raced.is_set():  # once the waiter listens
+                raced.set()
+                raise RuntimeError("read() called while another coroutine is already waiting for incoming data")
+            return await reading(*args, **kwargs)
+
+        monkeypatch.setattr(notifier._pubsub, "get_message", racing_read)
+        got = anyio.Event()
+
+        async def waiter() -> None:
+            async with queue.lock("raced", timeout=20):
+                got.set()
+
+        async with anyio.create_task_group() as tg:
+            async with queue.lock("raced", ttl=30):
+                tg.start_soon(waiter)
+                with anyio.fail_after(10):
+                    await raced.wait()
+            with anyio.fail_after(2):  # at the release (it waited for a check 5 s on, or the ttl)
+                await got.wait()
+    finally:
+        await queue.close()
+
+
 async def test_the_reader_stops_when_the_connection_is_lost_and_a_later_wait_starts_it(
     queue_name: str, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -213,8 +213,15 @@ class Notifier:
                 self._reader = None
                 self._lost(exc)
                 return
-            except RuntimeError:  # nothing subscribed any more: stop until the next listen()
-                self._reader = None
+            except RuntimeError as exc:
+                if not self._channels:  # nothing subscribed any more: stop until the next listen()
+                    self._reader = None
+                    return
+                # Two reads at once on one stream (a listen making the lost connection again as
+                # redis-py's own reconnect did): the connection's state is unknown. Dropped as
+                # dead, so that everyone listening subscribes again; a reader that just stopped
+                # left them subscribed on a connection nobody read, until a lock's ttl ran out.
+                await self._drop(exc)
                 return
             except Exception as exc:
                 # Anything else leaves the connection in a state unknown (redis-py has raised
