@@ -8,6 +8,7 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import anyio
@@ -750,6 +751,40 @@ async def test_a_retry_at_once_is_enqueued_again_once_written(queue: Queue) -> N
     job = await twice_more.enqueue()  # runs each attempt before it returns
     assert await job.result(timeout=10) == 3
     assert seen == [(job.id, 1), (job.id, 2), (job.id, 3)]
+
+
+async def test_a_retry_the_broker_turns_into_a_cancel_is_told_as_cancelled(
+    queue: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The job failed as a cancel of it was asked for, before its worker heard of the cancel: the
+    # broker ends it cancelled rather than retry it. ENQUEUED was sent for the retry that never
+    # was, and no CANCELLED.
+    async def deaf(queue_name: str, on_request: object, on_listening: Callable[[], None]) -> None:
+        on_listening()  # the pushed requests never come: only the worker's own check hears one
+        await anyio.sleep_forever()
+
+    monkeypatch.setattr(queue.broker, "listen_cancel", deaf)
+    seen: list[Signal] = []
+    told = anyio.Event()
+
+    @queue.on(Signal.ENQUEUED, Signal.CANCELLED)
+    def record(signal: Signal, job: object, exc: BaseException | None = None) -> None:
+        seen.append(signal)
+        if signal is Signal.CANCELLED:
+            told.set()
+
+    @queue.task(retries=2)
+    async def doomed() -> None:
+        assert await queue.job(current_job().id).cancel() == "requested"
+        raise ValueError("failed as it was being cancelled")
+
+    async with queue.worker():
+        job = await doomed.enqueue()
+        with pytest.raises(JobCancelled):
+            await job.result(timeout=10)
+        with anyio.fail_after(10):
+            await told.wait()
+    assert seen == [Signal.ENQUEUED, Signal.CANCELLED]
 
 
 async def test_an_immediate_retry_that_waits_is_scheduled_once_written(queue: Queue) -> None:

@@ -542,7 +542,28 @@ class Worker:
         for c in completions:
             announced = self._announced.pop(c.delivery.job_id, None)
             if announced is not None and self._announcements is not None:
-                self._announcements.start_soon(self.queue.signals.send, *announced)
+                if announced[0] is Signal.COMPLETE:
+                    self._announcements.start_soon(self.queue.signals.send, *announced)
+                else:
+                    self._announcements.start_soon(self._to_run_again, c, announced)
+
+    async def _to_run_again(self, c: Completion, announced: tuple[Signal, Any]) -> None:
+        """SCHEDULED or ENQUEUED for a job written to run again, unless the broker ended it
+        instead: a cancel asked for while it ran outlasts its retry (it ends `cancelled`, its
+        attempt not counted), and is told as CANCELLED."""
+        signal, job = announced
+        try:
+            record = await self.queue.broker.get(self.queue.name, c.delivery.job_id)
+        except BrokerError as exc:
+            logger.warning("job %s: could not read whether it was retried or cancelled, for its %s "
+                           "handlers (not called): %s", c.delivery.job_id, signal.name, exc)
+            return
+        if (record is not None and record.state == JobState.CANCELLED.value
+                and record.attempt == c.delivery.attempt):
+            if self.queue.signals.wants(Signal.CANCELLED):
+                await self.queue.signals.send(Signal.CANCELLED, job)
+            return
+        await self.queue.signals.send(signal, job)
 
     def _written(self, completions: list[Completion]) -> None:
         pending = self._announced
