@@ -31,6 +31,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 # on, whatever the timeout (a healthy Redis answers in well under a millisecond).
 ATTEMPT_WITHIN = 1.0
 
+
 @dataclass
 class _Line:
     """The waiters of this process for one lock, in turn."""
@@ -152,7 +153,8 @@ class Lock:
             # timeout=0 makes, by ATTEMPT_WITHIN at least) and cut off by the caller's cancel: a
             # slow Redis held the caller for its socket timeout, twice. A request cut off, or
             # failed, may have taken the lock all the same: released by its token below, it is
-            # free again whether it was taken or not.
+            # free again whether it was taken or not; a release that gets no answer either is
+            # logged, and the lock, if taken, frees itself after its ttl (held by no one till then).
             bound = math.inf if deadline is None else max(deadline - anyio.current_time(), ATTEMPT_WITHIN)
             try:
                 with anyio.move_on_after(bound) as attempt:
