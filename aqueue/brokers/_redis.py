@@ -157,6 +157,10 @@ TEXT_OPTIONS = {"username", "password", "client_name", "lib_name", "lib_version"
 KNOWN_OPTIONS = {"max_connections", *URL_QUERY_ARGUMENT_PARSERS, *TEXT_OPTIONS}
 
 
+# Options that name a file the TLS context reads.
+PATH_OPTIONS = frozenset({"ssl_ca_certs", "ssl_certfile", "ssl_keyfile"})
+
+
 def _a_file(path: str) -> bool:
     """Whether `ssl` can read a file there: a file, or a pipe (not a directory)."""
     return os.path.exists(path) and not os.path.isdir(path)
@@ -174,11 +178,8 @@ VALUE_RANGES: dict[str, tuple[Callable[[str], bool], str]] = {
     "health_check_interval": (lambda v: int(v) >= 0, "0 or more seconds"),
     "ssl_cert_reqs": (lambda v: v in ("none", "optional", "required"), "none, optional or required"),
     # A missing one failed each connection as if Redis could not be reached ("Error 2 connecting").
-    "ssl_ca_certs": (_a_file, "a file that exists"),
-    "ssl_certfile": (_a_file, "a file that exists"),
-    "ssl_keyfile": (_a_file, "a file that exists"),
+    **dict.fromkeys(PATH_OPTIONS, (_a_file, "a file that exists")),
 }
-PATH_OPTIONS = {"ssl_ca_certs", "ssl_certfile", "ssl_keyfile"}
 
 
 @cache
