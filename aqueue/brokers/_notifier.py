@@ -141,6 +141,11 @@ class Notifier:
                         # to nothing, the connection handed back.
                         await self._pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]  # typed from redis-py 8.2
                         raise redis_errors.ConnectionError("the pub/sub connection was closed")
+                    # Started only once the SUBSCRIBE is out, on a connection made: a reader
+                    # started while it connects (by a listen waiting for it) made the lost
+                    # connection again too, two connects at once on one connection object, one
+                    # socket left unclosed (or two reads at once on one stream).
+                    self._ensure_reader()
             except BaseException as exc:
                 # Not sent (or not known to be): forget the state, so the next listen subscribes
                 # again, and release whoever waits for its confirmation.
@@ -159,7 +164,6 @@ class Notifier:
                     raise redis_errors.ConnectionError(f"the pub/sub connection was lost: {exc}") from exc
                 raise
         target = state.sent
-        self._ensure_reader()
         with anyio.move_on_after(ANSWER_WITHIN):
             while state.confirmed < target:
                 await state.confirmation.wait()
