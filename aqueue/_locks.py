@@ -17,7 +17,8 @@ from anyio.lowlevel import RunVar
 from aqueue._background import Background
 from aqueue._checks import check_name
 from aqueue._decorating import around
-from aqueue._exceptions import BrokerError, ConfigurationError, LockTimeout, TaskLocked
+from aqueue._exceptions import BrokerConnectionError, BrokerError, ConfigurationError, LockTimeout, TaskLocked
+from aqueue._outage import OutOfReach
 from aqueue._time import Seconds, finite_seconds, seconds
 
 if TYPE_CHECKING:
@@ -148,6 +149,7 @@ class Lock:
         """Take the lock in the broker, waiting for its releases until `deadline`."""
         broker, queue = self.queue.broker, self.queue.name
         token = uuid.uuid4().hex
+        out_of_reach = OutOfReach()  # a waiter rides through the broker being out of reach
         while True:
             # Each request is bounded by what is left of the timeout (the first one, which even
             # timeout=0 makes, by ATTEMPT_WITHIN at least) and cut off by the caller's cancel: a
@@ -160,19 +162,45 @@ class Lock:
                 with anyio.move_on_after(bound) as attempt:
                     if await broker.lock_acquire(queue, self.name, token, self.ttl):
                         return token
-            except BaseException:
+            except BaseException as exc:
                 await self._release(token, "a request for lock %r failed, and so did releasing what it "
                                     "may have taken", within=ATTEMPT_WITHIN)
-                raise
+                lost = isinstance(exc, BrokerConnectionError)
+                if not (lost and await self._rode_out(out_of_reach, deadline)):
+                    raise
+                # A new token: a release of the old one that got no answer must not free what the
+                # next request takes, should it reach the broker late.
+                token = uuid.uuid4().hex
+                continue
             if attempt.cancelled_caught:
                 await self._release(token, "a request for lock %r got no answer in time, and neither "
                                     "did releasing what it may have taken", within=ATTEMPT_WITHIN)
                 raise LockTimeout(f"lock {self.name!r} not acquired within {timeout}s (no answer from "
                                   "the broker in time)")
+            out_of_reach.reached()  # answered
             remaining = None if deadline is None else deadline - anyio.current_time()
             if remaining is not None and remaining <= 0:
                 raise LockTimeout(f"lock {self.name!r} not acquired within {timeout}s")
-            await broker.lock_wait(queue, self.name, remaining)  # woken when it is released
+            try:
+                await broker.lock_wait(queue, self.name, remaining)  # woken when it is released
+            except BrokerConnectionError:
+                if not await self._rode_out(out_of_reach, deadline):
+                    raise
+
+    @staticmethod
+    async def _rode_out(out_of_reach: OutOfReach, deadline: float | None) -> bool:
+        """After a lost connection: pause before trying again, and True; False (give up) once the
+        deadline has passed, or, with none, once the broker has been out of reach for long."""
+        if deadline is None:
+            if out_of_reach.for_too_long():
+                return False
+            await out_of_reach.pause()
+            return True
+        left = deadline - anyio.current_time()
+        if left <= 0:
+            return False
+        await out_of_reach.pause(at_most=left)
+        return True
 
     @asynccontextmanager
     async def _keep(self, token: str) -> AsyncIterator[None]:

@@ -17,9 +17,9 @@ import pytest
 import redis.asyncio
 
 from aqueue import BrokerConnectionError, BrokerError, JobCancelled, JobState, LockTimeout, Queue
+from aqueue import _outage as outage
 from aqueue.brokers import RedisBroker
 from aqueue.brokers import _notifier as notifier_module
-from aqueue.brokers import _redis as redis_broker_module
 from aqueue.brokers._keys import GROUP, Keys
 from tests.conftest import start_redis
 
@@ -395,7 +395,7 @@ async def test_a_wait_out_of_reach_of_redis_tries_again_until_its_timeout(
 async def test_a_wait_without_a_timeout_gives_up_once_redis_is_out_of_reach_for_long(
     cut_off_queue: tuple[Queue, Queue], proxy: FreezingProxy, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(redis_broker_module, "RIDE_THROUGH", 0.3)
+    monkeypatch.setattr(outage, "RIDE_THROUGH", 0.3)
     queue, _ = cut_off_queue
     job = await queue.tasks["two"].enqueue()
     proxy.cut()
@@ -421,6 +421,54 @@ async def test_closing_the_queue_ends_a_wait_that_rides_through_an_outage(
             tg.start_soon(close_once_refused)
             with pytest.raises(BrokerError, match="closed while waiting on job"):
                 await job.result()
+
+
+async def test_a_lock_waiter_rides_through_redis_being_out_of_reach_for_a_while(
+    cut_off_queue: tuple[Queue, Queue], proxy: FreezingProxy, queue_name: str, admin: redis.asyncio.Redis
+) -> None:
+    # The waiter raised BrokerConnectionError at once, its lock never taken.
+    queue, holder_queue = cut_off_queue
+    got = anyio.Event()
+
+    async def waiter() -> None:
+        async with queue.lock("guarded", timeout=30):
+            got.set()
+
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+            async with holder_queue.lock("guarded", ttl=30):
+                tg.start_soon(waiter)
+                channel = f"aqueue:{{{queue_name}}}:lock:guarded"
+                while (await admin.pubsub_numsub(channel))[0][1] == 0:  # noqa: ASYNC110 - state in Redis
+                    await anyio.sleep(0.01)
+                proxy.cut()
+                while proxy.refused < 5:  # noqa: ASYNC110 - the waiter tries again, and is refused
+                    await anyio.sleep(0.01)
+                proxy.mend()
+            await got.wait()  # at the release, long before the ttl
+
+
+async def test_a_lock_request_out_of_reach_of_redis_tries_again_until_its_timeout(
+    cut_off_queue: tuple[Queue, Queue], proxy: FreezingProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    queue, _ = cut_off_queue
+    await queue.connect()
+    proxy.cut()
+    started = time.monotonic()
+    with anyio.fail_after(5), pytest.raises(BrokerConnectionError, match="cannot reach Redis"):
+        async with queue.lock("guarded", timeout=0.5):
+            pass
+    assert time.monotonic() - started >= 0.5  # not at once
+    assert proxy.refused > 1  # tried again
+    refused = proxy.refused
+    with pytest.raises(BrokerConnectionError):  # timeout=0: one try
+        async with queue.lock("guarded", timeout=0):
+            pass
+    monkeypatch.setattr(outage, "RIDE_THROUGH", 0.3)
+    with anyio.fail_after(5), pytest.raises(BrokerConnectionError):  # no timeout: for a while
+        async with queue.lock("guarded"):
+            pass
+    assert proxy.refused > refused + 2
 
 
 async def test_a_reader_racing_the_clients_own_reconnect_drops_the_connection(

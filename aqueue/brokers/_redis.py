@@ -21,7 +21,6 @@ import inspect
 import logging
 import math
 import os
-import random
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -41,6 +40,7 @@ from redis.asyncio.connection import (
 )
 
 from aqueue._exceptions import BrokerConnectionError, BrokerError, ConfigurationError
+from aqueue._outage import OutOfReach
 from aqueue.brokers._base import (
     BatchSpec,
     Broker,
@@ -81,39 +81,12 @@ ENDED_HERE_TTL = 86_400
 # socket_timeout (200,000 records in one took longer than 5 s, a "cannot reach Redis").
 LISTING_PAGE = 1_000
 RECHECK = 10.0  # a waiter re-reads the state this often, in case a notification was lost
-# A wait whose connection is lost (Redis restarting, a failover, a server loading its data) tries
-# again, at these intervals, for up to its own timeout; with none, until Redis has been out of
-# reach this long in a row, then raises BrokerConnectionError.
-RIDE_THROUGH = 30.0
-RETRY_FIRST, RETRY_MOST = 0.05, 1.0
 LAST_READ_WITHIN = 0.5  # how long past its timeout a wait may read the record it returns
 # Ended entries that may wait in a stream behind a job still pending, for the trim after it ends
 # (see trim_acked in lua/_common.lua): past that, each is deleted as it ends, at a cost to Redis.
 # Two workers at concurrency 500 left at most 600 waiting here; the bound also caps what a long
 # job holds back (entries carry their payloads).
 KEEP_BEHIND = 2_000
-
-
-class _OutOfReach:
-    """How long a wait has been out of reach of Redis, and its pause before it tries again."""
-
-    def __init__(self) -> None:
-        self.since: float | None = None
-        self.backoff = RETRY_FIRST
-
-    def reached(self) -> None:
-        self.since, self.backoff = None, RETRY_FIRST
-
-    def for_too_long(self) -> bool:
-        """Out of reach for RIDE_THROUGH seconds in a row, counted from the first failure."""
-        now = time.monotonic()
-        if self.since is None:
-            self.since = now
-        return now - self.since >= RIDE_THROUGH
-
-    async def pause(self) -> None:
-        await anyio.sleep(self.backoff * random.uniform(0.5, 1.0))  # spread: hundreds may wait
-        self.backoff = min(self.backoff * 2, RETRY_MOST)
 
 
 def redact(url: str) -> str:
@@ -1081,7 +1054,7 @@ class RedisBroker(Broker):
         inbox = self._key(queue).done_channel(self._inbox)
         waiting = f"waiting on job {job_id}"
         self._check_room_to_listen(waiting)
-        out_of_reach = _OutOfReach()
+        out_of_reach = OutOfReach()  # the wait rides through Redis being out of reach
         with self._closed_said(notifier, waiting), anyio.move_on_after(timeout):  # None: no deadline
             while True:
                 self._check_open(notifier, waiting)
