@@ -127,8 +127,9 @@ class Job(Generic[R]):
 
         Raises `TaskError` (failed), `JobCancelled`, `JobRevoked`, `JobExpired`, `JobNotFound`
         (unknown id: at once) or `TimeoutError` (not finished in time). A wait rides through Redis
-        being out of reach for a while; `BrokerConnectionError` if it still is when the timeout
-        passes (with none, once it has been for 30 s in a row).
+        being out of reach for a while: `BrokerConnectionError` if it still is when the timeout
+        passes (`TimeoutError` if Redis does not answer at all), or, with no timeout, once its
+        tries have failed for 30 s in a row.
         """
         timeout = timedelta_or_seconds(timeout)
         record = await self.queue.broker.wait(self.queue.name, self.id, timeout)

@@ -8,8 +8,8 @@ import time
 
 import anyio
 
-# With no timeout of its own, a wait gives up once the broker has been out of reach this long in a
-# row (raising the lost connection's error).
+# With no timeout of its own, a wait gives up once its tries have failed this long in a row
+# (raising the lost connection's error).
 RIDE_THROUGH = 30.0
 RETRY_FIRST, RETRY_MOST = 0.05, 1.0
 

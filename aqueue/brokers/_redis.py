@@ -39,6 +39,7 @@ from redis.asyncio.connection import (
     UnixDomainSocketConnection,
 )
 
+from aqueue import _outage
 from aqueue._exceptions import BrokerConnectionError, BrokerError, ConfigurationError
 from aqueue._outage import OutOfReach
 from aqueue.brokers._base import (
@@ -1075,13 +1076,20 @@ class RedisBroker(Broker):
                                 outcome = _outcome_record(job_id, message) if message else None
                                 if outcome is not None:
                                     return outcome
-                except BrokerConnectionError:
+                    # The connection was lost (`heard.lost`): told, not raised, to every wait but
+                    # the one whose call failed. Each pauses as that one does, or all of them
+                    # would try again at once, and again, with no pause, while Redis is away.
+                    lost: BrokerConnectionError | None = None
+                except BrokerConnectionError as exc:
                     # The job goes on without us: a wait that failed here would fail every request
                     # waiting in a web app for a restart of Redis that takes a second.
-                    self._check_open(notifier, waiting)  # closed: said as the close it is
-                    if timeout is None and out_of_reach.for_too_long():
-                        raise
-                    await out_of_reach.pause()
+                    lost = exc
+                self._check_open(notifier, waiting)  # closed: said as the close it is
+                if timeout is None and out_of_reach.for_too_long():
+                    raise lost or BrokerConnectionError(
+                        f"cannot reach Redis at {self.url}: the connection was lost, and has not "
+                        f"been made again for {_outage.RIDE_THROUGH}s")
+                await out_of_reach.pause()
         # The timeout passed: the record as it stands, if Redis answers at once (a read takes well
         # under a millisecond; a paused or lost Redis would hold the caller for its socket_timeout).
         with anyio.move_on_after(LAST_READ_WITHIN):
