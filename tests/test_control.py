@@ -720,7 +720,10 @@ async def test_a_request_whose_answer_never_comes_leaves_the_lock_free(
     broker = queue.broker
     taking = broker.lock_acquire
 
+    tokens: list[str] = []
+
     async def answer_lost(queue_name: str, name: str, token: str, ttl: float) -> bool:
+        tokens.append(token)
         assert await taking(queue_name, name, token, ttl)
         if how == "lost_answer":
             raise BrokerConnectionError("Timeout reading from the server")
@@ -732,6 +735,9 @@ async def test_a_request_whose_answer_never_comes_leaves_the_lock_free(
     # until the caller's cancel.
     with pytest.raises(TimeoutError):
         await asyncio.wait_for(queue.lock("contended", ttl=30).__aenter__(), 0.1)
+    if how == "lost_answer":  # each try with a token of its own
+        assert len(tokens) > 1
+        assert len(set(tokens)) == len(tokens)
     monkeypatch.setattr(broker, "lock_acquire", taking)
     async with queue.lock("contended", timeout=0):  # free at once, not after 30 s
         pass
