@@ -17,7 +17,7 @@ import anyio.lowlevel
 import pytest
 import redis.asyncio
 
-from aqueue import BrokerConnectionError, BrokerError, JobCancelled, JobState, LockTimeout, Queue
+from aqueue import BrokerConnectionError, BrokerError, Job, JobCancelled, JobState, LockTimeout, Queue
 from aqueue import _outage as outage
 from aqueue.brokers import RedisBroker
 from aqueue.brokers import _notifier as notifier_module
@@ -358,8 +358,18 @@ async def test_waits_ride_through_redis_being_out_of_reach_for_a_while(
     # Redis restarting, a failover: every wait in progress raised BrokerConnectionError at once (198
     # of 200 `job.result()` calls for a 50 ms outage), failing every request that waited in a web
     # app, though the jobs ran on.
-    queue, worker_queue = cut_off_queue
+    queue, _ = cut_off_queue
     job = await queue.tasks["two"].enqueue()  # no worker yet: it stays pending
+    results = await waits_across_an_outage(job, 50, 20, cut_off_queue, proxy, queue_name, admin)
+    assert results == [2] * 50
+
+
+async def waits_across_an_outage(
+    job: Job[int], waits: int, refusals: int, cut_off_queue: tuple[Queue, Queue], proxy: FreezingProxy,
+    queue_name: str, admin: redis.asyncio.Redis,
+) -> list[int]:
+    """What `waits` waits on the job (pending, no worker) get when Redis goes out of their reach
+    once they wait, until it has refused `refusals` connections, and a worker then runs the job."""
     results: list[int] = []
 
     async def wait() -> None:
@@ -368,16 +378,16 @@ async def test_waits_ride_through_redis_being_out_of_reach_for_a_while(
     with anyio.fail_after(20):
         async with anyio.create_task_group() as tg:
             async with once_waited_on(admin, queue_name, job.id, lambda: anyio.lowlevel.checkpoint()):
-                for _ in range(50):
+                for _ in range(waits):
                     tg.start_soon(wait)
             proxy.cut()
-            while proxy.refused < 20:  # noqa: ASYNC110 - the waits try again, and are refused
+            while proxy.refused < refusals:  # noqa: ASYNC110 - the waits try again, and are refused
                 await anyio.sleep(0.01)
             proxy.mend()
-            async with worker_queue.worker():
-                while len(results) < 50:  # noqa: ASYNC110 - the waits end as the job does
+            async with cut_off_queue[1].worker():
+                while len(results) < waits:  # noqa: ASYNC110 - the waits end as the job does
                     await anyio.sleep(0.01)
-    assert results == [2] * 50
+    return results
 
 
 async def test_every_wait_pauses_before_it_tries_again_not_only_the_one_whose_call_failed(
@@ -387,7 +397,7 @@ async def test_every_wait_pauses_before_it_tries_again_not_only_the_one_whose_ca
     # The waits share one subscription: when its SUBSCRIBE failed, the one wait that sent it paused,
     # and the others, told the connection was lost, listened again at once: with 100 waits, 28,714
     # subscribes in 3 s of outage and the event loop kept busy all along.
-    queue, worker_queue = cut_off_queue
+    queue, _ = cut_off_queue
     job = await queue.tasks["two"].enqueue()
     pauses = listens = 0
     pause = outage.OutOfReach.pause
@@ -410,23 +420,7 @@ async def test_every_wait_pauses_before_it_tries_again_not_only_the_one_whose_ca
         return listen(*args, **kwargs)
 
     monkeypatch.setattr(notifier, "listen", counted_listen)
-    results: list[int] = []
-
-    async def wait() -> None:
-        results.append(await job.result(timeout=30))
-
-    with anyio.fail_after(20):
-        async with anyio.create_task_group() as tg:
-            async with once_waited_on(admin, queue_name, job.id, lambda: anyio.lowlevel.checkpoint()):
-                for _ in range(20):
-                    tg.start_soon(wait)
-            proxy.cut()
-            while proxy.refused < 10:  # noqa: ASYNC110 - the waits try again, and are refused
-                await anyio.sleep(0.01)
-            proxy.mend()
-            async with worker_queue.worker():
-                while len(results) < 20:  # noqa: ASYNC110 - the waits end as the job does
-                    await anyio.sleep(0.01)
+    results = await waits_across_an_outage(job, 20, 10, cut_off_queue, proxy, queue_name, admin)
     assert results == [2] * 20
     # Each wait listened once, then once more after each of its pauses.
     assert listens <= pauses + 20, (listens, pauses)
@@ -469,29 +463,21 @@ async def test_waits_without_a_timeout_give_up_on_a_redis_that_stops_answering(
         server.stop()
 
 
-async def test_a_wait_out_of_reach_of_redis_tries_again_until_its_timeout(
-    cut_off_queue: tuple[Queue, Queue], proxy: FreezingProxy
+@pytest.mark.parametrize("timeout", [0.5, None])
+async def test_a_wait_out_of_reach_of_redis_tries_again_then_gives_up(
+    cut_off_queue: tuple[Queue, Queue], proxy: FreezingProxy, monkeypatch: pytest.MonkeyPatch,
+    timeout: float | None,
 ) -> None:
+    # Until its timeout passes; with none, until its tries have failed for RIDE_THROUGH s in a row.
+    monkeypatch.setattr(outage, "RIDE_THROUGH", 0.3)
     queue, _ = cut_off_queue
     job = await queue.tasks["two"].enqueue()
     proxy.cut()
     started = time.monotonic()
     with anyio.fail_after(5), pytest.raises(BrokerConnectionError, match="cannot reach Redis"):
-        await job.result(timeout=0.5)
-    assert time.monotonic() - started >= 0.5  # not at once
+        await job.result(timeout=timeout)
+    assert time.monotonic() - started >= (timeout or 0.3)  # not at once
     assert proxy.refused > 1  # tried again
-
-
-async def test_a_wait_without_a_timeout_gives_up_once_redis_is_out_of_reach_for_long(
-    cut_off_queue: tuple[Queue, Queue], proxy: FreezingProxy, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(outage, "RIDE_THROUGH", 0.3)
-    queue, _ = cut_off_queue
-    job = await queue.tasks["two"].enqueue()
-    proxy.cut()
-    with anyio.fail_after(5), pytest.raises(BrokerConnectionError, match="cannot reach Redis"):
-        await job.result()
-    assert proxy.refused > 1
 
 
 async def test_closing_the_queue_ends_a_wait_that_rides_through_an_outage(
