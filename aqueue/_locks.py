@@ -39,6 +39,9 @@ class _Line:
 
     turn: anyio.Lock = field(default_factory=anyio.Lock)
     users: int = 0
+    # Shared: a waiter whose turn comes while the broker is out of reach gives up with the one
+    # before it, not after a time out of reach of its own (the tenth after ten times as long).
+    out_of_reach: OutOfReach = field(default_factory=OutOfReach)
 
 
 # Per event loop: each lock's line, by where the broker keeps its data, queue and lock name.
@@ -117,7 +120,7 @@ class Lock:
                                "re-entrant, and would wait for itself for ever")
         deadline = None if timeout is None else anyio.current_time() + timeout
         if timeout == 0:  # one try, waiting for no one
-            return await self._compete(timeout, deadline)
+            return await self._compete(timeout, deadline, OutOfReach())
         # The waiters of this process line up, and only the first waits on the broker: a release
         # woke every waiter listening, and each tried the lock again (a hand-off cost a request
         # per waiter, and 200 waiters took 28 ms each).
@@ -134,10 +137,13 @@ class Lock:
             left = math.inf if deadline is None else deadline - anyio.current_time()
             with anyio.move_on_after(left) as queued:
                 await line.turn.acquire()
-            if queued.cancelled_caught:  # its turn never came: the lock stayed taken
+            if queued.cancelled_caught:  # its turn never came
+                if line.out_of_reach.since is not None:
+                    raise BrokerConnectionError(f"lock {self.name!r} not acquired within {timeout}s: "
+                                                "the broker is out of reach")
                 raise LockTimeout(f"lock {self.name!r} not acquired within {timeout}s")
             try:
-                return await self._compete(timeout, deadline)
+                return await self._compete(timeout, deadline, line.out_of_reach)
             finally:
                 line.turn.release()
         finally:
@@ -145,62 +151,96 @@ class Lock:
             if not line.users:
                 del lines[key]
 
-    async def _compete(self, timeout: float | None, deadline: float | None) -> str:
+    async def _compete(self, timeout: float | None, deadline: float | None, out_of_reach: OutOfReach) -> str:
         """Take the lock in the broker, waiting for its releases until `deadline`."""
         broker, queue = self.queue.broker, self.queue.name
-        token = uuid.uuid4().hex
-        out_of_reach = OutOfReach()  # a waiter rides through the broker being out of reach
-        while True:
-            # Each request is bounded by what is left of the timeout (the first one, which even
-            # timeout=0 makes, by ATTEMPT_WITHIN at least) and cut off by the caller's cancel: a
-            # slow Redis held the caller for its socket timeout, twice. A request cut off, or
-            # failed, may have taken the lock all the same: released by its token below, it is
-            # free again whether it was taken or not; a release that gets no answer either is
-            # logged, and the lock, if taken, frees itself after its ttl (held by no one till then).
-            bound = math.inf if deadline is None else max(deadline - anyio.current_time(), ATTEMPT_WITHIN)
-            try:
-                with anyio.move_on_after(bound) as attempt:
-                    if await broker.lock_acquire(queue, self.name, token, self.ttl):
-                        return token
-            except BaseException as exc:
-                await self._release(token, "a request for lock %r failed, and so did releasing what it "
-                                    "may have taken", within=ATTEMPT_WITHIN)
-                lost = isinstance(exc, BrokerConnectionError)
-                if not (lost and await self._rode_out(out_of_reach, deadline)):
+        closes = self.queue._closes
+        # Requests whose answer was lost with the connection: each may have taken the lock. Their
+        # tokens are released once the broker answers again (or as the wait gives up), not at
+        # each loss: a release sent then is lost as well, a warning each time.
+        lost: list[str] = []
+        try:
+            while True:
+                token = uuid.uuid4().hex  # a token per request: a late release frees no later one
+                # Each request is bounded by what is left of the timeout (the first one, which
+                # even timeout=0 makes, by ATTEMPT_WITHIN at least) and cut off by the caller's
+                # cancel: a slow Redis held the caller for its socket timeout, twice. A request
+                # cut off, or failed, may have taken the lock all the same: released by its
+                # token, it is free again whether it was taken or not; a release that gets no
+                # answer either is logged, and the lock, if taken, frees itself after its ttl
+                # (held by no one till then).
+                bound = math.inf if deadline is None else max(deadline - anyio.current_time(), ATTEMPT_WITHIN)
+                taken = False
+                try:
+                    with anyio.move_on_after(bound) as attempt:
+                        taken = await broker.lock_acquire(queue, self.name, token, self.ttl)
+                except BrokerConnectionError:
+                    lost.append(token)
+                    await self._ride_out(out_of_reach, deadline, closes)
+                    continue
+                except BaseException:
+                    await self._release(token, "a request for lock %r failed, and so did releasing what it "
+                                        "may have taken", within=ATTEMPT_WITHIN)
                     raise
-                # A new token: a release of the old one that got no answer must not free what the
-                # next request takes, should it reach the broker late.
-                token = uuid.uuid4().hex
-                continue
-            if attempt.cancelled_caught:
-                await self._release(token, "a request for lock %r got no answer in time, and neither "
-                                    "did releasing what it may have taken", within=ATTEMPT_WITHIN)
-                raise LockTimeout(f"lock {self.name!r} not acquired within {timeout}s (no answer from "
-                                  "the broker in time)")
-            out_of_reach.reached()  # answered
-            remaining = None if deadline is None else deadline - anyio.current_time()
-            if remaining is not None and remaining <= 0:
-                raise LockTimeout(f"lock {self.name!r} not acquired within {timeout}s")
-            try:
-                await broker.lock_wait(queue, self.name, remaining)  # woken when it is released
-            except BrokerConnectionError:
-                if not await self._rode_out(out_of_reach, deadline):
-                    raise
+                if taken:
+                    return token  # so none of the lost requests holds it
+                if attempt.cancelled_caught:
+                    await self._release(token, "a request for lock %r got no answer in time, and neither "
+                                        "did releasing what it may have taken", within=ATTEMPT_WITHIN)
+                    raise LockTimeout(f"lock {self.name!r} not acquired within {timeout}s (no answer from "
+                                      "the broker in time)")
+                out_of_reach.reached()  # answered
+                if lost and await self._release_lost(lost):
+                    continue  # it was held by a request of ours whose answer was lost: free now
+                remaining = None if deadline is None else deadline - anyio.current_time()
+                if remaining is not None and remaining <= 0:
+                    raise LockTimeout(f"lock {self.name!r} not acquired within {timeout}s")
+                try:
+                    # Bounded as a whole: the subscribe and the read of the lock's ttl before the
+                    # wait itself held a waiter 10 s past its timeout when Redis stopped answering.
+                    with anyio.move_on_after(math.inf if remaining is None else remaining):
+                        await broker.lock_wait(queue, self.name, remaining)  # woken when released
+                except BrokerConnectionError:
+                    await self._ride_out(out_of_reach, deadline, closes)
+        except BaseException:
+            if lost and self.queue._closes == closes:  # closed, a release would open it again
+                with anyio.CancelScope(shield=True), anyio.move_on_after(ATTEMPT_WITHIN):
+                    try:
+                        await self._release_lost(lost)
+                    except Exception:  # logged below; it must not replace what is raised
+                        pass
+            if lost:
+                logger.warning("lock %r: %d request(s) whose answer was lost may have taken it; it "
+                               "frees itself within %ss", self.name, len(lost), self.ttl)
+            raise
 
-    @staticmethod
-    async def _rode_out(out_of_reach: OutOfReach, deadline: float | None) -> bool:
-        """After a lost connection: pause before trying again, and True; False (give up) once the
-        deadline has passed, or, with none, once the broker has been out of reach for long."""
+    async def _ride_out(self, out_of_reach: OutOfReach, deadline: float | None, closes: int) -> None:
+        """After a lost connection: pause before trying again; re-raise it once the deadline has
+        passed, or, with none, once the broker has been out of reach for long."""
         if deadline is None:
             if out_of_reach.for_too_long():
-                return False
+                raise
             await out_of_reach.pause()
-            return True
-        left = deadline - anyio.current_time()
-        if left <= 0:
-            return False
-        await out_of_reach.pause(at_most=left)
-        return True
+        else:
+            out_of_reach.for_too_long()  # counted, for the waiters lined up behind
+            left = deadline - anyio.current_time()
+            if left <= 0:
+                raise
+            await out_of_reach.pause(at_most=left)
+        if self.queue._closes != closes:  # going on would open the broker again behind the close
+            raise BrokerError(f"queue {self.queue.name!r} was closed while waiting for lock {self.name!r}")
+
+    async def _release_lost(self, lost: list[str]) -> bool:
+        """Release what the requests whose answer was lost may have taken, forgetting each token
+        the broker answers for. True if one of them held the lock."""
+        held = False
+        for token in list(lost):
+            try:
+                held = await self.queue.broker.lock_release(self.queue.name, self.name, token) or held
+            except BrokerConnectionError:
+                return held  # out of reach again: the rest wait for the next answer
+            lost.remove(token)
+        return held
 
     @asynccontextmanager
     async def _keep(self, token: str) -> AsyncIterator[None]:

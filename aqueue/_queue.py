@@ -172,6 +172,7 @@ class Queue:
         """Periodic task name -> its schedule; the worker's scheduler enqueues each tick once."""
         self.signals = Signals()
         self._connected = False
+        self._closes = 0  # a wait riding through an outage ends if the queue is closed meanwhile
 
     def __repr__(self) -> str:
         return f"<Queue {self.name!r} on {self.broker.url}>"
@@ -184,6 +185,7 @@ class Queue:
 
     async def close(self) -> None:
         self._connected = False
+        self._closes += 1
         await self.broker.close()
 
     async def __aenter__(self) -> Queue:

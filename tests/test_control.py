@@ -710,6 +710,56 @@ async def test_a_broker_slow_to_answer_holds_a_lock_waiter_no_longer_than_its_ti
         pass
 
 
+async def test_a_wait_for_a_release_that_hangs_ends_at_the_timeout(
+    queue: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The subscribe and the read of the lock's ttl before the wait went unbounded: a Redis that
+    # stopped answering held a waiter with timeout=1 for 10 s (two socket timeouts).
+    async def hangs(queue_name: str, name: str, timeout: float | None) -> None:
+        await anyio.sleep_forever()
+
+    async with queue.lock("hung", ttl=30):
+        monkeypatch.setattr(queue.broker, "lock_wait", hangs)
+        with anyio.fail_after(5), pytest.raises(LockTimeout, match=r"not acquired within 0\.5s"):
+            async with queue.lock("hung", timeout=0.5):
+                pass
+
+
+async def test_what_a_request_lost_to_an_outage_took_is_released_once_the_broker_answers(
+    queue: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A request took the lock, its answer lost with the connection, and the release sent then was
+    # lost too: the lock stayed held by that request, and its own waiter waited out the whole ttl.
+    broker = queue.broker
+    taking, releasing = broker.lock_acquire, broker.lock_release
+    away = True
+    requests = 0
+
+    async def outage_then_back(queue_name: str, name: str, token: str, ttl: float) -> bool:
+        nonlocal away, requests
+        requests += 1
+        if requests == 1:
+            await taking(queue_name, name, token, ttl)  # it lands; its answer does not
+        if requests <= 2:
+            raise BrokerConnectionError("Connection closed by server.")
+        away = False
+        return await taking(queue_name, name, token, ttl)
+
+    async def release(queue_name: str, name: str, token: str) -> bool:
+        if away:
+            raise BrokerConnectionError("Connection refused")
+        return await releasing(queue_name, name, token)
+
+    monkeypatch.setattr(broker, "lock_acquire", outage_then_back)
+    monkeypatch.setattr(broker, "lock_release", release)
+    with anyio.fail_after(5):  # not the ttl
+        async with queue.lock("blip", ttl=30, timeout=20):
+            pass
+    assert requests == 4  # the third found it held by the first, released; the fourth took it
+    async with queue.lock("blip", timeout=0):  # and it was released
+        pass
+
+
 @pytest.mark.parametrize("how", ["asyncio_cancel", "lost_answer"])
 async def test_a_request_whose_answer_never_comes_leaves_the_lock_free(
     queue: Queue, monkeypatch: pytest.MonkeyPatch, how: str
@@ -724,15 +774,15 @@ async def test_a_request_whose_answer_never_comes_leaves_the_lock_free(
 
     async def answer_lost(queue_name: str, name: str, token: str, ttl: float) -> bool:
         tokens.append(token)
-        assert await taking(queue_name, name, token, ttl)
+        await taking(queue_name, name, token, ttl)  # the first takes it
         if how == "lost_answer":
             raise BrokerConnectionError("Timeout reading from the server")
         await anyio.sleep_forever()
         raise AssertionError("not reached")
 
     monkeypatch.setattr(broker, "lock_acquire", answer_lost)
-    # A lost answer is a lost connection, which the request rides through (each try released),
-    # until the caller's cancel.
+    # A lost answer is a lost connection, which the request rides through until the caller's
+    # cancel; what its tries may have taken is released then.
     with pytest.raises(TimeoutError):
         await asyncio.wait_for(queue.lock("contended", ttl=30).__aenter__(), 0.1)
     if how == "lost_answer":  # each try with a token of its own

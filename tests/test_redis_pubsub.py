@@ -547,6 +547,60 @@ async def test_a_lock_request_out_of_reach_of_redis_tries_again_until_its_timeou
     assert proxy.refused > refused + 2
 
 
+async def test_lock_waiters_lined_up_in_a_process_give_up_together_when_redis_stays_away(
+    cut_off_queue: tuple[Queue, Queue], proxy: FreezingProxy, queue_name: str, admin: redis.asyncio.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Only the first waiter of a process asks the broker; each next one, its turn come, counted its
+    # time out of reach afresh: the tenth gave up after ten times as long (k x 30 s). And a waiter
+    # whose timeout passed in the line said LockTimeout ("not acquired"), not that Redis was away.
+    monkeypatch.setattr(outage, "RIDE_THROUGH", 0.3)
+    queue, holder_queue = cut_off_queue
+    ended: list[str] = []
+
+    async def waiter(timeout: float | None) -> None:
+        try:
+            async with queue.lock("guarded", timeout=timeout):
+                ended.append("took it")
+        except BrokerConnectionError as exc:
+            ended.append(f"gave up: {'out of reach' in str(exc) or 'cannot reach' in str(exc)}")
+
+    with anyio.fail_after(2.5):  # ten one after another took over 3 s
+        async with holder_queue.lock("guarded", ttl=30), anyio.create_task_group() as tg:
+            tg.start_soon(waiter, None)
+            channel = f"aqueue:{{{queue_name}}}:lock:guarded"
+            while (await admin.pubsub_numsub(channel))[0][1] == 0:  # noqa: ASYNC110 - state in Redis
+                await anyio.sleep(0.01)
+            for _ in range(9):
+                tg.start_soon(waiter, None)
+            tg.start_soon(waiter, 0.5)
+            proxy.cut()
+    assert ended == ["gave up: True"] * 11
+
+
+async def test_closing_the_queue_ends_a_lock_wait_that_rides_through_an_outage(
+    cut_off_queue: tuple[Queue, Queue], proxy: FreezingProxy
+) -> None:
+    # It went on through the close, taking the lock later on a broker it opened again.
+    queue, _ = cut_off_queue
+    await queue.connect()
+    proxy.cut()
+
+    async def close_once_refused() -> None:
+        while proxy.refused < 2:  # noqa: ASYNC110 - the waiter tries again, and is refused
+            await anyio.sleep(0.01)
+        await queue.close()
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(close_once_refused)
+            with pytest.raises(BrokerError, match="closed while waiting for lock"):
+                async with queue.lock("guarded"):
+                    pass
+    assert isinstance(queue.broker, RedisBroker)
+    assert queue.broker._client is None  # not opened again
+
+
 async def test_a_reader_racing_the_clients_own_reconnect_drops_the_connection(
     redis_url: str, queue_name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
