@@ -155,44 +155,50 @@ class Lock:
         """Take the lock in the broker, waiting for its releases until `deadline`."""
         broker, queue = self.queue.broker, self.queue.name
         closes = self.queue._closes
-        # Requests whose answer was lost with the connection: each may have taken the lock. Their
-        # tokens are released once the broker answers again (or as the wait gives up), not at
-        # each loss: a release sent then is lost as well, a warning each time.
+        # Requests that got no answer (a lost connection, a cut-off, a cancel): each may have
+        # taken the lock. Their tokens are released once the broker answers again, or as the wait
+        # ends, all within ATTEMPT_WITHIN; not at each loss: a release sent then is lost as well.
         lost: list[str] = []
         try:
             while True:
                 token = uuid.uuid4().hex  # a token per request: a late release frees no later one
                 # Each request is bounded by what is left of the timeout (the first one, which
                 # even timeout=0 makes, by ATTEMPT_WITHIN at least) and cut off by the caller's
-                # cancel: a slow Redis held the caller for its socket timeout, twice. A request
-                # cut off, or failed, may have taken the lock all the same: released by its
-                # token, it is free again whether it was taken or not; a release that gets no
-                # answer either is logged, and the lock, if taken, frees itself after its ttl
-                # (held by no one till then).
+                # cancel: a slow Redis held the caller for its socket timeout, twice. What a
+                # request with no answer may have taken is released by its token: free again
+                # whether it was taken or not; if the release gets no answer either, it is
+                # logged, and the lock, if taken, frees itself after its ttl (held by no one
+                # till then).
                 bound = math.inf if deadline is None else max(deadline - anyio.current_time(), ATTEMPT_WITHIN)
                 taken = False
                 try:
                     with anyio.move_on_after(bound) as attempt:
                         taken = await broker.lock_acquire(queue, self.name, token, self.ttl)
-                except BrokerConnectionError:
+                except BrokerConnectionError as exc:
                     lost.append(token)
-                    await self._ride_out(out_of_reach, deadline, closes)
+                    await self._ride_out(exc, out_of_reach, deadline, closes)
                     continue
                 except BaseException:
-                    await self._release(token, "a request for lock %r failed, and so did releasing what it "
-                                        "may have taken", within=ATTEMPT_WITHIN)
+                    lost.append(token)
                     raise
-                if taken:
-                    return token  # so none of the lost requests holds it
                 if attempt.cancelled_caught:
-                    await self._release(token, "a request for lock %r got no answer in time, and neither "
-                                        "did releasing what it may have taken", within=ATTEMPT_WITHIN)
+                    lost.append(token)
                     raise LockTimeout(f"lock {self.name!r} not acquired within {timeout}s (no answer from "
                                       "the broker in time)")
                 out_of_reach.reached()  # answered
-                if lost and await self._release_lost(lost):
-                    continue  # it was held by a request of ours whose answer was lost: free now
+                if taken:
+                    return token  # so none of the requests with no answer holds it
                 remaining = None if deadline is None else deadline - anyio.current_time()
+                if lost and (remaining is None or remaining > 0):
+                    try:
+                        with anyio.move_on_after(math.inf if remaining is None else remaining):
+                            if await self._release_lost(lost):
+                                continue  # held by a request of ours with no answer: free now
+                    except BrokerConnectionError as exc:
+                        await self._ride_out(exc, out_of_reach, deadline, closes)
+                        continue  # asked again: waiting for a release ours may never send
+                    self._check_open(closes)
+                    remaining = None if deadline is None else deadline - anyio.current_time()
                 if remaining is not None and remaining <= 0:
                     raise LockTimeout(f"lock {self.name!r} not acquired within {timeout}s")
                 try:
@@ -200,45 +206,49 @@ class Lock:
                     # wait itself held a waiter 10 s past its timeout when Redis stopped answering.
                     with anyio.move_on_after(math.inf if remaining is None else remaining):
                         await broker.lock_wait(queue, self.name, remaining)  # woken when released
-                except BrokerConnectionError:
-                    await self._ride_out(out_of_reach, deadline, closes)
+                except BrokerConnectionError as exc:
+                    await self._ride_out(exc, out_of_reach, deadline, closes)
         except BaseException:
             if lost and self.queue._closes == closes:  # closed, a release would open it again
                 with anyio.CancelScope(shield=True), anyio.move_on_after(ATTEMPT_WITHIN):
                     try:
                         await self._release_lost(lost)
-                    except Exception:  # logged below; it must not replace what is raised
+                    except Exception:  # said below; it must not replace what is raised
                         pass
             if lost:
-                logger.warning("lock %r: %d request(s) whose answer was lost may have taken it; it "
-                               "frees itself within %ss", self.name, len(lost), self.ttl)
+                logger.warning("lock %r: %d request(s) that got no answer may have taken it, and releasing "
+                               "them got none either; it frees itself within %ss", self.name, len(lost),
+                               self.ttl)
             raise
 
-    async def _ride_out(self, out_of_reach: OutOfReach, deadline: float | None, closes: int) -> None:
-        """After a lost connection: pause before trying again; re-raise it once the deadline has
+    async def _ride_out(
+        self, exc: BrokerConnectionError, out_of_reach: OutOfReach, deadline: float | None, closes: int
+    ) -> None:
+        """After a lost connection: pause before trying again; raise `exc` once the deadline has
         passed, or, with none, once the broker has been out of reach for long."""
         if deadline is None:
             if out_of_reach.for_too_long():
-                raise
+                raise exc
             await out_of_reach.pause()
         else:
             out_of_reach.for_too_long()  # counted, for the waiters lined up behind
             left = deadline - anyio.current_time()
             if left <= 0:
-                raise
+                raise exc
             await out_of_reach.pause(at_most=left)
+        self._check_open(closes)
+
+    def _check_open(self, closes: int) -> None:
         if self.queue._closes != closes:  # going on would open the broker again behind the close
             raise BrokerError(f"queue {self.queue.name!r} was closed while waiting for lock {self.name!r}")
 
     async def _release_lost(self, lost: list[str]) -> bool:
-        """Release what the requests whose answer was lost may have taken, forgetting each token
-        the broker answers for. True if one of them held the lock."""
+        """Release what the requests with no answer may have taken, forgetting each token the
+        broker answers for; True if one of them held the lock. Raises BrokerConnectionError when
+        the broker is out of reach again (the tokens not answered for are kept)."""
         held = False
         for token in list(lost):
-            try:
-                held = await self.queue.broker.lock_release(self.queue.name, self.name, token) or held
-            except BrokerConnectionError:
-                return held  # out of reach again: the rest wait for the next answer
+            held = await self.queue.broker.lock_release(self.queue.name, self.name, token) or held
             lost.remove(token)
         return held
 
@@ -255,20 +265,18 @@ class Lock:
             failure = await renewer.stop()
             if failure is not None:
                 logger.error("renewing lock %r failed", self.name, exc_info=failure)
-            await self._release(token, "releasing lock %r failed")
+            await self._release(token)
 
-    async def _release(self, token: str, failed: str, within: float = math.inf) -> None:
-        """Release by `token`, whatever is being raised around it; a release that fails (or gets
-        no answer `within` seconds) is logged (`failed`, with the lock's name), as raised it would
-        replace what ended the body or the request (an error, a cancellation, a success). The
-        lock frees itself after its ttl."""
-        with anyio.CancelScope(shield=True), anyio.move_on_after(within) as release:
+    async def _release(self, token: str) -> None:
+        """Release by `token`, whatever is being raised around it; a release that fails is logged,
+        as raised it would replace what ended the body (an error, a cancellation, a success).
+        The lock frees itself after its ttl."""
+        with anyio.CancelScope(shield=True):
             try:
                 await self.queue.broker.lock_release(self.queue.name, self.name, token)
             except Exception as exc:
-                logger.warning(failed + "; it frees itself within %ss: %s", self.name, self.ttl, exc)
-        if release.cancelled_caught:
-            logger.warning(failed + "; it frees itself within %ss", self.name, self.ttl)
+                logger.warning("releasing lock %r failed; it frees itself within %ss: %s", self.name,
+                               self.ttl, exc)
 
     def _holding(self) -> tuple[object, str, str, object]:
         # By where the broker keeps its data and by queue name, not by Queue or broker object: two

@@ -710,6 +710,35 @@ async def test_a_broker_slow_to_answer_holds_a_lock_waiter_no_longer_than_its_ti
         pass
 
 
+async def test_a_request_and_releases_that_hang_end_within_a_second_of_the_timeout(
+    queue: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A request lost to a dropped connection, then one with no answer: their releases went one
+    # after another, a second each.
+    requests = 0
+
+    async def lost_then_hangs(*args: object) -> bool:
+        nonlocal requests
+        requests += 1
+        if requests == 1:
+            raise BrokerConnectionError("Connection closed by server.")
+        await anyio.sleep_forever()
+        raise AssertionError("not reached")
+
+    async def hangs(*args: object) -> bool:
+        await anyio.sleep_forever()
+        raise AssertionError("not reached")
+
+    monkeypatch.setattr(queue.broker, "lock_acquire", lost_then_hangs)
+    monkeypatch.setattr(queue.broker, "lock_release", hangs)
+    started = anyio.current_time()
+    with anyio.fail_after(5), pytest.raises(LockTimeout, match="no answer from the broker"):
+        async with queue.lock("hung", timeout=0.5):
+            pass
+    # Its request gets ATTEMPT_WITHIN (1 s), and the releases of what both may have taken as much.
+    assert anyio.current_time() - started < 2.5
+
+
 async def test_a_wait_for_a_release_that_hangs_ends_at_the_timeout(
     queue: Queue, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -725,15 +754,17 @@ async def test_a_wait_for_a_release_that_hangs_ends_at_the_timeout(
                 pass
 
 
+@pytest.mark.parametrize("blips", [1, 2])
 async def test_what_a_request_lost_to_an_outage_took_is_released_once_the_broker_answers(
-    queue: Queue, monkeypatch: pytest.MonkeyPatch
+    queue: Queue, monkeypatch: pytest.MonkeyPatch, blips: int
 ) -> None:
     # A request took the lock, its answer lost with the connection, and the release sent then was
     # lost too: the lock stayed held by that request, and its own waiter waited out the whole ttl.
+    # With a second blip as it released it once the broker answered, it waited for a release.
     broker = queue.broker
     taking, releasing = broker.lock_acquire, broker.lock_release
     away = True
-    requests = 0
+    requests = releases_lost = 0
 
     async def outage_then_back(queue_name: str, name: str, token: str, ttl: float) -> bool:
         nonlocal away, requests
@@ -746,7 +777,9 @@ async def test_what_a_request_lost_to_an_outage_took_is_released_once_the_broker
         return await taking(queue_name, name, token, ttl)
 
     async def release(queue_name: str, name: str, token: str) -> bool:
-        if away:
+        nonlocal releases_lost
+        if away or releases_lost < blips - 1:
+            releases_lost += not away
             raise BrokerConnectionError("Connection refused")
         return await releasing(queue_name, name, token)
 
@@ -755,7 +788,9 @@ async def test_what_a_request_lost_to_an_outage_took_is_released_once_the_broker
     with anyio.fail_after(5):  # not the ttl
         async with queue.lock("blip", ttl=30, timeout=20):
             pass
-    assert requests == 4  # the third found it held by the first, released; the fourth took it
+    # The third found it held by the first (and, with a second blip, so did the fourth), released
+    # it, and the next took it.
+    assert requests == 3 + blips
     async with queue.lock("blip", timeout=0):  # and it was released
         pass
 
