@@ -216,9 +216,9 @@ class Lock:
                     except Exception:  # said below; it must not replace what is raised
                         pass
             if lost:
-                logger.warning("lock %r: %d request(s) that got no answer may have taken it, and releasing "
-                               "them got none either; it frees itself within %ss", self.name, len(lost),
-                               self.ttl)
+                logger.warning("lock %r: %d request(s) that got no answer may have taken it, not released "
+                               "(no answer, or the queue closed); it frees itself within %ss", self.name,
+                               len(lost), self.ttl)
             raise
 
     async def _ride_out(
