@@ -231,7 +231,7 @@ class Lock:
                 raise exc
             await out_of_reach.pause()
         else:
-            out_of_reach.for_too_long()  # counted, for the waiters lined up behind
+            out_of_reach.failed()  # counted, for the waiters lined up behind
             left = deadline - anyio.current_time()
             if left <= 0:
                 raise exc

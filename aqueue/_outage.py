@@ -24,12 +24,16 @@ class OutOfReach:
     def reached(self) -> None:
         self.since, self.backoff = None, RETRY_FIRST
 
-    def for_too_long(self) -> bool:
-        """Out of reach for RIDE_THROUGH seconds in a row, counted from the first failure."""
+    def failed(self) -> float:
+        """Count a failed try; returns how long tries have failed in a row (from the first)."""
         now = time.monotonic()
         if self.since is None:
             self.since = now
-        return now - self.since >= RIDE_THROUGH
+        return now - self.since
+
+    def for_too_long(self) -> bool:
+        """A failed try, RIDE_THROUGH seconds or more after the first failure in a row."""
+        return self.failed() >= RIDE_THROUGH
 
     async def pause(self, at_most: float = RETRY_MOST) -> None:
         # Spread out: hundreds of waits may be trying again at once.
