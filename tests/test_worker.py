@@ -10,6 +10,7 @@ import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import anyio
 import pytest
@@ -19,6 +20,7 @@ from aqueue import (
     CancelExecution,
     ConfigurationError,
     DeliveryLimitExceeded,
+    Job,
     JobCancelled,
     JobState,
     Queue,
@@ -400,13 +402,22 @@ async def test_unknown_task_goes_to_dead_letters(broker: Broker, queue_name: str
     assert dead[0].id == job.id
     assert dead[0].dead_reason == "unknown task 'ghost': not registered on this worker"
     # The error is named as any other's: its class (an aqueue one) and repr.
-    error = repr(UnknownTask("unknown task 'ghost': not registered on this worker"))
-    assert errors == [("ghost", "UnknownTask", error)]
-    assert (caught.value.metadata["type"], caught.value.metadata["error"]) == ("UnknownTask", error)
+    error = UnknownTask("unknown task 'ghost': not registered on this worker")
+    await assert_named_alike(error, "ghost", errors, caught.value, job)
+
+
+async def assert_named_alike(
+    error: Exception, task: str, errors: list[tuple[str, str, str]], raised: TaskError, job: Job[Any]
+) -> None:
+    """The dead letter's error is named by its class and repr alike in the one ERROR signal
+    (`errors`: task, type, error), in what `job.result()` raised, and in the job's info."""
+    kind, text = type(error).__name__, repr(error)
+    assert errors == [(task, kind, text)]
+    assert (raised.metadata["type"], raised.metadata["error"]) == (kind, text)
     info = await job.info()
     assert info is not None
     assert info.error is not None
-    assert (info.error["type"], info.error["error"]) == ("UnknownTask", error)
+    assert (info.error["type"], info.error["error"]) == (kind, text)
 
 
 async def test_an_internal_error_goes_to_the_dead_letters_with_its_traceback(
@@ -597,13 +608,8 @@ async def test_poison_message_goes_to_dead_letters(broker: Broker, queue_name: s
     assert [d.id for d in dead] == [job.id]
     # Named as any error is: the class (an aqueue one) and its repr, in the signal, the result
     # and the job's info alike.
-    error = repr(DeliveryLimitExceeded("delivered 3 times without finishing (max_deliveries=2)"))
-    assert errors == [("work", "DeliveryLimitExceeded", error)]
-    assert (caught.value.metadata["type"], caught.value.metadata["error"]) == ("DeliveryLimitExceeded", error)
-    info = await job.info()
-    assert info is not None
-    assert info.error is not None
-    assert (info.error["type"], info.error["error"]) == ("DeliveryLimitExceeded", error)
+    error = DeliveryLimitExceeded("delivered 3 times without finishing (max_deliveries=2)")
+    await assert_named_alike(error, "work", errors, caught.value, job)
 
 
 async def test_signals_reach_sync_and_async_handlers(queue: Queue) -> None:
