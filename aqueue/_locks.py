@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import anyio
 from anyio.lowlevel import RunVar
 
+from aqueue import _outage
 from aqueue._background import Background
 from aqueue._checks import check_name
 from aqueue._decorating import around
 from aqueue._exceptions import BrokerConnectionError, BrokerError, ConfigurationError, LockTimeout, TaskLocked
-from aqueue._outage import OutOfReach
 from aqueue._time import Seconds, finite_seconds, seconds
 
 if TYPE_CHECKING:
@@ -41,7 +41,20 @@ class _Line:
     users: int = 0
     # Shared: a waiter whose turn comes while the broker is out of reach gives up with the one
     # before it, not after a time out of reach of its own (the tenth after ten times as long).
-    out_of_reach: OutOfReach = field(default_factory=OutOfReach)
+    out_of_reach: _outage.OutOfReach = field(default_factory=_outage.OutOfReach)
+    # The waits for a turn of the waiters with no timeout: ended by the waiter at the front once
+    # the broker has been out of reach for RIDE_THROUGH s, whatever its own timeout (one behind a
+    # waiter with a timeout of minutes waited out that timeout first).
+    patient: set[anyio.CancelScope] = field(default_factory=set)
+
+    def out_of_reach_too_long(self) -> bool:
+        """A failed try counted; True once tries have failed for RIDE_THROUGH s in a row, and then
+        the waiters with no timeout lined up behind give up."""
+        if not self.out_of_reach.for_too_long():
+            return False
+        for wait in self.patient:
+            wait.cancel()
+        return True
 
 
 # Per event loop: each lock's line, by where the broker keeps its data, queue and lock name.
@@ -120,7 +133,7 @@ class Lock:
                                "re-entrant, and would wait for itself for ever")
         deadline = None if timeout is None else anyio.current_time() + timeout
         if timeout == 0:  # one try, waiting for no one
-            return await self._compete(timeout, deadline, OutOfReach())
+            return await self._compete(timeout, deadline, _Line())
         # The waiters of this process line up, and only the first waits on the broker: a release
         # woke every waiter listening, and each tried the lock again (a hand-off cost a request
         # per waiter, and 200 waiters took 28 ms each).
@@ -136,14 +149,22 @@ class Lock:
         try:
             left = math.inf if deadline is None else deadline - anyio.current_time()
             with anyio.move_on_after(left) as queued:
-                await line.turn.acquire()
+                if deadline is None:
+                    line.patient.add(queued)
+                try:
+                    await line.turn.acquire()
+                finally:
+                    line.patient.discard(queued)
             if queued.cancelled_caught:  # its turn never came
+                if deadline is None:
+                    raise BrokerConnectionError(f"lock {self.name!r} not acquired: the broker has been out "
+                                                f"of reach for {_outage.RIDE_THROUGH}s")
                 if line.out_of_reach.since is not None:
                     raise BrokerConnectionError(f"lock {self.name!r} not acquired within {timeout}s: "
                                                 "the broker is out of reach")
                 raise LockTimeout(f"lock {self.name!r} not acquired within {timeout}s")
             try:
-                return await self._compete(timeout, deadline, line.out_of_reach)
+                return await self._compete(timeout, deadline, line)
             finally:
                 line.turn.release()
         finally:
@@ -151,9 +172,10 @@ class Lock:
             if not line.users:
                 del lines[key]
 
-    async def _compete(self, timeout: float | None, deadline: float | None, out_of_reach: OutOfReach) -> str:
+    async def _compete(self, timeout: float | None, deadline: float | None, line: _Line) -> str:
         """Take the lock in the broker, waiting for its releases until `deadline`."""
         broker, queue = self.queue.broker, self.queue.name
+        out_of_reach = line.out_of_reach
         closes = self.queue._closes
         # Requests that got no answer (a lost connection, a cut-off, a cancel): each may have
         # taken the lock. Their tokens are released once the broker answers again, or as the wait
@@ -176,7 +198,7 @@ class Lock:
                         taken = await broker.lock_acquire(queue, self.name, token, self.ttl)
                 except BrokerConnectionError as exc:
                     lost.append(token)
-                    await self._ride_out(exc, out_of_reach, deadline, closes)
+                    await self._ride_out(exc, line, deadline, closes)
                     continue
                 except BaseException:
                     lost.append(token)
@@ -195,7 +217,7 @@ class Lock:
                             if await self._release_lost(lost):
                                 continue  # held by a request of ours with no answer: free now
                     except BrokerConnectionError as exc:
-                        await self._ride_out(exc, out_of_reach, deadline, closes)
+                        await self._ride_out(exc, line, deadline, closes)
                         continue  # asked again: waiting for a release ours may never send
                     self._check_open(closes)
                     remaining = None if deadline is None else deadline - anyio.current_time()
@@ -207,7 +229,7 @@ class Lock:
                     with anyio.move_on_after(math.inf if remaining is None else remaining):
                         await broker.lock_wait(queue, self.name, remaining)  # woken when released
                 except BrokerConnectionError as exc:
-                    await self._ride_out(exc, out_of_reach, deadline, closes)
+                    await self._ride_out(exc, line, deadline, closes)
         except BaseException:
             if lost and self.queue._closes == closes:  # closed, a release would open it again
                 with anyio.CancelScope(shield=True), anyio.move_on_after(ATTEMPT_WITHIN):
@@ -222,16 +244,17 @@ class Lock:
             raise
 
     async def _ride_out(
-        self, exc: BrokerConnectionError, out_of_reach: OutOfReach, deadline: float | None, closes: int
+        self, exc: BrokerConnectionError, line: _Line, deadline: float | None, closes: int
     ) -> None:
         """After a lost connection: pause before trying again; raise `exc` once the deadline has
         passed, or, with none, once the broker has been out of reach for long."""
+        out_of_reach = line.out_of_reach
+        too_long = line.out_of_reach_too_long()  # counted, for the waiters lined up behind too
         if deadline is None:
-            if out_of_reach.for_too_long():
+            if too_long:
                 raise exc
             await out_of_reach.pause()
         else:
-            out_of_reach.failed()  # counted, for the waiters lined up behind
             left = deadline - anyio.current_time()
             if left <= 0:
                 raise exc

@@ -559,6 +559,35 @@ async def test_lock_waiters_lined_up_in_a_process_give_up_together_when_redis_st
     assert ended == ["gave up: True"] * 11
 
 
+async def test_a_lock_waiter_with_no_timeout_gives_up_in_its_time_behind_one_with_a_longer_timeout(
+    cut_off_queue: tuple[Queue, Queue], proxy: FreezingProxy, queue_name: str, admin: redis.asyncio.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Lined up behind a waiter whose timeout is longer than RIDE_THROUGH, a waiter with no timeout
+    # waited out that timeout before its turn came and it could give up.
+    monkeypatch.setattr(outage, "RIDE_THROUGH", 0.3)
+    queue, holder_queue = cut_off_queue
+    ended: list[tuple[str, str]] = []
+
+    async def waiter(timeout: float | None) -> None:
+        try:
+            async with queue.lock("guarded", timeout=timeout):
+                ended.append((str(timeout), "took it"))
+        except BrokerConnectionError as exc:
+            ended.append((str(timeout), str(exc)))
+
+    with anyio.fail_after(10):
+        async with holder_queue.lock("guarded", ttl=30), anyio.create_task_group() as tg:
+            tg.start_soon(waiter, 3.0)
+            channel = f"aqueue:{{{queue_name}}}:lock:guarded"
+            while (await admin.pubsub_numsub(channel))[0][1] == 0:  # noqa: ASYNC110 - state in Redis
+                await anyio.sleep(0.01)
+            tg.start_soon(waiter, None)
+            proxy.cut()
+    assert [timeout for timeout, _ in ended] == ["None", "3.0"], ended
+    assert "out of reach for 0.3s" in ended[0][1]
+
+
 @pytest.mark.parametrize("what", ["result", "lock"])
 async def test_closing_the_queue_ends_a_wait_that_rides_through_an_outage(
     cut_off_queue: tuple[Queue, Queue], proxy: FreezingProxy, what: str
