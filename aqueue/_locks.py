@@ -212,14 +212,16 @@ class Lock:
                     return token  # so none of the requests with no answer holds it
                 remaining = None if deadline is None else deadline - anyio.current_time()
                 if lost and (remaining is None or remaining > 0):
+                    ours = False
                     try:
                         with anyio.move_on_after(math.inf if remaining is None else remaining):
-                            if await self._release_lost(lost):
-                                continue  # held by a request of ours with no answer: free now
+                            ours = await self._release_lost(lost)
                     except BrokerConnectionError as exc:
                         await self._ride_out(exc, line, deadline, closes)
                         continue  # asked again: waiting for a release ours may never send
-                    self._check_open(closes)
+                    self._check_open(closes)  # a close during the release: asking again would reopen
+                    if ours:
+                        continue  # held by a request of ours with no answer: free now
                     remaining = None if deadline is None else deadline - anyio.current_time()
                 if remaining is not None and remaining <= 0:
                     raise LockTimeout(f"lock {self.name!r} not acquired within {timeout}s")

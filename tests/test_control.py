@@ -15,6 +15,7 @@ import pytest
 
 from aqueue import (
     BrokerConnectionError,
+    BrokerError,
     ConfigurationError,
     JobCancelled,
     JobExpired,
@@ -826,6 +827,40 @@ async def test_a_request_whose_answer_never_comes_leaves_the_lock_free(
     monkeypatch.setattr(broker, "lock_acquire", taking)
     async with queue.lock("contended", timeout=0):  # free at once, not after 30 s
         pass
+
+
+@pytest.mark.parametrize("ours", [True, False], ids=["held_by_a_lost_request", "held_by_another"])
+async def test_a_close_during_the_release_of_lost_requests_ends_the_waiter(
+    queue: Queue, monkeypatch: pytest.MonkeyPatch, ours: bool
+) -> None:
+    # A close that landed while the waiter released what its lost requests may have taken ended it
+    # only when none of them held the lock; when one did, the waiter asked again at once, on a
+    # broker the request opened again behind the close.
+    broker = queue.broker
+    taking, releasing = broker.lock_acquire, broker.lock_release
+    if not ours:
+        assert await taking(queue.name, "contended", "another holder", 30.0)
+    asks = 0
+
+    async def first_answer_lost(queue_name: str, name: str, token: str, ttl: float) -> bool:
+        nonlocal asks
+        asks += 1
+        taken = await taking(queue_name, name, token, ttl)
+        if asks == 1:
+            raise BrokerConnectionError("Timeout reading from the server")
+        return taken
+
+    async def release_then_close(queue_name: str, name: str, token: str) -> bool:
+        released = await releasing(queue_name, name, token)
+        await queue.close()
+        return released
+
+    monkeypatch.setattr(broker, "lock_acquire", first_answer_lost)
+    monkeypatch.setattr(broker, "lock_release", release_then_close)
+    with anyio.fail_after(5), pytest.raises(BrokerError, match="closed while waiting for lock 'contended'"):
+        async with queue.lock("contended", timeout=3):
+            pytest.fail("the lock was taken")
+    assert asks == 2  # none asked after the close
 
 
 async def test_a_release_failing_after_a_lost_answer_leaves_the_first_error_standing(
