@@ -31,7 +31,7 @@ from aqueue import (
     every,
 )
 from aqueue import _outage as outage
-from aqueue.brokers import Broker
+from aqueue.brokers import Broker, JobRecord
 
 
 def recorder(queue: Queue, *signals: Signal) -> list[tuple[Signal, str]]:
@@ -245,6 +245,44 @@ async def test_cancel_a_running_job(queue: Queue) -> None:
     assert runs == 1
     assert seen == [(Signal.CANCELLED, job.id)]
     assert await job.state() == JobState.CANCELLED
+
+
+async def test_a_job_cancelled_as_its_rate_limit_puts_it_off_is_told_cancelled_once(
+    queue: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The worker reads the record of a job it wrote to run again, to tell a cancel that outlasted
+    # the run (CANCELLED) from the run again (SCHEDULED). A job put off by its rate limit keeps its
+    # attempt, so a cancel() landing between the write and that read, which told CANCELLED itself,
+    # was told CANCELLED a second time by the worker.
+    seen = recorder(queue, Signal.CANCELLED, Signal.SCHEDULED)
+
+    @queue.task
+    @queue.rate_limit("scarce", limit=1, per=3600, retry=True)
+    async def limited() -> None:
+        return None
+
+    async with queue.rate_limit("scarce", limit=1, per=3600):
+        pass  # the window spent: the job is put off to the next
+    broker = queue.broker
+    reading = broker.get
+    read = anyio.Event()
+    job_id = ""
+
+    async def cancelled_before_the_read(queue_name: str, wanted: str) -> JobRecord | None:
+        record = await reading(queue_name, wanted)
+        if wanted == job_id and record is not None and record.state == "scheduled" and not read.is_set():
+            read.set()
+            assert await queue.job(wanted).cancel() is True
+            return await reading(queue_name, wanted)
+        return record
+
+    monkeypatch.setattr(broker, "get", cancelled_before_the_read)
+    async with queue.worker():
+        job_id = (await limited.enqueue()).id
+        with anyio.fail_after(10):
+            await read.wait()
+    assert await queue.job(job_id).state() == JobState.CANCELLED
+    assert [signal for signal, _ in seen].count(Signal.CANCELLED) == 1, seen
 
 
 async def test_a_worker_takes_jobs_only_once_it_listens_for_cancel_requests(

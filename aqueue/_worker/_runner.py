@@ -549,8 +549,9 @@ class Worker:
 
     async def _to_run_again(self, c: Completion, announced: tuple[Signal, Any]) -> None:
         """SCHEDULED or ENQUEUED for a job written to run again, unless the broker ended it
-        instead: a cancel asked for while it ran outlasts its retry (it ends `cancelled`, its
-        attempt not counted), and is told as CANCELLED."""
+        instead: a cancel asked for while it ran outlasts its retry (it ends `cancelled` as this
+        completion finished, its attempt not counted), and is told as CANCELLED. A cancel that
+        came after the write ended it later, and told CANCELLED itself."""
         signal, job = announced
         try:
             record = await self.queue.broker.get(self.queue.name, c.delivery.job_id)
@@ -559,7 +560,7 @@ class Worker:
                            "handlers (not called): %s", c.delivery.job_id, signal.name, exc)
             return
         if (record is not None and record.state == JobState.CANCELLED.value
-                and record.attempt == c.delivery.attempt):
+                and record.attempt == c.delivery.attempt and record.finished_at == c.finished_at):
             if self.queue.signals.wants(Signal.CANCELLED):
                 await self.queue.signals.send(Signal.CANCELLED, job)
             return
