@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import threading
@@ -761,12 +762,13 @@ async def test_a_retry_at_once_is_enqueued_again_once_written(queue: Queue) -> N
     assert seen == [(job.id, 1), (job.id, 2), (job.id, 3)]
 
 
+@pytest.mark.parametrize("immediate", [False, True], ids=["worker", "immediate"])
 async def test_a_retry_the_broker_turns_into_a_cancel_is_told_as_cancelled(
-    queue: Queue, monkeypatch: pytest.MonkeyPatch
+    queue: Queue, monkeypatch: pytest.MonkeyPatch, immediate: bool
 ) -> None:
     # The job failed as a cancel of it was asked for, before its worker heard of the cancel: the
     # broker ends it cancelled rather than retry it. ENQUEUED was sent for the retry that never
-    # was, and no CANCELLED.
+    # was, and no CANCELLED (in immediate mode too, where `enqueue` runs the job).
     async def deaf(queue_name: str, on_request: object, on_listening: Callable[[], None]) -> None:
         on_listening()  # the pushed requests never come: only the worker's own check hears one
         await anyio.sleep_forever()
@@ -781,17 +783,24 @@ async def test_a_retry_the_broker_turns_into_a_cancel_is_told_as_cancelled(
         if signal is Signal.CANCELLED:
             told.set()
 
+    asked: list[bool] = []
+
     @queue.task(retries=2)
     async def doomed() -> None:
-        assert await queue.job(current_job().id).cancel() == "requested"
+        asked.append(await queue.job(current_job().id).cancel())
         raise ValueError("failed as it was being cancelled")
 
-    async with queue.worker():
+    async with contextlib.AsyncExitStack() as stack:
+        if immediate:
+            queue.immediate = True
+        else:
+            await stack.enter_async_context(queue.worker())
         job = await doomed.enqueue()
         with pytest.raises(JobCancelled):
             await job.result(timeout=10)
         with anyio.fail_after(10):
             await told.wait()
+    assert asked == [True]  # the cancel was taken, for a job running
     assert seen == [Signal.ENQUEUED, Signal.CANCELLED]
 
 

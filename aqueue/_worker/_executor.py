@@ -30,6 +30,7 @@ from aqueue._exceptions import (
 )
 from aqueue._serialization import dumps, encode_call, encode_result, loads
 from aqueue._signals import ENDED_SIGNALS, Signal, SignalJob, Signals
+from aqueue._states import JobState
 from aqueue._tasks import TaskPolicy, policy_for_call
 from aqueue._threads import run_in_thread
 from aqueue.brokers import Completion, Delivery, Outcome
@@ -177,6 +178,26 @@ def written_signal(queue: Queue, running: RunningJob, c: Completion) -> tuple[Si
     else:
         return None
     return (signal, SignalJob(c.delivery.job_id, c.delivery.task)) if queue.signals.wants(signal) else None
+
+
+async def announce_run_again(queue: Queue, c: Completion, announced: tuple[Signal, Any]) -> None:
+    """SCHEDULED or ENQUEUED for a job written to run again (`written_signal`), unless the broker
+    ended it instead: a cancel asked for while it ran outlasts its retry (it ends `cancelled` as
+    this completion finished, its attempt not counted), and is told as CANCELLED. A cancel that
+    came after the write ended it later, and told CANCELLED itself."""
+    signal, job = announced
+    try:
+        record = await queue.broker.get(queue.name, c.delivery.job_id)
+    except BrokerError as exc:
+        logger.warning("job %s: could not read whether it was retried or cancelled, for its %s "
+                       "handlers (not called): %s", c.delivery.job_id, signal.name, exc)
+        return
+    if (record is not None and record.state == JobState.CANCELLED.value
+            and record.attempt == c.delivery.attempt and record.finished_at == c.finished_at):
+        if queue.signals.wants(Signal.CANCELLED):
+            await queue.signals.send(Signal.CANCELLED, job)
+        return
+    await queue.signals.send(signal, job)
 
 
 async def execute(queue: Queue, running: RunningJob) -> Completion | None:

@@ -34,6 +34,7 @@ from aqueue._time import Seconds, seconds
 from aqueue._worker._completer import Completer
 from aqueue._worker._executor import (
     RunningJob,
+    announce_run_again,
     dead,
     execute,
     report_ended,
@@ -545,26 +546,7 @@ class Worker:
                 if announced[0] is Signal.COMPLETE:
                     self._announcements.start_soon(self.queue.signals.send, *announced)
                 else:
-                    self._announcements.start_soon(self._to_run_again, c, announced)
-
-    async def _to_run_again(self, c: Completion, announced: tuple[Signal, Any]) -> None:
-        """SCHEDULED or ENQUEUED for a job written to run again, unless the broker ended it
-        instead: a cancel asked for while it ran outlasts its retry (it ends `cancelled` as this
-        completion finished, its attempt not counted), and is told as CANCELLED. A cancel that
-        came after the write ended it later, and told CANCELLED itself."""
-        signal, job = announced
-        try:
-            record = await self.queue.broker.get(self.queue.name, c.delivery.job_id)
-        except BrokerError as exc:
-            logger.warning("job %s: could not read whether it was retried or cancelled, for its %s "
-                           "handlers (not called): %s", c.delivery.job_id, signal.name, exc)
-            return
-        if (record is not None and record.state == JobState.CANCELLED.value
-                and record.attempt == c.delivery.attempt and record.finished_at == c.finished_at):
-            if self.queue.signals.wants(Signal.CANCELLED):
-                await self.queue.signals.send(Signal.CANCELLED, job)
-            return
-        await self.queue.signals.send(signal, job)
+                    self._announcements.start_soon(announce_run_again, self.queue, c, announced)
 
     def _written(self, completions: list[Completion]) -> None:
         pending = self._announced
