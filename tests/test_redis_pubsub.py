@@ -528,6 +528,34 @@ async def test_a_lock_request_out_of_reach_of_redis_tries_again_until_its_timeou
     assert proxy.refused > refused + 2
 
 
+async def lined_up_through_an_outage(
+    cut_off_queue: tuple[Queue, Queue], proxy: FreezingProxy, queue_name: str, admin: redis.asyncio.Redis,
+    first: float | None, behind: list[float | None],
+) -> list[tuple[float | None, str]]:
+    """Waiters for a lock held elsewhere, lined up in this process (with timeout `first` at the
+    front, the one that asks Redis, and `behind` after it), as every connection to Redis is cut:
+    each one's timeout and how it ended, in the order they ended."""
+    queue, holder_queue = cut_off_queue
+    ended: list[tuple[float | None, str]] = []
+
+    async def waiter(timeout: float | None) -> None:
+        try:
+            async with queue.lock("guarded", timeout=timeout):
+                ended.append((timeout, "took it"))
+        except BrokerConnectionError as exc:
+            ended.append((timeout, str(exc)))
+
+    async with holder_queue.lock("guarded", ttl=30), anyio.create_task_group() as tg:
+        tg.start_soon(waiter, first)
+        channel = f"aqueue:{{{queue_name}}}:lock:guarded"
+        while (await admin.pubsub_numsub(channel))[0][1] == 0:  # noqa: ASYNC110 - state in Redis
+            await anyio.sleep(0.01)
+        for timeout in behind:
+            tg.start_soon(waiter, timeout)
+        proxy.cut()
+    return ended
+
+
 async def test_lock_waiters_lined_up_in_a_process_give_up_together_when_redis_stays_away(
     cut_off_queue: tuple[Queue, Queue], proxy: FreezingProxy, queue_name: str, admin: redis.asyncio.Redis,
     monkeypatch: pytest.MonkeyPatch,
@@ -536,27 +564,10 @@ async def test_lock_waiters_lined_up_in_a_process_give_up_together_when_redis_st
     # time out of reach afresh: the tenth gave up after ten times as long (k x 30 s). And a waiter
     # whose timeout passed in the line said LockTimeout ("not acquired"), not that Redis was away.
     monkeypatch.setattr(outage, "RIDE_THROUGH", 0.3)
-    queue, holder_queue = cut_off_queue
-    ended: list[str] = []
-
-    async def waiter(timeout: float | None) -> None:
-        try:
-            async with queue.lock("guarded", timeout=timeout):
-                ended.append("took it")
-        except BrokerConnectionError as exc:
-            ended.append(f"gave up: {'out of reach' in str(exc) or 'cannot reach' in str(exc)}")
-
     with anyio.fail_after(2.5):  # ten one after another took over 3 s
-        async with holder_queue.lock("guarded", ttl=30), anyio.create_task_group() as tg:
-            tg.start_soon(waiter, None)
-            channel = f"aqueue:{{{queue_name}}}:lock:guarded"
-            while (await admin.pubsub_numsub(channel))[0][1] == 0:  # noqa: ASYNC110 - state in Redis
-                await anyio.sleep(0.01)
-            for _ in range(9):
-                tg.start_soon(waiter, None)
-            tg.start_soon(waiter, 0.5)
-            proxy.cut()
-    assert ended == ["gave up: True"] * 11
+        behind: list[float | None] = [*[None] * 9, 0.5]
+        ended = await lined_up_through_an_outage(cut_off_queue, proxy, queue_name, admin, None, behind)
+    assert [("out of reach" in why or "cannot reach" in why) for _, why in ended] == [True] * 11, ended
 
 
 async def test_a_lock_waiter_with_no_timeout_gives_up_in_its_time_behind_one_with_a_longer_timeout(
@@ -566,25 +577,9 @@ async def test_a_lock_waiter_with_no_timeout_gives_up_in_its_time_behind_one_wit
     # Lined up behind a waiter whose timeout is longer than RIDE_THROUGH, a waiter with no timeout
     # waited out that timeout before its turn came and it could give up.
     monkeypatch.setattr(outage, "RIDE_THROUGH", 0.3)
-    queue, holder_queue = cut_off_queue
-    ended: list[tuple[str, str]] = []
-
-    async def waiter(timeout: float | None) -> None:
-        try:
-            async with queue.lock("guarded", timeout=timeout):
-                ended.append((str(timeout), "took it"))
-        except BrokerConnectionError as exc:
-            ended.append((str(timeout), str(exc)))
-
     with anyio.fail_after(10):
-        async with holder_queue.lock("guarded", ttl=30), anyio.create_task_group() as tg:
-            tg.start_soon(waiter, 3.0)
-            channel = f"aqueue:{{{queue_name}}}:lock:guarded"
-            while (await admin.pubsub_numsub(channel))[0][1] == 0:  # noqa: ASYNC110 - state in Redis
-                await anyio.sleep(0.01)
-            tg.start_soon(waiter, None)
-            proxy.cut()
-    assert [timeout for timeout, _ in ended] == ["None", "3.0"], ended
+        ended = await lined_up_through_an_outage(cut_off_queue, proxy, queue_name, admin, 3.0, [None])
+    assert [timeout for timeout, _ in ended] == [None, 3.0], ended
     assert "out of reach for 0.3s" in ended[0][1]
 
 
