@@ -157,8 +157,8 @@ class Lock:
                     line.patient.discard(queued)
             if queued.cancelled_caught:  # its turn never came
                 if deadline is None:
-                    raise BrokerConnectionError(f"lock {self.name!r} not acquired: the broker has been out "
-                                                f"of reach for {_outage.RIDE_THROUGH}s")
+                    raise BrokerConnectionError(f"lock {self.name!r} not acquired: {self.queue.broker.url} "
+                                                f"has been out of reach for {_outage.RIDE_THROUGH}s")
                 if line.out_of_reach.since is not None:
                     raise BrokerConnectionError(f"lock {self.name!r} not acquired within {timeout}s: "
                                                 "the broker is out of reach")
@@ -210,12 +210,13 @@ class Lock:
                 out_of_reach.reached()  # answered
                 if taken:
                     return token  # so none of the requests with no answer holds it
+                self._check_open(closes)  # closed while it asked: a release or a wait would reopen
                 remaining = None if deadline is None else deadline - anyio.current_time()
                 if lost and (remaining is None or remaining > 0):
                     ours = False
                     try:
                         with anyio.move_on_after(math.inf if remaining is None else remaining):
-                            ours = await self._release_lost(lost)
+                            ours = await self._release_lost(lost, closes)
                     except BrokerConnectionError as exc:
                         await self._ride_out(exc, line, deadline, closes)
                         continue  # asked again: waiting for a release ours may never send
@@ -236,7 +237,7 @@ class Lock:
             if lost and self.queue._closes == closes:  # closed, a release would open it again
                 with anyio.CancelScope(shield=True), anyio.move_on_after(ATTEMPT_WITHIN):
                     try:
-                        await self._release_lost(lost)
+                        await self._release_lost(lost, closes)
                     except Exception:  # said below; it must not replace what is raised
                         pass
             if lost:
@@ -267,12 +268,14 @@ class Lock:
         if self.queue._closes != closes:  # going on would open the broker again behind the close
             raise BrokerError(f"queue {self.queue.name!r} was closed while waiting for lock {self.name!r}")
 
-    async def _release_lost(self, lost: list[str]) -> bool:
+    async def _release_lost(self, lost: list[str], closes: int) -> bool:
         """Release what the requests with no answer may have taken, forgetting each token the
         broker answers for; True if one of them held the lock. Raises BrokerConnectionError when
-        the broker is out of reach again (the tokens not answered for are kept)."""
+        the broker is out of reach again (the tokens not answered for are kept), BrokerError once
+        the queue is closed (a release sent then would open the broker again)."""
         held = False
         for token in list(lost):
+            self._check_open(closes)
             held = await self.queue.broker.lock_release(self.queue.name, self.name, token) or held
             lost.remove(token)
         return held

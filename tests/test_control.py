@@ -867,38 +867,49 @@ async def test_a_request_whose_answer_never_comes_leaves_the_lock_free(
         pass
 
 
-@pytest.mark.parametrize("ours", [True, False], ids=["held_by_a_lost_request", "held_by_another"])
+@pytest.mark.parametrize(
+    ("ours", "lost_asks", "close_in"),
+    [(True, 1, "release"), (False, 1, "release"), (True, 2, "release"), (True, 1, "answered request")],
+    ids=["held_by_a_lost_request", "held_by_another", "two_lost_requests", "closed_while_asking"],
+)
 async def test_a_close_during_the_release_of_lost_requests_ends_the_waiter(
-    queue: Queue, monkeypatch: pytest.MonkeyPatch, ours: bool
+    queue: Queue, monkeypatch: pytest.MonkeyPatch, ours: bool, lost_asks: int, close_in: str
 ) -> None:
     # A close that landed while the waiter released what its lost requests may have taken ended it
     # only when none of them held the lock; when one did, the waiter asked again at once, on a
-    # broker the request opened again behind the close.
+    # broker the request opened again behind the close. And a release was still sent after a close:
+    # the next of two, or the first when the close came as the broker answered a request.
     broker = queue.broker
     taking, releasing = broker.lock_acquire, broker.lock_release
     if not ours:
         assert await taking(queue.name, "contended", "another holder", 30.0)
-    asks = 0
+    asks = releases = 0
 
-    async def first_answer_lost(queue_name: str, name: str, token: str, ttl: float) -> bool:
+    async def answers_lost(queue_name: str, name: str, token: str, ttl: float) -> bool:
         nonlocal asks
         asks += 1
         taken = await taking(queue_name, name, token, ttl)
-        if asks == 1:
+        if asks <= lost_asks:
             raise BrokerConnectionError("Timeout reading from the server")
+        if close_in == "answered request":
+            await queue.close()
         return taken
 
     async def release_then_close(queue_name: str, name: str, token: str) -> bool:
+        nonlocal releases
+        releases += 1
         released = await releasing(queue_name, name, token)
-        await queue.close()
+        if close_in == "release":
+            await queue.close()
         return released
 
-    monkeypatch.setattr(broker, "lock_acquire", first_answer_lost)
+    monkeypatch.setattr(broker, "lock_acquire", answers_lost)
     monkeypatch.setattr(broker, "lock_release", release_then_close)
     with anyio.fail_after(5), pytest.raises(BrokerError, match="closed while waiting for lock 'contended'"):
         async with queue.lock("contended", timeout=3):
             pytest.fail("the lock was taken")
-    assert asks == 2  # none asked after the close
+    assert asks == lost_asks + 1  # none asked after the close
+    assert releases == (1 if close_in == "release" else 0)  # nor released
 
 
 async def test_a_release_failing_after_a_lost_answer_leaves_the_first_error_standing(
