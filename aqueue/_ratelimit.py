@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from types import TracebackType
@@ -22,10 +21,11 @@ F = TypeVar("F", bound=Callable[..., Any])
 class RateLimit:
     """`async with queue.rate_limit("key", limit=10, per=60):`, or a decorator below `@queue.task`.
 
-    Each use is one atomic hit on the broker; windows are aligned to the epoch, so every worker
-    counts in the same window. Over the limit, `RateLimitExceeded(retry_after=...)`; inside a job
-    with `retry=True` the job runs again in the next window without using a retry; with
-    `retry=False` it is retried by its task's policy, none of its retries before the next window.
+    Each use is one atomic hit on the broker; windows are aligned to the epoch on the broker's
+    clock (Redis's), so every worker counts in the same window whatever its host's clock says.
+    Over the limit, `RateLimitExceeded(retry_after=...)`; inside a job with `retry=True` the job
+    runs again in the next window without using a retry; with `retry=False` it is retried by its
+    task's policy, none of its retries before the next window.
     """
 
     def __init__(self, queue: Queue, key: str, limit: int, per: Seconds, retry: bool = True) -> None:
@@ -39,9 +39,7 @@ class RateLimit:
 
     async def hit(self) -> None:
         """Count one use, or raise `RateLimitExceeded`."""
-        wait = await self.queue.broker.rate_limit_hit(
-            self.queue.name, self.key, self.limit, self.per, time.time()
-        )
+        wait = await self.queue.broker.rate_limit_hit(self.queue.name, self.key, self.limit, self.per)
         if wait > 0:
             raise RateLimitExceeded(self.key, wait, reschedule=self.retry)
 

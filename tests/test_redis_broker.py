@@ -1726,3 +1726,32 @@ async def test_a_blocking_read_longer_than_the_socket_timeout_is_no_lost_connect
         await broker.close()
         if own is not None:
             await own.aclose()
+
+
+async def test_rate_limit_windows_are_those_of_redis_clock_not_the_callers(
+    redis_url: str, queue_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Windows were counted on each caller's clock: a host whose clock ran an hour ahead counted
+    # in a window of its own, and the limit let through twice as much (every worker counts in the
+    # same window only if they share one clock: Redis's).
+    queue = Queue(redis_url, name=queue_name)
+    limit = queue.rate_limit("api", limit=1, per=3600)
+    try:
+        async with limit:
+            pass
+        real = time.time
+        monkeypatch.setattr(time, "time", lambda: real() + 3600)  # this host's clock, an hour ahead
+        with pytest.raises(aqueue.RateLimitExceeded) as refused:
+            async with limit:
+                pytest.fail("admitted by a window of this host's clock")
+        monkeypatch.setattr(time, "time", real)
+        client = redis.asyncio.Redis.from_url(redis_url)
+        try:
+            seconds, micros = await client.time()
+        finally:
+            await client.aclose()
+        now = seconds + micros / 1e6
+        # Until the next window of Redis's clock.
+        assert refused.value.retry_after == pytest.approx((math.floor(now / 3600) + 1) * 3600 - now, abs=1)
+    finally:
+        await queue.close()

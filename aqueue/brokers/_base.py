@@ -463,9 +463,8 @@ class Broker(ABC):
         (None: no limit). Returns at once when the lock is free."""
 
     @abstractmethod
-    async def rate_limit_hit(
-        self, queue: str, key: str, limit: int, per: float, now: float
-    ) -> float:
-        """Count one hit in the current window of `per` seconds (windows aligned to the epoch).
+    async def rate_limit_hit(self, queue: str, key: str, limit: int, per: float) -> float:
+        """Count one hit in the current window of `per` seconds (windows aligned to the epoch) of
+        the broker's own clock, so that callers whose clocks differ count in the same window.
         Returns 0 when admitted (at most `limit` are per window), else the seconds until the next
         window."""

@@ -859,8 +859,9 @@ class MemoryBroker(Broker):
         with anyio.move_on_after(wait):
             await released.event.wait()
 
-    async def rate_limit_hit(self, queue: str, key: str, limit: int, per: float, now: float) -> float:
+    async def rate_limit_hit(self, queue: str, key: str, limit: int, per: float) -> float:
         q = self._queue(queue)
+        now = time.time()  # one process: its clock is the broker's
         window = math.floor(now / per)
         current, hits = q.rates.get((key, per), (window, 0))
         hits = hits + 1 if current == window else 1

@@ -1287,9 +1287,6 @@ class RedisBroker(Broker):
                     await released.wait()
         self._check_open(notifier, waiting)
 
-    async def rate_limit_hit(self, queue: str, key: str, limit: int, per: float, now: float) -> float:
-        window = math.floor(now / per)
-        admitted = await self._run(
-            queue, "rate_limit", [key, window, limit, max(1, math.ceil(per * 1000))]
-        )
-        return 0.0 if admitted else max((window + 1) * per - now, 0.001)
+    async def rate_limit_hit(self, queue: str, key: str, limit: int, per: float) -> float:
+        wait_ms = await self._run(queue, "rate_limit", [key, limit, max(1, math.ceil(per * 1000))])
+        return int(wait_ms) / 1000

@@ -43,16 +43,23 @@ async def exclusive() -> None:
         await client.decr(probe("inside"))
 
 
-# The time each run of `limited` was counted at by the rate limit, which picks its window. The
-# time the run is written down can be a window later (a slow round trip), where it would look
-# like a sixth run.
-_counted_at: ContextVar[float] = ContextVar("counted_at")
+# Redis's clock just before and just after the rate limit counted each run of `limited`: the
+# window it was counted in is theirs when both fall in one. The time the run is written down can
+# be a window later (a slow round trip), where it would look like a sixth run.
+_counted_within: ContextVar[str] = ContextVar("counted_within")
 _rate_limit_hit = queue.broker.rate_limit_hit
 
 
-async def _noted_rate_limit_hit(queue_name: str, key: str, limit: int, per: float, now: float) -> float:
-    _counted_at.set(now)  # the job's own context: its body reads it
-    return await _rate_limit_hit(queue_name, key, limit, per, now)
+async def _redis_time() -> float:
+    seconds, micros = await (await redis()).time()
+    return seconds + micros / 1e6
+
+
+async def _noted_rate_limit_hit(queue_name: str, key: str, limit: int, per: float) -> float:
+    before = await _redis_time()
+    wait = await _rate_limit_hit(queue_name, key, limit, per)
+    _counted_within.set(f"{before!r} {await _redis_time()!r}")  # the job's own context: its body reads it
+    return wait
 
 
 queue.broker.rate_limit_hit = _noted_rate_limit_hit  # type: ignore[method-assign]
@@ -61,7 +68,7 @@ queue.broker.rate_limit_hit = _noted_rate_limit_hit  # type: ignore[method-assig
 @queue.task(name="limited")
 @queue.rate_limit("five-per-second", limit=5, per=1)
 async def limited() -> None:
-    await (await redis()).rpush(probe("runs"), repr(_counted_at.get()))
+    await (await redis()).rpush(probe("runs"), _counted_within.get())
 
 
 @queue.task(name="long", retries=3)
