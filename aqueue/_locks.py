@@ -208,8 +208,10 @@ class Lock:
                     raise LockTimeout(f"lock {self.name!r} not acquired within {timeout}s (no answer from "
                                       "the broker in time)")
                 out_of_reach.reached()  # answered
-                if taken:
+                if taken and self.queue._closes == closes:
                     return token  # so none of the requests with no answer holds it
+                if taken:  # as the queue closed: left to its ttl, as a release would reopen it
+                    lost.append(token)
                 self._check_open(closes)  # closed while it asked: a release or a wait would reopen
                 remaining = None if deadline is None else deadline - anyio.current_time()
                 if lost and (remaining is None or remaining > 0):
@@ -241,9 +243,9 @@ class Lock:
                     except Exception:  # said below; it must not replace what is raised
                         pass
             if lost:
-                logger.warning("lock %r: %d request(s) that got no answer may have taken it, not released "
-                               "(no answer, or the queue closed); it frees itself within %ss", self.name,
-                               len(lost), self.ttl)
+                logger.warning("lock %r: %d request(s) whose answer was lost, or came as the queue closed, "
+                               "may have taken it, not released (no answer, or the queue closed); it frees "
+                               "itself within %ss", self.name, len(lost), self.ttl)
             raise
 
     async def _ride_out(

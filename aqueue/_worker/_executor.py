@@ -165,10 +165,11 @@ async def report_ended(queue: Queue, d: Delivery) -> None:
 
 
 def written_signal(queue: Queue, running: RunningJob, c: Completion) -> tuple[Signal, Any] | None:
-    """The signal, if it has handlers, to send once the outcome `c` is written (as in Huey, whose
-    handlers find it stored): COMPLETE for a success, SCHEDULED for a retry or a rate limit's
-    reschedule that waits for its time, ENQUEUED for a retry at once (back on the queue, as
-    Huey's requeue is)."""
+    """The signal to send once the outcome `c` is written (as in Huey, whose handlers find it
+    stored), if it or what may stand in its place has handlers: COMPLETE for a success,
+    SCHEDULED for a retry or a rate limit's reschedule that waits for its time, ENQUEUED for a
+    retry at once (back on the queue, as Huey's requeue is); for these two, CANCELLED instead if
+    the broker ends the job cancelled (`announce_run_again`)."""
     if running.completed is not None:
         return Signal.COMPLETE, running.completed
     if c.retry_at is not None:  # a RETRY or a DEFER
@@ -177,7 +178,8 @@ def written_signal(queue: Queue, running: RunningJob, c: Completion) -> tuple[Si
         signal = Signal.ENQUEUED
     else:
         return None
-    return (signal, SignalJob(c.delivery.job_id, c.delivery.task)) if queue.signals.wants(signal) else None
+    wanted = queue.signals.wants(signal) or queue.signals.wants(Signal.CANCELLED)
+    return (signal, SignalJob(c.delivery.job_id, c.delivery.task)) if wanted else None
 
 
 async def announce_run_again(queue: Queue, c: Completion, announced: tuple[Signal, Any]) -> None:
@@ -197,7 +199,8 @@ async def announce_run_again(queue: Queue, c: Completion, announced: tuple[Signa
         if queue.signals.wants(Signal.CANCELLED):
             await queue.signals.send(Signal.CANCELLED, job)
         return
-    await queue.signals.send(signal, job)
+    if queue.signals.wants(signal):
+        await queue.signals.send(signal, job)
 
 
 async def execute(queue: Queue, running: RunningJob) -> Completion | None:
