@@ -31,7 +31,7 @@ from aqueue import (
     every,
 )
 from aqueue import _outage as outage
-from aqueue.brokers import Broker, JobRecord
+from aqueue.brokers import Broker, JobRecord, RedisBroker
 
 
 def recorder(queue: Queue, *signals: Signal) -> list[tuple[Signal, str]]:
@@ -1039,6 +1039,27 @@ async def test_result_refuses_a_timeout_that_is_not_a_duration(queue: Queue) -> 
     for bad in ("2", True, math.nan):
         with pytest.raises(ConfigurationError, match="timeout"):
             await queue.job("any").result(timeout=bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("per", [4.03, 16.1, 0.5, 60])
+async def test_rate_limit_windows_are_aligned_to_the_epoch(queue: Queue, per: float) -> None:
+    # Windows were ceil(per * 1000) ms long on Redis: 4.03 s is 4030.0000000000005 ms, counted as
+    # 4031, a grid that drifted from the epoch's, and a refused use waited for another window's end.
+    limit = queue.rate_limit("api", limit=1, per=per)
+    async with limit:
+        pass
+    with pytest.raises(RateLimitExceeded) as refused:
+        async with limit:
+            pass
+    if isinstance(queue.broker, RedisBroker):
+        seconds, micros = await queue.broker.client.time()
+        now = seconds + micros / 1e6  # the clock it counts by
+    else:
+        now = time.time()
+    # Within the round trip; a use refused in the last moments of its window may find the clock,
+    # read after it, in the next window.
+    until_edge = (math.floor(now / per) + 1) * per - now
+    assert refused.value.retry_after == pytest.approx(until_edge, abs=0.05) or refused.value.retry_after < 0.05
 
 
 async def test_rate_limit_context_manager(queue: Queue) -> None:

@@ -52,6 +52,13 @@ def error_handler_id(job_id: str, failure: int = 1) -> str:
     return f"{job_id}:error" if failure == 1 else f"{job_id}:error:{failure}"
 
 
+def rate_window_ms(per: float) -> int:
+    """A rate limit's window, in whole milliseconds (at least one): the length both brokers count
+    in. Rounded, not ceiled: 16.1 s is 16100.000000000002 ms, and a window 1 ms longer would drift
+    away from the epoch's."""
+    return max(1, round(per * 1000))
+
+
 BATCH_CALLBACK_KINDS = ("success", "failure", "complete")
 
 

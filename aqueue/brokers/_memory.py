@@ -33,6 +33,7 @@ from aqueue.brokers._base import (
     WorkflowLinks,
     batch_callback_id,
     error_handler_id,
+    rate_window_ms,
 )
 
 ARGS_HEAD = b'{"args":['
@@ -149,7 +150,7 @@ class _Queue:
     ticks: dict[str, float] = field(default_factory=dict)  # periodic task -> last tick enqueued
     locks: dict[str, tuple[str, float]] = field(default_factory=dict)  # name -> token, deadline
     lock_released: dict[str, _LoopEvent] = field(default_factory=dict)
-    rates: dict[tuple[str, float], tuple[int, int]] = field(default_factory=dict)
+    rates: dict[tuple[str, int], tuple[int, int]] = field(default_factory=dict)  # by key, window ms
     """(key, window length) -> window, hits: two limits on one key with windows of different
     lengths count apart, as Redis counts each window under a key of its own."""
     links: dict[str, WorkflowLinks] = field(default_factory=dict)
@@ -861,9 +862,10 @@ class MemoryBroker(Broker):
 
     async def rate_limit_hit(self, queue: str, key: str, limit: int, per: float) -> float:
         q = self._queue(queue)
-        now = time.time()  # one process: its clock is the broker's
-        window = math.floor(now / per)
-        current, hits = q.rates.get((key, per), (window, 0))
+        per_ms = rate_window_ms(per)
+        now = time.time() * 1000  # one process: its clock is the broker's
+        window = math.floor(now / per_ms)
+        current, hits = q.rates.get((key, per_ms), (window, 0))
         hits = hits + 1 if current == window else 1
-        q.rates[key, per] = (window, hits)
-        return 0.0 if hits <= limit else max((window + 1) * per - now, 0.001)
+        q.rates[key, per_ms] = (window, hits)
+        return 0.0 if hits <= limit else max((window + 1) * per_ms - now, 1) / 1000

@@ -52,6 +52,7 @@ from aqueue.brokers._base import (
     NewJob,
     Outcome,
     WorkflowLinks,
+    rate_window_ms,
 )
 from aqueue.brokers._keys import GROUP, Keys
 from aqueue.brokers._notifier import Notifier
@@ -1288,5 +1289,5 @@ class RedisBroker(Broker):
         self._check_open(notifier, waiting)
 
     async def rate_limit_hit(self, queue: str, key: str, limit: int, per: float) -> float:
-        wait_ms = await self._run(queue, "rate_limit", [key, limit, max(1, math.ceil(per * 1000))])
+        wait_ms = await self._run(queue, "rate_limit", [key, limit, rate_window_ms(per)])
         return int(wait_ms) / 1000
