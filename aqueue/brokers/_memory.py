@@ -150,8 +150,8 @@ class _Queue:
     ticks: dict[str, float] = field(default_factory=dict)  # periodic task -> last tick enqueued
     locks: dict[str, tuple[str, float]] = field(default_factory=dict)  # name -> token, deadline
     lock_released: dict[str, _LoopEvent] = field(default_factory=dict)
-    rates: dict[tuple[str, int], tuple[int, int]] = field(default_factory=dict)  # by key, window ms
-    """(key, window length) -> window, hits: two limits on one key with windows of different
+    rates: dict[tuple[str, int], tuple[int, int]] = field(default_factory=dict)
+    """(key, window length in ms) -> window, hits: two limits on one key with windows of different
     lengths count apart, as Redis counts each window under a key of its own."""
     links: dict[str, WorkflowLinks] = field(default_factory=dict)
     waiting: set[str] = field(default_factory=set)  # jobs a workflow will activate
