@@ -140,6 +140,14 @@ async def once_waited_on(
         yield
 
 
+async def until_lock_waited_on(admin: redis.asyncio.Redis, queue_name: str, name: str) -> None:
+    """Until a process listens for the release of lock `name` (a waiter waits on the broker)."""
+    channel = f"aqueue:{{{queue_name}}}:lock:{name}"
+    with anyio.fail_after(10):
+        while (await admin.pubsub_numsub(channel))[0][1] == 0:  # noqa: ASYNC110 - state in Redis
+            await anyio.sleep(0.01)
+
+
 async def test_the_acl_commands_readme_lists_serve_a_worker_and_a_producer(
     redis_url: str, queue_name: str, admin: redis.asyncio.Redis
 ) -> None:
@@ -495,9 +503,7 @@ async def test_a_lock_waiter_rides_through_redis_being_out_of_reach_for_a_while(
         async with anyio.create_task_group() as tg:
             async with holder_queue.lock("guarded", ttl=30):
                 tg.start_soon(waiter)
-                channel = f"aqueue:{{{queue_name}}}:lock:guarded"
-                while (await admin.pubsub_numsub(channel))[0][1] == 0:  # noqa: ASYNC110 - state in Redis
-                    await anyio.sleep(0.01)
+                await until_lock_waited_on(admin, queue_name, "guarded")
                 proxy.cut()
                 while proxy.refused < 5:  # noqa: ASYNC110 - the waiter tries again, and is refused
                     await anyio.sleep(0.01)
@@ -547,9 +553,7 @@ async def lined_up_through_an_outage(
 
     async with holder_queue.lock("guarded", ttl=30), anyio.create_task_group() as tg:
         tg.start_soon(waiter, first)
-        channel = f"aqueue:{{{queue_name}}}:lock:guarded"
-        while (await admin.pubsub_numsub(channel))[0][1] == 0:  # noqa: ASYNC110 - state in Redis
-            await anyio.sleep(0.01)
+        await until_lock_waited_on(admin, queue_name, "guarded")
         for timeout in behind:
             tg.start_soon(waiter, timeout)
         proxy.cut()

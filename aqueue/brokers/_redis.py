@@ -41,7 +41,6 @@ from redis.asyncio.connection import (
 
 from aqueue import _outage
 from aqueue._exceptions import BrokerConnectionError, BrokerError, ConfigurationError
-from aqueue._outage import OutOfReach
 from aqueue.brokers._base import (
     BatchSpec,
     Broker,
@@ -1056,7 +1055,7 @@ class RedisBroker(Broker):
         inbox = self._key(queue).done_channel(self._inbox)
         waiting = f"waiting on job {job_id}"
         self._check_room_to_listen(waiting)
-        out_of_reach = OutOfReach()  # the wait rides through Redis being out of reach
+        out_of_reach = _outage.OutOfReach()  # the wait rides through Redis being out of reach
         with self._closed_said(notifier, waiting), anyio.move_on_after(timeout):  # None: no deadline
             while True:
                 self._check_open(notifier, waiting)
