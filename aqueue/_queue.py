@@ -23,6 +23,7 @@ from aqueue._tasks import (
     SyncTask,
     Task,
     TaskPolicy,
+    call_eta,
     call_overrides,
     default_name,
     unguarded,
@@ -329,16 +330,16 @@ class Queue:
         job_id: str | None = None,
         options: dict[str, Any] | None = None,
         links: WorkflowLinks | None = None,
+        due: float | None = None,
     ) -> NewJob:
         """One job: the task's policy with the call's options; `options` and `links` carry
-        its place in a workflow."""
+        its place in a workflow, `due` when the workflow is due (where its expiry counts from)
+        for a job that waits for others."""
         payload = encode_call(task.name, args, kwargs, {**call_overrides(call), **(options or {})},
                               self.max_payload_size)
-        eta: float | None = None
-        if call.eta is not None:
-            eta = epoch(call.eta, now, "eta")
-        elif call.delay is not None:
-            eta = epoch(call.delay, now, "delay")
+        eta = call_eta(call, now)
+        if due is None:
+            due = max(now, eta or now)
         expires = call.expires if call.expires is not None else task.policy.expires
         return NewJob(
             id=job_id or new_id(),
@@ -346,7 +347,7 @@ class Queue:
             payload=payload,
             priority=call.priority if call.priority is not None else task.policy.priority,
             eta=eta,
-            expires=None if expires is None else epoch(expires, max(now, eta or now), "expires"),
+            expires=None if expires is None else epoch(expires, due, "expires"),
             key=call.key,
             enqueued_at=now,
             links=links,
@@ -380,12 +381,13 @@ class Queue:
         on_complete: Task[Any, Any] | Signature[Any] | None = None,
     ) -> Batch:
         """Enqueue jobs tracked together, with callbacks that each fire once (see `Batch`)."""
-        if not members:
-            raise ConfigurationError("a batch needs at least one member")
-        from aqueue._workflows import Plan
+        from aqueue._workflows import Plan, _nodes
 
+        nodes = _nodes(members, "batch")
+        if not nodes:
+            raise ConfigurationError("a batch needs at least one member")
         plan = Plan(self)
-        handle = plan.batch(list(members), on_success, on_failure, on_complete)
+        handle = plan.batch(nodes, on_success, on_failure, on_complete)
         await self._store_plan(plan)
         return handle
 

@@ -218,6 +218,15 @@ def call_overrides(call: CallOptions) -> dict[str, Any]:
     return overrides
 
 
+def call_eta(call: CallOptions, now: float) -> float | None:
+    """When a job enqueued `now` with these options is due, if later than its enqueue."""
+    if call.eta is not None:
+        return epoch(call.eta, now, "eta")
+    if call.delay is not None:
+        return epoch(call.delay, now, "delay")
+    return None
+
+
 def policy_for_call(policy: TaskPolicy, overrides: dict[str, Any]) -> TaskPolicy:
     """The policy a job runs under: the task's, with the call's overrides."""
     if not overrides:

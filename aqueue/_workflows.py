@@ -18,7 +18,7 @@ from aqueue._ids import new_id
 from aqueue._jobs import Job, ResultGroup
 from aqueue._serialization import encode_call
 from aqueue._states import JobState
-from aqueue._tasks import NO_OPTIONS, CallOptions, Task, call_overrides
+from aqueue._tasks import NO_OPTIONS, CallOptions, Task, call_eta, call_overrides
 from aqueue._time import Seconds
 from aqueue.brokers import (
     BatchSpec,
@@ -112,9 +112,6 @@ class Chord:
         self.members = _nodes(members, "chord")
         if not self.members:
             raise ConfigurationError("a chord needs at least one member")
-        for m in self.members:
-            if isinstance(m, Group):
-                raise ConfigurationError("a chord member is a signature, a pipeline or a chord, not a group")
         self.callback = callback if isinstance(callback, Pipeline) else Pipeline([signature(callback, (), {})])
 
     def then(self, task: Task[Any, Any] | Signature[Any], /, *args: Any, **kwargs: Any) -> Chord:
@@ -135,12 +132,16 @@ Node: TypeAlias = Signature[Any] | Pipeline | Group | Chord
 
 
 def _nodes(members: Iterable[Node], what: str) -> list[Node]:
-    """The members of a group or chord, each checked (a chord refuses a group member itself)."""
+    """The members of a group, chord or batch, each checked."""
     if isinstance(members, (Signature, Pipeline, Group, Chord, Task)):
         raise ConfigurationError(f"a {what} takes a list of members: wrap the one member in a list")
     nodes = list(members)
     for m in nodes:
-        if not isinstance(m, (Signature, Pipeline, Group, Chord)):
+        if isinstance(m, Group):
+            # A member stands for one value (its last job's): a group has several.
+            raise ConfigurationError(f"a {what} member is a signature, a pipeline or a chord, not a "
+                                     f"group: list the group's members in the {what} itself")
+        if not isinstance(m, (Signature, Pipeline, Chord)):
             raise ConfigurationError(f"a {what} member is a signature (task.s(...)), a pipeline or a "
                                      f"chord, not {m!r}")
     return nodes
@@ -298,12 +299,21 @@ class Plan:
         if isinstance(node, Chord):
             chord_id = new_id()
             # The callback waits; it carries the chord's own membership onward (nesting).
-            callback_jobs = self._pipeline(node.callback.steps, replace(member, waiting=True), chord_input=True)
+            callback_jobs = self._pipeline(node.callback.steps, replace(member, waiting=True),
+                                           chord_input=True, due=self._due(node))
             self.chords.append(ChordSpec(chord_id, len(node.members), callback_jobs[0].id))
             ends = [self.add(m, _Membership(chord=chord_id, slot=i, within=member.batch_id))[0][-1]
                     for i, m in enumerate(node.members)]
             return callback_jobs, ChordResult(ResultGroup(ends), ResultGroup(callback_jobs))
         raise ConfigurationError(f"cannot enqueue {node!r}: expected a signature, pipeline, group or chord")
+
+    def _due(self, node: Node) -> float:
+        """When `node`'s last job may become ready at the earliest: when its first step is due,
+        or for a chord, the latest of its members'."""
+        if isinstance(node, (Group, Chord)):
+            return max(self._due(m) for m in node.members)
+        first = node if isinstance(node, Signature) else node.steps[0]
+        return max(self.now, call_eta(first.call, self.now) or self.now)
 
     def follow_ups(self) -> list[str]:
         """The ids of the jobs the broker may create as this plan's jobs end: error handlers and
@@ -313,12 +323,16 @@ class Plan:
         return handlers + callbacks
 
     def _pipeline(self, steps: list[Signature[Any]], member: _Membership,
-                  chord_input: bool = False) -> list[Job[Any]]:
+                  chord_input: bool = False, due: float | None = None) -> list[Job[Any]]:
+        """The steps' jobs. A later step's expiry counts from when the pipeline is due (its first
+        step's delay or eta), a chord callback's from `due`: not from when it became ready."""
         if len(steps) > MAX_PIPELINE_STEPS:
             raise ConfigurationError(
                 f"a pipeline of {len(steps)} steps: at most {MAX_PIPELINE_STEPS} (each step carries the "
                 "ones after it; a longer chain can be split, its last step enqueuing the rest)")
         ids = [new_id() for _ in steps]
+        if not member.waiting:
+            due = self._due(steps[0])
         following: dict[str, Any] | None = None  # the next step, as the worker needs it
         new_jobs: list[NewJob] = []
         for index in reversed(range(len(steps))):
@@ -338,7 +352,7 @@ class Plan:
             )
             self._check_queue(step)
             job = self.queue._new_job(step.task, step.args, step.kwargs, step.call, self.now,
-                                      job_id=ids[index], options=options, links=links)
+                                      job_id=ids[index], options=options, links=links, due=due)
             new_jobs.append(job)
             # What the worker running the step before needs to start this one with its value.
             following = {"id": ids[index], "args": list(step.args), "kwargs": step.kwargs,

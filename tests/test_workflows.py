@@ -29,7 +29,7 @@ from aqueue import (
     current_job,
     group,
 )
-from aqueue.brokers import Broker, MemoryBroker, RedisBroker, error_handler_id
+from aqueue.brokers import Broker, JobRecord, MemoryBroker, RedisBroker, error_handler_id
 
 
 def arithmetic(queue: Queue) -> Any:
@@ -1092,3 +1092,49 @@ def test_workflows_refuse_what_is_not_a_list_of_steps_or_members(queue: Queue) -
         group([add.s(1, 1), "add"])  # type: ignore[list-item]
     with pytest.raises(ConfigurationError, match=r"a chord member is a signature .* not <"):
         chord([add], add)  # type: ignore[list-item]
+    # A member stands for one value: a group inside a group gave only its last member's.
+    for make in (group, lambda members: chord(members, add)):
+        with pytest.raises(ConfigurationError, match="not a group: list the group's members"):
+            make([group([add.s(1, 1), add.s(2, 2)]), add.s(3, 3)])
+
+
+async def test_a_batch_refuses_what_is_not_a_list_of_members(queue: Queue) -> None:
+    add = arithmetic(queue)
+    for lone in (add.s(1, 1), add.s(1, 1).then(add, 1), group([add.s(1, 1)])):
+        with pytest.raises(ConfigurationError, match="a batch takes a list of members"):
+            await queue.batch(lone)  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="a batch member is a signature, a pipeline or a chord, not a group"):
+        await queue.batch([group([add.s(1, 1)])])  # type: ignore[list-item]
+    with pytest.raises(ConfigurationError, match="at least one member"):
+        await queue.batch([])
+    assert await queue.jobs() == []  # nothing was stored
+
+
+async def test_a_waiting_steps_expiry_counts_from_when_its_workflow_is_due(queue: Queue) -> None:
+    # Not from the enqueue: a later step's, from its first step's delay or eta; a chord
+    # callback's, from the latest of its members' (a callback cannot be ready before then).
+    add = arithmetic(queue)
+
+    async def record(job: Job[Any]) -> JobRecord:
+        found = await queue.broker.get(queue.name, job.id)
+        assert found is not None
+        return found
+
+    steps = await queue.enqueue(add.options(delay=3600).s(1, 1).then(add.options(expires=60).s(1))
+                                .then(add.options(expires=30).s(1)))
+    first, second, third = [await record(job) for job in steps]
+    assert first.eta == pytest.approx(first.enqueued_at + 3600, abs=1e-3)
+    assert second.expires == pytest.approx(first.eta + 60, abs=1e-3)
+    assert third.expires == pytest.approx(first.eta + 30, abs=1e-3)
+
+    c = await queue.enqueue(chord([add.options(delay=100).s(1, 1), add.options(delay=200).s(2, 2).then(add, 1),
+                                   chord([add.options(delay=300).s(3, 3)], add.options(expires=10).s(1))],
+                                  add.options(expires=60).s(1)))
+    enqueued = (await record(c.callback)).enqueued_at
+    assert (await record(c.results[2])).expires == pytest.approx(enqueued + 300 + 10, abs=1e-3)
+    assert (await record(c.callback)).expires == pytest.approx(enqueued + 300 + 60, abs=1e-3)
+
+    # With no delay the workflow is due at its enqueue, as before.
+    undelayed = await queue.enqueue(add.s(1, 1).then(add.options(expires=60).s(1)))
+    second = await record(undelayed[1])
+    assert second.expires == pytest.approx(second.enqueued_at + 60, abs=1e-3)
