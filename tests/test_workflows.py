@@ -1103,7 +1103,7 @@ async def test_a_batch_refuses_what_is_not_a_list_of_members(queue: Queue) -> No
     for lone in (add.s(1, 1), add.s(1, 1).then(add, 1), group([add.s(1, 1)])):
         with pytest.raises(ConfigurationError, match="a batch takes a list of members"):
             await queue.batch(lone)  # type: ignore[arg-type]
-    with pytest.raises(ConfigurationError, match="a batch member is a signature, a pipeline or a chord, not a group"):
+    with pytest.raises(ConfigurationError, match=r"a batch member is .* not a group"):
         await queue.batch([group([add.s(1, 1)])])  # type: ignore[list-item]
     with pytest.raises(ConfigurationError, match="at least one member"):
         await queue.batch([])
