@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 from collections.abc import Awaitable, Callable
@@ -52,7 +53,9 @@ class Signals:
                 outcome = handler(signal, job, exc)
                 if inspect.isawaitable(outcome):
                     await outcome
-            except (Exception, SystemExit):  # a handler's `sys.exit()` ends no worker either
+            except (asyncio.CancelledError, KeyboardInterrupt, GeneratorExit):
+                raise
+            except BaseException:  # a handler's `sys.exit()` (or any of its own) ends no worker either
                 logger.exception("signal handler %r failed on %s for job %s", handler, signal,
                                  getattr(job, "id", job))
 

@@ -101,6 +101,53 @@ async def test_a_job_that_calls_sys_exit_fails_and_the_worker_and_its_other_jobs
     assert len(await queue.dead_letters()) == 2
 
 
+class Abort(BaseException):
+    """A library's own BaseException, as pytest's `Failed` or gevent's `Timeout` are."""
+
+
+async def test_a_job_raising_any_base_exception_of_its_own_fails_alone(queue: Queue) -> None:
+    # Anything but SystemExit and a cancellation went through the worker's task groups: the
+    # worker ended, the job beside it was left running, and the job killed every worker again.
+    # (A KeyboardInterrupt is let through: the second Ctrl-C, asyncio raises it in whatever runs.)
+    beside_started, raised = anyio.Event(), anyio.Event()
+    handled: list[str] = []
+
+    @queue.task
+    async def beside() -> str:
+        beside_started.set()
+        await raised.wait()
+        return "done"
+
+    @queue.task
+    async def abort(kind: str) -> None:
+        if kind == "group":
+            raise BaseExceptionGroup("cleanup", [Abort("in a group"), ValueError("and more")])
+        raise Abort(kind)
+
+    @queue.task
+    def abort_in_thread() -> None:
+        raise Abort("in a thread")
+
+    @queue.on(Signal.EXECUTING)
+    def aborts_too(signal: Signal, job: object, exc: BaseException | None = None) -> None:
+        handled.append(signal.value)
+        raise Abort("in a handler")  # logged as any failing handler is
+
+    async with queue.worker(concurrency=10):
+        running = await beside.enqueue()
+        with anyio.fail_after(10):
+            await beside_started.wait()
+        jobs = [await abort.enqueue("plain"), await abort.enqueue("group"), await abort_in_thread.enqueue()]
+        for job, kind in zip(jobs, ["Abort", "BaseExceptionGroup", "Abort"], strict=True):
+            with pytest.raises(TaskError) as caught:
+                await job.result(timeout=10)
+            assert caught.value.metadata["type"] == kind
+        raised.set()
+        assert await running.result(timeout=10) == "done"
+    assert len(handled) == 4
+    assert len(await queue.dead_letters()) == 3
+
+
 async def test_worker_block_error_still_stops_gracefully(queue: Queue) -> None:
     started = anyio.Event()
 

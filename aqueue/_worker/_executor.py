@@ -92,6 +92,10 @@ def _task_cancelling() -> bool:
     return task is not None and task.cancelling() > 0
 
 
+def _cancellations_only(exc: BaseException) -> bool:
+    return isinstance(exc, BaseExceptionGroup) and exc.split(asyncio.CancelledError)[1] is None
+
+
 def _utf8(text: str) -> str:
     """Text JSON can carry: a lone surrogate (from os.fsdecode, say) becomes an escape."""
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
@@ -260,6 +264,16 @@ async def execute(queue: Queue, running: RunningJob) -> Completion | None:
             # Raised by the job's own code (it awaited a future cancelled elsewhere): a failure
             # like any other. A cancellation of this task (its scope, or the worker's) goes on.
             if scope.cancel_called or _task_cancelling():
+                raise
+            error = exc
+        except (KeyboardInterrupt, GeneratorExit):
+            raise  # Ctrl-C (asyncio raises the second one wherever the loop's thread is): not the job's
+        except BaseException as exc:
+            # Any other of the job's own (a library's BaseException subclass, a group holding one)
+            # fails it alone, as SystemExit does: raised on, it took the worker down with the jobs
+            # beside it, and every worker that took the job again. A group of nothing but
+            # cancellations, as this task is cancelled, is the cancellation.
+            if _cancellations_only(exc) and (scope.cancel_called or _task_cancelling()):
                 raise
             error = exc
         finally:
