@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, cast
 
 from aqueue._checks import check_count, check_name, finite_at_least
 from aqueue._exceptions import ConfigurationError
-from aqueue._time import Seconds, When, epoch, seconds, timedelta_or_seconds
+from aqueue._time import LONGEST, Seconds, When, epoch, seconds, timedelta_or_seconds
 
 if TYPE_CHECKING:
     from aqueue._jobs import Job, ResultGroup
@@ -47,8 +47,15 @@ class TaskPolicy:
         check_priority(self.priority)
 
     def retry_wait(self, attempt: int) -> float:
-        """Seconds before attempt `attempt + 1`."""
-        return float(self.retry_delay * self.retry_backoff ** (attempt - 1))
+        """Seconds before attempt `attempt + 1`, at most `LONGEST`: a backoff grown past what a
+        float holds (jobs that retry themselves count attempts without end) is a wait, not an error."""
+        if not self.retry_delay:
+            return 0.0
+        try:
+            wait = self.retry_delay * self.retry_backoff ** (attempt - 1)
+        except OverflowError:
+            return LONGEST
+        return min(float(wait), LONGEST)
 
 
 @dataclass(frozen=True, slots=True)

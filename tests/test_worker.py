@@ -35,6 +35,7 @@ from aqueue import (
 )
 from aqueue._context import JobContext
 from aqueue._threads import worker_threads
+from aqueue._time import LONGEST
 from aqueue._worker import _runner
 from aqueue.brokers import Broker, Completion, NewJob
 
@@ -142,6 +143,34 @@ async def test_retry_task_uses_none_of_the_tasks_retries(queue: Queue) -> None:
     assert attempts == [1, 2, 3, 4, 5, 1, 2, 3, 4, 1, 2, 3, 4]
     assert retries_left == [0]
     assert again.value.metadata["attempt"] == 4
+
+
+async def test_a_backoff_grown_past_a_floats_range_still_retries(queue: Queue) -> None:
+    # retry_delay * retry_backoff ** 2 is past what a float holds: it raised OverflowError, and
+    # the job went to the dead letters as an internal error instead of being retried.
+    retried = anyio.Event()
+
+    @queue.task(retries=1, retry_delay=1, retry_backoff=1e300)
+    async def flaky() -> None:
+        if current_job().attempt <= 2:
+            raise RetryTask()  # counts an attempt, uses no retry
+        raise ValueError("transient")
+
+    @queue.on(Signal.SCHEDULED)
+    def scheduled(signal: Signal, job: object, exc: BaseException | None = None) -> None:
+        retried.set()
+
+    async with queue.worker():
+        job = await flaky.enqueue()
+        before = time.time()
+        with anyio.fail_after(10):
+            await retried.wait()
+    record = await queue.broker.get(queue.name, job.id)
+    assert record is not None
+    assert record.eta is not None
+    assert (record.state, record.attempt) == ("scheduled", 4)  # its next attempt, far off
+    assert before + LONGEST <= record.eta <= time.time() + LONGEST
+    assert await queue.dead_letters() == []
 
 
 async def test_cancel_execution(queue: Queue) -> None:
