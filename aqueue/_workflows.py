@@ -221,7 +221,8 @@ class BatchState:
 class Batch:
     """Jobs tracked together, with callbacks: `on_complete` once every member has ended,
     `on_success` once all succeeded (also after failed members are retried into success),
-    `on_failure` once all have ended and one failed. Each fires once."""
+    `on_failure` once all have ended and one did not succeed (it failed, or ended cancelled,
+    revoked or expired). Each fires once."""
 
     def __init__(self, queue: Queue, batch_id: str, members: ResultGroup[Any]) -> None:
         self.queue, self.id, self.members = queue, batch_id, members

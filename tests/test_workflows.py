@@ -436,6 +436,37 @@ async def test_a_batch_is_kept_only_while_a_retry_can_change_it(queue: Queue) ->
     assert await batch_kept(queue, rearmed.id) is None
 
 
+async def test_a_batch_member_ended_without_running_counts_as_not_succeeded(queue: Queue) -> None:
+    # Cancelled, revoked or expired, it did not fail, but neither did it succeed: on_failure
+    # fires (with on_complete), on_success does not; b.state() counts it apart from the failures.
+    calls: list[str] = []
+    both = anyio.Event()
+
+    @queue.task
+    async def member(n: int) -> int:
+        return n
+
+    @queue.task
+    async def callback(kind: str) -> None:
+        calls.append(kind)
+        if len(calls) == 2:
+            both.set()
+
+    b = await queue.batch([member.s(1), member.s(2), member.s(3),
+                           member.options(expires=datetime(2000, 1, 1, tzinfo=UTC)).s(4)],
+                          on_success=callback.s("success"), on_failure=callback.s("failure"),
+                          on_complete=callback.s("complete"))
+    assert await b.members[1].cancel()
+    assert await b.members[2].revoke()
+    async with queue.worker():
+        with anyio.fail_after(10):
+            await both.wait()
+    assert sorted(calls) == ["complete", "failure"]  # fired together, in the members' last step
+    assert await b.callback("success").state() is None
+    state = await b.state()
+    assert (state.size, state.succeeded, state.failed, state.cancelled, state.finished) == (4, 1, 0, 1, True)
+
+
 async def test_batch_on_success_after_a_failed_member_is_retried(queue: Queue) -> None:
     healthy = False
     calls: list[tuple[str, str | None]] = []
