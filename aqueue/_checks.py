@@ -7,10 +7,13 @@ import math
 from aqueue._exceptions import ConfigurationError
 
 
-def check_count(value: object, what: str, minimum: int = 1) -> None:
-    """A whole number >= `minimum`: not 1.5, and not True, which Python counts as 1."""
+def check_count(value: object, what: str, minimum: int = 1, maximum: int | None = None) -> None:
+    """A whole number >= `minimum` (and <= `maximum`): not 1.5, and not True, which Python
+    counts as 1."""
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise ConfigurationError(f"{what} must be a whole number >= {minimum}, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise ConfigurationError(f"{what} must be at most {maximum:,}, got {value!r}")
 
 
 MAX_NAME_BYTES = 1024

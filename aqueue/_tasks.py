@@ -19,6 +19,9 @@ if TYPE_CHECKING:
     from aqueue._queue import Queue
     from aqueue._workflows import Signature
 
+# A job carries its retries in its payload (JSON: 64-bit integers at most); a billion is "for ever".
+MAX_RETRIES = 10**9
+
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -35,7 +38,7 @@ class TaskPolicy:
     expires: When | None = None
 
     def __post_init__(self) -> None:
-        check_count(self.retries, "retries", minimum=0)
+        check_count(self.retries, "retries", minimum=0, maximum=MAX_RETRIES)
         if self.expires is not None:
             epoch(self.expires, 0.0, "expires")  # a bad one fails here, not at every enqueue
         for what, value, least in (("retry_delay", self.retry_delay, 0),
@@ -118,14 +121,14 @@ class Task(Generic[P, R]):
         """A configured copy: `.enqueue(...)` takes the task's own arguments, none stolen."""
         if delay is not None and eta is not None:
             raise ConfigurationError("give delay or eta, not both")
-        if delay is not None:
-            seconds(delay, "delay")
+        if delay is not None and seconds(delay, "delay") == math.inf:  # it would never run
+            raise ConfigurationError(f"delay must be finite, got {delay!r}")
         if eta is not None and not isinstance(eta, datetime):  # time.time() + 60 would mean 2083
             raise ConfigurationError(f"eta must be a datetime (delay= takes seconds), got {eta!r}")
         if expires is not None:
             epoch(expires, 0.0, "expires")
         if retries is not None:
-            check_count(retries, "retries", minimum=0)
+            check_count(retries, "retries", minimum=0, maximum=MAX_RETRIES)
         if priority is not None:
             check_priority(priority)
         if timeout is not None and not 0 < timedelta_or_seconds(timeout) < math.inf:  # type: ignore[operator]

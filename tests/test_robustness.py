@@ -234,6 +234,14 @@ def test_bad_options_fail_at_once(queue: Queue) -> None:
         work.options(retries=1.5)  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError, match="retries must be a whole number"):
         queue.task(retries=True)(work.fn)  # type: ignore[call-overload]
+    # Taken, then blamed on the task's arguments at enqueue: past what the payload's JSON holds.
+    with pytest.raises(ConfigurationError, match="retries must be at most 1,000,000,000, got 18446744"):
+        work.options(retries=2**64)
+    with pytest.raises(ConfigurationError, match="retries must be at most 1,000,000,000"):
+        queue.task(retries=10**9 + 1)(work.fn)
+    work.options(retries=10**9)  # the most it takes
+    with pytest.raises(ConfigurationError, match="delay must be finite, got inf"):  # it never ran
+        work.options(delay=math.inf)
     # NaN passed `< 1` and fired every retry at once; a string raised a bare TypeError.
     for backoff in (math.nan, math.inf, True, "2"):
         with pytest.raises(ConfigurationError, match="retry_backoff must be a finite number >= 1"):
