@@ -20,6 +20,7 @@ import pytest
 from aqueue import (
     ConfigurationError,
     Job,
+    JobExpired,
     JobInfo,
     JobNotFound,
     JobState,
@@ -451,6 +452,25 @@ async def test_idempotency_key_returns_the_live_job(queue: Queue) -> None:
     # Once finished, the key is free: a new job is made.
     fresh = await send.options(key="welcome:1").enqueue("a@example.com")
     assert fresh.id != first.id
+
+
+async def test_an_idempotency_key_held_by_a_job_past_its_expiry_is_free(queue: Queue) -> None:
+    # A job that never started and is past its expiry ends expired when met, never to run: the
+    # key handed it back, and the work enqueued again never ran.
+    @queue.task
+    async def send(to: str) -> str:
+        return to
+
+    stale = await send.options(key="welcome:2", expires=datetime(2000, 1, 1, tzinfo=UTC)).enqueue("old")
+    later = await send.options(key="welcome:2", delay=3600).enqueue("new")
+    assert later.id != stale.id
+    assert (await send.options(key="welcome:2").enqueue("again")).id == later.id  # live: found
+    async with queue.worker():
+        with pytest.raises(JobExpired):
+            await stale.result(timeout=10)
+    # The stale job's end leaves the key to the job that holds it now.
+    assert (await send.options(key="welcome:2").enqueue("again")).id == later.id
+    assert await later.state() == JobState.SCHEDULED
 
 
 async def test_map_enqueues_in_bulk(queue: Queue) -> None:

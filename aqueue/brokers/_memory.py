@@ -197,14 +197,19 @@ class MemoryBroker(Broker):
             q.batches[b.id] = _Batch(b.size, b.callbacks())
         return [self._store(q, job, now) for job in jobs]
 
-    def _live_key_holder(self, q: _Queue, key: str) -> str | None:
-        """The live job an idempotency key names, if any (the key may outlive its job's end)."""
+    def _live_key_holder(self, q: _Queue, key: str, now: float) -> str | None:
+        """The live job an idempotency key names, if any (the key may outlive its job's end). A
+        job past its expiry that never started is not: it ends expired when met, and never runs."""
         holder = q.keys.get(key)
         rec = self._record(q, holder) if holder is not None else None
-        return holder if rec is not None and rec.state not in FINAL_STATES else None
+        if rec is None or rec.state in FINAL_STATES:
+            return None
+        if rec.expires is not None and rec.expires < now and not q.tokens.get(rec.id):
+            return None
+        return holder
 
     def _store(self, q: _Queue, job: NewJob, now: float) -> str:
-        live = self._live_key_holder(q, job.key) if job.key is not None else None
+        live = self._live_key_holder(q, job.key, now) if job.key is not None else None
         if live is not None:
             return live
         if self._record(q, job.id) is None:
@@ -463,7 +468,7 @@ class MemoryBroker(Broker):
         # A revoke or cancel asked for while it ran last is spent: retrying it is asking it to run.
         q.revoked.discard(job_id)
         q.cancel.discard(job_id)
-        if rec.key is not None and self._live_key_holder(q, rec.key) is None:
+        if rec.key is not None and self._live_key_holder(q, rec.key, time.time()) is None:
             q.keys[rec.key] = job_id  # live again, it takes its key back
         self._make_ready(q, rec)
         self._uncount(q, job_id)

@@ -284,13 +284,17 @@ local function store_plain(now, id, task, payload, p)
   redis.call('ZADD', prefix .. 'index', in_order(now), id)
 end
 
--- The live job an idempotency key names, if any (the key's entry may outlive its job's end).
-local function live_key_holder(key)
+-- The live job an idempotency key names, if any (the key's entry may outlive its job's end). A
+-- job past its expiry that never started is not: it ends expired when met, and never runs.
+local function live_key_holder(key, now)
   local holder = redis.call('GET', prefix .. 'key:' .. key)
   if not holder then return nil end
-  local state = redis.call('HGET', job_key(holder), 'state')
-  if state and not FINAL[state] then return holder end
-  return nil
+  local rec = redis.call('HMGET', job_key(holder), 'state', 'expires', 'token')
+  if not rec[1] or FINAL[rec[1]] then return nil end
+  if rec[2] and rec[2] ~= '' and tonumber(rec[2]) < tonumber(now) and (rec[3] or '0') == '0' then
+    return nil
+  end
+  return holder
 end
 
 -- Store a new job, ready now or scheduled for its eta. Returns the id it lives under: an existing
@@ -304,7 +308,7 @@ local function store_job(now, id, task, payload, p, eta, expires, key, extra)
     return id
   end
   if key ~= '' then
-    local existing = live_key_holder(key)
+    local existing = live_key_holder(key, now)
     if existing then return existing end
   end
   local jk = job_key(id)

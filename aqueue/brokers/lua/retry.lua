@@ -36,7 +36,7 @@ redis.call('HDEL', jk, 'result', 'error', 'dead_reason', 'finished_at', 'started
 redis.call('HSET', jk, 'attempt', 1, 'deliveries', 0)
 -- Live again, it takes its idempotency key back, unless another live job holds it by now.
 local key = redis.call('HGET', jk, 'key')
-if key and key ~= '' and not live_key_holder(key) then redis.call('SET', prefix .. 'key:' .. key, id) end
+if key and key ~= '' and not live_key_holder(key, ARGV[2]) then redis.call('SET', prefix .. 'key:' .. key, id) end
 make_ready(id, jk, redis.call('HGET', jk, 'priority') or '0')
 uncount(id, jk)
 -- The steps its failure skipped wait for it again, so that its success runs them.
