@@ -180,6 +180,9 @@ class Task(Generic[P, R]):
         """Enqueue one job per item (a tuple of arguments, or a single argument) in bulk."""
         from aqueue._jobs import ResultGroup
 
+        if isinstance(items, str | bytes | bytearray | Mapping):  # a job per character, or per key
+            raise ConfigurationError(f"map() takes a list of items (a tuple of arguments or a single "
+                                     f"argument each), got {items!r}")
         calls: list[tuple[Task[Any, Any], tuple[Any, ...], dict[str, Any], CallOptions]] = [
             (self, item if isinstance(item, tuple) else (item,), {}, NO_OPTIONS)
             for item in items

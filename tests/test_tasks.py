@@ -483,6 +483,11 @@ async def test_map_enqueues_in_bulk(queue: Queue) -> None:
         assert await group.get(timeout=10) == [3, 7, 11]
         single = await add.map([])
         assert await single.get(timeout=1) == []
+    # A string made a job per character (as schedule() refuses it, so does map()); a dict, per key.
+    for items in ("abc", b"abc", {"a": 1}):
+        with pytest.raises(ConfigurationError, match="map\\(\\) takes a list of items"):
+            await add.map(items)  # type: ignore[arg-type]
+    assert len(await queue.jobs()) == 3
     # Finished: read at once, as `Job.result(timeout=0)` reads them (on Redis the whole group was
     # cut off by its deadline before any read).
     assert await group.get(timeout=0) == [3, 7, 11]
