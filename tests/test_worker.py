@@ -215,6 +215,43 @@ async def test_cancel_execution(queue: Queue) -> None:
         assert await queue.dead_letters() == []
 
 
+async def test_a_cancel_heard_before_the_reply_that_leases_the_job_still_lands(
+    queue: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The request's push can outrun the reply that leases the job (the cancel landed between the
+    # lease and the reply): the worker dropped it, and the job ran on until the fallback check.
+    monkeypatch.setattr(_runner, "CANCEL_CHECK", 3600.0)  # no fallback in this test's time
+    heard = anyio.Event()
+
+    @queue.task
+    async def endless() -> None:
+        await anyio.sleep(3600)
+
+    job = await endless.enqueue()
+    cancel_job = Worker._cancel_job
+
+    def hearing(worker: Worker, job_id: str) -> None:
+        cancel_job(worker, job_id)
+        if job_id == job.id:
+            heard.set()
+
+    receive = queue.broker.receive
+
+    async def cancelled_as_it_is_leased(*args: Any, **kwargs: Any) -> list[Any]:
+        deliveries = await receive(*args, **kwargs)
+        if any(d.job_id == job.id for d in deliveries):
+            assert await job.cancel()
+            with anyio.fail_after(10):
+                await heard.wait()  # heard before the worker has the reply
+        return deliveries
+
+    monkeypatch.setattr(Worker, "_cancel_job", hearing)
+    monkeypatch.setattr(queue.broker, "receive", cancelled_as_it_is_leased)
+    async with queue.worker():
+        with pytest.raises(JobCancelled):
+            await job.result(timeout=10)
+
+
 @pytest.mark.parametrize("shielded", [True, False])
 async def test_timeout_cancels_cooperatively_and_is_retried(queue: Queue, shielded: bool) -> None:
     # Its finally blocks run. In a cancelled scope every await is cancelled again, so cleanup that

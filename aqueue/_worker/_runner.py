@@ -61,6 +61,11 @@ FETCH_BLOCK = 1.0  # seconds a receive waits for a job; bounds how long a stop r
 SCHEDULER_TICK = 0.1  # a due job waits at most this long to become ready
 PROMOTE_BATCH = 1000
 CANCEL_CHECK = 2.0  # how often to look for cancel requests whose push was missed
+# Cancel requests heard for jobs not running here are kept, in case a lease is on its way: the push
+# can come before the reply that leases the job (the cancel landed in between). At most this many;
+# past it, those older than EARLY_CANCEL_AGE seconds go.
+EARLY_CANCELS_KEPT = 1000
+EARLY_CANCEL_AGE = 5.0
 PRUNE_EVERY = 10.0  # seconds between two pages of pruning expired records' leftovers
 PRUNE_PAGE = 5000
 
@@ -126,6 +131,7 @@ class Worker:
         self._reclaim_done = anyio.Event()
         self._reclaim_done.set()
         self._answer_lost = False  # a receive or reclaim failed: it may have leased jobs even so
+        self._early_cancels: dict[str, float] = {}  # job id: when its cancel request was heard
         # Jobs wait here for a runner. Runners are long-lived tasks: a busy worker does not pay for
         # a new task per job. When jobs wait, one runner is called at a time: an idle one woken,
         # or else a new one (up to `concurrency`); once it takes a job, it calls the next if more
@@ -416,6 +422,11 @@ class Worker:
                 self._running[d.job_id] = running
                 self._ready.append(running)
                 self._wake_runner()
+        if self._early_cancels and self._services is not None:
+            early = [d.job_id for d in deliveries if self._early_cancels.pop(d.job_id, None) is not None
+                     and d.job_id in self._running]
+            if early:  # the broker says whether each still stands (a retry makes one spent)
+                self._services.start_soon(self._cancel_requested, early)
         # Said once every leased job is held: the handlers are the user's code, and may take
         # longer than a lease that nothing renews lasts.
         for d in ended:
@@ -644,19 +655,33 @@ class Worker:
         """The fallback for a cancel request whose push was missed (e.g. while reconnecting)."""
         while True:
             await anyio.sleep(CANCEL_CHECK)
-            if not self._running:
-                continue
-            try:
-                requested = await self.queue.broker.cancel_requested(self.queue.name, list(self._running))
-            except BrokerError as exc:
-                logger.warning("checking for cancel requests failed: %s", exc)
-                continue
-            for job_id in requested:
-                self._cancel_job(job_id)
+            if self._running:
+                await self._cancel_requested(list(self._running))
+
+    async def _cancel_requested(self, job_ids: list[str]) -> None:
+        """Cancel those of these jobs whose cancel the broker holds requested."""
+        try:
+            requested = await self.queue.broker.cancel_requested(self.queue.name, job_ids)
+        except BrokerError as exc:
+            logger.warning("checking for cancel requests failed: %s", exc)
+            return
+        for job_id in requested:
+            self._cancel_job(job_id)
 
     def _cancel_job(self, job_id: str) -> None:
         running = self._running.get(job_id)
-        if running is not None and not running.cancel_requested:
+        if running is None:
+            # Most are other workers' jobs; one may be on its way here, its cancel heard before
+            # the reply that leases it: it would wait for the fallback check (`_take` asks).
+            now = time.monotonic()
+            if len(self._early_cancels) >= EARLY_CANCELS_KEPT:
+                self._early_cancels = {j: t for j, t in self._early_cancels.items()
+                                       if now - t < EARLY_CANCEL_AGE}
+                if len(self._early_cancels) >= EARLY_CANCELS_KEPT:  # a storm: the fallback has them
+                    self._early_cancels.clear()
+            self._early_cancels[job_id] = now
+            return
+        if not running.cancel_requested:
             logger.info("job %s (%s): cancel requested", job_id, running.delivery.task)
             running.request_cancel()
 
