@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -19,7 +20,7 @@ import redis.asyncio
 
 from aqueue import BrokerConnectionError, BrokerError, Job, JobCancelled, JobState, LockTimeout, Queue
 from aqueue import _outage as outage
-from aqueue.brokers import RedisBroker
+from aqueue.brokers import Completion, Outcome, RedisBroker
 from aqueue.brokers import _notifier as notifier_module
 from aqueue.brokers._keys import GROUP, Keys
 from tests.conftest import start_redis
@@ -1163,3 +1164,44 @@ def _set(event: anyio.Event) -> Callable[[], Awaitable[None]]:
     async def set_it() -> None:
         event.set()
     return set_it
+
+
+async def test_a_retried_jobs_result_is_not_the_message_of_its_earlier_end(
+    redis_url: str, queue_name: str
+) -> None:
+    # A wait registers on the job and is told its end by a message; one that timed out stays
+    # registered. The job failed for good and was retried from the dead letters elsewhere, the
+    # failure's message not yet read here: the next wait took it for its own, and result() raised
+    # the failure of before the retry (SPEC: after a retry, the new value; no stale cache).
+    queue = Queue(redis_url, name=queue_name)
+
+    @queue.task
+    async def work() -> int:
+        return 42
+
+    job = await work.enqueue()
+    async with queue:
+        with pytest.raises(TimeoutError):
+            await job.result(timeout=0.05)  # registered as a waiter: the end is told here
+
+        def fail_then_retry() -> None:  # another process, as it were: a loop of its own
+            async def run() -> None:
+                other = RedisBroker(redis_url)
+                await other.connect()
+                try:
+                    [d] = await other.receive(queue_name, "w", 1, 0, 10)
+                    failed = Completion(d, Outcome.FAILED, time.time(), reason="boom")
+                    await other.finish(queue_name, [failed], 60)
+                    assert await other.retry(queue_name, job.id, time.time())
+                finally:
+                    await other.close()
+            anyio.run(run)
+
+        thread = threading.Thread(target=fail_then_retry)
+        thread.start()
+        thread.join()  # holds this loop: the failure's message waits unread on the inbox's socket
+        with pytest.raises(TimeoutError):
+            await job.result(timeout=0.5)  # it waits for the run the retry asked for
+        assert await job.state() == JobState.PENDING
+        async with queue.worker():
+            assert await job.result(timeout=10) == 42

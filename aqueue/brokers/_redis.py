@@ -328,13 +328,14 @@ def _hash(flat: list[bytes]) -> dict[bytes, bytes]:
     return dict(zip(flat[::2], flat[1::2], strict=True))
 
 
-def _outcome_record(job_id: str, message: bytes) -> JobRecord | None:
-    """The outcome a job's end publishes ("id\nstate\nattempt\nbody\nreason"), as a record
-    holding just what `job.result()` reads; None for "id\nstate" (too big to carry)."""
-    parts = message.split(b"\n", 4)
-    if len(parts) != 5:
+def _outcome_record(job_id: str, message: bytes, told: int) -> JobRecord | None:
+    """The outcome a job's end publishes ("id\nends\nstate\nattempt\nbody\nreason"), as a
+    record holding just what `job.result()` reads; None for "id\nends\nstate" (too big to carry),
+    and for the message of an end told before the wait was registered (`told` of them)."""
+    parts = message.split(b"\n", 5)
+    if int(parts[1]) <= told or len(parts) != 6:
         return None
-    state, attempt, body, reason = parts[1].decode(), int(parts[2]), parts[3] or None, parts[4]
+    state, attempt, body, reason = parts[2].decode(), int(parts[3]), parts[4] or None, parts[5]
     succeeded = state == "succeeded"
     return JobRecord(id=job_id, task="", state=state, payload=b"", attempt=attempt,
                      result=body if succeeded else None, error=None if succeeded else body,
@@ -1073,7 +1074,8 @@ class RedisBroker(Broker):
                                 return _record(job_id, _hash(reply))
                             with anyio.move_on_after(RECHECK):
                                 message = await heard.wait()
-                                outcome = _outcome_record(job_id, message) if message else None
+                                # None: read the job again (watch), as at a recheck.
+                                outcome = _outcome_record(job_id, message, reply) if message else None
                                 if outcome is not None:
                                     return outcome
                     # The connection was lost (`heard.lost`): told, not raised, to every wait but

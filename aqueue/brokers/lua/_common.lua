@@ -589,16 +589,19 @@ local function after_final(id, state, now, ttl, rec, reason)
 end
 
 -- What a waiter on the job's outcome needs, in the message itself when it is small, so that
--- `job.result()` need not read the record: "id\nstate\nattempt\nbody\nreason", the body being
--- the result (succeeded) or the error (JSON: never a raw newline). "id\nstate" otherwise.
+-- `job.result()` need not read the record: "id\nends\nstate\nattempt\nbody\nreason", the body
+-- being the result (succeeded) or the error (JSON: never a raw newline); "id\nends\nstate"
+-- otherwise. `ends` counts the job's ends told (see watch.lua): a message of an earlier end, read
+-- late, is told apart from this one's.
 local OUTCOME_IN_MESSAGE = 16384
-local function done_message(id, state, rec, reason)
+local function done_message(id, ends, state, rec, reason)
+  local head = id .. '\n' .. ends .. '\n' .. state
   local body = rec.error
   if state == 'succeeded' then body = rec.result end
   if not body then body = '' end
-  if #body > OUTCOME_IN_MESSAGE then return id .. '\n' .. state end
+  if #body > OUTCOME_IN_MESSAGE then return head end
   if state ~= 'failed' or not reason then reason = '' end
-  return id .. '\n' .. state .. '\n' .. (rec.attempt or '1') .. '\n' .. body .. '\n' .. reason
+  return head .. '\n' .. (rec.attempt or '1') .. '\n' .. body .. '\n' .. reason
 end
 
 -- A final state: free the idempotency key, wake waiters, tell the workflow; dead letters are
@@ -637,7 +640,7 @@ finalize = function(id, jk, state, now, ttl, reason, rec, fields)
   after_final(id, state, now, ttl, rec, reason)
   -- Only processes waiting on the outcome hear of it (see watch.lua): no message otherwise.
   if set(rec.waiters) then
-    local message = done_message(id, state, rec, reason)
+    local message = done_message(id, redis.call('HINCRBY', jk, 'ends', 1), state, rec, reason)
     for waiter in string.gmatch(rec.waiters, '%S+') do
       -- pcall: a message Redis refuses (an ACL user without channel rights) must not undo the
       -- end half way; the waiter reads the job again on its own.

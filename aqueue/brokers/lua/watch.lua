@@ -2,7 +2,9 @@
 -- registered on the record, and the step that ends the job publishes the outcome to it.
 -- KEYS[1] prefix
 -- ARGV: job id, waiter (the inbox of the waiting process: its channel is done_channel(waiter))
--- Returns the record (HGETALL) when final, 0 when registered, nil when the job is unknown.
+-- Returns the record (HGETALL) when final, nil when the job is unknown, and when registered, how
+-- many of the job's ends were told so far: a message of one of those (a retried job's earlier
+-- end, its message read only now) is not this wait's.
 local jk = job_key(ARGV[1])
 local state = redis.call('HGET', jk, 'state')
 if not state then return nil end
@@ -17,4 +19,4 @@ elseif not string.find(' ' .. waiters .. ' ', ' ' .. ARGV[2] .. ' ', 1, true) th
   while #waiters > 1070 do waiters = string.sub(waiters, string.find(waiters, ' ', 1, true) + 1) end
   redis.call('HSET', jk, 'waiters', waiters .. ' ' .. ARGV[2], 'more', '1')
 end
-return 0
+return tonumber(redis.call('HGET', jk, 'ends') or '0')
