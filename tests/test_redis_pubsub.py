@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import threading
 import time
 import uuid
@@ -1205,3 +1206,37 @@ async def test_a_retried_jobs_result_is_not_the_message_of_its_earlier_end(
         assert await job.state() == JobState.PENDING
         async with queue.worker():
             assert await job.result(timeout=10) == 42
+
+
+async def test_a_first_result_keeps_its_timeout_against_a_redis_that_does_not_answer() -> None:
+    # A queue connects on first use (a web process's first request): that connect was made
+    # before the wait's timeout began, and held result(timeout=0.5) for its 5 s socket timeout.
+    listener = socket.socket()  # accepts connections (the backlog), never answers
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    queue = Queue(f"redis://127.0.0.1:{listener.getsockname()[1]}/0")
+    try:
+        start = time.monotonic()
+        with pytest.raises(TimeoutError), anyio.fail_after(20):
+            await queue.job("some-id").result(timeout=0.5)
+        assert time.monotonic() - start < 3  # the timeout, then one last read of at most 0.5 s
+    finally:
+        with anyio.move_on_after(1):
+            await queue.close()
+        listener.close()
+
+
+async def test_a_first_result_rides_through_a_refused_connection_until_its_timeout() -> None:
+    # As a wait on a queue that had connected does (Redis restarting): it gave up at once.
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()  # nothing listens there now
+    queue = Queue(f"redis://127.0.0.1:{port}/0")
+    try:
+        start = time.monotonic()
+        with pytest.raises(BrokerConnectionError), anyio.fail_after(10):
+            await queue.job("some-id").result(timeout=1.0)
+        assert time.monotonic() - start >= 1.0
+    finally:
+        await queue.close()

@@ -1050,48 +1050,54 @@ class RedisBroker(Broker):
                 f"{INBOX_CONNECTIONS + 1}")
 
     async def wait(self, queue: str, job_id: str, timeout: float | None) -> JobRecord | None:
-        await self._ready()
-        notifier = self._notifier
-        assert notifier is not None
-        inbox = self._key(queue).done_channel(self._inbox)
         waiting = f"waiting on job {job_id}"
-        self._check_room_to_listen(waiting)
         out_of_reach = _outage.OutOfReach()  # the wait rides through Redis being out of reach
-        with self._closed_said(notifier, waiting), anyio.move_on_after(timeout):  # None: no deadline
-            while True:
-                self._check_open(notifier, waiting)
-                try:
-                    async with self._translated(), notifier.listen(inbox, job_id, keep=True) as heard:
-                        # The inbox is subscribed (confirmed) before the job is watched, so its
-                        # outcome, published when it ends after the watch, is heard.
-                        while not heard.lost:
-                            self._check_open(notifier, waiting)  # else the call would connect again
-                            reply = await self._run(queue, "watch", [job_id, self._inbox])
-                            out_of_reach.reached()
-                            if reply is None:
-                                return None
-                            if isinstance(reply, list):  # final already: its whole record
-                                return _record(job_id, _hash(reply))
-                            with anyio.move_on_after(RECHECK):
-                                message = await heard.wait()
-                                # None: read the job again (watch), as at a recheck.
-                                outcome = _outcome_record(job_id, message, reply) if message else None
-                                if outcome is not None:
-                                    return outcome
-                    # The connection was lost (`heard.lost`): told, not raised, to every wait but
-                    # the one whose call failed. Each pauses as that one does, or all of them
-                    # would try again at once, and again, with no pause, while Redis is away.
-                    lost: BrokerConnectionError | None = None
-                except BrokerConnectionError as exc:
-                    # The job goes on without us: a wait that failed here would fail every request
-                    # waiting in a web app for a restart of Redis that takes a second.
-                    lost = exc
-                self._check_open(notifier, waiting)  # closed: said as the close it is
-                if timeout is None and out_of_reach.for_too_long():
-                    raise lost or BrokerConnectionError(
-                        f"cannot reach Redis at {self.url}: the connection was lost, and has not "
-                        f"been made again for {_outage.RIDE_THROUGH}s")
+        with anyio.move_on_after(timeout):  # None: no deadline
+            try:
+                # A queue connects on first use: that connect is the wait's too, within its timeout.
+                await self._ready()
+            except BrokerConnectionError:
+                out_of_reach.failed()  # tried again below, as a call that failed is
                 await out_of_reach.pause()
+            notifier = self._notifier
+            assert notifier is not None  # made by the connect, whether Redis answered it or not
+            inbox = self._key(queue).done_channel(self._inbox)
+            self._check_room_to_listen(waiting)
+            with self._closed_said(notifier, waiting):
+                while True:
+                    self._check_open(notifier, waiting)
+                    try:
+                        async with self._translated(), notifier.listen(inbox, job_id, keep=True) as heard:
+                            # The inbox is subscribed (confirmed) before the job is watched, so its
+                            # outcome, published when it ends after the watch, is heard.
+                            while not heard.lost:
+                                self._check_open(notifier, waiting)  # else the call would connect again
+                                reply = await self._run(queue, "watch", [job_id, self._inbox])
+                                out_of_reach.reached()
+                                if reply is None:
+                                    return None
+                                if isinstance(reply, list):  # final already: its whole record
+                                    return _record(job_id, _hash(reply))
+                                with anyio.move_on_after(RECHECK):
+                                    message = await heard.wait()
+                                    # None: read the job again (watch), as at a recheck.
+                                    outcome = _outcome_record(job_id, message, reply) if message else None
+                                    if outcome is not None:
+                                        return outcome
+                        # The connection was lost (`heard.lost`): told, not raised, to every wait but
+                        # the one whose call failed. Each pauses as that one does, or all of them
+                        # would try again at once, and again, with no pause, while Redis is away.
+                        lost: BrokerConnectionError | None = None
+                    except BrokerConnectionError as exc:
+                        # The job goes on without us: a wait that failed here would fail every request
+                        # waiting in a web app for a restart of Redis that takes a second.
+                        lost = exc
+                    self._check_open(notifier, waiting)  # closed: said as the close it is
+                    if timeout is None and out_of_reach.for_too_long():
+                        raise lost or BrokerConnectionError(
+                            f"cannot reach Redis at {self.url}: the connection was lost, and has not "
+                            f"been made again for {_outage.RIDE_THROUGH}s")
+                    await out_of_reach.pause()
         # The timeout passed: the record as it stands, if Redis answers at once (a read takes well
         # under a millisecond; a paused or lost Redis would hold the caller for its socket_timeout).
         with anyio.move_on_after(LAST_READ_WITHIN):
