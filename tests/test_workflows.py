@@ -388,6 +388,45 @@ async def batch_kept(queue: Queue, batch_id: str) -> float | None:
     return None if ttl == -2 else math.inf if ttl == -1 else float(ttl)
 
 
+async def test_a_re_armed_pipeline_step_stays_listed_while_its_record_is_kept(
+    broker: Broker, queue_name: str
+) -> None:
+    # Skipped, the step was listed to leave the listing when its record would expire; re-armed by
+    # a retry and ended again, its record was kept longer, but the earlier listing took it out of
+    # queue.jobs() at that first second (on Redis: up to result_ttl early, a day by default).
+    failing = True
+
+    def tasks(queue: Queue) -> tuple[Any, Any]:
+        @queue.task(name="first", retries=0)
+        async def first() -> int:
+            if failing:
+                raise ValueError("first run fails")
+            return 1
+
+        @queue.task(name="second")
+        async def second(x: int) -> int:
+            return x + 1
+
+        return first, second
+
+    hour = Queue(broker=broker, name=queue_name, result_ttl=3600)
+    first, _ = tasks(hour)
+    steps = await hour.enqueue(first.s().then(hour.tasks["second"]))
+    async with hour.worker():
+        with pytest.raises(TaskError):
+            await steps[0].result(timeout=10)
+    assert await steps[1].state() == JobState.CANCELLED  # skipped: kept an hour
+    failing = False
+    day = Queue(broker=broker, name=queue_name, result_ttl=86400)  # the second end: kept a day
+    tasks(day)
+    assert await day.retry(steps[0].id)
+    async with day.worker():
+        assert await day.job(steps[1].id).result(timeout=10) == 2
+    await broker.prune(queue_name, time.time() + 3601, 5000)  # past the hour's second
+    assert await day.job(steps[1].id).info() is not None
+    assert steps[1].id in [job.id for job in await day.jobs()]
+
+
 async def test_a_batch_is_kept_only_while_a_retry_can_change_it(queue: Queue) -> None:
     # A batch whose members did not all succeed was kept for ever, one hash (or entry) each,
     # though only a dead letter's retry can change it.

@@ -48,15 +48,24 @@ while forgotten < limit do
   local list = prefix .. 'expiring:' .. due[1]
   local popped = redis.call('LPOP', list, limit - forgotten)
   if popped then
-    -- A record listed here whose ttl was taken off keeps its index entry: a skipped pipeline
-    -- step that a retry re-armed. (Should it end again before this second, it goes from the
-    -- listing now, a little before its record: the listing forgets, the record is never lost.)
+    -- A record listed here but kept past this second keeps its index entry: a skipped pipeline
+    -- step that a retry re-armed, its ttl taken off (it is listed again as it ends), or one that
+    -- ended again since (a re-armed step that ran) and is listed for later too: it is listed
+    -- once more under the second it expires in now. Those expiring by the next second go (the
+    -- listing forgets a little before the record; the record is never lost).
+    local clock = redis.call('TIME')
+    local clock_ms = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
     local gone = {}
     for _, id in ipairs(popped) do
-      if redis.call('TTL', job_key(id)) ~= -1 then gone[#gone + 1] = id end
+      local left = redis.call('PTTL', job_key(id))
+      if left == -2 or (left >= 0 and clock_ms + left <= (tonumber(due[1]) + 1) * 1000) then
+        gone[#gone + 1] = id
+      elseif left >= 0 then
+        list_expiring(string.format('%d', math.ceil((clock_ms + left) / 1000)), {id})
+      end
     end
     call_chunked(gone, 'ZREM', ikey)
-    forgotten = forgotten + #popped
+    forgotten = forgotten + #gone  -- one listed again is met again at most once more (then gone)
   end
   if redis.call('EXISTS', list) == 0 then redis.call('ZREM', seconds, due[1]) end
 end
