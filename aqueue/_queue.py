@@ -71,10 +71,10 @@ def broker_from_url(url: str) -> Broker:
         from aqueue.brokers._redis import RedisBroker
 
         return RedisBroker(url)
-    raise ConfigurationError(
-        "a queue URL starts with redis://, rediss://, unix:// or memory://, got "
-        f"{url.split('://', 1)[0]!r}"
-    )
+    # The scheme alone is shown: with no "://" (a typo, "redis:/:pw@host") nothing is, as what
+    # the URL holds may be a password.
+    got = repr(url.split("://", 1)[0]) if "://" in url else "one without ://"
+    raise ConfigurationError(f"a queue URL starts with redis://, rediss://, unix:// or memory://, got {got}")
 
 
 class TaskDecorator:

@@ -295,8 +295,13 @@ def test_url_options_are_those_of_the_scheme(tmp_path: Path) -> None:
 def test_url_schemes_pick_the_broker() -> None:
     assert isinstance(Queue("rediss://127.0.0.1:6380/0").broker, RedisBroker)
     assert isinstance(Queue("unix:///tmp/x.sock").broker, RedisBroker)
-    with pytest.raises(ValueError, match="redis://, rediss://, unix:// or memory://"):
+    with pytest.raises(ValueError, match=r"redis://, rediss://, unix:// or memory://, got 'amqp'$"):
         Queue("amqp://localhost")
+    # A mistyped scheme leaves no "://" to end it: the message showed the whole URL, password too.
+    for typo in ("redis:/:s3cret@127.0.0.1:6379/0", "redis//:s3cret@host/0", "rediss:/user:s3cret@host"):
+        with pytest.raises(ValueError, match=r"got one without ://$") as refused:
+            Queue(typo)
+        assert "s3cret" not in str(refused.value)
 
 
 def test_keys_share_one_hash_tag() -> None:
