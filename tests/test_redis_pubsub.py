@@ -19,7 +19,17 @@ import anyio.lowlevel
 import pytest
 import redis.asyncio
 
-from aqueue import BrokerConnectionError, BrokerError, Job, JobCancelled, JobState, LockTimeout, Queue
+from aqueue import (
+    BrokerConnectionError,
+    BrokerError,
+    Job,
+    JobCancelled,
+    JobState,
+    LockTimeout,
+    Queue,
+    TaskError,
+    every,
+)
 from aqueue import _outage as outage
 from aqueue.brokers import Completion, Outcome, RedisBroker
 from aqueue.brokers import _notifier as notifier_module
@@ -154,15 +164,24 @@ async def test_the_acl_commands_readme_lists_serve_a_worker_and_a_producer(
     redis_url: str, queue_name: str, admin: redis.asyncio.Redis
 ) -> None:
     # The narrow list README gives (it lacked lists, PING, MULTI and EXEC: connecting, a busy
-    # worker's read and every outcome's write were refused).
+    # worker's read and every outcome's write were refused; then TIME and sets: rate limits,
+    # periodic ticks, purging dead letters and a batch kept for its dead letter).
     user = f"u{uuid.uuid4().hex[:8]}"
     await admin.execute_command(
-        "ACL", "SETUSER", user, "on", ">pw", "~aqueue:*", "&aqueue:*", "+@stream", "+@hash",
+        "ACL", "SETUSER", user, "on", ">pw", "~aqueue:*", "&aqueue:*", "+@stream", "+@hash", "+@set",
         "+@sortedset", "+@list", "+@string", "+@keyspace", "+@pubsub", "+evalsha", "+script|load",
-        "+ping", "+multi", "+exec", "+client|id", "+client|unblock")
+        "+time", "+ping", "+multi", "+exec", "+client|id", "+client|unblock")
     queue = Queue(f"redis://{user}:pw@{redis_url.split('://', 1)[1]}", name=queue_name)
     runs: list[int] = []
-    started = anyio.Event()
+    started, ticked = anyio.Event(), anyio.Event()
+
+    @queue.periodic(every(seconds=0.25))
+    async def tick() -> None:
+        ticked.set()
+
+    @queue.task
+    async def fails() -> None:
+        raise ValueError("for good")
 
     @queue.task(retries=1)
     async def add(a: int, b: int) -> int:
@@ -192,6 +211,16 @@ async def test_the_acl_commands_readme_lists_serve_a_worker_and_a_producer(
             with pytest.raises(JobCancelled):
                 await job.result(timeout=10)
             assert [record.task for record in await queue.jobs(task="add")] == ["add"] * 4
+            async with queue.rate_limit("smtp", limit=1, per=60):
+                pass
+            batch = await queue.batch([fails.s(), add.s(5, 5)], on_complete=add.s(6, 6))
+            with pytest.raises(TaskError):
+                await batch.members[0].result(timeout=10)
+            assert await batch.members[1].result(timeout=10) == 10
+            assert await batch.callback("complete").result(timeout=10) == 12
+            with anyio.fail_after(10):
+                await ticked.wait()
+        assert await queue.purge_dead_letters() == 1
     finally:
         await queue.close()
         await admin.execute_command("ACL", "DELUSER", user)
