@@ -33,6 +33,7 @@ from aqueue import (
 from aqueue import _outage as outage
 from aqueue.brokers import Completion, Outcome, RedisBroker
 from aqueue.brokers import _notifier as notifier_module
+from aqueue.brokers import _redis as redis_module
 from aqueue.brokers._keys import GROUP, Keys
 from tests.conftest import start_redis
 
@@ -1269,3 +1270,68 @@ async def test_a_first_result_rides_through_a_refused_connection_until_its_timeo
         assert time.monotonic() - start >= 1.0
     finally:
         await queue.close()
+
+
+async def test_bytes_that_are_no_utf8_on_the_cancel_channel_stop_no_worker(
+    redis_url: str, queue_name: str, admin: redis.asyncio.Redis
+) -> None:
+    # Anyone who may publish on the queue's channels stopped every worker of it ("one of its
+    # services failed": the listener's decode raised), their jobs left running.
+    queue = Queue(redis_url, name=queue_name)
+    started = anyio.Event()
+
+    @queue.task
+    async def waits() -> None:
+        started.set()
+        await anyio.sleep_forever()
+
+    @queue.task
+    async def two() -> int:
+        return 2
+
+    async with queue, queue.worker():
+        job = await waits.enqueue()
+        with anyio.fail_after(10):
+            await started.wait()
+        assert await admin.publish(Keys(queue_name).prefix + "cancel", b"\xff\xfe") == 1
+        assert await (await two.enqueue()).result(timeout=10) == 2
+        assert await job.cancel()
+        with pytest.raises(JobCancelled):
+            await job.result(timeout=10)
+
+
+async def test_bytes_that_are_no_utf8_on_a_result_inbox_deafen_no_wait(
+    redis_url: str, queue_name: str, admin: redis.asyncio.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Read while a wait listened, they ended the process's pub/sub reader: that wait and every
+    # later one heard its job's end only when it read the job again (RECHECK).
+    monkeypatch.setattr(redis_module, "RECHECK", 3600.0)  # heard by its message, or not in time
+    queue = Queue(redis_url, name=queue_name)
+    gate = anyio.Event()
+    values: list[int] = []
+
+    @queue.task
+    async def gated() -> int:
+        await gate.wait()
+        return 2
+
+    async def wait_for(job: Job[int]) -> None:
+        with anyio.fail_after(10):  # no timeout of its own: no last read at one
+            values.append(await job.result())
+
+    async with queue, queue.worker():
+        job = await gated.enqueue()
+        async with anyio.create_task_group() as waits:
+            waits.start_soon(wait_for, job)
+            with anyio.fail_after(10):  # until the wait is registered on the job
+                while not await admin.hget(Keys(queue_name).job(job.id), "waiters"):  # noqa: ASYNC110 - state in Redis
+                    await anyio.sleep(0.01)
+            assert isinstance(queue.broker, RedisBroker)
+            inbox = Keys(queue_name).done_channel(queue.broker._inbox)
+            assert await admin.publish(inbox, b"\xff\n") == 1
+            assert await admin.publish(inbox, job.id.encode() + b"\nnot a count\nsucceeded\n1\n3\n") == 1
+            gate.set()
+        later = await gated.enqueue()
+        with anyio.fail_after(10):
+            assert await later.result() == 2
+    assert values == [2]

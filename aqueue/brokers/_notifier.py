@@ -249,7 +249,9 @@ class Notifier:
                 for heard in state.waiters:
                     heard._wake(data)
                 if state.routed:
-                    for heard in state.routed.get(data.split(b"\n", 1)[0].decode(), ()):
+                    # Escaped, not refused: bytes another writer sent must not end the reading.
+                    job_id = data.split(b"\n", 1)[0].decode("utf-8", "backslashreplace")
+                    for heard in state.routed.get(job_id, ()):
                         heard._wake(data)
                 # A turn of the loop: those woken go on before this task reads the next message.
                 await asyncio.sleep(0)

@@ -333,13 +333,17 @@ def _outcome_record(job_id: str, message: bytes, told: int) -> JobRecord | None:
     record holding just what `job.result()` reads; None for "id\nends\nstate" (too big to carry),
     and for the message of an end told before the wait was registered (`told` of them)."""
     parts = message.split(b"\n", 5)
-    if int(parts[1]) <= told or len(parts) != 6:
-        return None
-    state, attempt, body, reason = parts[2].decode(), int(parts[3]), parts[4] or None, parts[5]
+    try:
+        if len(parts) != 6 or int(parts[1]) <= told:
+            return None
+        state, attempt, body, reason = parts[2].decode(), int(parts[3]), parts[4] or None, parts[5]
+        dead_reason = reason.decode() or None
+    except ValueError:  # UnicodeDecodeError too: not a message of aqueue's (another writer's)
+        return None  # the wait reads the job itself
     succeeded = state == "succeeded"
     return JobRecord(id=job_id, task="", state=state, payload=b"", attempt=attempt,
                      result=body if succeeded else None, error=None if succeeded else body,
-                     dead_reason=reason.decode() or None)
+                     dead_reason=dead_reason)
 
 
 def _delivery(row: list[bytes], consumer: str, now: float) -> Delivery:
@@ -1195,7 +1199,8 @@ class RedisBroker(Broker):
                     if message is None:
                         continue
                     if message["type"] == "message":
-                        on_request(message["data"].decode())
+                        # Escaped, not refused: bytes another writer sent must not end the listening.
+                        on_request(_shown(message["data"]))
                     elif message["type"] == "subscribe":
                         # Redis's answer to SUBSCRIBE (also after redis-py reconnects): only from
                         # here is a request published elsewhere sure to arrive.
