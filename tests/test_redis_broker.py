@@ -22,7 +22,7 @@ import redis.asyncio
 from redis._parsers.base import BaseParser
 
 import aqueue
-from aqueue import BrokerConnectionError, ConfigurationError, JobState, Queue, TaskError
+from aqueue import BrokerConnectionError, ConfigurationError, JobState, Queue, TaskError, current_job
 from aqueue.brokers import Completion, NewJob, Outcome, RedisBroker
 from aqueue.brokers import _redis as redis_broker_module
 from aqueue.brokers._keys import GROUP, Keys
@@ -382,6 +382,51 @@ async def test_a_job_shaped_entry_aqueue_did_not_write_goes_to_dead_letters(
         dead = {d.id: d.dead_reason for d in await queue.dead_letters()}
     assert set(dead) == {"bad-time", "bad-task", "hex-time"}
     assert all("no job record" in str(reason) for reason in dead.values())
+
+
+@pytest.mark.parametrize(("at", "task"), [
+    ("nan", "ok"), ("inf", "ok"), ("1e3", "ok"), ("1_700_000_000", "ok"), (" 17 ", "ok"), ("17", "envoyé"),
+])
+async def test_an_entry_aqueue_did_not_write_is_not_run_by_a_busy_workers_lean_read(
+    redis_url: str, queue_name: str, at: str, task: str
+) -> None:
+    # A busy worker reads without the script (`_read_lean`), and took as lean what float() and
+    # decode() took, where the script's test (`lean_delivery`) wants decimal digits and ASCII:
+    # an entry another writer made ran, with no record of it.
+    queue = Queue(redis_url, name=queue_name)
+    ran: list[str] = []
+    gate, started = anyio.Event(), anyio.Event()
+
+    @queue.task
+    async def ok() -> int:
+        ran.append(current_job().id)
+        return 1
+
+    @queue.task(name="envoyé")
+    async def accented() -> None:
+        ran.append(current_job().id)
+
+    @queue.task
+    async def hold() -> None:
+        started.set()
+        await gate.wait()
+
+    client = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        async with queue, queue.worker(concurrency=1):
+            held = await hold.enqueue()
+            with anyio.fail_after(10):
+                await started.wait()  # it took 1 of the 1 it asked for: its next read is lean
+            await client.xadd(Keys(queue_name).stream(0), {
+                "id": "foreign", "task": task, "payload": '{"args":[],"kwargs":{}}', "at": at})
+            gate.set()
+            await held.result(timeout=10)
+            assert await (await ok.enqueue()).result(timeout=10) == 1  # read after the entry
+            dead = {d.id: d.dead_reason for d in await queue.dead_letters()}
+    finally:
+        await client.aclose()
+    assert "foreign" not in ran
+    assert "no job record" in str(dead.get("foreign"))
 
 
 async def test_a_stored_job_whose_task_or_id_is_no_utf8_stalls_no_worker(

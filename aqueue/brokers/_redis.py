@@ -346,6 +346,17 @@ def _outcome_record(job_id: str, message: bytes, told: int) -> JobRecord | None:
                      dead_reason=dead_reason)
 
 
+def _lean(fields: list[bytes]) -> bool:
+    """Whether a stream entry is a lean one of aqueue's, by the test `lean_delivery` (in
+    _common.lua) makes: anything else read goes to the start script, which reads the record, and
+    dead-letters an entry with none (another writer's, its time "nan" or "1e3", say)."""
+    if len(fields) != 8 or fields[2] != b"task" or fields[0] != b"id":
+        return False
+    whole, _, part = fields[7].partition(b".")
+    return (whole.isdigit() and (not part or part.isdigit())
+            and fields[1].isascii() and fields[3].isascii())
+
+
 def _delivery(row: list[bytes], consumer: str, now: float) -> Delivery:
     """A delivery as a script returns it, leased to `consumer` at `now`."""
     job_id, task, payload, attempt, token, band, enqueued_at, entry = row[:8]
@@ -852,17 +863,14 @@ class RedisBroker(Broker):
             return []
         # RESP3 (redis-py 8's default, not 7's) replies with a map of streams, RESP2 with a list of pairs.
         [rows] = entries.values() if isinstance(entries, dict) else [rows for _, rows in entries]
-        if not revoked and all(len(fields) == 8 and fields[2] == b"task" and fields[0] == b"id"
-                               for _, fields in rows):
-            try:
-                return [
-                    Delivery(job_id=fields[1].decode(), task=fields[3].decode(), payload=fields[5],
-                             attempt=1, token=1, priority=0, enqueued_at=float(fields[7]),
-                             receipt=entry_id.decode(), consumer=consumer, leased_at=now)
-                    for entry_id, fields in rows
-                ]
-            except ValueError:  # UnicodeDecodeError too: an entry aqueue did not write
-                pass  # `start` reads the records, and dead-letters an entry that has none
+        if not revoked and all(_lean(fields) for _, fields in rows):
+            return [
+                Delivery(job_id=fields[1].decode(), task=fields[3].decode(), payload=fields[5],
+                         attempt=1, token=1, priority=0, enqueued_at=float(fields[7]),
+                         receipt=entry_id.decode(), consumer=consumer, leased_at=now)
+                for entry_id, fields in rows
+            ]
+        # `start` reads the records, and dead-letters an entry that has none.
         found, known = await self._start(
             queue, consumer, [x for entry_id, _ in rows for x in (0, entry_id)], count,
             max_deliveries, ttl,
