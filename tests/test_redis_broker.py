@@ -429,6 +429,40 @@ async def test_an_entry_aqueue_did_not_write_is_not_run_by_a_busy_workers_lean_r
     assert "no job record" in str(dead.get("foreign"))
 
 
+@pytest.mark.parametrize("revocation", ["garbage", "1|soon", "7|", ""])
+async def test_a_task_revocation_aqueue_did_not_write_stalls_no_worker(
+    redis_url: str, queue_name: str, revocation: str
+) -> None:
+    # Read as "<once 0|1>|<until or empty>", another writer's value failed every receive that met
+    # a job of the task (and the jobs read with it), is_revoked() and restore(), and pruning.
+    queue = Queue(redis_url, name=queue_name)
+
+    @queue.task
+    async def add(a: int, b: int) -> int:
+        return a + b
+
+    @queue.task
+    async def other() -> str:
+        return "ran"
+
+    client = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        async with queue:
+            await client.hset(Keys(queue_name).revoked_tasks, "add", revocation)
+            assert not await add.is_revoked()
+            async with queue.worker():
+                assert await (await add.enqueue(1, 2)).result(timeout=10) == 3
+                assert await (await other.enqueue()).result(timeout=10) == "ran"
+            assert not await client.hexists(Keys(queue_name).revoked_tasks, "add")  # dropped where met
+            await client.hset(Keys(queue_name).revoked_tasks, "add", revocation)
+            assert not await add.restore()
+            await client.hset(Keys(queue_name).revoked_tasks, "other", revocation)
+            await queue.broker.prune(queue.name, time.time(), 100)
+            assert not await client.exists(Keys(queue_name).revoked_tasks)
+    finally:
+        await client.aclose()
+
+
 async def test_a_stored_job_whose_task_or_id_is_no_utf8_stalls_no_worker(
     redis_url: str, queue_name: str
 ) -> None:

@@ -346,6 +346,18 @@ def _outcome_record(job_id: str, message: bytes, told: int) -> JobRecord | None:
                      dead_reason=dead_reason)
 
 
+def _revoked_until(revocation: bytes) -> float | None:
+    """Until when a task revocation ("<once 0|1>|<until or empty>") holds: inf with no until;
+    None for what aqueue did not write (another writer's), which the scripts drop where met."""
+    once, _, until = revocation.partition(b"|")
+    if once not in (b"0", b"1"):
+        return None
+    try:
+        return float(until) if until else math.inf
+    except ValueError:
+        return None
+
+
 def _lean(fields: list[bytes]) -> bool:
     """Whether a stream entry is a lean one of aqueue's, by the test `lean_delivery` (in
     _common.lua) makes: anything else read goes to the start script, which reads the record, and
@@ -1240,10 +1252,8 @@ class RedisBroker(Broker):
                 pipe.hget(key, task)
                 pipe.hdel(key, task)
                 revocation, _ = await pipe.execute()
-        if revocation is None:
-            return False
-        until = revocation.decode().partition("|")[2]  # "<once>|<until or empty>"
-        return until == "" or float(until) > time.time()
+        until = None if revocation is None else _revoked_until(revocation)
+        return until is not None and until > time.time()
 
     async def revoked(self, queue: str, job_id: str | None, task: str, now: float) -> bool:
         await self._ready()
@@ -1256,10 +1266,8 @@ class RedisBroker(Broker):
                 replies = await pipe.execute()
         if len(replies) > 1 and replies[1] == b"1":
             return True
-        if replies[0] is None:
-            return False
-        till = replies[0].decode().split("|", 1)[1]
-        return not till or float(till) > now
+        until = None if replies[0] is None else _revoked_until(replies[0])
+        return until is not None and until > now
 
     async def enqueue_tick(self, queue: str, tick: float, job: NewJob) -> bool:
         args = [repr(job.enqueued_at or time.time()), job.id, job.task, job.payload, job.priority,

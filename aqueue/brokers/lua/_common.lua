@@ -422,12 +422,14 @@ local function task_revoked(task, now)
   local v = redis.call('HGET', hkey, task)
   local revoked, once = false, false
   if v then
-    local once_flag, till = string.match(v, '^(%d)|(.*)$')
-    once = once_flag == '1'
-    if till ~= '' and tonumber(till) <= tonumber(now) then
+    local once_flag, till = string.match(v, '^([01])|(.*)$')
+    if till and till ~= '' then till = tonumber(till) end
+    if not till then
+      redis.call('HDEL', hkey, task)  -- not a revocation aqueue wrote (another writer's): dropped
+    elseif till ~= '' and till <= tonumber(now) then
       redis.call('HDEL', hkey, task)
     else
-      revoked = true
+      revoked, once = true, once_flag == '1'
       if once then redis.call('HDEL', hkey, task) end
     end
   end

@@ -10,8 +10,10 @@ local ikey = prefix .. 'index'
 local rkey = prefix .. 'revoked_tasks'
 local revocations = redis.call('HGETALL', rkey)
 for i = 1, #revocations, 2 do
-  local till = string.match(revocations[i + 1], '^%d|(.+)$')
-  if till and tonumber(till) <= tonumber(now) then redis.call('HDEL', rkey, revocations[i]) end
+  local till = string.match(revocations[i + 1], '^[01]|(.*)$')
+  if till and till ~= '' then till = tonumber(till) end
+  -- One aqueue did not write (another writer's) goes too: the scripts drop it where they meet it.
+  if not till or (till ~= '' and till <= tonumber(now)) then redis.call('HDEL', rkey, revocations[i]) end
 end
 for _, p in ipairs(redis.call('ZRANGE', prefix .. 'priorities', 0, -1)) do
   local s = stream_key(p)
