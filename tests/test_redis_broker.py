@@ -502,6 +502,43 @@ async def test_a_stored_job_whose_task_or_id_is_no_utf8_stalls_no_worker(
                                                        "on this worker")
 
 
+@pytest.mark.parametrize(("field", "value"), [
+    (b"expires", b"soon"), (b"deliveries", b"soon"), (b"token", b"0x10"), (b"attempt", b"1.5"),
+    (b"enqueued_at", b"soon"), (b"enqueued_at", b"0x10"), (b"expires", b"nan"),
+])
+async def test_a_stored_job_whose_record_holds_no_number_where_one_is_read_stalls_no_worker(
+    redis_url: str, queue_name: str, field: bytes, value: bytes
+) -> None:
+    # As above, its count or time unreadable (to Lua, or to the worker after it): the start
+    # script or the worker's read of its reply failed every receive that met the job.
+    queue = Queue(redis_url, name=queue_name)
+
+    @queue.task
+    async def add(a: int, b: int) -> int:
+        return a + b
+
+    keys = Keys(queue_name)
+    client = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        async with queue:
+            await queue.broker.receive(queue.name, "setup", 1, 0, 10)  # creates the stream and group
+            now, payload = repr(time.time()), b'{"args":[1,2],"kwargs":{}}'
+            entry = await client.xadd(keys.stream(0), {b"id": b"bad-record"})  # a plain entry
+            record = {b"state": b"pending", b"token": b"0", b"more": b"1", b"task": b"add",
+                      b"payload": payload, b"priority": b"0", b"attempt": b"1", b"enqueued_at": now,
+                      b"entry": entry, b"deliveries": b"0", field: value}
+            await client.hset(keys.prefix.encode() + b"job:bad-record", mapping=record)  # type: ignore[arg-type]
+            await client.zadd(keys.index, {b"bad-record": float(now)})
+            async with queue.worker():
+                jobs = [await add.enqueue(n, n) for n in range(5)]
+                assert [await job.result(timeout=10) for job in jobs] == [2 * n for n in range(5)]
+            [dead] = await queue.dead_letters()
+    finally:
+        await client.aclose()
+    assert dead.id == "bad-record"
+    assert dead.dead_reason == f"unreadable job record for stream entry {entry.decode()}"
+
+
 async def test_listings_read_records_a_page_at_a_time_whatever_the_limit(
     redis_url: str, queue_name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

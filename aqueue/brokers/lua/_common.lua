@@ -652,6 +652,14 @@ finalize = function(id, jk, state, now, ttl, reason, rec, fields)
   end
 end
 
+-- Whether a record's count (attempt, deliveries, token) or time (enqueued_at, expires) reads as
+-- aqueue writes it, in Lua and in the worker alike (Lua alone reads "0x10"); a missing one does.
+local function count_field(v) return not v or string.find(v, '^%d+$') ~= nil end
+local function number_field(v)
+  local x = v and tonumber(v)
+  return not v or (x ~= nil and x == x and not string.find(v, '[xX]'))
+end
+
 -- Lease one stream entry (already in this consumer's pending list) to the worker. Returns the
 -- delivery as an array; a notice (its 9th field says how) when the job is ended here instead
 -- (expired, revoked, cancelled, or dead-lettered past max_deliveries, a number); nil when the entry
@@ -694,6 +702,17 @@ local function start(s, p, entry, fields, consumer, now, max_deliveries, ttl)
   if rec[9] ~= entry or FINAL[rec[1]] then
     -- A leftover entry: the job was finished, or put on a stream again, since.
     drop_entry(s, entry)
+    return nil
+  end
+  if not (count_field(rec[4]) and count_field(rec[7]) and count_field(rec[8])
+      and number_field(rec[5]) and number_field(rec[6])) then
+    -- Numbers another writer made unreadable (read below, and by the worker, they failed every
+    -- receive that met the job): dead-lettered, as an entry with no record is.
+    drop_entry(s, entry)
+    redis.call('HSET', jk, 'attempt', 1, 'enqueued_at', now, 'token', 0, 'deliveries', 1)
+    redis.call('HDEL', jk, 'expires')
+    local reason = 'unreadable job record for stream entry ' .. entry
+    finalize(id, jk, 'failed', now, ttl, reason, nil, {'error', unreadable_error(id, reason)})
     return nil
   end
   -- Ended here rather than run: the worker gets a notice (9th field) so it can report it.
