@@ -680,6 +680,7 @@ local function start(s, p, entry, fields, consumer, now, max_deliveries, ttl)
       'attempt', 1, 'enqueued_at', now, 'token', 0, 'deliveries', 1)
     finalize(dead_id, job_key(dead_id), 'failed', now, ttl, 'malformed stream entry: no job id', nil,
       {'error', unreadable_error(dead_id, 'malformed stream entry: no job id')})
+    redis.call('ZADD', prefix .. 'index', 'NX', in_order(now), dead_id)  -- listed, as dead letters are
     return nil
   end
   local jk = job_key(id)
@@ -697,6 +698,7 @@ local function start(s, p, entry, fields, consumer, now, max_deliveries, ttl)
       'enqueued_at', now, 'token', 0, 'deliveries', 1)
     local reason = 'no job record for stream entry ' .. entry
     finalize(id, jk, 'failed', now, ttl, reason, nil, {'error', unreadable_error(id, reason)})
+    redis.call('ZADD', prefix .. 'index', 'NX', in_order(now), id)
     return nil
   end
   if rec[9] ~= entry or FINAL[rec[1]] then
@@ -713,6 +715,7 @@ local function start(s, p, entry, fields, consumer, now, max_deliveries, ttl)
     redis.call('HDEL', jk, 'expires')
     local reason = 'unreadable job record for stream entry ' .. entry
     finalize(id, jk, 'failed', now, ttl, reason, nil, {'error', unreadable_error(id, reason)})
+    redis.call('ZADD', prefix .. 'index', 'NX', in_order(now), id)
     return nil
   end
   -- Ended here rather than run: the worker gets a notice (9th field) so it can report it.
