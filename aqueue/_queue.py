@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import re
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
@@ -71,9 +72,10 @@ def broker_from_url(url: str) -> Broker:
         from aqueue.brokers._redis import RedisBroker
 
         return RedisBroker(url)
-    # The scheme alone is shown: with no "://" (a typo, "redis:/:pw@host") nothing is, as what
-    # the URL holds may be a password.
-    got = repr(url.split("://", 1)[0]) if "://" in url else "one without ://"
+    # The scheme alone is shown, if it is one: else (a typo, "redis:/:pw@host") nothing is, as
+    # what the URL holds may be a password.
+    scheme = url.split("://", 1)[0]
+    got = repr(scheme) if "://" in url and re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*", scheme) else "no scheme"
     raise ConfigurationError(f"a queue URL starts with redis://, rediss://, unix:// or memory://, got {got}")
 
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, cast
 
 from aqueue._checks import check_count, check_name, finite_at_least
 from aqueue._exceptions import ConfigurationError
-from aqueue._time import LONGEST, Seconds, When, epoch, seconds, timedelta_or_seconds
+from aqueue._time import LONGEST, Seconds, When, epoch, longest, seconds, timedelta_or_seconds
 
 if TYPE_CHECKING:
     from aqueue._jobs import Job, ResultGroup
@@ -54,11 +54,11 @@ class TaskPolicy:
         float holds (jobs that retry themselves count attempts without end) is a wait, not an error."""
         if not self.retry_delay:
             return 0.0
-        try:
-            wait = self.retry_delay * self.retry_backoff ** (attempt - 1)
+        try:  # as floats: ints would be raised exactly (slowly) and fail float() past its range
+            wait = float(self.retry_delay) * float(self.retry_backoff) ** (attempt - 1)
         except OverflowError:
             return LONGEST
-        return min(float(wait), LONGEST)
+        return min(wait, LONGEST)
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,8 +121,8 @@ class Task(Generic[P, R]):
         """A configured copy: `.enqueue(...)` takes the task's own arguments, none stolen."""
         if delay is not None and eta is not None:
             raise ConfigurationError("give delay or eta, not both")
-        if delay is not None and seconds(delay, "delay") == math.inf:  # it would never run
-            raise ConfigurationError(f"delay must be finite, got {delay!r}")
+        if delay is not None:
+            longest("delay", seconds(delay, "delay"), delay)  # an infinite one would never run
         if eta is not None and not isinstance(eta, datetime):  # time.time() + 60 would mean 2083
             raise ConfigurationError(f"eta must be a datetime (delay= takes seconds), got {eta!r}")
         if expires is not None:

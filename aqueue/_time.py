@@ -16,7 +16,10 @@ def seconds(value: Seconds, what: str) -> float:
     if isinstance(value, timedelta):
         result = value.total_seconds()
     elif isinstance(value, int | float) and not isinstance(value, bool):
-        result = float(value)
+        try:
+            result = float(value)
+        except OverflowError:  # an int past a float's range: as far as a float goes
+            result = math.inf if value > 0 else -math.inf
     else:  # "5" or True would pass float() and mean something nobody wrote
         raise ConfigurationError(f"{what} must be seconds or a timedelta, got {value!r}")
     if not result >= 0:  # NaN too

@@ -298,8 +298,9 @@ def test_url_schemes_pick_the_broker() -> None:
     with pytest.raises(ValueError, match=r"redis://, rediss://, unix:// or memory://, got 'amqp'$"):
         Queue("amqp://localhost")
     # A mistyped scheme leaves no "://" to end it: the message showed the whole URL, password too.
-    for typo in ("redis:/:s3cret@127.0.0.1:6379/0", "redis//:s3cret@host/0", "rediss:/user:s3cret@host"):
-        with pytest.raises(ValueError, match=r"got one without ://$") as refused:
+    for typo in ("redis:/:s3cret@127.0.0.1:6379/0", "redis//:s3cret@host/0", "rediss:/user:s3cret@host",
+                 "redis:/:s3://cret@host/0", "redis:/:s3cret@host/0?next=http://x"):
+        with pytest.raises(ValueError, match=r"got no scheme$") as refused:
             Queue(typo)
         assert "s3cret" not in str(refused.value)
 
@@ -433,7 +434,7 @@ async def test_an_entry_aqueue_did_not_write_is_not_run_by_a_busy_workers_lean_r
     assert "no job record" in str(dead.get("foreign"))
 
 
-@pytest.mark.parametrize("revocation", ["garbage", "1|soon", "7|", ""])
+@pytest.mark.parametrize("revocation", ["garbage", "1|soon", "7|", "", "0|nan", "0|0x10"])
 async def test_a_task_revocation_aqueue_did_not_write_stalls_no_worker(
     redis_url: str, queue_name: str, revocation: str
 ) -> None:
@@ -541,6 +542,26 @@ async def test_a_stored_job_whose_record_holds_no_number_where_one_is_read_stall
         await client.aclose()
     assert dead.id == "bad-record"
     assert dead.dead_reason == f"unreadable job record for stream entry {entry.decode()}"
+
+
+@pytest.mark.parametrize("expires", ["soon", "nan"])
+async def test_an_idempotency_key_whose_holder_has_an_unreadable_expiry_still_finds_it(
+    redis_url: str, queue_name: str, expires: str
+) -> None:
+    # Another writer's value: reading it failed every enqueue under the key. The job stays the
+    # key's holder; its start dead-letters it (the test above).
+    queue = Queue(redis_url, name=queue_name)
+
+    @queue.task
+    async def send(to: str) -> str:
+        return to
+
+    async with queue:
+        first = await send.options(key="welcome:3", expires=60).enqueue("a")
+        client = redis.asyncio.Redis.from_url(redis_url)
+        await client.hset(Keys(queue_name).job(first.id), "expires", expires)
+        await client.aclose()
+        assert (await send.options(key="welcome:3").enqueue("b")).id == first.id
 
 
 async def test_listings_read_records_a_page_at_a_time_whatever_the_limit(

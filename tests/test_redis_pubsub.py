@@ -1335,3 +1335,49 @@ async def test_bytes_that_are_no_utf8_on_a_result_inbox_deafen_no_wait(
         with anyio.fail_after(10):
             assert await later.result() == 2
     assert values == [2]
+
+
+async def test_a_close_during_a_first_waits_pause_is_said_as_the_close(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The wait connects within its timeout; refused, it pauses. A close() in that pause left it a
+    # broker with no pub/sub: a bare AssertionError, where any other wait says the close.
+    paused, go_on = anyio.Event(), anyio.Event()
+
+    async def pause(self: outage.OutOfReach, at_most: float = 1.0) -> None:
+        paused.set()
+        await go_on.wait()
+
+    monkeypatch.setattr(outage.OutOfReach, "pause", pause)
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()  # nothing listens there now
+    queue = Queue(f"redis://127.0.0.1:{port}/0")
+    raised: list[BaseException] = []
+
+    async def wait() -> None:
+        try:
+            await queue.job("some-id").result()
+        except BrokerError as exc:
+            raised.append(exc)
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as waits:
+            waits.start_soon(wait)
+            await paused.wait()
+            await queue.close()
+            go_on.set()
+    assert [str(exc) for exc in raised] == [
+        f"RedisBroker redis://127.0.0.1:{port}/0 was closed while waiting on job some-id"]
+
+
+def test_an_outcome_message_says_which_end_it_tells() -> None:
+    # "id ends" on its first line: a wait takes only the ends after it registered, and a message
+    # that says no end (an earlier aqueue's worker: "id") is left to the wait's own read of the
+    # job, as an earlier aqueue's wait leaves the new one to its recheck (it routes by the line).
+    message = b"j 2\nsucceeded\n1\n3\n"
+    heard = redis_module._outcome_record("j", message, 1)
+    assert heard is not None
+    assert (heard.state, heard.result) == ("succeeded", b"3")
+    assert redis_module._outcome_record("j", message, 2) is None
+    assert redis_module._outcome_record("j", b"j\nsucceeded\n1\n3\n", 0) is None
+    assert redis_module._outcome_record("j", b"j 2\nsucceeded", 0) is None  # too big to carry

@@ -34,6 +34,7 @@ from aqueue import (
     current_job,
 )
 from aqueue._context import JobContext
+from aqueue._tasks import TaskPolicy
 from aqueue._threads import worker_threads
 from aqueue._time import LONGEST
 from aqueue._worker import _runner
@@ -171,6 +172,13 @@ async def test_a_backoff_grown_past_a_floats_range_still_retries(queue: Queue) -
     assert (record.state, record.attempt) == ("scheduled", 4)  # its next attempt, far off
     assert before + LONGEST <= record.eta <= time.time() + LONGEST
     assert await queue.dead_letters() == []
+
+
+def test_a_backoff_of_whole_numbers_past_a_floats_range_is_the_longest_wait() -> None:
+    # As ints, retry_delay * retry_backoff ** n was exact: float() of it raised past 2**1024, and
+    # an attempt number in the millions took seconds to raise.
+    policy = TaskPolicy(retries=1, retry_delay=1, retry_backoff=2)
+    assert (policy.retry_wait(3), policy.retry_wait(1100), policy.retry_wait(10**8)) == (4.0, LONGEST, LONGEST)
 
 
 async def test_cancel_execution(queue: Queue) -> None:

@@ -249,9 +249,12 @@ class Notifier:
                 for heard in state.waiters:
                     heard._wake(data)
                 if state.routed:
-                    # Escaped, not refused: bytes another writer sent must not end the reading.
-                    job_id = data.split(b"\n", 1)[0].decode("utf-8", "backslashreplace")
-                    for heard in state.routed.get(job_id, ()):
+                    # "id ends" first (an earlier aqueue's worker: "id"); escaped, not refused:
+                    # bytes another writer sent must not end the reading.
+                    head = data.split(b"\n", 1)[0]
+                    job_id, said, ends = head.rpartition(b" ")
+                    routed = (job_id if said and ends.isdigit() else head).decode("utf-8", "backslashreplace")
+                    for heard in state.routed.get(routed, ()):
                         heard._wake(data)
                 # A turn of the loop: those woken go on before this task reads the next message.
                 await asyncio.sleep(0)

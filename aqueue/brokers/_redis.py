@@ -329,14 +329,16 @@ def _hash(flat: list[bytes]) -> dict[bytes, bytes]:
 
 
 def _outcome_record(job_id: str, message: bytes, told: int) -> JobRecord | None:
-    """The outcome a job's end publishes ("id\nends\nstate\nattempt\nbody\nreason"), as a
-    record holding just what `job.result()` reads; None for "id\nends\nstate" (too big to carry),
-    and for the message of an end told before the wait was registered (`told` of them)."""
-    parts = message.split(b"\n", 5)
+    """The outcome a job's end publishes ("id ends\nstate\nattempt\nbody\nreason"), as a
+    record holding just what `job.result()` reads; None for "id ends\nstate" (too big to carry),
+    for the message of an end told before the wait was registered (`told` of them), and for one
+    that does not say which end it is (an earlier aqueue's)."""
+    parts = message.split(b"\n", 4)
     try:
-        if len(parts) != 6 or int(parts[1]) <= told:
+        _, said, ends = parts[0].rpartition(b" ")
+        if len(parts) != 5 or not said or int(ends) <= told:
             return None
-        state, attempt, body, reason = parts[2].decode(), int(parts[3]), parts[4] or None, parts[5]
+        state, attempt, body, reason = parts[1].decode(), int(parts[2]), parts[3] or None, parts[4]
         dead_reason = reason.decode() or None
     except ValueError:  # UnicodeDecodeError too: not a message of aqueue's (another writer's)
         return None  # the wait reads the job itself
@@ -353,9 +355,10 @@ def _revoked_until(revocation: bytes) -> float | None:
     if once not in (b"0", b"1"):
         return None
     try:
-        return float(until) if until else math.inf
+        moment = float(until) if until else math.inf
     except ValueError:
         return None
+    return None if math.isnan(moment) else moment
 
 
 def _lean(fields: list[bytes]) -> bool:
@@ -1083,8 +1086,9 @@ class RedisBroker(Broker):
             except BrokerConnectionError:
                 out_of_reach.failed()  # tried again below, as a call that failed is
                 await out_of_reach.pause()
-            notifier = self._notifier
-            assert notifier is not None  # made by the connect, whether Redis answered it or not
+            notifier = self._notifier  # made by the connect, whether Redis answered it or not
+            if notifier is None:  # gone: `close()` came during the pause
+                raise BrokerError(f"RedisBroker {self.url} was closed while {waiting}")
             inbox = self._key(queue).done_channel(self._inbox)
             self._check_room_to_listen(waiting)
             with self._closed_said(notifier, waiting):

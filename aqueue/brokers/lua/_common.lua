@@ -291,9 +291,8 @@ local function live_key_holder(key, now)
   if not holder then return nil end
   local rec = redis.call('HMGET', job_key(holder), 'state', 'expires', 'token')
   if not rec[1] or FINAL[rec[1]] then return nil end
-  if rec[2] and rec[2] ~= '' and tonumber(rec[2]) < tonumber(now) and (rec[3] or '0') == '0' then
-    return nil
-  end
+  local expires = rec[2] and rec[2] ~= '' and tonumber(rec[2])  -- unreadable: left to its start
+  if expires and expires < tonumber(now) and (rec[3] or '0') == '0' then return nil end
   return holder
 end
 
@@ -412,6 +411,15 @@ local function revocations_exist()
   return any_revocations
 end
 
+-- Whether a record's count (attempt, deliveries, token) or time (enqueued_at, expires, a
+-- revocation's until) reads as aqueue writes it, in Lua and in Python alike (Lua alone reads
+-- "0x10", and reads "nan" as a number no comparison holds for); a missing one does.
+local function count_field(v) return not v or string.find(v, '^%d+$') ~= nil end
+local function number_field(v)
+  local x = v and tonumber(v)
+  return not v or (x ~= nil and x == x and not string.find(v, '[xX]'))
+end
+
 -- Whether a task is revoked now; a revocation for one job only is used up here.
 -- Stored as "<once 0|1>|<until or empty>". Answers are kept for the rest of the script call.
 local revoked_known = {}
@@ -423,7 +431,7 @@ local function task_revoked(task, now)
   local revoked, once = false, false
   if v then
     local once_flag, till = string.match(v, '^([01])|(.*)$')
-    if till and till ~= '' then till = tonumber(till) end
+    if till and till ~= '' then till = number_field(till) and tonumber(till) end
     if not till then
       redis.call('HDEL', hkey, task)  -- not a revocation aqueue wrote (another writer's): dropped
     elseif till ~= '' and till <= tonumber(now) then
@@ -591,13 +599,14 @@ local function after_final(id, state, now, ttl, rec, reason)
 end
 
 -- What a waiter on the job's outcome needs, in the message itself when it is small, so that
--- `job.result()` need not read the record: "id\nends\nstate\nattempt\nbody\nreason", the body
--- being the result (succeeded) or the error (JSON: never a raw newline); "id\nends\nstate"
+-- `job.result()` need not read the record: "id ends\nstate\nattempt\nbody\nreason", the body
+-- being the result (succeeded) or the error (JSON: never a raw newline); "id ends\nstate"
 -- otherwise. `ends` counts the job's ends told (see watch.lua): a message of an earlier end, read
--- late, is told apart from this one's.
+-- late, is told apart from this one's. (On the first line: an earlier aqueue, which routes by the
+-- whole line, leaves the message to its recheck rather than misread it.)
 local OUTCOME_IN_MESSAGE = 16384
 local function done_message(id, ends, state, rec, reason)
-  local head = id .. '\n' .. ends .. '\n' .. state
+  local head = id .. ' ' .. ends .. '\n' .. state
   local body = rec.error
   if state == 'succeeded' then body = rec.result end
   if not body then body = '' end
@@ -650,14 +659,6 @@ finalize = function(id, jk, state, now, ttl, reason, rec, fields)
     end
     redis.call('HDEL', jk, 'waiters')  -- told: a later end (after a retry) tells whoever waits then
   end
-end
-
--- Whether a record's count (attempt, deliveries, token) or time (enqueued_at, expires) reads as
--- aqueue writes it, in Lua and in the worker alike (Lua alone reads "0x10"); a missing one does.
-local function count_field(v) return not v or string.find(v, '^%d+$') ~= nil end
-local function number_field(v)
-  local x = v and tonumber(v)
-  return not v or (x ~= nil and x == x and not string.find(v, '[xX]'))
 end
 
 -- Lease one stream entry (already in this consumer's pending list) to the worker. Returns the

@@ -11,7 +11,7 @@ local rkey = prefix .. 'revoked_tasks'
 local revocations = redis.call('HGETALL', rkey)
 for i = 1, #revocations, 2 do
   local till = string.match(revocations[i + 1], '^[01]|(.*)$')
-  if till and till ~= '' then till = tonumber(till) end
+  if till and till ~= '' then till = number_field(till) and tonumber(till) end
   -- One aqueue did not write (another writer's) goes too: the scripts drop it where they meet it.
   if not till or (till ~= '' and till <= tonumber(now)) then redis.call('HDEL', rkey, revocations[i]) end
 end
