@@ -510,6 +510,7 @@ async def test_a_stored_job_whose_task_or_id_is_no_utf8_stalls_no_worker(
 @pytest.mark.parametrize(("field", "value"), [
     (b"expires", b"soon"), (b"deliveries", b"soon"), (b"token", b"0x10"), (b"attempt", b"1.5"),
     (b"enqueued_at", b"soon"), (b"enqueued_at", b"0x10"), (b"expires", b"nan"),
+    (b"deliveries", b"99999999999999999999"),  # past what Lua's numbers count exactly
 ])
 async def test_a_stored_job_whose_record_holds_no_number_where_one_is_read_stalls_no_worker(
     redis_url: str, queue_name: str, field: bytes, value: bytes

@@ -677,7 +677,9 @@ class Worker:
             if len(self._early_cancels) >= EARLY_CANCELS_KEPT:
                 self._early_cancels = {j: t for j, t in self._early_cancels.items()
                                        if now - t < EARLY_CANCEL_AGE}
-                if len(self._early_cancels) >= EARLY_CANCELS_KEPT:  # a storm: the fallback has them
+                # Room for half as many again before the next sweep; in a storm of cancels, the
+                # fallback check has those dropped.
+                if len(self._early_cancels) >= EARLY_CANCELS_KEPT // 2:
                     self._early_cancels.clear()
             self._early_cancels[job_id] = now
             return

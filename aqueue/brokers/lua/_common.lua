@@ -414,7 +414,7 @@ end
 -- Whether a record's count (attempt, deliveries, token) or time (enqueued_at, expires, a
 -- revocation's until) reads as aqueue writes it, in Lua and in Python alike (Lua alone reads
 -- "0x10", and reads "nan" as a number no comparison holds for); a missing one does.
-local function count_field(v) return not v or string.find(v, '^%d+$') ~= nil end
+local function count_field(v) return not v or (#v <= 15 and string.find(v, '^%d+$') ~= nil) end
 local function number_field(v)
   local x = v and tonumber(v)
   return not v or (x ~= nil and x == x and not string.find(v, '[xX]'))
