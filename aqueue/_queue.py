@@ -273,7 +273,7 @@ class Queue:
     def _register(self, fn: Callable[P, Any], name: str | None, policy: TaskPolicy) -> Task[P, Any]:
         if not callable(fn):
             raise ConfigurationError(f"@queue.task decorates a function, got {fn!r}")
-        task_name = name or default_name(fn)
+        task_name = default_name(fn) if name is None else name  # name="" is refused, not ignored
         check_name(task_name, "a task's name")  # stored as the jobs' task, by which workers find it
         if task_name in self.tasks and self.tasks[task_name].fn is not fn:
             raise ConfigurationError(f"a task named {task_name!r} is already registered")
@@ -444,6 +444,7 @@ class Queue:
     async def retry(self, job_id: str) -> bool:
         """Run a dead-lettered job again with a fresh attempt count. False if it is not one.
         In immediate mode it runs here, and with it what its end sets going again."""
+        check_name(job_id, "a job id")
         if not await self.broker.retry(self.name, job_id, time.time()):
             return False
         if self.immediate:

@@ -278,6 +278,9 @@ async def test_bad_arguments_of_calls_fail_at_once(queue: Queue) -> None:
             await queue.dead_letters(limit=limit)  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError, match="a job id is a string, got None"):
         queue.job(None)  # type: ignore[arg-type]
+    for job_id in ("", "x" * 1025):  # both answered False, as for a job that is no dead letter
+        with pytest.raises(ConfigurationError, match="a job id is "):
+            await queue.retry(job_id)
     with pytest.raises(ConfigurationError, match="concurrency must be a whole number"):
         async with queue.worker(concurrency=1.5):  # type: ignore[arg-type]
             pass
@@ -290,6 +293,8 @@ def test_default_task_name_is_the_function_name(queue: Queue) -> None:
         return a + b
 
     assert add.name == "add"
+    with pytest.raises(ConfigurationError, match="a task's name is a non-empty string"):
+        queue.task(name="")(add.fn)  # it was taken as no name: the function's
     with pytest.raises(ConfigurationError, match="already registered"):
         @queue.task
         async def add(a: int, b: int) -> int:  # a second task of the same name
