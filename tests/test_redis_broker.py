@@ -1475,6 +1475,23 @@ async def test_a_busy_consumer_learns_a_new_band_and_reads_it_first_next(
     assert [d.job_id for d in await redis_broker.receive(queue_name, "w", 1, 0, 5)] == [high.id]
 
 
+async def test_a_consumer_reads_the_bands_itself_before_it_reads_without_the_script(
+    redis_broker: RedisBroker, redis_url: str, queue_name: str
+) -> None:
+    # A worker of the queue object knew band 0 alone; a band was made elsewhere since; a new
+    # worker on that object read band 0 first from what the other had learned: its jobs ran
+    # ahead of the higher band's, up to the new worker's concurrency of them.
+    await redis_broker.enqueue(queue_name, [new_job()])
+    assert len(await redis_broker.receive(queue_name, "first", 1, 0, 5)) == 1
+    other = RedisBroker(redis_url)  # another process
+    try:
+        low, high = new_job(0), new_job(3)
+        await other.enqueue(queue_name, [low, high])
+    finally:
+        await other.close()
+    assert [d.job_id for d in await redis_broker.receive(queue_name, "second", 1, 0, 5)] == [high.id]
+
+
 async def test_a_busy_consumer_recreates_a_stream_lost_with_the_servers_data(
     redis_broker: RedisBroker, client: redis.asyncio.Redis, queue_name: str
 ) -> None:

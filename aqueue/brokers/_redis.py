@@ -591,6 +591,7 @@ class RedisBroker(Broker):
         # Consumers whose last receive found fewer jobs than it asked for: their next receive
         # goes straight to the blocking read, which returns at once if jobs arrived meanwhile.
         self._drained: set[str] = set()
+        self._learned: set[tuple[str, str]] = set()  # consumers that read the bands (see receive)
         # Per (queue, consumer): entries a blocking read handed over whose start script has not
         # answered (an error between the two). They sit in the consumer's pending list, leased
         # to nobody: its next receive starts them, rather than leave them to the reclaim.
@@ -822,7 +823,10 @@ class RedisBroker(Broker):
         bands = self._bands.get(queue)
         if not (timeout > 0 and bands and consumer in self._drained):
             read = None
-            if bands == ["0"]:
+            # Lean only once this consumer has learned the bands itself: what another consumer
+            # (a worker stopped since) learned may be old, and a band added meanwhile waited
+            # behind band 0's jobs, up to the new worker's concurrency of them.
+            if bands == ["0"] and (queue, consumer) in self._learned:
                 read = await self._read_lean(queue, consumer, count, max_deliveries, ttl)
             if read is not None:
                 found, bands = read, self._bands[queue]
@@ -830,6 +834,7 @@ class RedisBroker(Broker):
                 now = time.time()
                 reply = await self._run(queue, "receive", [consumer, count, repr(now), max_deliveries, ttl])
                 self._bands[queue] = bands = [b.decode() for b in reply[0]]
+                self._learned.add((queue, consumer))
                 found = [_delivery(row, consumer, now) for row in reply[1:]]
             if found or timeout <= 0:
                 self._note_drained(consumer, len(found) < count)
@@ -970,6 +975,7 @@ class RedisBroker(Broker):
 
     async def forget_consumer(self, queue: str, consumer: str) -> None:
         self._drained.discard(consumer)
+        self._learned.discard((queue, consumer))
         self._unstarted.pop((queue, consumer), None)  # pending still: the reclaim takes them
         reader = self._readers.pop(consumer, None)
         if reader is not None:
