@@ -63,7 +63,7 @@ PROMOTE_BATCH = 1000
 CANCEL_CHECK = 2.0  # how often to look for cancel requests whose push was missed
 # Cancel requests heard for jobs not running here are kept, in case a lease is on its way: the push
 # can come before the reply that leases the job (the cancel landed in between). At most this many;
-# past it, those older than EARLY_CANCEL_AGE seconds go.
+# past it, those older than EARLY_CANCEL_AGE seconds go (all of them, if that leaves over half).
 EARLY_CANCELS_KEPT = 1000
 EARLY_CANCEL_AGE = 5.0
 PRUNE_EVERY = 10.0  # seconds between two pages of pruning expired records' leftovers
