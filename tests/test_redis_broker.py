@@ -468,18 +468,24 @@ async def test_a_task_revocation_aqueue_did_not_write_stalls_no_worker(
         await client.aclose()
 
 
-async def test_a_stored_job_whose_task_or_id_is_no_utf8_stalls_no_worker(
-    redis_url: str, queue_name: str
-) -> None:
-    # Record and entry written as aqueue writes them, by another writer: a task name or id that
-    # is no UTF-8 failed every receive (the job stayed leased, and failed the next one), so no
-    # job ran again; listing the queue failed too.
+def queue_that_adds(redis_url: str, queue_name: str) -> tuple[Queue, Any]:
+    """A queue and its task `add`, for the tests of records another writer made."""
     queue = Queue(redis_url, name=queue_name)
 
     @queue.task
     async def add(a: int, b: int) -> int:
         return a + b
 
+    return queue, add
+
+
+async def test_a_stored_job_whose_task_or_id_is_no_utf8_stalls_no_worker(
+    redis_url: str, queue_name: str
+) -> None:
+    # Record and entry written as aqueue writes them, by another writer: a task name or id that
+    # is no UTF-8 failed every receive (the job stayed leased, and failed the next one), so no
+    # job ran again; listing the queue failed too.
+    queue, add = queue_that_adds(redis_url, queue_name)
     keys = Keys(queue_name)
     client = redis.asyncio.Redis.from_url(redis_url)
     async with queue:
@@ -517,12 +523,7 @@ async def test_a_stored_job_whose_record_holds_no_number_where_one_is_read_stall
 ) -> None:
     # As above, its count or time unreadable (to Lua, or to the worker after it): the start
     # script or the worker's read of its reply failed every receive that met the job.
-    queue = Queue(redis_url, name=queue_name)
-
-    @queue.task
-    async def add(a: int, b: int) -> int:
-        return a + b
-
+    queue, add = queue_that_adds(redis_url, queue_name)
     keys = Keys(queue_name)
     client = redis.asyncio.Redis.from_url(redis_url)
     try:
