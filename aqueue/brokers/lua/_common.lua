@@ -291,7 +291,7 @@ local function live_key_holder(key, now)
   if not holder then return nil end
   local rec = redis.call('HMGET', job_key(holder), 'state', 'expires', 'token')
   if not rec[1] or FINAL[rec[1]] then return nil end
-  local expires = rec[2] and rec[2] ~= '' and tonumber(rec[2])  -- unreadable: left to its start
+  local expires = rec[2] and rec[2] ~= '' and tonumber(rec[2])  -- unreadable: dead-lettered when met
   if expires and expires < tonumber(now) and (rec[3] or '0') == '0' then return nil end
   return holder
 end
