@@ -661,6 +661,17 @@ finalize = function(id, jk, state, now, ttl, reason, rec, fields)
   end
 end
 
+-- An entry that is no job to run (another writer's): dropped, its job kept as a dead letter, the
+-- reason its error, and listed as dead letters are. `fields`: record fields it lacks besides the
+-- counts and times, which are given afresh.
+local function dead_entry(s, entry, id, now, ttl, reason, fields)
+  drop_entry(s, entry)
+  local jk = job_key(id)
+  redis.call('HSET', jk, 'attempt', 1, 'enqueued_at', now, 'token', 0, 'deliveries', 1, unpack(fields))
+  finalize(id, jk, 'failed', now, ttl, reason, nil, {'error', unreadable_error(id, reason)})
+  redis.call('ZADD', prefix .. 'index', 'NX', in_order(now), id)
+end
+
 -- Lease one stream entry (already in this consumer's pending list) to the worker. Returns the
 -- delivery as an array; a notice (its 9th field says how) when the job is ended here instead
 -- (expired, revoked, cancelled, or dead-lettered past max_deliveries, a number); nil when the entry
@@ -675,13 +686,8 @@ local function start(s, p, entry, fields, consumer, now, max_deliveries, ttl)
   if id == false then drop_entry(s, entry) return nil end
   if id == nil then
     -- Not ours to interpret: keep it as a dead letter with the reason.
-    drop_entry(s, entry)
-    local dead_id = 'entry-' .. entry
-    redis.call('HSET', job_key(dead_id), 'task', '', 'payload', cjson.encode(fields), 'priority', p,
-      'attempt', 1, 'enqueued_at', now, 'token', 0, 'deliveries', 1)
-    finalize(dead_id, job_key(dead_id), 'failed', now, ttl, 'malformed stream entry: no job id', nil,
-      {'error', unreadable_error(dead_id, 'malformed stream entry: no job id')})
-    redis.call('ZADD', prefix .. 'index', 'NX', in_order(now), dead_id)  -- listed, as dead letters are
+    dead_entry(s, entry, 'entry-' .. entry, now, ttl, 'malformed stream entry: no job id',
+      {'task', '', 'payload', cjson.encode(fields), 'priority', p})
     return nil
   end
   local jk = job_key(id)
@@ -694,12 +700,8 @@ local function start(s, p, entry, fields, consumer, now, max_deliveries, ttl)
     rec[6], rec[10], rec[11] = rare[1], rare[2], rare[3]
   end
   if not rec[1] then
-    drop_entry(s, entry)
-    redis.call('HSET', jk, 'task', '', 'payload', '', 'priority', p, 'attempt', 1,
-      'enqueued_at', now, 'token', 0, 'deliveries', 1)
-    local reason = 'no job record for stream entry ' .. entry
-    finalize(id, jk, 'failed', now, ttl, reason, nil, {'error', unreadable_error(id, reason)})
-    redis.call('ZADD', prefix .. 'index', 'NX', in_order(now), id)
+    dead_entry(s, entry, id, now, ttl, 'no job record for stream entry ' .. entry,
+      {'task', '', 'payload', '', 'priority', p})
     return nil
   end
   if rec[9] ~= entry or FINAL[rec[1]] then
@@ -711,12 +713,8 @@ local function start(s, p, entry, fields, consumer, now, max_deliveries, ttl)
       and number_field(rec[5]) and number_field(rec[6])) then
     -- Numbers another writer made unreadable (read below, and by the worker, they failed every
     -- receive that met the job): dead-lettered, as an entry with no record is.
-    drop_entry(s, entry)
-    redis.call('HSET', jk, 'attempt', 1, 'enqueued_at', now, 'token', 0, 'deliveries', 1)
     redis.call('HDEL', jk, 'expires')
-    local reason = 'unreadable job record for stream entry ' .. entry
-    finalize(id, jk, 'failed', now, ttl, reason, nil, {'error', unreadable_error(id, reason)})
-    redis.call('ZADD', prefix .. 'index', 'NX', in_order(now), id)
+    dead_entry(s, entry, id, now, ttl, 'unreadable job record for stream entry ' .. entry, {})
     return nil
   end
   -- Ended here rather than run: the worker gets a notice (9th field) so it can report it.
