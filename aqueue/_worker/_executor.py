@@ -173,7 +173,7 @@ def written_signal(queue: Queue, running: RunningJob, c: Completion) -> tuple[Si
     stored), if it or what may stand in its place has handlers: COMPLETE for a success,
     SCHEDULED for a retry or a rate limit's reschedule that waits for its time, ENQUEUED for a
     retry at once (back on the queue, as Huey's requeue is); for these two, CANCELLED instead if
-    the broker ends the job cancelled (`announce_run_again`)."""
+    the broker ends the job cancelled (`announce_written`)."""
     if running.completed is not None:
         return Signal.COMPLETE, running.completed
     if c.retry_at is not None:  # a RETRY or a DEFER
@@ -186,12 +186,16 @@ def written_signal(queue: Queue, running: RunningJob, c: Completion) -> tuple[Si
     return (signal, SignalJob(c.delivery.job_id, c.delivery.task)) if wanted else None
 
 
-async def announce_run_again(queue: Queue, c: Completion, announced: tuple[Signal, Any]) -> None:
-    """SCHEDULED or ENQUEUED for a job written to run again (`written_signal`), unless the broker
-    ended it instead: a cancel asked for while it ran outlasts its retry (it ends `cancelled` as
-    this completion finished, its attempt not counted), and is told as CANCELLED. A cancel that
-    came after the write ended it later, and told CANCELLED itself."""
+async def announce_written(queue: Queue, c: Completion, announced: tuple[Signal, Any]) -> None:
+    """The signal `written_signal` chose, once the outcome is written: COMPLETE as it is; SCHEDULED
+    or ENQUEUED for a job written to run again, unless the broker ended it instead: a cancel asked
+    for while it ran outlasts its retry (it ends `cancelled` as this completion finished, its
+    attempt not counted), and is told as CANCELLED. A cancel that came after the write ended it
+    later, and told CANCELLED itself."""
     signal, job = announced
+    if signal is Signal.COMPLETE:
+        await queue.signals.send(signal, job)
+        return
     try:
         record = await queue.broker.get(queue.name, c.delivery.job_id)
     except BrokerError as exc:

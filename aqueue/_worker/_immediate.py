@@ -11,9 +11,8 @@ from typing import TYPE_CHECKING
 import anyio
 
 from aqueue._serialization import loads
-from aqueue._signals import Signal
 from aqueue._states import JobState
-from aqueue._worker._executor import RunningJob, announce_run_again, execute, report_ended, written_signal
+from aqueue._worker._executor import RunningJob, announce_written, execute, report_ended, written_signal
 from aqueue.brokers._base import BATCH_CALLBACK_KINDS, batch_callback_id, error_handler_id
 
 if TYPE_CHECKING:
@@ -106,7 +105,4 @@ async def _run(queue: Queue, job_id: str, may_appear: bool) -> bool:
                 [written] = await broker.finish(name, [completion], queue.result_ttl)
             announced = written_signal(queue, running, completion) if written else None
             if announced is not None:
-                if announced[0] is Signal.COMPLETE:
-                    await queue.signals.send(*announced)
-                else:  # unless a cancel asked for while it ran ended it instead
-                    await announce_run_again(queue, completion, announced)
+                await announce_written(queue, completion, announced)

@@ -34,7 +34,7 @@ from aqueue._time import Seconds, seconds
 from aqueue._worker._completer import Completer
 from aqueue._worker._executor import (
     RunningJob,
-    announce_run_again,
+    announce_written,
     dead,
     execute,
     report_ended,
@@ -554,10 +554,7 @@ class Worker:
         for c in completions:
             announced = self._announced.pop(c.delivery.job_id, None)
             if announced is not None and self._announcements is not None:
-                if announced[0] is Signal.COMPLETE:
-                    self._announcements.start_soon(self.queue.signals.send, *announced)
-                else:
-                    self._announcements.start_soon(announce_run_again, self.queue, c, announced)
+                self._announcements.start_soon(announce_written, self.queue, c, announced)
 
     def _written(self, completions: list[Completion]) -> None:
         pending = self._announced
