@@ -1,7 +1,7 @@
 """The words of `aqueue run ...`, read into `RunArgs`.
 
 Not argparse: importing it (with gettext) costs a worker about 0.4 MB that it keeps for its whole
-life, measured in a drain's peak RSS, for a command line of one command and six options.
+life, measured in a drain's peak RSS, for a command line of one command and seven options.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-USAGE = ("usage: aqueue run module:queue [--concurrency N] [--shutdown-timeout S] [--no-scheduler]\n"
-         "                               [-v | -q] [--logfile F]")
+USAGE = ("usage: aqueue run module:queue [--concurrency N] [--prefetch N] [--shutdown-timeout S]\n"
+         "                               [--no-scheduler] [-v | -q] [--logfile F]")
 
 HELP = f"""{USAGE}
 
@@ -24,6 +24,8 @@ arguments:
 
 options:
   --concurrency N       jobs at once (default 100)
+  --prefetch N          jobs received ahead of free slots, leased to this worker while
+                        they wait (default 0)
   --shutdown-timeout S  seconds running jobs get to finish on SIGTERM (default 30)
   --no-scheduler        do not promote delayed jobs or enqueue periodic ones
   -v, --verbose         log debug lines
@@ -42,6 +44,7 @@ class UsageError(Exception):
 class RunArgs:
     target: str
     concurrency: int = 100
+    prefetch: int = 0
     shutdown_timeout: float = 30.0
     no_scheduler: bool = False
     verbose: bool = False
@@ -49,14 +52,16 @@ class RunArgs:
     logfile: str | None = None
 
 
-def _concurrency(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise UsageError(f"--concurrency: expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise UsageError(f"--concurrency must be at least 1, got {value}")
-    return value
+def _whole(option: str, least: int) -> Callable[[str], int]:
+    def read(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise UsageError(f"{option}: expected a whole number, got {text!r}") from None
+        if value < least:
+            raise UsageError(f"{option} must be at least {least}, got {value}")
+        return value
+    return read
 
 
 def _seconds(text: str) -> float:
@@ -77,7 +82,8 @@ def _logfile(text: str) -> str:
 
 # Options that take a value: the RunArgs field each sets, and how its text is read.
 VALUED: dict[str, tuple[str, Callable[[str], object]]] = {
-    "--concurrency": ("concurrency", _concurrency),
+    "--concurrency": ("concurrency", _whole("--concurrency", 1)),
+    "--prefetch": ("prefetch", _whole("--prefetch", 0)),
     "--shutdown-timeout": ("shutdown_timeout", _seconds),
     "--logfile": ("logfile", _logfile),
 }

@@ -112,7 +112,8 @@ def _run(args: RunArgs, handler: logging.Handler, level: int) -> int:
         logger.warning("queue %r is on memory://: this worker runs only the jobs its own process "
                        "enqueues (its periodic tasks), never another process's; share a redis:// "
                        "URL with the processes that enqueue", queue.name)
-    worker = Worker(queue, concurrency=args.concurrency, scheduler=not args.no_scheduler,
+    worker = Worker(queue, concurrency=args.concurrency, prefetch=args.prefetch,
+                    scheduler=not args.no_scheduler,
                     shutdown_timeout=args.shutdown_timeout)
     return anyio.run(_serve, worker)
 

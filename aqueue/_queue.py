@@ -500,13 +500,14 @@ class Queue:
         self,
         concurrency: int = 100,
         *,
+        prefetch: int = 0,
         scheduler: bool = True,
         shutdown_timeout: Seconds = 30.0,
     ) -> AsyncIterator[Worker]:
         """Run a worker in the background of the current task; it stops gracefully on exit."""
         from aqueue._worker import Worker
 
-        worker = Worker(self, concurrency=concurrency, scheduler=scheduler,
+        worker = Worker(self, concurrency=concurrency, prefetch=prefetch, scheduler=scheduler,
                         shutdown_timeout=shutdown_timeout)
         async with worker.running():
             yield worker

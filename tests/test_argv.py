@@ -8,15 +8,17 @@ from pathlib import Path
 
 import pytest
 
+from aqueue import _cli
 from aqueue._argv import RunArgs, UsageError, parse
 from aqueue._cli import main
+from aqueue._worker import Worker
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_defaults_are_specs() -> None:
     assert parse(["run", "app:queue"]) == RunArgs(
-        "app:queue", concurrency=100, shutdown_timeout=30.0, no_scheduler=False, verbose=False,
+        "app:queue", concurrency=100, prefetch=0, shutdown_timeout=30.0, no_scheduler=False, verbose=False,
         quiet=False, logfile=None,
     )
 
@@ -24,16 +26,17 @@ def test_defaults_are_specs() -> None:
 @pytest.mark.parametrize(
     "words",
     [
-        ["run", "app:queue", "--concurrency", "7", "--shutdown-timeout", "2.5", "--no-scheduler",
-         "-v", "--logfile", "w.log"],
-        ["run", "--concurrency=7", "--shutdown-timeout=2.5", "--no-scheduler", "--verbose",
-         "--logfile=w.log", "app:queue"],
-        ["run", "--conc", "7", "--shut=2.5", "--no", "--verb", "--log", "w.log", "--", "app:queue"],
+        ["run", "app:queue", "--concurrency", "7", "--prefetch", "3", "--shutdown-timeout", "2.5",
+         "--no-scheduler", "-v", "--logfile", "w.log"],
+        ["run", "--concurrency=7", "--prefetch=3", "--shutdown-timeout=2.5", "--no-scheduler",
+         "--verbose", "--logfile=w.log", "app:queue"],
+        ["run", "--conc", "7", "--pre", "3", "--shut=2.5", "--no", "--verb", "--log", "w.log", "--",
+         "app:queue"],
     ],
     ids=["spaced", "equals", "prefixes"],
 )
 def test_every_option_in_each_spelling(words: list[str]) -> None:
-    assert parse(words) == RunArgs("app:queue", concurrency=7, shutdown_timeout=2.5,
+    assert parse(words) == RunArgs("app:queue", concurrency=7, prefetch=3, shutdown_timeout=2.5,
                                    no_scheduler=True, verbose=True, logfile="w.log")
 
 
@@ -59,6 +62,8 @@ def test_help_is_asked(words: list[str]) -> None:
         (["run", "a:q", "--concurrency"], "--concurrency needs a value"),
         (["run", "a:q", "--concurrency", "lots"], "expected a whole number, got 'lots'"),
         (["run", "a:q", "--concurrency=0"], "--concurrency must be at least 1, got 0"),
+        (["run", "a:q", "--prefetch", "-1"], "--prefetch must be at least 0, got -1"),
+        (["run", "a:q", "--prefetch", "1.5"], "--prefetch: expected a whole number, got '1.5'"),
         (["run", "a:q", "--shutdown-timeout", "-1"], "must be 0 or more seconds"),
         (["run", "a:q", "--shutdown-timeout", "nan"], "must be 0 or more seconds"),
         (["run", "a:q", "--shutdown-timeout", "soon"], "expected a number of seconds"),
@@ -88,12 +93,28 @@ def test_main_prints_usage_and_exits_2(capsys: pytest.CaptureFixture[str]) -> No
     assert "aqueue: error: --concurrency must be at least 1, got 0" in err
 
 
+def test_the_worker_runs_with_the_settings_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    served: list[Worker] = []
+
+    def serve(run: object, worker: Worker) -> int:
+        served.append(worker)
+        return 0
+
+    monkeypatch.setattr(_cli.anyio, "run", serve)
+    monkeypatch.syspath_prepend(str(ROOT))
+    assert main(["run", "tests.apps.worker_app:queue", "--concurrency", "7", "--prefetch", "3",
+                 "--shutdown-timeout", "2.5", "--no-scheduler", "-q"]) == 0
+    [worker] = served
+    assert (worker.concurrency, worker.prefetch, worker.shutdown_timeout, worker.scheduler) == (
+        7, 3, 2.5, False)
+
+
 def test_help_lists_every_option_and_exits_0() -> None:
     done = subprocess.run([sys.executable, "-m", "aqueue", "run", "--help"], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0
-    for option in ("--concurrency", "--shutdown-timeout", "--no-scheduler", "--verbose", "--quiet",
-                   "--logfile", "--help"):
+    for option in ("--concurrency", "--prefetch", "--shutdown-timeout", "--no-scheduler", "--verbose",
+                   "--quiet", "--logfile", "--help"):
         assert option in done.stdout
 
 

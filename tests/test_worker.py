@@ -393,6 +393,101 @@ async def test_leases_held_stay_bounded_while_outcomes_wait(
         assert await group.get(timeout=30) == [None] * 30
 
 
+@pytest.mark.parametrize("prefetch", [0, 2])
+async def test_a_worker_receives_up_to_prefetch_jobs_ahead_of_its_free_slots(
+    queue: Queue, prefetch: int
+) -> None:
+    started: list[int] = []
+    first_started, release = anyio.Event(), anyio.Event()
+
+    @queue.task
+    async def hold(i: int) -> int:
+        started.append(i)
+        first_started.set()
+        await release.wait()
+        return i
+
+    group = await hold.map([(i,) for i in range(5)])
+    async with queue.worker(concurrency=1, prefetch=prefetch) as worker:
+        with anyio.fail_after(10):
+            await first_started.wait()  # the jobs of its receive are all held by now
+        await anyio.wait_all_tasks_blocked()  # the fetcher had its chance to take more
+        assert len(worker._held) == 1 + prefetch
+        assert started == [0]  # those received ahead wait for the slot
+        release.set()
+        assert await group.get(timeout=10) == [0, 1, 2, 3, 4]
+    assert started == [0, 1, 2, 3, 4]
+
+
+async def test_a_job_received_ahead_is_cancelled_without_waiting_for_a_slot(queue: Queue) -> None:
+    started: list[int] = []
+    first_started, release = anyio.Event(), anyio.Event()
+
+    @queue.task
+    async def hold(i: int) -> int:
+        started.append(i)
+        first_started.set()
+        await release.wait()
+        return i
+
+    running = await hold.enqueue(0)
+    waiting = await hold.enqueue(1)
+    async with queue.worker(concurrency=1, prefetch=1) as worker:
+        with anyio.fail_after(10):
+            await first_started.wait()
+        assert waiting.id in worker._held  # received with the first, ahead of a free slot
+        assert await waiting.cancel()
+        with pytest.raises(JobCancelled):
+            await waiting.result(timeout=10)  # while the job that holds the one slot runs on
+        assert started == [0]
+        release.set()
+        assert await running.result(timeout=10) == 0
+    assert started == [0]
+
+
+async def test_a_stop_hands_back_the_jobs_received_ahead_at_once_without_running_them(
+    queue: Queue,
+) -> None:
+    started: list[int] = []
+    first_started, release = anyio.Event(), anyio.Event()
+
+    @queue.task
+    async def hold(i: int) -> int:
+        started.append(i)
+        first_started.set()
+        if i == 0:
+            await release.wait()
+        return i
+
+    jobs = [await hold.enqueue(i) for i in range(3)]
+    async with queue.worker(concurrency=1, prefetch=2, shutdown_timeout=60) as worker:
+        with anyio.fail_after(10):
+            await first_started.wait()
+        assert len(worker._held) == 3  # received with the first, ahead of a free slot
+        worker.stop()
+        # Another worker runs them while the first job still holds the stopping worker, which
+        # renews its lease, as it would have renewed theirs had it not handed them back.
+        async with queue.worker(concurrency=2) as other:
+            assert [await job.result(timeout=10) for job in jobs[1:]] == [1, 2]
+        for job in jobs[1:]:
+            info = await job.info()
+            assert info is not None
+            assert (info.worker, info.attempt) == (other.name, 1)
+        assert started == [0, 1, 2]
+        release.set()
+    assert await jobs[0].result(timeout=10) == 0
+    assert started == [0, 1, 2]
+
+
+async def test_prefetch_is_a_whole_number_of_zero_or_more(queue: Queue) -> None:
+    for prefetch in (-1, 1.5, True, None, "2"):
+        with pytest.raises(ConfigurationError, match="prefetch must be a whole number >= 0"):
+            async with queue.worker(prefetch=prefetch):  # type: ignore[arg-type]
+                pass
+        with pytest.raises(ConfigurationError, match="prefetch must be a whole number >= 0"):
+            Worker(queue, prefetch=prefetch)  # type: ignore[arg-type]
+
+
 async def test_each_job_starts_from_a_clean_context(queue: Queue) -> None:
     # Jobs share long-lived runner tasks: a context variable one job sets must not reach the next.
     tag: contextvars.ContextVar[int] = contextvars.ContextVar("tag")

@@ -94,20 +94,27 @@ class _Started:
 
 
 class Worker:
-    """Runs a queue's jobs: up to `concurrency` at once, each in its own cancel scope."""
+    """Runs a queue's jobs: up to `concurrency` at once, each in its own cancel scope. With
+    `prefetch`, up to that many more jobs are received ahead, to start as slots free."""
 
     def __init__(
         self,
         queue: Queue,
         *,
         concurrency: int = 100,
+        prefetch: int = 0,
         scheduler: bool = True,
         shutdown_timeout: Seconds = 30.0,
         name: str | None = None,
     ) -> None:
         check_count(concurrency, "concurrency")
+        check_count(prefetch, "prefetch", minimum=0)
         self.queue = queue
         self.concurrency = concurrency
+        # Jobs received ahead wait here, leased, for a slot: a slot that frees starts the next one
+        # at once rather than after a receive's round trip, while another worker, idle maybe,
+        # cannot take them. None by default.
+        self.prefetch = prefetch
         self.scheduler = scheduler
         self.shutdown_timeout = seconds(shutdown_timeout, "shutdown_timeout")
         self.name = name or consumer_name()
@@ -277,6 +284,7 @@ class Worker:
                                 self._fetch_ended.set()
                             await self._wind_down()
                             self._end_runners()
+                        self._jobs = None  # closed: a cancel heard from now on starts no job
                         await self._release(self._handed_back)
                         with anyio.move_on_after(max(self.shutdown_timeout, 1.0)):  # a broker that is gone
                             await self._completer.drained()
@@ -306,8 +314,9 @@ class Worker:
         next_reclaim = 0.0
         backoff = 0.05
         while not self._stop_requested:
-            free = min(self.concurrency - len(self._running),
-                       self.concurrency + WRITING_SLACK - len(self._held), RECEIVE_BATCH)
+            taken_at_most = self.concurrency + self.prefetch
+            free = min(taken_at_most - len(self._running),
+                       taken_at_most + WRITING_SLACK - len(self._held), RECEIVE_BATCH)
             if free <= 0:
                 self._wake_fetcher = anyio.Event()
                 await self._wake_fetcher.wait()
@@ -575,6 +584,20 @@ class Worker:
     # --- stopping --------------------------------------------------------------------------------
 
     async def _wind_down(self) -> None:
+        # Jobs no runner has taken yet (received ahead, or just received) have not started: handed
+        # back at once for another worker to run, not started while the running ones finish.
+        waiting, self._ready = self._ready, deque()
+        for running in waiting:
+            job_id = running.delivery.job_id
+            if self._running.get(job_id) is running:
+                del self._running[job_id]
+            if running.lost:
+                self._held.pop(job_id, None)  # another worker owns it now
+            else:
+                self._handed_back.append(running.delivery)
+        if waiting:
+            batch, self._handed_back = self._handed_back, []
+            await self._release(batch)
         if not self._running:
             return
         logger.info("worker %s stopping: waiting up to %ss for %d running job(s)",
@@ -683,6 +706,12 @@ class Worker:
         if not running.cancel_requested:
             logger.info("job %s (%s): cancel requested", job_id, running.delivery.task)
             running.request_cancel()
+            if self._jobs is not None and running in self._ready:
+                # Received ahead, it waits for a slot that a long job may hold: it ends cancelled
+                # now, without its code running (`execute` sees the request first).
+                self._ready.remove(running)
+                jobs = self._jobs
+                self._clean_context.run(lambda: jobs.start_soon(self._run_job, running))
 
     async def _schedule(self) -> None:
         """Promote due jobs and enqueue periodic ticks; every worker does it, the broker makes each
