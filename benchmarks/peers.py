@@ -58,6 +58,7 @@ class Lib:
     note: str = ""
     driver: str = ""  # benchmarks/drivers/<driver>_driver.py; defaults to the name
     cells: tuple[str, ...] | None = None  # the cells it runs; None: all
+    env: dict[str, str] = field(default_factory=dict)  # for its driver and workers
     peer: bool = True  # counted among the peers that aqueue is measured against
 
     def __post_init__(self) -> None:
@@ -76,7 +77,12 @@ LIBS = [
              "logic; in W3, 500 tasks that sleep, fed from entries read up to 100 ahead of them."),
     Lib("aqueue", ["-e", ROOT, "hiredis"], ["aqueue", "redis", "hiredis", "anyio"], 500, peer=False,
         note="this working tree, installed editable and byte-compiled before the run (as pip compiles "
-             "a package it installs)."),
+             "a package it installs); W3 with `--prefetch 500`, as many jobs read ahead as it has slots "
+             "(streaq's default; dramatiq and celery read ahead by default too)."),
+    Lib("aqueue-p0", ["-e", ROOT, "hiredis"], ["aqueue", "redis", "hiredis", "anyio"], 500,
+        venv="aqueue", driver="aqueue", cells=("W3",), peer=False, env={"BENCH_PREFETCH": "0"},
+        note="aqueue again, W3 only, without `--prefetch` (its default): a worker that receives no "
+             "more jobs than it has free slots; not a peer."),
     # redis-py 8 loads more modules of its own than 7 at import (its keyspace and maintenance
     # notifications among them); saq caps redis-py below 8. The same aqueue on redis-py 7 tells the
     # two apart in the RSS columns.
@@ -201,7 +207,7 @@ def run_driver(lib: Lib, cell: str, url: str, scale: int, workdir: str) -> dict[
     if conc:
         args.append(f"--concurrency={conc}")
     env = {**os.environ, "BENCH_REDIS_URL": url, "PYTHONPATH": ROOT,
-           "BENCH_PIDS": os.path.join(workdir, "pids")}
+           "BENCH_PIDS": os.path.join(workdir, "pids"), **lib.env}
     cmd = [venv_python(lib), "-m", "benchmarks.drivers", lib.driver, *args]
     with open(os.path.join(workdir, "driver.log"), "wb") as log:
         # its own session: on a timeout the driver goes with everything it started
@@ -579,7 +585,9 @@ Written by `python -m benchmarks.peers` (benchmarks/peers.py); do not edit by ha
 - **W3 I/O-bound**: {N_IO // scale:,} jobs that each sleep {0.05} s (`anyio.sleep` in aqueue and
   streaq, which run on anyio; `asyncio.sleep` in the other async libraries; `time.sleep` in worker
   threads for sync libraries), one worker at concurrency {IO_CONCURRENCY}; drain time in seconds,
-  ideal {N_IO // scale * 0.05 / IO_CONCURRENCY:.2f} s.
+  ideal {N_IO // scale * 0.05 / IO_CONCURRENCY:.2f} s. aqueue's worker reads up to {IO_CONCURRENCY} jobs
+  ahead of its free slots (`--prefetch {IO_CONCURRENCY}`); streaq's, dramatiq's and celery's read ahead
+  by default.
 - **W4 latency**: enqueue one job and await its result, in a row, with an idle worker (default
   settings) in its own process; p50 and p99 in ms.
 - **W5 scale**: W2 with 2 worker processes of the tuned setting (1 process = "W2 tuned"). The
@@ -594,10 +602,12 @@ Written by `python -m benchmarks.peers` (benchmarks/peers.py); do not edit by ha
 - **aqueue-r7**: aqueue again, the same tree, in a venv with redis-py below 8 (saq's cap); W2 tuned and
   W4 only: it is there for the memory a worker takes on each client version (its other cells are
   for comparison). Not a peer.
+- **aqueue-p0**: aqueue again, W3 only, without `--prefetch` (its default): a freed slot waits for
+  the worker's next receive. Not a peer.
 
 Cells are the median of the runs and, below, min-max. The last rows: the best peer per column
-(raw and aqueue-r7 excluded), aqueue's median divided by it, and by raw. Throughput: above 1 is aqueue faster;
-RSS, seconds and latency: below 1 is aqueue better.
+(raw, aqueue-r7 and aqueue-p0 excluded), aqueue's median divided by it, and by raw. Throughput:
+above 1 is aqueue faster; RSS, seconds and latency: below 1 is aqueue better.
 
 ## Results
 

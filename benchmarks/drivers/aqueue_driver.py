@@ -1,5 +1,6 @@
 """aqueue: the worker is `python -m aqueue run benchmarks.drivers.aqueue_driver:queue`."""
 
+import os
 import sys
 import time
 
@@ -9,6 +10,9 @@ from aqueue import Queue
 from benchmarks.drivers import _common as c
 
 queue = Queue(c.redis_url())
+# W3's jobs only wait: its worker reads as many jobs ahead of its free slots as it has slots
+# (streaq's default). BENCH_PREFETCH=0: none, aqueue's default.
+READ_AHEAD = os.environ.get("BENCH_PREFETCH") != "0"
 
 
 @queue.task(name="noop")
@@ -31,6 +35,8 @@ async def echo(x: int) -> int:
 class Driver(c.Driver):
     def worker_cmd(self, concurrency, kind):
         cmd = [sys.executable, "-m", "aqueue", "run", "benchmarks.drivers.aqueue_driver:queue"]
+        if kind == "nap" and READ_AHEAD and concurrency:
+            cmd.append(f"--prefetch={concurrency}")
         return cmd + ([f"--concurrency={concurrency}"] if concurrency else []), {}
 
     async def open(self):
