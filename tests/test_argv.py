@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -102,8 +103,12 @@ def test_the_worker_runs_with_the_settings_given(monkeypatch: pytest.MonkeyPatch
 
     monkeypatch.setattr(_cli.anyio, "run", serve)
     monkeypatch.syspath_prepend(str(ROOT))
-    assert main(["run", "tests.apps.worker_app:queue", "--concurrency", "7", "--prefetch", "3",
-                 "--shutdown-timeout", "2.5", "--no-scheduler", "-q"]) == 0
+    level = logging.getLogger("aqueue").level
+    try:
+        assert main(["run", "tests.apps.worker_app:queue", "--concurrency", "7", "--prefetch", "3",
+                     "--shutdown-timeout", "2.5", "--no-scheduler", "-q"]) == 0
+    finally:
+        logging.getLogger("aqueue").setLevel(level)  # -q set it, for the tests that follow
     [worker] = served
     assert (worker.concurrency, worker.prefetch, worker.shutdown_timeout, worker.scheduler) == (
         7, 3, 2.5, False)

@@ -552,6 +552,21 @@ async def test_expired_job_is_not_delivered(broker: Broker, queue_name: str) -> 
     assert await broker.dead_letters(queue_name, 10) == []
 
 
+async def test_a_job_handed_back_unstarted_keeps_its_expiry(broker: Broker, queue_name: str) -> None:
+    # A delivery carries the job's expiry while it holds; a job handed back started (a shutdown
+    # stopped it) is never expired afterwards, one handed back unstarted still is.
+    expires = time.time() + 0.3
+    await broker.enqueue(queue_name, [new("a", expires=expires), new("b", expires=expires)])
+    taken = await take(broker, queue_name, count=2)
+    assert [(d.job_id, d.expires) for d in taken] == [("a", expires), ("b", expires)]
+    await broker.release(queue_name, [taken[0]], unstarted=True)
+    await broker.release(queue_name, [taken[1]])
+    await anyio.sleep(expires - time.time() + 0.05)  # both are past their expiry now
+    taken = await take(broker, queue_name, count=2)
+    assert [(d.job_id, d.ended, d.expires) for d in taken] == [("a", "expired", None), ("b", None, None)]
+    assert (await record(broker, queue_name, "a")).state == "expired"
+
+
 async def test_failed_dead_letters_retry_and_purge(broker: Broker, queue_name: str) -> None:
     await broker.enqueue(queue_name, [new("a")])
     d = await take_one(broker, queue_name)

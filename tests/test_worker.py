@@ -23,6 +23,7 @@ from aqueue import (
     DeliveryLimitExceeded,
     Job,
     JobCancelled,
+    JobExpired,
     JobState,
     Queue,
     RetryTask,
@@ -477,6 +478,90 @@ async def test_a_stop_hands_back_the_jobs_received_ahead_at_once_without_running
         release.set()
     assert await jobs[0].result(timeout=10) == 0
     assert started == [0, 1, 2]
+
+
+async def test_a_job_that_waited_for_a_slot_past_its_expiry_ends_expired_unrun(queue: Queue) -> None:
+    # Received before its expiry, it is not started after it ("a job not started by then ends
+    # expired"): the worker hands it back unstarted and the broker ends it.
+    ran: list[int] = []
+    first_started, release = anyio.Event(), anyio.Event()
+
+    @queue.task
+    async def hold(i: int) -> int:
+        ran.append(i)
+        first_started.set()
+        await release.wait()
+        return i
+
+    running = await hold.enqueue(0)
+    expires_at = time.time() + 1.0
+    short = await hold.options(expires=datetime.fromtimestamp(expires_at, UTC)).enqueue(1)
+    async with queue.worker(concurrency=1, prefetch=1) as worker:
+        with anyio.fail_after(10):
+            await first_started.wait()
+        assert short.id in worker._held  # received with the first, before its expiry
+        await anyio.sleep(expires_at - time.time() + 0.05)  # its expiry passes while it waits
+        release.set()
+        assert await running.result(timeout=10) == 0
+        with pytest.raises(JobExpired):
+            await short.result(timeout=10)
+    assert ran == [0]
+
+
+async def test_a_job_received_ahead_and_handed_back_at_a_stop_keeps_its_expiry(queue: Queue) -> None:
+    ran: list[int] = []
+    first_started, release = anyio.Event(), anyio.Event()
+
+    @queue.task
+    async def hold(i: int) -> int:
+        ran.append(i)
+        first_started.set()
+        await release.wait()
+        return i
+
+    running = await hold.enqueue(0)
+    expires_at = time.time() + 1.0
+    short = await hold.options(expires=datetime.fromtimestamp(expires_at, UTC)).enqueue(1)
+    async with queue.worker(concurrency=1, prefetch=1) as worker:
+        with anyio.fail_after(10):
+            await first_started.wait()
+        assert short.id in worker._held
+        worker.stop()  # hands it back unstarted while the first job runs on
+        release.set()
+    assert await running.result(timeout=10) == 0
+    await anyio.sleep(max(0.0, expires_at - time.time()) + 0.05)  # its expiry passes, unstarted
+    async with queue.worker():
+        with pytest.raises(JobExpired):
+            await short.result(timeout=10)
+    assert ran == [0]
+
+
+async def test_a_waiting_job_given_up_then_taken_back_runs_here(queue: Queue) -> None:
+    # Given up while it waited for a slot (a renewal found its lease gone), then leased to this
+    # worker again: it never started, so it runs here; it was dropped, to wait out another lease.
+    first_started, release = anyio.Event(), anyio.Event()
+
+    @queue.task
+    async def hold(i: int) -> int:
+        first_started.set()
+        await release.wait()
+        return i
+
+    running = await hold.enqueue(0)
+    waiting = await hold.enqueue(1)
+    async with queue.worker(concurrency=1, prefetch=1) as worker:
+        with anyio.fail_after(10):
+            await first_started.wait()
+        worker._running[waiting.id].abandon()  # as `_renew_leases` does for a lease gone
+        del worker._held[waiting.id]
+        # Its lease lapsed, and this worker's reclaim takes it back (the running job's too).
+        taken = await queue.broker.reclaim(queue.name, worker.name, 2, 0, queue.max_deliveries)
+        assert sorted(d.job_id for d in taken) == sorted([running.id, waiting.id])
+        await worker._take(taken)
+        assert worker._held[waiting.id] is worker._running[waiting.id].delivery
+        assert not worker._running[waiting.id].lost  # it runs here, under its new lease
+        release.set()
+        assert [await running.result(timeout=10), await waiting.result(timeout=10)] == [0, 1]
 
 
 async def test_prefetch_is_a_whole_number_of_zero_or_more(queue: Queue) -> None:

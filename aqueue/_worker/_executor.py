@@ -242,6 +242,12 @@ async def execute(queue: Queue, running: RunningJob) -> Completion | None:
     if running.interrupted_at < math.inf:  # the worker's shutdown: handed back
         await _interrupted(signals, context)
         return None
+    if d.expires is not None and d.expires < time.time():
+        # Received before its expiry, it waited for a slot past it: handed back unstarted, for
+        # the broker to end it expired, as a job not started by then.
+        logger.info("job %s (%s): its expiry passed while it waited for a slot: handed back to "
+                    "end expired", d.job_id, d.task)
+        return None
     if signals.wants(Signal.EXECUTING):
         await signals.send(Signal.EXECUTING, context)
     error: BaseException | None = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import math
 import os
 import socket
 import time
@@ -113,7 +114,7 @@ class Worker:
         self.concurrency = concurrency
         # Jobs received ahead wait here, leased, for a slot: a slot that frees starts the next one
         # at once rather than after a receive's round trip, while another worker, idle maybe,
-        # cannot take them. None by default.
+        # cannot take them. Off (0) by default.
         self.prefetch = prefetch
         self.scheduler = scheduler
         self.shutdown_timeout = seconds(shutdown_timeout, "shutdown_timeout")
@@ -127,8 +128,9 @@ class Worker:
         # stop waits for them).
         self._announced: dict[str, tuple[Signal, Any]] = {}
         self._announcements: TaskGroup | None = None
-        self._handed_back: list[Delivery] = []
+        self._handed_back: list[Delivery] = []  # stopped by the shutdown, to run again elsewhere
         self._more_handed_back = anyio.Event()  # for `_hand_back_as_they_stop`
+        self._unstarted: list[Delivery] = []  # never started here: handed back as never delivered
         self._stop_requested = False
         self._wake_fetcher = anyio.Event()
         self._all_idle = anyio.Event()
@@ -286,6 +288,7 @@ class Worker:
                             self._end_runners()
                         self._jobs = None  # closed: a cancel heard from now on starts no job
                         await self._release(self._handed_back)
+                        await self._release(self._unstarted, unstarted=True)
                         with anyio.move_on_after(max(self.shutdown_timeout, 1.0)):  # a broker that is gone
                             await self._completer.drained()
                         self._announcements = None  # its handlers are waited for: no more come
@@ -424,8 +427,7 @@ class Worker:
                 continue
             self._held[d.job_id] = d
             if self._stop_requested:
-                self._handed_back.append(d)
-                self._more_handed_back.set()
+                self._hand_back(d, started=False)
             else:
                 running = RunningJob(d, self._new_scope)
                 self._running[d.job_id] = running
@@ -508,8 +510,7 @@ class Worker:
             if running.lost:
                 self._held.pop(job_id, None)  # another worker owns it now
             else:
-                self._handed_back.append(d)
-                self._more_handed_back.set()
+                self._hand_back(d, started=running.scope is not None)
         else:
             completion.delivery = d
             self._completing[d.job_id] = completion
@@ -538,6 +539,10 @@ class Worker:
             return False
         if running is not None:
             running.delivery = d
+            if running.lost and running.scope is None:
+                # Taken over while it waited for a slot (our renewals failed), and back with us: it
+                # never started, so it runs here after all.
+                running.lost, running.interrupted_at = False, math.inf
         if completing is not None:
             completing.delivery = d
         self._held[d.job_id] = d
@@ -594,10 +599,10 @@ class Worker:
             if running.lost:
                 self._held.pop(job_id, None)  # another worker owns it now
             else:
-                self._handed_back.append(running.delivery)
-        if waiting:
-            batch, self._handed_back = self._handed_back, []
-            await self._release(batch)
+                self._unstarted.append(running.delivery)
+        if self._unstarted and self._services is not None:
+            # In the background: the running jobs' time to finish starts now, whatever Redis does.
+            self._services.start_soon(self._release_unstarted)
         if not self._running:
             return
         logger.info("worker %s stopping: waiting up to %ss for %d running job(s)",
@@ -622,12 +627,28 @@ class Worker:
             batch, self._handed_back = self._handed_back, []
             await self._release(batch)
 
-    async def _release(self, deliveries: list[Delivery]) -> None:
+    def _hand_back(self, d: Delivery, *, started: bool) -> None:
+        """Hand a job back: one the shutdown stopped with the shutdown's hand-backs; one that never
+        started (the worker stops, or its expiry passed while it waited for a slot) at once, as
+        never delivered, so that its expiry holds."""
+        if started:
+            self._handed_back.append(d)
+            self._more_handed_back.set()
+            return
+        self._unstarted.append(d)
+        if self._services is not None:
+            self._services.start_soon(self._release_unstarted)
+
+    async def _release_unstarted(self) -> None:
+        batch, self._unstarted = self._unstarted, []
+        await self._release(batch, unstarted=True)
+
+    async def _release(self, deliveries: list[Delivery], *, unstarted: bool = False) -> None:
         if not deliveries:
             return
         with anyio.CancelScope(shield=True):
             try:
-                await self.queue.broker.release(self.queue.name, deliveries)
+                await self.queue.broker.release(self.queue.name, deliveries, unstarted=unstarted)
             except BrokerError as exc:
                 logger.warning("could not hand back %d job(s) (they return after the "
                                "visibility timeout): %s", len(deliveries), exc)

@@ -157,6 +157,9 @@ class Delivery:
     """Whom it was handed to."""
     leased_at: float = 0.0
     """When it was handed over (epoch seconds): the job's start, as its record tells it."""
+    expires: float | None = None
+    """The job's `expires` (epoch seconds), if it has one: a worker that starts it later (it
+    waited, received ahead of a free slot) hands it back unstarted instead, to end expired."""
 
 
 class Outcome(StrEnum):
@@ -345,10 +348,14 @@ class Broker(ABC):
         """
 
     @abstractmethod
-    async def release(self, queue: str, deliveries: Sequence[Delivery]) -> None:
+    async def release(
+        self, queue: str, deliveries: Sequence[Delivery], *, unstarted: bool = False
+    ) -> None:
         """Hand leased jobs back unfinished (a worker shutting down): each is `pending` again and
         ready at once for any worker; its delivery count is lowered by one, because a hand-back is
-        not a failed delivery. Stale tokens are ignored."""
+        not a failed delivery. Stale tokens are ignored. `unstarted`: the jobs' code never ran
+        (they waited for a slot): their `expires` holds as for a job never delivered, where a job
+        that started is never expired afterwards."""
 
     @abstractmethod
     async def promote_due(self, queue: str, now: float, limit: int) -> float | None:

@@ -131,6 +131,8 @@ class _Queue:
 
     records: dict[str, JobRecord] = field(default_factory=dict)  # insertion order = enqueue order
     tokens: dict[str, int] = field(default_factory=dict)
+    unstarted: set[str] = field(default_factory=set)
+    """Jobs handed back that were delivered but never started: their expiry still holds."""
     deliveries: dict[str, int] = field(default_factory=dict)
     entries: dict[str, int] = field(default_factory=dict)
     """The job's live heap entry (its receipt); older heap entries for it are stale, skipped."""
@@ -204,7 +206,7 @@ class MemoryBroker(Broker):
         rec = self._record(q, holder) if holder is not None else None
         if rec is None or rec.state in FINAL_STATES:
             return None
-        if rec.expires is not None and rec.expires < now and not q.tokens.get(rec.id):
+        if rec.expires is not None and rec.expires < now and self._never_started(q, rec.id):
             return None
         return holder
 
@@ -381,13 +383,17 @@ class MemoryBroker(Broker):
             out.append(True)
         return out
 
-    async def release(self, queue: str, deliveries: Sequence[Delivery]) -> None:
+    async def release(
+        self, queue: str, deliveries: Sequence[Delivery], *, unstarted: bool = False
+    ) -> None:
         q = self._queue(queue)
         for d in deliveries:
             if self._holds(q, d):
                 del q.leases[d.job_id]
                 q.deliveries[d.job_id] -= 1  # a hand-back is not a failed delivery
                 rec = q.records[d.job_id]
+                if unstarted and rec.expires is not None:
+                    q.unstarted.add(rec.id)
                 rec.started_at = rec.worker = rec.progress = None  # no one runs it now
                 self._make_ready(q, rec)
 
@@ -537,6 +543,7 @@ class MemoryBroker(Broker):
             index.pop(job_id, None)
         q.cancel.discard(job_id)
         q.revoked.discard(job_id)
+        q.unstarted.discard(job_id)
         q.links.pop(job_id, None)
         q.waiting.discard(job_id)
         q.skipped.discard(job_id)
@@ -576,7 +583,7 @@ class MemoryBroker(Broker):
             ended = JobState.CANCELLED.value
         elif rec.id in q.revoked or self._task_revoked(q, rec.task, now):
             ended = JobState.REVOKED.value
-        elif rec.expires is not None and rec.expires < now and not q.tokens.get(rec.id):
+        elif rec.expires is not None and rec.expires < now and self._never_started(q, rec.id):
             # `expires` is about starting: a job that already started is never expired afterwards
             ended = JobState.EXPIRED.value
         if ended is not None:
@@ -597,19 +604,30 @@ class MemoryBroker(Broker):
                             token=0, priority=rec.priority, enqueued_at=rec.enqueued_at,
                             receipt=receipt, ended=JobState.FAILED.value, consumer=consumer,
                             leased_at=now)
+        # Its expiry goes with it while it holds: a worker that would start it later hands it back.
+        expires = rec.expires if self._never_started(q, rec.id) else None
         q.tokens[rec.id] = q.tokens.get(rec.id, 0) + 1
+        q.unstarted.discard(rec.id)
         rec.state, rec.started_at, rec.worker = JobState.RUNNING.value, now, consumer
         if deliveries > 1:
             rec.progress = None  # its last worker died or went silent: this run starts over
         q.leases[rec.id] = (consumer, time.monotonic())
-        return self._leased(q, rec, consumer, now)
+        return self._leased(q, rec, consumer, now, expires)
 
     @staticmethod
-    def _leased(q: _Queue, rec: JobRecord, consumer: str, leased_at: float) -> Delivery:
+    def _never_started(q: _Queue, job_id: str) -> bool:
+        """Never delivered, or handed back by workers that never started it."""
+        return not q.tokens.get(job_id) or job_id in q.unstarted
+
+    @staticmethod
+    def _leased(
+        q: _Queue, rec: JobRecord, consumer: str, leased_at: float, expires: float | None = None
+    ) -> Delivery:
         """The delivery of `rec` under the lease `consumer` holds now (the job's newest token)."""
         return Delivery(job_id=rec.id, task=rec.task, payload=rec.payload, attempt=rec.attempt,
                         token=q.tokens[rec.id], priority=rec.priority, enqueued_at=rec.enqueued_at,
-                        receipt=str(q.entries[rec.id]), consumer=consumer, leased_at=leased_at)
+                        receipt=str(q.entries[rec.id]), consumer=consumer, leased_at=leased_at,
+                        expires=expires)
 
     def _finalize(
         self, q: _Queue, rec: JobRecord, state: str, finished_at: float, ttl: float,

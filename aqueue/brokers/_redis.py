@@ -384,9 +384,10 @@ def _delivery(row: list[bytes], consumer: str, now: float) -> Delivery:
         priority=int(band),
         enqueued_at=float(enqueued_at),
         receipt=entry.decode(),
-        ended=row[8].decode() if len(row) > 8 else None,
+        ended=row[8].decode() or None if len(row) > 8 else None,
         consumer=consumer,
         leased_at=now,
+        expires=float(row[9]) if len(row) > 9 else None,
     )
 
 
@@ -1049,10 +1050,12 @@ class RedisBroker(Broker):
         applied = await self._run(queue, "finish", args)
         return [bool(a) for a in applied]
 
-    async def release(self, queue: str, deliveries: Sequence[Delivery]) -> None:
+    async def release(
+        self, queue: str, deliveries: Sequence[Delivery], *, unstarted: bool = False
+    ) -> None:
         if not deliveries:
             return
-        args: list[Any] = []
+        args: list[Any] = ["1" if unstarted else "0"]
         for d in deliveries:
             args += [d.job_id, d.token, d.priority, d.receipt]
         await self._run(queue, "release", args)

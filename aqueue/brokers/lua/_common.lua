@@ -289,10 +289,12 @@ end
 local function live_key_holder(key, now)
   local holder = redis.call('GET', prefix .. 'key:' .. key)
   if not holder then return nil end
-  local rec = redis.call('HMGET', job_key(holder), 'state', 'expires', 'token')
+  local rec = redis.call('HMGET', job_key(holder), 'state', 'expires', 'token', 'unstarted')
   if not rec[1] or FINAL[rec[1]] then return nil end
   local expires = rec[2] and rec[2] ~= '' and tonumber(rec[2])  -- unreadable: dead-lettered when met
-  if expires and expires < tonumber(now) and (rec[3] or '0') == '0' then return nil end
+  if expires and expires < tonumber(now) and ((rec[3] or '0') == '0' or rec[4] == '1') then
+    return nil
+  end
   return holder
 end
 
@@ -696,8 +698,8 @@ local function start(s, p, entry, fields, consumer, now, max_deliveries, ttl)
   if rec[6] == '0' then
     rec[6] = false
   else  -- the record may hold an expiry, or a cancel or revoke flag
-    local rare = redis.call('HMGET', jk, 'expires', 'revoked', 'cancel')
-    rec[6], rec[10], rec[11] = rare[1], rare[2], rare[3]
+    local rare = redis.call('HMGET', jk, 'expires', 'revoked', 'cancel', 'unstarted')
+    rec[6], rec[10], rec[11], rec[12] = rare[1], rare[2], rare[3], rare[4]
   end
   if not rec[1] then
     dead_entry(s, entry, id, now, ttl, 'no job record for stream entry ' .. entry,
@@ -717,14 +719,16 @@ local function start(s, p, entry, fields, consumer, now, max_deliveries, ttl)
     dead_entry(s, entry, id, now, ttl, 'unreadable job record for stream entry ' .. entry, {})
     return nil
   end
+  -- `expires` is about starting: a job that already started is never expired afterwards (one
+  -- handed back by workers that never ran it is marked 'unstarted').
+  local expiry = rec[6] and rec[6] ~= '' and ((rec[8] or '0') == '0' or rec[12] == '1') and rec[6]
   -- Ended here rather than run: the worker gets a notice (9th field) so it can report it.
   local ended = nil
   if rec[11] == '1' then
     ended = 'cancelled'
   elseif rec[10] == '1' or task_revoked(rec[2], now) then
     ended = 'revoked'
-  elseif rec[6] and rec[6] ~= '' and tonumber(rec[6]) < tonumber(now) and (rec[8] or '0') == '0' then
-    -- `expires` is about starting: a job that already started is never expired afterwards
+  elseif expiry and tonumber(expiry) < tonumber(now) then
     ended = 'expired'
   end
   if ended then
@@ -759,8 +763,13 @@ local function start(s, p, entry, fields, consumer, now, max_deliveries, ttl)
   end
   redis.call('HSET', jk, 'state', 'running', 'started_at', now, 'worker', consumer,
     'deliveries', deliveries, 'token', token)
+  if rec[12] then redis.call('HDEL', jk, 'unstarted') end
   -- Its last worker died or went silent: this run starts over.
   if deliveries ~= '1' then redis.call('HDEL', jk, 'progress') end
+  if expiry then
+    -- The expiry too (10th; no ending, 9th): a worker that would start it later hands it back.
+    return {id, rec[2], rec[3], rec[4], token, p, rec[5], entry, '', expiry}
+  end
   return {id, rec[2], rec[3], rec[4], token, p, rec[5], entry}
 end
 
