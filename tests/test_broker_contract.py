@@ -555,7 +555,7 @@ async def test_expired_job_is_not_delivered(broker: Broker, queue_name: str) -> 
 async def test_a_job_handed_back_unstarted_keeps_its_expiry(broker: Broker, queue_name: str) -> None:
     # A delivery carries the job's expiry while it holds; a job handed back started (a shutdown
     # stopped it) is never expired afterwards, one handed back unstarted still is.
-    expires = time.time() + 0.3
+    expires = time.time() + 1.0
     await broker.enqueue(queue_name, [new("a", expires=expires), new("b", expires=expires)])
     taken = await take(broker, queue_name, count=2)
     assert [(d.job_id, d.expires) for d in taken] == [("a", expires), ("b", expires)]
@@ -565,6 +565,9 @@ async def test_a_job_handed_back_unstarted_keeps_its_expiry(broker: Broker, queu
     taken = await take(broker, queue_name, count=2)
     assert [(d.job_id, d.ended, d.expires) for d in taken] == [("a", "expired", None), ("b", None, None)]
     assert (await record(broker, queue_name, "a")).state == "expired"
+    # "b" started before: handed back unstarted now, by a worker that never ran it, it runs still.
+    await broker.release(queue_name, [taken[1]], unstarted=True)
+    assert [(d.job_id, d.ended) for d in await take(broker, queue_name)] == [("b", None)]
 
 
 async def test_failed_dead_letters_retry_and_purge(broker: Broker, queue_name: str) -> None:

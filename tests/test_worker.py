@@ -548,7 +548,7 @@ async def test_a_waiting_job_given_up_then_taken_back_runs_here(queue: Queue) ->
         return i
 
     running = await hold.enqueue(0)
-    waiting = await hold.enqueue(1)
+    waiting = await hold.options(expires=3600).enqueue(1)
     async with queue.worker(concurrency=1, prefetch=1) as worker:
         with anyio.fail_after(10):
             await first_started.wait()
@@ -560,6 +560,8 @@ async def test_a_waiting_job_given_up_then_taken_back_runs_here(queue: Queue) ->
         await worker._take(taken)
         assert worker._held[waiting.id] is worker._running[waiting.id].delivery
         assert not worker._running[waiting.id].lost  # it runs here, under its new lease
+        # Leased a second time, the broker counts it as started; it never did: its expiry holds.
+        assert worker._running[waiting.id].delivery.expires is not None
         release.set()
         assert [await running.result(timeout=10), await waiting.result(timeout=10)] == [0, 1]
 
@@ -1377,6 +1379,34 @@ async def test_immediate_mode_hands_back_the_job_of_a_cancelled_enqueue(queue: Q
     proceed.set()
     async with queue.worker():
         assert await queue.job(info.id).result(timeout=10) == "done"
+
+
+async def test_immediate_mode_ends_expired_a_job_whose_expiry_passed_as_it_was_claimed(
+    queue: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Claimed before its expiry, it is not started after it: handed back and claimed again, it
+    # ends expired. It stayed leased to nobody, its enqueue returned as if it had run.
+    ran: list[str] = []
+
+    @queue.task
+    async def work() -> None:
+        ran.append("ran")
+
+    expires_at = time.time() + 1.0
+    claim = queue.broker.claim
+
+    async def claimed_just_before_its_expiry(*args: Any, **kwargs: Any) -> Any:
+        d = await claim(*args, **kwargs)
+        if d is not None and d.ended is None:
+            await anyio.sleep(expires_at - time.time() + 0.05)  # its expiry passes meanwhile
+        return d
+
+    monkeypatch.setattr(queue.broker, "claim", claimed_just_before_its_expiry)
+    queue.immediate = True
+    job = await work.options(expires=datetime.fromtimestamp(expires_at, UTC)).enqueue()
+    with pytest.raises(JobExpired):
+        await job.result(timeout=10)
+    assert ran == []
 
 
 async def test_immediate_mode_leaves_a_delayed_job_an_idempotency_key_finds(queue: Queue) -> None:

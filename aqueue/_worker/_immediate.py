@@ -100,9 +100,14 @@ async def _run(queue: Queue, job_id: str, may_appear: bool) -> bool:
                 # queue, as a stopping worker's does, rather than stay leased to no one.
                 with anyio.move_on_after(5, shield=True):
                     await broker.release(name, [d])
-        if completion is not None:
-            with anyio.CancelScope(shield=True):  # its end is written whatever comes now
-                [written] = await broker.finish(name, [completion], queue.result_ttl)
-            announced = written_signal(queue, running, completion) if written else None
-            if announced is not None:
-                await announce_written(queue, completion, announced)
+        if completion is None:
+            # Its expiry passed as it was claimed (the one way `execute` returns None here): the
+            # next claim ends it expired.
+            with anyio.CancelScope(shield=True):
+                await broker.release(name, [d], unstarted=True)
+            continue
+        with anyio.CancelScope(shield=True):  # its end is written whatever comes now
+            [written] = await broker.finish(name, [completion], queue.result_ttl)
+        announced = written_signal(queue, running, completion) if written else None
+        if announced is not None:
+            await announce_written(queue, completion, announced)

@@ -538,6 +538,8 @@ class Worker:
         if running is None and completing is None:
             return False
         if running is not None:
+            if running.scope is None and d.expires is None:
+                d.expires = running.delivery.expires  # it never started: its expiry holds on
             running.delivery = d
             if running.lost and running.scope is None:
                 # Taken over while it waited for a slot (our renewals failed), and back with us: it

@@ -354,8 +354,9 @@ class Broker(ABC):
         """Hand leased jobs back unfinished (a worker shutting down): each is `pending` again and
         ready at once for any worker; its delivery count is lowered by one, because a hand-back is
         not a failed delivery. Stale tokens are ignored. `unstarted`: the jobs' code never ran
-        (they waited for a slot): their `expires` holds as for a job never delivered, where a job
-        that started is never expired afterwards."""
+        (they waited for a slot): the `expires` a delivery carries (`Delivery.expires`: none for a
+        job that started before) holds on as for a job never delivered, where a job that started
+        is never expired afterwards."""
 
     @abstractmethod
     async def promote_due(self, queue: str, now: float, limit: int) -> float | None:

@@ -392,7 +392,7 @@ class MemoryBroker(Broker):
                 del q.leases[d.job_id]
                 q.deliveries[d.job_id] -= 1  # a hand-back is not a failed delivery
                 rec = q.records[d.job_id]
-                if unstarted and rec.expires is not None:
+                if unstarted and d.expires is not None:
                     q.unstarted.add(rec.id)
                 rec.started_at = rec.worker = rec.progress = None  # no one runs it now
                 self._make_ready(q, rec)

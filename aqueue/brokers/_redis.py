@@ -1055,9 +1055,10 @@ class RedisBroker(Broker):
     ) -> None:
         if not deliveries:
             return
-        args: list[Any] = ["1" if unstarted else "0"]
+        args: list[Any] = []
         for d in deliveries:
-            args += [d.job_id, d.token, d.priority, d.receipt]
+            keeps_expiry = "1" if unstarted and d.expires is not None else "0"
+            args += [d.job_id, d.token, d.priority, d.receipt, keeps_expiry]
         await self._run(queue, "release", args)
 
     async def promote_due(self, queue: str, now: float, limit: int) -> float | None:
