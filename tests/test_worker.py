@@ -394,10 +394,10 @@ async def test_leases_held_stay_bounded_while_outcomes_wait(
         assert await group.get(timeout=30) == [None] * 30
 
 
-@pytest.mark.parametrize("prefetch", [0, 2])
-async def test_a_worker_receives_up_to_prefetch_jobs_ahead_of_its_free_slots(
-    queue: Queue, prefetch: int
-) -> None:
+def holding(queue: Queue, *, only_first: bool = False) -> tuple[Any, list[int], anyio.Event, anyio.Event]:
+    """A task `hold(i)` that notes each start, then waits for `release` (with `only_first`, job 0
+    alone waits): with one slot, the jobs received after the first wait for it. Returns the task,
+    the starts, an event set by the first start, and `release`."""
     started: list[int] = []
     first_started, release = anyio.Event(), anyio.Event()
 
@@ -405,8 +405,18 @@ async def test_a_worker_receives_up_to_prefetch_jobs_ahead_of_its_free_slots(
     async def hold(i: int) -> int:
         started.append(i)
         first_started.set()
-        await release.wait()
+        if i == 0 or not only_first:
+            await release.wait()
         return i
+
+    return hold, started, first_started, release
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+async def test_a_worker_receives_up_to_prefetch_jobs_ahead_of_its_free_slots(
+    queue: Queue, prefetch: int
+) -> None:
+    hold, started, first_started, release = holding(queue)
 
     group = await hold.map([(i,) for i in range(5)])
     async with queue.worker(concurrency=1, prefetch=prefetch) as worker:
@@ -421,15 +431,7 @@ async def test_a_worker_receives_up_to_prefetch_jobs_ahead_of_its_free_slots(
 
 
 async def test_a_job_received_ahead_is_cancelled_without_waiting_for_a_slot(queue: Queue) -> None:
-    started: list[int] = []
-    first_started, release = anyio.Event(), anyio.Event()
-
-    @queue.task
-    async def hold(i: int) -> int:
-        started.append(i)
-        first_started.set()
-        await release.wait()
-        return i
+    hold, started, first_started, release = holding(queue)
 
     running = await hold.enqueue(0)
     waiting = await hold.enqueue(1)
@@ -449,16 +451,7 @@ async def test_a_job_received_ahead_is_cancelled_without_waiting_for_a_slot(queu
 async def test_a_stop_hands_back_the_jobs_received_ahead_at_once_without_running_them(
     queue: Queue,
 ) -> None:
-    started: list[int] = []
-    first_started, release = anyio.Event(), anyio.Event()
-
-    @queue.task
-    async def hold(i: int) -> int:
-        started.append(i)
-        first_started.set()
-        if i == 0:
-            await release.wait()
-        return i
+    hold, started, first_started, release = holding(queue, only_first=True)
 
     jobs = [await hold.enqueue(i) for i in range(3)]
     async with queue.worker(concurrency=1, prefetch=2, shutdown_timeout=60) as worker:
@@ -480,22 +473,21 @@ async def test_a_stop_hands_back_the_jobs_received_ahead_at_once_without_running
     assert started == [0, 1, 2]
 
 
-async def test_a_job_that_waited_for_a_slot_past_its_expiry_ends_expired_unrun(queue: Queue) -> None:
-    # Received before its expiry, it is not started after it ("a job not started by then ends
-    # expired"): the worker hands it back unstarted and the broker ends it.
-    ran: list[int] = []
-    first_started, release = anyio.Event(), anyio.Event()
-
-    @queue.task
-    async def hold(i: int) -> int:
-        ran.append(i)
-        first_started.set()
-        await release.wait()
-        return i
-
+async def first_then_short_lived(hold: Any) -> tuple[Job[int], Job[int], float]:
+    """Job 0, then job 1 expiring a second from now (received ahead behind job 0, in time), and
+    when it expires."""
     running = await hold.enqueue(0)
     expires_at = time.time() + 1.0
     short = await hold.options(expires=datetime.fromtimestamp(expires_at, UTC)).enqueue(1)
+    return running, short, expires_at
+
+
+async def test_a_job_that_waited_for_a_slot_past_its_expiry_ends_expired_unrun(queue: Queue) -> None:
+    # Received before its expiry, it is not started after it ("a job not started by then ends
+    # expired"): the worker hands it back unstarted and the broker ends it.
+    hold, ran, first_started, release = holding(queue)
+
+    running, short, expires_at = await first_then_short_lived(hold)
     async with queue.worker(concurrency=1, prefetch=1) as worker:
         with anyio.fail_after(10):
             await first_started.wait()
@@ -509,19 +501,9 @@ async def test_a_job_that_waited_for_a_slot_past_its_expiry_ends_expired_unrun(q
 
 
 async def test_a_job_received_ahead_and_handed_back_at_a_stop_keeps_its_expiry(queue: Queue) -> None:
-    ran: list[int] = []
-    first_started, release = anyio.Event(), anyio.Event()
+    hold, ran, first_started, release = holding(queue)
 
-    @queue.task
-    async def hold(i: int) -> int:
-        ran.append(i)
-        first_started.set()
-        await release.wait()
-        return i
-
-    running = await hold.enqueue(0)
-    expires_at = time.time() + 1.0
-    short = await hold.options(expires=datetime.fromtimestamp(expires_at, UTC)).enqueue(1)
+    running, short, expires_at = await first_then_short_lived(hold)
     async with queue.worker(concurrency=1, prefetch=1) as worker:
         with anyio.fail_after(10):
             await first_started.wait()
@@ -539,13 +521,7 @@ async def test_a_job_received_ahead_and_handed_back_at_a_stop_keeps_its_expiry(q
 async def test_a_waiting_job_given_up_then_taken_back_runs_here(queue: Queue) -> None:
     # Given up while it waited for a slot (a renewal found its lease gone), then leased to this
     # worker again: it never started, so it runs here; it was dropped, to wait out another lease.
-    first_started, release = anyio.Event(), anyio.Event()
-
-    @queue.task
-    async def hold(i: int) -> int:
-        first_started.set()
-        await release.wait()
-        return i
+    hold, _, first_started, release = holding(queue)
 
     running = await hold.enqueue(0)
     waiting = await hold.options(expires=3600).enqueue(1)
