@@ -638,7 +638,8 @@ class Worker:
             self._more_handed_back.set()
             return
         self._unstarted.append(d)
-        if self._services is not None:
+        # One release takes all that wait: one is on its way already if others wait.
+        if len(self._unstarted) == 1 and self._services is not None:
             self._services.start_soon(self._release_unstarted)
 
     async def _release_unstarted(self) -> None:

@@ -158,8 +158,9 @@ class Delivery:
     leased_at: float = 0.0
     """When it was handed over (epoch seconds): the job's start, as its record tells it."""
     expires: float | None = None
-    """The job's `expires` (epoch seconds), if it has one: a worker that starts it later (it
-    waited, received ahead of a free slot) hands it back unstarted instead, to end expired."""
+    """The job's `expires` (epoch seconds) while it holds: set only when no delivery before this
+    one started the job. A worker that would start it later (it waited for a slot) hands it back
+    unstarted instead, to end expired."""
 
 
 class Outcome(StrEnum):
