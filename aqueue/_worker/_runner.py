@@ -507,10 +507,7 @@ class Worker:
                 self._all_idle.set()
         d = running.delivery  # the newest delivery, should the job have come back to us
         if completion is None:
-            if running.lost:
-                self._held.pop(job_id, None)  # another worker owns it now
-            else:
-                self._hand_back(d, started=running.scope is not None)
+            self._let_go(running)
         else:
             completion.delivery = d
             self._completing[d.job_id] = completion
@@ -593,18 +590,12 @@ class Worker:
     async def _wind_down(self) -> None:
         # Jobs no runner has taken yet (received ahead, or just received) have not started: handed
         # back at once for another worker to run, not started while the running ones finish.
+        # Their release runs in the background: the running jobs' time to finish starts now.
         waiting, self._ready = self._ready, deque()
         for running in waiting:
-            job_id = running.delivery.job_id
-            if self._running.get(job_id) is running:
-                del self._running[job_id]
-            if running.lost:
-                self._held.pop(job_id, None)  # another worker owns it now
-            else:
-                self._unstarted.append(running.delivery)
-        if self._unstarted and self._services is not None:
-            # In the background: the running jobs' time to finish starts now, whatever Redis does.
-            self._services.start_soon(self._release_unstarted)
+            if self._running.get(running.delivery.job_id) is running:
+                del self._running[running.delivery.job_id]
+            self._let_go(running)
         if not self._running:
             return
         logger.info("worker %s stopping: waiting up to %ss for %d running job(s)",
@@ -628,6 +619,14 @@ class Worker:
             self._more_handed_back = anyio.Event()
             batch, self._handed_back = self._handed_back, []
             await self._release(batch)
+
+    def _let_go(self, running: RunningJob) -> None:
+        """A job that ends here with no outcome: another worker's now, or handed back."""
+        d = running.delivery
+        if running.lost:
+            self._held.pop(d.job_id, None)  # another worker owns it now
+        else:
+            self._hand_back(d, started=running.scope is not None)
 
     def _hand_back(self, d: Delivery, *, started: bool) -> None:
         """Hand a job back: one the shutdown stopped with the shutdown's hand-backs; one that never
