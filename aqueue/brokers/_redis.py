@@ -85,8 +85,10 @@ RECHECK = 10.0  # a waiter re-reads the state this often, in case a notification
 LAST_READ_WITHIN = 0.5  # how long past its timeout a wait may read the record it returns
 # Ended entries that may wait in a stream behind a job still pending, for the trim after it ends
 # (see trim_acked in lua/_common.lua): past that, each is deleted as it ends, at a cost to Redis.
-# Two workers at concurrency 500 left at most 600 waiting here; the bound also caps what a long
-# job holds back (entries carry their payloads).
+# Two workers at concurrency 500 left at most 600 waiting here (measured without read-ahead; a
+# worker's `prefetch` leases more at a time, so more can wait behind a long job, and past the bound
+# the cost is Redis's time only). The bound also caps what a long job holds back (entries carry
+# their payloads).
 KEEP_BEHIND = 2_000
 
 
