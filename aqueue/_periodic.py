@@ -31,6 +31,8 @@ _PART = re.compile(r"(?:(\*)|(\d+)(?:-(\d+))?)(?:/(\d+))?", re.ASCII)
 
 def _as_utc(moment: datetime) -> datetime:
     """Naive datetimes are taken to be UTC; aware ones are converted."""
+    if not isinstance(moment, datetime):  # a date or a string failed later, on a missing attribute
+        raise TypeError(f"a schedule takes a datetime, got {moment!r}")
     if moment.tzinfo is None or moment.utcoffset() is None:
         return moment.replace(tzinfo=UTC)
     return moment.astimezone(UTC)

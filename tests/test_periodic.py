@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
@@ -89,6 +89,15 @@ def test_aware_datetimes_are_converted_to_utc() -> None:
     # The conversion can change the date, and so the weekday.
     friday = crontab(day_of_week="5")
     assert friday(datetime(2026, 1, 3, 0, 30, tzinfo=PARIS_WINTER))  # Fri 23:30 UTC
+
+
+@pytest.mark.parametrize("moment", ["2026-01-01T00:00", date(2026, 1, 1), 1767225600.0])
+def test_a_schedule_asked_about_a_non_datetime_says_so(moment: Any) -> None:
+    with pytest.raises(TypeError, match="a schedule takes a datetime"):
+        crontab(minute="0")(moment)
+    for schedule in (crontab(minute="0"), every(seconds=10)):
+        with pytest.raises(TypeError, match="a schedule takes a datetime"):
+            schedule.next_after(moment)
 
 
 # --- crontab parsing errors ---------------------------------------------------------------------
