@@ -53,7 +53,7 @@ class Signals:
                 outcome = handler(signal, job, exc)
                 if inspect.isawaitable(outcome):
                     await outcome
-            except (asyncio.CancelledError, KeyboardInterrupt, GeneratorExit):
+            except (asyncio.CancelledError, KeyboardInterrupt):
                 raise
             except BaseException:  # a handler's `sys.exit()` (or any of its own) ends no worker either
                 logger.exception("signal handler %r failed on %s for job %s", handler, signal,

@@ -26,6 +26,29 @@ default holds 40 threads: a worker running more sync jobs at once would have the
 a thread while their timeouts ran."""
 
 
+class _Raised:
+    """A GeneratorExit that a thread raised, carried back as a value. Raised out of the future the
+    loop awaits, Python takes it for the awaiting coroutine's own closing: that coroutine then
+    fails at its next await ("coroutine ignored GeneratorExit"), the job's worker with it."""
+
+    __slots__ = ("exc",)
+
+    def __init__(self, exc: GeneratorExit) -> None:
+        self.exc = exc
+
+
+def _generator_exit_returned(call: Callable[[], R]) -> R | _Raised:
+    try:
+        return call()
+    except GeneratorExit as exc:
+        return _Raised(exc)
+
+
 async def run_in_thread(fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
     """Run `fn` in a worker thread and wait for it to return, even once its job is told to stop."""
-    return await anyio.to_thread.run_sync(partial(fn, *args, **kwargs), limiter=worker_threads.get())
+    outcome = await anyio.to_thread.run_sync(
+        partial(_generator_exit_returned, partial(fn, *args, **kwargs)), limiter=worker_threads.get()
+    )
+    if isinstance(outcome, _Raised):
+        raise outcome.exc  # here, in the coroutine's own frame, it is an exception like any other
+    return outcome

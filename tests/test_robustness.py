@@ -122,30 +122,38 @@ async def test_a_job_raising_any_base_exception_of_its_own_fails_alone(queue: Qu
     async def abort(kind: str) -> None:
         if kind == "group":
             raise BaseExceptionGroup("cleanup", [Abort("in a group"), ValueError("and more")])
+        if kind == "generator exit":  # GeneratorExit too: none of this worker's closing
+            raise GeneratorExit
         raise Abort(kind)
 
     @queue.task
-    def abort_in_thread() -> None:
+    def abort_in_thread(kind: str) -> None:
+        if kind == "generator exit":
+            raise GeneratorExit
         raise Abort("in a thread")
 
     @queue.on(Signal.EXECUTING)
     def aborts_too(signal: Signal, job: object, exc: BaseException | None = None) -> None:
         handled.append(signal.value)
-        raise Abort("in a handler")  # logged as any failing handler is
+        # Logged as any failing handler is.
+        raise GeneratorExit if len(handled) % 2 else Abort("in a handler")
 
     async with queue.worker(concurrency=10):
         running = await beside.enqueue()
         with anyio.fail_after(10):
             await beside_started.wait()
-        jobs = [await abort.enqueue("plain"), await abort.enqueue("group"), await abort_in_thread.enqueue()]
-        for job, kind in zip(jobs, ["Abort", "BaseExceptionGroup", "Abort"], strict=True):
+        jobs = [await abort.enqueue("plain"), await abort.enqueue("group"),
+                await abort.enqueue("generator exit"), await abort_in_thread.enqueue("abort"),
+                await abort_in_thread.enqueue("generator exit")]
+        kinds = ["Abort", "BaseExceptionGroup", "GeneratorExit", "Abort", "GeneratorExit"]
+        for job, kind in zip(jobs, kinds, strict=True):
             with pytest.raises(TaskError) as caught:
                 await job.result(timeout=10)
             assert caught.value.metadata["type"] == kind
         raised.set()
         assert await running.result(timeout=10) == "done"
-    assert len(handled) == 4
-    assert len(await queue.dead_letters()) == 3
+    assert len(handled) == 6
+    assert len(await queue.dead_letters()) == 5
 
 
 async def test_worker_block_error_still_stops_gracefully(queue: Queue) -> None:

@@ -276,12 +276,14 @@ async def execute(queue: Queue, running: RunningJob) -> Completion | None:
             if scope.cancel_called or _task_cancelling():
                 raise
             error = exc
-        except (KeyboardInterrupt, GeneratorExit):
+        except KeyboardInterrupt:
             raise  # Ctrl-C (asyncio raises the second one wherever the loop's thread is): not the job's
         except BaseException as exc:
-            # Any other of the job's own (a library's BaseException subclass, a group holding one)
-            # fails it alone, as SystemExit does: raised on, it took the worker down with the jobs
-            # beside it, and every worker that took the job again. A group of nothing but
+            # Any other of the job's own (a library's BaseException subclass, a group holding one,
+            # a GeneratorExit) fails it alone, as SystemExit does: raised on, it took the worker
+            # down with the jobs beside it, and every worker that took the job again. (A
+            # GeneratorExit also comes here when this coroutine is closed unfinished, as its
+            # worker is gone: the failure it then records goes nowhere.) A group of nothing but
             # cancellations, as this task is cancelled, is the cancellation.
             if _cancellations_only(exc) and (scope.cancel_called or _task_cancelling()):
                 raise
