@@ -360,18 +360,30 @@ async def test_many_waiters_and_busy_jobs_share_connections(queue: Queue) -> Non
     assert sorted(seen) == list(range(300))
 
 
-async def test_decode_responses_client_is_refused(redis_url: str) -> None:
+async def test_a_client_that_cannot_serve_is_refused_as_the_broker_is_made(redis_url: str) -> None:
+    # Refused at once, with what to do: at the first enqueue, a sync client failed with a bare
+    # TypeError (a bool cannot be awaited), and a decoding client with a BrokerError.
+    import redis
     import redis.asyncio as aioredis
 
-    from aqueue import BrokerError
+    from aqueue import ConfigurationError
     from aqueue.brokers import RedisBroker
 
-    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    decoding = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    sync_client = redis.Redis.from_url(redis_url)
     try:
-        with pytest.raises(BrokerError, match="decode_responses=False"):
-            await RedisBroker(client=client).connect()
+        with pytest.raises(ConfigurationError, match="decode_responses=False"):
+            RedisBroker(client=decoding)
+        sync_refused = r"takes a redis\.asyncio\.Redis client, got redis\.client\.Redis"
+        with pytest.raises(ConfigurationError, match=sync_refused):
+            RedisBroker(client=sync_client)  # type: ignore[arg-type]
+        with pytest.raises(ConfigurationError, match="decode_responses=False"):
+            RedisBroker(redis_url, decode_responses=True)
+        with pytest.raises(ConfigurationError, match="'decode_responses' is not a connection option"):
+            RedisBroker(redis_url + "?decode_responses=True")
     finally:
-        await client.aclose()
+        await decoding.aclose()
+        sync_client.close()
 
 
 async def test_lapsed_lease_found_behind_many_live_ones(broker: Broker, queue_name: str) -> None:

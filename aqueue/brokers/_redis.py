@@ -559,6 +559,20 @@ class _Reader:
         return results
 
 
+DECODED = ("RedisBroker needs a client with decode_responses=False (payloads and results are "
+           "bytes, read as they are)")
+
+
+def _check_client(client: object) -> None:
+    """A client handed in is refused here, not at its first use, where a sync client failed
+    with a bare TypeError (its replies cannot be awaited)."""
+    if not isinstance(client, aioredis.Redis):
+        raise ConfigurationError(f"RedisBroker(client=...) takes a redis.asyncio.Redis client, got "
+                                 f"{type(client).__module__}.{type(client).__qualname__}")
+    if client.get_connection_kwargs().get("decode_responses"):  # type: ignore[no-untyped-call]
+        raise ConfigurationError(f"RedisBroker(client=...): {DECODED}")
+
+
 class RedisBroker(Broker):
     """Broker on Redis Streams. Give it a URL (`redis://`, `rediss://`, `unix://`) or a client."""
 
@@ -572,6 +586,10 @@ class RedisBroker(Broker):
         self.url = redact(url) if client is None else "redis://(client)"
         if client is None:
             _check_url(url, self.url)
+        else:
+            _check_client(client)
+        if client_options.get("decode_responses"):
+            raise ConfigurationError(f"{self.url}: {DECODED}")
         for name, value in client_options.items():
             if name in VALUE_RANGES and not _in_range(name, value):
                 raise ConfigurationError(f"{self.url}: {name}={value!r} is not a valid value "
@@ -628,8 +646,6 @@ class RedisBroker(Broker):
                 options.update(identity())
             pool = WaitingPool.from_url(self._connect_url, **{**options, **self._client_options})
             self._client = aioredis.Redis.from_pool(pool)
-        if self._client.get_connection_kwargs().get("decode_responses"):  # type: ignore[no-untyped-call]
-            raise BrokerError("RedisBroker needs a client with decode_responses=False")
         if self._notifier is None:
             self._notifier = Notifier(self._client)
         async with self._translated():
