@@ -158,6 +158,8 @@ class Queue:
         if not 1 <= self.result_ttl < math.inf:
             raise ConfigurationError(f"result_ttl must be at least 1 second, and finite, got {result_ttl!r}")
         longest("result_ttl", self.result_ttl, result_ttl)  # see LONGEST
+        if not isinstance(immediate, bool):  # "no" would run every job in the producer
+            raise ConfigurationError(f"immediate must be True or False, got {immediate!r}")
         self.immediate = immediate
         self.default_timeout = None if default_timeout is None else seconds(default_timeout, "default_timeout")
         if self.default_timeout is not None and not 0 < self.default_timeout < math.inf:
@@ -277,6 +279,10 @@ class Queue:
         check_name(task_name, "a task's name")  # stored as the jobs' task, by which workers find it
         if task_name in self.tasks and self.tasks[task_name].fn is not fn:
             raise ConfigurationError(f"a task named {task_name!r} is already registered")
+        if inspect.isgeneratorfunction(unguarded(fn)) or inspect.isasyncgenfunction(unguarded(fn)):
+            # Taken, its every job failed in the worker: a generator is no value to store.
+            raise ConfigurationError(f"task {task_name!r} is a generator function: a job's value is "
+                                     f"stored as JSON, which a generator is not (return a list)")
         # A plain function under a lock or rate limit is a plain task still: its direct call runs
         # it as it is (the guard is for its jobs).
         kind: type[Task[P, Any]] = AsyncTask if inspect.iscoroutinefunction(unguarded(fn)) else SyncTask

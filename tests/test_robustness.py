@@ -6,7 +6,7 @@ import gc
 import math
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 
 import anyio
 import pytest
@@ -198,11 +198,27 @@ async def test_worker_block_error_still_stops_gracefully(queue: Queue) -> None:
     ({"default_timeout": -5}, "default_timeout must be >= 0"),
     ({"default_timeout": 0}, "default_timeout must be > 0"),
     ({"default_timeout": float("inf")}, "default_timeout must be > 0 and finite"),
+    ({"immediate": "no"}, "immediate must be True or False, got 'no'"),
 ])
 def test_bad_queue_options_fail_when_the_queue_is_made(options: dict[str, object], message: str) -> None:
     # Each was accepted before and failed later, or never: a TypeError at enqueue, nan as a ttl.
     with pytest.raises(ConfigurationError, match=message):
         Queue("memory://", **options)  # type: ignore[arg-type]
+
+
+def test_a_generator_function_is_refused_as_a_task(queue: Queue) -> None:
+    # Taken before: an async generator ran in a thread and every job failed in the worker, as
+    # did a plain generator's, its value a generator that JSON cannot store.
+    async def agen() -> AsyncIterator[int]:
+        yield 1
+
+    def gen() -> Iterator[int]:
+        yield 1
+
+    for fn in (agen, gen):
+        with pytest.raises(ConfigurationError, match="is a generator function"):
+            queue.task(fn)
+    assert not queue.tasks
 
 
 def test_bad_options_fail_at_once(queue: Queue) -> None:
