@@ -284,6 +284,13 @@ local function store_plain(now, id, task, payload, p)
   redis.call('ZADD', prefix .. 'index', in_order(now), id)
 end
 
+-- Whether a job's expiry still holds, from its record's token and 'unstarted' mark: it was never
+-- delivered, or handed back by workers that never ran it. `expires` is about starting: a job that
+-- started is never expired afterwards.
+local function never_started(token, unstarted)
+  return (token or '0') == '0' or unstarted == '1'
+end
+
 -- The live job an idempotency key names, if any (the key's entry may outlive its job's end). A
 -- job past its expiry that never started is not: it ends expired when met, and never runs.
 local function live_key_holder(key, now)
@@ -292,9 +299,7 @@ local function live_key_holder(key, now)
   local rec = redis.call('HMGET', job_key(holder), 'state', 'expires', 'token', 'unstarted')
   if not rec[1] or FINAL[rec[1]] then return nil end
   local expires = rec[2] and rec[2] ~= '' and tonumber(rec[2])  -- unreadable: dead-lettered when met
-  if expires and expires < tonumber(now) and ((rec[3] or '0') == '0' or rec[4] == '1') then
-    return nil
-  end
+  if expires and expires < tonumber(now) and never_started(rec[3], rec[4]) then return nil end
   return holder
 end
 
@@ -719,9 +724,7 @@ local function start(s, p, entry, fields, consumer, now, max_deliveries, ttl)
     dead_entry(s, entry, id, now, ttl, 'unreadable job record for stream entry ' .. entry, {})
     return nil
   end
-  -- `expires` is about starting: a job that already started is never expired afterwards (one
-  -- handed back by workers that never ran it is marked 'unstarted').
-  local expiry = rec[6] and rec[6] ~= '' and ((rec[8] or '0') == '0' or rec[12] == '1') and rec[6]
+  local expiry = rec[6] and rec[6] ~= '' and never_started(rec[8], rec[12]) and rec[6]
   -- Ended here rather than run: the worker gets a notice (9th field) so it can report it.
   local ended = nil
   if rec[11] == '1' then
