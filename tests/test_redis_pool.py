@@ -45,6 +45,33 @@ async def test_replies_come_back_as_redis_py_gives_them(pool: WaitingPool, queue
     assert await pool.call("EVAL", "return {1, 'a', {2}}", 0) == [1, b"a", [2]]
 
 
+async def test_the_commands_of_one_call_go_out_in_one_write(pool: WaitingPool, queue_name: str) -> None:
+    """A write per command would be a send, and a packet, each, and Redis might wake for the first
+    alone (the worker's receive is five commands)."""
+    assert await pool.call("PING") in (b"PONG", True)
+    conn = await pool.get_connection()
+    await pool.release(conn)
+    sent: list[bytes] = []
+    writer = conn._writer
+    real_write, real_writelines = writer.write, writer.writelines
+
+    def write(data: bytes) -> None:
+        sent.append(bytes(data))
+        real_write(data)
+
+    def writelines(data: list[bytes]) -> None:
+        sent.append(b"".join(data))
+        real_writelines(data)
+
+    writer.write, writer.writelines = write, writelines
+    key = f"{queue_name}:n"
+    replies = await pool.call_many(("MULTI",), ("INCR", key), ("INCR", key), ("EXEC",))
+    assert replies == [b"OK", b"QUEUED", b"QUEUED", [1, 2]]
+    assert len(sent) == 1
+    assert sent[0].startswith(b"*1\r\n$5\r\nMULTI")
+    assert sent[0].count(b"INCR") == 2
+
+
 async def test_an_error_reply_is_raised_and_the_connection_stays(pool: WaitingPool) -> None:
     with pytest.raises(redis.exceptions.ResponseError, match="unknown command"):
         await pool.call("NOSUCHCOMMAND")

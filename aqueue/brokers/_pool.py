@@ -71,11 +71,12 @@ class _LeanCalls:
         else:
             await reopen_if_closed(conn)
         try:
-            for args in commands:
-                if _hiredis_pack is not None:
-                    conn._writer.write(_hiredis_pack(args))
-                else:
-                    conn._writer.writelines(conn.pack_command(*args))
+            # One write: a write per command would be a send, and a packet, each, and Redis may
+            # wake for the first alone.
+            if _hiredis_pack is not None:
+                conn._writer.write(b"".join([_hiredis_pack(args) for args in commands]))
+            else:
+                conn._writer.writelines(conn.pack_commands(commands))
             async with asyncio.timeout(conn.socket_timeout + blocks if conn.socket_timeout else None):
                 await conn._writer.drain()
                 replies = [await conn._parser.read_response() for _ in commands]
