@@ -3,12 +3,14 @@
     python -m benchmarks.round_trip [--jobs 20000] [--rounds 2] [--awake]
 
 For aqueue, a raw XADD and huey (when `python -m benchmarks.peers` has installed its venv), each
-through its W1 driver on one private redis-server: the wall time of a round trip, the producer's CPU
-(getrusage) and Redis's (INFO cpu, user and kernel) per enqueue. Then a one-byte round trip over
-pipes between two processes on two cores and on one: what waking a process on another core costs
-on this machine, whatever the queue. `--awake` keeps every core busy with a loop at the lowest
-priority (SCHED_IDLE) meanwhile, so that no wake-up finds a core asleep. Each library runs once per
-round, after one unrecorded run of the raw XADD that lets the fresh Redis grow its memory.
+through its W1 driver on one private redis-server, and "multi", aqueue's writes sent without its
+script (one MULTI/EXEC of the same commands; benchmarks/drivers/multi_driver.py, not a queue): the
+wall time of a round trip, the producer's CPU (getrusage) and Redis's (INFO cpu, user and kernel) per
+enqueue. Then a one-byte round trip over pipes between two processes on two cores and on one: what
+waking a process on another core costs on this machine, whatever the queue. `--awake` keeps every
+core busy with a loop at the lowest priority (SCHED_IDLE) meanwhile, so that no wake-up finds a core
+asleep. Each library runs once per round, after one unrecorded run of the raw XADD that lets the
+fresh Redis grow its memory.
 """
 
 from __future__ import annotations
@@ -69,6 +71,8 @@ def interpreters() -> dict[str, tuple[str, str]]:
             found[name] = (python, libs[name].driver)
         elif name != "huey":
             found[name] = (sys.executable, libs[name].driver)
+    # aqueue's writes without its script, as one MULTI/EXEC (benchmarks/drivers/multi_driver.py)
+    found["multi"] = (found["aqueue"][0], "multi")
     return found
 
 
