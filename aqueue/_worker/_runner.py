@@ -137,6 +137,7 @@ class Worker:
         self._completer: Completer | None = None
         self._services: TaskGroup | None = None
         self._fetch_ended = anyio.Event()
+        self._grace_over = False  # the running jobs' shutdown_timeout has passed (`_wind_down`)
         self._reclaim_done = anyio.Event()
         self._reclaim_done.set()
         self._answer_lost = False  # a receive or reclaim failed: it may have leased jobs even so
@@ -228,9 +229,18 @@ class Worker:
                 # Cancelled, the worker would wait for the threads all the same, but then neither
                 # write their outcomes (their jobs would run again) nor hand back the jobs it
                 # interrupted (they would wait for the visibility timeout).
-                logger.warning("worker %s: still waiting for %d job(s) whose threads cannot be "
-                               "stopped", self.name, len(self._running))
-                self._all_idle = anyio.Event()  # set once `_running` is empty
+                if self._grace_over:
+                    logger.warning("worker %s: still waiting for %d job(s) whose threads cannot be "
+                                   "stopped", self.name, len(self._running))
+                else:
+                    # The fetch ended late (a broker slow to answer), and the running jobs'
+                    # shutdown_timeout with it: `_wind_down` is still waiting for them.
+                    logger.warning("worker %s: %d job(s) still running, their shutdown_timeout "
+                                   "started late, when the fetch ended", self.name, len(self._running))
+                if self._all_idle.is_set():
+                    # Set before these jobs ran; one not set yet is `_wind_down`'s, and stays: a
+                    # new one would leave it waiting out its timeout after the last job ended.
+                    self._all_idle = anyio.Event()  # set once `_running` is empty
                 idle = asyncio.ensure_future(self._all_idle.wait())
                 await asyncio.wait([worker.task, idle], return_when=asyncio.FIRST_COMPLETED)
                 idle.cancel()  # the worker ended first (it failed): nothing left to wait for
@@ -603,6 +613,7 @@ class Worker:
         self._all_idle = anyio.Event()
         with anyio.move_on_after(self.shutdown_timeout):
             await self._all_idle.wait()
+        self._grace_over = True
         if self._running and self._services is not None:
             self._services.start_soon(self._hand_back_as_they_stop)
         for running in list(self._running.values()):
