@@ -137,8 +137,10 @@ async def _serve(worker: Worker) -> int:
     async with anyio.create_task_group() as tg:
         tg.start_soon(_watch_signals, worker)
         await worker.run()
+        # Closed with the signals still watched: a second one, while a broker is slow to let go,
+        # exits at once as the first said, where Python's own handler would raise in the close.
+        await worker.queue.close()
         tg.cancel_scope.cancel()
-    await worker.queue.close()
     return 0
 
 

@@ -379,6 +379,28 @@ def test_python_dash_m_entry_point() -> None:
     assert "cannot import module" in done.stderr
 
 
+async def test_a_second_signal_while_the_queue_closes_exits_at_once(
+    redis_url: str, queue_name: str, workers: list[WorkerProcess]
+) -> None:
+    # Signals went unwatched once the worker had stopped: a second Ctrl-C while the queue closed
+    # raised KeyboardInterrupt there, a traceback, instead of the exit at once the first promised.
+    worker = WorkerProcess(redis_url, queue_name, env={"AQUEUE_SLOW_CLOSE": "1"})
+    workers.append(worker)
+    async with client_queue(redis_url, queue_name) as q:
+        job = await q.tasks["add"].enqueue(1, 2)
+        assert await job.result(timeout=30) == 3  # the worker runs
+    worker.process.send_signal(signal.SIGINT)
+
+    async def closing() -> bool:
+        return "closing the queue" in worker.output()
+
+    await poll_until(closing, 30)
+    worker.process.send_signal(signal.SIGINT)
+    assert worker.process.wait(timeout=10) == 128 + signal.SIGINT
+    assert "SIGINT received again: exiting at once" in worker.output()
+    assert "Traceback" not in worker.output()
+
+
 @pytest.mark.parametrize("blocks_loop", [False, True], ids=["free-loop", "blocked-loop"])
 async def test_second_signal_exits_at_once(
     redis_url: str, queue_name: str, workers: list[WorkerProcess], blocks_loop: bool

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 import anyio
@@ -35,3 +36,16 @@ async def block_loop(seconds: float) -> None:
     # A mistake a real app makes: blocking the event loop (time.sleep in an async task).
     await current_job().set_progress(0)
     time.sleep(seconds)  # noqa: ASYNC251 - the block is the point
+
+
+if os.environ.get("AQUEUE_SLOW_CLOSE"):
+    # A broker slow to let go as the worker exits: the queue's close says so, then takes its time.
+    _close = queue.close
+
+    async def _slow_close() -> None:
+        print("closing the queue", file=sys.stderr, flush=True)
+        await anyio.sleep(30)
+        await _close()
+
+    queue.close = _slow_close  # type: ignore[method-assign]
+
