@@ -815,7 +815,8 @@ async def test_a_stop_whose_fetch_ended_late_ends_once_its_last_job_does(
 
     async def finish_once_the_stop_has_waited() -> None:
         with anyio.fail_after(10):
-            # The stop's wait has run out (its line, before and after the fix, said differently).
+            # The stop's own wait has run out, as it says ("still waiting for" where it took the
+            # jobs for threads).
             while "started late" not in caplog.text and "still waiting for" not in caplog.text:  # noqa: ASYNC110
                 await anyio.sleep(0.01)
         ended.append(time.monotonic())

@@ -48,4 +48,3 @@ if os.environ.get("AQUEUE_SLOW_CLOSE"):
         await _close()
 
     queue.close = _slow_close  # type: ignore[method-assign]
-
