@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import anyio
+import orjson
 import pytest
 
 import aqueue._worker._runner as runner_module
@@ -693,6 +694,33 @@ async def test_undecodable_payload_goes_to_dead_letters(queue: Queue) -> None:
             assert caught.value.metadata["type"] == "SerializationError"
         assert await (await victim.enqueue()).result(timeout=10) == 1
     assert {d.id for d in await queue.dead_letters()} == {b.id for b in bad}
+
+
+@pytest.mark.parametrize("options", [
+    {"next": 5}, {"next": {"id": "x"}}, {"next": {"id": 1, "args": [], "kwargs": {}, "options": {}}},
+    {"retries": "3"}, {"retries": -1}, {"retries": True}, {"timeout": "5"}, {"timeout": -1},
+    {"batch_id": 7},
+], ids=repr)
+async def test_a_payload_whose_options_are_malformed_is_dead_lettered_before_its_code_runs(
+    queue: Queue, options: dict[str, Any]
+) -> None:
+    # Another writer's payload: its task ran, and only then did a malformed "next" fail the job,
+    # as an internal error; a batch id that is no string reached the job's context.
+    ran: list[int] = []
+
+    @queue.task(name="victim")
+    async def victim() -> int:
+        ran.append(1)
+        return 1
+
+    payload = b'{"args": [], "kwargs": {}, "options": ' + orjson.dumps(options) + b"}"
+    bad = NewJob(id=uuid.uuid4().hex, task="victim", payload=payload, enqueued_at=time.time())
+    await queue.broker.enqueue(queue.name, [bad])
+    async with queue.worker():
+        with pytest.raises(TaskError, match="undecodable payload") as caught:
+            await queue.job(bad.id).result(timeout=10)
+    assert caught.value.metadata["type"] == "SerializationError"
+    assert ran == []
 
 
 async def test_dead_letter_retry_runs_again(queue: Queue) -> None:

@@ -225,6 +225,7 @@ async def execute(queue: Queue, running: RunningJob) -> Completion | None:
         args, kwargs, overrides = call["args"], call["kwargs"], call.get("options") or {}
         if not (isinstance(args, list) and isinstance(kwargs, dict) and isinstance(overrides, dict)):
             raise TypeError("args must be a list, kwargs and options objects")
+        _check_links(overrides)
         policy = policy_for_call(task.policy, overrides)
     except (ValueError, TypeError, KeyError) as exc:
         return await dead(queue, d, SerializationError(f"undecodable payload: {exc!r}"))
@@ -374,6 +375,21 @@ async def _interrupted(signals: Signals, context: JobContext) -> None:
     """Handed back by the worker's shutdown, to run again elsewhere."""
     if signals.wants(Signal.INTERRUPTED):
         await signals.send(Signal.INTERRUPTED, context)
+
+
+def _check_links(options: dict[str, Any]) -> None:
+    """A payload's workflow options, checked before its code runs: another writer's malformed
+    "next" failed the job only once it had run, as an error of aqueue's own."""
+    following = options.get("next")
+    if following is not None and not (
+        isinstance(following, dict) and isinstance(following.get("id"), str)
+        and isinstance(following.get("args"), list) and isinstance(following.get("kwargs"), dict)
+        and isinstance(following.get("options"), dict)
+    ):
+        raise ValueError(f"options.next is no pipeline step: {following!r}")
+    batch = options.get("batch_id")
+    if batch is not None and not isinstance(batch, str):
+        raise ValueError(f"options.batch_id is no batch id: {batch!r}")
 
 
 def _next_payload(queue: Queue, task: str, value: Any, following: dict[str, Any]) -> bytes:
