@@ -459,6 +459,15 @@ class Queue:
 
             record = await self.broker.get(self.name, job_id)
             steps, may_appear = retry_follow_ups(record) if record else ([], [])
+            # A chord callback run again may end an outer chord's member in turn: its own follow-ups.
+            seen = {job_id, *steps}
+            for follow in steps:
+                follow_record = await self.broker.get(self.name, follow)
+                if follow_record is not None:
+                    more, appear = retry_follow_ups(follow_record)
+                    may_appear += appear
+                    steps += [s for s in more if s not in seen]
+                    seen.update(more)
             await run_immediately(self, [job_id, *steps], may_appear)
         return True
 

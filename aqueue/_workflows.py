@@ -263,6 +263,9 @@ class _Membership:
     waiting: bool = False
     chord: str | None = None
     slot: int | None = None
+    callback: str | None = None
+    """The callback of the chord this job is a member of (immediate mode runs it again after a
+    retry of the member: see `retry_follow_ups`)."""
     batch: str | None = None
     """The batch that counts this job's end."""
     within: str | None = None
@@ -303,7 +306,8 @@ class Plan:
             callback_jobs = self._pipeline(node.callback.steps, replace(member, waiting=True),
                                            chord_input=True, due=self._due(node))
             self.chords.append(ChordSpec(chord_id, len(node.members), callback_jobs[0].id))
-            ends = [self.add(m, _Membership(chord=chord_id, slot=i, within=member.batch_id))[0][-1]
+            ends = [self.add(m, _Membership(chord=chord_id, slot=i, callback=callback_jobs[0].id,
+                                            within=member.batch_id))[0][-1]
                     for i, m in enumerate(node.members)]
             return callback_jobs, ChordResult(ResultGroup(ends), ResultGroup(callback_jobs))
         raise ConfigurationError(f"cannot enqueue {node!r}: expected a signature, pipeline, group or chord")
@@ -342,7 +346,7 @@ class Plan:
                 raise ConfigurationError(
                     f"{step.task.name}: a pipeline step after the first, or a chord callback, starts "
                     "when the job before it ends; delay and eta do not apply to it")
-            options = self._options(member, following, chord_input=chord_input and index == 0)
+            options = self._options(member, following, chord_input=chord_input and index == 0, last=last)
             links = WorkflowLinks(
                 waiting=member.waiting or index > 0,
                 chord=member.chord if last else None,
@@ -379,12 +383,16 @@ class Plan:
                 self.keyed[new.id].id = job_id
 
     @staticmethod
-    def _options(member: _Membership, following: dict[str, Any] | None, chord_input: bool) -> dict[str, Any]:
+    def _options(
+        member: _Membership, following: dict[str, Any] | None, chord_input: bool, last: bool
+    ) -> dict[str, Any]:
         """What the worker needs beyond the call's own options: the next step, how to read its
-        first argument, its batch."""
+        first argument, its batch; and the callback of the chord whose member the step ends."""
         options: dict[str, Any] = {}
         if following is not None:
             options["next"] = following
+        if last and member.callback is not None:
+            options["chord_callback"] = member.callback
         if chord_input:
             options["wf_in"] = True  # its first argument holds member values and errors
         if member.batch_id is not None:

@@ -674,6 +674,116 @@ async def test_a_member_retried_while_its_batch_or_chord_runs_is_waited_for(queu
         assert await b.callback("failure").state() is None
 
 
+async def test_a_member_retried_after_its_chord_fired_runs_the_callback_again(queue: Queue) -> None:
+    # queue.retry re-evaluates the chord a member belongs to: the callback had run with the
+    # member's error in its place, and ran no more once the member succeeded.
+    healthy = False
+    calls: list[list[Any]] = []
+
+    @queue.task
+    async def flaky(n: int) -> int:
+        if not healthy:
+            raise ConnectionError("upstream down")
+        return n
+
+    @queue.task
+    async def steady(n: int) -> int:
+        return n
+
+    @queue.task
+    async def collect(values: list[Any]) -> list[Any]:
+        shown = ["E" if isinstance(v, TaskError) else v for v in values]
+        calls.append(shown)
+        return shown
+
+    async with queue.worker():
+        c = await queue.enqueue(chord([steady.s(1), flaky.s(2), flaky.s(3)], collect.s()))
+        assert await c.get(timeout=10) == [1, "E", "E"]
+        healthy = True
+        first, second = c.results.jobs[1], c.results.jobs[2]
+        assert await queue.retry(first.id)
+        assert await first.result(timeout=10) == 2
+        assert await c.get(timeout=10) == [1, 2, "E"]  # run again, with the new value
+        assert await queue.retry(second.id)
+        assert await second.result(timeout=10) == 3
+        assert await c.get(timeout=10) == [1, 2, 3]
+        info = await c.callback.info()
+        assert info is not None
+        assert info.attempt == 1
+    assert calls == [[1, "E", "E"], [1, 2, "E"], [1, 2, 3]]
+
+
+async def test_a_chord_callback_that_failed_runs_again_out_of_the_dead_letters_with_its_steps(
+    queue: Queue,
+) -> None:
+    healthy = False
+
+    @queue.task
+    async def flaky(n: int) -> int:
+        if not healthy:
+            raise ConnectionError("upstream down")
+        return n
+
+    @queue.task
+    async def strict(values: list[Any]) -> int:
+        if any(isinstance(v, TaskError) for v in values):
+            raise ValueError("a member failed")
+        return sum(values)
+
+    @queue.task
+    async def twice(x: int) -> int:
+        return 2 * x
+
+    async with queue.worker():
+        c = await queue.enqueue(chord([flaky.s(1), flaky.s(2)], strict.s()).then(twice))
+        assert isinstance(c, ChordResult)
+        with pytest.raises(TaskError):
+            await c.get(timeout=10)
+        after = c.pipeline_results.jobs[1]
+        assert await after.state() == JobState.CANCELLED  # skipped
+        healthy = True
+        first, second = c.results.jobs
+        assert await queue.retry(first.id)
+        assert await first.result(timeout=10) == 1
+        with pytest.raises(TaskError, match="a member failed"):  # run again, still with an error
+            await c.callback.result(timeout=10)
+        assert await queue.retry(second.id)
+        assert await second.result(timeout=10) == 2
+        assert await after.result(timeout=10) == 6
+        assert await c.get(timeout=1) == 3
+        assert c.callback.id not in {d.id for d in await queue.dead_letters()}
+
+
+async def test_a_chord_whose_retried_member_fails_again_is_not_run_again(
+    queue: Queue,
+) -> None:
+    calls: list[list[Any]] = []
+
+    @queue.task
+    async def broken() -> None:
+        raise ConnectionError("upstream down")
+
+    @queue.task
+    async def steady(n: int) -> int:
+        return n
+
+    @queue.task
+    async def collect(values: list[Any]) -> int:
+        calls.append(values)
+        return len(calls)
+
+    async with queue.worker():
+        c = await queue.enqueue(chord([steady.s(1), broken.s()], collect.s()))
+        assert await c.get(timeout=10) == 1
+        member = c.results.jobs[1]
+        assert await queue.retry(member.id)  # fails again: its slot keeps an error
+        with pytest.raises(TaskError):
+            await member.result(timeout=10)
+        assert await c.get(timeout=1) == 1
+        assert await c.callback.state() == JobState.SUCCEEDED
+    assert len(calls) == 1
+
+
 async def test_a_chord_in_a_batch_names_the_batch_to_its_members(queue: Queue) -> None:
     # The chord is the batch member (its callback's end is counted); its members belong to the
     # batch through it, and current_job().batch_id names it inside them too.
@@ -978,6 +1088,37 @@ async def test_immediate_mode_retry_runs_the_job_and_what_its_success_sets_going
         assert await queue.retry(job_id) is True
     assert [await job.result(timeout=0) for job in b.members] == [4]
     assert sorted(handled) == ["second step failed", "success"]
+
+
+async def test_immediate_mode_retry_of_a_chord_member_runs_the_callbacks_again(queue: Queue) -> None:
+    # A pipeline member ends with its last step, whose chord is the one re-evaluated. Nested, the
+    # inner chord's callback runs again, and the outer chord keeps the value it was given (its
+    # own member's retry runs its callback again).
+    queue.immediate = True
+    fixed: list[bool] = []
+
+    @queue.task
+    async def flaky(n: int) -> int:
+        if not fixed:
+            raise ValueError("down")
+        return n
+
+    @queue.task
+    async def plus(n: int, more: int) -> int:
+        return n + more
+
+    @queue.task
+    async def shown(values: list[Any]) -> list[Any]:
+        return ["E" if isinstance(v, TaskError) else v for v in values]
+
+    inner = chord([flaky.s(1), flaky.s(2).then(plus, 10)], shown.s())
+    c = await queue.enqueue(chord([inner, flaky.s(3)], shown.s()))
+    assert await c.get(timeout=0) == [["E", "E"], "E"]
+    fixed.append(True)
+    for info in sorted(await queue.dead_letters(), key=lambda d: d.args):
+        assert await queue.retry(info.id) is True
+    assert await c.results.jobs[0].result(timeout=0) == [1, 12]
+    assert await c.get(timeout=0) == [["E", "E"], 3]
 
 
 async def test_immediate_mode_runs_a_whole_workflow_inside_enqueue(queue: Queue) -> None:

@@ -387,9 +387,10 @@ def _check_links(options: dict[str, Any]) -> None:
         and isinstance(following.get("options"), dict)
     ):
         raise ValueError(f"options.next is no pipeline step: {following!r}")
-    batch = options.get("batch_id")
-    if batch is not None and not isinstance(batch, str):
-        raise ValueError(f"options.batch_id is no batch id: {batch!r}")
+    for name in ("batch_id", "chord_callback"):
+        value = options.get(name)
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"options.{name} is no job id: {value!r}")
 
 
 def _next_payload(queue: Queue, task: str, value: Any, following: dict[str, Any]) -> bytes:

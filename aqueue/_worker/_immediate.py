@@ -39,22 +39,26 @@ async def run_immediately(queue: Queue, job_ids: Sequence[str], later: Sequence[
 
 
 def retry_follow_ups(record: JobRecord) -> tuple[list[str], list[str]]:
-    """For a dead letter retried in immediate mode: the pipeline steps after it (its success runs
-    them again), and the jobs its end or theirs may create (error handlers, its batch's
-    callbacks), from its record."""
+    """For a dead letter retried in immediate mode: the jobs its success runs again (the pipeline
+    steps after it, and the callback of the chord whose member it ends, which the chord's
+    re-evaluation runs again if it ran before), and the jobs its end or theirs may create (error
+    handlers, its batch's callbacks), from its record."""
     job_id = record.id
     options = loads(record.payload).get("options") or {}
     steps: list[str] = []
+    callback = options.get("chord_callback")
     following = options.get("next")
     while following:
         steps.append(following["id"])
-        following = (following.get("options") or {}).get("next")
+        step_options = following.get("options") or {}
+        callback = step_options.get("chord_callback")
+        following = step_options.get("next")
     # Its next failure's handler; the skipped steps after it have not failed yet.
     may_appear = [error_handler_id(job_id, record.failures + 1), *map(error_handler_id, steps)]
     batch = options.get("batch_id")
     if batch:
         may_appear += [batch_callback_id(batch, kind) for kind in BATCH_CALLBACK_KINDS]
-    return steps, may_appear
+    return steps + ([callback] if callback else []), may_appear
 
 
 async def _run(queue: Queue, job_id: str, may_appear: bool) -> bool:

@@ -113,6 +113,8 @@ class _Chord:
     size: int
     callback: str
     slots: dict[int, bytes] = field(default_factory=dict)
+    base: bytes | None = None  # the callback's payload before the values: set as it fires
+    expires_at: float | None = None  # fired with an error in a slot: kept as long as a record
 
 
 @dataclass(slots=True)
@@ -285,6 +287,9 @@ class MemoryBroker(Broker):
         for batch_id in [b for b, batch in q.batches.items()
                          if batch.expires_at is not None and batch.expires_at <= now]:
             del q.batches[batch_id]
+        for chord_id in [c for c, chord in q.chords.items()
+                         if chord.expires_at is not None and chord.expires_at <= now]:
+            del q.chords[chord_id]
         for task in [task for task, (_, until) in q.revoked_tasks.items()
                      if until is not None and until <= now]:
             del q.revoked_tasks[task]
@@ -467,15 +472,24 @@ class MemoryBroker(Broker):
             return False
         del q.dead[job_id]
         rec = q.records[job_id]
+        if rec.key is not None and self._live_key_holder(q, rec.key, time.time()) is None:
+            q.keys[rec.key] = job_id  # live again, it takes its key back
+        self._rearm(q, rec)
+        return True
+
+    def _rearm(self, q: _Queue, rec: JobRecord) -> None:
+        """Ready again with a fresh attempt count: a dead letter retried, or a chord's callback run
+        again with a retried member's new value. As rearm in the Lua helpers."""
+        job_id = rec.id
+        q.dead.pop(job_id, None)
+        q.expiry.pop(job_id, None)
         rec.attempt, rec.asked = 1, 0
         rec.result = rec.error = rec.dead_reason = rec.progress = rec.worker = None
         rec.started_at = rec.finished_at = None
         q.deliveries[job_id] = 0
-        # A revoke or cancel asked for while it ran last is spent: retrying it is asking it to run.
+        # A revoke or cancel asked for while it ran last is spent: running it again is asking it to.
         q.revoked.discard(job_id)
         q.cancel.discard(job_id)
-        if rec.key is not None and self._live_key_holder(q, rec.key, time.time()) is None:
-            q.keys[rec.key] = job_id  # live again, it takes its key back
         self._make_ready(q, rec)
         self._uncount(q, job_id)
         # The steps its failure skipped wait for it again, so that its success runs them.
@@ -492,13 +506,13 @@ class MemoryBroker(Broker):
             self._uncount(q, following)
             step_links = q.links.get(following)
             following = step_links.next if step_links else None
-        return True
 
     def _uncount(self, q: _Queue, job_id: str) -> None:
         """Live again, a job is no longer counted as ended in its batch, nor in its chord while
-        that has not fired (a fired chord is gone): they wait for its new end, and the batch is
-        kept until then (one kept by a skipped step lasted as long as the step's record, see
-        `_settle_batch`). As in retry.lua."""
+        that has not fired (a fired chord's slot keeps the job's error, which its new value
+        replaces): they wait for its new end, and the batch is kept until then (one kept by a
+        skipped step lasted as long as the step's record, see `_settle_batch`). As `uncount` in
+        the Lua helpers."""
         links = q.links.get(job_id)
         if links is None:
             return
@@ -507,7 +521,7 @@ class MemoryBroker(Broker):
             batch.members.pop(job_id, None)
             batch.expires_at = None
         chord = q.chords.get(links.chord) if links.chord is not None else None
-        if chord is not None and links.slot is not None:
+        if chord is not None and chord.base is None and links.slot is not None:
             chord.slots.pop(links.slot, None)
 
     async def purge_dead_letters(self, queue: str) -> int:
@@ -688,11 +702,13 @@ class MemoryBroker(Broker):
                 self._store(q, handler, now)
         if links.chord is not None and links.slot is not None:
             value = (rec.result or b"null") if state == JobState.SUCCEEDED else error_marker(error)
-            self._chord_arrive(q, links.chord, links.slot, value)
+            self._chord_arrive(q, links.chord, links.slot, value, now, ttl)
         if links.batch is not None:
             self._batch_arrive(q, links.batch, rec.id, state, now, ttl)
 
-    def _chord_arrive(self, q: _Queue, chord_id: str, slot: int, value: bytes) -> None:
+    def _chord_arrive(
+        self, q: _Queue, chord_id: str, slot: int, value: bytes, now: float, ttl: float
+    ) -> None:
         chord = q.chords.get(chord_id)
         if chord is None:
             return
@@ -700,16 +716,37 @@ class MemoryBroker(Broker):
         if old is not None and not old.startswith(ERROR_HEAD):
             return  # counted once; a value is final
         chord.slots[slot] = value  # a retried member may replace its error
+        if chord.base is not None:
+            # Fired before, with this member's error: its value now runs the callback again.
+            if not value.startswith(ERROR_HEAD):
+                self._fire_again(q, chord, now, ttl)
+            return
         if old is not None or len(chord.slots) < chord.size:
             return
-        # It fires once and for all: a member retried later changes nothing (as on Redis, where
-        # the chord's hash expires).
-        del q.chords[chord_id]
         callback = q.records.get(chord.callback)
+        if callback is None or not any(v.startswith(ERROR_HEAD) for v in chord.slots.values()):
+            # Nothing a retry can change (or a callback cancelled or revoked while it waited, and
+            # its record expired since): what fills the chord goes, as on Redis.
+            del q.chords[chord_id]
+        else:
+            chord.base, chord.expires_at = callback.payload, now + ttl
         if callback is None:
-            return  # cancelled or revoked while it waited, and its record expired since
+            return
         values = b"[" + b",".join(chord.slots[i] for i in range(chord.size)) + b"]"
         self._activate(q, chord.callback, prepend_arg(callback.payload, values))
+
+    def _fire_again(self, q: _Queue, chord: _Chord, now: float, ttl: float) -> None:
+        """A chord whose callback ran re-evaluated after a retried member succeeded: the callback
+        runs again with every value as it stands, once it has ended (succeeded or failed; one
+        cancelled, revoked or expired is not run, one still running is not run twice)."""
+        assert chord.base is not None
+        callback = self._record(q, chord.callback)
+        if callback is None or callback.state not in (JobState.SUCCEEDED, JobState.FAILED):
+            return
+        values = b"[" + b",".join(chord.slots[i] for i in range(chord.size)) + b"]"
+        callback.payload = prepend_arg(chord.base, values)
+        self._rearm(q, callback)
+        chord.expires_at = now + ttl
 
     def _batch_arrive(
         self, q: _Queue, batch_id: str, job_id: str, state: str, now: float, ttl: float

@@ -454,9 +454,67 @@ end
 
 local finalize
 
+-- Live again, a job is no longer counted as ended in its batch, nor in its chord while that has
+-- not fired: they wait for its new end (a batch would otherwise fire its callbacks, or a chord
+-- its callback with the old error, while the job runs again). Its batch is kept until then (one
+-- kept by a skipped step lasted as long as the step's record: see settle_batch).
+local function uncount(member, jk)
+  local batch, chord, slot = unpack(redis.call('HMGET', jk, 'batch', 'chord', 'slot'))
+  if batch and batch ~= '' then
+    local bk = prefix .. 'batch:' .. batch
+    redis.call('PERSIST', bk)
+    local prev = redis.call('HGET', bk, 'm:' .. member)
+    if prev then
+      redis.call('HDEL', bk, 'm:' .. member)
+      redis.call('HINCRBY', bk, 'ended', -1)
+      if prev == 'succeeded' then redis.call('HINCRBY', bk, 'ok', -1) end
+    end
+  end
+  if chord and chord ~= '' and slot and slot ~= '' then
+    local ck = prefix .. 'chord:' .. chord
+    if redis.call('HEXISTS', ck, 'fired') == 0 and redis.call('HDEL', ck, 's' .. slot) == 1 then
+      redis.call('HINCRBY', ck, 'arrived', -1)
+    end
+  end
+end
+
+-- Ready again with a fresh attempt count: a dead letter retried, or a chord's callback run again
+-- with a retried member's new value (`payload`). The steps its failure skipped wait for it again,
+-- so that its success runs them.
+local function rearm(id, jk, payload)
+  redis.call('ZREM', prefix .. 'dead', id)
+  -- A revoke or cancel asked for while it ran last is spent: running it again is asking it to.
+  redis.call('HDEL', jk, 'result', 'error', 'dead_reason', 'finished_at', 'started_at', 'worker',
+    'progress', 'revoked', 'cancel', 'asked')
+  redis.call('HSET', jk, 'attempt', 1, 'deliveries', 0)
+  if payload then redis.call('HSET', jk, 'payload', payload) end
+  redis.call('PERSIST', jk)
+  make_ready(id, jk, redis.call('HGET', jk, 'priority') or '0')
+  uncount(id, jk)
+  local following = redis.call('HGET', jk, 'next')
+  while following and following ~= '' do
+    local nk = job_key(following)
+    if redis.call('HGET', nk, 'skipped') ~= '1' then break end
+    redis.call('HDEL', nk, 'skipped', 'error', 'finished_at')
+    redis.call('HSET', nk, 'state', 'scheduled', 'waiting', '1')
+    redis.call('PERSIST', nk)
+    uncount(following, nk)
+    following = redis.call('HGET', nk, 'next')
+  end
+end
+
+local function chord_values(ck, size)
+  local parts = {}
+  for i = 0, tonumber(size) - 1 do parts[#parts + 1] = redis.call('HGET', ck, 's' .. i) end
+  return '[' .. table.concat(parts, ',') .. ']', parts
+end
+
 -- A chord member ended: its value (or its error) fills its slot, counted once; the last one to
 -- arrive fires the callback with every value in member order. A member retried from the dead
--- letters may replace its error with a value, without being counted again.
+-- letters may replace its error with a value, without being counted again: after the callback
+-- fired, that value runs it again (once it has ended, succeeded or failed: one cancelled,
+-- revoked or expired is not run, one still running is not run twice). What fills a chord goes
+-- with the callback's record (`ttl`) once it fired, at once if no slot holds an error.
 local function chord_arrive(cid, slot, value, ttl)
   local ck = prefix .. 'chord:' .. cid
   local size = redis.call('HGET', ck, 'size')
@@ -465,15 +523,33 @@ local function chord_arrive(cid, slot, value, ttl)
   local old = redis.call('HGET', ck, field)
   if old and string.sub(old, 1, #ERROR_HEAD) ~= ERROR_HEAD then return end
   redis.call('HSET', ck, field, value)
-  if old then return end
+  if old then
+    local base = redis.call('HGET', ck, 'base')
+    if not base or string.sub(value, 1, #ERROR_HEAD) == ERROR_HEAD then return end
+    local callback = redis.call('HGET', ck, 'callback')
+    local jk = job_key(callback)
+    local state = redis.call('HGET', jk, 'state')
+    if state ~= 'succeeded' and state ~= 'failed' then return end
+    rearm(callback, jk, prepend_arg(base, (chord_values(ck, size))))
+    redis.call('EXPIRE', ck, expire_arg(ttl))
+    return
+  end
   if redis.call('HINCRBY', ck, 'arrived', 1) < tonumber(size) then return end
   if redis.call('HSETNX', ck, 'fired', '1') == 0 then return end
-  local parts = {}
-  for i = 0, tonumber(size) - 1 do parts[#parts + 1] = redis.call('HGET', ck, 's' .. i) end
+  local values, parts = chord_values(ck, size)
   local callback = redis.call('HGET', ck, 'callback')
   local payload = redis.call('HGET', job_key(callback), 'payload') or ''
-  activate(callback, prepend_arg(payload, '[' .. table.concat(parts, ',') .. ']'))
-  redis.call('EXPIRE', ck, expire_arg(ttl))
+  activate(callback, prepend_arg(payload, values))
+  local failed = false
+  for _, part in ipairs(parts) do
+    if string.sub(part, 1, #ERROR_HEAD) == ERROR_HEAD then failed = true end
+  end
+  if failed then
+    redis.call('HSET', ck, 'base', payload)
+    redis.call('EXPIRE', ck, expire_arg(ttl))
+  else
+    redis.call('DEL', ck)
+  end
 end
 
 -- A batch whose members have all ended is kept only while a retry can change it: while one of
