@@ -372,6 +372,7 @@ async def test_a_batch_that_succeeded_and_a_fired_chord_leave_no_bookkeeping(que
     else:
         assert isinstance(broker, RedisBroker)
         assert [k async for k in broker.client.scan_iter(match=f"aqueue:{{{queue.name}}}:batch:*")] == []
+        assert [k async for k in broker.client.scan_iter(match=f"aqueue:{{{queue.name}}}:chord:*")] == []
 
 
 async def batch_kept(queue: Queue, batch_id: str) -> float | None:
