@@ -40,6 +40,19 @@ def arithmetic(queue: Queue) -> Any:
     return add
 
 
+def flaky_task(queue: Queue) -> tuple[Any, list[bool]]:
+    """A task that fails until the list it comes with holds something: a member to retry."""
+    healthy: list[bool] = []
+
+    @queue.task
+    async def flaky(n: int) -> int:
+        if not healthy:
+            raise ConnectionError("upstream down")
+        return n
+
+    return flaky, healthy
+
+
 async def test_pipeline_passes_each_value_on(queue: Queue) -> None:
     add = arithmetic(queue)
     async with queue.worker():
@@ -678,14 +691,8 @@ async def test_a_member_retried_while_its_batch_or_chord_runs_is_waited_for(queu
 async def test_a_member_retried_after_its_chord_fired_runs_the_callback_again(queue: Queue) -> None:
     # queue.retry re-evaluates the chord a member belongs to: the callback had run with the
     # member's error in its place, and ran no more once the member succeeded.
-    healthy = False
+    flaky, healthy = flaky_task(queue)
     calls: list[list[Any]] = []
-
-    @queue.task
-    async def flaky(n: int) -> int:
-        if not healthy:
-            raise ConnectionError("upstream down")
-        return n
 
     @queue.task
     async def steady(n: int) -> int:
@@ -700,7 +707,7 @@ async def test_a_member_retried_after_its_chord_fired_runs_the_callback_again(qu
     async with queue.worker():
         c = await queue.enqueue(chord([steady.s(1), flaky.s(2), flaky.s(3)], collect.s()))
         assert await c.get(timeout=10) == [1, "E", "E"]
-        healthy = True
+        healthy.append(True)
         first, second = c.results.jobs[1], c.results.jobs[2]
         assert await queue.retry(first.id)
         assert await first.result(timeout=10) == 2
@@ -717,13 +724,7 @@ async def test_a_member_retried_after_its_chord_fired_runs_the_callback_again(qu
 async def test_a_chord_callback_that_failed_runs_again_out_of_the_dead_letters_with_its_steps(
     queue: Queue,
 ) -> None:
-    healthy = False
-
-    @queue.task
-    async def flaky(n: int) -> int:
-        if not healthy:
-            raise ConnectionError("upstream down")
-        return n
+    flaky, healthy = flaky_task(queue)
 
     @queue.task
     async def strict(values: list[Any]) -> int:
@@ -742,7 +743,7 @@ async def test_a_chord_callback_that_failed_runs_again_out_of_the_dead_letters_w
             await c.get(timeout=10)
         after = c.pipeline_results.jobs[1]
         assert await after.state() == JobState.CANCELLED  # skipped
-        healthy = True
+        healthy.append(True)
         first, second = c.results.jobs
         assert await queue.retry(first.id)
         assert await first.result(timeout=10) == 1
@@ -1096,13 +1097,7 @@ async def test_immediate_mode_retry_of_a_chord_member_runs_the_callbacks_again(q
     # inner chord's callback runs again, and the outer chord keeps the value it was given (its
     # own member's retry runs its callback again).
     queue.immediate = True
-    fixed: list[bool] = []
-
-    @queue.task
-    async def flaky(n: int) -> int:
-        if not fixed:
-            raise ValueError("down")
-        return n
+    flaky, healthy = flaky_task(queue)
 
     @queue.task
     async def plus(n: int, more: int) -> int:
@@ -1115,7 +1110,7 @@ async def test_immediate_mode_retry_of_a_chord_member_runs_the_callbacks_again(q
     inner = chord([flaky.s(1), flaky.s(2).then(plus, 10)], shown.s())
     c = await queue.enqueue(chord([inner, flaky.s(3)], shown.s()))
     assert await c.get(timeout=0) == [["E", "E"], "E"]
-    fixed.append(True)
+    healthy.append(True)
     for info in sorted(await queue.dead_letters(), key=lambda d: d.args):
         assert await queue.retry(info.id) is True
     assert await c.results.jobs[0].result(timeout=0) == [1, 12]
