@@ -116,6 +116,10 @@ class _Chord:
     base: bytes | None = None  # the callback's payload before the values: set as it fires
     expires_at: float | None = None  # fired with an error in a slot: kept as long as a record
 
+    def values(self) -> bytes:
+        """Every slot's value, in member order, as the callback's first argument (JSON)."""
+        return b"[" + b",".join(self.slots[i] for i in range(self.size)) + b"]"
+
 
 @dataclass(slots=True)
 class _Batch:
@@ -732,19 +736,17 @@ class MemoryBroker(Broker):
             chord.base, chord.expires_at = callback.payload, now + ttl
         if callback is None:
             return
-        values = b"[" + b",".join(chord.slots[i] for i in range(chord.size)) + b"]"
-        self._activate(q, chord.callback, prepend_arg(callback.payload, values))
+        self._activate(q, chord.callback, prepend_arg(callback.payload, chord.values()))
 
     def _fire_again(self, q: _Queue, chord: _Chord, now: float, ttl: float) -> None:
         """A chord whose callback ran re-evaluated after a retried member succeeded: the callback
-        runs again with every value as it stands, once it has ended (succeeded or failed; one
-        cancelled, revoked or expired is not run, one still running is not run twice)."""
+        runs again with every value as it stands if it ended succeeded or failed (one cancelled,
+        revoked or expired is not run; one that has not ended yet is not run again)."""
         assert chord.base is not None
         callback = self._record(q, chord.callback)
         if callback is None or callback.state not in (JobState.SUCCEEDED, JobState.FAILED):
             return
-        values = b"[" + b",".join(chord.slots[i] for i in range(chord.size)) + b"]"
-        callback.payload = prepend_arg(chord.base, values)
+        callback.payload = prepend_arg(chord.base, chord.values())
         self._rearm(q, callback)
         chord.expires_at = now + ttl
 

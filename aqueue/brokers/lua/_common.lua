@@ -512,9 +512,10 @@ end
 -- A chord member ended: its value (or its error) fills its slot, counted once; the last one to
 -- arrive fires the callback with every value in member order. A member retried from the dead
 -- letters may replace its error with a value, without being counted again: after the callback
--- fired, that value runs it again (once it has ended, succeeded or failed: one cancelled,
--- revoked or expired is not run, one still running is not run twice). What fills a chord goes
--- with the callback's record (`ttl`) once it fired, at once if no slot holds an error.
+-- fired, that value runs it again if it ended succeeded or failed (one cancelled, revoked or
+-- expired is not run; one that has not ended yet is not run again). Once fired, what fills a
+-- chord is kept `ttl` (from its last firing) while a slot holds an error, and goes at once if none
+-- does.
 local function chord_arrive(cid, slot, value, ttl)
   local ck = prefix .. 'chord:' .. cid
   local size = redis.call('HGET', ck, 'size')
