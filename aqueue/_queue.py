@@ -459,7 +459,7 @@ class Queue:
 
             record = await self.broker.get(self.name, job_id)
             steps, may_appear = retry_follow_ups(record) if record else ([], [])
-            # A chord callback run again may end an outer chord's member in turn: its own follow-ups.
+            # A chord's callback run again has follow-ups of its own (the steps its failure skipped).
             seen = {job_id, *steps}
             for follow in steps:
                 follow_record = await self.broker.get(self.name, follow)

@@ -1117,6 +1117,31 @@ async def test_immediate_mode_retry_of_a_chord_member_runs_the_callbacks_again(q
     assert await c.get(timeout=0) == [["E", "E"], 3]
 
 
+async def test_immediate_mode_retry_of_a_chord_member_runs_the_steps_its_callback_skipped(
+    queue: Queue,
+) -> None:
+    queue.immediate = True
+    flaky, healthy = flaky_task(queue)
+
+    @queue.task
+    async def strict(values: list[Any]) -> int:
+        if any(isinstance(v, TaskError) for v in values):
+            raise ValueError("a member failed")
+        return sum(values)
+
+    @queue.task
+    async def twice(x: int) -> int:
+        return 2 * x
+
+    c = await queue.enqueue(chord([flaky.s(1)], strict.s()).then(twice))
+    assert isinstance(c, ChordResult)
+    after = c.pipeline_results.jobs[1]
+    assert await after.state() == JobState.CANCELLED  # skipped
+    healthy.append(True)
+    assert await queue.retry(c.results.jobs[0].id) is True
+    assert await after.result(timeout=0) == 2
+
+
 async def test_immediate_mode_runs_a_whole_workflow_inside_enqueue(queue: Queue) -> None:
     # Every job a workflow sets going runs before enqueue returns: pipeline steps, a chord's
     # callback (stored before its members), an error handler, a batch's callbacks.
