@@ -53,6 +53,22 @@ def flaky_task(queue: Queue) -> tuple[Any, list[bool]]:
     return flaky, healthy
 
 
+def strict_sum_then_twice(queue: Queue) -> tuple[Any, Any]:
+    """A chord callback that fails when a member's value is an error, and a step to follow it."""
+
+    @queue.task
+    async def strict(values: list[Any]) -> int:
+        if any(isinstance(v, TaskError) for v in values):
+            raise ValueError("a member failed")
+        return sum(values)
+
+    @queue.task
+    async def twice(x: int) -> int:
+        return 2 * x
+
+    return strict, twice
+
+
 async def test_pipeline_passes_each_value_on(queue: Queue) -> None:
     add = arithmetic(queue)
     async with queue.worker():
@@ -725,16 +741,7 @@ async def test_a_chord_callback_that_failed_runs_again_out_of_the_dead_letters_w
     queue: Queue,
 ) -> None:
     flaky, healthy = flaky_task(queue)
-
-    @queue.task
-    async def strict(values: list[Any]) -> int:
-        if any(isinstance(v, TaskError) for v in values):
-            raise ValueError("a member failed")
-        return sum(values)
-
-    @queue.task
-    async def twice(x: int) -> int:
-        return 2 * x
+    strict, twice = strict_sum_then_twice(queue)
 
     async with queue.worker():
         c = await queue.enqueue(chord([flaky.s(1), flaky.s(2)], strict.s()).then(twice))
@@ -1122,16 +1129,7 @@ async def test_immediate_mode_retry_of_a_chord_member_runs_the_steps_its_callbac
 ) -> None:
     queue.immediate = True
     flaky, healthy = flaky_task(queue)
-
-    @queue.task
-    async def strict(values: list[Any]) -> int:
-        if any(isinstance(v, TaskError) for v in values):
-            raise ValueError("a member failed")
-        return sum(values)
-
-    @queue.task
-    async def twice(x: int) -> int:
-        return 2 * x
+    strict, twice = strict_sum_then_twice(queue)
 
     c = await queue.enqueue(chord([flaky.s(1)], strict.s()).then(twice))
     assert isinstance(c, ChordResult)
