@@ -457,18 +457,19 @@ class Queue:
             from aqueue._worker import run_immediately
             from aqueue._worker._immediate import retry_follow_ups
 
+            runs, may_appear = [job_id], []
             record = await self.broker.get(self.name, job_id)
-            steps, may_appear = retry_follow_ups(record) if record else ([], [])
-            # A chord's callback run again has follow-ups of its own (the steps its failure skipped).
-            seen = {job_id, *steps}
-            for follow in steps:
-                follow_record = await self.broker.get(self.name, follow)
-                if follow_record is not None:
-                    more, appear = retry_follow_ups(follow_record)
-                    may_appear += appear
-                    steps += [s for s in more if s not in seen]
-                    seen.update(more)
-            await run_immediately(self, [job_id, *steps], may_appear)
+            while record is not None:
+                steps, callback, appear = retry_follow_ups(record)
+                runs += steps
+                may_appear += appear
+                if callback is None or callback in runs:
+                    break
+                # A chord's callback run again has follow-ups of its own (the steps its failure
+                # skipped), and is a member of any chord around its own.
+                runs.append(callback)
+                record = await self.broker.get(self.name, callback)
+            await run_immediately(self, runs, may_appear)
         return True
 
     async def purge_dead_letters(self) -> int:

@@ -225,7 +225,8 @@ async def execute(queue: Queue, running: RunningJob) -> Completion | None:
         args, kwargs, overrides = call["args"], call["kwargs"], call.get("options") or {}
         if not (isinstance(args, list) and isinstance(kwargs, dict) and isinstance(overrides, dict)):
             raise TypeError("args must be a list, kwargs and options objects")
-        _check_links(overrides)
+        if overrides:
+            _check_links(overrides)
         policy = policy_for_call(task.policy, overrides)
     except (ValueError, TypeError, KeyError) as exc:
         return await dead(queue, d, SerializationError(f"undecodable payload: {exc!r}"))

@@ -38,11 +38,11 @@ async def run_immediately(queue: Queue, job_ids: Sequence[str], later: Sequence[
         left = waiting
 
 
-def retry_follow_ups(record: JobRecord) -> tuple[list[str], list[str]]:
-    """For a dead letter retried in immediate mode: the jobs its success runs again (the pipeline
-    steps after it, and the callback of the chord whose member it ends, which the chord's
-    re-evaluation runs again if it ran before), and the jobs its end or theirs may create (error
-    handlers, its batch's callbacks), from its record."""
+def retry_follow_ups(record: JobRecord) -> tuple[list[str], str | None, list[str]]:
+    """For a dead letter retried in immediate mode, from its record: the pipeline steps after it
+    (its success runs them again); the callback of the chord whose member it ends (the chord's
+    re-evaluation runs it again if it ran before); and the jobs its end or theirs may create
+    (error handlers, its batch's callbacks)."""
     job_id = record.id
     options = loads(record.payload).get("options") or {}
     steps: list[str] = []
@@ -58,7 +58,7 @@ def retry_follow_ups(record: JobRecord) -> tuple[list[str], list[str]]:
     batch = options.get("batch_id")
     if batch:
         may_appear += [batch_callback_id(batch, kind) for kind in BATCH_CALLBACK_KINDS]
-    return steps + ([callback] if callback else []), may_appear
+    return steps, callback, may_appear
 
 
 async def _run(queue: Queue, job_id: str, may_appear: bool) -> bool:

@@ -503,10 +503,16 @@ local function rearm(id, jk, payload)
   end
 end
 
+-- A chord's values as its callback's first argument (JSON, in member order), and whether an
+-- error stands among them.
 local function chord_values(ck, size)
-  local parts = {}
-  for i = 0, tonumber(size) - 1 do parts[#parts + 1] = redis.call('HGET', ck, 's' .. i) end
-  return '[' .. table.concat(parts, ',') .. ']', parts
+  local parts, failed = {}, false
+  for i = 0, tonumber(size) - 1 do
+    local part = redis.call('HGET', ck, 's' .. i)
+    parts[#parts + 1] = part
+    if string.sub(part, 1, #ERROR_HEAD) == ERROR_HEAD then failed = true end
+  end
+  return '[' .. table.concat(parts, ',') .. ']', failed
 end
 
 -- A chord member ended: its value (or its error) fills its slot, counted once; the last one to
@@ -537,14 +543,10 @@ local function chord_arrive(cid, slot, value, ttl)
   end
   if redis.call('HINCRBY', ck, 'arrived', 1) < tonumber(size) then return end
   if redis.call('HSETNX', ck, 'fired', '1') == 0 then return end
-  local values, parts = chord_values(ck, size)
+  local values, failed = chord_values(ck, size)
   local callback = redis.call('HGET', ck, 'callback')
   local payload = redis.call('HGET', job_key(callback), 'payload') or ''
   activate(callback, prepend_arg(payload, values))
-  local failed = false
-  for _, part in ipairs(parts) do
-    if string.sub(part, 1, #ERROR_HEAD) == ERROR_HEAD then failed = true end
-  end
   if failed then
     redis.call('HSET', ck, 'base', payload)
     redis.call('EXPIRE', ck, expire_arg(ttl))
