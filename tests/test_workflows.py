@@ -29,7 +29,15 @@ from aqueue import (
     current_job,
     group,
 )
-from aqueue.brokers import Broker, JobRecord, MemoryBroker, RedisBroker, error_handler_id
+from aqueue.brokers import (
+    Broker,
+    Completion,
+    JobRecord,
+    MemoryBroker,
+    Outcome,
+    RedisBroker,
+    error_handler_id,
+)
 
 
 def arithmetic(queue: Queue) -> Any:
@@ -791,6 +799,152 @@ async def test_a_chord_whose_retried_member_fails_again_is_not_run_again(
         assert await c.get(timeout=1) == 1
         assert await c.callback.state() == JobState.SUCCEEDED
     assert len(calls) == 1
+
+
+async def test_a_member_that_succeeds_while_the_callback_runs_again_runs_it_once_more(
+    queue: Queue,
+) -> None:
+    # Two members retried together: the callback runs again with the first one's value, and the
+    # second one succeeds meanwhile. The callback then runs once more, with both; it ended with
+    # the second member's error for good, and no member was left to retry.
+    flaky, healthy = flaky_task(queue)
+    calls: list[list[Any]] = []
+    entered, release = anyio.Event(), anyio.Event()
+
+    @queue.task
+    async def steady(n: int) -> int:
+        return n
+
+    @queue.task
+    async def collect(values: list[Any]) -> list[Any]:
+        calls.append(["E" if isinstance(v, TaskError) else v for v in values])
+        if len(calls) == 2:
+            entered.set()
+            await release.wait()
+        return calls[-1]
+
+    async with queue.worker():
+        c = await queue.enqueue(chord([steady.s(1), flaky.s(2), flaky.s(3)], collect.s()))
+        assert await c.get(timeout=10) == [1, "E", "E"]
+        healthy.append(True)
+        first, second = c.results.jobs[1], c.results.jobs[2]
+        assert await queue.retry(first.id)
+        with anyio.fail_after(10):
+            await entered.wait()
+        assert await queue.retry(second.id)
+        assert await second.result(timeout=10) == 3
+        release.set()
+        assert await c.get(timeout=10) == [1, 2, 3]  # the run with [1, 2, "E"] told no one
+    assert calls == [[1, "E", "E"], [1, 2, "E"], [1, 2, 3]]
+    assert await chords_kept(queue) == []  # no error stands: nothing a retry could change
+
+
+async def chords_kept(queue: Queue) -> list[Any]:
+    """What the broker keeps to fill chords with, in the queue."""
+    broker = queue.broker
+    if isinstance(broker, MemoryBroker):
+        return list(broker._queues[queue.name].chords)
+    assert isinstance(broker, RedisBroker)
+    return [k async for k in broker.client.scan_iter(match=f"aqueue:{{{queue.name}}}:chord:*")]
+
+
+async def test_a_member_that_succeeds_before_the_callback_starts_again_gives_it_its_value(
+    queue: Queue,
+) -> None:
+    # The first retried member's success makes the callback ready to run again; the second one
+    # succeeds before it starts: it starts with both values. The members are run by hand, as a
+    # worker would, so that no worker starts the callback in between.
+    flaky, healthy = flaky_task(queue)
+    calls: list[list[Any]] = []
+
+    @queue.task
+    async def collect(values: list[Any]) -> list[Any]:
+        calls.append(["E" if isinstance(v, TaskError) else v for v in values])
+        return calls[-1]
+
+    async with queue.worker():
+        c = await queue.enqueue(chord([flaky.s(1), flaky.s(2)], collect.s()))
+        assert await c.get(timeout=10) == ["E", "E"]
+    healthy.append(True)
+    first, second = c.results.jobs
+    assert await queue.retry(first.id)
+    assert await queue.retry(second.id)
+    for job, value in ((first, b"1"), (second, b"2")):
+        [d] = await queue.broker.receive(queue.name, "by-hand", 1, 0, queue.max_deliveries)
+        assert d.job_id == job.id
+        done = Completion(d, Outcome.SUCCEEDED, time.time(), result=value)
+        assert await queue.broker.finish(queue.name, [done], 60) == [True]
+    assert await c.callback.state() == JobState.PENDING
+    async with queue.worker():
+        assert await c.get(timeout=10) == [1, 2]
+    assert calls == [["E", "E"], [1, 2]]
+
+
+async def test_a_nested_callback_run_again_replaces_its_error_in_the_outer_chord(queue: Queue) -> None:
+    # The inner callback failed on its member's error, and the outer chord got that error; the
+    # member's retry runs the inner callback again, and its value re-evaluates the outer chord.
+    flaky, healthy = flaky_task(queue)
+    strict, _ = strict_sum_then_twice(queue)
+    outer_calls: list[list[Any]] = []
+
+    @queue.task
+    async def steady(n: int) -> int:
+        return n
+
+    @queue.task
+    async def collect(values: list[Any]) -> list[Any]:
+        outer_calls.append(["E" if isinstance(v, TaskError) else v for v in values])
+        return outer_calls[-1]
+
+    async with queue.worker():
+        inner = chord([flaky.s(1), steady.s(2)], strict.s())
+        c = await queue.enqueue(chord([inner, steady.s(5)], collect.s()))
+        assert await c.get(timeout=10) == ["E", 5]
+        healthy.append(True)
+        [member] = [d for d in await queue.dead_letters() if d.task.endswith("flaky")]
+        assert await queue.retry(member.id)
+        assert await queue.job(member.id).result(timeout=10) == 1
+        assert await c.results.jobs[0].result(timeout=10) == 3  # the inner callback, run again
+        assert await c.get(timeout=10) == [3, 5]
+    assert outer_calls == [["E", 5], [3, 5]]
+
+
+async def chord_lapsed(queue: Queue, member: Job[Any]) -> bool:
+    """Whether what fills the chord `member` belongs to has outlived the time it is kept for."""
+    broker = queue.broker
+    if isinstance(broker, MemoryBroker):
+        q = broker._queues[queue.name]
+        chord_id = q.links[member.id].chord
+        assert chord_id is not None
+        kept = q.chords.get(chord_id)  # looked at, not looked up: that would drop it
+        return kept is None or (kept.expires_at is not None and kept.expires_at <= time.time())
+    assert isinstance(broker, RedisBroker)
+    prefix = f"aqueue:{{{queue.name}}}:"
+    chord_id = await broker.client.hget(prefix + "job:" + member.id, "chord")
+    return not await broker.client.exists(prefix + "chord:" + chord_id.decode())
+
+
+async def test_a_member_retried_after_its_chord_lapsed_does_not_run_the_callback_again(
+    broker: Broker, queue_name: str
+) -> None:
+    # What fills a fired chord is kept result_ttl from its firing; past that, a member's retry
+    # has nothing to re-evaluate, on either broker (the memory broker ran the callback again).
+    queue = Queue(broker=broker, name=queue_name, result_ttl=1)
+    flaky, healthy = flaky_task(queue)
+    strict, _ = strict_sum_then_twice(queue)
+    async with queue.worker():
+        c = await queue.enqueue(chord([flaky.s(1)], strict.s()))
+        with pytest.raises(TaskError, match="a member failed"):
+            await c.get(timeout=10)
+    member = c.results.jobs[0]
+    with anyio.fail_after(10):
+        while not await chord_lapsed(queue, member):  # noqa: ASYNC110 - an expiry has no event
+            await anyio.sleep(0.05)
+    healthy.append(True)
+    async with queue.worker():
+        assert await queue.retry(member.id)
+        assert await member.result(timeout=10) == 1
+    assert await c.callback.state() == JobState.FAILED
 
 
 async def test_a_chord_in_a_batch_names_the_batch_to_its_members(queue: Queue) -> None:

@@ -164,6 +164,7 @@ class _Queue:
     links: dict[str, WorkflowLinks] = field(default_factory=dict)
     waiting: set[str] = field(default_factory=set)  # jobs a workflow will activate
     skipped: set[str] = field(default_factory=set)  # pipeline steps skipped by a failed step
+    stale: set[str] = field(default_factory=set)  # chord callbacks given new values as they ran
     chords: dict[str, _Chord] = field(default_factory=dict)
     batches: dict[str, _Batch] = field(default_factory=dict)
 
@@ -371,7 +372,12 @@ class MemoryBroker(Broker):
                 # A cancel asked for while it ran outlasts a failure that came before the job heard
                 # of it: neither retried nor dead-lettered, it ends cancelled.
                 outcome, error, reason = Outcome.CANCELLED, None, None
-            if outcome in (Outcome.RETRY, Outcome.DEFER):
+            if outcome in (Outcome.SUCCEEDED, Outcome.FAILED) and rec.id in q.stale:
+                # A chord callback whose values changed while it ran (see `_fire_again`): it runs
+                # again with them, and this run's end tells no one (its steps, chord and waiters
+                # wait for the next).
+                self._rearm(q, rec)
+            elif outcome in (Outcome.RETRY, Outcome.DEFER):
                 if error is not None:
                     rec.error = error
                 rec.attempt += outcome == Outcome.RETRY
@@ -494,6 +500,7 @@ class MemoryBroker(Broker):
         # A revoke or cancel asked for while it ran last is spent: running it again is asking it to.
         q.revoked.discard(job_id)
         q.cancel.discard(job_id)
+        q.stale.discard(job_id)
         self._make_ready(q, rec)
         self._uncount(q, job_id)
         # The steps its failure skipped wait for it again, so that its success runs them.
@@ -524,7 +531,7 @@ class MemoryBroker(Broker):
         if batch is not None:
             batch.members.pop(job_id, None)
             batch.expires_at = None
-        chord = q.chords.get(links.chord) if links.chord is not None else None
+        chord = self._chord(q, links.chord) if links.chord is not None else None
         if chord is not None and chord.base is None and links.slot is not None:
             chord.slots.pop(links.slot, None)
 
@@ -565,6 +572,7 @@ class MemoryBroker(Broker):
         q.links.pop(job_id, None)
         q.waiting.discard(job_id)
         q.skipped.discard(job_id)
+        q.stale.discard(job_id)
 
     def _holds(self, q: _Queue, d: Delivery) -> bool:
         """Whether `d` is the job's current lease (not stale, not ended)."""
@@ -626,6 +634,7 @@ class MemoryBroker(Broker):
         expires = rec.expires if self._never_started(q, rec.id) else None
         q.tokens[rec.id] = q.tokens.get(rec.id, 0) + 1
         q.unstarted.discard(rec.id)
+        q.stale.discard(rec.id)  # this run has the payload as it stands
         rec.state, rec.started_at, rec.worker = JobState.RUNNING.value, now, consumer
         if deliveries > 1:
             rec.progress = None  # its last worker died or went silent: this run starts over
@@ -713,7 +722,7 @@ class MemoryBroker(Broker):
     def _chord_arrive(
         self, q: _Queue, chord_id: str, slot: int, value: bytes, now: float, ttl: float
     ) -> None:
-        chord = q.chords.get(chord_id)
+        chord = self._chord(q, chord_id)
         if chord is None:
             return
         old = chord.slots.get(slot)
@@ -721,9 +730,9 @@ class MemoryBroker(Broker):
             return  # counted once; a value is final
         chord.slots[slot] = value  # a retried member may replace its error
         if chord.base is not None:
-            # Fired before, with this member's error: its value now runs the callback again.
+            # Fired before, with this member's error: the callback is given its value.
             if not value.startswith(ERROR_HEAD):
-                self._fire_again(q, chord, now, ttl)
+                self._fire_again(q, chord_id, chord, now, ttl)
             return
         if old is not None or len(chord.slots) < chord.size:
             return
@@ -738,17 +747,27 @@ class MemoryBroker(Broker):
             return
         self._activate(q, chord.callback, prepend_arg(callback.payload, chord.values()))
 
-    def _fire_again(self, q: _Queue, chord: _Chord, now: float, ttl: float) -> None:
-        """A chord whose callback ran re-evaluated after a retried member succeeded: the callback
-        runs again with every value as it stands if it ended succeeded or failed (one cancelled,
-        revoked or expired is not run; one that has not ended yet is not run again)."""
+    def _fire_again(self, q: _Queue, chord_id: str, chord: _Chord, now: float, ttl: float) -> None:
+        """A fired chord's callback given its values anew, a retried member having succeeded: one
+        that ended succeeded or failed runs again with them; one that has not started (or waits
+        for its retry) runs with them; one running now runs again with them once it ends
+        succeeded or failed (`stale`, see `finish`). One cancelled, revoked or expired is not
+        run. The chord is kept while a slot holds an error. As refire in the Lua helpers."""
         assert chord.base is not None
         callback = self._record(q, chord.callback)
-        if callback is None or callback.state not in (JobState.SUCCEEDED, JobState.FAILED):
-            return
-        callback.payload = prepend_arg(chord.base, chord.values())
-        self._rearm(q, callback)
-        chord.expires_at = now + ttl
+        if callback is not None:
+            state = callback.state
+            if state in (JobState.SUCCEEDED, JobState.FAILED):
+                callback.payload = prepend_arg(chord.base, chord.values())
+                self._rearm(q, callback)
+            elif state in (JobState.PENDING, JobState.SCHEDULED, JobState.RUNNING):
+                callback.payload = prepend_arg(chord.base, chord.values())
+                if state == JobState.RUNNING:
+                    q.stale.add(callback.id)
+        if any(v.startswith(ERROR_HEAD) for v in chord.slots.values()):
+            chord.expires_at = now + ttl
+        else:
+            del q.chords[chord_id]
 
     def _batch_arrive(
         self, q: _Queue, batch_id: str, job_id: str, state: str, now: float, ttl: float
@@ -770,6 +789,16 @@ class MemoryBroker(Broker):
                                       payload=template.payload, priority=template.priority,
                                       enqueued_at=now), now)
         self._settle_batch(q, batch_id, batch, succeeded == batch.size, ttl)
+
+    @staticmethod
+    def _chord(q: _Queue, chord_id: str) -> _Chord | None:
+        """The chord, while it is kept: one fired with an error in a slot lapses `ttl` after its
+        last firing, gone at once as its Redis hash is (`prune` frees those nobody looks up)."""
+        chord = q.chords.get(chord_id)
+        if chord is not None and chord.expires_at is not None and chord.expires_at <= time.time():
+            del q.chords[chord_id]
+            return None
+        return chord
 
     @staticmethod
     def _batch(q: _Queue, batch_id: str) -> _Batch | None:

@@ -485,7 +485,7 @@ local function rearm(id, jk, payload)
   redis.call('ZREM', prefix .. 'dead', id)
   -- A revoke or cancel asked for while it ran last is spent: running it again is asking it to.
   redis.call('HDEL', jk, 'result', 'error', 'dead_reason', 'finished_at', 'started_at', 'worker',
-    'progress', 'revoked', 'cancel', 'asked')
+    'progress', 'revoked', 'cancel', 'asked', 'stale')
   redis.call('HSET', jk, 'attempt', 1, 'deliveries', 0)
   if payload then redis.call('HSET', jk, 'payload', payload) end
   redis.call('PERSIST', jk)
@@ -515,12 +515,27 @@ local function chord_values(ck, size)
   return '[' .. table.concat(parts, ',') .. ']', failed
 end
 
+-- A fired chord's callback given its values anew, a retried member having succeeded: one that
+-- ended succeeded or failed runs again with them; one that has not started (or waits for its
+-- retry) runs with them; one running now runs again with them once it ends succeeded or failed
+-- (`stale`: see finish.lua). One cancelled, revoked or expired is not run.
+local function refire(callback, payload)
+  local jk = job_key(callback)
+  local state = redis.call('HGET', jk, 'state')
+  if state == 'succeeded' or state == 'failed' then
+    rearm(callback, jk, payload)
+  elseif state == 'pending' or state == 'scheduled' then
+    redis.call('HSET', jk, 'payload', payload)
+  elseif state == 'running' then
+    redis.call('HSET', jk, 'payload', payload, 'stale', '1', 'more', '1')
+  end
+end
+
 -- A chord member ended: its value (or its error) fills its slot, counted once; the last one to
 -- arrive fires the callback with every value in member order. A member retried from the dead
 -- letters may replace its error with a value, without being counted again: after the callback
--- fired, that value runs it again if it ended succeeded or failed (one cancelled, revoked or
--- expired is not run; one that has not ended yet is not run again). Once fired, what fills a
--- chord is kept `ttl` (from its last firing) while a slot holds an error, and goes at once if none
+-- fired, the callback is given every value as it stands (see refire). Once fired, what fills a
+-- chord is kept `ttl` (from its last firing) while a slot holds an error, and goes as soon as none
 -- does.
 local function chord_arrive(cid, slot, value, ttl)
   local ck = prefix .. 'chord:' .. cid
@@ -533,12 +548,9 @@ local function chord_arrive(cid, slot, value, ttl)
   if old then
     local base = redis.call('HGET', ck, 'base')
     if not base or string.sub(value, 1, #ERROR_HEAD) == ERROR_HEAD then return end
-    local callback = redis.call('HGET', ck, 'callback')
-    local jk = job_key(callback)
-    local state = redis.call('HGET', jk, 'state')
-    if state ~= 'succeeded' and state ~= 'failed' then return end
-    rearm(callback, jk, prepend_arg(base, (chord_values(ck, size))))
-    redis.call('EXPIRE', ck, expire_arg(ttl))
+    local values, failed = chord_values(ck, size)
+    refire(redis.call('HGET', ck, 'callback'), prepend_arg(base, values))
+    if failed then redis.call('EXPIRE', ck, expire_arg(ttl)) else redis.call('DEL', ck) end
     return
   end
   if redis.call('HINCRBY', ck, 'arrived', 1) < tonumber(size) then return end
@@ -621,7 +633,7 @@ end
 
 -- The record fields that ending a job looks at, read in one call (missing ones are false).
 local END_FIELDS = {'token', 'state', 'key', 'chord', 'slot', 'batch', 'next', 'err_task',
-  'err_payload', 'err_priority', 'result', 'error', 'attempt', 'waiters'}
+  'err_payload', 'err_priority', 'result', 'error', 'attempt', 'waiters', 'stale'}
 local function end_fields(jk)
   local values = redis.call('HMGET', jk, unpack(END_FIELDS))
   local rec = {}
@@ -781,9 +793,9 @@ local function start(s, p, entry, fields, consumer, now, max_deliveries, ttl)
     'more', 'deliveries', 'token', 'entry')
   if rec[6] == '0' then
     rec[6] = false
-  else  -- the record may hold an expiry, or a cancel or revoke flag
-    local rare = redis.call('HMGET', jk, 'expires', 'revoked', 'cancel', 'unstarted')
-    rec[6], rec[10], rec[11], rec[12] = rare[1], rare[2], rare[3], rare[4]
+  else  -- the record may hold an expiry, a cancel or revoke flag, or a stale mark (see refire)
+    local rare = redis.call('HMGET', jk, 'expires', 'revoked', 'cancel', 'unstarted', 'stale')
+    rec[6], rec[10], rec[11], rec[12], rec[13] = rare[1], rare[2], rare[3], rare[4], rare[5]
   end
   if not rec[1] then
     dead_entry(s, entry, id, now, ttl, 'no job record for stream entry ' .. entry,
@@ -846,6 +858,7 @@ local function start(s, p, entry, fields, consumer, now, max_deliveries, ttl)
   redis.call('HSET', jk, 'state', 'running', 'started_at', now, 'worker', consumer,
     'deliveries', deliveries, 'token', token)
   if rec[12] then redis.call('HDEL', jk, 'unstarted') end
+  if rec[13] then redis.call('HDEL', jk, 'stale') end  -- this run has the payload as it stands
   -- Its last worker died or went silent: this run starts over.
   if deliveries ~= '1' then redis.call('HDEL', jk, 'progress') end
   if expiry then

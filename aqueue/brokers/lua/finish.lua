@@ -81,7 +81,12 @@ while i <= #ARGV do
         outcome, err, reason = 'cancelled', '', ''
       end
       if err ~= '' then with(fields, 'error', err, 'more', '1') end
-      if outcome == 'retry' or outcome == 'defer' or outcome == 'asked' then
+      if rec.stale and (outcome == 'succeeded' or outcome == 'failed') then
+        -- A chord callback whose values changed while it ran (see refire): it runs again with
+        -- them, and this run's end tells no one (its steps, chord and waiters wait for the next).
+        rearm(id, jk)
+        outcome = 'again'
+      elseif outcome == 'retry' or outcome == 'defer' or outcome == 'asked' then
         -- 'asked': a retry the job asked for (RetryTask), counted apart from those it used.
         if outcome ~= 'defer' then redis.call('HINCRBY', jk, 'attempt', 1) end
         if outcome == 'asked' then redis.call('HINCRBY', jk, 'asked', 1) end
