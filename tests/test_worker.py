@@ -723,6 +723,34 @@ async def test_a_payload_whose_options_are_malformed_is_dead_lettered_before_its
     assert ran == []
 
 
+@pytest.mark.parametrize("payload", [
+    b"\xff\x00 not json", b"[1, 2]", b'{"args": [], "kwargs": {}, "options": {"next": 5}}',
+    b'{"args": [], "kwargs": {}, "options": {"chord_callback": 7}}',
+], ids=repr)
+async def test_immediate_mode_retry_of_an_undecodable_dead_letter_dead_letters_it_again(
+    queue: Queue, payload: bytes
+) -> None:
+    # queue.retry read the payload for what the job sets going once the broker had made it ready
+    # again: a payload it could not read raised there, and the job was left pending, never run.
+    ran: list[int] = []
+
+    @queue.task(name="victim")
+    async def victim() -> int:
+        ran.append(1)
+        return 1
+
+    bad = NewJob(id=uuid.uuid4().hex, task="victim", payload=payload, enqueued_at=time.time())
+    await queue.broker.enqueue(queue.name, [bad])
+    async with queue.worker():
+        with pytest.raises(TaskError, match="undecodable payload"):
+            await queue.job(bad.id).result(timeout=10)
+    queue.immediate = True
+    assert await queue.retry(bad.id)
+    assert await queue.job(bad.id).state() == JobState.FAILED
+    assert [d.id for d in await queue.dead_letters()] == [bad.id]
+    assert ran == []
+
+
 async def test_dead_letter_retry_runs_again(queue: Queue) -> None:
     fail = True
 

@@ -226,7 +226,7 @@ async def execute(queue: Queue, running: RunningJob) -> Completion | None:
         if not (isinstance(args, list) and isinstance(kwargs, dict) and isinstance(overrides, dict)):
             raise TypeError("args must be a list, kwargs and options objects")
         if overrides:
-            _check_links(overrides)
+            check_links(overrides)
         policy = policy_for_call(task.policy, overrides)
     except (ValueError, TypeError, KeyError) as exc:
         return await dead(queue, d, SerializationError(f"undecodable payload: {exc!r}"))
@@ -378,7 +378,7 @@ async def _interrupted(signals: Signals, context: JobContext) -> None:
         await signals.send(Signal.INTERRUPTED, context)
 
 
-def _check_links(options: dict[str, Any]) -> None:
+def check_links(options: dict[str, Any]) -> None:
     """A payload's workflow options, checked before its code runs: another writer's malformed
     "next" failed the job only once it had run, as an error of aqueue's own."""
     following = options.get("next")

@@ -6,13 +6,20 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
 from aqueue._serialization import loads
 from aqueue._states import JobState
-from aqueue._worker._executor import RunningJob, announce_written, execute, report_ended, written_signal
+from aqueue._worker._executor import (
+    RunningJob,
+    announce_written,
+    check_links,
+    execute,
+    report_ended,
+    written_signal,
+)
 from aqueue.brokers._base import BATCH_CALLBACK_KINDS, batch_callback_id, error_handler_id
 
 if TYPE_CHECKING:
@@ -44,13 +51,13 @@ def retry_follow_ups(record: JobRecord) -> tuple[list[str], str | None, list[str
     re-evaluation runs it again if it ran before); and the jobs its end or theirs may create
     (error handlers, its batch's callbacks)."""
     job_id = record.id
-    options = loads(record.payload).get("options") or {}
+    options = _workflow_options(record.payload)
     steps: list[str] = []
     callback = options.get("chord_callback")
     following = options.get("next")
     while following:
         steps.append(following["id"])
-        step_options = following.get("options") or {}
+        step_options = _checked(following["options"])
         callback = step_options.get("chord_callback")
         following = step_options.get("next")
     # Its next failure's handler; the skipped steps after it have not failed yet.
@@ -59,6 +66,28 @@ def retry_follow_ups(record: JobRecord) -> tuple[list[str], str | None, list[str
     if batch:
         may_appear += [batch_callback_id(batch, kind) for kind in BATCH_CALLBACK_KINDS]
     return steps, callback, may_appear
+
+
+def _workflow_options(payload: bytes) -> dict[str, Any]:
+    """A payload's options, as `execute` reads them. Another writer's malformed payload (the
+    dead letter retried may be one) sets nothing going: its job is dead-lettered again as it
+    runs, before its code runs."""
+    try:
+        call = loads(payload)
+    except ValueError:
+        return {}
+    return _checked(call.get("options") if isinstance(call, dict) else None)
+
+
+def _checked(options: Any) -> dict[str, Any]:
+    """`options` if its workflow links are well formed, else none."""
+    if not isinstance(options, dict):
+        return {}
+    try:
+        check_links(options)
+    except ValueError:
+        return {}
+    return options
 
 
 async def _run(queue: Queue, job_id: str, may_appear: bool) -> bool:
