@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any, Generic, TypeAlias, TypeVar
 
 from aqueue._exceptions import ConfigurationError
 from aqueue._ids import new_id
-from aqueue._jobs import Job, ResultGroup
-from aqueue._serialization import encode_call
+from aqueue._jobs import Job, JobInfo, ResultGroup
+from aqueue._serialization import encode_call, loads
 from aqueue._states import JobState
 from aqueue._tasks import NO_OPTIONS, CallOptions, Task, call_eta, call_overrides
 from aqueue._time import Seconds
@@ -190,19 +190,51 @@ class ChordResult(Generic[R]):
         return result
 
 
-async def _failed_step(member: Job[Any]) -> str | None:
-    """The job whose failure ended a batch member: the member itself, or, for a pipeline member
-    skipped after an earlier step failed, that step (a skipped step carries its error)."""
-    info = await member.info()
-    if info is None:
-        return None
-    if info.state == JobState.FAILED:
-        return member.id
+async def _failed_steps(queue: Queue, job_id: str, seen: set[str]) -> list[str]:
+    """The dead letters whose success would end a batch member well, for the member `job_id`:
+    itself if it failed; for a pipeline member skipped after an earlier step failed, that step (a
+    skipped step carries its error); and for a chord's callback that failed with its members'
+    errors among its values, those members' own, found the same way (their success runs the
+    callback again), or the callback itself if no member can be retried."""
+    if job_id in seen:
+        return []
+    seen.add(job_id)
+    record = await queue.broker.get(queue.name, job_id)
+    if record is None:
+        return []
+    info = JobInfo.from_record(record)
     if info.state == JobState.CANCELLED and info.error:
         failed = info.error.get("job_id")
-        if isinstance(failed, str) and failed != member.id:
-            return failed
-    return None
+        if isinstance(failed, str) and failed != job_id:
+            return await _failed_steps(queue, failed, seen)
+        return []
+    if info.state != JobState.FAILED:
+        return []
+    members: list[str] = []
+    for member in _errors_named(record.payload):
+        members += await _failed_steps(queue, member, seen)
+    return members or [job_id]
+
+
+def _errors_named(payload: bytes) -> list[str]:
+    """The jobs whose errors a chord's callback was given among its values (none for any other
+    job, or a payload that cannot be read)."""
+    try:
+        call = loads(payload)
+    except ValueError:
+        return []
+    options = call.get("options") if isinstance(call, dict) else None
+    args = call.get("args") if isinstance(call, dict) else None
+    if not (isinstance(options, dict) and options.get("wf_in") and isinstance(args, list) and args
+            and isinstance(args[0], list)):
+        return []
+    named = []
+    for value in args[0]:
+        marker = value.get("__aqueue_error__") if isinstance(value, dict) and len(value) == 1 else None
+        job_id = marker.get("job_id") if isinstance(marker, dict) else None
+        if isinstance(job_id, str):
+            named.append(job_id)
+    return named
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,12 +274,14 @@ class Batch:
 
     async def retry_failed(self) -> int:
         """Run the failed members again (from the dead letters); for a pipeline member skipped
-        after an earlier step failed, that step, whose success runs the rest. Returns how many."""
+        after an earlier step failed, that step, whose success runs the rest; for a chord member
+        whose callback failed with its members' errors among its values, those members, whose
+        success runs the callback again. Returns how many jobs were run again."""
         retried = 0
         for job in self.members:
-            failed = await _failed_step(job)
-            if failed is not None and await self.queue.retry(failed):
-                retried += 1
+            for failed in await _failed_steps(self.queue, job.id, set()):
+                if await self.queue.retry(failed):
+                    retried += 1
         return retried
 
 

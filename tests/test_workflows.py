@@ -630,6 +630,39 @@ async def test_retry_failed_reruns_a_pipeline_member_from_its_failed_step(queue:
     assert fired == ["failure", "success"]
 
 
+async def test_retry_failed_reruns_the_failed_members_of_a_chord_member(queue: Queue) -> None:
+    # The chord's callback failed on a member's error, and the batch counts the callback's end.
+    # retry_failed ran the callback again, with that error still among its values (it failed
+    # again); it now runs the chord's failed member, whose success runs the callback again. A
+    # member of the chord that is a pipeline is retried from its failed step.
+    flaky, healthy = flaky_task(queue)
+    strict, _ = strict_sum_then_twice(queue)
+    add = arithmetic(queue)
+
+    @queue.task
+    async def mark(kind: str) -> str:
+        return kind
+
+    async with queue.worker():
+        inner = chord([flaky.s(1), flaky.s(2).then(add, 10), add.s(1, 2)], strict.s())
+        b = await queue.batch([inner, add.s(2, 2)], on_success=mark.s("ok"), on_failure=mark.s("fail"))
+        with pytest.raises(TaskError, match="a member failed"):
+            await b.members[0].result(timeout=10)
+        assert await b.members[1].result(timeout=10) == 4
+        assert await b.callback("failure").result(timeout=10) == "fail"
+        dead = [d.id for d in await queue.dead_letters() if d.task.endswith("flaky")]
+        assert len(dead) == 2
+        healthy.append(True)
+        assert await b.retry_failed() == 2
+        # The two successes may reach the callback one by one: it may fail once more meanwhile.
+        with anyio.fail_after(10):
+            while await b.callback("success").state() is None:  # noqa: ASYNC110 - no event tells of it
+                await anyio.sleep(0.01)
+        assert await b.callback("success").result(timeout=10) == "ok"
+        assert await b.members.get(timeout=10) == [1 + 12 + 3, 4]
+        assert await b.retry_failed() == 0
+
+
 async def test_skipped_steps_cancelled_steps_and_a_retry_around_pruning(queue: Queue) -> None:
     add = arithmetic(queue)
 
