@@ -942,6 +942,58 @@ async def test_a_nested_callback_run_again_replaces_its_error_in_the_outer_chord
     assert outer_calls == [["E", 5], [3, 5]]
 
 
+async def waiting_on(queue: Queue, job: Job[Any]) -> bool:
+    """Whether a wait on the job's outcome is in place in the broker."""
+    broker = queue.broker
+    if isinstance(broker, MemoryBroker):
+        done = broker._queues[queue.name].done.get(job.id)
+        return done is not None and done.event.statistics().tasks_waiting > 0
+    assert isinstance(broker, RedisBroker)
+    return bool(await broker.client.hget(f"aqueue:{{{queue.name}}}:job:{job.id}", "waiters"))
+
+
+async def test_a_waiter_gets_the_end_it_woke_for_though_the_job_runs_again_at_once(queue: Queue) -> None:
+    # A chord's callback fails, and in the same write a retried member succeeds, which runs the
+    # callback again at once: a waiter on the callback gets that failure, as the outcome message
+    # tells it on Redis. The memory broker read the record again once woken, found it pending,
+    # and raised TimeoutError long before the timeout.
+    flaky, healthy = flaky_task(queue)
+    strict, _ = strict_sum_then_twice(queue)
+    async with queue.worker():
+        c = await queue.enqueue(chord([flaky.s(1)], strict.s()))
+        with pytest.raises(TaskError, match="a member failed"):
+            await c.get(timeout=10)
+    member = c.results.jobs[0]
+    assert await queue.retry(member.id)
+    assert await queue.retry(c.callback.id)
+    leased = await queue.broker.receive(queue.name, "by-hand", 2, 0, queue.max_deliveries)
+    by_id = {d.job_id: d for d in leased}
+    assert set(by_id) == {member.id, c.callback.id}
+    seen: list[BaseException] = []
+
+    async def wait() -> None:
+        try:
+            await c.get(timeout=10)
+        except (TaskError, TimeoutError) as exc:
+            seen.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(wait)
+        with anyio.fail_after(10):
+            while not await waiting_on(queue, c.callback):  # noqa: ASYNC110 - no event tells of it
+                await anyio.sleep(0.01)
+        now = time.time()
+        error = b'{"error": "ValueError()", "type": "ValueError", "traceback": ""}'
+        assert await queue.broker.finish(queue.name, [
+            Completion(by_id[c.callback.id], Outcome.FAILED, now, error=error, reason="failed"),
+            Completion(by_id[member.id], Outcome.SUCCEEDED, now, result=b"1"),
+        ], 60) == [True, True]
+    [outcome] = seen
+    assert isinstance(outcome, TaskError)
+    assert outcome.metadata["type"] == "ValueError"
+    assert await c.callback.state() == JobState.PENDING  # to run again with the member's value
+
+
 async def chord_lapsed(queue: Queue, member: Job[Any]) -> bool:
     """Whether what fills the chord `member` belongs to has outlived the time it is kept for."""
     broker = queue.broker

@@ -87,10 +87,11 @@ class _LoopEvent:
     module-level queue in tests that each run their own loop), and an asyncio event bound to one
     loop cannot be awaited in another: an event of an earlier loop is replaced, never used."""
 
-    __slots__ = ("event", "loop")
+    __slots__ = ("ended", "event", "loop")
 
     def __init__(self) -> None:
         self.event, self.loop = anyio.Event(), _this_loop()
+        self.ended: JobRecord | None = None  # a job's end, for those its `done` event wakes
 
     def live(self) -> bool:
         return self.loop is _this_loop()
@@ -444,6 +445,10 @@ class MemoryBroker(Broker):
         done = _event(q.done, job_id)
         with anyio.move_on_after(timeout):  # None: no deadline
             await done.event.wait()
+        if done.ended is not None:
+            # The end it woke for, as Redis's message tells it: the job may be running again by
+            # now (a chord's callback given a retried member's value at once).
+            return replace(done.ended)
         if q.done.get(job_id) is done and done.event.statistics().tasks_waiting == 0:
             del q.done[job_id]  # the last waiter gave up: don't keep the event for ever
         rec = self._record(q, job_id)
@@ -677,6 +682,7 @@ class MemoryBroker(Broker):
         self._after_final(q, rec, state, finished_at, ttl)
         done = q.done.pop(rec.id, None)
         if done is not None:
+            done.ended = replace(rec)
             done.set()
 
     # --- workflows: what ending a job means for the jobs around it --------------------------------
