@@ -957,7 +957,7 @@ async def test_a_waiter_gets_the_end_it_woke_for_though_the_job_runs_again_at_on
     # callback again at once: a waiter on the callback gets that failure, as the outcome message
     # tells it on Redis. The memory broker read the record again once woken, found it pending,
     # and raised TimeoutError long before the timeout.
-    flaky, healthy = flaky_task(queue)
+    flaky, _ = flaky_task(queue)
     strict, _ = strict_sum_then_twice(queue)
     async with queue.worker():
         c = await queue.enqueue(chord([flaky.s(1)], strict.s()))
