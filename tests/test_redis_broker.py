@@ -546,6 +546,37 @@ async def test_a_stored_job_whose_record_holds_no_number_where_one_is_read_stall
     assert dead.dead_reason == f"unreadable job record for stream entry {entry.decode()}"
 
 
+@pytest.mark.parametrize("ends", [b"soon", b"1.5"])
+async def test_a_waited_on_job_whose_count_of_ends_is_no_integer_still_ends(
+    redis_url: str, queue_name: str, ends: bytes
+) -> None:
+    # Another writer's count of the job's ends told to waiters: the script ending the job failed
+    # on it, the outcome was never written, and the job went round until the dead letters; a
+    # wait on it, registered after, read the job as unknown (JobNotFound).
+    queue, add = queue_that_adds(redis_url, queue_name)
+    client = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        async with queue:
+            job = await add.schedule((1, 2), delay=3600)
+            await client.hset(f"aqueue:{{{queue_name}}}:job:{job.id}", mapping={b"ends": ends})
+            values: list[int] = []
+
+            async def wait() -> None:
+                values.append(await job.result(timeout=10))
+
+            async with queue.worker(), anyio.create_task_group() as tg:
+                tg.start_soon(wait)
+                with anyio.fail_after(10):
+                    while not await client.hget(f"aqueue:{{{queue_name}}}:job:{job.id}", "waiters"):  # noqa: ASYNC110 - the wait's registration, polled
+                        await anyio.sleep(0.01)
+                await queue.broker.promote_due(queue.name, time.time() + 7200, 10)
+            assert values == [3]
+            # Counted afresh from this end on, for the waiters of a later one (after a retry).
+            assert await client.hget(f"aqueue:{{{queue_name}}}:job:{job.id}", "ends") == b"1"
+    finally:
+        await client.aclose()
+
+
 @pytest.mark.parametrize("expires", ["soon", "nan"])
 async def test_an_idempotency_key_whose_holder_has_an_unreadable_expiry_still_finds_it(
     redis_url: str, queue_name: str, expires: str

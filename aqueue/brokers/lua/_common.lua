@@ -749,7 +749,13 @@ finalize = function(id, jk, state, now, ttl, reason, rec, fields)
   after_final(id, state, now, ttl, rec, reason)
   -- Only processes waiting on the outcome hear of it (see watch.lua): no message otherwise.
   if set(rec.waiters) then
-    local message = done_message(id, redis.call('HINCRBY', jk, 'ends', 1), state, rec, reason)
+    -- pcall: another writer's `ends` that counts nothing must not fail the end; it starts over.
+    local ends = redis.pcall('HINCRBY', jk, 'ends', 1)
+    if type(ends) ~= 'number' then
+      ends = 1
+      redis.call('HSET', jk, 'ends', ends)
+    end
+    local message = done_message(id, ends, state, rec, reason)
     for waiter in string.gmatch(rec.waiters, '%S+') do
       -- pcall: a message Redis refuses (an ACL user without channel rights) must not undo the
       -- end half way; the waiter reads the job again on its own.

@@ -19,4 +19,4 @@ elseif not string.find(' ' .. waiters .. ' ', ' ' .. ARGV[2] .. ' ', 1, true) th
   while #waiters > 1070 do waiters = string.sub(waiters, string.find(waiters, ' ', 1, true) + 1) end
   redis.call('HSET', jk, 'waiters', waiters .. ' ' .. ARGV[2], 'more', '1')
 end
-return tonumber(redis.call('HGET', jk, 'ends') or '0')
+return tonumber(redis.call('HGET', jk, 'ends') or '0') or 0  -- another writer's: none told
