@@ -902,11 +902,8 @@ async def test_a_member_that_succeeds_before_the_callback_starts_again_gives_it_
     first, second = c.results.jobs
     assert await queue.retry(first.id)
     assert await queue.retry(second.id)
-    for job, value in ((first, b"1"), (second, b"2")):
-        [d] = await queue.broker.receive(queue.name, "by-hand", 1, 0, queue.max_deliveries)
-        assert d.job_id == job.id
-        done = Completion(d, Outcome.SUCCEEDED, time.time(), result=value)
-        assert await queue.broker.finish(queue.name, [done], 60) == [True]
+    await succeed_by_hand(queue, first, b"1")
+    await succeed_by_hand(queue, second, b"2")
     assert await c.callback.state() == JobState.PENDING
     async with queue.worker():
         assert await c.get(timeout=10) == [1, 2]
@@ -940,6 +937,74 @@ async def test_a_nested_callback_run_again_replaces_its_error_in_the_outer_chord
         assert await c.results.jobs[0].result(timeout=10) == 3  # the inner callback, run again
         assert await c.get(timeout=10) == [3, 5]
     assert outer_calls == [["E", 5], [3, 5]]
+
+
+async def succeed_by_hand(queue: Queue, job: Job[Any], value: bytes) -> None:
+    """Lease the job (the next one ready) and end it with `value`, as a worker would."""
+    [d] = await queue.broker.receive(queue.name, "by-hand", 1, 0, queue.max_deliveries)
+    assert d.job_id == job.id
+    done = Completion(d, Outcome.SUCCEEDED, time.time(), result=value)
+    assert await queue.broker.finish(queue.name, [done], 60) == [True]
+
+
+async def a_chord_whose_two_members_failed(queue: Queue) -> ChordResult[Any]:
+    """A fired chord of two members that failed (its callback ended with both errors); the
+    members now succeed when retried."""
+    flaky, healthy = flaky_task(queue)
+
+    @queue.task
+    async def collect(values: list[Any]) -> list[Any]:
+        return ["E" if isinstance(v, TaskError) else v for v in values]
+
+    async with queue.worker():
+        c = await queue.enqueue(chord([flaky.s(1), flaky.s(2)], collect.s()))
+        assert await c.get(timeout=10) == ["E", "E"]
+    healthy.append(True)
+    return c
+
+
+async def test_a_late_success_of_a_callback_run_with_old_values_does_not_end_it(queue: Queue) -> None:
+    # The callback runs with the first retried member's value; the second one's success gives it
+    # new values, and a second delivery (its first worker went silent) runs with them. The first
+    # delivery's late success ended the job, with a value made from the old values, and the
+    # second delivery's was refused.
+    c = await a_chord_whose_two_members_failed(queue)
+    first, second = c.results.jobs
+    assert await queue.retry(first.id)
+    await succeed_by_hand(queue, first, b"1")
+    [old] = await queue.broker.receive(queue.name, "silent", 1, 0, queue.max_deliveries)
+    assert await queue.retry(second.id)
+    await succeed_by_hand(queue, second, b"2")
+    [new] = await queue.broker.reclaim(queue.name, "taker", 1, 0, queue.max_deliveries)
+    assert (old.job_id, new.job_id) == (c.callback.id, c.callback.id)
+    assert b"[[1,2]]" in new.payload.replace(b" ", b"")
+    late = Completion(old, Outcome.SUCCEEDED, time.time(), result=b'"old"')
+    assert await queue.broker.finish(queue.name, [late], 60) == [False]
+    done = Completion(new, Outcome.SUCCEEDED, time.time(), result=b'"new"')
+    assert await queue.broker.finish(queue.name, [done], 60) == [True]
+    assert await c.get(timeout=1) == "new"
+
+
+@pytest.mark.parametrize("ask", ["revoke", "cancel"])
+async def test_a_callback_revoked_or_cancelled_as_it_ran_with_old_values_is_not_run_again(
+    queue: Queue, ask: str
+) -> None:
+    # Its run with old values ends (its code did not hear of the cancel): it is run again with
+    # the new ones, and that run is revoked or cancelled when met, as a retry would be. The
+    # request was dropped, and the callback ran again.
+    c = await a_chord_whose_two_members_failed(queue)
+    first, second = c.results.jobs
+    assert await queue.retry(first.id)
+    await succeed_by_hand(queue, first, b"1")
+    [running] = await queue.broker.receive(queue.name, "runner", 1, 0, queue.max_deliveries)
+    assert await queue.retry(second.id)
+    await succeed_by_hand(queue, second, b"2")
+    assert await (c.callback.revoke() if ask == "revoke" else c.callback.cancel())
+    done = Completion(running, Outcome.SUCCEEDED, time.time(), result=b'"old"')
+    assert await queue.broker.finish(queue.name, [done], 60) == [True]
+    [met] = await queue.broker.receive(queue.name, "runner", 1, 0, queue.max_deliveries)
+    assert (met.job_id, met.ended) == (c.callback.id, "revoked" if ask == "revoke" else "cancelled")
+    assert await c.callback.state() == (JobState.REVOKED if ask == "revoke" else JobState.CANCELLED)
 
 
 async def waiting_on(queue: Queue, job: Job[Any]) -> bool:

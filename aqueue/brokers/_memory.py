@@ -165,7 +165,9 @@ class _Queue:
     links: dict[str, WorkflowLinks] = field(default_factory=dict)
     waiting: set[str] = field(default_factory=set)  # jobs a workflow will activate
     skipped: set[str] = field(default_factory=set)  # pipeline steps skipped by a failed step
-    stale: set[str] = field(default_factory=set)  # chord callbacks given new values as they ran
+    fresh: dict[str, int] = field(default_factory=dict)
+    """A chord callback given new values as it ran -> the first token to carry them (see
+    `_fire_again`)."""
     chords: dict[str, _Chord] = field(default_factory=dict)
     batches: dict[str, _Batch] = field(default_factory=dict)
 
@@ -360,7 +362,10 @@ class MemoryBroker(Broker):
         out: list[bool] = []
         for c in completions:
             holds = self._holds(q, c.delivery)
-            if not (holds or self._late_success(q, c)):
+            outdated = c.delivery.token < q.fresh.get(c.delivery.job_id, 0)
+            # A late success ends the job, but not once its payload changed since (see
+            # `_late_success`, `_fire_again`).
+            if not (holds or (self._late_success(q, c) and not outdated)):
                 out.append(False)
                 continue
             rec = q.records[c.delivery.job_id]
@@ -373,11 +378,11 @@ class MemoryBroker(Broker):
                 # A cancel asked for while it ran outlasts a failure that came before the job heard
                 # of it: neither retried nor dead-lettered, it ends cancelled.
                 outcome, error, reason = Outcome.CANCELLED, None, None
-            if outcome in (Outcome.SUCCEEDED, Outcome.FAILED) and rec.id in q.stale:
+            if outcome in (Outcome.SUCCEEDED, Outcome.FAILED) and outdated:
                 # A chord callback whose values changed while it ran (see `_fire_again`): it runs
-                # again with them, and this run's end tells no one (its steps, chord and waiters
-                # wait for the next).
-                self._rearm(q, rec)
+                # again with them, and this run's end is not the job's (its steps, chord and
+                # waiters wait for the next). A revoke or cancel asked for meanwhile stands.
+                self._rearm(q, rec, asks_stand=True)
             elif outcome in (Outcome.RETRY, Outcome.DEFER):
                 if error is not None:
                     rec.error = error
@@ -492,9 +497,12 @@ class MemoryBroker(Broker):
         self._rearm(q, rec)
         return True
 
-    def _rearm(self, q: _Queue, rec: JobRecord) -> None:
+    def _rearm(self, q: _Queue, rec: JobRecord, *, asks_stand: bool = False) -> None:
         """Ready again with a fresh attempt count: a dead letter retried, or a chord's callback run
-        again with a retried member's new value. As rearm in the Lua helpers."""
+        again with a retried member's new value. A revoke or cancel asked for while it ran last is
+        spent, as running it again is asking it to; but not with `asks_stand` (a run again no one
+        asked for): it is revoked or cancelled when met, as a retry is. As rearm in the Lua
+        helpers."""
         job_id = rec.id
         q.dead.pop(job_id, None)
         q.expiry.pop(job_id, None)
@@ -502,10 +510,10 @@ class MemoryBroker(Broker):
         rec.result = rec.error = rec.dead_reason = rec.progress = rec.worker = None
         rec.started_at = rec.finished_at = None
         q.deliveries[job_id] = 0
-        # A revoke or cancel asked for while it ran last is spent: running it again is asking it to.
-        q.revoked.discard(job_id)
-        q.cancel.discard(job_id)
-        q.stale.discard(job_id)
+        if not asks_stand:
+            q.revoked.discard(job_id)
+            q.cancel.discard(job_id)
+        q.fresh.pop(job_id, None)
         self._make_ready(q, rec)
         self._uncount(q, job_id)
         # The steps its failure skipped wait for it again, so that its success runs them.
@@ -577,7 +585,7 @@ class MemoryBroker(Broker):
         q.links.pop(job_id, None)
         q.waiting.discard(job_id)
         q.skipped.discard(job_id)
-        q.stale.discard(job_id)
+        q.fresh.pop(job_id, None)
 
     def _holds(self, q: _Queue, d: Delivery) -> bool:
         """Whether `d` is the job's current lease (not stale, not ended)."""
@@ -639,7 +647,6 @@ class MemoryBroker(Broker):
         expires = rec.expires if self._never_started(q, rec.id) else None
         q.tokens[rec.id] = q.tokens.get(rec.id, 0) + 1
         q.unstarted.discard(rec.id)
-        q.stale.discard(rec.id)  # this run has the payload as it stands
         rec.state, rec.started_at, rec.worker = JobState.RUNNING.value, now, consumer
         if deliveries > 1:
             rec.progress = None  # its last worker died or went silent: this run starts over
@@ -757,8 +764,9 @@ class MemoryBroker(Broker):
         """A fired chord's callback given its values anew, a retried member having succeeded: one
         that ended succeeded or failed runs again with them; one that has not started (or waits
         for its retry) runs with them; one running now runs again with them once it ends
-        succeeded or failed (`stale`, see `finish`). One cancelled, revoked or expired is not
-        run. The chord is kept while a slot holds an error. As refire in the Lua helpers."""
+        succeeded or failed (`fresh`: the first token to carry them; see `finish`). One
+        cancelled, revoked or expired is not run. The chord is kept while a slot holds an error.
+        As refire in the Lua helpers."""
         assert chord.base is not None
         callback = self._record(q, chord.callback)
         if callback is not None:
@@ -769,7 +777,7 @@ class MemoryBroker(Broker):
             elif state in (JobState.PENDING, JobState.SCHEDULED, JobState.RUNNING):
                 callback.payload = prepend_arg(chord.base, chord.values())
                 if state == JobState.RUNNING:
-                    q.stale.add(callback.id)
+                    q.fresh[callback.id] = q.tokens[callback.id] + 1
         if any(v.startswith(ERROR_HEAD) for v in chord.slots.values()):
             chord.expires_at = now + ttl
         else:

@@ -480,12 +480,14 @@ end
 
 -- Ready again with a fresh attempt count: a dead letter retried, or a chord's callback run again
 -- with a retried member's new value (`payload`). The steps its failure skipped wait for it again,
--- so that its success runs them.
-local function rearm(id, jk, payload)
+-- so that its success runs them. A revoke or cancel asked for while it ran last is spent, as
+-- running it again is asking it to; but not with `asks_stand` (a run again that no one asked for,
+-- see `fresh`): it is revoked or cancelled when met, as a retry is.
+local function rearm(id, jk, payload, asks_stand)
   redis.call('ZREM', prefix .. 'dead', id)
-  -- A revoke or cancel asked for while it ran last is spent: running it again is asking it to.
   redis.call('HDEL', jk, 'result', 'error', 'dead_reason', 'finished_at', 'started_at', 'worker',
-    'progress', 'revoked', 'cancel', 'asked', 'stale')
+    'progress', 'asked', 'fresh')
+  if not asks_stand then redis.call('HDEL', jk, 'revoked', 'cancel') end
   redis.call('HSET', jk, 'attempt', 1, 'deliveries', 0)
   if payload then redis.call('HSET', jk, 'payload', payload) end
   redis.call('PERSIST', jk)
@@ -517,18 +519,26 @@ end
 
 -- A fired chord's callback given its values anew, a retried member having succeeded: one that
 -- ended succeeded or failed runs again with them; one that has not started (or waits for its
--- retry) runs with them; one running now runs again with them once it ends succeeded or failed
--- (`stale`: see finish.lua). One cancelled, revoked or expired is not run.
+-- retry) runs with them; one running now runs again with them once it ends succeeded or failed.
+-- One cancelled, revoked or expired is not run. `fresh` is the first delivery token to carry the
+-- payload as it stands: the end of an earlier delivery is not the job's (see finish.lua).
 local function refire(callback, payload)
   local jk = job_key(callback)
-  local state = redis.call('HGET', jk, 'state')
+  local state, token = unpack(redis.call('HMGET', jk, 'state', 'token'))
   if state == 'succeeded' or state == 'failed' then
     rearm(callback, jk, payload)
   elseif state == 'pending' or state == 'scheduled' then
     redis.call('HSET', jk, 'payload', payload)
   elseif state == 'running' then
-    redis.call('HSET', jk, 'payload', payload, 'stale', '1', 'more', '1')
+    redis.call('HSET', jk, 'payload', payload, 'more', '1',
+      'fresh', string.format('%d', (tonumber(token) or 0) + 1))
   end
+end
+
+-- Whether a delivery holding `token` started before the job's payload last changed (see refire).
+local function outdated(jk, token)
+  local fresh = redis.call('HGET', jk, 'fresh')
+  return (fresh and tonumber(token) < tonumber(fresh)) or false
 end
 
 -- A chord member ended: its value (or its error) fills its slot, counted once; the last one to
@@ -633,7 +643,7 @@ end
 
 -- The record fields that ending a job looks at, read in one call (missing ones are false).
 local END_FIELDS = {'token', 'state', 'key', 'chord', 'slot', 'batch', 'next', 'err_task',
-  'err_payload', 'err_priority', 'result', 'error', 'attempt', 'waiters', 'stale'}
+  'err_payload', 'err_priority', 'result', 'error', 'attempt', 'waiters', 'fresh'}
 local function end_fields(jk)
   local values = redis.call('HMGET', jk, unpack(END_FIELDS))
   local rec = {}
@@ -799,9 +809,9 @@ local function start(s, p, entry, fields, consumer, now, max_deliveries, ttl)
     'more', 'deliveries', 'token', 'entry')
   if rec[6] == '0' then
     rec[6] = false
-  else  -- the record may hold an expiry, a cancel or revoke flag, or a stale mark (see refire)
-    local rare = redis.call('HMGET', jk, 'expires', 'revoked', 'cancel', 'unstarted', 'stale')
-    rec[6], rec[10], rec[11], rec[12], rec[13] = rare[1], rare[2], rare[3], rare[4], rare[5]
+  else  -- the record may hold an expiry, or a cancel or revoke flag
+    local rare = redis.call('HMGET', jk, 'expires', 'revoked', 'cancel', 'unstarted')
+    rec[6], rec[10], rec[11], rec[12] = rare[1], rare[2], rare[3], rare[4]
   end
   if not rec[1] then
     dead_entry(s, entry, id, now, ttl, 'no job record for stream entry ' .. entry,
@@ -864,7 +874,6 @@ local function start(s, p, entry, fields, consumer, now, max_deliveries, ttl)
   redis.call('HSET', jk, 'state', 'running', 'started_at', now, 'worker', consumer,
     'deliveries', deliveries, 'token', token)
   if rec[12] then redis.call('HDEL', jk, 'unstarted') end
-  if rec[13] then redis.call('HDEL', jk, 'stale') end  -- this run has the payload as it stands
   -- Its last worker died or went silent: this run starts over.
   if deliveries ~= '1' then redis.call('HDEL', jk, 'progress') end
   if expiry then

@@ -41,8 +41,10 @@ while i <= #ARGV do
   -- Else, a success from an earlier delivery of the run that is still going on (the same entry):
   -- its worker was alive but silent, its loop blocked, while another took the job over. The work
   -- is done, so it ends the job; refused, it would hand the job round until the dead letters.
+  -- Not if the job's payload changed since that delivery (a chord's callback given new values,
+  -- see refire): the work done is not the job's any more.
   if not current and not (outcome == 'succeeded' and state == 'running'
-      and redis.call('HGET', jk, 'entry') == entry) then
+      and redis.call('HGET', jk, 'entry') == entry and not outdated(jk, token)) then
     out[#out + 1] = 0
   else
     -- The record names the run that ended the job: a lean delivery wrote no start, and a late
@@ -81,10 +83,12 @@ while i <= #ARGV do
         outcome, err, reason = 'cancelled', '', ''
       end
       if err ~= '' then with(fields, 'error', err, 'more', '1') end
-      if rec.stale and (outcome == 'succeeded' or outcome == 'failed') then
+      if (outcome == 'succeeded' or outcome == 'failed') and rec.fresh
+          and tonumber(token) < tonumber(rec.fresh) then
         -- A chord callback whose values changed while it ran (see refire): it runs again with
-        -- them, and this run's end tells no one (its steps, chord and waiters wait for the next).
-        rearm(id, jk)
+        -- them, and this run's end is not the job's (its steps, chord and waiters wait for the
+        -- next). A revoke or cancel asked for meanwhile stands.
+        rearm(id, jk, nil, true)
         outcome = 'again'
       elseif outcome == 'retry' or outcome == 'defer' or outcome == 'asked' then
         -- 'asked': a retry the job asked for (RetryTask), counted apart from those it used.
