@@ -314,14 +314,20 @@ class Lock:
         return self.queue.broker._data_home(), self.queue.name, self.name, anyio.get_current_task().id
 
     async def _renew(self, token: str) -> None:
+        """Extend the lock every ttl/3; after a renewal that failed, every ttl/10 (at most a
+        second) until one takes: waiting a whole ttl/3 again lost the lock to a broker out of
+        reach for little more than a third of its ttl."""
+        wait = self.ttl / 3
         while True:
-            await anyio.sleep(self.ttl / 3)
+            await anyio.sleep(wait)
             try:
                 extended = await self.queue.broker.lock_extend(self.queue.name, self.name, token,
                                                                self.ttl)
             except BrokerError as exc:
                 logger.warning("renewing lock %r failed, trying again: %s", self.name, exc)
+                wait = min(self.ttl / 10, 1.0)
                 continue
             if not extended:
                 logger.error("lock %r was lost while held (its ttl ran out)", self.name)
                 return
+            wait = self.ttl / 3

@@ -449,6 +449,34 @@ async def test_lock_is_renewed_while_held(queue: Queue) -> None:
                 pass
 
 
+async def test_a_lock_whose_renewals_fail_for_a_while_is_kept_if_one_takes_in_its_ttl(
+    queue: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two renewals fail (the broker out of reach): the third is tried within the ttl, not a whole
+    # ttl/3 after the second, at the lock's very end (where the lock was lost).
+    broker = queue.broker
+    extend = broker.lock_extend
+    calls: list[bool] = []
+    renewed = anyio.Event()
+
+    async def extend_after_two_failures(queue_name: str, name: str, token: str, ttl: float) -> bool:
+        if len(calls) < 2:
+            calls.append(False)
+            raise BrokerConnectionError("out of reach")
+        calls.append(await extend(queue_name, name, token, ttl))
+        renewed.set()
+        return calls[-1]
+
+    monkeypatch.setattr(broker, "lock_extend", extend_after_two_failures)
+    async with queue.lock("flaky link", ttl=0.6):
+        with anyio.fail_after(10):
+            await renewed.wait()
+        assert calls == [False, False, True]
+        with pytest.raises(LockTimeout):
+            async with queue.lock("flaky link", timeout=0):
+                pass
+
+
 async def test_lock_exit_ends_a_renewer_that_swallowed_its_cancellation(
     queue: Queue, monkeypatch: pytest.MonkeyPatch
 ) -> None:
