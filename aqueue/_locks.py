@@ -147,22 +147,12 @@ class Lock:
             line = lines[key] = _Line()
         line.users += 1
         try:
-            left = math.inf if deadline is None else deadline - anyio.current_time()
-            with anyio.move_on_after(left) as queued:
-                if deadline is None:
-                    line.patient.add(queued)
-                try:
-                    await line.turn.acquire()
-                finally:
-                    line.patient.discard(queued)
-            if queued.cancelled_caught:  # its turn never came
-                if deadline is None:
-                    raise BrokerConnectionError(f"lock {self.name!r} not acquired: {self.queue.broker.url} "
-                                                f"has been out of reach for {_outage.RIDE_THROUGH}s")
-                if line.out_of_reach.since is not None:
-                    raise BrokerConnectionError(f"lock {self.name!r} not acquired within {timeout}s: "
-                                                "the broker is out of reach")
-                raise LockTimeout(f"lock {self.name!r} not acquired within {timeout}s")
+            try:
+                # A turn no one holds is taken at once: a timeout spent by now (a tiny one) still
+                # makes the one try that timeout=0 makes.
+                line.turn.acquire_nowait()
+            except anyio.WouldBlock:
+                await self._wait_for_turn(line, timeout, deadline)
             try:
                 return await self._compete(timeout, deadline, line)
             finally:
@@ -171,6 +161,25 @@ class Lock:
             line.users -= 1
             if not line.users:
                 del lines[key]
+
+    async def _wait_for_turn(self, line: _Line, timeout: float | None, deadline: float | None) -> None:
+        """Wait for the waiters of this process before this one, until `deadline`."""
+        left = math.inf if deadline is None else deadline - anyio.current_time()
+        with anyio.move_on_after(left) as queued:
+            if deadline is None:
+                line.patient.add(queued)
+            try:
+                await line.turn.acquire()
+            finally:
+                line.patient.discard(queued)
+        if queued.cancelled_caught:  # its turn never came
+            if deadline is None:
+                raise BrokerConnectionError(f"lock {self.name!r} not acquired: {self.queue.broker.url} "
+                                            f"has been out of reach for {_outage.RIDE_THROUGH}s")
+            if line.out_of_reach.since is not None:
+                raise BrokerConnectionError(f"lock {self.name!r} not acquired within {timeout}s: "
+                                            "the broker is out of reach")
+            raise LockTimeout(f"lock {self.name!r} not acquired within {timeout}s")
 
     async def _compete(self, timeout: float | None, deadline: float | None, line: _Line) -> str:
         """Take the lock in the broker, waiting for its releases until `deadline`."""

@@ -441,6 +441,16 @@ async def test_lock_released_on_error_and_cancel(queue: Queue) -> None:
         pass  # free again both times
 
 
+@pytest.mark.parametrize("timeout", [1e-9, 1e-6])
+async def test_a_free_lock_is_taken_with_a_tiny_timeout(queue: Queue, timeout: float) -> None:
+    # The timeout was spent before the wait for this process's turn began, and the lock was never
+    # asked for: LockTimeout on a lock no one held. It makes the one try timeout=0 makes.
+    async with queue.lock("free", timeout=timeout):
+        with pytest.raises(LockTimeout):
+            async with queue.lock("free", timeout=timeout):
+                pass
+
+
 async def test_lock_is_renewed_while_held(queue: Queue) -> None:
     async with queue.lock("long", ttl=timedelta(milliseconds=500)):
         await anyio.sleep(1.2)  # more than twice the ttl
