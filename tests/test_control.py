@@ -1004,6 +1004,18 @@ async def test_two_rate_limits_on_one_key_count_apart(queue: Queue) -> None:
     assert admitted == 2
 
 
+async def test_two_rate_limits_on_one_key_whose_windows_have_one_number_count_apart(queue: Queue) -> None:
+    # Windows of 10,000,000,000 s and a second more both have the number 0 (until the year 2286):
+    # Redis counted both limits under one key, and the second was refused at its first hit.
+    first = queue.rate_limit("api", limit=1, per=1e10)
+    second = queue.rate_limit("api", limit=1, per=1e10 + 1)
+    async with first, second:
+        pass
+    with pytest.raises(RateLimitExceeded):
+        async with second:
+            pass
+
+
 async def test_lock_decorator_with_a_timeout_waits_that_long_for_the_lock(queue: Queue) -> None:
     # A holder that died keeps the lock for its last second of ttl: the job waits it out and runs
     # at its first attempt, where without its timeout it would fail at once (no retries).
