@@ -71,9 +71,13 @@ class every(Schedule):
             # True would be 1, "5" fail at a worker's first tick, infinity overflow a timedelta.
             if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
                 raise ValueError(f"every: {unit} must be a finite number, got {value!r}")
-        rest = timedelta(minutes=minutes, hours=hours, days=days)
-        first = seconds if isinstance(seconds, timedelta) else timedelta(seconds=seconds)
-        interval = first + rest
+        try:  # past what a timedelta holds (999,999,999 days)
+            rest = timedelta(minutes=minutes, hours=hours, days=days)
+            first = seconds if isinstance(seconds, timedelta) else timedelta(seconds=seconds)
+            interval = first + rest
+        except OverflowError:
+            raise ValueError(f"every: the interval is too long, got seconds={seconds!r}, "
+                             f"minutes={minutes!r}, hours={hours!r}, days={days!r}") from None
         if interval <= timedelta(0):
             raise ValueError(f"every: the interval must be positive, got {interval!r}")
         self.interval = interval

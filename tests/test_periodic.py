@@ -315,6 +315,11 @@ def test_every_refuses_an_interval_with_no_next_tick() -> None:
     # first use of it.
     with pytest.raises(ValueError, match="too long"):
         every(days=3_000_000)
+    # Past what a timedelta holds: OverflowError, where every other bad interval is a ValueError.
+    with pytest.raises(ValueError, match="too long"):
+        every(days=1e9)
+    with pytest.raises(ValueError, match="too long"):
+        every(seconds=1e17)
     assert every(days=36_500).next_after(datetime(2026, 1, 1, tzinfo=UTC)).year > 2026
 
 
