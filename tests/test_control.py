@@ -31,7 +31,7 @@ from aqueue import (
     every,
 )
 from aqueue import _outage as outage
-from aqueue.brokers import Broker, JobRecord, RedisBroker
+from aqueue.brokers import Broker, JobRecord, MemoryBroker, RedisBroker
 
 
 def recorder(queue: Queue, *signals: Signal) -> list[tuple[Signal, str]]:
@@ -1014,6 +1014,21 @@ async def test_two_rate_limits_on_one_key_whose_windows_have_one_number_count_ap
     with pytest.raises(RateLimitExceeded):
         async with second:
             pass
+
+
+async def test_the_memory_brokers_rate_counts_go_with_their_windows() -> None:
+    # A count per key and window length: one per user's key grew the dict for ever, where Redis
+    # expires each count's key.
+    broker = MemoryBroker()
+    queue = Queue(broker=broker)
+    for user in range(3):
+        async with queue.rate_limit(f"user:{user}", limit=5, per=60):
+            pass
+    counts = broker._queues[queue.name].rates
+    await broker.prune(queue.name, time.time(), 100)
+    assert len(counts) == 3  # their windows run still
+    await broker.prune(queue.name, time.time() + 120, 100)
+    assert counts == {}
 
 
 async def test_lock_decorator_with_a_timeout_waits_that_long_for_the_lock(queue: Queue) -> None:

@@ -301,6 +301,11 @@ class MemoryBroker(Broker):
         for task in [task for task, (_, until) in q.revoked_tasks.items()
                      if until is not None and until <= now]:
             del q.revoked_tasks[task]
+        # A rate limit's count goes with its window, as its Redis key expires (one per user's key
+        # grew the dict for ever).
+        for rate in [(key, per_ms) for (key, per_ms), (window, _) in q.rates.items()
+                     if (window + 1) * per_ms <= now * 1000]:
+            del q.rates[rate]
         return len(expired)
 
     async def interrupt_receive(self, queue: str, consumer: str) -> bool:
