@@ -8,6 +8,7 @@ import math
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -245,6 +246,34 @@ async def test_cancel_a_running_job(queue: Queue) -> None:
     assert runs == 1
     assert seen == [(Signal.CANCELLED, job.id)]
     assert await job.state() == JobState.CANCELLED
+
+
+async def test_a_failure_that_a_cancel_overrides_is_told_cancelled(queue: Queue) -> None:
+    # The job failed for good, and was asked to cancel before its failure was written: it ends
+    # cancelled, not in the dead letters, and no CANCELLED came (only the failure's ERROR).
+    seen = recorder(queue, Signal.ERROR, Signal.CANCELLED)
+    told = anyio.Event()
+
+    @queue.on(Signal.ERROR)
+    async def cancel_it(signal: Signal, job: Any, exc: BaseException | None = None) -> None:
+        assert await queue.job(job.id).cancel() is True  # it runs still: asked to cancel
+
+    @queue.on(Signal.CANCELLED)
+    def cancelled(signal: Signal, job: Any, exc: BaseException | None = None) -> None:
+        told.set()
+
+    @queue.task(retries=0)
+    async def broken() -> None:
+        raise ValueError("for good")
+
+    async with queue.worker():
+        job = await broken.enqueue()
+        with pytest.raises(JobCancelled):
+            await job.result(timeout=10)
+        with anyio.fail_after(10):
+            await told.wait()
+    assert seen == [(Signal.ERROR, job.id), (Signal.CANCELLED, job.id)]
+    assert await queue.dead_letters() == []
 
 
 async def test_a_job_cancelled_as_its_rate_limit_puts_it_off_is_told_cancelled_once(

@@ -172,14 +172,17 @@ def written_signal(queue: Queue, running: RunningJob, c: Completion) -> tuple[Si
     """The signal to send once the outcome `c` is written (as in Huey, whose handlers find it
     stored), if it or what may stand in its place has handlers: COMPLETE for a success,
     SCHEDULED for a retry or a rate limit's reschedule that waits for its time, ENQUEUED for a
-    retry at once (back on the queue, as Huey's requeue is); for these two, CANCELLED instead if
-    the broker ends the job cancelled (`announce_written`)."""
+    retry at once (back on the queue, as Huey's requeue is); for these two, and for a failure
+    (told as ERROR already), CANCELLED instead if the broker ends the job cancelled
+    (`announce_written`)."""
     if running.completed is not None:
         return Signal.COMPLETE, running.completed
     if c.retry_at is not None:  # a RETRY or a DEFER
         signal = Signal.SCHEDULED
     elif c.outcome == Outcome.RETRY:
         signal = Signal.ENQUEUED
+    elif c.outcome == Outcome.FAILED:
+        signal = Signal.CANCELLED  # only if it is ended so: its failure has no signal of its own here
     else:
         return None
     wanted = queue.signals.wants(signal) or queue.signals.wants(Signal.CANCELLED)
@@ -189,9 +192,9 @@ def written_signal(queue: Queue, running: RunningJob, c: Completion) -> tuple[Si
 async def announce_written(queue: Queue, c: Completion, announced: tuple[Signal, Any]) -> None:
     """The signal `written_signal` chose, once the outcome is written: COMPLETE as it is; SCHEDULED
     or ENQUEUED for a job written to run again, unless the broker ended it instead: a cancel asked
-    for while it ran outlasts its retry (it ends `cancelled` as this completion finished, its
-    attempt not counted), and is told as CANCELLED. A cancel that came after the write ended it
-    later, and told CANCELLED itself."""
+    for while it ran outlasts its retry or its failure (it ends `cancelled` as this completion
+    finished, its attempt not counted), and is told as CANCELLED. A cancel that came after the
+    write ended it later, and told CANCELLED itself."""
     signal, job = announced
     if signal is Signal.COMPLETE:
         await queue.signals.send(signal, job)
@@ -207,7 +210,7 @@ async def announce_written(queue: Queue, c: Completion, announced: tuple[Signal,
         if queue.signals.wants(Signal.CANCELLED):
             await queue.signals.send(Signal.CANCELLED, job)
         return
-    if queue.signals.wants(signal):
+    if signal is not Signal.CANCELLED and queue.signals.wants(signal):  # a failure: it stands
         await queue.signals.send(signal, job)
 
 

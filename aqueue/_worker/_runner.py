@@ -521,7 +521,7 @@ class Worker:
         else:
             completion.delivery = d
             self._completing[d.job_id] = completion
-            if (running.completed is not None or completion.outcome == Outcome.RETRY
+            if (running.completed is not None or completion.outcome in (Outcome.RETRY, Outcome.FAILED)
                     or completion.retry_at is not None):  # else no signal waits for the write
                 announced = written_signal(self.queue, running, completion)
                 if announced is not None:
