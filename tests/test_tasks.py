@@ -23,6 +23,7 @@ from aqueue import (
     JobExpired,
     JobInfo,
     JobNotFound,
+    JobRevoked,
     JobState,
     PayloadTooLarge,
     Queue,
@@ -471,6 +472,40 @@ async def test_an_idempotency_key_held_by_a_job_past_its_expiry_is_free(queue: Q
     # The stale job's end leaves the key to the job that holds it now.
     assert (await send.options(key="welcome:2").enqueue("again")).id == later.id
     assert await later.state() == JobState.SCHEDULED
+
+
+async def test_an_idempotency_key_held_by_a_job_revoked_before_a_worker_took_it_is_free(
+    queue: Queue,
+) -> None:
+    # The revoked job ends revoked when met, never to run: the key handed it back, and the work
+    # enqueued again never ran. One revoked while it runs runs on, and keeps its key.
+    ran: list[str] = []
+    started, go_on = anyio.Event(), anyio.Event()
+
+    @queue.task
+    async def send(to: str) -> str:
+        ran.append(to)
+        if to == "slow":
+            started.set()
+            await go_on.wait()
+        return to
+
+    revoked = await send.options(key="welcome:3").enqueue("old")
+    assert await revoked.revoke()
+    fresh = await send.options(key="welcome:3").enqueue("new")
+    assert fresh.id != revoked.id
+    async with queue.worker():
+        assert await fresh.result(timeout=10) == "new"
+        with pytest.raises(JobRevoked):
+            await revoked.result(timeout=10)
+        running = await send.options(key="welcome:4").enqueue("slow")
+        with anyio.fail_after(10):
+            await started.wait()
+        assert await running.revoke()
+        assert (await send.options(key="welcome:4").enqueue("again")).id == running.id
+        go_on.set()
+        assert await running.result(timeout=10) == "slow"
+    assert ran == ["new", "slow"]
 
 
 async def test_map_enqueues_in_bulk(queue: Queue) -> None:

@@ -211,12 +211,16 @@ class MemoryBroker(Broker):
 
     def _live_key_holder(self, q: _Queue, key: str, now: float) -> str | None:
         """The live job an idempotency key names, if any (the key may outlive its job's end). A
-        job past its expiry that never started is not: it ends expired when met, and never runs."""
+        job past its expiry that never started is not: it ends expired when met, and never runs.
+        Nor is one revoked that no worker holds: it ends revoked when met. One revoked while a
+        worker holds it may be running, and runs on: it keeps the key."""
         holder = q.keys.get(key)
         rec = self._record(q, holder) if holder is not None else None
         if rec is None or rec.state in FINAL_STATES:
             return None
         if rec.expires is not None and rec.expires < now and self._never_started(q, rec.id):
+            return None
+        if rec.id in q.revoked and rec.id not in q.leases:
             return None
         return holder
 

@@ -291,15 +291,34 @@ local function never_started(token, unstarted)
   return (token or '0') == '0' or unstarted == '1'
 end
 
+-- A job's stream entry, as the record names it, and where it stands: returns the stream, the
+-- entry id, whether the entry is lean, and its row in the pending list (delivered, not done
+-- with) or nil. Nil when the record names no entry.
+local function queued_entry(jk)
+  local rec = redis.call('HMGET', jk, 'entry', 'priority')
+  if not rec[1] or rec[1] == '' then return nil end
+  local s, entry = stream_key(rec[2] or '0'), rec[1]
+  local found = redis.call('XRANGE', s, entry, entry)[1]
+  local pending = redis.call('XPENDING', s, GROUP, entry, entry, 1)[1]
+  return s, entry, found ~= nil and found[2][3] == 'task', pending
+end
+
 -- The live job an idempotency key names, if any (the key's entry may outlive its job's end). A
--- job past its expiry that never started is not: it ends expired when met, and never runs.
+-- job past its expiry that never started is not: it ends expired when met, and never runs. Nor is
+-- one revoked that no worker holds (its entry not delivered, or none): it ends revoked when met.
+-- One revoked while a worker holds it may be running, and runs on: it keeps the key.
 local function live_key_holder(key, now)
   local holder = redis.call('GET', prefix .. 'key:' .. key)
   if not holder then return nil end
-  local rec = redis.call('HMGET', job_key(holder), 'state', 'expires', 'token', 'unstarted')
+  local jk = job_key(holder)
+  local rec = redis.call('HMGET', jk, 'state', 'expires', 'token', 'unstarted', 'revoked')
   if not rec[1] or FINAL[rec[1]] then return nil end
   local expires = rec[2] and rec[2] ~= '' and tonumber(rec[2])  -- unreadable: dead-lettered when met
   if expires and expires < tonumber(now) and never_started(rec[3], rec[4]) then return nil end
+  if rec[5] == '1' and rec[1] ~= 'running' then
+    local _, _, _, held = queued_entry(jk)
+    if not held then return nil end
+  end
   return holder
 end
 
@@ -900,18 +919,6 @@ local function lean_delivery(p, entry, fields)
     return nil
   end
   return {fields[2], fields[4], fields[6], '1', '1', p, fields[8], entry}
-end
-
--- A job's stream entry, as the record names it, and where it stands: returns the stream, the
--- entry id, whether the entry is lean, and its row in the pending list (delivered, not done
--- with) or nil. Nil when the record names no entry.
-local function queued_entry(jk)
-  local rec = redis.call('HMGET', jk, 'entry', 'priority')
-  if not rec[1] or rec[1] == '' then return nil end
-  local s, entry = stream_key(rec[2] or '0'), rec[1]
-  local found = redis.call('XRANGE', s, entry, entry)[1]
-  local pending = redis.call('XPENDING', s, GROUP, entry, entry, 1)[1]
-  return s, entry, found ~= nil and found[2][3] == 'task', pending
 end
 
 -- The record fields a lean delivery's start would have written (see `lean_delivery`), from the
