@@ -27,28 +27,41 @@ a thread while their timeouts ran."""
 
 
 class _Raised:
-    """A GeneratorExit that a thread raised, carried back as a value. Raised out of the future the
-    loop awaits, Python takes it for the awaiting coroutine's own closing: that coroutine then
-    fails at its next await ("coroutine ignored GeneratorExit"), the job's worker with it."""
+    """A GeneratorExit or KeyboardInterrupt that a thread raised, carried back as a value. Raised
+    out of the future the loop awaits, Python takes a GeneratorExit for the awaiting coroutine's
+    own closing: that coroutine then fails at its next await ("coroutine ignored GeneratorExit"),
+    the job's worker with it."""
 
     __slots__ = ("exc",)
 
-    def __init__(self, exc: GeneratorExit) -> None:
+    def __init__(self, exc: GeneratorExit | KeyboardInterrupt) -> None:
         self.exc = exc
 
 
-def _generator_exit_returned(call: Callable[[], R]) -> R | _Raised:
+class RaisedInThread(Exception):
+    """A KeyboardInterrupt that a job's thread raised: the job's own, as a signal's reaches the
+    main thread alone. Carried as an Exception, it fails the job alone; raised on as it is, it
+    was taken for Ctrl-C and stopped the worker, the jobs beside it stranded. `exc` is it."""
+
+    def __init__(self, exc: KeyboardInterrupt) -> None:
+        super().__init__(repr(exc))
+        self.exc = exc
+
+
+def _carried(call: Callable[[], R]) -> R | _Raised:
     try:
         return call()
-    except GeneratorExit as exc:
+    except (GeneratorExit, KeyboardInterrupt) as exc:
         return _Raised(exc)
 
 
 async def run_in_thread(fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
     """Run `fn` in a worker thread and wait for it to return, even once its job is told to stop."""
     outcome = await anyio.to_thread.run_sync(
-        partial(_generator_exit_returned, partial(fn, *args, **kwargs)), limiter=worker_threads.get()
+        partial(_carried, partial(fn, *args, **kwargs)), limiter=worker_threads.get()
     )
     if isinstance(outcome, _Raised):
+        if isinstance(outcome.exc, KeyboardInterrupt):
+            raise RaisedInThread(outcome.exc)
         raise outcome.exc  # here, in the coroutine's own frame, it is an exception like any other
     return outcome

@@ -32,7 +32,7 @@ from aqueue._serialization import dumps, encode_call, encode_result, loads
 from aqueue._signals import ENDED_SIGNALS, Signal, SignalJob, Signals
 from aqueue._states import JobState
 from aqueue._tasks import TaskPolicy, policy_for_call
-from aqueue._threads import run_in_thread
+from aqueue._threads import RaisedInThread, run_in_thread
 from aqueue.brokers import Completion, Delivery, Outcome
 
 if TYPE_CHECKING:
@@ -274,7 +274,7 @@ async def execute(queue: Queue, running: RunningJob) -> Completion | None:
         except (Exception, SystemExit) as exc:  # the job's failure, judged below
             # SystemExit too (`sys.exit()`, argparse's `parser.error()`): it is the job's to end,
             # not the worker's, nor the jobs' that run beside it. Cancellation passes through.
-            error = exc
+            error = exc.exc if isinstance(exc, RaisedInThread) else exc
         except asyncio.CancelledError as exc:
             # Raised by the job's own code (it awaited a future cancelled elsewhere): a failure
             # like any other. A cancellation of this task (its scope, or the worker's) goes on.
