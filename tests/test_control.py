@@ -248,6 +248,41 @@ async def test_cancel_a_running_job(queue: Queue) -> None:
     assert await job.state() == JobState.CANCELLED
 
 
+async def test_a_job_cancelled_while_its_executing_handlers_run_does_not_start(
+    queue: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The checks before a job starts came before its EXECUTING handlers: a cancel heard while
+    # they ran only cancelled its scope, and its code ran up to its first await.
+    from aqueue._worker._executor import RunningJob
+
+    ran: list[str] = []
+    heard = anyio.Event()
+    request_cancel = RunningJob.request_cancel
+
+    def heard_too(self: RunningJob) -> None:
+        request_cancel(self)
+        heard.set()
+
+    monkeypatch.setattr(RunningJob, "request_cancel", heard_too)
+
+    @queue.on(Signal.EXECUTING)
+    async def cancel_it(signal: Signal, job: Any, exc: BaseException | None = None) -> None:
+        assert await queue.job(job.id).cancel() is True
+        with anyio.fail_after(10):
+            await heard.wait()  # by the worker running it
+
+    @queue.task
+    async def side_effect() -> None:
+        ran.append("before its first await")
+        await anyio.lowlevel.checkpoint()
+
+    async with queue.worker():
+        job = await side_effect.enqueue()
+        with pytest.raises(JobCancelled):
+            await job.result(timeout=10)
+    assert ran == []
+
+
 async def test_a_failure_that_a_cancel_overrides_is_told_cancelled(queue: Queue) -> None:
     # The job failed for good, and was asked to cancel before its failure was written: it ends
     # cancelled, not in the dead letters, and no CANCELLED came (only the failure's ERROR).

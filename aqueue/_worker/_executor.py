@@ -239,22 +239,13 @@ async def execute(queue: Queue, running: RunningJob) -> Completion | None:
     deadline = time.time() + policy.timeout if policy.timeout else None
     context = JobContext(d.job_id, d.task, d.attempt, queue, d, deadline, overrides.get("batch_id"))
     signals = queue.signals
-    # Stopped while it waited for a runner: its code must not run, not even to its first await.
-    if running.lost:
-        return None  # another worker's now
-    if running.cancel_requested:  # stands over a shutdown that came after it, as below
-        return await _cancelled(signals, context, d)
-    if running.interrupted_at < math.inf:  # the worker's shutdown: handed back
-        await _interrupted(signals, context)
-        return None
-    if d.expires is not None and d.expires < time.time():
-        # Received before its expiry, it waited for a slot past it: handed back unstarted, for
-        # the broker to end it expired, as a job not started by then.
-        logger.info("job %s (%s): its expiry passed while it waited for a slot: handed back to "
-                    "end expired", d.job_id, d.task)
-        return None
+    if not isinstance(stopped := await _stopped_before_start(running, context), _Starts):
+        return stopped
     if signals.wants(Signal.EXECUTING):
         await signals.send(Signal.EXECUTING, context)
+        # Stopped while its handlers ran: its code must not run either.
+        if not isinstance(stopped := await _stopped_before_start(running, context), _Starts):
+            return stopped
     error: BaseException | None = None
     value: Any = None
     scope = running.start_scope()
@@ -379,6 +370,32 @@ async def _interrupted(signals: Signals, context: JobContext) -> None:
     """Handed back by the worker's shutdown, to run again elsewhere."""
     if signals.wants(Signal.INTERRUPTED):
         await signals.send(Signal.INTERRUPTED, context)
+
+
+class _Starts:
+    """What `_stopped_before_start` returns when nothing stops the job."""
+
+
+async def _stopped_before_start(
+    running: RunningJob, context: JobContext
+) -> Completion | _Starts | None:
+    """What becomes of a job stopped before its code starts (its code must not run, not even to
+    its first await): its completion, None to hand it back, or `_Starts()` when nothing stops it."""
+    d, signals = running.delivery, context.queue.signals
+    if running.lost:
+        return None  # another worker's now
+    if running.cancel_requested:  # stands over a shutdown that came after it, as below
+        return await _cancelled(signals, context, d)
+    if running.interrupted_at < math.inf:  # the worker's shutdown: handed back
+        await _interrupted(signals, context)
+        return None
+    if d.expires is not None and d.expires < time.time():
+        # Received before its expiry, it waited for a slot past it: handed back unstarted, for
+        # the broker to end it expired, as a job not started by then.
+        logger.info("job %s (%s): its expiry passed while it waited for a slot: handed back to "
+                    "end expired", d.job_id, d.task)
+        return None
+    return _Starts()
 
 
 def check_links(options: dict[str, Any]) -> None:
