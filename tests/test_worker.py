@@ -696,6 +696,29 @@ async def test_undecodable_payload_goes_to_dead_letters(queue: Queue) -> None:
     assert {d.id for d in await queue.dead_letters()} == {b.id for b in bad}
 
 
+def victim_task(queue: Queue) -> list[int]:
+    """The task "victim", which another writer's payloads name; its runs are noted in the list."""
+    ran: list[int] = []
+
+    @queue.task(name="victim")
+    async def victim() -> int:
+        ran.append(1)
+        return 1
+
+    return ran
+
+
+async def dead_lettered_victim(queue: Queue, payload: bytes) -> tuple[NewJob, TaskError]:
+    """Another writer's job of "victim" with this payload, and its error, once a worker has
+    dead-lettered it as undecodable."""
+    bad = NewJob(id=uuid.uuid4().hex, task="victim", payload=payload, enqueued_at=time.time())
+    await queue.broker.enqueue(queue.name, [bad])
+    async with queue.worker():
+        with pytest.raises(TaskError, match="undecodable payload") as caught:
+            await queue.job(bad.id).result(timeout=10)
+    return bad, caught.value
+
+
 @pytest.mark.parametrize("options", [
     {"next": 5}, {"next": {"id": "x"}}, {"next": {"id": 1, "args": [], "kwargs": {}, "options": {}}},
     {"retries": "3"}, {"retries": -1}, {"retries": True}, {"timeout": "5"}, {"timeout": -1},
@@ -706,20 +729,10 @@ async def test_a_payload_whose_options_are_malformed_is_dead_lettered_before_its
 ) -> None:
     # Another writer's payload: its task ran, and only then did a malformed "next" fail the job,
     # as an internal error; a batch id that is no string reached the job's context.
-    ran: list[int] = []
-
-    @queue.task(name="victim")
-    async def victim() -> int:
-        ran.append(1)
-        return 1
-
+    ran = victim_task(queue)
     payload = b'{"args": [], "kwargs": {}, "options": ' + orjson.dumps(options) + b"}"
-    bad = NewJob(id=uuid.uuid4().hex, task="victim", payload=payload, enqueued_at=time.time())
-    await queue.broker.enqueue(queue.name, [bad])
-    async with queue.worker():
-        with pytest.raises(TaskError, match="undecodable payload") as caught:
-            await queue.job(bad.id).result(timeout=10)
-    assert caught.value.metadata["type"] == "SerializationError"
+    _, error = await dead_lettered_victim(queue, payload)
+    assert error.metadata["type"] == "SerializationError"
     assert ran == []
 
 
@@ -732,18 +745,8 @@ async def test_immediate_mode_retry_of_an_undecodable_dead_letter_dead_letters_i
 ) -> None:
     # queue.retry read the payload for what the job sets going once the broker had made it ready
     # again: a payload it could not read raised there, and the job was left pending, never run.
-    ran: list[int] = []
-
-    @queue.task(name="victim")
-    async def victim() -> int:
-        ran.append(1)
-        return 1
-
-    bad = NewJob(id=uuid.uuid4().hex, task="victim", payload=payload, enqueued_at=time.time())
-    await queue.broker.enqueue(queue.name, [bad])
-    async with queue.worker():
-        with pytest.raises(TaskError, match="undecodable payload"):
-            await queue.job(bad.id).result(timeout=10)
+    ran = victim_task(queue)
+    bad, _ = await dead_lettered_victim(queue, payload)
     queue.immediate = True
     assert await queue.retry(bad.id)
     assert await queue.job(bad.id).state() == JobState.FAILED

@@ -32,6 +32,7 @@ from aqueue import (
 from aqueue.brokers import (
     Broker,
     Completion,
+    Delivery,
     JobRecord,
     MemoryBroker,
     Outcome,
@@ -75,6 +76,34 @@ def strict_sum_then_twice(queue: Queue) -> tuple[Any, Any]:
         return 2 * x
 
     return strict, twice
+
+
+def steady_task(queue: Queue) -> Any:
+    """A task that gives back its argument: a chord member that always succeeds."""
+
+    @queue.task
+    async def steady(n: int) -> int:
+        return n
+
+    return steady
+
+
+def errors_marked(values: list[Any]) -> list[Any]:
+    """A chord callback's values as the tests compare them: each error as "E"."""
+    return ["E" if isinstance(v, TaskError) else v for v in values]
+
+
+def collecting_task(queue: Queue) -> tuple[Any, list[list[Any]]]:
+    """A chord callback that gives back its values, and the values of each of its runs (errors
+    marked), in a list."""
+    calls: list[list[Any]] = []
+
+    @queue.task
+    async def collect(values: list[Any]) -> list[Any]:
+        calls.append(errors_marked(values))
+        return calls[-1]
+
+    return collect, calls
 
 
 async def test_pipeline_passes_each_value_on(queue: Queue) -> None:
@@ -745,27 +774,26 @@ async def test_a_member_retried_while_its_batch_or_chord_runs_is_waited_for(queu
         assert await b.callback("failure").state() is None
 
 
+async def fired_with_two_errors(
+    queue: Queue, flaky: Any, healthy: list[bool], callback: Any
+) -> tuple[ChordResult[Any], Job[Any], Job[Any]]:
+    """chord([steady 1, flaky 2, flaky 3], callback), once fired with the two flaky members'
+    errors (a worker runs); and those two members, which succeed from now on."""
+    steady = steady_task(queue)
+    c = await queue.enqueue(chord([steady.s(1), flaky.s(2), flaky.s(3)], callback.s()))
+    assert await c.get(timeout=10) == [1, "E", "E"]
+    healthy.append(True)
+    return c, c.results.jobs[1], c.results.jobs[2]
+
+
 async def test_a_member_retried_after_its_chord_fired_runs_the_callback_again(queue: Queue) -> None:
     # queue.retry re-evaluates the chord a member belongs to: the callback had run with the
     # member's error in its place, and ran no more once the member succeeded.
     flaky, healthy = flaky_task(queue)
-    calls: list[list[Any]] = []
-
-    @queue.task
-    async def steady(n: int) -> int:
-        return n
-
-    @queue.task
-    async def collect(values: list[Any]) -> list[Any]:
-        shown = ["E" if isinstance(v, TaskError) else v for v in values]
-        calls.append(shown)
-        return shown
+    collect, calls = collecting_task(queue)
 
     async with queue.worker():
-        c = await queue.enqueue(chord([steady.s(1), flaky.s(2), flaky.s(3)], collect.s()))
-        assert await c.get(timeout=10) == [1, "E", "E"]
-        healthy.append(True)
-        first, second = c.results.jobs[1], c.results.jobs[2]
+        c, first, second = await fired_with_two_errors(queue, flaky, healthy, collect)
         assert await queue.retry(first.id)
         assert await first.result(timeout=10) == 2
         assert await c.get(timeout=10) == [1, 2, "E"]  # run again, with the new value
@@ -813,9 +841,7 @@ async def test_a_chord_whose_retried_member_fails_again_is_not_run_again(
     async def broken() -> None:
         raise ConnectionError("upstream down")
 
-    @queue.task
-    async def steady(n: int) -> int:
-        return n
+    steady = steady_task(queue)
 
     @queue.task
     async def collect(values: list[Any]) -> int:
@@ -845,22 +871,15 @@ async def test_a_member_that_succeeds_while_the_callback_runs_again_runs_it_once
     entered, release = anyio.Event(), anyio.Event()
 
     @queue.task
-    async def steady(n: int) -> int:
-        return n
-
-    @queue.task
     async def collect(values: list[Any]) -> list[Any]:
-        calls.append(["E" if isinstance(v, TaskError) else v for v in values])
+        calls.append(errors_marked(values))
         if len(calls) == 2:
             entered.set()
             await release.wait()
         return calls[-1]
 
     async with queue.worker():
-        c = await queue.enqueue(chord([steady.s(1), flaky.s(2), flaky.s(3)], collect.s()))
-        assert await c.get(timeout=10) == [1, "E", "E"]
-        healthy.append(True)
-        first, second = c.results.jobs[1], c.results.jobs[2]
+        c, first, second = await fired_with_two_errors(queue, flaky, healthy, collect)
         assert await queue.retry(first.id)
         with anyio.fail_after(10):
             await entered.wait()
@@ -887,18 +906,7 @@ async def test_a_member_that_succeeds_before_the_callback_starts_again_gives_it_
     # The first retried member's success makes the callback ready to run again; the second one
     # succeeds before it starts: it starts with both values. The members are run by hand, as a
     # worker would, so that no worker starts the callback in between.
-    flaky, healthy = flaky_task(queue)
-    calls: list[list[Any]] = []
-
-    @queue.task
-    async def collect(values: list[Any]) -> list[Any]:
-        calls.append(["E" if isinstance(v, TaskError) else v for v in values])
-        return calls[-1]
-
-    async with queue.worker():
-        c = await queue.enqueue(chord([flaky.s(1), flaky.s(2)], collect.s()))
-        assert await c.get(timeout=10) == ["E", "E"]
-    healthy.append(True)
+    c, calls = await a_chord_whose_two_members_failed(queue)
     first, second = c.results.jobs
     assert await queue.retry(first.id)
     assert await queue.retry(second.id)
@@ -915,16 +923,8 @@ async def test_a_nested_callback_run_again_replaces_its_error_in_the_outer_chord
     # member's retry runs the inner callback again, and its value re-evaluates the outer chord.
     flaky, healthy = flaky_task(queue)
     strict, _ = strict_sum_then_twice(queue)
-    outer_calls: list[list[Any]] = []
-
-    @queue.task
-    async def steady(n: int) -> int:
-        return n
-
-    @queue.task
-    async def collect(values: list[Any]) -> list[Any]:
-        outer_calls.append(["E" if isinstance(v, TaskError) else v for v in values])
-        return outer_calls[-1]
+    steady = steady_task(queue)
+    collect, outer_calls = collecting_task(queue)
 
     async with queue.worker():
         inner = chord([flaky.s(1), steady.s(2)], strict.s())
@@ -947,20 +947,28 @@ async def succeed_by_hand(queue: Queue, job: Job[Any], value: bytes) -> None:
     assert await queue.broker.finish(queue.name, [done], 60) == [True]
 
 
-async def a_chord_whose_two_members_failed(queue: Queue) -> ChordResult[Any]:
-    """A fired chord of two members that failed (its callback ended with both errors); the
-    members now succeed when retried."""
+async def a_chord_whose_two_members_failed(queue: Queue) -> tuple[ChordResult[Any], list[list[Any]]]:
+    """A fired chord of two members that failed (its callback ended with both errors), and the
+    values of each run of its callback; the members now succeed when retried."""
     flaky, healthy = flaky_task(queue)
-
-    @queue.task
-    async def collect(values: list[Any]) -> list[Any]:
-        return ["E" if isinstance(v, TaskError) else v for v in values]
-
+    collect, calls = collecting_task(queue)
     async with queue.worker():
         c = await queue.enqueue(chord([flaky.s(1), flaky.s(2)], collect.s()))
         assert await c.get(timeout=10) == ["E", "E"]
     healthy.append(True)
-    return c
+    return c, calls
+
+
+async def running_with_old_values(queue: Queue, c: ChordResult[Any], consumer: str) -> Delivery:
+    """The chord's callback leased to `consumer` with the first member's value only: the second
+    member, retried, has succeeded since, and given the callback new values."""
+    first, second = c.results.jobs
+    assert await queue.retry(first.id)
+    await succeed_by_hand(queue, first, b"1")
+    [running] = await queue.broker.receive(queue.name, consumer, 1, 0, queue.max_deliveries)
+    assert await queue.retry(second.id)
+    await succeed_by_hand(queue, second, b"2")
+    return running
 
 
 async def test_a_late_success_of_a_callback_run_with_old_values_does_not_end_it(queue: Queue) -> None:
@@ -968,13 +976,8 @@ async def test_a_late_success_of_a_callback_run_with_old_values_does_not_end_it(
     # new values, and a second delivery (its first worker went silent) runs with them. The first
     # delivery's late success ended the job, with a value made from the old values, and the
     # second delivery's was refused.
-    c = await a_chord_whose_two_members_failed(queue)
-    first, second = c.results.jobs
-    assert await queue.retry(first.id)
-    await succeed_by_hand(queue, first, b"1")
-    [old] = await queue.broker.receive(queue.name, "silent", 1, 0, queue.max_deliveries)
-    assert await queue.retry(second.id)
-    await succeed_by_hand(queue, second, b"2")
+    c, _ = await a_chord_whose_two_members_failed(queue)
+    old = await running_with_old_values(queue, c, "silent")
     [new] = await queue.broker.reclaim(queue.name, "taker", 1, 0, queue.max_deliveries)
     assert (old.job_id, new.job_id) == (c.callback.id, c.callback.id)
     assert b"[[1,2]]" in new.payload.replace(b" ", b"")
@@ -992,19 +995,26 @@ async def test_a_callback_revoked_or_cancelled_as_it_ran_with_old_values_is_not_
     # Its run with old values ends (its code did not hear of the cancel): it is run again with
     # the new ones, and that run is revoked or cancelled when met, as a retry would be. The
     # request was dropped, and the callback ran again.
-    c = await a_chord_whose_two_members_failed(queue)
-    first, second = c.results.jobs
-    assert await queue.retry(first.id)
-    await succeed_by_hand(queue, first, b"1")
-    [running] = await queue.broker.receive(queue.name, "runner", 1, 0, queue.max_deliveries)
-    assert await queue.retry(second.id)
-    await succeed_by_hand(queue, second, b"2")
+    c, _ = await a_chord_whose_two_members_failed(queue)
+    running = await running_with_old_values(queue, c, "runner")
     assert await (c.callback.revoke() if ask == "revoke" else c.callback.cancel())
     done = Completion(running, Outcome.SUCCEEDED, time.time(), result=b'"old"')
     assert await queue.broker.finish(queue.name, [done], 60) == [True]
     [met] = await queue.broker.receive(queue.name, "runner", 1, 0, queue.max_deliveries)
     assert (met.job_id, met.ended) == (c.callback.id, "revoked" if ask == "revoke" else "cancelled")
     assert await c.callback.state() == (JobState.REVOKED if ask == "revoke" else JobState.CANCELLED)
+
+
+async def a_chord_failed_on_its_member(queue: Queue) -> tuple[ChordResult[Any], list[bool]]:
+    """A fired chord of one member that failed, whose callback failed on its error; the member
+    succeeds when retried once the list holds something."""
+    flaky, healthy = flaky_task(queue)
+    strict, _ = strict_sum_then_twice(queue)
+    async with queue.worker():
+        c = await queue.enqueue(chord([flaky.s(1)], strict.s()))
+        with pytest.raises(TaskError, match="a member failed"):
+            await c.get(timeout=10)
+    return c, healthy
 
 
 async def waiting_on(queue: Queue, job: Job[Any]) -> bool:
@@ -1022,12 +1032,7 @@ async def test_a_waiter_gets_the_end_it_woke_for_though_the_job_runs_again_at_on
     # callback again at once: a waiter on the callback gets that failure, as the outcome message
     # tells it on Redis. The memory broker read the record again once woken, found it pending,
     # and raised TimeoutError long before the timeout.
-    flaky, _ = flaky_task(queue)
-    strict, _ = strict_sum_then_twice(queue)
-    async with queue.worker():
-        c = await queue.enqueue(chord([flaky.s(1)], strict.s()))
-        with pytest.raises(TaskError, match="a member failed"):
-            await c.get(timeout=10)
+    c, _ = await a_chord_failed_on_its_member(queue)
     member = c.results.jobs[0]
     assert await queue.retry(member.id)
     assert await queue.retry(c.callback.id)
@@ -1080,12 +1085,7 @@ async def test_a_member_retried_after_its_chord_lapsed_does_not_run_the_callback
     # What fills a fired chord is kept result_ttl from its firing; past that, a member's retry
     # has nothing to re-evaluate, on either broker (the memory broker ran the callback again).
     queue = Queue(broker=broker, name=queue_name, result_ttl=1)
-    flaky, healthy = flaky_task(queue)
-    strict, _ = strict_sum_then_twice(queue)
-    async with queue.worker():
-        c = await queue.enqueue(chord([flaky.s(1)], strict.s()))
-        with pytest.raises(TaskError, match="a member failed"):
-            await c.get(timeout=10)
+    c, healthy = await a_chord_failed_on_its_member(queue)
     member = c.results.jobs[0]
     with anyio.fail_after(10):
         while not await chord_lapsed(queue, member):  # noqa: ASYNC110 - an expiry has no event
@@ -1416,7 +1416,7 @@ async def test_immediate_mode_retry_of_a_chord_member_runs_the_callbacks_again(q
 
     @queue.task
     async def shown(values: list[Any]) -> list[Any]:
-        return ["E" if isinstance(v, TaskError) else v for v in values]
+        return errors_marked(values)
 
     inner = chord([flaky.s(1), flaky.s(2).then(plus, 10)], shown.s())
     c = await queue.enqueue(chord([inner, flaky.s(3)], shown.s()))
