@@ -239,13 +239,13 @@ async def execute(queue: Queue, running: RunningJob) -> Completion | None:
     deadline = time.time() + policy.timeout if policy.timeout else None
     context = JobContext(d.job_id, d.task, d.attempt, queue, d, deadline, overrides.get("batch_id"))
     signals = queue.signals
-    if not isinstance(stopped := await _stopped_before_start(running, context), _Starts):
-        return stopped
+    if (stop := _stop_before_start(running)) is not None:
+        return await _stopped_before_start(stop, running, context)
     if signals.wants(Signal.EXECUTING):
         await signals.send(Signal.EXECUTING, context)
         # Stopped while its handlers ran: its code must not run either.
-        if not isinstance(stopped := await _stopped_before_start(running, context), _Starts):
-            return stopped
+        if (stop := _stop_before_start(running)) is not None:
+            return await _stopped_before_start(stop, running, context)
     error: BaseException | None = None
     value: Any = None
     scope = running.start_scope()
@@ -372,30 +372,35 @@ async def _interrupted(signals: Signals, context: JobContext) -> None:
         await signals.send(Signal.INTERRUPTED, context)
 
 
-class _Starts:
-    """What `_stopped_before_start` returns when nothing stops the job."""
-
-
-async def _stopped_before_start(
-    running: RunningJob, context: JobContext
-) -> Completion | _Starts | None:
-    """What becomes of a job stopped before its code starts (its code must not run, not even to
-    its first await): its completion, None to hand it back, or `_Starts()` when nothing stops it."""
-    d, signals = running.delivery, context.queue.signals
+def _stop_before_start(running: RunningJob) -> str | None:
+    """What stops a job before its code starts (its code must not run, not even to its first
+    await), if anything: a check without an await, as every job makes it."""
     if running.lost:
-        return None  # another worker's now
+        return "lost"
     if running.cancel_requested:  # stands over a shutdown that came after it, as below
-        return await _cancelled(signals, context, d)
-    if running.interrupted_at < math.inf:  # the worker's shutdown: handed back
-        await _interrupted(signals, context)
-        return None
+        return "cancelled"
+    if running.interrupted_at < math.inf:
+        return "interrupted"
+    d = running.delivery
     if d.expires is not None and d.expires < time.time():
+        return "expired"
+    return None
+
+
+async def _stopped_before_start(stop: str, running: RunningJob, context: JobContext) -> Completion | None:
+    """The end of a job that `stop` (from `_stop_before_start`) kept from starting: its
+    completion, or None to hand it back."""
+    d, signals = running.delivery, context.queue.signals
+    if stop == "cancelled":
+        return await _cancelled(signals, context, d)
+    if stop == "interrupted":  # the worker's shutdown: handed back
+        await _interrupted(signals, context)
+    elif stop == "expired":
         # Received before its expiry, it waited for a slot past it: handed back unstarted, for
         # the broker to end it expired, as a job not started by then.
         logger.info("job %s (%s): its expiry passed while it waited for a slot: handed back to "
                     "end expired", d.job_id, d.task)
-        return None
-    return _Starts()
+    return None  # handed back; or, "lost", another worker's now
 
 
 def check_links(options: dict[str, Any]) -> None:
