@@ -15,6 +15,8 @@ from typing import ParamSpec, TypeVar
 
 import anyio
 
+from aqueue._context import _current
+
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -48,6 +50,10 @@ class RaisedInThread(Exception):
         self.exc = exc
 
 
+def _in_a_job() -> bool:
+    return _current.get() is not None  # the job running in this task, if any
+
+
 def _carried(call: Callable[[], R]) -> R | _Raised:
     try:
         return call()
@@ -56,12 +62,14 @@ def _carried(call: Callable[[], R]) -> R | _Raised:
 
 
 async def run_in_thread(fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
-    """Run `fn` in a worker thread and wait for it to return, even once its job is told to stop."""
+    """Run `fn` in a worker thread and wait for it to return, even once its job is told to stop.
+    Inside a job, a KeyboardInterrupt the thread raises comes as `RaisedInThread`; elsewhere (a
+    lock's decorator on a function of the caller's own) as it is."""
     outcome = await anyio.to_thread.run_sync(
         partial(_carried, partial(fn, *args, **kwargs)), limiter=worker_threads.get()
     )
     if isinstance(outcome, _Raised):
-        if isinstance(outcome.exc, KeyboardInterrupt):
+        if isinstance(outcome.exc, KeyboardInterrupt) and _in_a_job():
             raise RaisedInThread(outcome.exc)
         raise outcome.exc  # here, in the coroutine's own frame, it is an exception like any other
     return outcome

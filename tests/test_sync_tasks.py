@@ -216,3 +216,16 @@ async def test_an_async_function_behind_a_plain_wrapper_runs_to_its_value(
 
     async with queue.worker():
         assert await (await task.enqueue(1, 2)).result(timeout=10) == 3
+
+
+async def test_a_guarded_plain_function_called_outside_a_job_raises_its_keyboard_interrupt(
+    queue: Queue,
+) -> None:
+    # A lock's decorator on a function of the caller's own: a KeyboardInterrupt its thread raises
+    # comes as it is (inside a job, it fails the job alone), not wrapped in an aqueue type.
+    @queue.lock("own")
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        await interrupted()
