@@ -149,7 +149,8 @@ class Lock:
         try:
             try:
                 # A turn no one holds is taken at once: a timeout spent by now (a tiny one) still
-                # makes the one try that timeout=0 makes.
+                # makes the one try that timeout=0 makes. A caller cancelled already is not.
+                await anyio.lowlevel.checkpoint_if_cancelled()
                 line.turn.acquire_nowait()
             except anyio.WouldBlock:
                 await self._wait_for_turn(line, timeout, deadline)
@@ -325,18 +326,25 @@ class Lock:
     async def _renew(self, token: str) -> None:
         """Extend the lock every ttl/3; after a renewal that failed, every ttl/10 (at most a
         second) until one takes: waiting a whole ttl/3 again lost the lock to a broker out of
-        reach for little more than a third of its ttl."""
-        wait = self.ttl / 3
+        reach for little more than a third of its ttl. Once no renewal has taken for a whole
+        ttl, the lock is lost: said, and no more is tried."""
+        wait, held_until, failing = self.ttl / 3, anyio.current_time() + self.ttl, False
         while True:
             await anyio.sleep(wait)
+            asked = anyio.current_time()
             try:
                 extended = await self.queue.broker.lock_extend(self.queue.name, self.name, token,
                                                                self.ttl)
             except BrokerError as exc:
-                logger.warning("renewing lock %r failed, trying again: %s", self.name, exc)
-                wait = min(self.ttl / 10, 1.0)
+                if anyio.current_time() >= held_until:
+                    logger.error("lock %r was lost while held: no renewal took within its ttl "
+                                 "(%ss): %s", self.name, self.ttl, exc)
+                    return
+                if not failing:  # once per spell
+                    logger.warning("renewing lock %r failed, trying again: %s", self.name, exc)
+                wait, failing = min(self.ttl / 10, 1.0), True
                 continue
             if not extended:
                 logger.error("lock %r was lost while held (its ttl ran out)", self.name)
                 return
-            wait = self.ttl / 3
+            wait, held_until, failing = self.ttl / 3, asked + self.ttl, False

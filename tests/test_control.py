@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -283,6 +284,28 @@ async def test_a_job_cancelled_while_its_executing_handlers_run_does_not_start(
     assert ran == []
 
 
+async def test_a_job_whose_executing_handlers_run_past_its_expiry_still_runs(queue: Queue) -> None:
+    # Its expiry is about starting, and it started with its EXECUTING: the checks made again once
+    # the handlers were done handed it back, to end expired unrun.
+    ran: list[str] = []
+
+    @queue.on(Signal.EXECUTING)
+    async def slow_handler(signal: Signal, job: Any, exc: BaseException | None = None) -> None:
+        with anyio.fail_after(10):
+            while time.time() <= expires_at:  # noqa: ASYNC110 - the clock has no event
+                await anyio.sleep(0.01)
+
+    @queue.task
+    async def work() -> None:
+        ran.append("ran")
+
+    expires_at = time.time() + 0.3
+    async with queue.worker():
+        job = await work.options(expires=datetime.fromtimestamp(expires_at, UTC)).enqueue()
+        assert await job.result(timeout=10) is None
+    assert ran == ["ran"]
+
+
 async def test_a_failure_that_a_cancel_overrides_is_told_cancelled(queue: Queue) -> None:
     # The job failed for good, and was asked to cancel before its failure was written: it ends
     # cancelled, not in the dead letters, and no CANCELLED came (only the failure's ERROR).
@@ -549,6 +572,38 @@ async def test_a_lock_whose_renewals_fail_for_a_while_is_kept_if_one_takes_in_it
         with pytest.raises(LockTimeout):
             async with queue.lock("flaky link", timeout=0):
                 pass
+
+
+async def test_a_lock_whose_renewals_fail_for_its_whole_ttl_is_said_lost_once(
+    queue: Queue, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Tried again every ttl/10 with a warning each, for as long as the body ran, and never said
+    # lost while the broker stayed out of reach.
+    async def out_of_reach(queue_name: str, name: str, token: str, ttl: float) -> bool:
+        raise BrokerConnectionError("out of reach")
+
+    monkeypatch.setattr(queue.broker, "lock_extend", out_of_reach)
+    caplog.set_level(logging.WARNING, logger="aqueue")
+    async with queue.lock("gone", ttl=0.3):
+        with anyio.fail_after(10):
+            while not any("was lost" in r.getMessage() for r in caplog.records):  # noqa: ASYNC110 - a log line has no event
+                await anyio.sleep(0.01)
+    said = [r.getMessage() for r in caplog.records if "lock 'gone'" in r.getMessage()]
+    assert [m.split(":")[0] for m in said] == ["renewing lock 'gone' failed, trying again",
+                                               "lock 'gone' was lost while held"]
+
+
+async def test_a_cancelled_caller_does_not_take_a_lock(queue: Queue) -> None:
+    # A free lock is taken without waiting for this process's turn: on the memory broker, whose
+    # calls do not await, a caller cancelled already took it and ran its body.
+    ran: list[str] = []
+    with anyio.CancelScope() as scope:
+        scope.cancel()
+        async with queue.lock("free", timeout=5):
+            ran.append("body")
+    assert ran == []
+    async with queue.lock("free", timeout=0):
+        pass  # and it is free
 
 
 async def test_lock_exit_ends_a_renewer_that_swallowed_its_cancellation(

@@ -243,8 +243,9 @@ async def execute(queue: Queue, running: RunningJob) -> Completion | None:
         return await _stopped_before_start(stop, running, context)
     if signals.wants(Signal.EXECUTING):
         await signals.send(Signal.EXECUTING, context)
-        # Stopped while its handlers ran: its code must not run either.
-        if (stop := _stop_before_start(running)) is not None:
+        # Stopped while its handlers ran: its code must not run either. (Its expiry is about
+        # starting, and the job started with its EXECUTING.)
+        if (stop := _stop_before_start(running, expiry=False)) is not None:
             return await _stopped_before_start(stop, running, context)
     error: BaseException | None = None
     value: Any = None
@@ -372,7 +373,7 @@ async def _interrupted(signals: Signals, context: JobContext) -> None:
         await signals.send(Signal.INTERRUPTED, context)
 
 
-def _stop_before_start(running: RunningJob) -> str | None:
+def _stop_before_start(running: RunningJob, *, expiry: bool = True) -> str | None:
     """What stops a job before its code starts (its code must not run, not even to its first
     await), if anything: a check without an await, as every job makes it."""
     if running.lost:
@@ -382,7 +383,7 @@ def _stop_before_start(running: RunningJob) -> str | None:
     if running.interrupted_at < math.inf:
         return "interrupted"
     d = running.delivery
-    if d.expires is not None and d.expires < time.time():
+    if expiry and d.expires is not None and d.expires < time.time():
         return "expired"
     return None
 
