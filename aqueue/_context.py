@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -31,6 +32,14 @@ class JobContext:
     _deadline: float | None = field(default=None, repr=False)  # time.time() based
     batch_id: str | None = None
     """The batch this job is a member or a callback of."""
+    _stopping: Callable[[], bool] = field(default=lambda: False, repr=False)
+
+    @property
+    def stopping(self) -> bool:
+        """Whether its worker is shutting down (SIGINT/SIGTERM, `worker.stop()`): a long job may
+        save its place and end early, in the grace the worker gives it (`--shutdown-timeout`),
+        rather than be cancelled and handed back once that grace is out."""
+        return self._stopping()
 
     @property
     def deadline(self) -> datetime | None:

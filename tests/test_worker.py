@@ -754,6 +754,30 @@ async def test_immediate_mode_retry_of_an_undecodable_dead_letter_dead_letters_i
     assert ran == []
 
 
+async def test_a_job_sees_its_worker_stopping_and_may_end_in_its_grace(queue: Queue) -> None:
+    # A long job that works in steps can save its place and end once its worker is told to stop,
+    # rather than be cancelled and handed back when the grace is out.
+    started = anyio.Event()
+    seen: list[bool] = []
+
+    @queue.task
+    async def in_steps() -> str:
+        context = current_job()
+        seen.append(context.stopping)
+        started.set()
+        while not context.stopping:  # noqa: ASYNC110 - a step of its work, then a look at the flag
+            await anyio.sleep(0.01)
+        return "saved its place"
+
+    async with queue.worker(shutdown_timeout=60):
+        job = await in_steps.enqueue()
+        with anyio.fail_after(10):
+            await started.wait()
+    # The worker's exit asked it to stop: the job ended in its grace, long before 60 s were out.
+    assert await job.result(timeout=0) == "saved its place"
+    assert seen == [False]
+
+
 async def test_dead_letter_retry_runs_again(queue: Queue) -> None:
     fail = True
 

@@ -61,6 +61,8 @@ class RunningJob:
     completed: JobContext | None = None
     """A success with COMPLETE handlers: they are called once the success is written (as in
     Huey, whose handlers find the result stored)."""
+    worker_stopping: Callable[[], bool] = lambda: False
+    """Whether the worker that runs it is shutting down (`JobContext.stopping`)."""
 
     def start_scope(self) -> anyio.CancelScope:
         """The job's cancel scope; a stop asked for before the job started carries over to it."""
@@ -237,7 +239,8 @@ async def execute(queue: Queue, running: RunningJob) -> Completion | None:
     if overrides.get("wf_in") and args:
         args[0] = _errors_restored(args[0])
     deadline = time.time() + policy.timeout if policy.timeout else None
-    context = JobContext(d.job_id, d.task, d.attempt, queue, d, deadline, overrides.get("batch_id"))
+    context = JobContext(d.job_id, d.task, d.attempt, queue, d, deadline, overrides.get("batch_id"),
+                         running.worker_stopping)
     signals = queue.signals
     if (stop := _stop_before_start(running)) is not None:
         return await _stopped_before_start(stop, running, context)

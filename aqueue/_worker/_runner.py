@@ -159,6 +159,9 @@ class Worker:
     def __repr__(self) -> str:
         return f"<Worker {self.name} on {self.queue!r}>"
 
+    def _stopping(self) -> bool:
+        return self._stop_requested
+
     def stop(self) -> None:
         """Stop taking jobs; running jobs get `shutdown_timeout` seconds, then are cancelled and
         handed back. A plain `def` job's thread cannot be stopped: it is waited for, however long
@@ -439,7 +442,7 @@ class Worker:
             if self._stop_requested:
                 self._hand_back(d, started=False)
             else:
-                running = RunningJob(d, self._new_scope)
+                running = RunningJob(d, self._new_scope, worker_stopping=self._stopping)
                 self._running[d.job_id] = running
                 self._ready.append(running)
                 self._wake_runner()
