@@ -226,12 +226,7 @@ async def execute(queue: Queue, running: RunningJob) -> Completion | None:
         return await dead(queue, d, PayloadTooLarge(f"payload of {len(d.payload)} bytes over this "
                                                     f"worker's max_payload_size ({queue.max_payload_size})"))
     try:
-        call = loads(d.payload)
-        args, kwargs, overrides = call["args"], call["kwargs"], call.get("options") or {}
-        if not (isinstance(args, list) and isinstance(kwargs, dict) and isinstance(overrides, dict)):
-            raise TypeError("args must be a list, kwargs and options objects")
-        if overrides:
-            check_links(overrides)
+        args, kwargs, overrides = decode_call(d.payload)
         policy = policy_for_call(task.policy, overrides)
     except (ValueError, TypeError, KeyError) as exc:
         return await dead(queue, d, SerializationError(f"undecodable payload: {exc!r}"))
@@ -405,6 +400,18 @@ async def _stopped_before_start(stop: str, running: RunningJob, context: JobCont
         logger.info("job %s (%s): its expiry passed while it waited for a slot: handed back to "
                     "end expired", d.job_id, d.task)
     return None  # handed back; or, "lost", another worker's now
+
+
+def decode_call(payload: bytes) -> tuple[list[Any], dict[str, Any], dict[str, Any]]:
+    """A payload's arguments and options, as a job runs them; ValueError, TypeError or KeyError
+    for one that cannot be read so (another writer's): its job is dead-lettered unrun."""
+    call = loads(payload)
+    args, kwargs, options = call["args"], call["kwargs"], call.get("options") or {}
+    if not (isinstance(args, list) and isinstance(kwargs, dict) and isinstance(options, dict)):
+        raise TypeError("args must be a list, kwargs and options objects")
+    if options:
+        check_links(options)
+    return args, kwargs, options
 
 
 def check_links(options: dict[str, Any]) -> None:

@@ -10,12 +10,12 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from aqueue._serialization import loads
 from aqueue._states import JobState
 from aqueue._worker._executor import (
     RunningJob,
     announce_written,
     check_links,
+    decode_call,
     execute,
     report_ended,
     written_signal,
@@ -73,10 +73,9 @@ def _workflow_options(payload: bytes) -> dict[str, Any]:
     dead letter retried may be one) sets nothing going: its job is dead-lettered again as it
     runs, before its code runs."""
     try:
-        call = loads(payload)
-    except ValueError:
+        return decode_call(payload)[2]
+    except (ValueError, TypeError, KeyError):
         return {}
-    return _checked(call.get("options") if isinstance(call, dict) else None)
 
 
 def _checked(options: Any) -> dict[str, Any]:
