@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeAlias, TypeVar
 
 from aqueue._exceptions import ConfigurationError
 from aqueue._ids import new_id
-from aqueue._jobs import Job, JobInfo, ResultGroup
+from aqueue._jobs import Job, ResultGroup
 from aqueue._serialization import encode_call, loads
 from aqueue._states import JobState
 from aqueue._tasks import NO_OPTIONS, CallOptions, Task, call_eta, call_overrides
@@ -202,18 +202,21 @@ async def _failed_steps(queue: Queue, job_id: str, seen: set[str]) -> list[str]:
     record = await queue.broker.get(queue.name, job_id)
     if record is None:
         return []
-    info = JobInfo.from_record(record)
-    if info.state == JobState.CANCELLED and info.error:
-        failed = info.error.get("job_id")
-        if isinstance(failed, str) and failed != job_id:
-            return await _failed_steps(queue, failed, seen)
-        return []
-    if info.state != JobState.FAILED:
+    if record.state == JobState.CANCELLED and record.error:
+        failed = _named(loads(record.error))
+        return await _failed_steps(queue, failed, seen) if failed not in (None, job_id) else []
+    if record.state != JobState.FAILED:
         return []
     members: list[str] = []
     for member in _errors_named(record.payload):
         members += await _failed_steps(queue, member, seen)
     return members or [job_id]
+
+
+def _named(error: Any) -> str | None:
+    """The job an error's metadata names (`job_id`), if it is one of aqueue's."""
+    job_id = error.get("job_id") if isinstance(error, dict) else None
+    return job_id if isinstance(job_id, str) else None
 
 
 def _errors_named(payload: bytes) -> list[str]:
@@ -228,13 +231,9 @@ def _errors_named(payload: bytes) -> list[str]:
     if not (isinstance(options, dict) and options.get("wf_in") and isinstance(args, list) and args
             and isinstance(args[0], list)):
         return []
-    named = []
-    for value in args[0]:
-        marker = value.get("__aqueue_error__") if isinstance(value, dict) and len(value) == 1 else None
-        job_id = marker.get("job_id") if isinstance(marker, dict) else None
-        if isinstance(job_id, str):
-            named.append(job_id)
-    return named
+    markers = [value.get("__aqueue_error__") for value in args[0]
+               if isinstance(value, dict) and len(value) == 1]
+    return [job_id for job_id in map(_named, markers) if job_id is not None]
 
 
 @dataclass(frozen=True, slots=True)
