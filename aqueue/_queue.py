@@ -275,6 +275,9 @@ class Queue:
     def _register(self, fn: Callable[P, Any], name: str | None, policy: TaskPolicy) -> Task[P, Any]:
         if not callable(fn):
             raise ConfigurationError(f"@queue.task decorates a function, got {fn!r}")
+        if isinstance(fn, Task):  # taken, its jobs would run the task's direct call in a thread
+            raise ConfigurationError(f"@queue.task decorates a function, not the task {fn.name!r} "
+                                     "(give each queue the plain function)")
         task_name = default_name(fn) if name is None else name  # name="" is refused, not ignored
         check_name(task_name, "a task's name")  # stored as the jobs' task, by which workers find it
         if task_name in self.tasks and self.tasks[task_name].fn is not fn:

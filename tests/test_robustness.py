@@ -226,6 +226,18 @@ def test_a_generator_function_is_refused_as_a_task(queue: Queue) -> None:
     assert not queue.tasks
 
 
+def test_a_task_is_refused_as_the_function_of_another(queue: Queue) -> None:
+    # Taken before: the outer task was a plain one, its jobs running the inner task's direct
+    # call in a worker thread, under a second name.
+    @queue.task
+    async def inner() -> int:
+        return 1
+
+    with pytest.raises(ConfigurationError, match="decorates a function, not the task 'inner'"):
+        queue.task(name="outer")(inner)
+    assert list(queue.tasks) == ["inner"]
+
+
 def test_bad_options_fail_at_once(queue: Queue) -> None:
     @queue.task
     async def work() -> None:
