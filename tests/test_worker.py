@@ -290,6 +290,24 @@ async def test_timeout_cancels_cooperatively_and_is_retried(queue: Queue, shield
     assert cleaned == ([1, 2] if shielded else [])
 
 
+async def test_a_timeouts_traceback_shows_where_the_job_was(queue: Queue) -> None:
+    # It held a TaskTimeout's message alone: nothing said which await the job was stuck on.
+    async def waits_on_a_slow_service() -> None:
+        await anyio.sleep(30)
+
+    @queue.task(timeout=0.1)
+    async def slow() -> None:
+        await waits_on_a_slow_service()
+
+    async with queue.worker():
+        job = await slow.enqueue()
+        with pytest.raises(TaskError) as caught:
+            await job.result(timeout=10)
+    trace = caught.value.metadata["traceback"]
+    assert "in waits_on_a_slow_service" in trace
+    assert trace.rstrip().endswith(f"TaskTimeout: job {job.id} (slow) timed out after 0.1s")
+
+
 async def test_per_call_timeout_and_retries_override(queue: Queue) -> None:
     @queue.task(retries=5)
     async def slow() -> None:

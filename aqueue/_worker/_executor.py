@@ -246,6 +246,7 @@ async def execute(queue: Queue, running: RunningJob) -> Completion | None:
         if (stop := _stop_before_start(running, expiry=False)) is not None:
             return await _stopped_before_start(stop, running, context)
     error: BaseException | None = None
+    stopped_at: BaseException | None = None  # the cancellation, with the frames it came through
     value: Any = None
     scope = running.start_scope()
     with scope:
@@ -269,6 +270,7 @@ async def execute(queue: Queue, running: RunningJob) -> Completion | None:
             # Raised by the job's own code (it awaited a future cancelled elsewhere): a failure
             # like any other. A cancellation of this task (its scope, or the worker's) goes on.
             if scope.cancel_called or _task_cancelling():
+                stopped_at = exc
                 raise
             error = exc
         except KeyboardInterrupt:
@@ -299,6 +301,7 @@ async def execute(queue: Queue, running: RunningJob) -> Completion | None:
             return await _cancelled(signals, context, d)
         elif scope.deadline <= min(anyio.current_time(), running.interrupted_at):
             error = TaskTimeout(f"job {d.job_id} ({d.task}) timed out after {policy.timeout}s")
+            error.__cause__ = stopped_at  # its traceback shows where the job was when stopped
         elif scope.cancelled_caught or (not task.in_thread and error is not None
                                         and running.interrupted_at < math.inf):
             # Stopped by the shutdown, or it turned the shutdown's cancellation into an error of
