@@ -182,16 +182,16 @@ _FINAL = {s.value for s in JobState if s.is_final}
 class ResultGroup(Generic[R]):
     """Several jobs whose values are wanted together, in order."""
 
-    def __init__(self, jobs: Sequence[Job[Any]]) -> None:
-        self.jobs: list[Job[Any]] = list(jobs)
+    def __init__(self, jobs: Sequence[Job[R]]) -> None:
+        self.jobs: list[Job[R]] = list(jobs)
 
     def __len__(self) -> int:
         return len(self.jobs)
 
-    def __iter__(self) -> Iterator[Job[Any]]:
+    def __iter__(self) -> Iterator[Job[R]]:
         return iter(self.jobs)
 
-    def __getitem__(self, index: int) -> Job[Any]:
+    def __getitem__(self, index: int) -> Job[R]:
         return self.jobs[index]
 
     async def get(self, timeout: Seconds | None = None) -> list[R]:

@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 
 P = ParamSpec("P")
 R = TypeVar("R")
+H = TypeVar("H", bound=Handler)  # a handler keeps its own type
 
 DEFAULT_RESULT_TTL = 86400.0
 DEFAULT_VISIBILITY_TIMEOUT = 60.0
@@ -367,9 +368,11 @@ class Queue:
     # --- workflows -------------------------------------------------------------------------------
 
     @overload
-    async def enqueue(self, workflow: Chord) -> ChordResult[Any]: ...
+    async def enqueue(self, workflow: Chord[R]) -> ChordResult[R]: ...
     @overload
-    async def enqueue(self, workflow: Signature[Any] | Pipeline | Group) -> ResultGroup[Any]: ...
+    async def enqueue(self, workflow: Signature[R]) -> ResultGroup[R]: ...
+    @overload
+    async def enqueue(self, workflow: Pipeline | Group) -> ResultGroup[Any]: ...
     async def enqueue(self, workflow: Node) -> ResultGroup[Any] | ChordResult[Any]:
         """Enqueue a signature, pipeline, group or chord, stored in one atomic step (a group of
         single jobs, which nothing links, as `map` stores its jobs: on Redis, 500 to a step).
@@ -385,7 +388,7 @@ class Queue:
 
     async def batch(
         self,
-        members: Sequence[Signature[Any] | Pipeline | Chord],
+        members: Sequence[Signature[Any] | Pipeline | Chord[Any]],
         *,
         on_success: Task[Any, Any] | Signature[Any] | None = None,
         on_failure: Task[Any, Any] | Signature[Any] | None = None,
@@ -494,11 +497,11 @@ class Queue:
 
     # --- signals and workers ---------------------------------------------------------------------
 
-    def on(self, *signals: Signal) -> Callable[[Handler], Handler]:
+    def on(self, *signals: Signal) -> Callable[[H], H]:
         """Register a sync or async handler `(signal, job, exc=None)`; no signals means all."""
         chosen = tuple(_signal(s) for s in signals)
 
-        def register(handler: Handler) -> Handler:
+        def register(handler: H) -> H:
             if not callable(handler):
                 raise ConfigurationError(f"@queue.on(...) decorates a handler, got {handler!r}")
             try:  # told now, not by a TypeError logged at every signal

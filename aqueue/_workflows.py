@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Generic, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeAlias, TypeVar, overload
 
 from aqueue._exceptions import ConfigurationError
 from aqueue._ids import new_id
@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from aqueue._queue import Queue
 
 R = TypeVar("R")
+T = TypeVar("T")
 
 
 class Signature(Generic[R]):
@@ -99,36 +100,36 @@ class Group:
         return Group([m if isinstance(m, Signature) and m.on_error is not None
                       else m.error(handler, *args, **kwargs) for m in self.members])
 
-    def then(self, task: Task[Any, Any] | Signature[Any], /, *args: Any, **kwargs: Any) -> Chord:
+    def then(self, task: Task[Any, T] | Signature[T], /, *args: Any, **kwargs: Any) -> Chord[T]:
         """As in Huey, a group fed into a task is a chord: `task(values, ...)` once all have ended."""
         return Chord(self.members, signature(task, args, kwargs))
 
 
-class Chord:
+class Chord(Generic[R]):
     """Members side by side, then `callback(values, ...)` once every member has ended. A member
     that fails for good puts its error (a `TaskError`) in its place: a chord always completes."""
 
-    def __init__(self, members: Iterable[Node], callback: Task[Any, Any] | Signature[Any] | Pipeline) -> None:
+    def __init__(self, members: Iterable[Node], callback: Task[Any, R] | Signature[R] | Pipeline) -> None:
         self.members = _nodes(members, "chord")
         if not self.members:
             raise ConfigurationError("a chord needs at least one member")
         self.callback = callback if isinstance(callback, Pipeline) else Pipeline([signature(callback, (), {})])
 
-    def then(self, task: Task[Any, Any] | Signature[Any], /, *args: Any, **kwargs: Any) -> Chord:
-        """Attaches to the callback: it feeds `task`."""
-        return Chord(self.members, self.callback.then(task, *args, **kwargs))
+    def then(self, task: Task[Any, Any] | Signature[Any], /, *args: Any, **kwargs: Any) -> Chord[R]:
+        """Attaches to the callback: it feeds `task` (`get()` still gives the callback's value)."""
+        return Chord[R](self.members, self.callback.then(task, *args, **kwargs))
 
-    def error(self, handler: Task[Any, Any] | Signature[Any], /, *args: Any, **kwargs: Any) -> Chord:
+    def error(self, handler: Task[Any, Any] | Signature[Any], /, *args: Any, **kwargs: Any) -> Chord[R]:
         """Attaches to the callback, as in Huey: if it fails for good, `handler(exc, ...)` runs and
         the steps `then()` added after it are skipped (a failure of theirs runs a handler of
         their own). A callback with a handler of its own keeps it."""
         first, *rest = self.callback.steps
         if first.on_error is None:
             first = first.error(handler, *args, **kwargs)
-        return Chord(self.members, Pipeline([first, *rest]))
+        return Chord[R](self.members, Pipeline([first, *rest]))
 
 
-Node: TypeAlias = Signature[Any] | Pipeline | Group | Chord
+Node: TypeAlias = Signature[Any] | Pipeline | Group | Chord[Any]
 
 
 def _nodes(members: Iterable[Node], what: str) -> list[Node]:
@@ -151,7 +152,11 @@ def group(members: Iterable[Node]) -> Group:
     return Group(members)
 
 
-def chord(members: Iterable[Node], callback: Task[Any, Any] | Signature[Any] | Pipeline) -> Chord:
+@overload
+def chord(members: Iterable[Node], callback: Task[Any, R] | Signature[R]) -> Chord[R]: ...
+@overload
+def chord(members: Iterable[Node], callback: Pipeline) -> Chord[Any]: ...
+def chord(members: Iterable[Node], callback: Task[Any, R] | Signature[R] | Pipeline) -> Chord[Any]:
     return Chord(members, callback)
 
 
