@@ -1193,6 +1193,8 @@ async def test_entries_ended_before_they_ran_leave_the_stream_on_prune(
     "BUSY Redis is busy running a script", "TRYAGAIN Multiple keys request during rehashing",
     "MASTERDOWN Link with MASTER is down", "CLUSTERDOWN The cluster is down",
     "OOM command not allowed when used memory > 'maxmemory'.",
+    "NOREPLICAS Not enough good replicas to write.",
+    "MISCONF Redis is configured to save RDB snapshots, but it's currently unable to persist to disk.",
 ])
 def test_a_failover_or_a_full_server_is_a_broker_connection_error(reply: str) -> None:
     # redis-py cuts the code from most of these messages (READONLY becomes ReadOnlyError("You
@@ -1202,9 +1204,11 @@ def test_a_failover_or_a_full_server_is_a_broker_connection_error(reply: str) ->
         RedisBroker("redis://127.0.0.1:1/0")._raise_translated(error)
 
 
-async def test_a_worker_keeps_an_outcome_through_a_failover(queue_name: str) -> None:
+@pytest.mark.parametrize("refusal", ["replica", "too few replicas"])
+async def test_a_worker_keeps_an_outcome_through_a_failover(queue_name: str, refusal: str) -> None:
     # Its server turned replica while the job ran: the success's write was refused (READONLY),
-    # the outcome dropped, and the job ran again once its lease lapsed.
+    # the outcome dropped, and the job ran again once its lease lapsed. The same with writes
+    # refused for want of replicas (NOREPLICAS).
     server = start_redis()
     admin = redis.asyncio.Redis.from_url(server.url)
     queue = Queue(server.url, name=queue_name)
@@ -1231,11 +1235,17 @@ async def test_a_worker_keeps_an_outcome_through_a_failover(queue_name: str) -> 
             job = await work.enqueue()
             with anyio.fail_after(10):
                 await started.wait()
-            await admin.replicaof("127.0.0.1", str(free_port()))  # a master that is not there
+            if refusal == "replica":
+                await admin.replicaof("127.0.0.1", str(free_port()))  # a master that is not there
+            else:
+                await admin.config_set("min-replicas-to-write", 1)  # and it has none
             finish.set()
             with anyio.fail_after(10):
                 await refused.wait()
-            await admin.replicaof("NO", "ONE")
+            if refusal == "replica":
+                await admin.replicaof("NO", "ONE")
+            else:
+                await admin.config_set("min-replicas-to-write", 0)
             assert await job.result(timeout=10) == "done"
         assert runs == 1
     finally:

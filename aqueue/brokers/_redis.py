@@ -70,11 +70,13 @@ ENQUEUE_WINDOW = 20
 INBOX_CONNECTIONS = 1
 WORKER_CONNECTIONS = 2
 # Errors that pass (a failover, a server loading its data, out of memory for now, busy with a
-# script): retried like a lost connection, a worker's outcomes kept until written. redis-py raises
-# most as classes of their own, their code cut from the message; the rest keep the code.
+# script, too few replicas to write to, a failed save refusing writes): retried like a lost
+# connection, a worker's outcomes kept until written. redis-py raises most as classes of their
+# own, their code cut from the message; the rest keep the code.
 TRANSIENT_ERRORS = (redis_errors.ReadOnlyError, redis_errors.TryAgainError,
                     redis_errors.ClusterDownError, redis_errors.OutOfMemoryError)
-TRANSIENT = {"READONLY", "LOADING", "BUSY", "TRYAGAIN", "MASTERDOWN", "CLUSTERDOWN", "OOM"}
+TRANSIENT = {"READONLY", "LOADING", "BUSY", "TRYAGAIN", "MASTERDOWN", "CLUSTERDOWN", "OOM", "NOREPLICAS",
+             "MISCONF"}
 # Records that a receive, claim, reclaim or recover ends rather than leases (expired, revoked,
 # cancelled, dead) are kept a day: those calls take no result_ttl.
 ENDED_HERE_TTL = 86_400
