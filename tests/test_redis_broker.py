@@ -817,6 +817,56 @@ async def test_entries_behind_a_long_job_are_deleted_when_the_count_is_unknown(
     assert await client.xlen(stream) == 0
 
 
+async def test_a_stream_that_lost_its_group_gets_it_back_without_running_ended_jobs_again(
+    redis_broker: RedisBroker, client: redis.asyncio.Redis, queue_name: str
+) -> None:
+    # Destroyed by hand, the group left every read failing with NOGROUP for good: the queue stood
+    # still. Given back, it reads from the start, where an ended job's entry may wait behind a
+    # long one (see the tests above): that job must not run again. The long job, whose
+    # delivery went with the group, is delivered again.
+    stream = Keys(queue_name).stream(0)
+    long_id, ended_id, *waiting = await redis_broker.enqueue(queue_name, [new_job() for _ in range(4)])
+    long, ended = await redis_broker.receive(queue_name, "w", 2, 0, 5)
+    assert (long.job_id, ended.job_id) == (long_id, ended_id)
+    done = Completion(ended, Outcome.SUCCEEDED, time.time(), result=b"1")
+    assert await redis_broker.finish(queue_name, [done], 60) == [True]
+    assert await client.xlen(stream) == 4  # the ended job's entry waits behind the long one
+    await client.xgroup_destroy(stream, GROUP)
+    again = await redis_broker.receive(queue_name, "w", 10, 0, 5)
+    assert [d.job_id for d in again] == [long_id, *waiting]
+    assert await client.xlen(stream) == 3
+
+
+@pytest.mark.parametrize("loss", ["group destroyed", "stream deleted"])
+async def test_a_blocked_worker_goes_on_when_its_stream_or_group_goes(
+    redis_url: str, queue_name: str, loss: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Its blocked read fails (NOGROUP; UNBLOCKED for a stream deleted, which was logged as an
+    # error): the worker reads again, and the group is made again.
+    caplog.set_level(logging.WARNING, logger="aqueue")
+    queue = Queue(redis_url, name=queue_name)
+    admin = redis.asyncio.Redis.from_url(redis_url)
+    stream = Keys(queue_name).stream(0)
+
+    @queue.task
+    async def add(a: int, b: int) -> int:
+        return a + b
+
+    try:
+        async with queue.worker():
+            assert await (await add.enqueue(1, 2)).result(timeout=10) == 3
+            await wait_for_blocked_client(redis_url)
+            if loss == "group destroyed":
+                await admin.xgroup_destroy(stream, GROUP)
+            else:
+                await admin.delete(stream)
+            assert await (await add.enqueue(2, 3)).result(timeout=10) == 5
+    finally:
+        await queue.close()
+        await admin.aclose()
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
 async def test_finishing_a_claimed_job_keeps_the_entries_not_yet_delivered(
     redis_broker: RedisBroker, client: redis.asyncio.Redis, queue_name: str
 ) -> None:

@@ -853,7 +853,15 @@ class RedisBroker(Broker):
                 found, bands = read, self._bands[queue]
             else:
                 now = time.time()
-                reply = await self._run(queue, "receive", [consumer, count, repr(now), max_deliveries, ttl])
+                try:
+                    reply = await self._run(queue, "receive", [consumer, count, repr(now), max_deliveries, ttl])
+                except BrokerError as exc:
+                    if "NOGROUP" not in str(exc):
+                        raise
+                    # A stream that lost its group while it stayed: the script makes a group
+                    # only with a stream. Given back, and read again.
+                    await self._run(queue, "regroup", [])
+                    reply = await self._run(queue, "receive", [consumer, count, repr(now), max_deliveries, ttl])
                 self._bands[queue] = bands = [b.decode() for b in reply[0]]
                 self._learned.add((queue, consumer))
                 found = [_delivery(row, consumer, now) for row in reply[1:]]
@@ -953,9 +961,12 @@ class RedisBroker(Broker):
                 # Redis lost the script: what was read waits under the waiting name meanwhile.
                 reply = await self._run(queue, "take", [consumer, waiting, count])
             except redis_errors.ResponseError as exc:
-                if "NOGROUP" not in str(exc):
+                # The group or its stream went while the read blocked (UNBLOCKED: the stream was
+                # deleted), or before: the server lost its data (a restart), or the group was
+                # destroyed. The receive script makes them again (see `receive`).
+                if "NOGROUP" not in str(exc) and "UNBLOCKED" not in str(exc):
                     raise
-                return [], False  # the server lost its data (a restart): the script recreates it
+                return [], False
             finally:
                 self._blocked.pop(consumer, None)
         now = time.time()

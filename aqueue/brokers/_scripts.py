@@ -34,6 +34,7 @@ NAMES = (
     "records",
     "reclaim",
     "recover",
+    "regroup",
     "release",
     "renew",
     "retry",
