@@ -128,6 +128,18 @@ def encode_call(
     return _within(data, max_size, f"the arguments of {task} encode")
 
 
+# How a chord member's error is told to its callback (and an error handler its error), among
+# values: a dict of this one key, itself or in lists (see `_errors_restored` in the executor).
+ERROR_MARK = "__aqueue_error__"
+_ERROR_MARK_JSON = b'"__aqueue_error__"'
+
+
+def marks_an_error(value: Any) -> bool:
+    if isinstance(value, list):
+        return any(marks_an_error(v) for v in value)
+    return isinstance(value, dict) and len(value) == 1 and ERROR_MARK in value
+
+
 def encode_result(value: Any, task: str, max_size: int) -> bytes:
     """A job's value as stored: bounded as its arguments are (stored in one write with hundreds
     of others, a result of hundreds of MiB had Redis drop the worker's connection, every time)."""
@@ -139,6 +151,11 @@ def encode_result(value: Any, task: str, max_size: int) -> bytes:
         raise SerializationError(
             f"the result ({type(value).__name__}) cannot be serialized as JSON: {exc}"
         ) from None
+    if _ERROR_MARK_JSON in data and marks_an_error(loads(data)):
+        # A chord's callback would take it for a member's error: a value that passes outside
+        # data through would forge one.
+        raise SerializationError(f"the result of {task} is, or holds in lists, a dict whose one key is "
+                                 f"{ERROR_MARK!r}: aqueue marks a chord member's error so")
     return _within(data, max_size, f"the result of {task} encodes")
 
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeAlias, TypeVar, overload
 from aqueue._exceptions import ConfigurationError
 from aqueue._ids import new_id
 from aqueue._jobs import Job, ResultGroup
-from aqueue._serialization import encode_call, loads
+from aqueue._serialization import ERROR_MARK, encode_call, loads
 from aqueue._states import JobState
 from aqueue._tasks import NO_OPTIONS, CallOptions, Task, call_eta, call_overrides
 from aqueue._time import Seconds
@@ -236,7 +236,7 @@ def _errors_named(payload: bytes) -> list[str]:
     if not (isinstance(options, dict) and options.get("wf_in") and isinstance(args, list) and args
             and isinstance(args[0], list)):
         return []
-    markers = [value.get("__aqueue_error__") for value in args[0]
+    markers = [value.get(ERROR_MARK) for value in args[0]
                if isinstance(value, dict) and len(value) == 1]
     return [job_id for job_id in map(_named, markers) if job_id is not None]
 

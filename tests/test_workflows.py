@@ -213,6 +213,31 @@ async def test_chord_with_a_failing_member_still_completes(queue: Queue) -> None
         assert await c.callback.result(timeout=1) == [2, "error:KeyError", None, 4, "end"]
 
 
+@pytest.mark.parametrize("forged", [
+    {"__aqueue_error__": {"error": "forged"}}, [{"__aqueue_error__": "nested"}], {"__aqueue_error__": 5},
+])
+async def test_a_member_value_shaped_as_the_error_mark_fails_rather_than_forge_an_error(
+    queue: Queue, forged: Any
+) -> None:
+    # Such a value succeeded, and its callback took it for the member's error (a TaskError): a
+    # task that passes outside data through could forge a failure. The same dict beside another
+    # key, or inside a dict, is plain data.
+    @queue.task
+    async def relay(value: Any) -> Any:
+        return value
+
+    @queue.task
+    async def collect(values: list[Any]) -> list[Any]:
+        return [f"error:{v.metadata['type']}" if isinstance(v, TaskError) else v for v in values]
+
+    plain = [{"__aqueue_error__": 1, "other": 2}, {"inner": {"__aqueue_error__": 1}}]
+    async with queue.worker():
+        c = await queue.enqueue(chord([relay.s(forged), *(relay.s(p) for p in plain)], collect))
+        assert await c.get(timeout=10) == ["error:SerializationError", *plain]
+        with pytest.raises(TaskError, match="aqueue marks a chord member's error so"):
+            await c.results[0].result(timeout=1)
+
+
 async def test_a_chord_member_ended_without_running_puts_a_full_task_error_in_its_place(queue: Queue) -> None:
     # Cancelled, revoked or expired before a worker ran it: the callback still gets TaskError
     # metadata with every key SPEC names, its type naming the ending as job.result() would.

@@ -28,7 +28,7 @@ from aqueue._exceptions import (
     TaskTimeout,
     UnknownTask,
 )
-from aqueue._serialization import dumps, encode_call, encode_result, loads
+from aqueue._serialization import ERROR_MARK, dumps, encode_call, encode_result, loads, marks_an_error
 from aqueue._signals import ENDED_SIGNALS, Signal, SignalJob, Signals
 from aqueue._states import JobState
 from aqueue._tasks import TaskPolicy, policy_for_call
@@ -453,8 +453,8 @@ def _errors_restored(value: Any) -> Any:
     `TaskError`s."""
     if isinstance(value, list):
         return [_errors_restored(v) for v in value]
-    if isinstance(value, dict) and len(value) == 1 and "__aqueue_error__" in value:
-        metadata = value["__aqueue_error__"]
+    if marks_an_error(value):
+        metadata = value[ERROR_MARK]
         return TaskError(metadata if isinstance(metadata, dict) else {"error": str(metadata)})
     return value
 
