@@ -66,6 +66,9 @@ def broker_from_url(url: str) -> Broker:
     scheme = url.split("://", 1)[0].lower() if "://" in url else ""
     # Each broker is imported when a queue first uses it: a worker loads only its own.
     if scheme == "memory":
+        if url.split("://", 1)[1]:  # a name or option here would be ignored, without a word
+            raise ConfigurationError("a memory:// URL takes nothing after its '//': each such queue has a "
+                                     "broker of its own (queues share one with Queue(broker=...))")
         from aqueue.brokers._memory import MemoryBroker
 
         return MemoryBroker()

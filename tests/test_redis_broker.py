@@ -195,6 +195,11 @@ def test_a_password_with_unencoded_reserved_characters_never_shows(url: str, sho
         ("REDIS://127.0.0.1:6433/abc", "the database must be a number, got 'abc'"),
         ("UNIX:///tmp/x.sock?foo=bar", "'foo' is not a connection option of a unix:// URL"),
         ("redis://127.0.0.1:6433/5?db=3", "two databases, /5 and ?db=3"),
+        # redis-py took the one before the host, without a word.
+        ("redis://:s3cret@h/0?password=et9", "two passwords, before the host and ?password="),
+        ("redis://me@h/0?username=you", "two usernames, before the host and ?username="),
+        # redis-py reads any word but its five false ones as true.
+        ("redis://h/0?socket_keepalive=maybe", "socket_keepalive='maybe' is not a valid value"),
         *((url, "a unix:// URL takes the socket's absolute path after its '//' (unix:///tmp/redis.sock)")
           for url in ("unix://tmp/redis.sock", "unix://redis.sock", "unix://:s3cret@tmp/redis.sock")),
         # A password holding a "[", or an unencoded "&" (its end not named: it may be a secret).
@@ -236,7 +241,9 @@ def test_a_bad_url_is_refused_when_the_queue_is_made(url: str, message: str) -> 
 
 
 @pytest.mark.parametrize("url", ["unix://localhost/run/redis.sock", "unix://me:pw@/run/redis.sock",
-                                 "redis://h/5?db=5", "redis://h/5?db=05", "redis://h?db=3"])
+                                 "redis://h/5?db=5", "redis://h/5?db=05", "redis://h?db=3",
+                                 "redis://:pw@h/0?password=pw", "redis://:p%40w@h/0?password=p%40w",
+                                 "redis://h/0?password=a%2541"])
 def test_a_socket_path_after_localhost_or_one_database_said_twice_is_taken(url: str) -> None:
     assert Queue(url).broker.url.startswith(url.partition("://")[0])
 
@@ -297,6 +304,9 @@ def test_url_schemes_pick_the_broker() -> None:
     assert isinstance(Queue("unix:///tmp/x.sock").broker, RedisBroker)
     with pytest.raises(ValueError, match=r"redis://, rediss://, unix:// or memory://, got 'amqp'$"):
         Queue("amqp://localhost")
+    for ignored in ("memory://jobs", "memory://?x=1"):  # each was taken as memory:// alone
+        with pytest.raises(ValueError, match=r"a memory:// URL takes nothing after its '//'"):
+            Queue(ignored)
     # A mistyped scheme leaves no "://" to end it: the message showed the whole URL, password too.
     for typo in ("redis:/:s3cret@127.0.0.1:6379/0", "redis//:s3cret@host/0", "rediss:/user:s3cret@host",
                  "redis:/:s3://cret@host/0", "redis:/:s3cret@host/0?next=http://x"):

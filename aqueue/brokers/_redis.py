@@ -27,7 +27,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from functools import cache
 from typing import Any, NoReturn
-from urllib.parse import SplitResult, parse_qsl, urlencode, urlsplit
+from urllib.parse import SplitResult, parse_qsl, unquote, urlencode, urlsplit
 
 import anyio
 import redis.asyncio as aioredis
@@ -37,6 +37,7 @@ from redis.asyncio.connection import (
     Connection,
     SSLConnection,
     UnixDomainSocketConnection,
+    to_bool,
 )
 
 from aqueue import _outage
@@ -160,6 +161,8 @@ def _misread_password(parts: SplitResult) -> bool:
 TEXT_OPTIONS = {"username", "password", "client_name", "lib_name", "lib_version", "protocol", "ssl_keyfile",
                 "ssl_certfile", "ssl_cert_reqs", "ssl_ca_certs", "ssl_ca_data", "ssl_ca_path",
                 "ssl_ciphers", "ssl_password"}
+# What redis-py's to_bool reads as false (any other word is true), and as true.
+BOOLEAN_WORDS = {"0", "F", "FALSE", "N", "NO", "1", "T", "TRUE", "Y", "YES"}
 KNOWN_OPTIONS = {"max_connections", *URL_QUERY_ARGUMENT_PARSERS, *TEXT_OPTIONS}
 
 
@@ -247,6 +250,8 @@ def _check_url(url: str, shown: str) -> None:
         try:
             if parse is not None:
                 parse(value)
+            if parse is to_bool and value.upper() not in BOOLEAN_WORDS:
+                raise ValueError(value)  # to_bool reads any word but its five false ones as true
         except (TypeError, ValueError):
             shown_value = "***" if _secret(name) else repr(value)
             raise ConfigurationError(f"{shown}: {name}={shown_value} is not a valid value") from None
@@ -256,6 +261,10 @@ def _check_url(url: str, shown: str) -> None:
         if name == "db" and parts.scheme != "unix" and database and int(value) != int(database):
             # redis-py takes the query's, without a word
             raise ConfigurationError(f"{shown}: two databases, /{database} and ?db={value}")
+        before_host = getattr(parts, name) if name in ("username", "password") else None
+        if before_host is not None and unquote(before_host) != value:
+            # redis-py takes the one before the host, without a word
+            raise ConfigurationError(f"{shown}: two {name}s, before the host and ?{name}=")
 
 
 def _in_range(name: str, value: object) -> bool:
