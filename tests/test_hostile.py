@@ -3,6 +3,7 @@ it, and every bad message ends in the dead letters with a reason."""
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from typing import Any
@@ -106,6 +107,23 @@ async def test_dotted_paths_are_never_imported(queue: Queue, monkeypatch: pytest
     assert imported == []
     reasons = {d.id: d.dead_reason for d in await queue.dead_letters()}
     assert all("unknown task" in str(reasons[job.id]) for job in bad)
+
+
+async def test_a_task_name_with_a_line_break_forges_no_log_line(
+    queue: Queue, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Another writer's job, its task named with a line break: the dead letter's log line showed
+    # it as it was, a line of the writer's choosing after it.
+    caplog.set_level(logging.INFO, logger="aqueue")
+    forged = "x\n2026-01-01 INFO aqueue: user admin logged in"
+    job = NewJob(id=uuid.uuid4().hex, task=forged, payload=b'{"args":[],"kwargs":{}}', enqueued_at=time.time())
+    await queue.broker.enqueue(queue.name, [job])
+    async with queue.worker():
+        with anyio.fail_after(10):
+            await queue.broker.wait(queue.name, job.id, None)
+    [line] = [r.getMessage() for r in caplog.records if "sent to the dead letters" in r.getMessage()]
+    assert "\n" not in line
+    assert repr(forged) in line
 
 
 async def test_hostile_arguments_fail_at_enqueue(queue: Queue) -> None:

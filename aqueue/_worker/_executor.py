@@ -148,10 +148,16 @@ async def dead(queue: Queue, d: Delivery, exc: Exception, reason: str | None = N
     why (with its traceback, if it was raised); the reason is its message unless given."""
     error = _metadata(exc, d, 0) if exc.__traceback__ is not None else _dead_metadata(d, exc)
     reason = reason or str(exc)
-    logger.error("job %s (%s) sent to the dead letters: %s", d.job_id, d.task, reason)
+    logger.error("job %s (%s) sent to the dead letters: %s", _one_line(d.job_id), _one_line(d.task), reason)
     if queue.signals.wants(Signal.ERROR):
         await queue.signals.send(Signal.ERROR, SignalJob(d.job_id, d.task), TaskError(error))
     return Completion(d, Outcome.FAILED, time.time(), error=dumps(error), reason=reason)
+
+
+def _one_line(text: str) -> str:
+    """An id or task name that another writer may have put in Redis, as a log line shows it: a
+    line break in it would forge a log line of its own."""
+    return text if text.isprintable() else repr(text)
 
 
 async def report_ended(queue: Queue, d: Delivery) -> None:
