@@ -59,6 +59,11 @@ class Breaking(Schedule):
         return moment
 
 
+async def a_service_that_breaks(self: Worker) -> None:
+    """In place of one of a worker's services (which fail only by a defect of aqueue's own)."""
+    raise RuntimeError("service broke")
+
+
 def worker_tasks() -> list[asyncio.Task[object]]:
     """The tasks running a worker (`Worker.run`) in this loop."""
     return [t for t in asyncio.all_tasks() if "Worker.run" in repr(t.get_coro())]
@@ -1384,17 +1389,43 @@ async def test_the_jobs_beside_one_the_broker_ended_start_before_its_signal_is_h
         assert await job.result(timeout=10) is None
 
 
-async def test_a_worker_whose_service_failed_raises_why_and_stops_quietly(queue: Queue) -> None:
+async def test_a_periodic_task_whose_schedule_fails_stops_ticking_and_the_worker_runs_on(
+    queue: Queue, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A Schedule of the user's that raised took the whole worker down, its running jobs left to
+    # their leases' end, as a kill -9 would.
+    caplog.set_level(logging.ERROR, logger="aqueue")
+    ticked = anyio.Event()
+
     @queue.periodic(Breaking())
     async def tick() -> None:
-        return None
+        ticked.set()
 
+    @queue.task
+    async def add(a: int, b: int) -> int:
+        return a + b
+
+    async with queue.worker():
+        with anyio.fail_after(10):
+            await ticked.wait()  # its one tick, due at once
+            while not any("its schedule failed" in r.getMessage() for r in caplog.records):  # noqa: ASYNC110 - a log line has no event
+                await anyio.sleep(0.01)
+        assert await (await add.enqueue(1, 2)).result(timeout=10) == 3
+    [failed] = [r for r in caplog.records if "its schedule failed" in r.getMessage()]
+    assert failed.getMessage() == "periodic tick: its schedule failed; this worker runs it no more"
+    assert "schedule broke" in caplog.text  # its traceback
+
+
+async def test_a_worker_whose_service_failed_raises_why_and_stops_quietly(
+    queue: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(Worker, "_check_cancel", a_service_that_breaks)
     worker = Worker(queue)
     with pytest.raises(BaseExceptionGroup) as caught:
         with anyio.fail_after(10):
             await worker.run()
     assert caught.value.subgroup(RuntimeError) is not None
-    assert "schedule broke" in repr(caught.value.subgroup(RuntimeError))
+    assert "service broke" in repr(caught.value.subgroup(RuntimeError))
     worker.stop()  # nothing left to stop: no error of its own to hide the first one
     assert worker_threads.get() is None  # its thread pool was the worker's alone
 
@@ -1409,11 +1440,10 @@ async def test_a_worker_whose_start_is_cancelled_does_not_run_on(queue: Queue) -
     assert worker_tasks() == []
 
 
-async def test_a_worker_in_the_background_says_at_once_that_a_service_failed(queue: Queue) -> None:
-    @queue.periodic(Breaking())
-    async def tick() -> None:
-        return None
-
+async def test_a_worker_in_the_background_says_at_once_that_a_service_failed(
+    queue: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(Worker, "_check_cancel", a_service_that_breaks)
     said = anyio.Event()
 
     class Watch(logging.Handler):

@@ -754,17 +754,21 @@ class Worker:
         """Promote due jobs and enqueue periodic ticks; every worker does it, the broker makes each
         step happen once."""
         queue = self.queue
-        next_ticks = {name: schedule.next_after(datetime.now(UTC))
-                      for name, schedule in queue.schedules.items()}
+        next_ticks = {name: tick for name in queue.schedules
+                      if (tick := self._next_tick(name, datetime.now(UTC))) is not None}
         while True:
             now = time.time()
             try:
                 nxt = await queue.broker.promote_due(queue.name, now, PROMOTE_BATCH)
-                for name, tick in next_ticks.items():
+                for name, tick in list(next_ticks.items()):
                     if tick.timestamp() <= now:
                         await self._enqueue_tick(name, tick.timestamp(), now)
                         # The next tick after now: ticks missed while down are not replayed.
-                        next_ticks[name] = queue.schedules[name].next_after(datetime.fromtimestamp(now, UTC))
+                        following = self._next_tick(name, datetime.fromtimestamp(now, UTC))
+                        if following is None:
+                            del next_ticks[name]
+                        else:
+                            next_ticks[name] = following
             except BrokerError as exc:
                 logger.warning("scheduling failed: %s", exc)
                 await anyio.sleep(1.0)
@@ -773,6 +777,16 @@ class Worker:
             for tick in next_ticks.values():
                 wait = min(wait, tick.timestamp() - time.time())
             await anyio.sleep(min(max(wait, 0.0), SCHEDULER_TICK))
+
+    def _next_tick(self, name: str, moment: datetime) -> datetime | None:
+        """A periodic task's next tick; None if its schedule (a Schedule of the user's) failed:
+        that task has no more ticks from this worker, and the worker runs on (it stopped, its
+        running jobs left to their leases' end)."""
+        try:
+            return self.queue.schedules[name].next_after(moment)
+        except Exception:
+            logger.exception("periodic %s: its schedule failed; this worker runs it no more", name)
+            return None
 
     async def _prune(self) -> None:
         """Forget what is left of expired records, a page per step until none are left."""
