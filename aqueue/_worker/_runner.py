@@ -132,12 +132,14 @@ class Worker:
         self._more_handed_back = anyio.Event()  # for `_hand_back_as_they_stop`
         self._unstarted: list[Delivery] = []  # never started here: handed back as never delivered
         self._stop_requested = False
+        self._stop_at = 0.0  # time.monotonic() when stop() was called: the running jobs' grace starts
+        self._stop_heard = anyio.Event()  # cuts short the fetcher's pause between failed calls
         self._wake_fetcher = anyio.Event()
         self._all_idle = anyio.Event()
         self._completer: Completer | None = None
         self._services: TaskGroup | None = None
         self._fetch_ended = anyio.Event()
-        self._grace_over = False  # the running jobs' shutdown_timeout has passed (`_wind_down`)
+        self._grace_over = False  # the running jobs' shutdown_timeout has passed (`_end_grace`)
         self._reclaim_done = anyio.Event()
         self._reclaim_done.set()
         self._answer_lost = False  # a receive or reclaim failed: it may have leased jobs even so
@@ -169,9 +171,25 @@ class Worker:
         if self._stop_requested:
             return
         self._stop_requested = True
+        self._stop_at = time.monotonic()
+        self._stop_heard.set()
         self._wake_fetcher.set()
         if self._services is not None:  # still running
-            self._services.start_soon(self._unblock_fetcher)
+            self._start_stopping(self._services)
+
+    def _start_stopping(self, services: TaskGroup) -> None:
+        services.start_soon(self._unblock_fetcher)
+        # The running jobs' grace counts from the stop, not from the fetch's end: a broker slow to
+        # answer (a stalled Redis) held the fetch, and every job with it, past the grace that an
+        # orchestrator gives the process before it kills it.
+        services.start_soon(self._grace_timer)
+
+    def _grace_left(self) -> float:
+        return max(0.0, self.shutdown_timeout - (time.monotonic() - self._stop_at))
+
+    async def _grace_timer(self) -> None:
+        await anyio.sleep(self._grace_left())
+        self._end_grace()
 
     async def _unblock_fetcher(self) -> None:
         # The fetcher may be waiting in `receive`; end the wait without losing what it claims.
@@ -225,21 +243,15 @@ class Worker:
         with anyio.CancelScope(shield=True):
             with anyio.move_on_after(self.shutdown_timeout + STOP_GRACE):
                 await asyncio.wait([worker.task])
-            # Past the fetcher's end the coroutine jobs are interrupted (`_wind_down`): what runs
-            # on is threads. Before it, what holds the worker up is something else (a broker call
-            # that never answers): cancelled, as below.
+            # The coroutine jobs were interrupted once their shutdown_timeout had passed
+            # (`_end_grace`): what runs on is threads. Before the fetcher's end, what holds the
+            # worker up is something else (a broker call that never answers): cancelled, as below.
             if not worker.done() and self._running and self._fetch_ended.is_set():
                 # Cancelled, the worker would wait for the threads all the same, but then neither
                 # write their outcomes (their jobs would run again) nor hand back the jobs it
                 # interrupted (they would wait for the visibility timeout).
-                if self._grace_over:
-                    logger.warning("worker %s: still waiting for %d job(s) whose threads cannot be "
-                                   "stopped", self.name, len(self._running))
-                else:
-                    # The fetch ended late (a broker slow to answer), and the running jobs'
-                    # shutdown_timeout with it: `_wind_down` is still waiting for them.
-                    logger.warning("worker %s: %d job(s) still running, their shutdown_timeout "
-                                   "started late, when the fetch ended", self.name, len(self._running))
+                logger.warning("worker %s: still waiting for %d job(s) whose threads cannot be "
+                               "stopped", self.name, len(self._running))
                 if self._all_idle.is_set():
                     # Set before these jobs ran; one not set yet is `_wind_down`'s, and stays: a
                     # new one would leave it waiting out its timeout after the last job ended.
@@ -276,7 +288,7 @@ class Worker:
                 async with anyio.create_task_group() as services:
                     self._services = services
                     if self._stop_requested:  # stopped before it started
-                        services.start_soon(self._unblock_fetcher)
+                        self._start_stopping(services)
                     services.start_soon(self._completer.run)
                     services.start_soon(self._renew_leases)
                     listen_tried = anyio.Event()
@@ -353,13 +365,15 @@ class Worker:
             except BrokerConnectionError as exc:
                 self._answer_lost = True
                 logger.warning("broker unreachable, retrying in %.2fs: %s", backoff, exc)
-                await anyio.sleep(backoff)
+                with anyio.move_on_after(backoff):  # or until a stop
+                    await self._stop_heard.wait()
                 backoff = min(backoff * 2, 5.0)
                 continue
             except Exception:  # a broker error or a fault of aqueue's own: log it, never die of it
                 self._answer_lost = True
                 logger.exception("receiving jobs failed, retrying in %.2fs", backoff)
-                await anyio.sleep(backoff)
+                with anyio.move_on_after(backoff):
+                    await self._stop_heard.wait()
                 backoff = min(backoff * 2, 5.0)
                 continue
             if 0 < taken < free:
@@ -601,22 +615,33 @@ class Worker:
     # --- stopping --------------------------------------------------------------------------------
 
     async def _wind_down(self) -> None:
+        """Once the fetch has ended: wait out what is left of the running jobs' grace."""
+        self._let_go_of_the_waiting()
+        if not self._running or self._grace_over:
+            return
+        logger.info("worker %s stopping: waiting up to %.3gs for %d running job(s)",
+                    self.name, self._grace_left(), len(self._running))
+        self._all_idle = anyio.Event()
+        with anyio.move_on_after(self._grace_left()):
+            await self._all_idle.wait()
+        self._end_grace()
+
+    def _let_go_of_the_waiting(self) -> None:
         # Jobs no runner has taken yet (received ahead, or just received) have not started: handed
         # back at once for another worker to run, not started while the running ones finish.
-        # Their release runs in the background: the running jobs' time to finish starts now.
+        # Their release runs in the background.
         waiting, self._ready = self._ready, deque()
         for running in waiting:
             if self._running.get(running.delivery.job_id) is running:
                 del self._running[running.delivery.job_id]
             self._let_go(running)
-        if not self._running:
+
+    def _end_grace(self) -> None:
+        """The running jobs' shutdown_timeout has passed: each is interrupted, to be handed back."""
+        if self._grace_over:
             return
-        logger.info("worker %s stopping: waiting up to %ss for %d running job(s)",
-                    self.name, self.shutdown_timeout, len(self._running))
-        self._all_idle = anyio.Event()
-        with anyio.move_on_after(self.shutdown_timeout):
-            await self._all_idle.wait()
         self._grace_over = True
+        self._let_go_of_the_waiting()
         if self._running and self._services is not None:
             self._services.start_soon(self._hand_back_as_they_stop)
         for running in list(self._running.values()):
