@@ -931,6 +931,25 @@ async def test_a_stop_whose_fetch_ends_late_still_interrupts_jobs_when_their_gra
     assert await job.state() == JobState.PENDING  # handed back, for another worker to run
 
 
+async def test_a_stop_cuts_short_the_fetchers_pause_after_a_failed_call(
+    queue: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The pause (up to 5 s) ended only by its own clock: the stop waited for it.
+    monkeypatch.setattr(runner_module, "FETCH_PAUSE_FIRST", 60.0)
+    failed = anyio.Event()
+
+    async def unreachable(*args: Any, **kwargs: Any) -> list[Any]:
+        failed.set()
+        raise BrokerConnectionError("cannot reach the broker")
+
+    monkeypatch.setattr(queue.broker, "receive", unreachable)
+    began = anyio.current_time()
+    async with queue.worker():  # its stop is shielded: a deadline here would not end it
+        with anyio.fail_after(10):
+            await failed.wait()
+    assert anyio.current_time() - began < 30  # not the 60 s pause
+
+
 async def test_job_of_a_dead_worker_is_redelivered(queue: Queue) -> None:
     @queue.task
     async def work() -> str:

@@ -55,6 +55,9 @@ RECEIVE_BATCH = 200  # jobs per receive at most: a bigger batch only holds more 
 # holds at most this many such leases: enough to receive while writes are under way, and a bound,
 # so that a fetcher running ahead of the writes piles up neither leases nor memory.
 WRITING_SLACK = RECEIVE_BATCH
+# The fetcher's pause after a failed call to the broker, doubled after each until it takes.
+FETCH_PAUSE_FIRST = 0.05
+FETCH_PAUSE_MOST = 5.0
 # Seconds `running()`'s exit waits past the shutdown timeout for a worker held up by anything but
 # threads (a broker that does not answer), before it cancels the worker.
 STOP_GRACE = 10.0
@@ -340,7 +343,7 @@ class Worker:
         queue, broker = self.queue, self.queue.broker
         reclaim_every = max(1.0, queue.visibility_timeout / 4)
         next_reclaim = 0.0
-        backoff = 0.05
+        backoff = FETCH_PAUSE_FIRST
         while not self._stop_requested:
             taken_at_most = self.concurrency + self.prefetch
             free = min(taken_at_most - len(self._running),
@@ -361,20 +364,20 @@ class Worker:
                                                       queue.max_deliveries)
                     await self._take(deliveries)
                     taken = len(deliveries)
-                backoff = 0.05
+                backoff = FETCH_PAUSE_FIRST
             except BrokerConnectionError as exc:
                 self._answer_lost = True
                 logger.warning("broker unreachable, retrying in %.2fs: %s", backoff, exc)
                 with anyio.move_on_after(backoff):  # or until a stop
                     await self._stop_heard.wait()
-                backoff = min(backoff * 2, 5.0)
+                backoff = min(backoff * 2, FETCH_PAUSE_MOST)
                 continue
             except Exception:  # a broker error or a fault of aqueue's own: log it, never die of it
                 self._answer_lost = True
                 logger.exception("receiving jobs failed, retrying in %.2fs", backoff)
                 with anyio.move_on_after(backoff):
                     await self._stop_heard.wait()
-                backoff = min(backoff * 2, 5.0)
+                backoff = min(backoff * 2, FETCH_PAUSE_MOST)
                 continue
             if 0 < taken < free:
                 # The queue ran dry: the next receive will wait for jobs anyway, so the jobs just
