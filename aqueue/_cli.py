@@ -22,6 +22,7 @@ from aqueue._worker import Worker
 logger = logging.getLogger("aqueue")
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # as a shell reports a process that Ctrl-C ended
 
 
 class TargetError(Exception):
@@ -76,6 +77,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     try:
         return _run(args, handler, level)
+    except KeyboardInterrupt:
+        # Ctrl-C before the worker watches for signals (the app's import, a connect that hangs):
+        # no job was taken yet, nothing to say but that.
+        print("aqueue: interrupted while starting", file=sys.stderr)
+        return EXIT_INTERRUPTED
     finally:
         logger.removeHandler(handler)
         logger.propagate = True

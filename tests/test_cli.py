@@ -362,6 +362,16 @@ def test_an_app_whose_own_import_is_missing_shows_that_import(
         main(["run", "app_sx:queue"])
 
 
+def test_ctrl_c_while_starting_exits_130_without_a_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Ctrl-C during a slow import (here: at once) printed a KeyboardInterrupt's traceback.
+    (tmp_path / "app_ki.py").write_text("raise KeyboardInterrupt\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["run", "app_ki:queue"]) == 130
+    assert capsys.readouterr().err == "aqueue: interrupted while starting\n"
+
+
 @pytest.mark.parametrize("logfile", ["/nonexistent-dir/aqueue.log", "."])  # no folder; a folder
 def test_a_logfile_that_cannot_be_opened_exits_2(
     logfile: str, capsys: pytest.CaptureFixture[str]
