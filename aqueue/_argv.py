@@ -28,7 +28,7 @@ options:
                         they wait (default 0)
   --shutdown-timeout S  seconds running jobs get to finish on SIGTERM (default 30)
   --no-scheduler        do not promote delayed jobs or enqueue periodic ones
-  -v, --verbose         log debug lines
+  -v, --verbose         log debug lines (every run of a job, as it ends)
   -q, --quiet           log warnings and errors only
   --logfile F           write aqueue's log to this file (not to stderr, nor to the
                         handlers of an app that sets up logging)

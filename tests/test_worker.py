@@ -950,6 +950,27 @@ async def test_a_stop_cuts_short_the_fetchers_pause_after_a_failed_call(
     assert anyio.current_time() - began < 30  # not the 60 s pause
 
 
+async def test_a_debug_log_says_how_each_run_of_a_job_ended(
+    queue: Queue, caplog: pytest.LogCaptureFixture
+) -> None:
+    # `aqueue run -v` added nothing: no line of the package was at debug level but a tick's.
+    caplog.set_level(logging.DEBUG, logger="aqueue")
+
+    @queue.task(retries=1, retry_delay=0)
+    async def once_wrong() -> str:
+        if current_job().attempt == 1:
+            raise ValueError("not yet")
+        return "ok"
+
+    async with queue.worker():
+        job = await once_wrong.enqueue()
+        assert await job.result(timeout=10) == "ok"
+    ends = [r.getMessage() for r in caplog.records
+            if r.levelno == logging.DEBUG and r.getMessage().startswith(f"job {job.id}")]
+    assert [line.rsplit(" in ", 1)[0] for line in ends] == [
+        f"job {job.id} (once_wrong) attempt 1: retry", f"job {job.id} (once_wrong) attempt 2: succeeded"]
+
+
 async def test_job_of_a_dead_worker_is_redelivered(queue: Queue) -> None:
     @queue.task
     async def work() -> str:

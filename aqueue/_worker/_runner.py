@@ -134,6 +134,7 @@ class Worker:
         self._handed_back: list[Delivery] = []  # stopped by the shutdown, to run again elsewhere
         self._more_handed_back = anyio.Event()  # for `_hand_back_as_they_stop`
         self._unstarted: list[Delivery] = []  # never started here: handed back as never delivered
+        self._debug = False  # debug lines wanted (`aqueue run -v`), read as the worker starts
         self._stop_requested = False
         self._stop_at = 0.0  # time.monotonic() when stop() was called: the running jobs' grace starts
         self._stop_heard = anyio.Event()  # cuts short the fetcher's pause between failed calls
@@ -285,6 +286,7 @@ class Worker:
             # The running backend's own scope class: `anyio.CancelScope()` looks the backend up on every
             # call, which costs more than all the rest of a no-op job's bookkeeping.
             self._new_scope = type(anyio.CancelScope())
+            self._debug = logger.isEnabledFor(logging.DEBUG)  # once: a check per job costs more
             threads = worker_threads.set(anyio.CapacityLimiter(self.concurrency))
             self._clean_context = contextvars.copy_context()
             try:
@@ -522,6 +524,7 @@ class Worker:
 
     async def _run_job(self, running: RunningJob) -> None:
         job_id = running.delivery.job_id
+        began = time.monotonic() if self._debug else 0.0
         try:
             completion = await execute(self.queue, running)
         except Exception as exc:
@@ -536,6 +539,9 @@ class Worker:
             if not self._running:
                 self._all_idle.set()
         d = running.delivery  # the newest delivery, should the job have come back to us
+        if self._debug:
+            logger.debug("job %s (%s) attempt %d: %s in %.3fs", job_id, d.task, d.attempt,
+                         completion.outcome if completion else "handed back", time.monotonic() - began)
         if completion is None:
             self._let_go(running)
         else:
