@@ -337,7 +337,7 @@ class Worker:
                 await queue.broker.forget_consumer(queue.name, self.name)
             except BrokerError as exc:
                 logger.warning("could not remove consumer %s: %s", self.name, exc)
-        logger.info("worker %s stopped after %d job(s)", self.name, self.jobs_done)
+        logger.info("worker %s stopped after %d job run(s)", self.name, self.jobs_done)  # retries count
 
     # --- fetching --------------------------------------------------------------------------------
 
