@@ -1439,6 +1439,41 @@ async def test_clean_stop_leaves_no_consumer_and_prunes_index(redis_url: str, qu
             await client.aclose()
 
 
+async def test_a_worker_without_the_scheduler_prunes_too_and_as_it_starts(
+    redis_url: str, queue_name: str
+) -> None:
+    # Only a worker running the scheduler pruned, and only 10 s after it started: with workers
+    # run --no-scheduler, or each for a few seconds, every finished job left its index entries
+    # in Redis for good.
+    queue = Queue(redis_url, name=queue_name, result_ttl=1)
+    client = redis.asyncio.Redis.from_url(redis_url)
+
+    @queue.task
+    async def noop() -> None:
+        return None
+
+    keys = Keys(queue_name)
+    try:
+        async with queue:
+            async with queue.worker(scheduler=False):
+                job = await noop.enqueue()
+                await job.result(timeout=10)
+            # Its index entry can go once the second its record expires in (listed, rounded up)
+            # has passed.
+            [(_, second)] = await client.zrange(keys.prefix + "expiring_at", 0, -1, withscores=True)
+            with anyio.fail_after(10):
+                while time.time() <= second:  # noqa: ASYNC110 - waiting for the clock itself
+                    await anyio.sleep(0.05)
+            assert not await client.exists(keys.job(job.id))
+            assert await client.zcard(keys.index) == 1  # left behind
+            async with queue.worker(scheduler=False):
+                with anyio.fail_after(5):  # under PRUNE_EVERY: the pass as it starts
+                    while await client.zcard(keys.index):  # noqa: ASYNC110 - another process's work
+                        await anyio.sleep(0.02)
+    finally:
+        await client.aclose()
+
+
 async def test_a_new_job_starts_from_its_stream_entry_alone(
     redis_broker: RedisBroker, client: redis.asyncio.Redis, queue_name: str
 ) -> None:

@@ -794,3 +794,34 @@ async def test_outcome_of_a_job_the_worker_reclaimed_from_itself_is_written_not_
         else:
             assert await job.result(timeout=10) == 1
     assert runs == 1
+
+
+async def test_a_memory_queue_with_no_worker_prunes_what_it_stores(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Only a worker pruned the memory broker: in immediate mode, or a process that only rate
+    # limits, every record, stale heap entry and rate count stayed for good.
+    from aqueue.brokers import _memory
+
+    monkeypatch.setattr(_memory, "PRUNE_EVERY", 0.0)  # at every call, rather than every 10 s
+    broker = MemoryBroker()
+    queue = Queue(broker=broker, result_ttl=1, immediate=True)
+
+    @queue.task
+    async def noop() -> None:
+        return None
+
+    first = [await noop.enqueue() for _ in range(100)]
+    for n in range(100):
+        await broker.rate_limit_hit(queue.name, f"user-{n}", 1, 0.05)
+    state = broker._queue(queue.name)
+    assert len(state.records) == 100
+    assert len(state.rates) == 100
+    gone_at = max(state.expiry.values())
+    with anyio.fail_after(10):
+        while time.time() <= gone_at:  # noqa: ASYNC110 - waiting for the clock itself
+            await anyio.sleep(0.05)
+    last = await noop.enqueue()
+    await broker.rate_limit_hit(queue.name, "user-new", 1, 0.05)
+    assert not any(job.id in state.records for job in first)
+    assert list(state.records) == [last.id]
+    assert list(state.rates) == [("user-new", 50)]
+    assert len(state.ready) <= 64  # the heap's stale entries of jobs claimed in immediate mode

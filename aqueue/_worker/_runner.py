@@ -43,6 +43,7 @@ from aqueue._worker._executor import (
     written_signal,
 )
 from aqueue.brokers import Completion, Delivery, Outcome
+from aqueue.brokers._base import PRUNE_EVERY
 
 if TYPE_CHECKING:
     from aqueue._context import JobContext
@@ -70,7 +71,6 @@ CANCEL_CHECK = 2.0  # how often to look for cancel requests whose push was misse
 # past it, those older than EARLY_CANCEL_AGE seconds go (all of them, if that leaves over half).
 EARLY_CANCELS_KEPT = 1000
 EARLY_CANCEL_AGE = 5.0
-PRUNE_EVERY = 10.0  # seconds between two pages of pruning expired records' leftovers
 PRUNE_PAGE = 5000
 
 def consumer_name() -> str:
@@ -301,7 +301,9 @@ class Worker:
                     services.start_soon(self._check_cancel)
                     if self.scheduler:
                         services.start_soon(self._schedule)
-                        services.start_soon(self._prune)
+                    # Every worker prunes, a scheduler or not: with none pruning, each finished
+                    # job left its index entries in Redis for good.
+                    services.start_soon(self._prune)
                     # No job is taken before cancel requests are listened for: one made in between
                     # would wait for the fallback check.
                     await listen_tried.wait()
@@ -823,15 +825,16 @@ class Worker:
             return None
 
     async def _prune(self) -> None:
-        """Forget what is left of expired records, a page per step until none are left."""
+        """Forget what is left of expired records, a page per step until none are left: as the
+        worker starts (one that runs for less than PRUNE_EVERY prunes too), then every PRUNE_EVERY."""
         while True:
-            await anyio.sleep(PRUNE_EVERY)
             try:
                 removed = PRUNE_PAGE
                 while removed == PRUNE_PAGE:  # page by page until none are left
                     removed = await self.queue.broker.prune(self.queue.name, time.time(), PRUNE_PAGE)
             except BrokerError as exc:
                 logger.warning("pruning expired records failed: %s", exc)
+            await anyio.sleep(PRUNE_EVERY)
 
     async def _enqueue_tick(self, name: str, tick: float, now: float) -> None:
         queue = self.queue

@@ -60,6 +60,7 @@ def rate_window_ms(per: float) -> int:
 
 
 BATCH_CALLBACK_KINDS = ("success", "failure", "complete")
+PRUNE_EVERY = 10.0  # seconds between two prunes of expired records' leftovers (`Broker.prune`)
 
 
 def batch_callback_id(batch_id: str, kind: str) -> str:

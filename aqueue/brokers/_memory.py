@@ -21,6 +21,7 @@ from anyio.lowlevel import RunVar
 from aqueue._exceptions import DeliveryLimitExceeded
 from aqueue._states import FINAL_STATES, JobState
 from aqueue.brokers._base import (
+    PRUNE_EVERY,
     BatchSpec,
     Broker,
     ChordSpec,
@@ -168,6 +169,7 @@ class _Queue:
     fresh: dict[str, int] = field(default_factory=dict)
     """A chord callback given new values as it ran -> the first token to carry them (see
     `_fire_again`)."""
+    pruned_at: float = 0.0  # epoch time of the last prune, a worker's or its own (`_prune_now_and_then`)
     chords: dict[str, _Chord] = field(default_factory=dict)
     batches: dict[str, _Batch] = field(default_factory=dict)
 
@@ -203,6 +205,7 @@ class MemoryBroker(Broker):
     ) -> list[str]:
         q = self._queue(queue)
         now = time.time()
+        self._prune_now_and_then(q, now)
         for c in chords:
             q.chords[c.id] = _Chord(c.size, c.callback)
         for b in batches:
@@ -292,7 +295,17 @@ class MemoryBroker(Broker):
         self._queue(queue).receivers.pop(consumer, None)
 
     async def prune(self, queue: str, now: float, limit: int) -> int:
-        q = self._queue(queue)
+        return self._prune(self._queue(queue), now, limit)
+
+    def _prune_now_and_then(self, q: _Queue, now: float) -> None:
+        """Redis expires records itself; here only pruning drops them, and a process with no
+        worker (immediate mode, a producer, rate limits alone) has none pruning: what it stores
+        grew for good. Pruned here too, at most once per PRUNE_EVERY."""
+        if now - q.pruned_at >= PRUNE_EVERY:
+            self._prune(q, now, len(q.expiry))
+
+    def _prune(self, q: _Queue, now: float, limit: int) -> int:
+        q.pruned_at = now
         expired = [job_id for job_id, at in q.expiry.items() if at <= now][:limit]
         for job_id in expired:
             self._drop(q, job_id)
@@ -310,6 +323,11 @@ class MemoryBroker(Broker):
         for rate in [(key, per_ms) for (key, per_ms), (window, _) in q.rates.items()
                      if (window + 1) * per_ms <= now * 1000]:
             del q.rates[rate]
+        # Heap entries of jobs taken out of turn (immediate mode claims its own, a cancel or a
+        # revoke ends one waiting) wait for a receive to meet them: with none, they piled up.
+        if len(q.ready) > 2 * len(q.entries) + 64:
+            q.ready = [item for item in q.ready if q.entries.get(item[2]) == item[1]]
+            heapq.heapify(q.ready)
         return len(expired)
 
     async def interrupt_receive(self, queue: str, consumer: str) -> bool:
@@ -976,6 +994,7 @@ class MemoryBroker(Broker):
 
     async def rate_limit_hit(self, queue: str, key: str, limit: int, per: float) -> float:
         q = self._queue(queue)
+        self._prune_now_and_then(q, time.time())
         per_ms = rate_window_ms(per)
         now = time.time() * 1000  # one process: its clock is the broker's
         window = math.floor(now / per_ms)
