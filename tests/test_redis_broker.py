@@ -243,7 +243,8 @@ def test_a_bad_url_is_refused_when_the_queue_is_made(url: str, message: str) -> 
 @pytest.mark.parametrize("url", ["unix://localhost/run/redis.sock", "unix://me:pw@/run/redis.sock",
                                  "redis://h/5?db=5", "redis://h/5?db=05", "redis://h?db=3",
                                  "redis://:pw@h/0?password=pw", "redis://:p%40w@h/0?password=p%40w",
-                                 "redis://h/0?password=a%2541"])
+                                 "redis://h/0?password=a%2541", "redis://:pw@h/0?username=alice",
+                                 "redis://@h/0?username=alice", "redis://:@h/0?password=pw"])
 def test_a_socket_path_after_localhost_or_one_database_said_twice_is_taken(url: str) -> None:
     assert Queue(url).broker.url.startswith(url.partition("://")[0])
 
@@ -842,9 +843,26 @@ async def test_a_stream_that_lost_its_group_gets_it_back_without_running_ended_j
     assert await redis_broker.finish(queue_name, [done], 60) == [True]
     assert await client.xlen(stream) == 4  # the ended job's entry waits behind the long one
     await client.xgroup_destroy(stream, GROUP)
+    with pytest.raises(BrokerConnectionError, match="had lost its consumer group"):
+        await redis_broker.receive(queue_name, "w", 10, 0, 5)
     again = await redis_broker.receive(queue_name, "w", 10, 0, 5)
     assert [d.job_id for d in again] == [long_id, *waiting]
     assert await client.xlen(stream) == 3
+
+
+async def test_what_a_receive_leased_before_it_met_a_lost_group_is_recovered(
+    redis_broker: RedisBroker, client: redis.asyncio.Redis, queue_name: str
+) -> None:
+    # The receive script leased band 5's job, then failed on band 0's missing group: Redis kept
+    # the lease, the worker never heard of the job, and it was dead-lettered unrun at its
+    # reclaim. Raised as an answer lost, it is taken in by the recover that follows.
+    high, low = await redis_broker.enqueue(queue_name, [new_job(priority=5), new_job()])
+    await client.xgroup_destroy(Keys(queue_name).stream(0), GROUP)
+    with pytest.raises(BrokerConnectionError, match="had lost its consumer group"):
+        await redis_broker.receive(queue_name, "w", 10, 0, 5)
+    recovered = await redis_broker.recover(queue_name, "w", [], 5)
+    assert [d.job_id for d in recovered] == [high]
+    assert [d.job_id for d in await redis_broker.receive(queue_name, "w", 10, 0, 5)] == [low]
 
 
 @pytest.mark.parametrize("loss", ["group destroyed", "stream deleted"])

@@ -262,7 +262,7 @@ def _check_url(url: str, shown: str) -> None:
             # redis-py takes the query's, without a word
             raise ConfigurationError(f"{shown}: two databases, /{database} and ?db={value}")
         before_host = getattr(parts, name) if name in ("username", "password") else None
-        if before_host is not None and unquote(before_host) != value:
+        if before_host and unquote(before_host) != value:  # an empty one is none, to redis-py
             # redis-py takes the one before the host, without a word
             raise ConfigurationError(f"{shown}: two {name}s, before the host and ?{name}=")
 
@@ -868,9 +868,13 @@ class RedisBroker(Broker):
                     if "NOGROUP" not in str(exc):
                         raise
                     # A stream that lost its group while it stayed: the script makes a group
-                    # only with a stream. Given back, and read again.
+                    # only with a stream. Given back; and raised as a call whose answer was lost,
+                    # since what the script leased from the bands it read before it failed stays
+                    # leased (a worker then takes that in: `recover`).
                     await self._run(queue, "regroup", [])
-                    reply = await self._run(queue, "receive", [consumer, count, repr(now), max_deliveries, ttl])
+                    raise BrokerConnectionError(
+                        f"Redis at {self.url}: a stream of queue {queue!r} had lost its consumer "
+                        "group (an XGROUP DESTROY?); it is given back") from None
                 self._bands[queue] = bands = [b.decode() for b in reply[0]]
                 self._learned.add((queue, consumer))
                 found = [_delivery(row, consumer, now) for row in reply[1:]]
