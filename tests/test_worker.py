@@ -931,6 +931,50 @@ async def test_a_stop_whose_fetch_ends_late_still_interrupts_jobs_when_their_gra
     assert await job.state() == JobState.PENDING  # handed back, for another worker to run
 
 
+async def test_a_job_received_ahead_does_not_start_after_a_stop_while_the_fetch_waits(
+    queue: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Handed back only once the fetch had ended: a runner freed meanwhile (a broker slow to
+    # answer) started it after the stop.
+    started: list[str] = []
+    first_running, finish, stopping = anyio.Event(), anyio.Event(), anyio.Event()
+    real_receive = queue.broker.receive
+
+    calls = 0
+
+    async def late_once_stopped(*args: Any, **kwargs: Any) -> list[Any]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:  # both jobs
+            return await real_receive(*args, **kwargs)
+        await stopping.wait()
+        await first.result(timeout=10)  # the runner has moved on from the first job
+        return []
+
+    async def not_heard(*args: Any, **kwargs: Any) -> bool:
+        return False
+
+    @queue.task
+    async def step(name: str) -> None:
+        started.append(name)
+        if name == "first":
+            first_running.set()
+            await finish.wait()
+
+    first = await step.enqueue("first")
+    ahead = await step.enqueue("ahead")
+    monkeypatch.setattr(queue.broker, "receive", late_once_stopped)
+    monkeypatch.setattr(queue.broker, "interrupt_receive", not_heard)
+    with anyio.fail_after(10):
+        async with queue.worker(concurrency=1, prefetch=2) as worker:  # room left: it reads on
+            await first_running.wait()
+            worker.stop()
+            stopping.set()
+            finish.set()
+    assert started == ["first"]
+    assert await ahead.state() == JobState.PENDING
+
+
 async def test_a_stop_cuts_short_the_fetchers_pause_after_a_failed_call(
     queue: Queue, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -182,6 +182,10 @@ class Worker:
             self._start_stopping(self._services)
 
     def _start_stopping(self, services: TaskGroup) -> None:
+        # Jobs received ahead that no runner has taken start no more: a runner freed while the
+        # fetch still waits (a broker slow to answer) started them, only for the grace's end
+        # to cut them off.
+        self._let_go_of_the_waiting()
         services.start_soon(self._unblock_fetcher)
         # The running jobs' grace counts from the stop, not from the fetch's end: a broker slow to
         # answer (a stalled Redis) held the fetch, and every job with it, past the grace that an
