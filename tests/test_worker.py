@@ -59,6 +59,11 @@ class Breaking(Schedule):
         return moment
 
 
+async def interrupt_not_heard(*args: Any, **kwargs: Any) -> bool:
+    """In place of the broker's `interrupt_receive`: a receive that a stop cannot cut short."""
+    return False
+
+
 async def a_service_that_breaks(self: Worker) -> None:
     """In place of one of a worker's services (which fail only by a defect of aqueue's own)."""
     raise RuntimeError("service broke")
@@ -908,9 +913,6 @@ async def test_a_stop_whose_fetch_ends_late_still_interrupts_jobs_when_their_gra
         order.append("fetch ended")
         return []
 
-    async def not_heard(*args: Any, **kwargs: Any) -> bool:
-        return False
-
     @queue.task
     async def endless() -> None:
         started.set()
@@ -921,7 +923,7 @@ async def test_a_stop_whose_fetch_ends_late_still_interrupts_jobs_when_their_gra
             interrupted.set()
 
     monkeypatch.setattr(queue.broker, "receive", late_once_stopped)
-    monkeypatch.setattr(queue.broker, "interrupt_receive", not_heard)
+    monkeypatch.setattr(queue.broker, "interrupt_receive", interrupt_not_heard)
     job = await endless.enqueue()
     with anyio.fail_after(10):
         async with queue.worker(shutdown_timeout=0.2):
@@ -951,9 +953,6 @@ async def test_a_job_received_ahead_does_not_start_after_a_stop_while_the_fetch_
         await first.result(timeout=10)  # the runner has moved on from the first job
         return []
 
-    async def not_heard(*args: Any, **kwargs: Any) -> bool:
-        return False
-
     @queue.task
     async def step(name: str) -> None:
         started.append(name)
@@ -964,7 +963,7 @@ async def test_a_job_received_ahead_does_not_start_after_a_stop_while_the_fetch_
     first = await step.enqueue("first")
     ahead = await step.enqueue("ahead")
     monkeypatch.setattr(queue.broker, "receive", late_once_stopped)
-    monkeypatch.setattr(queue.broker, "interrupt_receive", not_heard)
+    monkeypatch.setattr(queue.broker, "interrupt_receive", interrupt_not_heard)
     with anyio.fail_after(10):
         async with queue.worker(concurrency=1, prefetch=2) as worker:  # room left: it reads on
             await first_running.wait()
