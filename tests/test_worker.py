@@ -974,6 +974,34 @@ async def test_a_job_received_ahead_does_not_start_after_a_stop_while_the_fetch_
     assert await ahead.state() == JobState.PENDING
 
 
+async def test_a_failure_of_the_fetch_that_repeats_logs_its_traceback_once(
+    queue: Queue, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # One that does not pass (a missing ACL right) logged its whole traceback every few seconds.
+    caplog.set_level(logging.ERROR, logger="aqueue")
+    real_receive = queue.broker.receive
+    failures = 0
+
+    async def broken_three_times(*args: Any, **kwargs: Any) -> list[Any]:
+        nonlocal failures
+        if failures < 3:
+            failures += 1
+            raise RuntimeError("receive broke")
+        return await real_receive(*args, **kwargs)
+
+    @queue.task
+    async def add(a: int, b: int) -> int:
+        return a + b
+
+    monkeypatch.setattr(queue.broker, "receive", broken_three_times)
+    async with queue.worker():
+        assert await (await add.enqueue(1, 2)).result(timeout=10) == 3
+    told = [r for r in caplog.records if r.getMessage().startswith("receiving jobs failed")]
+    assert [r.exc_info is not None for r in told] == [True, False, False]
+    assert told[1].getMessage() == ("receiving jobs failed again, retrying in 0.10s: "
+                                    "RuntimeError('receive broke')")
+
+
 async def test_a_stop_cuts_short_the_fetchers_pause_after_a_failed_call(
     queue: Queue, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -352,6 +352,7 @@ class Worker:
         reclaim_every = max(1.0, queue.visibility_timeout / 4)
         next_reclaim = 0.0
         backoff = FETCH_PAUSE_FIRST
+        failed_with = ""  # the last failure's repr, while calls fail: its traceback is told once
         while not self._stop_requested:
             taken_at_most = self.concurrency + self.prefetch
             free = min(taken_at_most - len(self._running),
@@ -372,7 +373,7 @@ class Worker:
                                                       queue.max_deliveries)
                     await self._take(deliveries)
                     taken = len(deliveries)
-                backoff = FETCH_PAUSE_FIRST
+                backoff, failed_with = FETCH_PAUSE_FIRST, ""
             except BrokerConnectionError as exc:
                 self._answer_lost = True
                 logger.warning("broker unreachable, retrying in %.2fs: %s", backoff, exc)
@@ -380,9 +381,13 @@ class Worker:
                     await self._stop_heard.wait()
                 backoff = min(backoff * 2, FETCH_PAUSE_MOST)
                 continue
-            except Exception:  # a broker error or a fault of aqueue's own: log it, never die of it
+            except Exception as exc:  # a broker error or a fault of aqueue's own: log it, never die of it
                 self._answer_lost = True
-                logger.exception("receiving jobs failed, retrying in %.2fs", backoff)
+                if repr(exc) == failed_with:  # one that does not pass (a missing ACL right, say)
+                    logger.error("receiving jobs failed again, retrying in %.2fs: %r", backoff, exc)
+                else:
+                    logger.exception("receiving jobs failed, retrying in %.2fs", backoff)
+                failed_with = repr(exc)
                 with anyio.move_on_after(backoff):
                     await self._stop_heard.wait()
                 backoff = min(backoff * 2, FETCH_PAUSE_MOST)
