@@ -182,10 +182,15 @@ class Worker:
             self._start_stopping(self._services)
 
     def _start_stopping(self, services: TaskGroup) -> None:
-        # Jobs received ahead that no runner has taken start no more: a runner freed while the
-        # fetch still waits (a broker slow to answer) started them, only for the grace's end
-        # to cut them off.
-        self._let_go_of_the_waiting()
+        # Jobs received ahead that no runner has taken start no more: handed back at once, as never
+        # started, for another worker to run (their release runs in the background). A runner
+        # freed while the fetch still waits (a broker slow to answer) started them, only for the
+        # grace's end to cut them off. From now on `_take` hands back what comes: none wait again.
+        waiting, self._ready = self._ready, deque()
+        for running in waiting:
+            if self._running.get(running.delivery.job_id) is running:
+                del self._running[running.delivery.job_id]
+            self._let_go(running)
         services.start_soon(self._unblock_fetcher)
         # The running jobs' grace counts from the stop, not from the fetch's end: a broker slow to
         # answer (a stalled Redis) held the fetch, and every job with it, past the grace that an
@@ -636,7 +641,6 @@ class Worker:
 
     async def _wind_down(self) -> None:
         """Once the fetch has ended: wait out what is left of the running jobs' grace."""
-        self._let_go_of_the_waiting()
         if not self._running or self._grace_over:
             return
         logger.info("worker %s stopping: waiting up to %.3gs for %d running job(s)",
@@ -646,22 +650,11 @@ class Worker:
             await self._all_idle.wait()
         self._end_grace()
 
-    def _let_go_of_the_waiting(self) -> None:
-        # Jobs no runner has taken yet (received ahead, or just received) have not started: handed
-        # back at once for another worker to run, not started while the running ones finish.
-        # Their release runs in the background.
-        waiting, self._ready = self._ready, deque()
-        for running in waiting:
-            if self._running.get(running.delivery.job_id) is running:
-                del self._running[running.delivery.job_id]
-            self._let_go(running)
-
     def _end_grace(self) -> None:
         """The running jobs' shutdown_timeout has passed: each is interrupted, to be handed back."""
         if self._grace_over:
             return
         self._grace_over = True
-        self._let_go_of_the_waiting()
         if self._running and self._services is not None:
             self._services.start_soon(self._hand_back_as_they_stop)
         for running in list(self._running.values()):
