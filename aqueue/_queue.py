@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from aqueue._periodic import Schedule
     from aqueue._ratelimit import RateLimit
     from aqueue._worker import Worker
-    from aqueue._workflows import Batch, Chord, ChordResult, Group, Node, Pipeline, Plan, Signature
+    from aqueue._workflows import Batch, Chord, ChordResult, Group, Node, Pipeline, Plan, Signature, Step
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -393,9 +393,9 @@ class Queue:
         self,
         members: Sequence[Signature[Any] | Pipeline | Chord[Any]],
         *,
-        on_success: Task[Any, Any] | Signature[Any] | None = None,
-        on_failure: Task[Any, Any] | Signature[Any] | None = None,
-        on_complete: Task[Any, Any] | Signature[Any] | None = None,
+        on_success: Step[Any] | None = None,
+        on_failure: Step[Any] | None = None,
+        on_complete: Step[Any] | None = None,
     ) -> Batch:
         """Enqueue jobs tracked together, with callbacks that each fire once (see `Batch`)."""
         from aqueue._workflows import Plan, _nodes

@@ -18,7 +18,7 @@ from aqueue._ids import new_id
 from aqueue._jobs import Job, ResultGroup
 from aqueue._serialization import ERROR_MARK, encode_call, loads
 from aqueue._states import JobState
-from aqueue._tasks import NO_OPTIONS, CallOptions, Task, call_eta, call_overrides
+from aqueue._tasks import NO_OPTIONS, CallOptions, Task, TaskCall, call_eta, call_overrides
 from aqueue._time import Seconds
 from aqueue.brokers import (
     BatchSpec,
@@ -55,12 +55,12 @@ class Signature(Generic[R]):
     def __repr__(self) -> str:
         return f"{self.task.name}.s({', '.join(map(repr, self.args))})"
 
-    def then(self, task: Task[Any, Any] | Signature[Any], /, *args: Any, **kwargs: Any) -> Pipeline:
+    def then(self, task: Step[Any], /, *args: Any, **kwargs: Any) -> Pipeline:
         """Run `task` with this step's value: a tuple extends its *args, a dict updates its
         **kwargs, None passes nothing, anything else comes first in *args."""
         return Pipeline([self]).then(task, *args, **kwargs)
 
-    def error(self, handler: Task[Any, Any] | Signature[Any], /, *args: Any, **kwargs: Any) -> Signature[R]:
+    def error(self, handler: Step[Any], /, *args: Any, **kwargs: Any) -> Signature[R]:
         """Run `handler(exc, *args, **kwargs)` if this step fails for good."""
         return Signature(self.task, self.args, self.kwargs, self.call, signature(handler, args, kwargs))
 
@@ -68,8 +68,8 @@ class Signature(Generic[R]):
 class Pipeline:
     """Steps run one after another, each fed the previous step's value."""
 
-    def __init__(self, steps: Sequence[Signature[Any] | Task[Any, Any]]) -> None:
-        if isinstance(steps, (Signature, Task)):
+    def __init__(self, steps: Sequence[Step[Any]]) -> None:
+        if isinstance(steps, (Signature, Task, TaskCall)):
             raise ConfigurationError("a pipeline takes a list of steps: wrap the one step in a list")
         self.steps = [signature(step, (), {}) for step in steps]
         if not self.steps:
@@ -78,10 +78,10 @@ class Pipeline:
     def __repr__(self) -> str:
         return " -> ".join(map(repr, self.steps))
 
-    def then(self, task: Task[Any, Any] | Signature[Any], /, *args: Any, **kwargs: Any) -> Pipeline:
+    def then(self, task: Step[Any], /, *args: Any, **kwargs: Any) -> Pipeline:
         return Pipeline([*self.steps, signature(task, args, kwargs)])
 
-    def error(self, handler: Task[Any, Any] | Signature[Any], /, *args: Any, **kwargs: Any) -> Pipeline:
+    def error(self, handler: Step[Any], /, *args: Any, **kwargs: Any) -> Pipeline:
         """Run `handler(exc, ...)` if any step fails for good; the steps after it are skipped. A
         step with a handler of its own keeps it."""
         return Pipeline([step if step.on_error is not None else step.error(handler, *args, **kwargs)
@@ -94,13 +94,13 @@ class Group:
     def __init__(self, members: Iterable[Node]) -> None:
         self.members = _nodes(members, "group")
 
-    def error(self, handler: Task[Any, Any] | Signature[Any], /, *args: Any, **kwargs: Any) -> Group:
+    def error(self, handler: Step[Any], /, *args: Any, **kwargs: Any) -> Group:
         """Run `handler(exc, ...)` for each member that fails for good (a member signature with a
         handler of its own keeps it)."""
         return Group([m if isinstance(m, Signature) and m.on_error is not None
                       else m.error(handler, *args, **kwargs) for m in self.members])
 
-    def then(self, task: Task[Any, T] | Signature[T], /, *args: Any, **kwargs: Any) -> Chord[T]:
+    def then(self, task: Step[T], /, *args: Any, **kwargs: Any) -> Chord[T]:
         """As in Huey, a group fed into a task is a chord: `task(values, ...)` once all have ended."""
         return Chord(self.members, signature(task, args, kwargs))
 
@@ -109,17 +109,17 @@ class Chord(Generic[R]):
     """Members side by side, then `callback(values, ...)` once every member has ended. A member
     that fails for good puts its error (a `TaskError`) in its place: a chord always completes."""
 
-    def __init__(self, members: Iterable[Node], callback: Task[Any, R] | Signature[R] | Pipeline) -> None:
+    def __init__(self, members: Iterable[Node], callback: Step[R] | Pipeline) -> None:
         self.members = _nodes(members, "chord")
         if not self.members:
             raise ConfigurationError("a chord needs at least one member")
         self.callback = callback if isinstance(callback, Pipeline) else Pipeline([signature(callback, (), {})])
 
-    def then(self, task: Task[Any, Any] | Signature[Any], /, *args: Any, **kwargs: Any) -> Chord[R]:
+    def then(self, task: Step[Any], /, *args: Any, **kwargs: Any) -> Chord[R]:
         """Attaches to the callback: it feeds `task` (`get()` still gives the callback's value)."""
         return Chord[R](self.members, self.callback.then(task, *args, **kwargs))
 
-    def error(self, handler: Task[Any, Any] | Signature[Any], /, *args: Any, **kwargs: Any) -> Chord[R]:
+    def error(self, handler: Step[Any], /, *args: Any, **kwargs: Any) -> Chord[R]:
         """Attaches to the callback, as in Huey: if it fails for good, `handler(exc, ...)` runs and
         the steps `then()` added after it are skipped (a failure of theirs runs a handler of
         their own). A callback with a handler of its own keeps it."""
@@ -130,11 +130,14 @@ class Chord(Generic[R]):
 
 
 Node: TypeAlias = Signature[Any] | Pipeline | Group | Chord[Any]
+# What takes a step's place: a task (or its `options()` copy) with arguments given beside it, or a
+# signature.
+Step: TypeAlias = Task[Any, T] | TaskCall[Any, T] | Signature[T]
 
 
 def _nodes(members: Iterable[Node], what: str) -> list[Node]:
     """The members of a group, chord or batch, each checked."""
-    if isinstance(members, (Signature, Pipeline, Group, Chord, Task)):
+    if isinstance(members, (Signature, Pipeline, Group, Chord, Task, TaskCall)):
         raise ConfigurationError(f"a {what} takes a list of members: wrap the one member in a list")
     nodes = list(members)
     for m in nodes:
@@ -153,23 +156,23 @@ def group(members: Iterable[Node]) -> Group:
 
 
 @overload
-def chord(members: Iterable[Node], callback: Task[Any, R] | Signature[R]) -> Chord[R]: ...
+def chord(members: Iterable[Node], callback: Step[R]) -> Chord[R]: ...
 @overload
 def chord(members: Iterable[Node], callback: Pipeline) -> Chord[Any]: ...
-def chord(members: Iterable[Node], callback: Task[Any, R] | Signature[R] | Pipeline) -> Chord[Any]:
+def chord(members: Iterable[Node], callback: Step[R] | Pipeline) -> Chord[Any]:
     return Chord(members, callback)
 
 
-def signature(
-    task: Task[Any, Any] | Signature[Any], args: Sequence[Any], kwargs: dict[str, Any]
-) -> Signature[Any]:
+def signature(task: Step[Any], args: Sequence[Any], kwargs: dict[str, Any]) -> Signature[Any]:
     if isinstance(task, Signature):
         if args or kwargs:
             raise ConfigurationError("give arguments to the task or to its signature, not both")
         return task
     if isinstance(task, Task):
         return Signature(task, args, kwargs)
-    raise ConfigurationError(f"expected a task or a signature, got {task!r}")
+    if isinstance(task, TaskCall):
+        return Signature(task.task, args, kwargs, task.call)
+    raise ConfigurationError(f"expected a task or a signature (or a task's options()), got {task!r}")
 
 
 # --- results -----------------------------------------------------------------------------------
@@ -466,13 +469,12 @@ class Plan:
         priority = call.priority if call.priority is not None else sig.task.policy.priority
         return Template(sig.task.name, payload, priority)
 
-    def batch(self, members: Sequence[Node], on_success: Task[Any, Any] | Signature[Any] | None,
-              on_failure: Task[Any, Any] | Signature[Any] | None,
-              on_complete: Task[Any, Any] | Signature[Any] | None) -> Batch:
+    def batch(self, members: Sequence[Node], on_success: Step[Any] | None, on_failure: Step[Any] | None,
+              on_complete: Step[Any] | None) -> Batch:
         batch_id = new_id()
         ends = [self.add(m, _Membership(batch=batch_id))[0][-1] for m in members]
 
-        def template(sig: Task[Any, Any] | Signature[Any] | None) -> Template | None:
+        def template(sig: Step[Any] | None) -> Template | None:
             return None if sig is None else self._template(signature(sig, (), {}), batch_id, wf_in=False)
 
         self.batches.append(BatchSpec(batch_id, len(ends), template(on_success), template(on_failure),

@@ -1315,6 +1315,49 @@ async def test_error_handlers_and_batch_callbacks_keep_their_signatures_options(
         await queue.batch([add.s(1, 1)], on_failure=flaky.s("failure").error(flaky, "nested"))
 
 
+async def test_a_tasks_options_copy_takes_a_tasks_place_in_a_workflow(queue: Queue) -> None:
+    add = arithmetic(queue)
+
+    @queue.task
+    async def total(values: list[int], plus: int = 0) -> int:
+        return sum(values) + plus
+
+    @queue.task
+    async def broken() -> None:
+        raise ValueError("broken for good")
+
+    @queue.task
+    async def on_error(exc: TaskError, tag: str) -> str:
+        return tag
+
+    @queue.task
+    async def finished(tag: str) -> str:
+        return tag
+
+    pipe = await queue.enqueue(add.s(1, 2).then(add.options(priority=3), 10))
+    chorded = await queue.enqueue(chord([add.s(1, 1), add.s(2, 2)], total.options(priority=4)))
+    grouped = await queue.enqueue(group([add.s(3, 3)]).then(total.options(priority=5), plus=1))
+    handled = await queue.enqueue(broken.s().error(on_error.options(priority=6), "handled"))
+    b = await queue.batch([add.s(1, 1)], on_success=finished.options(priority=7).s("batch"))
+    async with queue.worker():
+        assert await pipe.get(timeout=10) == [3, 13]
+        assert await chorded.get(timeout=10) == 6
+        assert await grouped.get(timeout=10) == 7
+        with pytest.raises(TaskError):
+            await handled[0].result(timeout=10)
+        assert await queue.job(error_handler_id(handled[0].id)).result(timeout=10) == "handled"
+        assert await b.callback("success").result(timeout=10) == "batch"
+    for job_id, priority in ((pipe[1].id, 3), (chorded.callback.id, 4), (grouped.callback.id, 5),
+                             (error_handler_id(handled[0].id), 6), (b.callback("success").id, 7)):
+        record = await queue.broker.get(queue.name, job_id)
+        assert record is not None
+        assert record.priority == priority  # the copy's options, not dropped
+    with pytest.raises(ConfigurationError, match="wrap the one step in a list"):
+        Pipeline(add.options(priority=1))  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="wrap the one member in a list"):
+        group(add.options(priority=1))  # type: ignore[arg-type]
+
+
 async def test_an_idempotency_key_in_a_workflow_stands_alone(queue: Queue) -> None:
     add = arithmetic(queue)
 

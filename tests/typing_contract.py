@@ -61,6 +61,7 @@ async def chords() -> None:
     assert_type(await queue.enqueue(chord([add.s(1, 2)], total)), ChordResult[float])
     assert_type(await (await queue.enqueue(chord([add.s(1, 2)], total))).get(), float)
     assert_type(await queue.enqueue(group([add.s(1, 2)]).then(total)), ChordResult[float])
+    assert_type(await queue.enqueue(chord([add.s(1, 2)], total.options(priority=1))), ChordResult[float])
     # Steps after the callback leave `get()` with the callback's value.
     assert_type(await queue.enqueue(chord([add.s(1, 2)], total).then(shout)), ChordResult[float])
 
