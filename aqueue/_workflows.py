@@ -111,8 +111,6 @@ class Chord(Generic[R]):
 
     def __init__(self, members: Iterable[Node], callback: Step[R] | Pipeline) -> None:
         self.members = _nodes(members, "chord")
-        if not self.members:
-            raise ConfigurationError("a chord needs at least one member")
         self.callback = callback if isinstance(callback, Pipeline) else Pipeline([signature(callback, (), {})])
 
     def then(self, task: Step[Any], /, *args: Any, **kwargs: Any) -> Chord[R]:
@@ -341,6 +339,13 @@ class Plan:
                 raise ConfigurationError("a group cannot be a chord member, a batch member or a pipeline step")
             ends = [self.add(m, replace(member))[0][-1] for m in node.members]
             return ends, ResultGroup(ends)
+        if isinstance(node, Chord) and not node.members:
+            # Nothing to wait for (a fan-out over an empty list): the callback is ready at once,
+            # with no values, as a pipeline of the callback and its steps.
+            first, *rest = node.callback.steps
+            fed = Signature(first.task, ([], *first.args), first.kwargs, first.call, first.on_error)
+            jobs = self._pipeline([fed, *rest], member, chord_input=True)
+            return jobs, ChordResult(ResultGroup([]), ResultGroup(jobs))
         if isinstance(node, Chord):
             chord_id = new_id()
             # The callback waits; it carries the chord's own membership onward (nesting).
@@ -357,7 +362,7 @@ class Plan:
         """When `node`'s last job may become ready at the earliest: when its first step is due,
         or for a chord, the latest of its members'."""
         if isinstance(node, (Group, Chord)):
-            return max(self._due(m) for m in node.members)
+            return max((self._due(m) for m in node.members), default=self.now)
         first = node if isinstance(node, Signature) else node.steps[0]
         return max(self.now, call_eta(first.call, self.now) or self.now)
 
@@ -383,7 +388,8 @@ class Plan:
         new_jobs: list[NewJob] = []
         for index in reversed(range(len(steps))):
             step, last = steps[index], index == len(steps) - 1
-            if (member.waiting or index > 0) and (step.call.delay is not None or step.call.eta is not None):
+            waits = member.waiting or index > 0 or chord_input
+            if waits and (step.call.delay is not None or step.call.eta is not None):
                 raise ConfigurationError(
                     f"{step.task.name}: a pipeline step after the first, or a chord callback, starts "
                     "when the job before it ends; delay and eta do not apply to it")

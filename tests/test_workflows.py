@@ -337,6 +337,36 @@ async def test_a_group_fed_into_a_task_is_a_chord_and_a_chord_takes_a_bare_task(
         assert await (await queue.enqueue(chord([add.s(1, 1), add.s(2, 2)], total))).get(timeout=10) == 6
 
 
+async def test_a_chord_of_no_members_runs_its_callback_at_once_with_no_values(queue: Queue) -> None:
+    # A fan-out over an empty list (`chord([fetch.s(u) for u in urls], merge)` with no urls) is
+    # no error: the callback runs with [], as the members' place holds, and its steps after it.
+    add = arithmetic(queue)
+    seen: list[tuple[list[int], str | None]] = []
+
+    @queue.task
+    async def total(values: list[int], bonus: int = 0) -> int:
+        seen.append((values, current_job().batch_id))
+        return sum(values) + bonus
+
+    async with queue.worker():
+        c = await queue.enqueue(chord([], total.s(bonus=5)))
+        assert await c.get(timeout=10) == 5
+        assert await c.results.get(timeout=10) == []
+        assert len(c.results) == 0
+        assert await (await queue.enqueue(group([]))).get(timeout=10) == []
+        grouped = await queue.enqueue(group([]).then(total).then(add, 1))
+        assert await grouped.pipeline_results.get(timeout=10) == [0, 1]
+        assert await grouped.get(timeout=10) == 0
+        nested = await queue.enqueue(chord([chord([], total.s()), add.s(1, 1)], total.s()))
+        assert await nested.get(timeout=10) == 2  # the empty chord's member value is its callback's 0
+        b = await queue.batch([chord([], total.s(bonus=1))])
+        assert await b.members.get(timeout=10) == [1]
+        assert (await b.state()).succeeded == 1
+    assert ([], b.id) in seen  # in a batch through its chord, the callback names the batch
+    with pytest.raises(ConfigurationError, match="delay and eta do not apply"):
+        await queue.enqueue(chord([], total.options(delay=5).s()))
+
+
 async def test_nested_chords_and_chords_of_pipelines(queue: Queue) -> None:
     add = arithmetic(queue)
 
