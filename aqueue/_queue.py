@@ -303,12 +303,12 @@ class Queue:
         now = time.time()
         try:
             new_jobs = [self._new_job(task, args, kwargs, call, now) for task, args, kwargs, call in calls]
-        except SerializationError as exc:
+        except (SerializationError, ConfigurationError) as exc:
             if len(calls) > 1:  # a map's: which item, found again here (the fast path keeps no count)
                 for index, (task, args, kwargs, call) in enumerate(calls):
                     try:
                         self._new_job(task, args, kwargs, call, now)
-                    except SerializationError:
+                    except (SerializationError, ConfigurationError):
                         raise type(exc)(f"item {index} of {len(calls)}: {exc}") from None
             raise
         if not self._connected:
@@ -346,10 +346,14 @@ class Queue:
         options: dict[str, Any] | None = None,
         links: WorkflowLinks | None = None,
         due: float | None = None,
+        before: int | None = 0,
     ) -> NewJob:
         """One job: the task's policy with the call's options; `options` and `links` carry
         its place in a workflow, `due` when the workflow is due (where its expiry counts from)
-        for a job that waits for others."""
+        for a job that waits for others, `before` how many values the workflow puts before its
+        arguments (None: a step fed by the one before, whose value is not known yet)."""
+        if before is not None:
+            task.check_call(args, kwargs, before)
         payload = encode_call(task.name, args, kwargs, {**call_overrides(call), **(options or {})},
                               self.max_payload_size)
         eta = call_eta(call, now)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import inspect
 import math
 import time
-from collections.abc import Callable, Coroutine, Iterable, Mapping
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
+from dataclasses import dataclass, fields, replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, cast
 
@@ -74,6 +74,8 @@ class CallOptions:
     key: str | None = None
 
 
+CALL_OPTION_NAMES = frozenset(option.name for option in fields(CallOptions))
+
 # Frozen: one instance serves every enqueue that sets no options.
 NO_OPTIONS = CallOptions()
 
@@ -85,6 +87,20 @@ def unguarded(fn: Callable[P, Any]) -> Callable[P, Any]:
     while hasattr(fn, "__aqueue_guarded__"):
         fn = fn.__aqueue_guarded__
     return fn
+
+
+def _call_shape(fn: Callable[..., Any]) -> tuple[inspect.Signature | None, int]:
+    """The function's signature (None if inspect cannot read it), and how many positional
+    arguments alone it takes when that is all it takes (no defaults, no *args or keywords; else
+    -1): such a call needs only a count."""
+    try:
+        parameters = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None, -1
+    plain = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    if all(p.kind in plain and p.default is inspect.Parameter.empty for p in parameters.parameters.values()):
+        return parameters, len(parameters.parameters)
+    return parameters, -1
 
 
 class Task(Generic[P, R]):
@@ -103,9 +119,28 @@ class Task(Generic[P, R]):
         self.__doc__ = fn.__doc__
         self.__name__ = getattr(fn, "__name__", name)
         self.__wrapped__ = fn
+        self._parameters, self._positional = _call_shape(self._direct)
 
     def __repr__(self) -> str:
         return f"<Task {self.name} on {self.queue.name!r}>"
+
+    def check_call(self, args: Sequence[Any], kwargs: Mapping[str, Any], before: int = 0) -> None:
+        """Refuse arguments the function cannot take, at enqueue: in the worker the call would fail
+        at every retry. `before`: how many values a workflow puts first (a chord's values, an
+        error handler's exception)."""
+        if not kwargs and len(args) + before == self._positional:  # the common case, with no bind
+            return
+        if self._parameters is None:  # a callable inspect cannot read: the worker's call checks
+            return
+        try:
+            self._parameters.bind(*(None,) * before, *args, **kwargs)
+        except TypeError as exc:
+            hint = ""
+            misplaced = sorted(set(kwargs) & CALL_OPTION_NAMES - set(self._parameters.parameters))
+            if misplaced:
+                hint = (f" ({misplaced[0]}= is an option of the call: "
+                        f"{self.name}.options({misplaced[0]}=...).enqueue(...))")
+            raise ConfigurationError(f"{self.name}(): {exc}{hint}") from None
 
     def options(
         self,

@@ -161,6 +161,13 @@ def chord(members: Iterable[Node], callback: Step[R] | Pipeline) -> Chord[Any]:
     return Chord(members, callback)
 
 
+def _refuse_a_delay(step: Signature[Any]) -> None:
+    if step.call.delay is not None or step.call.eta is not None:
+        raise ConfigurationError(
+            f"{step.task.name}: a pipeline step after the first, or a chord callback, starts when the "
+            "job before it ends; delay and eta do not apply to it")
+
+
 def signature(task: Step[Any], args: Sequence[Any], kwargs: dict[str, Any]) -> Signature[Any]:
     if isinstance(task, Signature):
         if args or kwargs:
@@ -343,8 +350,9 @@ class Plan:
             # Nothing to wait for (a fan-out over an empty list): the callback is ready at once,
             # with no values, as a pipeline of the callback and its steps.
             first, *rest = node.callback.steps
+            _refuse_a_delay(first)
             fed = Signature(first.task, ([], *first.args), first.kwargs, first.call, first.on_error)
-            jobs = self._pipeline([fed, *rest], member, chord_input=True)
+            jobs = self._pipeline([fed, *rest], member)
             return jobs, ChordResult(ResultGroup([]), ResultGroup(jobs))
         if isinstance(node, Chord):
             chord_id = new_id()
@@ -388,11 +396,8 @@ class Plan:
         new_jobs: list[NewJob] = []
         for index in reversed(range(len(steps))):
             step, last = steps[index], index == len(steps) - 1
-            waits = member.waiting or index > 0 or chord_input
-            if waits and (step.call.delay is not None or step.call.eta is not None):
-                raise ConfigurationError(
-                    f"{step.task.name}: a pipeline step after the first, or a chord callback, starts "
-                    "when the job before it ends; delay and eta do not apply to it")
+            if member.waiting or index > 0:
+                _refuse_a_delay(step)
             options = self._options(member, following, chord_input=chord_input and index == 0, last=last)
             links = WorkflowLinks(
                 waiting=member.waiting or index > 0,
@@ -403,8 +408,11 @@ class Plan:
                 on_error=self._template(step.on_error, member.batch_id, wf_in=True) if step.on_error else None,
             )
             self._check_queue(step)
+            # Only a first step's arguments are all known now: a later one's start with a value.
+            before = None if index > 0 else 1 if chord_input else None if member.waiting else 0
             job = self.queue._new_job(step.task, step.args, step.kwargs, step.call, self.now,
-                                      job_id=ids[index], options=options, links=links, due=due)
+                                      job_id=ids[index], options=options, links=links, due=due,
+                                      before=before)
             new_jobs.append(job)
             # What the worker running the step before needs to start this one with its value.
             following = {"id": ids[index], "args": list(step.args), "kwargs": step.kwargs,
@@ -458,6 +466,7 @@ class Plan:
         """A job the broker creates when the workflow says (an error handler, a batch callback),
         with its signature's priority, timeout and retries."""
         self._check_queue(sig)
+        sig.task.check_call(sig.args, sig.kwargs, 1 if wf_in else 0)  # an error handler's first: the error
         call = sig.call
         if call.delay is not None or call.eta is not None or call.expires is not None or call.key is not None:
             raise ConfigurationError(

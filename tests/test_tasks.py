@@ -433,6 +433,41 @@ async def test_options_do_not_steal_keyword_names(queue: Queue) -> None:
         assert await job.result(timeout=10) == [1, "k", 2]
 
 
+async def test_arguments_the_function_cannot_take_are_refused_at_enqueue(queue: Queue) -> None:
+    # Stored, such a job failed in the worker at every retry, then went to the dead letters; and
+    # `send.enqueue(to, delay=5)` ran at once, `delay` taken for an argument of the task.
+    @queue.task
+    async def add(a: int, b: int) -> int:
+        return a + b
+
+    @queue.task
+    def send(to: str, subject: str = "", *, cc: str | None = None) -> str:
+        return to
+
+    @queue.task
+    async def anything(*args: object, **kwargs: object) -> int:
+        return len(args) + len(kwargs)
+
+    refused = [
+        (lambda: add.enqueue(1), r"add\(\): missing a required argument: 'b'"),  # type: ignore[call-arg]
+        (lambda: add.enqueue(1, 2, 3), "too many positional arguments"),  # type: ignore[call-arg]
+        (lambda: add.options(priority=1).enqueue(1, 2, c=3), "unexpected keyword argument 'c'"),  # type: ignore[call-arg]
+        (lambda: send.enqueue("a@b", delay=5),  # type: ignore[call-arg]
+         r"delay= is an option of the call: send.options\(delay=...\).enqueue"),
+        (lambda: send.enqueue("a@b", "hi", "cc@b"), "too many positional arguments"),  # type: ignore[call-arg]
+        (lambda: add.schedule((1,), delay=5), "missing a required argument"),
+        (lambda: add.map([(1, 2), (3,)]), r"item 1 of 2: add\(\): missing a required argument"),
+    ]
+    for enqueue, message in refused:
+        with pytest.raises(ConfigurationError, match=message):
+            await enqueue()
+    assert await queue.jobs() == []  # nothing was stored
+    async with queue.worker():
+        taken = [await add.enqueue(1, b=2), await send.enqueue("a@b", cc="c@b"),
+                 await anything.enqueue(1, 2, x=3), await add.options(delay=0.01).enqueue(2, 2)]
+        assert [await job.result(timeout=10) for job in taken] == [3, "a@b", 3, 4]
+
+
 async def test_idempotency_key_returns_the_live_job(queue: Queue) -> None:
     @queue.task
     async def send(to: str) -> str:

@@ -367,6 +367,47 @@ async def test_a_chord_of_no_members_runs_its_callback_at_once_with_no_values(qu
         await queue.enqueue(chord([], total.options(delay=5).s()))
 
 
+async def test_a_workflows_arguments_the_functions_cannot_take_are_refused_at_enqueue(queue: Queue) -> None:
+    # What a step, member or callback is given beside the values its workflow puts first (a
+    # chord's values, an error handler's exception); a later pipeline step's start with a value
+    # not known yet, and are not judged.
+    add = arithmetic(queue)
+
+    @queue.task
+    async def merge(values: list[int], sep: str) -> str:
+        return sep.join(map(str, values))
+
+    @queue.task
+    async def on_error(exc: TaskError, tag: str) -> str:
+        return tag
+
+    @queue.task
+    async def report(tag: str) -> str:
+        return tag
+
+    refused = [
+        (group([add.s(1, 1), add.s(1)]), "add\\(\\): missing a required argument: 'b'"),  # type: ignore[call-arg]
+        (chord([add.s(1, 1)], merge.s("|", "x")), "too many positional arguments"),  # type: ignore[arg-type]
+        (chord([add.s(1, 1)], merge), "merge\\(\\): missing a required argument: 'sep'"),
+        (add.s(1, 1).error(on_error), "on_error\\(\\): missing a required argument: 'tag'"),
+        (add.s(1).then(add, 1), "missing a required argument: 'b'"),  # type: ignore[call-arg]
+    ]
+    for workflow, message in refused:
+        with pytest.raises(ConfigurationError, match=message):
+            await queue.enqueue(workflow)
+    with pytest.raises(ConfigurationError, match="report\\(\\): missing a required argument: 'tag'"):
+        await queue.batch([add.s(1, 1)], on_success=report)
+    assert await queue.jobs() == []  # nothing was stored
+    async with queue.worker():
+        c = await queue.enqueue(chord([add.s(1, 1), add.s(2, 2)], merge.s(sep="|")))  # type: ignore[call-arg]
+        assert await c.get(timeout=10) == "2|4"
+        steps = await queue.enqueue(add.s(1, 1).then(add, 1).error(on_error, "late"))
+        assert await steps.get(timeout=10) == [2, 3]
+        b = await queue.batch([add.s(1, 1)], on_success=report.s("done"))
+        assert await b.members.get(timeout=10) == [2]  # its end made the callback's job
+        assert await b.callback("success").result(timeout=10) == "done"
+
+
 async def test_nested_chords_and_chords_of_pipelines(queue: Queue) -> None:
     add = arithmetic(queue)
 
