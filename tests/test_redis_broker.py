@@ -11,7 +11,9 @@ import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator
+from datetime import datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import anyio
@@ -22,7 +24,8 @@ import redis.asyncio
 from redis._parsers.base import BaseParser
 
 import aqueue
-from aqueue import BrokerConnectionError, ConfigurationError, JobState, Queue, TaskError, current_job
+from aqueue import BrokerConnectionError, ConfigurationError, JobState, Queue, TaskError, current_job, every
+from aqueue._worker import _runner as runner_module
 from aqueue.brokers import Completion, NewJob, Outcome, RedisBroker
 from aqueue.brokers import _redis as redis_broker_module
 from aqueue.brokers._keys import GROUP, Keys
@@ -1930,6 +1933,65 @@ async def test_a_tick_far_ahead_of_redis_clock_is_refused_and_stops_no_other_tic
     on_time = new_job()
     assert await redis_broker.enqueue_tick(queue_name, math.floor(now), on_time) is True
     assert await redis_broker.get(queue_name, on_time.id) is not None
+
+
+async def test_a_tick_ahead_of_redis_clock_waits_for_it_and_stops_no_other_tick(
+    redis_broker: RedisBroker, client: redis.asyncio.Redis, queue_name: str
+) -> None:
+    # A scheduler whose clock ran 20 s ahead took its ticks 20 s early and recorded them as the
+    # task's latest: once it stopped, the other schedulers' ticks up to them looked past, and the
+    # task ran none for 20 s.
+    async def redis_clock() -> float:
+        seconds, microseconds = await client.time()
+        return seconds + microseconds / 1e6
+
+    now = await redis_clock()
+    early = new_job()
+    assert await redis_broker.enqueue_tick(queue_name, now + 20, early) is None  # not yet
+    assert await redis_broker.get(queue_name, early.id) is None
+    assert await redis_broker.enqueue_tick(queue_name, now - 0.5, new_job()) is True  # not past
+    assert await redis_broker.enqueue_tick(queue_name, await redis_clock() + 0.5, new_job()) is True
+    soon = await redis_clock() + 1.3  # over a second ahead: taken once Redis's clock comes near
+    with anyio.fail_after(5):
+        while (taken := await redis_broker.enqueue_tick(queue_name, soon, new_job())) is None:  # noqa: ASYNC110 - Redis's clock
+            await anyio.sleep(0.02)
+    assert taken is True
+    assert await redis_clock() >= soon - 1.0
+
+
+async def test_a_worker_whose_clock_runs_ahead_takes_no_tick_before_its_time(
+    redis_url: str, client: redis.asyncio.Redis, queue_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The scheduler's own clock, 2 s ahead: it asks for a tick until Redis's clock is within a
+    # second of it, and the run starts then, not 2 s early.
+    skew = 2.0
+
+    real_time = time.time
+    ahead = SimpleNamespace(time=lambda: real_time() + skew, monotonic=time.monotonic)
+
+    class AheadDatetime(datetime):
+        @classmethod
+        def now(cls, tz: Any = None) -> AheadDatetime:  # type: ignore[override]
+            return datetime.now(tz) + timedelta(seconds=skew)  # type: ignore[return-value]
+
+    monkeypatch.setattr(runner_module, "time", ahead)
+    monkeypatch.setattr(runner_module, "datetime", AheadDatetime)
+    queue = Queue(redis_url, name=queue_name)
+    keys = Keys(queue_name)
+    lead: list[float] = []  # how far the run's tick was ahead of Redis's clock as it ran
+    ran = anyio.Event()
+
+    @queue.periodic(every(seconds=1))
+    async def beat() -> None:
+        seconds, microseconds = await client.time()
+        tick = float(await client.hget(keys.prefix + "ticks", "beat"))
+        lead.append(tick - (seconds + microseconds / 1e6))
+        ran.set()
+
+    async with queue, queue.worker():
+        with anyio.fail_after(15):
+            await ran.wait()
+    assert lead[0] <= 1.0, lead  # 2 s before its time, was it taken when asked
 
 
 async def test_a_broker_on_the_callers_client_connects_again_after_close(

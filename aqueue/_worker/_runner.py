@@ -64,6 +64,7 @@ FETCH_PAUSE_MOST = 5.0
 STOP_GRACE = 10.0
 FETCH_BLOCK = 1.0  # seconds a receive waits for a job; bounds how long a stop request waits
 SCHEDULER_TICK = 0.1  # a due job waits at most this long to become ready
+EARLY_TICK_AGAIN = 0.25  # a periodic tick ahead of the broker's clock is asked for again after this
 PROMOTE_BATCH = 1000
 CANCEL_CHECK = 2.0  # how often to look for cancel requests whose push was missed
 # Cancel requests heard for jobs not running here are kept, in case a lease is on its way: the push
@@ -794,13 +795,17 @@ class Worker:
         queue = self.queue
         next_ticks = {name: tick for name in queue.schedules
                       if (tick := self._next_tick(name, datetime.now(UTC))) is not None}
+        early: dict[str, float] = {}  # a tick ahead of the broker's clock: when to ask again
         while True:
             now = time.time()
             try:
                 nxt = await queue.broker.promote_due(queue.name, now, PROMOTE_BATCH)
                 for name, tick in list(next_ticks.items()):
-                    if tick.timestamp() <= now:
-                        await self._enqueue_tick(name, tick.timestamp(), now)
+                    if tick.timestamp() <= now and early.get(name, 0.0) <= now:
+                        if not await self._enqueue_tick(name, tick.timestamp(), now):
+                            early[name] = now + EARLY_TICK_AGAIN  # this host's clock runs ahead
+                            continue
+                        early.pop(name, None)
                         # The next tick after now: ticks missed while down are not replayed.
                         following = self._next_tick(name, datetime.fromtimestamp(now, UTC))
                         if following is None:
@@ -812,8 +817,8 @@ class Worker:
                 await anyio.sleep(1.0)
                 continue
             wait = SCHEDULER_TICK if nxt is None else nxt - time.time()
-            for tick in next_ticks.values():
-                wait = min(wait, tick.timestamp() - time.time())
+            for name, tick in next_ticks.items():
+                wait = min(wait, max(tick.timestamp(), early.get(name, 0.0)) - time.time())
             await anyio.sleep(min(max(wait, 0.0), SCHEDULER_TICK))
 
     def _next_tick(self, name: str, moment: datetime) -> datetime | None:
@@ -838,10 +843,13 @@ class Worker:
                 logger.warning("pruning expired records failed: %s", exc)
             await anyio.sleep(PRUNE_EVERY)
 
-    async def _enqueue_tick(self, name: str, tick: float, now: float) -> None:
+    async def _enqueue_tick(self, name: str, tick: float, now: float) -> bool:
+        """False when the tick is ahead of the broker's clock: not yet."""
         queue = self.queue
         job = queue._new_job(queue.tasks[name], (), {}, NO_OPTIONS, now)
-        if await queue.broker.enqueue_tick(queue.name, tick, job):
+        enqueued = await queue.broker.enqueue_tick(queue.name, tick, job)
+        if enqueued:
             logger.debug("periodic %s: tick %s enqueued as job %s", name, tick, job.id)
             if queue.signals.wants(Signal.ENQUEUED):
                 await queue.signals.send(Signal.ENQUEUED, SignalJob(job.id, name))
+        return enqueued is not None

@@ -457,10 +457,11 @@ class Broker(ABC):
         """Whether the job (when given) or its task is revoked at `now`."""
 
     @abstractmethod
-    async def enqueue_tick(self, queue: str, tick: float, job: NewJob) -> bool:
+    async def enqueue_tick(self, queue: str, tick: float, job: NewJob) -> bool | None:
         """Enqueue a periodic task's job for `tick` unless a job for this task and a tick at or
         after it was enqueued already: however many schedulers call it, each tick is enqueued
-        once. True when this call enqueued it."""
+        once. True when this call enqueued it; None when `tick` is ahead of the broker's clock
+        (the caller's runs ahead): not yet, ask again shortly."""
 
     @abstractmethod
     async def lock_acquire(self, queue: str, name: str, token: str, ttl: float) -> bool:

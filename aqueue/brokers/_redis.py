@@ -1327,18 +1327,26 @@ class RedisBroker(Broker):
         until = None if replies[0] is None else _revoked_until(replies[0])
         return until is not None and until > now
 
-    async def enqueue_tick(self, queue: str, tick: float, job: NewJob) -> bool:
+    async def enqueue_tick(self, queue: str, tick: float, job: NewJob) -> bool | None:
         args = [repr(job.enqueued_at or time.time()), job.id, job.task, job.payload, job.priority,
                 _opt(job.eta), _opt(job.expires), job.key or ""]
         enqueued = await self._run(queue, "tick", [args[0], repr(tick), *args[1:]])
         if enqueued == -1:  # this host's clock is far ahead of Redis's (see tick.lua)
-            now = time.monotonic()
-            if now >= self._clock_warned.get(job.task, 0.0):
-                self._clock_warned[job.task] = now + 60
-                logger.warning("periodic %s: not enqueued, its tick (%s) is over 5 minutes ahead of "
-                               "Redis's clock: this host's clock is wrong", job.task, repr(tick))
+            self._warn_of_clock(job.task, "periodic %s: not enqueued, its tick (%s) is over 5 minutes "
+                                "ahead of Redis's clock: this host's clock is wrong", repr(tick))
             return False
+        if enqueued == -2:
+            self._warn_of_clock(job.task, "periodic %s: its tick (%s) is over 1 s ahead of Redis's "
+                                "clock, and waits for it: this host's clock runs ahead", repr(tick))
+            return None
         return bool(enqueued)
+
+    def _warn_of_clock(self, task: str, message: str, tick: str) -> None:
+        """Once a minute per task: a scheduler asks again and again while its clock is off."""
+        now = time.monotonic()
+        if now >= self._clock_warned.get(task, 0.0):
+            self._clock_warned[task] = now + 60
+            logger.warning(message, task, tick)
 
     async def lock_acquire(self, queue: str, name: str, token: str, ttl: float) -> bool:
         await self._ready()
