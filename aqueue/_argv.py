@@ -33,7 +33,10 @@ options:
   --logfile F           write aqueue's log to this file (not to stderr, nor to the
                         handlers of an app that sets up logging)
   -h, --help            show this help and exit
+  --version             show aqueue's version and exit
 """
+
+VERSION = "version"  # what `parse` gives for `aqueue --version`
 
 
 class UsageError(Exception):
@@ -100,13 +103,16 @@ def _long_name(word: str) -> str:
     return matches[0]
 
 
-def parse(argv: Sequence[str]) -> RunArgs | None:
-    """The command line's settings; None when help was asked for. Raises UsageError."""
+def parse(argv: Sequence[str]) -> RunArgs | str | None:
+    """The command line's settings; None when help was asked for, VERSION when the version was.
+    Raises UsageError."""
     words = list(argv)
     if not words:
         raise UsageError("a command is required: run")
     if words[0] in ("-h", "--help"):
         return None
+    if words == ["--version"]:
+        return VERSION
     if words[0] != "run":
         raise UsageError(f"unknown command {words[0]!r} (the command is: run)")
     settings: dict[str, Any] = {}

@@ -66,6 +66,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args is None:
         print(HELP, end="")
         return 0
+    if isinstance(args, str):  # VERSION
+        from aqueue import __version__
+
+        print(f"aqueue {__version__}")
+        return 0
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     try:
         handler: logging.Handler = (

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
+import aqueue
 from aqueue import _cli
-from aqueue._argv import RunArgs, UsageError, parse
+from aqueue._argv import VERSION, RunArgs, UsageError, parse
 from aqueue._cli import main
 from aqueue._worker import Worker
 
@@ -121,6 +122,13 @@ def test_help_lists_every_option_and_exits_0() -> None:
     for option in ("--concurrency", "--prefetch", "--shutdown-timeout", "--no-scheduler", "--verbose",
                    "--quiet", "--logfile", "--help"):
         assert option in done.stdout
+
+
+def test_version_is_shown_and_exits_0() -> None:
+    assert parse(["--version"]) == VERSION
+    done = subprocess.run([sys.executable, "-m", "aqueue", "--version"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout) == (0, f"aqueue {aqueue.__version__}\n")
 
 
 def test_the_worker_does_not_load_argparse() -> None:
