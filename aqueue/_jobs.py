@@ -185,6 +185,10 @@ class ResultGroup(Generic[R]):
     def __init__(self, jobs: Sequence[Job[R]]) -> None:
         self.jobs: list[Job[R]] = list(jobs)
 
+    def __repr__(self) -> str:
+        where = f" on {self.jobs[0].queue.name!r}" if self.jobs else ""
+        return f"<ResultGroup of {len(self.jobs)} job(s){where}>"
+
     def __len__(self) -> int:
         return len(self.jobs)
 

@@ -244,6 +244,11 @@ class TaskCall(Generic[P, R]):
         self.task = task
         self.call = call
 
+    def __repr__(self) -> str:
+        given = ", ".join(f"{option.name}={value!r}" for option in fields(self.call)
+                          if (value := getattr(self.call, option.name)) is not None)
+        return f"<TaskCall {self.task.name}.options({given}) on {self.task.queue.name!r}>"
+
     async def enqueue(self, *args: P.args, **kwargs: P.kwargs) -> Job[R]:
         jobs = await self.task.queue._enqueue_calls([(self.task, args, kwargs, self.call)])
         return cast("Job[R]", jobs[0])
@@ -297,7 +302,7 @@ def default_name(fn: Callable[..., Any]) -> str:
 def call_arguments(args: Iterable[Any], kwargs: object) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """`schedule`'s arguments, refused where they would be misread: a string would be spread into
     its characters; a key that is no name fails the call in the worker."""
-    if isinstance(args, str | bytes | bytearray | Mapping):
+    if isinstance(args, str | bytes | bytearray | Mapping) or not isinstance(args, Iterable):
         raise ConfigurationError(f"schedule() takes the positional arguments as a tuple or list, "
                                  f"got {args!r} (one argument: (x,))")
     if kwargs is None:

@@ -53,7 +53,8 @@ class Signature(Generic[R]):
         self.on_error = on_error
 
     def __repr__(self) -> str:
-        return f"{self.task.name}.s({', '.join(map(repr, self.args))})"
+        given = [*map(repr, self.args), *(f"{name}={value!r}" for name, value in self.kwargs.items())]
+        return f"{self.task.name}.s({', '.join(given)})"
 
     def then(self, task: Step[Any], /, *args: Any, **kwargs: Any) -> Pipeline:
         """Run `task` with this step's value: a tuple extends its *args, a dict updates its
@@ -192,6 +193,9 @@ class ChordResult(Generic[R]):
         self.pipeline_results = pipeline_results
         self.callback: Job[Any] = pipeline_results[0]
 
+    def __repr__(self) -> str:
+        return f"<ChordResult of {len(self.results)} member(s), callback {self.callback.id}>"
+
     @property
     def id(self) -> str:
         return self.callback.id
@@ -270,6 +274,9 @@ class Batch:
 
     def __init__(self, queue: Queue, batch_id: str, members: ResultGroup[Any]) -> None:
         self.queue, self.id, self.members = queue, batch_id, members
+
+    def __repr__(self) -> str:
+        return f"<Batch {self.id} of {len(self.members)} member(s) on {self.queue.name!r}>"
 
     def callback(self, kind: str) -> Job[Any]:
         """The job an `on_<kind>` callback runs as (it exists once fired)."""

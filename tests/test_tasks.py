@@ -394,9 +394,9 @@ async def test_schedule_refuses_arguments_it_would_misread(queue: Queue) -> None
     async def add(a: int, b: int = 0) -> int:
         return a + b
 
-    for args in ("ab", b"ab", {"a": 1}):
+    for args in ("ab", b"ab", {"a": 1}, 1, None):  # 1: TypeError "'int' object is not iterable"
         with pytest.raises(ConfigurationError, match="positional arguments as a tuple or list"):
-            await add.schedule(args, delay=1)
+            await add.schedule(args, delay=1)  # type: ignore[arg-type]
     for kwargs in ({1: 2}, [("a", 1)]):
         with pytest.raises(ConfigurationError, match="keyword arguments as a dict of names"):
             await add.schedule((1,), kwargs, delay=1)  # type: ignore[arg-type]

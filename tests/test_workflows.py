@@ -24,6 +24,7 @@ from aqueue import (
     JobState,
     Pipeline,
     Queue,
+    ResultGroup,
     TaskError,
     chord,
     current_job,
@@ -406,6 +407,21 @@ async def test_a_workflows_arguments_the_functions_cannot_take_are_refused_at_en
         b = await queue.batch([add.s(1, 1)], on_success=report.s("done"))
         assert await b.members.get(timeout=10) == [2]  # its end made the callback's job
         assert await b.callback("success").result(timeout=10) == "done"
+
+
+async def test_handles_and_workflows_say_what_they_are(queue: Queue) -> None:
+    add = arithmetic(queue)
+    name = repr(queue.name)
+    configured = add.options(priority=5, retries=2)
+    assert repr(configured) == f"<TaskCall add.options(priority=5, retries=2) on {name}>"
+    assert repr(add.s(1, b=2).then(add, 3)) == "add.s(1, b=2) -> add.s(3)"
+    res = await queue.enqueue(group([add.s(1, 1), add.s(2, 2)]))
+    assert repr(res) == f"<ResultGroup of 2 job(s) on {name}>"
+    assert repr(ResultGroup([])) == "<ResultGroup of 0 job(s)>"
+    c = await queue.enqueue(chord([add.s(1, 1)], add.s(1)))
+    assert repr(c) == f"<ChordResult of 1 member(s), callback {c.callback.id}>"
+    b = await queue.batch([add.s(1, 1)])
+    assert repr(b) == f"<Batch {b.id} of 1 member(s) on {name}>"
 
 
 async def test_nested_chords_and_chords_of_pipelines(queue: Queue) -> None:
