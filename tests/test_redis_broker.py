@@ -1285,6 +1285,50 @@ def test_a_failover_or_a_full_server_is_a_broker_connection_error(reply: str) ->
         RedisBroker("redis://127.0.0.1:1/0")._raise_translated(error)
 
 
+async def test_a_worker_says_once_that_redis_is_out_of_reach_and_once_that_it_is_back(
+    queue_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Its fetch, cancel listener and scheduler each logged every failed call, several lines a
+    # second for as long as Redis was down, and nothing said when it was back.
+    server = start_redis()
+    queue = Queue(server.url, name=queue_name)
+
+    @queue.task
+    async def add(a: int, b: int) -> int:
+        return a + b
+
+    failed: set[str] = set()  # the services whose calls failed
+    each_failed = anyio.Event()  # the fetch, the cancel listener and the scheduler
+
+    class Failures(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.getMessage().startswith("broker unreachable ("):
+                failed.add(record.getMessage().partition("(")[2].partition(")")[0])
+                if {"receiving jobs", "listening for cancel requests", "scheduling"} <= failed:
+                    each_failed.set()
+
+    handler = Failures()
+    logging.getLogger("aqueue").addHandler(handler)
+    try:
+        with caplog.at_level(logging.DEBUG, logger="aqueue"):
+            async with queue, queue.worker():
+                assert await (await add.enqueue(1, 1)).result(timeout=10) == 2
+                server.stop()
+                with anyio.fail_after(20):
+                    await each_failed.wait()
+                server.start()
+                assert await (await add.enqueue(2, 2)).result(timeout=30) == 4
+        said = [(r.levelno, r.getMessage()) for r in caplog.records if r.getMessage().startswith("broker ")]
+        warned = [message for level, message in said if level >= logging.WARNING]
+        assert len(said) > 3, said  # failures after the first, as debug lines
+        assert len(warned) == 2, warned
+        assert warned[0].startswith("broker unreachable (")
+        assert warned[1].startswith("broker reachable again after ")
+    finally:
+        logging.getLogger("aqueue").removeHandler(handler)
+        server.stop()
+
+
 @pytest.mark.parametrize("refusal", ["replica", "too few replicas"])
 async def test_a_worker_keeps_an_outcome_through_a_failover(queue_name: str, refusal: str) -> None:
     # Its server turned replica while the job ran: the success's write was refused (READONLY),

@@ -1112,7 +1112,7 @@ async def test_the_cancel_listener_reads_within_the_socket_timeout(
             assert await job.cancel()
             with pytest.raises(JobCancelled):
                 await job.result(timeout=10)
-    assert "listening for cancel requests failed" not in caplog.text
+    assert "listening for cancel requests" not in caplog.text  # neither failed nor out of reach
 
 
 @pytest.fixture

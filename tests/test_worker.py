@@ -11,6 +11,7 @@ import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
 from typing import Any
 
 import anyio
@@ -41,6 +42,7 @@ from aqueue._tasks import TaskPolicy
 from aqueue._threads import worker_threads
 from aqueue._time import LONGEST
 from aqueue._worker import _runner
+from aqueue._worker import _unreachable as unreachable_module
 from aqueue.brokers import Broker, Completion, NewJob
 
 
@@ -1805,3 +1807,28 @@ async def test_failures_and_retries_are_logged_for_the_operator(
     failed = mine[1].getMessage()
     assert "failed after 2 attempt(s): ValueError" in failed
     assert 'raise ValueError("upstream said no")' in failed  # the traceback
+
+
+def test_an_outage_is_told_as_it_starts_every_30s_while_it_lasts_and_as_it_ends(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = [100.0]
+    monkeypatch.setattr(unreachable_module, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    outage = unreachable_module.Unreachable()
+    lost = BrokerConnectionError("cannot reach Redis")
+    with caplog.at_level(logging.DEBUG, logger="aqueue"):
+        for at in (100.0, 100.5, 129.9, 130.0, 131.0, 160.0):
+            clock[0] = at
+            outage.failed("scheduling", lost)
+        clock[0] = 165.25
+        outage.reached()
+        outage.reached()  # no outage: nothing to tell
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("WARNING", "broker unreachable (scheduling): cannot reach Redis; trying again until it answers"),
+        ("DEBUG", "broker unreachable (scheduling): cannot reach Redis"),
+        ("DEBUG", "broker unreachable (scheduling): cannot reach Redis"),
+        ("WARNING", "broker still unreachable after 30s (scheduling): cannot reach Redis"),
+        ("DEBUG", "broker unreachable (scheduling): cannot reach Redis"),
+        ("WARNING", "broker still unreachable after 60s (scheduling): cannot reach Redis"),
+        ("WARNING", "broker reachable again after 65.2s"),
+    ]

@@ -42,6 +42,7 @@ from aqueue._worker._executor import (
     safe_repr,
     written_signal,
 )
+from aqueue._worker._unreachable import Unreachable
 from aqueue.brokers import Completion, Delivery, Outcome
 from aqueue.brokers._base import PRUNE_EVERY
 
@@ -139,6 +140,7 @@ class Worker:
         self._stop_requested = False
         self._stop_at = 0.0  # time.monotonic() when stop() was called: the running jobs' grace starts
         self._stop_heard = anyio.Event()  # cuts short the fetcher's pause between failed calls
+        self._unreachable = Unreachable()  # what is logged while the broker is out of reach
         self._wake_fetcher = anyio.Event()
         self._all_idle = anyio.Event()
         self._completer: Completer | None = None
@@ -380,9 +382,10 @@ class Worker:
                     await self._take(deliveries)
                     taken = len(deliveries)
                 backoff, failed_with = FETCH_PAUSE_FIRST, ""
+                self._unreachable.reached()
             except BrokerConnectionError as exc:
                 self._answer_lost = True
-                logger.warning("broker unreachable, retrying in %.2fs: %s", backoff, exc)
+                self._unreachable.failed("receiving jobs", exc)
                 with anyio.move_on_after(backoff):  # or until a stop
                     await self._stop_heard.wait()
                 backoff = min(backoff * 2, FETCH_PAUSE_MOST)
@@ -722,6 +725,9 @@ class Worker:
                 continue
             try:
                 lost = await queue.broker.renew(queue.name, self.name, list(held.values()))
+            except BrokerConnectionError as exc:
+                self._unreachable.failed(f"renewing {len(held)} lease(s)", exc)
+                continue
             except BrokerError as exc:
                 logger.warning("renewing %d lease(s) failed: %s", len(held), exc)
                 continue
@@ -744,7 +750,10 @@ class Worker:
                 await self.queue.broker.listen_cancel(self.queue.name, self._cancel_job, tried.set)
             except BrokerError as exc:
                 tried.set()
-                logger.warning("listening for cancel requests failed, again in 1s: %s", exc)
+                if isinstance(exc, BrokerConnectionError):
+                    self._unreachable.failed("listening for cancel requests", exc)
+                else:
+                    logger.warning("listening for cancel requests failed, again in 1s: %s", exc)
                 await anyio.sleep(1.0)
 
     async def _check_cancel(self) -> None:
@@ -758,6 +767,9 @@ class Worker:
         """Cancel those of these jobs whose cancel the broker holds requested."""
         try:
             requested = await self.queue.broker.cancel_requested(self.queue.name, job_ids)
+        except BrokerConnectionError as exc:
+            self._unreachable.failed("checking for cancel requests", exc)
+            return
         except BrokerError as exc:
             logger.warning("checking for cancel requests failed: %s", exc)
             return
@@ -813,7 +825,10 @@ class Worker:
                         else:
                             next_ticks[name] = following
             except BrokerError as exc:
-                logger.warning("scheduling failed: %s", exc)
+                if isinstance(exc, BrokerConnectionError):
+                    self._unreachable.failed("scheduling", exc)
+                else:
+                    logger.warning("scheduling failed: %s", exc)
                 await anyio.sleep(1.0)
                 continue
             wait = SCHEDULER_TICK if nxt is None else nxt - time.time()
@@ -839,6 +854,8 @@ class Worker:
                 removed = PRUNE_PAGE
                 while removed == PRUNE_PAGE:  # page by page until none are left
                     removed = await self.queue.broker.prune(self.queue.name, time.time(), PRUNE_PAGE)
+            except BrokerConnectionError as exc:
+                self._unreachable.failed("pruning expired records", exc)
             except BrokerError as exc:
                 logger.warning("pruning expired records failed: %s", exc)
             await anyio.sleep(PRUNE_EVERY)

@@ -1,0 +1,37 @@
+"""What a worker logs while its broker is out of reach: a line as the outage starts, a reminder
+now and then, and a line when it is back. Its services (the fetch, the cancel listener, the
+scheduler, lease renewal, pruning) each meet the outage, and each logging every failed call
+flooded the log with several lines a second and never said it was over."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+logger = logging.getLogger("aqueue")
+
+REMIND_EVERY = 30.0  # seconds between the reminders that the broker is still out of reach
+
+
+class Unreachable:
+    def __init__(self) -> None:
+        self.since: float | None = None  # time.monotonic() of the outage's first failed call
+        self._reminded = 0.0
+
+    def failed(self, what: str, exc: Exception) -> None:
+        """A call of the service `what` could not reach the broker."""
+        now = time.monotonic()
+        if self.since is None:
+            self.since = self._reminded = now
+            logger.warning("broker unreachable (%s): %s; trying again until it answers", what, exc)
+        elif now - self._reminded >= REMIND_EVERY:
+            self._reminded = now
+            logger.warning("broker still unreachable after %.0fs (%s): %s", now - self.since, what, exc)
+        else:
+            logger.debug("broker unreachable (%s): %s", what, exc)
+
+    def reached(self) -> None:
+        """A call reached the broker: the outage, if any, is over."""
+        if self.since is not None:
+            logger.warning("broker reachable again after %.1fs", time.monotonic() - self.since)
+            self.since = None
