@@ -275,6 +275,20 @@ def test_broker_options_that_cannot_work_are_refused_when_made(options: dict[str
     RedisBroker("redis://h/0", socket_timeout=None, protocol=3, health_check_interval=0)
 
 
+async def test_a_tls_url_to_a_port_without_tls_says_what_is_likely(
+    redis_server: RedisServer, queue_name: str
+) -> None:
+    # The server waits for a request the TLS handshake never sends: the client saw a timeout alone.
+    url = f"rediss://127.0.0.1:{redis_server.port}/0?socket_connect_timeout=0.2&ssl_cert_reqs=none"
+    broker = RedisBroker(url)
+    try:
+        with pytest.raises(BrokerConnectionError, match=r"Timeout .* \(the URL is rediss://: does that "
+                                                         r"port speak TLS\?\)"):
+            await broker.enqueue(queue_name, [new_job()])
+    finally:
+        await broker.close()
+
+
 def test_a_tls_file_given_to_the_broker_must_exist(tmp_path: Path) -> None:
     with pytest.raises(ConfigurationError, match=r"ssl_ca_certs='/nonexistent/ca\.pem' is not a valid value"):
         RedisBroker("rediss://h/0", ssl_ca_certs="/nonexistent/ca.pem")

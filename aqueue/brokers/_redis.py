@@ -731,7 +731,12 @@ class RedisBroker(Broker):
             # changes keeps its outcomes and waits, as for Redis being away; the message says why.
             raise BrokerConnectionError(f"Redis at {self.url} refused the credentials: {exc}") from None
         if isinstance(exc, (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)):
-            raise BrokerConnectionError(f"cannot reach Redis at {self.url}: {exc}") from None
+            hint = ""
+            if self.url.startswith("rediss://") and "Timeout connecting" in str(exc):
+                # A server without TLS on that port waits for a request that a TLS handshake
+                # never sends: all the client sees is a timeout.
+                hint = " (the URL is rediss://: does that port speak TLS?)"
+            raise BrokerConnectionError(f"cannot reach Redis at {self.url}: {exc}{hint}") from None
         if isinstance(exc, TRANSIENT_ERRORS) or str(exc).split(" ", 1)[0] in TRANSIENT:
             raise BrokerConnectionError(f"Redis at {self.url} is unavailable: {exc}") from None
         raise BrokerError(f"Redis at {self.url} failed: {exc}") from exc
