@@ -345,6 +345,7 @@ class Lock:
                 wait, failing = min(self.ttl / 10, 1.0), True
                 continue
             if not extended:
-                logger.error("lock %r was lost while held (its ttl ran out)", self.name)
+                logger.error("lock %r was lost while held: it is no longer ours (its ttl ran out, or "
+                             "Redis lost the key: a restart or a failover without it)", self.name)
                 return
             wait, held_until, failing = self.ttl / 3, asked + self.ttl, False

@@ -593,6 +593,25 @@ async def test_a_lock_whose_renewals_fail_for_its_whole_ttl_is_said_lost_once(
                                                "lock 'gone' was lost while held"]
 
 
+async def test_a_lock_found_no_longer_held_does_not_blame_its_ttl_alone(
+    queue: Queue, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Its key wiped by a Redis restart (no persistence), the renewal found it gone: the log said
+    # "its ttl ran out", which sent the reader looking at the ttl.
+    async def gone(queue_name: str, name: str, token: str, ttl: float) -> bool:
+        return False
+
+    monkeypatch.setattr(queue.broker, "lock_extend", gone)
+    caplog.set_level(logging.WARNING, logger="aqueue")
+    async with queue.lock("wiped", ttl=0.3):
+        with anyio.fail_after(10):
+            while not any("was lost" in r.getMessage() for r in caplog.records):  # noqa: ASYNC110 - a log line has no event
+                await anyio.sleep(0.01)
+    [said] = [r.getMessage() for r in caplog.records if "lock 'wiped'" in r.getMessage()]
+    assert said == ("lock 'wiped' was lost while held: it is no longer ours (its ttl ran out, or Redis "
+                    "lost the key: a restart or a failover without it)")
+
+
 async def test_a_cancelled_caller_does_not_take_a_lock(queue: Queue) -> None:
     # A free lock is taken without waiting for this process's turn: on the memory broker, whose
     # calls do not await, a caller cancelled already took it and ran its body.
