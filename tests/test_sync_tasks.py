@@ -65,7 +65,9 @@ async def test_a_timed_out_thread_ends_the_job_with_task_timeout(queue: Queue) -
     assert caught.value.metadata["type"] == "TaskTimeout"
 
 
-async def test_shutdown_waits_for_a_thread_and_keeps_its_outcome(queue: Queue) -> None:
+async def test_shutdown_waits_for_a_thread_and_keeps_its_outcome(
+    queue: Queue, caplog: pytest.LogCaptureFixture
+) -> None:
     started, saw_stop = threading.Event(), threading.Event()
     interrupted: list[str] = []
     runs: list[int] = []
@@ -83,8 +85,13 @@ async def test_shutdown_waits_for_a_thread_and_keeps_its_outcome(queue: Queue) -
         interrupted.append(getattr(job, "id", ""))
 
     job = await long_job.enqueue()
-    async with queue.worker(shutdown_timeout=0.1):
-        await _wait(started)
+    with caplog.at_level(logging.WARNING, logger="aqueue"):
+        async with queue.worker(shutdown_timeout=0.1):
+            await _wait(started)
+    # Said as what happens to it: it was said "cancelling it to hand it back".
+    assert f"job {job.id} (long_job) still running at shutdown, in a thread, which cannot be stopped: " \
+           "waiting for it" in caplog.text
+    assert "to hand it back" not in caplog.text
     assert saw_stop.is_set()
     assert await job.state() == JobState.SUCCEEDED  # not handed back: it would run twice
     assert await job.result(timeout=1) == "finished"

@@ -828,7 +828,7 @@ async def test_dead_letter_retry_runs_again(queue: Queue) -> None:
     assert await queue.dead_letters() == []
 
 
-async def test_shutdown_hands_running_jobs_back(queue: Queue) -> None:
+async def test_shutdown_hands_running_jobs_back(queue: Queue, caplog: pytest.LogCaptureFixture) -> None:
     started = anyio.Event()
     cleaned_up = anyio.Event()
     interrupted: list[str] = []
@@ -848,9 +848,11 @@ async def test_shutdown_hands_running_jobs_back(queue: Queue) -> None:
         interrupted.append(getattr(job, "id", ""))
 
     job = await long_job.enqueue()
-    async with queue.worker(shutdown_timeout=0.1):
-        with anyio.fail_after(10):
-            await started.wait()
+    with caplog.at_level(logging.WARNING, logger="aqueue"):
+        async with queue.worker(shutdown_timeout=0.1):
+            with anyio.fail_after(10):
+                await started.wait()
+    assert f"job {job.id} (long_job) still running at shutdown: cancelling it to hand it back" in caplog.text
     assert cleaned_up.is_set()
     assert interrupted == [job.id]
     assert await job.state() == JobState.PENDING

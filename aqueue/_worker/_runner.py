@@ -662,9 +662,15 @@ class Worker:
         if self._running and self._services is not None:
             self._services.start_soon(self._hand_back_as_they_stop)
         for running in list(self._running.values()):
-            logger.warning("job %s (%s) still running at shutdown: cancelling it to hand it back "
-                           "(a plain `def` task's thread cannot be stopped: it is waited for, and "
-                           "the job keeps its outcome)", running.delivery.job_id, running.delivery.task)
+            d = running.delivery
+            task = self.queue.tasks.get(d.task)
+            if task is not None and task.in_thread:
+                logger.warning("job %s (%s) still running at shutdown, in a thread, which cannot be "
+                               "stopped: waiting for it (it keeps its outcome, unless it lets "
+                               "check_cancelled()'s exception out: then it is handed back)", d.job_id, d.task)
+            else:
+                logger.warning("job %s (%s) still running at shutdown: cancelling it to hand it back",
+                               d.job_id, d.task)
             running.interrupt()
 
     async def _hand_back_as_they_stop(self) -> None:
