@@ -282,6 +282,9 @@ class Queue:
         if isinstance(fn, Task):  # taken, its jobs would run the task's direct call in a thread
             raise ConfigurationError(f"@queue.task decorates a function, not the task {fn.name!r} "
                                      "(give each queue the plain function)")
+        if isinstance(unguarded(fn), type):  # a job's value would be an instance, stored as JSON
+            raise ConfigurationError(f"@queue.task decorates a function, not the class "
+                                     f"{unguarded(fn).__name__} (decorate a function that uses it)")
         task_name = default_name(fn) if name is None else name  # name="" is refused, not ignored
         check_name(task_name, "a task's name")  # stored as the jobs' task, by which workers find it
         if task_name in self.tasks and self.tasks[task_name].fn is not fn:

@@ -296,6 +296,8 @@ def default_name(fn: Callable[..., Any]) -> str:
     name = getattr(own, "__name__", None)
     if not isinstance(name, str):  # a functools.partial, a callable object
         raise ConfigurationError(f"{own!r} has no __name__ to name its task: give one with name=...")
+    if name == "<lambda>":  # every lambda's: the second would be refused as a name taken
+        raise ConfigurationError("a lambda has no name of its own to name its task: give one with name=...")
     return name
 
 

@@ -369,6 +369,22 @@ def test_a_task_of_a_callable_without_a_name_needs_one_given(queue: Queue) -> No
     with pytest.raises(ConfigurationError, match=r"functools\.partial.*give one with name="):
         queue.task(queue.lock("l")(functools.partial(add, 1)))  # named "guarded", its wrapper's
     assert queue.task(name="add_one")(functools.partial(add, 1)).name == "add_one"
+    with pytest.raises(ConfigurationError, match="a lambda has no name of its own"):
+        queue.task(lambda x: x)  # every lambda is "<lambda>": a second was refused as a name taken
+    assert queue.task(name="double")(lambda x: 2 * x).name == "double"
+
+
+def test_a_class_is_no_task(queue: Queue) -> None:
+    # Taken, its job's value was an instance, which failed to store as JSON at every run.
+    class Report:
+        def __init__(self, title: str) -> None:
+            self.title = title
+
+    with pytest.raises(ConfigurationError, match="not the class Report"):
+        queue.task(Report)
+    with pytest.raises(ConfigurationError, match="not the class Report"):
+        queue.task(queue.lock("l")(Report))
+    assert queue.tasks == {}
 
 
 async def test_a_task_name_or_job_id_utf8_cannot_write_is_refused(queue: Queue) -> None:
