@@ -75,6 +75,7 @@ class CallOptions:
 
 
 CALL_OPTION_NAMES = frozenset(option.name for option in fields(CallOptions))
+SHAPES_KEPT = 64  # shapes of call a task remembers as good (see `Task.check_call`)
 
 # Frozen: one instance serves every enqueue that sets no options.
 NO_OPTIONS = CallOptions()
@@ -89,18 +90,14 @@ def unguarded(fn: Callable[P, Any]) -> Callable[P, Any]:
     return fn
 
 
-def _call_shape(fn: Callable[..., Any]) -> tuple[inspect.Signature | None, int]:
-    """The function's signature (None if inspect cannot read it), and how many positional
-    arguments alone it takes when that is all it takes (no defaults, no *args or keywords; else
-    -1): such a call needs only a count."""
+def _parameters(fn: Callable[..., Any]) -> inspect.Signature | None:
+    """The signature a job's call meets: the function's own, not one it wraps (a decorator of
+    the user's made with functools.wraps takes what its wrapper takes). None if inspect cannot
+    read it."""
     try:
-        parameters = inspect.signature(fn)
+        return inspect.signature(fn, follow_wrapped=False)
     except (TypeError, ValueError):
-        return None, -1
-    plain = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    if all(p.kind in plain and p.default is inspect.Parameter.empty for p in parameters.parameters.values()):
-        return parameters, len(parameters.parameters)
-    return parameters, -1
+        return None
 
 
 class Task(Generic[P, R]):
@@ -119,7 +116,10 @@ class Task(Generic[P, R]):
         self.__doc__ = fn.__doc__
         self.__name__ = getattr(fn, "__name__", name)
         self.__wrapped__ = fn
-        self._parameters, self._positional = _call_shape(self._direct)
+        self._parameters = _parameters(self._direct)
+        # The shapes of call found good (how many positional arguments, which keywords): a
+        # call's validity depends on its shape alone, and a bind per job cost a map a third.
+        self._shapes_taken: set[object] = set()
 
     def __repr__(self) -> str:
         return f"<Task {self.name} on {self.queue.name!r}>"
@@ -128,12 +128,13 @@ class Task(Generic[P, R]):
         """Refuse arguments the function cannot take, at enqueue: in the worker the call would fail
         at every retry. `before`: how many values a workflow puts first (a chord's values, an
         error handler's exception)."""
-        if not kwargs and len(args) + before == self._positional:  # the common case, with no bind
-            return
-        if self._parameters is None:  # a callable inspect cannot read: the worker's call checks
+        shape = len(args) + before if not kwargs else (len(args) + before, *kwargs)
+        if shape in self._shapes_taken or self._parameters is None:  # None: the worker's call checks
             return
         try:
             self._parameters.bind(*(None,) * before, *args, **kwargs)
+            if len(self._shapes_taken) < SHAPES_KEPT:  # keywords of the caller's making are many
+                self._shapes_taken.add(shape)
         except TypeError as exc:
             hint = ""
             misplaced = sorted(set(kwargs) & CALL_OPTION_NAMES - set(self._parameters.parameters))

@@ -482,6 +482,28 @@ async def test_arguments_the_function_cannot_take_are_refused_at_enqueue(queue: 
         taken = [await add.enqueue(1, b=2), await send.enqueue("a@b", cc="c@b"),
                  await anything.enqueue(1, 2, x=3), await add.options(delay=0.01).enqueue(2, 2)]
         assert [await job.result(timeout=10) for job in taken] == [3, "a@b", 3, 4]
+    for enqueue, message in refused:  # a shape of call taken before lets no other through
+        with pytest.raises(ConfigurationError, match=message):
+            await enqueue()
+
+
+async def test_a_task_under_a_decorator_of_the_users_takes_what_its_wrapper_takes(queue: Queue) -> None:
+    # A functools.wraps decorator's signature is the function it wraps: its calls were refused
+    # at enqueue for a parameter the wrapper fills in, or lacks.
+    def inject(fn: Any) -> Any:
+        @functools.wraps(fn)
+        async def wrapper(*args: object, trace: object = None, **kwargs: object) -> object:
+            return await fn("db", *args, **kwargs)
+        return wrapper
+
+    @queue.task
+    @inject
+    async def with_db(db: str, x: int) -> list[object]:
+        return [db, x]
+
+    async with queue.worker():
+        assert await (await with_db.enqueue(1)).result(timeout=10) == ["db", 1]
+        assert await (await with_db.enqueue(2, trace="t")).result(timeout=10) == ["db", 2]
 
 
 async def test_idempotency_key_returns_the_live_job(queue: Queue) -> None:
