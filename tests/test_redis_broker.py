@@ -1343,6 +1343,46 @@ async def test_a_worker_says_once_that_redis_is_out_of_reach_and_once_that_it_is
         server.stop()
 
 
+async def test_a_full_worker_says_redis_is_back_without_waiting_for_a_free_slot(queue_name: str) -> None:
+    # Only its fetch said so, and a worker with no free slot does not fetch: "reachable again"
+    # came when its job ended, with an outage as long as that.
+    server = start_redis()
+    queue = Queue(server.url, name=queue_name)
+    started, finish = anyio.Event(), anyio.Event()
+    out, back = anyio.Event(), anyio.Event()
+
+    class Outage(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            message = record.getMessage()
+            if message.startswith("broker unreachable ("):
+                out.set()
+            elif message.startswith("broker reachable again"):
+                back.set()
+
+    @queue.task
+    async def hold() -> None:
+        started.set()
+        await finish.wait()
+
+    handler = Outage()
+    logging.getLogger("aqueue").addHandler(handler)
+    try:
+        async with queue, queue.worker(concurrency=1):
+            await hold.enqueue()
+            with anyio.fail_after(10):
+                await started.wait()
+            server.stop()
+            with anyio.fail_after(10):
+                await out.wait()
+            server.start()
+            with anyio.fail_after(10):
+                await back.wait()  # while the job still holds the one slot
+            finish.set()
+    finally:
+        logging.getLogger("aqueue").removeHandler(handler)
+        server.stop()
+
+
 @pytest.mark.parametrize("refusal", ["replica", "too few replicas"])
 async def test_a_worker_keeps_an_outcome_through_a_failover(queue_name: str, refusal: str) -> None:
     # Its server turned replica while the job ran: the success's write was refused (READONLY),

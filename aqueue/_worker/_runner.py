@@ -731,6 +731,7 @@ class Worker:
                 continue
             try:
                 lost = await queue.broker.renew(queue.name, self.name, list(held.values()))
+                self._unreachable.reached()  # a full worker's fetch may not ask for a while
             except BrokerConnectionError as exc:
                 self._unreachable.failed(f"renewing {len(held)} lease(s)", exc)
                 continue
@@ -751,9 +752,13 @@ class Worker:
     async def _listen_cancel(self, tried: anyio.Event) -> None:
         """Cancel requests are pushed; a lost connection is listened on again after a pause.
         `tried` is set once listening, or once the first attempt failed (and said so)."""
+        def listening() -> None:
+            tried.set()
+            self._unreachable.reached()
+
         while True:
             try:
-                await self.queue.broker.listen_cancel(self.queue.name, self._cancel_job, tried.set)
+                await self.queue.broker.listen_cancel(self.queue.name, self._cancel_job, listening)
             except BrokerError as exc:
                 tried.set()
                 if isinstance(exc, BrokerConnectionError):
@@ -773,6 +778,7 @@ class Worker:
         """Cancel those of these jobs whose cancel the broker holds requested."""
         try:
             requested = await self.queue.broker.cancel_requested(self.queue.name, job_ids)
+            self._unreachable.reached()
         except BrokerConnectionError as exc:
             self._unreachable.failed("checking for cancel requests", exc)
             return
@@ -818,6 +824,7 @@ class Worker:
             now = time.time()
             try:
                 nxt = await queue.broker.promote_due(queue.name, now, PROMOTE_BATCH)
+                self._unreachable.reached()
                 for name, tick in list(next_ticks.items()):
                     if tick.timestamp() <= now and early.get(name, 0.0) <= now:
                         if not await self._enqueue_tick(name, tick.timestamp(), now):
@@ -860,6 +867,7 @@ class Worker:
                 removed = PRUNE_PAGE
                 while removed == PRUNE_PAGE:  # page by page until none are left
                     removed = await self.queue.broker.prune(self.queue.name, time.time(), PRUNE_PAGE)
+                self._unreachable.reached()
             except BrokerConnectionError as exc:
                 self._unreachable.failed("pruning expired records", exc)
             except BrokerError as exc:
