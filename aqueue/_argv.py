@@ -33,7 +33,8 @@ options:
   --logfile F           write aqueue's log to this file (not to stderr, nor to the
                         handlers of an app that sets up logging)
   -h, --help            show this help and exit
-  --version             show aqueue's version and exit
+
+`aqueue --version` shows aqueue's version.
 """
 
 VERSION = "version"  # what `parse` gives for `aqueue --version`
