@@ -206,6 +206,33 @@ async def test_a_big_enqueue_goes_out_in_windows_of_chunks(
         await broker.close()
 
 
+async def test_a_wait_for_a_free_connection_is_bounded_by_the_socket_timeout(
+    redis_url: str, packer: str, queue_name: str
+) -> None:
+    # Behind a Redis that answers nothing, each connection waits out its call's socket timeout,
+    # and a caller past the pool's bound waited for wave after wave of them: 2,000 enqueues at
+    # once behind a stopped Redis took up to 25 s each, where 5 s was said.
+    pool = WaitingPool.from_url(redis_url, max_connections=1, socket_timeout=0.2)
+    took: list[float] = []
+
+    async def stalled() -> None:
+        started = anyio.current_time()
+        with pytest.raises(redis.exceptions.TimeoutError):
+            await pool.call("BLPOP", f"{queue_name}:never", 0)  # no answer: as a stalled Redis
+        took.append(anyio.current_time() - started)
+
+    try:
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                for _ in range(8):  # one has the connection, seven wait for it
+                    tg.start_soon(stalled)
+        assert len(took) == 8
+        assert max(took) < 0.7, took  # a wait for the place, then a call: each bounded (0.2 s)
+        assert await pool.call("PING") == b"PONG"  # and the place is there again
+    finally:
+        await pool.aclose()
+
+
 async def test_calls_share_connections_and_hand_each_back(redis_url: str, packer: str) -> None:
     pool = WaitingPool.from_url(redis_url, max_connections=4)
     try:
