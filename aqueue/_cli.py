@@ -54,6 +54,10 @@ def load_queue(target: str) -> Queue:
         what = ("None" if queue is None else f"the class {queue.__name__}" if isinstance(queue, type)
                 else f"{'an' if kind[:1] in 'AEIOUaeiou' else 'a'} {kind}")
         raise TargetError(f"{target} is {what}, not an aqueue.Queue")
+    if not queue.tasks:  # most likely the modules that register them were not imported
+        raise TargetError(f"{target} has no tasks registered: its worker would send every job to the "
+                          "dead letters as an unknown task (import the modules that define them where "
+                          "the queue is made)")
     return queue
 
 

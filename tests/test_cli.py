@@ -351,6 +351,19 @@ def test_bad_target_exits_2(target: str, message: str, capsys: pytest.CaptureFix
     assert message in capsys.readouterr().err
 
 
+def test_a_queue_with_no_tasks_exits_2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Its tasks' modules never imported, it started, and sent every job it took to the dead
+    # letters as an unknown task.
+    (tmp_path / "app_bare.py").write_text("from aqueue import Queue\nqueue = Queue('memory://')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["run", "app_bare:queue"]) == 2
+    assert capsys.readouterr().err == (
+        "aqueue: app_bare:queue has no tasks registered: its worker would send every job to the dead "
+        "letters as an unknown task (import the modules that define them where the queue is made)\n")
+
+
 def test_an_app_whose_own_import_is_missing_shows_that_import(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
