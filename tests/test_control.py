@@ -574,6 +574,16 @@ async def test_a_lock_whose_renewals_fail_for_a_while_is_kept_if_one_takes_in_it
                 pass
 
 
+async def held_until_said_lost(queue: Queue, name: str, caplog: pytest.LogCaptureFixture) -> list[str]:
+    """Hold the lock (ttl 0.3 s) until it is said lost; what was said of it."""
+    caplog.set_level(logging.WARNING, logger="aqueue")
+    async with queue.lock(name, ttl=0.3):
+        with anyio.fail_after(10):
+            while not any("was lost" in r.getMessage() for r in caplog.records):  # noqa: ASYNC110 - a log line has no event
+                await anyio.sleep(0.01)
+    return [r.getMessage() for r in caplog.records if f"lock {name!r}" in r.getMessage()]
+
+
 async def test_a_lock_whose_renewals_fail_for_its_whole_ttl_is_said_lost_once(
     queue: Queue, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -583,12 +593,7 @@ async def test_a_lock_whose_renewals_fail_for_its_whole_ttl_is_said_lost_once(
         raise BrokerConnectionError("out of reach")
 
     monkeypatch.setattr(queue.broker, "lock_extend", out_of_reach)
-    caplog.set_level(logging.WARNING, logger="aqueue")
-    async with queue.lock("gone", ttl=0.3):
-        with anyio.fail_after(10):
-            while not any("was lost" in r.getMessage() for r in caplog.records):  # noqa: ASYNC110 - a log line has no event
-                await anyio.sleep(0.01)
-    said = [r.getMessage() for r in caplog.records if "lock 'gone'" in r.getMessage()]
+    said = await held_until_said_lost(queue, "gone", caplog)
     assert [m.split(":")[0] for m in said] == ["renewing lock 'gone' failed, trying again",
                                                "lock 'gone' was lost while held"]
 
@@ -602,12 +607,7 @@ async def test_a_lock_found_no_longer_held_does_not_blame_its_ttl_alone(
         return False
 
     monkeypatch.setattr(queue.broker, "lock_extend", gone)
-    caplog.set_level(logging.WARNING, logger="aqueue")
-    async with queue.lock("wiped", ttl=0.3):
-        with anyio.fail_after(10):
-            while not any("was lost" in r.getMessage() for r in caplog.records):  # noqa: ASYNC110 - a log line has no event
-                await anyio.sleep(0.01)
-    [said] = [r.getMessage() for r in caplog.records if "lock 'wiped'" in r.getMessage()]
+    [said] = await held_until_said_lost(queue, "wiped", caplog)
     assert said == ("lock 'wiped' was lost while held: it is no longer ours (its ttl ran out, or Redis "
                     "lost the key: a restart or a failover without it)")
 

@@ -50,6 +50,19 @@ def arithmetic(queue: Queue) -> Any:
     return add
 
 
+def tagging(queue: Queue) -> tuple[Any, Any]:
+    """An error handler and a task that each return the tag they are given."""
+    @queue.task
+    async def on_error(exc: TaskError, tag: str) -> str:
+        return tag
+
+    @queue.task
+    async def tagged(tag: str) -> str:
+        return tag
+
+    return on_error, tagged
+
+
 def flaky_task(queue: Queue) -> tuple[Any, list[bool]]:
     """A task that fails until the list it comes with holds something: a member to retry."""
     healthy: list[bool] = []
@@ -374,17 +387,11 @@ async def test_a_workflows_arguments_the_functions_cannot_take_are_refused_at_en
     # not known yet, and are not judged.
     add = arithmetic(queue)
 
+    on_error, report = tagging(queue)
+
     @queue.task
     async def merge(values: list[int], sep: str) -> str:
         return sep.join(map(str, values))
-
-    @queue.task
-    async def on_error(exc: TaskError, tag: str) -> str:
-        return tag
-
-    @queue.task
-    async def report(tag: str) -> str:
-        return tag
 
     refused = [
         (group([add.s(1, 1), add.s(1)]), "add\\(\\): missing a required argument: 'b'"),  # type: ignore[call-arg]
@@ -396,7 +403,7 @@ async def test_a_workflows_arguments_the_functions_cannot_take_are_refused_at_en
     for workflow, message in refused:
         with pytest.raises(ConfigurationError, match=message):
             await queue.enqueue(workflow)
-    with pytest.raises(ConfigurationError, match="report\\(\\): missing a required argument: 'tag'"):
+    with pytest.raises(ConfigurationError, match="tagged\\(\\): missing a required argument: 'tag'"):
         await queue.batch([add.s(1, 1)], on_success=report)
     assert await queue.jobs() == []  # nothing was stored
     async with queue.worker():
@@ -1409,17 +1416,11 @@ async def test_a_tasks_options_copy_takes_a_tasks_place_in_a_workflow(queue: Que
     async def total(values: list[int], plus: int = 0) -> int:
         return sum(values) + plus
 
+    on_error, finished = tagging(queue)
+
     @queue.task
     async def broken() -> None:
         raise ValueError("broken for good")
-
-    @queue.task
-    async def on_error(exc: TaskError, tag: str) -> str:
-        return tag
-
-    @queue.task
-    async def finished(tag: str) -> str:
-        return tag
 
     pipe = await queue.enqueue(add.s(1, 2).then(add.options(priority=3), 10))
     chorded = await queue.enqueue(chord([add.s(1, 1), add.s(2, 2)], total.options(priority=4)))
