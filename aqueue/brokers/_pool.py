@@ -197,24 +197,8 @@ class WaitingPool(aioredis.ConnectionPool):
         self.closed = True
         await super().aclose()
 
-    async def _take_a_place(self) -> None:
-        """A place among the `max_connections`, waited for at most the socket timeout: behind a
-        Redis that stalls, every connection waits out its own call's timeout, and callers past
-        the bound, unbounded, waited for wave after wave of them (2,000 enqueues: 25 s each)."""
-        if not self._free.locked():
-            await self._free.acquire()  # free: taken without a wait, or a timer
-            return
-        timeout = self.connection_kwargs.get("socket_timeout")
-        try:
-            async with asyncio.timeout(timeout):
-                await self._free.acquire()
-        except TimeoutError:
-            raise redis_errors.TimeoutError(
-                f"no connection to Redis free within {timeout} s: all {self.max_connections} wait "
-                "on calls Redis has not answered") from None
-
     async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
-        await self._take_a_place()
+        await self._free.acquire()
         try:
             conn = await super().get_connection(*args, **kwargs)  # type: ignore[no-untyped-call]
             try:
@@ -249,7 +233,7 @@ class WaitingPool(aioredis.ConnectionPool):
         # socket for stray data on every command (about 12 µs of a one-by-one call's CPU). A
         # connection `call` hands back is clean (an error mid-call drops it), so the free list
         # is used directly; the hand-back still reconnects and re-authenticates as release would.
-        await self._take_a_place()
+        await self._free.acquire()
         try:
             conn: Any
             try:
