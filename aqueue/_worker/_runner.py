@@ -383,21 +383,16 @@ class Worker:
                     taken = len(deliveries)
                 backoff, failed_with = FETCH_PAUSE_FIRST, ""
                 self._unreachable.reached()
-            except BrokerConnectionError as exc:
-                self._answer_lost = True
-                self._unreachable.failed("receiving jobs", exc)
-                with anyio.move_on_after(backoff):  # or until a stop
-                    await self._stop_heard.wait()
-                backoff = min(backoff * 2, FETCH_PAUSE_MOST)
-                continue
             except Exception as exc:  # a broker error or a fault of aqueue's own: log it, never die of it
                 self._answer_lost = True
-                if repr(exc) == failed_with:  # one that does not pass (a missing ACL right, say)
+                if isinstance(exc, BrokerConnectionError):
+                    self._unreachable.failed("receiving jobs", exc)
+                elif repr(exc) == failed_with:  # one that does not pass (a missing ACL right, say)
                     logger.error("receiving jobs failed again, retrying in %.2fs: %r", backoff, exc)
                 else:
                     logger.exception("receiving jobs failed, retrying in %.2fs", backoff)
-                failed_with = repr(exc)
-                with anyio.move_on_after(backoff):
+                    failed_with = repr(exc)
+                with anyio.move_on_after(backoff):  # or until a stop
                     await self._stop_heard.wait()
                 backoff = min(backoff * 2, FETCH_PAUSE_MOST)
                 continue
