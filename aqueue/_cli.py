@@ -54,10 +54,6 @@ def load_queue(target: str) -> Queue:
         what = ("None" if queue is None else f"the class {queue.__name__}" if isinstance(queue, type)
                 else f"{'an' if kind[:1] in 'AEIOUaeiou' else 'a'} {kind}")
         raise TargetError(f"{target} is {what}, not an aqueue.Queue")
-    if not queue.tasks:  # most likely the modules that register them were not imported
-        raise TargetError(f"{target} has no tasks registered: its worker would send every job to the "
-                          "dead letters as an unknown task (import the modules that define them where "
-                          "the queue is made)")
     return queue
 
 
@@ -127,6 +123,10 @@ def _run(args: RunArgs, handler: logging.Handler, level: int) -> int:
         logger.warning("queue %r is on memory://: this worker runs only the jobs its own process "
                        "enqueues (its periodic tasks), never another process's; share a redis:// "
                        "URL with the processes that enqueue", queue.name)
+    if not queue.tasks:  # most likely the modules that register them were not imported
+        logger.warning("queue %r has no tasks registered: this worker sends every job it takes to the "
+                       "dead letters as an unknown task (import the modules that define them where the "
+                       "queue is made)", queue.name)
     worker = Worker(queue, concurrency=args.concurrency, prefetch=args.prefetch,
                     scheduler=not args.no_scheduler,
                     shutdown_timeout=args.shutdown_timeout)
