@@ -169,6 +169,12 @@ def _refuse_a_delay(step: Signature[Any]) -> None:
             "job before it ends; delay and eta do not apply to it")
 
 
+def _key_stands_alone(key: str) -> str:
+    return (f"key={key!r}: an idempotency key is for a job that stands alone (not a pipeline step, "
+            "chord member or callback, batch member, nor one with .error()): the live job it may "
+            "return is not linked to the workflow")
+
+
 def signature(task: Step[Any], args: Sequence[Any], kwargs: dict[str, Any]) -> Signature[Any]:
     if isinstance(task, Signature):
         if args or kwargs:
@@ -358,6 +364,8 @@ class Plan:
             # with no values, as a pipeline of the callback and its steps.
             first, *rest = node.callback.steps
             _refuse_a_delay(first)
+            if first.call.key is not None:  # as a chord with members refuses it: the same code may build both
+                raise ConfigurationError(_key_stands_alone(first.call.key))
             fed = Signature(first.task, ([], *first.args), first.kwargs, first.call, first.on_error)
             jobs = self._pipeline([fed, *rest], member)
             return jobs, ChordResult(ResultGroup([]), ResultGroup(jobs))
@@ -430,10 +438,7 @@ class Plan:
         if keys:
             # A key may hand back a live job in this one's place: nothing may wait on it.
             if len(steps) > 1 or member.waiting or member.chord or member.batch or steps[0].on_error:
-                raise ConfigurationError(
-                    f"key={keys[0]!r}: an idempotency key is for a job that stands alone "
-                    "(not a pipeline step, chord member or callback, batch member, nor one with "
-                    ".error()): the live job it may return is not linked to the workflow")
+                raise ConfigurationError(_key_stands_alone(keys[0]))
             self.keyed[ids[0]] = handles[0]
         return handles
 

@@ -379,6 +379,9 @@ async def test_a_chord_of_no_members_runs_its_callback_at_once_with_no_values(qu
     assert ([], b.id) in seen  # in a batch through its chord, the callback names the batch
     with pytest.raises(ConfigurationError, match="delay and eta do not apply"):
         await queue.enqueue(chord([], total.options(delay=5).s()))
+    # Refused as a chord with members refuses it: a fan-out's code meets both.
+    with pytest.raises(ConfigurationError, match="an idempotency key is for a job that stands alone"):
+        await queue.enqueue(chord([], total.options(key="totals").s()))
 
 
 async def test_a_workflows_arguments_the_functions_cannot_take_are_refused_at_enqueue(queue: Queue) -> None:
