@@ -1834,3 +1834,39 @@ def test_an_outage_is_told_as_it_starts_every_30s_while_it_lasts_and_as_it_ends(
         ("WARNING", "broker still unreachable after 60s (scheduling): cannot reach Redis"),
         ("WARNING", "broker reachable again after 65.2s"),
     ]
+
+
+def test_an_outage_whose_reason_changes_tells_the_new_reason(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A password changed while the worker runs: its connections are cut, then every reconnect is
+    # refused. The refusal, which waiting does not end, is told as it comes, not 30 s later.
+    clock = [100.0]
+    monkeypatch.setattr(unreachable_module, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    outage = unreachable_module.Unreachable()
+    closed = BrokerConnectionError("cannot reach Redis: Connection closed by server.")
+    refused = BrokerConnectionError("Redis refused the credentials: invalid password")
+    with caplog.at_level(logging.DEBUG, logger="aqueue"):
+        for at, exc in ((100.0, closed), (100.5, refused), (101.0, refused), (101.5, closed)):
+            clock[0] = at
+            outage.failed("receiving jobs", exc)
+        for n in range(unreachable_module.REASONS_TOLD + 2):  # reasons that keep changing
+            outage.failed("receiving jobs", BrokerConnectionError(f"reason {n}"))
+        clock[0] = 102.0
+        outage.reached()
+        outage.failed("receiving jobs", refused)  # a new outage tells its reasons afresh
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("WARNING", "broker unreachable (receiving jobs): cannot reach Redis: Connection closed by server.; "
+                    "trying again until it answers"),
+        ("WARNING", "broker still unreachable after 0s (receiving jobs), now: Redis refused the credentials: "
+                    "invalid password"),
+        ("DEBUG", "broker unreachable (receiving jobs): Redis refused the credentials: invalid password"),
+        ("DEBUG", "broker unreachable (receiving jobs): cannot reach Redis: Connection closed by server."),
+        ("WARNING", "broker still unreachable after 2s (receiving jobs), now: reason 0"),
+        ("WARNING", "broker still unreachable after 2s (receiving jobs), now: reason 1"),
+        *[("DEBUG", f"broker unreachable (receiving jobs): reason {n}")
+          for n in range(2, unreachable_module.REASONS_TOLD + 2)],
+        ("WARNING", "broker reachable again after 2.0s"),
+        ("WARNING", "broker unreachable (receiving jobs): Redis refused the credentials: invalid password; "
+                    "trying again until it answers"),
+    ]

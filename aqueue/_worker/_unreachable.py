@@ -11,19 +11,29 @@ import time
 logger = logging.getLogger("aqueue")
 
 REMIND_EVERY = 30.0  # seconds between the reminders that the broker is still out of reach
+REASONS_TOLD = 4  # the most reasons told as they change during one outage
 
 
 class Unreachable:
     def __init__(self) -> None:
         self.since: float | None = None  # time.monotonic() of the outage's first failed call
         self._reminded = 0.0
+        self._reasons: set[str] = set()  # told during this outage
 
     def failed(self, what: str, exc: Exception) -> None:
         """A call of the service `what` could not reach the broker."""
         now = time.monotonic()
+        reason = str(exc)
         if self.since is None:
             self.since = self._reminded = now
+            self._reasons = {reason}
             logger.warning("broker unreachable (%s): %s; trying again until it answers", what, exc)
+        elif reason not in self._reasons and len(self._reasons) < REASONS_TOLD:
+            # Told as it changes: a connection cut off, then refused credentials (a password
+            # changed while the worker ran) is an outage that waiting does not end.
+            self._reasons.add(reason)
+            logger.warning("broker still unreachable after %.0fs (%s), now: %s",
+                           now - self.since, what, exc)
         elif now - self._reminded >= REMIND_EVERY:
             self._reminded = now
             logger.warning("broker still unreachable after %.0fs (%s): %s", now - self.since, what, exc)
