@@ -126,6 +126,27 @@ async def test_a_task_name_with_a_line_break_forges_no_log_line(
     assert repr(forged) in line
 
 
+async def test_a_huge_task_name_is_cut_in_the_log_and_the_dead_letters_reason(
+    queue: Queue, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Another writer's job whose task name is 1 MB: its dead letter's log line and reason were
+    # as long (twice, the reason quoting the name too). Our own names are at most 1,024 bytes.
+    caplog.set_level(logging.INFO, logger="aqueue")
+    huge = "T" * 1_000_000
+    job = NewJob(id=uuid.uuid4().hex, task=huge, payload=b'{"args":[],"kwargs":{}}', enqueued_at=time.time())
+    await queue.broker.enqueue(queue.name, [job])
+    async with queue.worker():
+        with anyio.fail_after(10):
+            await queue.broker.wait(queue.name, job.id, None)
+    [line] = [r.getMessage() for r in caplog.records if "sent to the dead letters" in r.getMessage()]
+    assert len(line) < 4_000
+    assert "T" * 1024 + "[... 998976 characters cut]" in line
+    [letter] = await queue.dead_letters()
+    assert letter.dead_reason is not None
+    assert len(letter.dead_reason) < 2_000
+    assert letter.dead_reason.startswith("unknown task 'TTT")
+
+
 async def test_hostile_arguments_fail_at_enqueue(queue: Queue) -> None:
     @queue.task
     async def take(*args: Any) -> None:

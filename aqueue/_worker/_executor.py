@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from aqueue._checks import MAX_NAME_BYTES
 from aqueue._context import JobContext, _enter, _leave
 from aqueue._exceptions import (
     BrokerError,
@@ -148,16 +149,25 @@ async def dead(queue: Queue, d: Delivery, exc: Exception, reason: str | None = N
     why (with its traceback, if it was raised); the reason is its message unless given."""
     error = _metadata(exc, d, 0) if exc.__traceback__ is not None else _dead_metadata(d, exc)
     reason = reason or str(exc)
-    logger.error("job %s (%s) sent to the dead letters: %s", _one_line(d.job_id), _one_line(d.task), reason)
+    logger.error("job %s (%s) sent to the dead letters: %s", one_line(d.job_id), one_line(d.task), reason)
     if queue.signals.wants(Signal.ERROR):
         await queue.signals.send(Signal.ERROR, SignalJob(d.job_id, d.task), TaskError(error))
     return Completion(d, Outcome.FAILED, time.time(), error=dumps(error), reason=reason)
 
 
-def _one_line(text: str) -> str:
+def one_line(text: str) -> str:
     """An id or task name that another writer may have put in Redis, as a log line shows it: a
     line break in it would forge a log line of its own."""
+    text = _cut_name(text)
     return text if text.isprintable() else repr(text)
+
+
+def _cut_name(text: str) -> str:
+    """An id or task name another writer put in Redis, as long as one of ours can be at most: its
+    own length is the writer's (a 5 MB name made a 10 MB log line and dead letter reason)."""
+    if len(text) <= MAX_NAME_BYTES:
+        return text
+    return f"{text[:MAX_NAME_BYTES]}[... {len(text) - MAX_NAME_BYTES} characters cut]"
 
 
 async def report_ended(queue: Queue, d: Delivery) -> None:
@@ -166,7 +176,7 @@ async def report_ended(queue: Queue, d: Delivery) -> None:
     signals = queue.signals
     if d.ended == Outcome.FAILED:
         logger.error("job %s (%s) sent to the dead letters: delivered max_deliveries (%d) times "
-                     "without finishing", d.job_id, d.task, queue.max_deliveries)
+                     "without finishing", one_line(d.job_id), one_line(d.task), queue.max_deliveries)
         if signals.wants(Signal.ERROR):  # the broker wrote the error down (DeliveryLimitExceeded)
             record = await queue.broker.get(queue.name, d.job_id)
             error = loads(record.error) if record and record.error else _dead_metadata(d, DeliveryLimitExceeded(
@@ -227,7 +237,8 @@ async def execute(queue: Queue, running: RunningJob) -> Completion | None:
     d = running.delivery
     task = queue.tasks.get(d.task)
     if task is None:
-        return await dead(queue, d, UnknownTask(f"unknown task {d.task!r}: not registered on this worker"))
+        unknown = UnknownTask(f"unknown task {_cut_name(d.task)!r}: not registered on this worker")
+        return await dead(queue, d, unknown)
     if len(d.payload) > queue.max_payload_size:  # bounded where it is read, not only where written
         return await dead(queue, d, PayloadTooLarge(f"payload of {len(d.payload)} bytes over this "
                                                     f"worker's max_payload_size ({queue.max_payload_size})"))

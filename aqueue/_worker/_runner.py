@@ -38,6 +38,7 @@ from aqueue._worker._executor import (
     announce_written,
     dead,
     execute,
+    one_line,
     report_ended,
     safe_repr,
     written_signal,
@@ -428,7 +429,8 @@ class Worker:
             deliveries = [d for d in deliveries if d.job_id not in held
                           or d.job_id in self._running or d.job_id in self._completing]
             for d in deliveries:
-                logger.warning("job %s (%s) taken over from a silent worker", d.job_id, d.task)
+                logger.warning("job %s (%s) taken over from a silent worker",
+                               one_line(d.job_id), one_line(d.task))
             await self._take(deliveries)
             self._reclaim_done.set()
             return len(deliveries)
