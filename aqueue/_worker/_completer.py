@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 import anyio
 
 from aqueue._exceptions import BrokerConnectionError, BrokerError
+from aqueue._worker._unreachable import Unreachable
 from aqueue.brokers import Broker, Completion
 
 logger = logging.getLogger("aqueue")
@@ -25,8 +26,10 @@ class Completer:
         on_written: Callable[[list[Completion]], None],
         reclaim_settled: Callable[[], Awaitable[None]],
         on_applied: Callable[[list[Completion]], None],
+        unreachable: Unreachable,
     ) -> None:
         self._broker, self._queue, self._ttl = broker, queue, result_ttl
+        self._unreachable = unreachable  # the worker's: an outage is told once, whoever meets it
         self._on_written = on_written
         self._on_applied = on_applied  # those the broker took, of each batch written
         self._reclaim_settled = reclaim_settled
@@ -65,6 +68,7 @@ class Completer:
         while True:
             try:
                 applied = await self._broker.finish(self._queue, batch, self._ttl)
+                self._unreachable.reached()
                 self._on_applied([c for c, ok in zip(batch, applied, strict=True) if ok])
                 if not all(applied):
                     # This worker's own reclaim, under way, may be what took those jobs over.
@@ -80,7 +84,7 @@ class Completer:
                 break
             except BrokerConnectionError as exc:
                 # Outcomes are never dropped for a lost connection: wait for the broker to return.
-                logger.warning("cannot write %d job outcome(s), retrying: %s", len(batch), exc)
+                self._unreachable.failed(f"writing {len(batch)} job outcome(s)", exc)
                 await anyio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
             except BrokerError:

@@ -295,7 +295,7 @@ class Worker:
                 ", ".join(sorted(queue.tasks)) or "(none)",
             )
             self._completer = Completer(queue.broker, queue.name, queue.result_ttl, self._written,
-                                        self._reclaim_settled, self._applied)
+                                        self._reclaim_settled, self._applied, self._unreachable)
             # The running backend's own scope class: `anyio.CancelScope()` looks the backend up on every
             # call, which costs more than all the rest of a no-op job's bookkeeping.
             self._new_scope = type(anyio.CancelScope())
