@@ -1845,9 +1845,10 @@ def test_an_outage_whose_reason_changes_tells_the_new_reason(
     monkeypatch.setattr(unreachable_module, "time", SimpleNamespace(monotonic=lambda: clock[0]))
     outage = unreachable_module.Unreachable()
     closed = BrokerConnectionError("cannot reach Redis: Connection closed by server.")
+    down = BrokerConnectionError("cannot reach Redis: Connect call failed")  # the same reason
     refused = BrokerConnectionError("Redis refused the credentials: invalid password")
     with caplog.at_level(logging.DEBUG, logger="aqueue"):
-        for at, exc in ((100.0, closed), (100.5, refused), (101.0, refused), (101.5, closed)):
+        for at, exc in ((100.0, closed), (100.2, down), (100.5, refused), (101.0, refused), (101.5, closed)):
             clock[0] = at
             outage.failed("receiving jobs", exc)
         for n in range(unreachable_module.REASONS_TOLD + 2):  # reasons that keep changing
@@ -1858,6 +1859,7 @@ def test_an_outage_whose_reason_changes_tells_the_new_reason(
     assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
         ("WARNING", "broker unreachable (receiving jobs): cannot reach Redis: Connection closed by server.; "
                     "trying again until it answers"),
+        ("DEBUG", "broker unreachable (receiving jobs): cannot reach Redis: Connect call failed"),
         ("WARNING", "broker still unreachable after 0s (receiving jobs), now: Redis refused the credentials: "
                     "invalid password"),
         ("DEBUG", "broker unreachable (receiving jobs): Redis refused the credentials: invalid password"),

@@ -23,14 +23,16 @@ class Unreachable:
     def failed(self, what: str, exc: Exception) -> None:
         """A call of the service `what` could not reach the broker."""
         now = time.monotonic()
-        reason = str(exc)
+        # What went wrong, without the details after it: a connection closed, then refused, is
+        # one reason ("cannot reach Redis at ..."), told once; refused credentials are another.
+        reason = str(exc).partition(": ")[0]
         if self.since is None:
             self.since = self._reminded = now
             self._reasons = {reason}
             logger.warning("broker unreachable (%s): %s; trying again until it answers", what, exc)
         elif reason not in self._reasons and len(self._reasons) < REASONS_TOLD:
-            # Told as it changes: a connection cut off, then refused credentials (a password
-            # changed while the worker ran) is an outage that waiting does not end.
+            # Told as it changes: refused credentials after a connection cut off (a password
+            # changed while the worker ran) make an outage that waiting does not end.
             self._reasons.add(reason)
             logger.warning("broker still unreachable after %.0fs (%s), now: %s",
                            now - self.since, what, exc)
