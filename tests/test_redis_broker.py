@@ -1760,6 +1760,75 @@ async def test_a_busy_consumer_recreates_a_stream_lost_with_the_servers_data(
     assert [d.job_id for d in await redis_broker.receive(queue_name, "w", 10, 0, 5)] == [job.id]
 
 
+async def test_a_lease_redis_lost_with_its_data_is_not_taken_for_one_lost_to_another_worker(
+    redis_broker: RedisBroker, client: redis.asyncio.Redis, queue_name: str
+) -> None:
+    # Renewing raised NOGROUP until the job ended (a warning every visibility_timeout / 3), or,
+    # once a receive had made the group again, reported the job lost: its worker stopped it,
+    # though no other worker could have it.
+    await redis_broker.enqueue(queue_name, [new_job(), new_job()])
+    mine = await redis_broker.receive(queue_name, "w", 2, 0, 5)
+    await client.flushdb()
+    assert await redis_broker.renew(queue_name, "w", mine) == []
+    assert await redis_broker.receive(queue_name, "w", 10, 0, 5) == []  # the group made again
+    assert await redis_broker.renew(queue_name, "w", mine) == []
+    # Known still, and leased elsewhere or ended: lost, as before.
+    job = new_job()
+    await redis_broker.enqueue(queue_name, [job])
+    [d] = await redis_broker.receive(queue_name, "w", 1, 0, 5)
+    assert await redis_broker.finish(queue_name, [Completion(d, Outcome.SUCCEEDED, time.time())], 60) == [True]
+    assert await redis_broker.renew(queue_name, "w", [d, *mine]) == [job.id]
+
+
+async def test_a_job_running_as_redis_loses_its_data_runs_to_its_end(
+    redis_url: str, client: redis.asyncio.Redis, queue_name: str, caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A restart without persistence, as FLUSHALL leaves it: the running job is the only trace of
+    # its work left, and no other worker can have it. It was stopped as one taken over, or (the
+    # worker full, so that no receive made the group again) its renewals failed until it ended.
+    queue = Queue(redis_url, name=queue_name, visibility_timeout=1)
+    started, finish, ended = anyio.Event(), anyio.Event(), anyio.Event()
+
+    @queue.task
+    async def work() -> str:
+        started.set()
+        await finish.wait()
+        ended.set()
+        return "done"
+
+    renewals_after_the_loss = 0
+    renewed_twice = anyio.Event()
+    renew = RedisBroker.renew
+
+    async def counted(self: RedisBroker, *args: Any) -> list[str]:
+        nonlocal renewals_after_the_loss
+        try:
+            return await renew(self, *args)
+        finally:
+            if lost_data.is_set():
+                renewals_after_the_loss += 1
+                if renewals_after_the_loss >= 2:
+                    renewed_twice.set()
+
+    lost_data = anyio.Event()
+    monkeypatch.setattr(RedisBroker, "renew", counted)
+    caplog.set_level(logging.INFO, logger="aqueue")
+    async with queue, queue.worker(concurrency=1):
+        await work.enqueue()
+        with anyio.fail_after(10):
+            await started.wait()
+        await client.flushall()
+        lost_data.set()
+        with anyio.fail_after(10):
+            await renewed_twice.wait()
+        finish.set()
+        with anyio.fail_after(10):
+            await ended.wait()
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not [m for m in warned if "lease" in m], warned
+
+
 async def drained(broker: RedisBroker, queue_name: str, consumer: str = "w") -> None:
     """Make `consumer`'s next receive go straight to the blocking read: its last one came back
     short (a job is taken and finished here). The take script is loaded, as after any earlier
