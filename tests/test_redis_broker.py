@@ -1711,11 +1711,12 @@ async def test_a_consumer_leaves_entries_to_the_start_script_while_a_task_is_rev
     assert (waiting_name("w") in await pending_by_consumer(client, queue_name)) is idle
 
 
-async def test_a_busy_consumer_learns_a_new_band_and_reads_it_first_next(
+async def test_a_busy_consumer_learns_a_new_band_and_reads_it_first(
     redis_broker: RedisBroker, redis_url: str, queue_name: str
 ) -> None:
     # Band 3 is made, and its wake-up in band 0 goes to another consumer: this one learns of the
-    # band from its next read of band 0 (what it took there is its), and then reads band 3 first.
+    # band from its next read of band 0, and reads band 3 first in the same receive: what the read
+    # took from band 0 goes back in its place (it ran first, the band read from the next receive).
     await redis_broker.enqueue(queue_name, [new_job()])
     assert len(await redis_broker.receive(queue_name, "w", 1, 0, 5)) == 1
     await redis_broker.enqueue(queue_name, [new_job(3)])
@@ -1724,11 +1725,25 @@ async def test_a_busy_consumer_learns_a_new_band_and_reads_it_first_next(
         assert [d.priority for d in await other.receive(queue_name, "other", 10, 0, 5)] == [3]
     finally:
         await other.close()
-    low, high = new_job(0), new_job(3)
-    await redis_broker.enqueue(queue_name, [low, high])
-    assert [d.job_id for d in await redis_broker.receive(queue_name, "w", 1, 0, 5)] == [low.id]
-    await redis_broker.enqueue(queue_name, [new_job(0)])
+    low, high, later = new_job(0), new_job(3), new_job(0)
+    await redis_broker.enqueue(queue_name, [low, high, later])
     assert [d.job_id for d in await redis_broker.receive(queue_name, "w", 1, 0, 5)] == [high.id]
+    assert [d.job_id for d in await redis_broker.receive(queue_name, "w", 1, 0, 5)] == [low.id]
+    assert [d.job_id for d in await redis_broker.receive(queue_name, "w", 1, 0, 5)] == [later.id]
+
+
+async def test_a_busy_consumer_that_meets_a_new_band_takes_it_first_and_band_0_after_in_order(
+    redis_broker: RedisBroker, queue_name: str
+) -> None:
+    # More asked for than the new band holds: the band-0 entries the read took come after, in
+    # their order, each a first delivery still (lean, token 1).
+    await redis_broker.enqueue(queue_name, [new_job()])
+    assert len(await redis_broker.receive(queue_name, "w", 1, 0, 5)) == 1  # band 0 alone, learned
+    low, high, later = new_job(0), new_job(3), new_job(0)
+    await redis_broker.enqueue(queue_name, [low, high, later])
+    taken = await redis_broker.receive(queue_name, "w", 10, 0, 5)
+    assert [d.job_id for d in taken] == [high.id, low.id, later.id]
+    assert [(d.token, d.attempt) for d in taken] == [(1, 1)] * 3
 
 
 async def test_a_consumer_reads_the_bands_itself_before_it_reads_without_the_script(

@@ -639,6 +639,37 @@ async def test_higher_priority_runs_first(queue: Queue) -> None:
     assert order == ["high", "mid", "low-1", "low-2", "last", "lowest"]
 
 
+async def test_a_priority_first_used_while_the_worker_is_busy_runs_first(queue: Queue) -> None:
+    # On Redis the band was learned by the receive that took the next band-0 job, which ran
+    # first: "low-1", "high", "low-2".
+    order: list[str] = []
+    started, release = anyio.Event(), anyio.Event()
+
+    @queue.task
+    async def blocker() -> None:
+        started.set()
+        await release.wait()
+
+    @queue.task
+    async def record(label: str) -> None:
+        order.append(label)
+
+    async with queue.worker(concurrency=1):
+        # The worker has read band 0 alone, as a busy one does.
+        await (await record.enqueue("warm-up")).result(timeout=10)
+        await blocker.enqueue()
+        with anyio.fail_after(10):
+            await started.wait()
+        await record.enqueue("low-1")
+        await record.enqueue("low-2")
+        last = await record.options(priority=9).enqueue("high")
+        await record.options(priority=9).enqueue("high-2")
+        release.set()
+        await (await record.enqueue("low-3")).result(timeout=10)
+        await last.result(timeout=10)
+    assert order == ["warm-up", "high", "high-2", "low-1", "low-2", "low-3"]
+
+
 async def test_unknown_task_goes_to_dead_letters(broker: Broker, queue_name: str) -> None:
     producer = Queue(broker=broker, name=queue_name)
     worker_side = Queue(broker=broker, name=queue_name)

@@ -930,6 +930,11 @@ class RedisBroker(Broker):
             return []
         # RESP3 (redis-py 8's default, not 7's) replies with a map of streams, RESP2 with a list of pairs.
         [rows] = entries.values() if isinstance(entries, dict) else [rows for _, rows in entries]
+        if bands != [b"0"]:
+            # A band above 0 came meanwhile: its jobs go first. What this read took from band 0
+            # is handed over as a blocking read's is, past `count` handed back in its place.
+            return await self._take_read(queue, consumer, [entry_id for entry_id, _ in rows], count,
+                                         max_deliveries, ttl)
         if not revoked and all(_lean(fields) for _, fields in rows):
             return [
                 Delivery(job_id=fields[1].decode(), task=fields[3].decode(), payload=fields[5],
@@ -987,6 +992,29 @@ class RedisBroker(Broker):
                 return [], False
             finally:
                 self._blocked.pop(consumer, None)
+        found, known = await self._taken(queue, consumer, reply, count, max_deliveries, ttl)
+        new_band = known != bands
+        if new_band:  # a band this consumer did not block on: learn it, run the script next
+            self._bands[queue] = known
+        return found, new_band
+
+    async def _take_read(
+        self, queue: str, consumer: str, entry_ids: list[Any], count: int, max_deliveries: int,
+        ttl: int,
+    ) -> list[Delivery]:
+        """Lease what a read without a script took from band 0 as take.lua leases a blocking
+        read's: moved to the waiting name first, where the script looks for it."""
+        async with self._translated():
+            await self.client.xclaim(self._key(queue).stream(0), GROUP, waiting_name(consumer), 0,
+                                     entry_ids, justid=True)  # its delivery count stays
+        reply = await self._run(queue, "take", [consumer, waiting_name(consumer), count])
+        found, self._bands[queue] = await self._taken(queue, consumer, reply, count, max_deliveries, ttl)
+        return found
+
+    async def _taken(
+        self, queue: str, consumer: str, reply: Any, count: int, max_deliveries: int, ttl: int
+    ) -> tuple[list[Delivery], list[str]]:
+        """The deliveries take.lua's reply holds, and the bands it knows."""
         now = time.time()
         found = [_delivery(row, consumer, now) for row in reply[2:]]
         known = [b.decode() for b in reply[0]]
@@ -995,10 +1023,7 @@ class RedisBroker(Broker):
                 queue, consumer, list(reply[1]), count - len(found), max_deliveries, ttl
             )
             found += started
-        new_band = known != bands
-        if new_band:  # a band this consumer did not block on: learn it, run the script next
-            self._bands[queue] = known
-        return found, new_band
+        return found, known
 
     async def _start(
         self, queue: str, consumer: str, pairs: list[Any], count: int, max_deliveries: int, ttl: int
