@@ -133,7 +133,8 @@ class JobExpired(JobError):
 
 
 class RetryTask(Exception):
-    """Raise in a task to run it again after `delay` seconds, whatever its retry count."""
+    """Raise in a task to run it again after `delay` seconds (None: the task's retry wait, as in
+    Huey), whatever its retry count."""
 
     def __init__(self, delay: float | timedelta | None = None) -> None:
         if isinstance(delay, timedelta):

@@ -161,6 +161,30 @@ async def test_retry_task_uses_none_of_the_tasks_retries(queue: Queue) -> None:
     assert again.value.metadata["attempt"] == 4
 
 
+async def test_retry_task_without_a_delay_waits_the_tasks_retry_wait(queue: Queue) -> None:
+    # As in Huey, where RetryTask() waits the task's retry_delay: it was retried at once.
+    scheduled = anyio.Event()
+
+    @queue.task(retry_delay=3600, retry_backoff=2)
+    async def later() -> None:
+        raise RetryTask()
+
+    @queue.on(Signal.SCHEDULED)
+    def written(signal: Signal, job: object, exc: BaseException | None = None) -> None:
+        scheduled.set()
+
+    async with queue.worker():
+        before = time.time()
+        job = await later.enqueue()
+        with anyio.fail_after(10):
+            await scheduled.wait()
+    assert await job.state() == JobState.SCHEDULED
+    record = await queue.broker.get(queue.name, job.id)
+    assert record is not None
+    assert record.eta is not None
+    assert before + 3600 <= record.eta <= time.time() + 3600
+
+
 async def test_a_backoff_grown_past_a_floats_range_still_retries(queue: Queue) -> None:
     # retry_delay * retry_backoff ** 2 is past what a float holds: it raised OverflowError, and
     # the job went to the dead letters as an internal error instead of being retried.
@@ -169,7 +193,7 @@ async def test_a_backoff_grown_past_a_floats_range_still_retries(queue: Queue) -
     @queue.task(retries=1, retry_delay=1, retry_backoff=1e300)
     async def flaky() -> None:
         if current_job().attempt <= 2:
-            raise RetryTask()  # counts an attempt, uses no retry
+            raise RetryTask(delay=0)  # counts an attempt, uses no retry
         raise ValueError("transient")
 
     @queue.on(Signal.SCHEDULED)

@@ -351,7 +351,9 @@ async def execute(queue: Queue, running: RunningJob) -> Completion | None:
     # Read only where a retry is judged: a rate limit's reschedule, above, needs no count.
     used = await _retries_used(queue, d)
     if isinstance(error, RetryTask):  # uses none of the task's retries, as in Huey
-        return await _retry(queue, context, policy, error, error.delay, used)
+        # With no delay of its own, after the task's retry wait, as in Huey.
+        wait = policy.retry_wait(d.attempt) if error.delay is None else error.delay
+        return await _retry(queue, context, policy, error, wait, used)
     if isinstance(error, RateLimitExceeded):
         # retry=False: a retry of the task's own, but none before the window has passed (an
         # earlier one would find the limit still used up).
