@@ -266,6 +266,8 @@ class BatchState:
     failed: int
     cancelled: int
     unfinished: int
+    revoked: int = 0
+    expired: int = 0
 
     @property
     def finished(self) -> bool:
@@ -292,10 +294,11 @@ class Batch:
         states = [await job.state() for job in self.members]
         count = states.count
         # No record (None): it ended, and its record expired (`result_ttl`); only an ended job's
-        # record expires. It is counted in none of the ends, as a revoked or expired member.
+        # record expires. It is counted in none of the ends.
         unfinished = sum(1 for s in states if s is not None and not s.is_final)
         return BatchState(len(states), count(JobState.SUCCEEDED), count(JobState.FAILED),
-                          count(JobState.CANCELLED), unfinished)
+                          count(JobState.CANCELLED), unfinished, count(JobState.REVOKED),
+                          count(JobState.EXPIRED))
 
     async def retry_failed(self) -> int:
         """Run the failed members again (from the dead letters); for a pipeline member skipped

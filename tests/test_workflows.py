@@ -693,6 +693,7 @@ async def test_a_batch_member_ended_without_running_counts_as_not_succeeded(queu
     assert await b.callback("success").state() is None
     state = await b.state()
     assert (state.size, state.succeeded, state.failed, state.cancelled, state.finished) == (4, 1, 0, 1, True)
+    assert (state.revoked, state.expired) == (1, 1)  # each member in one count: they were in none
 
 
 async def test_batch_on_success_after_a_failed_member_is_retried(queue: Queue) -> None:
