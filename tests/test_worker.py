@@ -1589,6 +1589,50 @@ async def test_a_worker_whose_service_failed_raises_why_and_stops_quietly(
     assert worker_threads.get() is None  # its thread pool was the worker's alone
 
 
+@pytest.mark.parametrize("caller", ["loop callback", "thread"])
+async def test_stop_called_from_a_loop_callback_or_another_thread_stops_gracefully(
+    queue: Queue, caller: str
+) -> None:
+    # `loop.add_signal_handler(SIGTERM, worker.stop)`, or a thread's `call_soon_threadsafe`: stop()
+    # ran outside a task, where anyio starts none: it raised in the callback, and the jobs
+    # received ahead were neither started nor handed back (left `running` until their lease lapsed).
+    started, release = anyio.Event(), anyio.Event()
+
+    @queue.task
+    async def hold() -> str:
+        started.set()
+        await release.wait()
+        return "held"
+
+    @queue.task
+    async def later() -> None:
+        return None
+
+    worker = Worker(queue, concurrency=1, prefetch=5, shutdown_timeout=30)
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, context: errors.append(context))
+    try:
+        held = await hold.enqueue()
+        waiting = await later.map([() for _ in range(5)])
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(worker.run)
+            with anyio.fail_after(10):
+                await started.wait()
+            if caller == "thread":
+                await anyio.to_thread.run_sync(worker.stop)
+            else:
+                loop.call_soon(worker.stop)
+            with anyio.fail_after(10):
+                await worker._stop_heard.wait()  # the stop has landed on the loop
+            release.set()
+    finally:
+        loop.set_exception_handler(None)
+    assert errors == []
+    assert await held.result(timeout=1) == "held"
+    assert [await job.state() for job in waiting] == [JobState.PENDING] * 5  # handed back
+
+
 async def test_a_worker_whose_start_is_cancelled_does_not_run_on(queue: Queue) -> None:
     # A start-up deadline, or a fixture timing out, while the worker connects and starts.
     with anyio.CancelScope() as scope:

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import math
@@ -83,6 +84,14 @@ def consumer_name() -> str:
 _UNSET = object()
 
 
+def _running_on(loop: asyncio.AbstractEventLoop) -> bool:
+    """Whether this thread runs `loop`."""
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
+
+
 def _context_changed(clean: list[tuple[contextvars.ContextVar[object], object]]) -> bool:
     context = contextvars.copy_context()
     return len(context) != len(clean) or any(context.get(var, _UNSET) is not value for var, value in clean)
@@ -146,6 +155,8 @@ class Worker:
         self._all_idle = anyio.Event()
         self._completer: Completer | None = None
         self._services: TaskGroup | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # while it runs
+        self._stopper: asyncio.Task[None] | None = None  # a stop() called outside a task
         self._fetch_ended = anyio.Event()
         self._grace_over = False  # the running jobs' shutdown_timeout has passed (`_end_grace`)
         self._reclaim_done = anyio.Event()
@@ -175,15 +186,31 @@ class Worker:
     def stop(self) -> None:
         """Stop taking jobs; running jobs get `shutdown_timeout` seconds, then are cancelled and
         handed back. A plain `def` job's thread cannot be stopped: it is waited for, however long
-        it runs, and its job keeps its outcome."""
+        it runs, and its job keeps its outcome. Callable from a task, a callback of the worker's
+        event loop (a signal handler's) or another thread."""
+        loop = self._loop
+        if loop is not None and not _running_on(loop):
+            with contextlib.suppress(RuntimeError):  # its loop closed: it has stopped
+                loop.call_soon_threadsafe(self.stop)  # what follows is the loop's own to do
+            return
         if self._stop_requested:
             return
         self._stop_requested = True
         self._stop_at = time.monotonic()
         self._stop_heard.set()
         self._wake_fetcher.set()
-        if self._services is not None:  # still running
-            self._start_stopping(self._services)
+        services = self._services
+        if services is None:  # not running
+            return
+        if loop is not None and asyncio.current_task(loop) is None:
+            # A callback of the loop's: anyio starts tasks from a task alone.
+            async def from_a_task() -> None:
+                if self._services is services:
+                    self._start_stopping(services)
+
+            self._stopper = loop.create_task(from_a_task())  # kept: the loop holds a task weakly
+        else:
+            self._start_stopping(services)
 
     def _start_stopping(self, services: TaskGroup) -> None:
         # Jobs received ahead that no runner has taken start no more: handed back at once, as never
@@ -286,6 +313,7 @@ class Worker:
         jobs are not handed back, unwritten outcomes are lost (their jobs run again); `running()`
         (`queue.worker()`) turns a cancellation into a graceful stop."""
         queue = self.queue
+        self._loop = asyncio.get_running_loop()
         await queue.connect()
         # Counted while it runs: the broker refuses a worker more than its connections can serve.
         with queue.broker.serving_worker():
