@@ -1633,6 +1633,31 @@ async def test_stop_called_from_a_loop_callback_or_another_thread_stops_graceful
     assert [await job.state() for job in waiting] == [JobState.PENDING] * 5  # handed back
 
 
+async def test_a_stopping_worker_says_which_outcomes_it_could_not_write(
+    queue: Queue, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Redis out of reach as the worker stops: it gives up its outcomes after the grace, and said
+    # nothing of them; their jobs ran again elsewhere, with no line to tell why.
+    async def unreachable(*args: Any) -> list[bool]:
+        raise BrokerConnectionError("cannot reach Redis: Connection refused")
+
+    ran = anyio.Event()
+
+    @queue.task
+    async def quick() -> None:
+        ran.set()
+
+    caplog.set_level(logging.WARNING, logger="aqueue")
+    async with queue.worker(shutdown_timeout=0):
+        monkeypatch.setattr(type(queue.broker), "finish", unreachable)
+        await quick.enqueue()
+        with anyio.fail_after(10):
+            await ran.wait()
+    said = [r.getMessage() for r in caplog.records if "could not be written" in r.getMessage()]
+    assert len(said) == 1, caplog.text
+    assert "the outcomes of 1 job(s) could not be written" in said[0]
+
+
 async def test_a_worker_whose_start_is_cancelled_does_not_run_on(queue: Queue) -> None:
     # A start-up deadline, or a fixture timing out, while the worker connects and starts.
     with anyio.CancelScope() as scope:

@@ -34,6 +34,7 @@ class Completer:
         self._on_applied = on_applied  # those the broker took, of each batch written
         self._reclaim_settled = reclaim_settled
         self._pending: list[Completion] = []
+        self._writing = 0  # outcomes in the write under way
         self._wake = anyio.Event()
         self._idle = anyio.Event()
         self._idle.set()
@@ -55,12 +56,21 @@ class Completer:
             self._wake = anyio.Event()
             while self._pending:
                 batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
-                await self._write(batch)
+                self._writing = len(batch)
+                try:
+                    await self._write(batch)
+                finally:
+                    self._writing = 0
             self._idle.set()
 
     async def drained(self) -> None:
         """Wait until everything put so far is written."""
         await self._idle.wait()
+
+    @property
+    def unwritten(self) -> int:
+        """Outcomes put and not written yet (those of a write under way included)."""
+        return len(self._pending) + self._writing
 
     async def _write(self, batch: list[Completion]) -> None:
         backoff = 0.05

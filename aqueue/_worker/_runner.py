@@ -364,6 +364,10 @@ class Worker:
                         await self._release(self._unstarted, unstarted=True)
                         with anyio.move_on_after(max(self.shutdown_timeout, 1.0)):  # a broker that is gone
                             await self._completer.drained()
+                        if self._completer.unwritten:
+                            logger.warning("worker %s stopping: the outcomes of %d job(s) could not be "
+                                           "written (their jobs run again once their leases lapse)",
+                                           self.name, self._completer.unwritten)
                         self._announcements = None  # its handlers are waited for: no more come
                     services.cancel_scope.cancel()
             except Exception:
