@@ -1947,8 +1947,8 @@ def test_an_outage_is_told_as_it_starts_every_30s_while_it_lasts_and_as_it_ends(
             clock[0] = at
             outage.failed("scheduling", lost)
         clock[0] = 165.25
-        outage.reached()
-        outage.reached()  # no outage: nothing to tell
+        outage.reached("scheduling")
+        outage.reached("scheduling")  # no outage: nothing to tell
     assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
         ("WARNING", "broker unreachable (scheduling): cannot reach Redis; trying again until it answers"),
         ("DEBUG", "broker unreachable (scheduling): cannot reach Redis"),
@@ -1957,6 +1957,32 @@ def test_an_outage_is_told_as_it_starts_every_30s_while_it_lasts_and_as_it_ends(
         ("DEBUG", "broker unreachable (scheduling): cannot reach Redis"),
         ("WARNING", "broker still unreachable after 60s (scheduling): cannot reach Redis"),
         ("WARNING", "broker reachable again after 65.2s"),
+    ]
+
+
+def test_an_outage_ends_when_a_service_that_failed_gets_through(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A Redis that answers reads and refuses writes (a replica, a full maxmemory): each read
+    # ended the outage and the next write began another, a warning or two a second.
+    clock = [100.0]
+    monkeypatch.setattr(unreachable_module, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    outage = unreachable_module.Unreachable()
+    readonly = BrokerConnectionError("Redis is unavailable: READONLY You can't write against a read "
+                                     "only replica.")
+    with caplog.at_level(logging.WARNING, logger="aqueue"):
+        for at in (100.0, 100.5, 101.0):
+            clock[0] = at
+            outage.failed("writing 3 job outcome(s)", readonly)
+            outage.failed("renewing 3 lease(s)", readonly)
+            outage.reached("checking for cancel requests")  # a read: it never failed
+            outage.reached("listening for cancel requests")
+        clock[0] = 104.0
+        outage.reached("renewing leases")  # a service that failed, through again: it is over
+    assert [r.getMessage() for r in caplog.records] == [
+        "broker unreachable (writing 3 job outcome(s)): Redis is unavailable: READONLY You can't write "
+        "against a read only replica.; trying again until it answers",
+        "broker reachable again after 4.0s",
     ]
 
 
@@ -1978,7 +2004,7 @@ def test_an_outage_whose_reason_changes_tells_the_new_reason(
         for n in range(unreachable_module.REASONS_TOLD + 2):  # reasons that keep changing
             outage.failed("receiving jobs", BrokerConnectionError(f"reason {n}"))
         clock[0] = 102.0
-        outage.reached()
+        outage.reached("receiving jobs")
         outage.failed("receiving jobs", refused)  # a new outage tells its reasons afresh
     assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
         ("WARNING", "broker unreachable (receiving jobs): cannot reach Redis: Connection closed by server.; "

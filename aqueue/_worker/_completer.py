@@ -78,7 +78,7 @@ class Completer:
         while True:
             try:
                 applied = await self._broker.finish(self._queue, batch, self._ttl)
-                self._unreachable.reached()
+                self._unreachable.reached("writing job outcomes")
                 self._on_applied([c for c, ok in zip(batch, applied, strict=True) if ok])
                 if not all(applied):
                     # This worker's own reclaim, under way, may be what took those jobs over.

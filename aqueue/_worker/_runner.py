@@ -415,7 +415,7 @@ class Worker:
                     await self._take(deliveries)
                     taken = len(deliveries)
                 backoff, failed_with = FETCH_PAUSE_FIRST, ""
-                self._unreachable.reached()
+                self._unreachable.reached("receiving jobs")
             except Exception as exc:  # a broker error or a fault of aqueue's own: log it, never die of it
                 self._answer_lost = True
                 if isinstance(exc, BrokerConnectionError):
@@ -760,7 +760,7 @@ class Worker:
                 continue
             try:
                 lost = await queue.broker.renew(queue.name, self.name, list(held.values()))
-                self._unreachable.reached()  # a full worker's fetch may not ask for a while
+                self._unreachable.reached("renewing leases")  # a full worker's fetch may not ask for a while
             except BrokerConnectionError as exc:
                 self._unreachable.failed(f"renewing {len(held)} lease(s)", exc)
                 continue
@@ -783,7 +783,7 @@ class Worker:
         `tried` is set once listening, or once the first attempt failed (and said so)."""
         def listening() -> None:
             tried.set()
-            self._unreachable.reached()
+            self._unreachable.reached("listening for cancel requests")
 
         while True:
             try:
@@ -807,7 +807,7 @@ class Worker:
         """Cancel those of these jobs whose cancel the broker holds requested."""
         try:
             requested = await self.queue.broker.cancel_requested(self.queue.name, job_ids)
-            self._unreachable.reached()
+            self._unreachable.reached("checking for cancel requests")
         except BrokerConnectionError as exc:
             self._unreachable.failed("checking for cancel requests", exc)
             return
@@ -853,7 +853,7 @@ class Worker:
             now = time.time()
             try:
                 nxt = await queue.broker.promote_due(queue.name, now, PROMOTE_BATCH)
-                self._unreachable.reached()
+                self._unreachable.reached("scheduling")
                 for name, tick in list(next_ticks.items()):
                     if tick.timestamp() <= now and early.get(name, 0.0) <= now:
                         if not await self._enqueue_tick(name, tick.timestamp(), now):
@@ -896,7 +896,7 @@ class Worker:
                 removed = PRUNE_PAGE
                 while removed == PRUNE_PAGE:  # page by page until none are left
                     removed = await self.queue.broker.prune(self.queue.name, time.time(), PRUNE_PAGE)
-                self._unreachable.reached()
+                self._unreachable.reached("pruning expired records")
             except BrokerConnectionError as exc:
                 self._unreachable.failed("pruning expired records", exc)
             except BrokerError as exc:

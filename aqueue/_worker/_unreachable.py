@@ -19,10 +19,13 @@ class Unreachable:
         self.since: float | None = None  # time.monotonic() of the outage's first failed call
         self._reminded = 0.0
         self._reasons: set[str] = set()  # told during this outage
+        self._failing: set[str] = set()  # the services whose calls failed during this outage
 
     def failed(self, what: str, exc: Exception) -> None:
-        """A call of the service `what` could not reach the broker."""
+        """A call of the service `what` (its first word names the service: "renewing 3
+        lease(s)") could not reach the broker."""
         now = time.monotonic()
+        self._failing.add(_service(what))
         # What went wrong, without the details after it: a connection closed, then refused, is
         # one reason ("cannot reach Redis at ..."), told once; refused credentials are another.
         reason = str(exc).partition(": ")[0]
@@ -42,8 +45,16 @@ class Unreachable:
         else:
             logger.debug("broker unreachable (%s): %s", what, exc)
 
-    def reached(self) -> None:
-        """A call reached the broker: the outage, if any, is over."""
-        if self.since is not None:
+    def reached(self, what: str) -> None:
+        """A call of the service `what` went through: if one of its calls failed during the
+        outage, the outage is over. Not for a service that never failed: a Redis that answers
+        reads and refuses writes (a replica, a full `maxmemory`) ended the outage at every read,
+        and began another at the next write, a warning or two a second."""
+        if self.since is not None and _service(what) in self._failing:
             logger.warning("broker reachable again after %.1fs", time.monotonic() - self.since)
             self.since = None
+            self._failing = set()
+
+
+def _service(what: str) -> str:
+    return what.split(" ", 1)[0]
