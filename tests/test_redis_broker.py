@@ -24,7 +24,16 @@ import redis.asyncio
 from redis._parsers.base import BaseParser
 
 import aqueue
-from aqueue import BrokerConnectionError, ConfigurationError, JobState, Queue, TaskError, current_job, every
+from aqueue import (
+    BrokerConnectionError,
+    BrokerError,
+    ConfigurationError,
+    JobState,
+    Queue,
+    TaskError,
+    current_job,
+    every,
+)
 from aqueue._worker import _runner as runner_module
 from aqueue.brokers import Completion, NewJob, Outcome, RedisBroker
 from aqueue.brokers import _redis as redis_broker_module
@@ -1842,6 +1851,29 @@ async def test_a_job_running_as_redis_loses_its_data_runs_to_its_end(
             await ended.wait()
     warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert not [m for m in warned if "lease" in m], warned
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("attempt", b"x"), ("enqueued_at", b"nan?"), ("state", b"\xff"), ("state", b"weird"), ("failures", b"1.5"),
+])
+async def test_a_record_another_program_wrote_is_named_in_a_broker_error(
+    redis_url: str, client: redis.asyncio.Redis, queue_name: str, field: str, value: bytes
+) -> None:
+    # One record with a field aqueue never writes so: the listing, the dead letters and the job's
+    # info raised a bare ValueError (or UnicodeDecodeError) that named nothing.
+    queue = Queue(redis_url, name=queue_name)
+
+    @queue.task
+    async def add(a: int, b: int) -> int:
+        return a + b
+
+    async with queue:
+        job = await add.enqueue(1, 2)
+        await client.hset(Keys(queue_name).job(job.id), field, value)
+        named = f"job '{job.id}': its record on Redis is not one aqueue wrote"
+        for call in (job.info(), job.state(), queue.jobs()):
+            with pytest.raises(BrokerError, match=named):
+                await call
 
 
 async def drained(broker: RedisBroker, queue_name: str, consumer: str = "w") -> None:

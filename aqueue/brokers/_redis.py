@@ -42,6 +42,7 @@ from redis.asyncio.connection import (
 
 from aqueue import _outage
 from aqueue._exceptions import BrokerConnectionError, BrokerError, ConfigurationError
+from aqueue._states import JobState
 from aqueue.brokers._base import (
     BatchSpec,
     Broker,
@@ -312,6 +313,19 @@ def _number(value: bytes | None) -> float | None:
 
 
 def _record(job_id: str, fields: dict[bytes, bytes]) -> JobRecord:
+    """A job's record as Redis holds it. One that aqueue did not write (another program's, a
+    field set by hand) raises `BrokerError` naming the job, not a bare ValueError from deep
+    within a listing."""
+    try:
+        record = _fields(job_id, fields)
+        JobState(record.state)
+    except ValueError as exc:  # UnicodeDecodeError too
+        raise BrokerError(f"job {job_id!r}: its record on Redis is not one aqueue wrote ({exc}); "
+                          "delete or mend it") from None
+    return record
+
+
+def _fields(job_id: str, fields: dict[bytes, bytes]) -> JobRecord:
     get = fields.get
     return JobRecord(
         id=job_id,
