@@ -114,16 +114,22 @@ async def test_a_task_name_with_a_line_break_forges_no_log_line(
 ) -> None:
     # Another writer's job, its task named with a line break: the dead letter's log line showed
     # it as it was, a line of the writer's choosing after it.
-    caplog.set_level(logging.INFO, logger="aqueue")
     forged = "x\n2026-01-01 INFO aqueue: user admin logged in"
-    job = NewJob(id=uuid.uuid4().hex, task=forged, payload=b'{"args":[],"kwargs":{}}', enqueued_at=time.time())
+    line = await _dead_letter_line(queue, caplog, forged)
+    assert "\n" not in line
+    assert repr(forged) in line
+
+
+async def _dead_letter_line(queue: Queue, caplog: pytest.LogCaptureFixture, task: str) -> str:
+    """The log line of a job another writer stored under `task`, which no worker knows."""
+    caplog.set_level(logging.INFO, logger="aqueue")
+    job = NewJob(id=uuid.uuid4().hex, task=task, payload=b'{"args":[],"kwargs":{}}', enqueued_at=time.time())
     await queue.broker.enqueue(queue.name, [job])
     async with queue.worker():
         with anyio.fail_after(10):
             await queue.broker.wait(queue.name, job.id, None)
     [line] = [r.getMessage() for r in caplog.records if "sent to the dead letters" in r.getMessage()]
-    assert "\n" not in line
-    assert repr(forged) in line
+    return line
 
 
 async def test_a_huge_task_name_is_cut_in_the_log_and_the_dead_letters_reason(
@@ -131,14 +137,7 @@ async def test_a_huge_task_name_is_cut_in_the_log_and_the_dead_letters_reason(
 ) -> None:
     # Another writer's job whose task name is 1 MB: its dead letter's log line and reason were
     # as long (twice, the reason quoting the name too). Our own names are at most 1,024 bytes.
-    caplog.set_level(logging.INFO, logger="aqueue")
-    huge = "T" * 1_000_000
-    job = NewJob(id=uuid.uuid4().hex, task=huge, payload=b'{"args":[],"kwargs":{}}', enqueued_at=time.time())
-    await queue.broker.enqueue(queue.name, [job])
-    async with queue.worker():
-        with anyio.fail_after(10):
-            await queue.broker.wait(queue.name, job.id, None)
-    [line] = [r.getMessage() for r in caplog.records if "sent to the dead letters" in r.getMessage()]
+    line = await _dead_letter_line(queue, caplog, "T" * 1_000_000)
     assert len(line) < 4_000
     assert "T" * 1024 + "[... 998976 characters cut]" in line
     [letter] = await queue.dead_letters()

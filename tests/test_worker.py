@@ -1935,12 +1935,17 @@ async def test_failures_and_retries_are_logged_for_the_operator(
     assert 'raise ValueError("upstream said no")' in failed  # the traceback
 
 
+def _outage_on_a_clock(monkeypatch: pytest.MonkeyPatch) -> tuple[unreachable_module.Unreachable, list[float]]:
+    """An outage tracker and the clock it reads (set `clock[0]` to move it)."""
+    clock = [100.0]
+    monkeypatch.setattr(unreachable_module, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    return unreachable_module.Unreachable(), clock
+
+
 def test_an_outage_is_told_as_it_starts_every_30s_while_it_lasts_and_as_it_ends(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    clock = [100.0]
-    monkeypatch.setattr(unreachable_module, "time", SimpleNamespace(monotonic=lambda: clock[0]))
-    outage = unreachable_module.Unreachable()
+    outage, clock = _outage_on_a_clock(monkeypatch)
     lost = BrokerConnectionError("cannot reach Redis")
     with caplog.at_level(logging.DEBUG, logger="aqueue"):
         for at in (100.0, 100.5, 129.9, 130.0, 131.0, 160.0):
@@ -1965,9 +1970,7 @@ def test_an_outage_ends_when_a_service_that_failed_gets_through(
 ) -> None:
     # A Redis that answers reads and refuses writes (a replica, a full maxmemory): each read
     # ended the outage and the next write began another, a warning or two a second.
-    clock = [100.0]
-    monkeypatch.setattr(unreachable_module, "time", SimpleNamespace(monotonic=lambda: clock[0]))
-    outage = unreachable_module.Unreachable()
+    outage, clock = _outage_on_a_clock(monkeypatch)
     readonly = BrokerConnectionError("Redis is unavailable: READONLY You can't write against a read "
                                      "only replica.")
     with caplog.at_level(logging.WARNING, logger="aqueue"):
@@ -1991,9 +1994,7 @@ def test_an_outage_whose_reason_changes_tells_the_new_reason(
 ) -> None:
     # A password changed while the worker runs: its connections are cut, then every reconnect is
     # refused. The refusal, which waiting does not end, is told as it comes, not 30 s later.
-    clock = [100.0]
-    monkeypatch.setattr(unreachable_module, "time", SimpleNamespace(monotonic=lambda: clock[0]))
-    outage = unreachable_module.Unreachable()
+    outage, clock = _outage_on_a_clock(monkeypatch)
     closed = BrokerConnectionError("cannot reach Redis: Connection closed by server.")
     down = BrokerConnectionError("cannot reach Redis: Connect call failed")  # the same reason
     refused = BrokerConnectionError("Redis refused the credentials: invalid password")
