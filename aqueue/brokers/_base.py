@@ -324,8 +324,6 @@ class Broker(ABC):
 
         Returns the ids of jobs whose lease `consumer` no longer holds (it lapsed and another
         worker took the job over, or the job was finished elsewhere): their lease is not touched.
-        A job the broker no longer knows at all (no record, no lease: Redis restarted without its
-        data) is not among them: no other worker can have it, so it runs on where it is.
         """
 
     @abstractmethod

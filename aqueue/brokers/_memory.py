@@ -378,9 +378,8 @@ class MemoryBroker(Broker):
             lease = q.leases.get(d.job_id)
             if lease is not None and lease[0] == consumer and str(q.entries.get(d.job_id)) == d.receipt:
                 q.leases[d.job_id] = (consumer, now)
-            elif lease is not None or d.job_id in q.records:
+            else:
                 lost.append(d.job_id)
-            # Else known no more (purged since): no other worker can have it, as in Redis.
         return lost
 
     async def finish(
