@@ -52,6 +52,10 @@ class BrokerError(AqueueError):
 class BrokerConnectionError(BrokerError, ConnectionError):
     """The broker cannot be reached."""
 
+    answered = False
+    """The broker answered, refusing the call for now (a read-only replica, a full memory, data
+    still loading): calls of other kinds may go through meanwhile."""
+
 
 class TaskTimeout(AqueueError):
     """A job ran past its deadline."""

@@ -1304,8 +1304,11 @@ def test_a_failover_or_a_full_server_is_a_broker_connection_error(reply: str) ->
     # redis-py cuts the code from most of these messages (READONLY becomes ReadOnlyError("You
     # can't write...")): they were a plain BrokerError, and a worker dropped its outcomes.
     error = BaseParser.parse_error(reply)
-    with pytest.raises(BrokerConnectionError, match=r"unavailable|cannot reach"):
+    with pytest.raises(BrokerConnectionError, match=r"unavailable|cannot reach") as caught:
         RedisBroker("redis://127.0.0.1:1/0")._raise_translated(error)
+    # Answered, refusing this call and maybe not others: a worker's outage ends as a failed kind of
+    # call gets through. A server loading its data refuses every call (redis-py's ConnectionError).
+    assert caught.value.answered is not reply.startswith("LOADING")
 
 
 async def test_a_worker_says_once_that_redis_is_out_of_reach_and_once_that_it_is_back(

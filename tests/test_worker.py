@@ -1965,7 +1965,7 @@ def test_an_outage_is_told_as_it_starts_every_30s_while_it_lasts_and_as_it_ends(
     ]
 
 
-def test_an_outage_ends_when_a_service_that_failed_gets_through(
+def test_an_outage_of_refusals_ends_when_a_service_that_failed_gets_through(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     # A Redis that answers reads and refuses writes (a replica, a full maxmemory): each read
@@ -1973,6 +1973,7 @@ def test_an_outage_ends_when_a_service_that_failed_gets_through(
     outage, clock = _outage_on_a_clock(monkeypatch)
     readonly = BrokerConnectionError("Redis is unavailable: READONLY You can't write against a read "
                                      "only replica.")
+    readonly.answered = True  # as the Redis broker marks a refusal
     with caplog.at_level(logging.WARNING, logger="aqueue"):
         for at in (100.0, 100.5, 101.0):
             clock[0] = at
@@ -1982,10 +1983,18 @@ def test_an_outage_ends_when_a_service_that_failed_gets_through(
             outage.reached("listening for cancel requests")
         clock[0] = 104.0
         outage.reached("renewing leases")  # a service that failed, through again: it is over
+        # Out of reach, not refusing: any call that gets through ends it, though the one that
+        # failed (a cancel check, made only while jobs run) may not be made again for long.
+        outage.failed("checking for cancel requests", BrokerConnectionError("cannot reach Redis: refused"))
+        clock[0] = 105.0
+        outage.reached("receiving jobs")
     assert [r.getMessage() for r in caplog.records] == [
         "broker unreachable (writing 3 job outcome(s)): Redis is unavailable: READONLY You can't write "
         "against a read only replica.; trying again until it answers",
         "broker reachable again after 4.0s",
+        "broker unreachable (checking for cancel requests): cannot reach Redis: refused; trying again until "
+        "it answers",
+        "broker reachable again after 1.0s",
     ]
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import logging
 import time
 
+from aqueue._exceptions import BrokerConnectionError
+
 logger = logging.getLogger("aqueue")
 
 REMIND_EVERY = 30.0  # seconds between the reminders that the broker is still out of reach
@@ -20,12 +22,15 @@ class Unreachable:
         self._reminded = 0.0
         self._reasons: set[str] = set()  # told during this outage
         self._failing: set[str] = set()  # the services whose calls failed during this outage
+        self._answered = False  # whether the broker answered some of them, refusing (see reached)
 
     def failed(self, what: str, exc: Exception) -> None:
         """A call of the service `what` (its first word names the service: "renewing 3
         lease(s)") could not reach the broker."""
         now = time.monotonic()
         self._failing.add(_service(what))
+        if isinstance(exc, BrokerConnectionError) and exc.answered:
+            self._answered = True
         # What went wrong, without the details after it: a connection closed, then refused, is
         # one reason ("cannot reach Redis at ..."), told once; refused credentials are another.
         reason = str(exc).partition(": ")[0]
@@ -46,14 +51,16 @@ class Unreachable:
             logger.debug("broker unreachable (%s): %s", what, exc)
 
     def reached(self, what: str) -> None:
-        """A call of the service `what` went through: if one of its calls failed during the
-        outage, the outage is over. Not for a service that never failed: a Redis that answers
-        reads and refuses writes (a replica, a full `maxmemory`) ended the outage at every read,
-        and began another at the next write, a warning or two a second."""
-        if self.since is not None and _service(what) in self._failing:
+        """A call of the service `what` went through: the outage is over. But where the broker
+        answered calls, refusing them (`BrokerConnectionError.answered`), only a call of a
+        service that failed ends it: a Redis that answers reads and refuses writes (a replica, a
+        full `maxmemory`) ended the outage at every read, and began another at the next write,
+        a warning or two a second."""
+        if self.since is not None and (not self._answered or _service(what) in self._failing):
             logger.warning("broker reachable again after %.1fs", time.monotonic() - self.since)
             self.since = None
             self._failing = set()
+            self._answered = False
 
 
 def _service(what: str) -> str:

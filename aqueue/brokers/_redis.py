@@ -752,7 +752,9 @@ class RedisBroker(Broker):
                 hint = " (the URL is rediss://: does that port speak TLS?)"
             raise BrokerConnectionError(f"cannot reach Redis at {self.url}: {exc}{hint}") from None
         if isinstance(exc, TRANSIENT_ERRORS) or str(exc).split(" ", 1)[0] in TRANSIENT:
-            raise BrokerConnectionError(f"Redis at {self.url} is unavailable: {exc}") from None
+            refused = BrokerConnectionError(f"Redis at {self.url} is unavailable: {exc}")
+            refused.answered = True
+            raise refused from None
         raise BrokerError(f"Redis at {self.url} failed: {exc}") from exc
 
     @asynccontextmanager
