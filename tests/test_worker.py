@@ -1633,6 +1633,19 @@ async def test_stop_called_from_a_loop_callback_or_another_thread_stops_graceful
     assert [await job.state() for job in waiting] == [JobState.PENDING] * 5  # handed back
 
 
+async def test_a_worker_stopped_from_another_thread_before_it_runs_takes_no_job(queue: Queue) -> None:
+    @queue.task
+    async def never() -> None:
+        pytest.fail("ran after its worker was stopped")
+
+    job = await never.enqueue()
+    worker = Worker(queue)
+    await anyio.to_thread.run_sync(worker.stop)
+    with anyio.fail_after(10):
+        await worker.run()
+    assert await job.state() == JobState.PENDING
+
+
 async def test_a_stopping_worker_says_which_outcomes_it_could_not_write(
     queue: Queue, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -157,6 +157,7 @@ class Worker:
         self._services: TaskGroup | None = None
         self._loop: asyncio.AbstractEventLoop | None = None  # while it runs
         self._stopper: asyncio.Task[None] | None = None  # a stop() called outside a task
+        self._stop_acted = False  # stop()'s steps taken on the loop
         self._fetch_ended = anyio.Event()
         self._grace_over = False  # the running jobs' shutdown_timeout has passed (`_end_grace`)
         self._reclaim_done = anyio.Event()
@@ -191,24 +192,40 @@ class Worker:
         loop = self._loop
         if loop is not None and not _running_on(loop):
             with contextlib.suppress(RuntimeError):  # its loop closed: it has stopped
-                loop.call_soon_threadsafe(self.stop)  # what follows is the loop's own to do
+                loop.call_soon_threadsafe(self.stop)  # all of it the loop's own to do
             return
         if self._stop_requested:
             return
         self._stop_requested = True
         self._stop_at = time.monotonic()
+        if loop is None:
+            # Not started, or starting in another thread: run() sets its loop before it looks
+            # for a request, so read again, one of the two acts on it.
+            loop = self._loop
+            if loop is None:
+                return
+            if not _running_on(loop):
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(self._act_on_stop)
+                return
+        self._act_on_stop()
+
+    def _act_on_stop(self) -> None:
+        """stop()'s steps, on the worker's loop: in a task, or in a callback of the loop's."""
+        services = self._services
+        if services is None or self._stop_acted:
+            return  # not running yet (run() acts as it starts), or over; or done already
+        self._stop_acted = True
         self._stop_heard.set()
         self._wake_fetcher.set()
-        services = self._services
-        if services is None:  # not running
-            return
-        if loop is not None and asyncio.current_task(loop) is None:
-            # A callback of the loop's: anyio starts tasks from a task alone.
+        if asyncio.current_task() is None:
+            # A callback of the loop's (a signal handler's): anyio starts tasks from a task alone.
             async def from_a_task() -> None:
                 if self._services is services:
                     self._start_stopping(services)
 
-            self._stopper = loop.create_task(from_a_task())  # kept: the loop holds a task weakly
+            # Held here: the loop holds a task weakly.
+            self._stopper = asyncio.get_running_loop().create_task(from_a_task())
         else:
             self._start_stopping(services)
 
@@ -333,8 +350,8 @@ class Worker:
             try:
                 async with anyio.create_task_group() as services:
                     self._services = services
-                    if self._stop_requested:  # stopped before it started
-                        self._start_stopping(services)
+                    if self._stop_requested:  # stopped before it started, or as it started
+                        self._act_on_stop()
                     services.start_soon(self._completer.run)
                     services.start_soon(self._renew_leases)
                     listen_tried = anyio.Event()
