@@ -120,10 +120,27 @@ async def test_a_task_name_with_a_line_break_forges_no_log_line(
     assert repr(forged) in line
 
 
-async def _dead_letter_line(queue: Queue, caplog: pytest.LogCaptureFixture, task: str) -> str:
-    """The log line of a job another writer stored under `task`, which no worker knows."""
+async def test_a_huge_job_id_of_a_known_task_is_dead_lettered_unrun(
+    queue: Queue, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Another writer's job with a 1 MB id and a task the worker knows: it ran, and each line of
+    # its failures and retries carried the whole id.
+    @queue.task(retries=1)
+    async def known() -> None:
+        pytest.fail("ran under an id no producer of aqueue's can give")
+
+    line = await _dead_letter_line(queue, caplog, "known", job_id="J" * 1_000_000)
+    assert "a job id of 1000000 characters: at most 1024 bytes" in line
+    assert max(len(r.getMessage()) for r in caplog.records) < 4_000
+
+
+async def _dead_letter_line(
+    queue: Queue, caplog: pytest.LogCaptureFixture, task: str, job_id: str | None = None
+) -> str:
+    """The log line of the dead letter that a job another writer stored under `task` makes."""
     caplog.set_level(logging.INFO, logger="aqueue")
-    job = NewJob(id=uuid.uuid4().hex, task=task, payload=b'{"args":[],"kwargs":{}}', enqueued_at=time.time())
+    job = NewJob(id=job_id or uuid.uuid4().hex, task=task, payload=b'{"args":[],"kwargs":{}}',
+                 enqueued_at=time.time())
     await queue.broker.enqueue(queue.name, [job])
     async with queue.worker():
         with anyio.fail_after(10):

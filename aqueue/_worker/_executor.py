@@ -239,6 +239,10 @@ async def execute(queue: Queue, running: RunningJob) -> Completion | None:
     if task is None:
         unknown = UnknownTask(f"unknown task {_cut_name(d.task)!r}: not registered on this worker")
         return await dead(queue, d, unknown)
+    if len(d.job_id.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES:
+        # Another writer's: an id aqueue would refuse; every line about the job would carry it.
+        return await dead(queue, d, SerializationError(f"a job id of {len(d.job_id)} characters: "
+                                                       f"at most {MAX_NAME_BYTES} bytes"))
     if len(d.payload) > queue.max_payload_size:  # bounded where it is read, not only where written
         return await dead(queue, d, PayloadTooLarge(f"payload of {len(d.payload)} bytes over this "
                                                     f"worker's max_payload_size ({queue.max_payload_size})"))
