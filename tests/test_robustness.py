@@ -810,8 +810,8 @@ async def test_a_memory_queue_with_no_worker_prunes_what_it_stores(monkeypatch: 
         return None
 
     first = [await noop.enqueue() for _ in range(100)]
-    for n in range(100):
-        await broker.rate_limit_hit(queue.name, f"user-{n}", 1, 0.05)
+    for n in range(100):  # windows that end before the records do, but not while they are counted
+        await broker.rate_limit_hit(queue.name, f"user-{n}", 1, 0.5)
     state = broker._queue(queue.name)
     assert len(state.records) == 100
     assert len(state.rates) == 100
@@ -820,8 +820,8 @@ async def test_a_memory_queue_with_no_worker_prunes_what_it_stores(monkeypatch: 
         while time.time() <= gone_at:  # noqa: ASYNC110 - waiting for the clock itself
             await anyio.sleep(0.05)
     last = await noop.enqueue()
-    await broker.rate_limit_hit(queue.name, "user-new", 1, 0.05)
+    await broker.rate_limit_hit(queue.name, "user-new", 1, 0.5)
     assert not any(job.id in state.records for job in first)
     assert list(state.records) == [last.id]
-    assert list(state.rates) == [("user-new", 50)]
+    assert list(state.rates) == [("user-new", 500)]
     assert len(state.ready) <= 64  # the heap's stale entries of jobs claimed in immediate mode
