@@ -243,7 +243,7 @@ async def execute(queue: Queue, running: RunningJob) -> Completion | None:
     # to a quarter of the bound in characters, it is within it: no encoding per job.)
     job_id = d.job_id
     if len(job_id) > MAX_NAME_BYTES // 4 and len(job_id.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES:
-        return await dead(queue, d, SerializationError(f"a job id of {len(d.job_id)} characters: "
+        return await dead(queue, d, SerializationError(f"a job id of {len(job_id)} characters: "
                                                        f"at most {MAX_NAME_BYTES} bytes"))
     if len(d.payload) > queue.max_payload_size:  # bounded where it is read, not only where written
         return await dead(queue, d, PayloadTooLarge(f"payload of {len(d.payload)} bytes over this "
