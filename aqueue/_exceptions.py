@@ -53,8 +53,9 @@ class BrokerConnectionError(BrokerError, ConnectionError):
     """The broker cannot be reached."""
 
     answered = False
-    """The broker answered, refusing the call for now (a read-only replica, a full memory, data
-    still loading): calls of other kinds may go through meanwhile."""
+    """The broker answered, refusing this call for now, and answers others meanwhile: Redis
+    refusing writes and answering reads (a read-only replica, a full `maxmemory`, too few
+    replicas, a failed save)."""
 
 
 class TaskTimeout(AqueueError):

@@ -79,6 +79,10 @@ TRANSIENT_ERRORS = (redis_errors.ReadOnlyError, redis_errors.TryAgainError,
                     redis_errors.ClusterDownError, redis_errors.OutOfMemoryError)
 TRANSIENT = {"READONLY", "LOADING", "BUSY", "TRYAGAIN", "MASTERDOWN", "CLUSTERDOWN", "OOM", "NOREPLICAS",
              "MISCONF"}
+# Of those, the ones that refuse writes and answer reads: a worker's reads go through meanwhile
+# (see BrokerConnectionError.answered). The others refuse every call.
+WRITES_REFUSED_ERRORS = (redis_errors.ReadOnlyError, redis_errors.OutOfMemoryError)
+WRITES_REFUSED = {"READONLY", "OOM", "NOREPLICAS", "MISCONF"}
 # Records that a receive, claim, reclaim or recover ends rather than leases (expired, revoked,
 # cancelled, dead) are kept a day: those calls take no result_ttl.
 ENDED_HERE_TTL = 86_400
@@ -753,7 +757,8 @@ class RedisBroker(Broker):
             raise BrokerConnectionError(f"cannot reach Redis at {self.url}: {exc}{hint}") from None
         if isinstance(exc, TRANSIENT_ERRORS) or str(exc).split(" ", 1)[0] in TRANSIENT:
             refused = BrokerConnectionError(f"Redis at {self.url} is unavailable: {exc}")
-            refused.answered = True
+            refused.answered = (isinstance(exc, WRITES_REFUSED_ERRORS)
+                                or str(exc).split(" ", 1)[0] in WRITES_REFUSED)
             raise refused from None
         raise BrokerError(f"Redis at {self.url} failed: {exc}") from exc
 
