@@ -17,7 +17,7 @@ import socket
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -90,6 +90,12 @@ def _running_on(loop: asyncio.AbstractEventLoop) -> bool:
         return asyncio.get_running_loop() is loop
     except RuntimeError:
         return False
+
+
+def _call_on(loop: asyncio.AbstractEventLoop, fn: Callable[[], None]) -> None:
+    """Have `loop`'s thread call `fn`; nothing once the loop has closed (what ran on it ended)."""
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(fn)
 
 
 def _context_changed(clean: list[tuple[contextvars.ContextVar[object], object]]) -> bool:
@@ -191,8 +197,7 @@ class Worker:
         event loop (a signal handler's) or another thread."""
         loop = self._loop
         if loop is not None and not _running_on(loop):
-            with contextlib.suppress(RuntimeError):  # its loop closed: it has stopped
-                loop.call_soon_threadsafe(self.stop)  # all of it the loop's own to do
+            _call_on(loop, self.stop)  # all of it the loop's own to do
             return
         if self._stop_requested:
             return
@@ -205,8 +210,7 @@ class Worker:
             if loop is None:
                 return
             if not _running_on(loop):
-                with contextlib.suppress(RuntimeError):
-                    loop.call_soon_threadsafe(self._act_on_stop)
+                _call_on(loop, self._act_on_stop)
                 return
         self._act_on_stop()
 
@@ -778,11 +782,8 @@ class Worker:
             try:
                 lost = await queue.broker.renew(queue.name, self.name, list(held.values()))
                 self._unreachable.reached("renewing leases")  # a full worker's fetch may not ask for a while
-            except BrokerConnectionError as exc:
-                self._unreachable.failed(f"renewing {len(held)} lease(s)", exc)
-                continue
             except BrokerError as exc:
-                logger.warning("renewing %d lease(s) failed: %s", len(held), exc)
+                self._unreachable.failed(f"renewing {len(held)} lease(s)", exc)
                 continue
             for job_id in lost:
                 renewed = held[job_id]
@@ -825,11 +826,8 @@ class Worker:
         try:
             requested = await self.queue.broker.cancel_requested(self.queue.name, job_ids)
             self._unreachable.reached("checking for cancel requests")
-        except BrokerConnectionError as exc:
-            self._unreachable.failed("checking for cancel requests", exc)
-            return
         except BrokerError as exc:
-            logger.warning("checking for cancel requests failed: %s", exc)
+            self._unreachable.failed("checking for cancel requests", exc)
             return
         for job_id in requested:
             self._cancel_job(job_id)
@@ -884,10 +882,7 @@ class Worker:
                         else:
                             next_ticks[name] = following
             except BrokerError as exc:
-                if isinstance(exc, BrokerConnectionError):
-                    self._unreachable.failed("scheduling", exc)
-                else:
-                    logger.warning("scheduling failed: %s", exc)
+                self._unreachable.failed("scheduling", exc)
                 await anyio.sleep(1.0)
                 continue
             wait = SCHEDULER_TICK if nxt is None else nxt - time.time()
@@ -914,10 +909,8 @@ class Worker:
                 while removed == PRUNE_PAGE:  # page by page until none are left
                     removed = await self.queue.broker.prune(self.queue.name, time.time(), PRUNE_PAGE)
                 self._unreachable.reached("pruning expired records")
-            except BrokerConnectionError as exc:
-                self._unreachable.failed("pruning expired records", exc)
             except BrokerError as exc:
-                logger.warning("pruning expired records failed: %s", exc)
+                self._unreachable.failed("pruning expired records", exc)
             await anyio.sleep(PRUNE_EVERY)
 
     async def _enqueue_tick(self, name: str, tick: float, now: float) -> bool:

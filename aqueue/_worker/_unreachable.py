@@ -26,10 +26,14 @@ class Unreachable:
 
     def failed(self, what: str, exc: Exception) -> None:
         """A call of the service `what` (its first word names the service: "renewing 3
-        lease(s)") could not reach the broker."""
+        lease(s)") failed: told as an outage if it could not reach the broker, else as a
+        warning of its own."""
+        if not isinstance(exc, BrokerConnectionError):
+            logger.warning("%s failed: %s", what, exc)
+            return
         now = time.monotonic()
         self._failing.add(_service(what))
-        if isinstance(exc, BrokerConnectionError) and exc.answered:
+        if exc.answered:
             self._answered = True
         # What went wrong, without the details after it: a connection closed, then refused, is
         # one reason ("cannot reach Redis at ..."), told once; refused credentials are another.

@@ -755,10 +755,10 @@ class RedisBroker(Broker):
                 # never sends: all the client sees is a timeout.
                 hint = " (the URL is rediss://: does that port speak TLS?)"
             raise BrokerConnectionError(f"cannot reach Redis at {self.url}: {exc}{hint}") from None
-        if isinstance(exc, TRANSIENT_ERRORS) or str(exc).split(" ", 1)[0] in TRANSIENT:
+        code = str(exc).split(" ", 1)[0]  # kept in the messages of the errors redis-py has no class for
+        if isinstance(exc, TRANSIENT_ERRORS) or code in TRANSIENT:
             refused = BrokerConnectionError(f"Redis at {self.url} is unavailable: {exc}")
-            refused.answered = (isinstance(exc, WRITES_REFUSED_ERRORS)
-                                or str(exc).split(" ", 1)[0] in WRITES_REFUSED)
+            refused.answered = isinstance(exc, WRITES_REFUSED_ERRORS) or code in WRITES_REFUSED
             raise refused from None
         raise BrokerError(f"Redis at {self.url} failed: {exc}") from exc
 
