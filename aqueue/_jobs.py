@@ -205,7 +205,12 @@ class ResultGroup(Generic[R]):
         seconds = timedelta_or_seconds(timeout)
         deadline = None if seconds is None else anyio.current_time() + seconds
         values = []
-        for job in self.jobs:
+        # The jobs that have ended give their outcomes from one read of them all: only the others
+        # are waited for (or found missing) one by one.
+        for job, record in zip(self.jobs, await records_of(self.jobs), strict=True):
+            if record is not None and record.state in _FINAL:
+                values.append(cast(R, outcome(record)))
+                continue
             left = None if deadline is None else max(0.0, deadline - anyio.current_time())
             values.append(await job.result(timeout=left))
         return values
@@ -223,6 +228,20 @@ class ResultGroup(Generic[R]):
         finally:
             for waiter in waiters:
                 waiter.cancel()
+
+
+async def records_of(jobs: Sequence[Job[Any]]) -> list[JobRecord | None]:
+    """The jobs' records as they stand, in order, read together (a broker's `get_many`) for each
+    queue among them."""
+    found: list[JobRecord | None] = [None] * len(jobs)
+    by_queue: dict[int, tuple[Queue, list[int]]] = {}
+    for at, job in enumerate(jobs):
+        by_queue.setdefault(id(job.queue), (job.queue, []))[1].append(at)
+    for queue, places in by_queue.values():
+        records = await queue.broker.get_many(queue.name, [jobs[at].id for at in places])
+        for at, record in zip(places, records, strict=True):
+            found[at] = record
+    return found
 
 
 def _read_outcome(task: asyncio.Task[Any]) -> None:

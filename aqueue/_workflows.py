@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeAlias, TypeVar, overload
 
 from aqueue._exceptions import ConfigurationError
 from aqueue._ids import new_id
-from aqueue._jobs import Job, ResultGroup
+from aqueue._jobs import Job, ResultGroup, records_of
 from aqueue._serialization import ERROR_MARK, encode_call, loads
 from aqueue._states import JobState
 from aqueue._tasks import NO_OPTIONS, CallOptions, Task, TaskCall, call_eta, call_overrides
@@ -291,7 +291,7 @@ class Batch:
         return self.queue.job(batch_callback_id(self.id, kind))
 
     async def state(self) -> BatchState:
-        states = [await job.state() for job in self.members]
+        states = [None if r is None else JobState(r.state) for r in await records_of(self.members.jobs)]
         count = states.count
         # No record (None): it ended, and its record expired (`result_ttl`); only an ended job's
         # record expires. It is counted in none of the ends.

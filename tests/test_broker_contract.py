@@ -57,6 +57,23 @@ async def test_enqueue_stores_pending_and_scheduled(broker: Broker, queue_name: 
     assert (await record(broker, queue_name, "a")).payload == b"p-a"
 
 
+async def test_get_many_reads_records_in_order_as_get_does(broker: Broker, queue_name: str) -> None:
+    # More than one call's page on Redis, with unknown ids among them and an id given twice.
+    ids = [f"j{i}" for i in range(450)]
+    await broker.enqueue(queue_name, [new(job_id) for job_id in ids])
+    [d] = await take(broker, queue_name)
+    assert await broker.finish(queue_name, [done(d, result=b"42")], 60) == [True]
+    asked = [*ids[:300], "nope", d.job_id, *ids[300:], "nope-2"]
+    many = await broker.get_many(queue_name, asked)
+    assert many == [await broker.get(queue_name, job_id) for job_id in asked]
+    assert [r.id if r else None for r in many] == [*ids[:300], None, d.job_id, *ids[300:], None]
+    assert many[301] is not None
+    assert (many[301].state, many[301].result) == ("succeeded", b"42")
+    # The interface's own version, which reads one by one, for brokers that do not override it.
+    assert await Broker.get_many(broker, queue_name, asked[295:305]) == many[295:305]
+    assert await broker.get_many(queue_name, []) == []
+
+
 async def test_past_eta_is_ready_at_once(broker: Broker, queue_name: str) -> None:
     await broker.enqueue(queue_name, [new("a", eta=time.time() - 5)])
     assert (await record(broker, queue_name, "a")).state == "pending"

@@ -21,6 +21,7 @@ from aqueue import (
     Job,
     JobCancelled,
     JobError,
+    JobNotFound,
     JobState,
     Pipeline,
     Queue,
@@ -536,6 +537,40 @@ async def test_a_batch_stays_finished_once_its_members_records_expired(queue: Qu
             await anyio.sleep(0.05)
     state = await b.state()
     assert (state.finished, state.unfinished, state.succeeded) == (True, 0, 0)
+
+
+async def test_a_group_and_a_batch_read_their_jobs_records_together(
+    queue: Queue, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    add = arithmetic(queue)
+    async with queue.worker(concurrency=50):
+        res = await add.map([(i, i) for i in range(250)])
+        b = await queue.batch([add.s(i, 1) for i in range(250)])
+        with anyio.fail_after(10):
+            for job in [*res, *b.members]:
+                await queue.broker.wait(queue.name, job.id, None)
+    calls: Counter[str] = Counter()
+
+    def counted(name: str) -> None:
+        method = getattr(queue.broker, name)
+
+        async def call(*args: Any) -> Any:
+            calls[name] += 1
+            return await method(*args)
+        monkeypatch.setattr(queue.broker, name, call)
+
+    for name in ("get", "get_many", "wait"):
+        counted(name)
+    assert await res.get(timeout=10) == [2 * i for i in range(250)]
+    assert await b.state() == BatchState(size=250, succeeded=250, failed=0, cancelled=0, unfinished=0)
+    assert calls == {"get_many": 2}  # one read each: no job read, or waited for, on its own
+    # Only a job that had not ended is waited for (or found missing), in its place.
+    pending = await add.enqueue(1, 2)
+    with pytest.raises(TimeoutError, match=pending.id):
+        await ResultGroup([*res.jobs[:3], pending, *res.jobs[3:]]).get(timeout=0)
+    with pytest.raises(JobNotFound):
+        await ResultGroup([res.jobs[0], queue.job("never-enqueued")]).get(timeout=10)
+    assert (calls["get_many"], calls["wait"]) == (4, 2)  # (a wait on Redis reads its record once more)
 
 
 async def test_a_batch_that_succeeded_and_a_fired_chord_leave_no_bookkeeping(queue: Queue) -> None:

@@ -374,6 +374,11 @@ class Broker(ABC):
     async def get(self, queue: str, job_id: str) -> JobRecord | None:
         """The job's record, or None when unknown (never enqueued, or expired)."""
 
+    async def get_many(self, queue: str, job_ids: Sequence[str]) -> list[JobRecord | None]:
+        """Each job's record as `get` gives it, in the order of `job_ids`. A broker that can read
+        many records in one round trip overrides this; this one reads them one by one."""
+        return [await self.get(queue, job_id) for job_id in job_ids]
+
     @abstractmethod
     async def wait(self, queue: str, job_id: str, timeout: float | None) -> JobRecord | None:
         """Wait, without polling, until the job is in a final state, and return its record.

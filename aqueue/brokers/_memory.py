@@ -466,6 +466,10 @@ class MemoryBroker(Broker):
         rec = self._record(self._queue(queue), job_id)
         return replace(rec) if rec else None
 
+    async def get_many(self, queue: str, job_ids: Sequence[str]) -> list[JobRecord | None]:
+        q = self._queue(queue)
+        return [replace(rec) if (rec := self._record(q, job_id)) else None for job_id in job_ids]
+
     async def wait(
         self, queue: str, job_id: str,
         timeout: float | None,

@@ -89,6 +89,7 @@ ENDED_HERE_TTL = 86_400
 # Records read per call by a listing, whatever its limit: the call's reply must come within the
 # socket_timeout (200,000 records in one took longer than 5 s, a "cannot reach Redis").
 LISTING_PAGE = 1_000
+RECORDS_PAGE = 200  # records read by one call of get_many, each with its result
 RECHECK = 10.0  # a waiter re-reads the state this often, in case a notification was lost
 LAST_READ_WITHIN = 0.5  # how long past its timeout a wait may read the record it returns
 # Ended entries that may wait in a stream behind a job still pending, for the trim after it ends
@@ -1164,6 +1165,12 @@ class RedisBroker(Broker):
 
     async def get(self, queue: str, job_id: str) -> JobRecord | None:
         return (await self._records(queue, [job_id]))[0]
+
+    async def get_many(self, queue: str, job_ids: Sequence[str]) -> list[JobRecord | None]:
+        found: list[JobRecord | None] = []
+        for start in range(0, len(job_ids), RECORDS_PAGE):  # a page per call: it holds Redis
+            found += await self._records(queue, job_ids[start:start + RECORDS_PAGE])
+        return found
 
     async def _records(self, queue: str, ids: Sequence[str]) -> list[JobRecord | None]:
         """The jobs' records as they stand (None: no record); see records.lua."""
