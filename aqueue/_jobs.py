@@ -13,6 +13,7 @@ import anyio
 
 from aqueue._background import Background
 from aqueue._exceptions import (
+    BrokerConnectionError,
     JobCancelled,
     JobExpired,
     JobNotFound,
@@ -177,6 +178,7 @@ class Job(Generic[R]):
 
 
 _FINAL = {s.value for s in JobState if s.is_final}
+FIRST_READ_GRACE = 0.5  # seconds past a group's timeout that the read of its records may take
 
 
 class ResultGroup(Generic[R]):
@@ -205,9 +207,9 @@ class ResultGroup(Generic[R]):
         seconds = timedelta_or_seconds(timeout)
         deadline = None if seconds is None else anyio.current_time() + seconds
         values = []
-        # The jobs that have ended give their outcomes from one read of them all: only the others
+        # The jobs that had ended give their outcomes from one read of them all: only the others
         # are waited for (or found missing) one by one.
-        for job, record in zip(self.jobs, await records_of(self.jobs), strict=True):
+        for job, record in zip(self.jobs, await _records_at_once(self.jobs, seconds), strict=True):
             if record is not None and record.state in _FINAL:
                 values.append(cast(R, outcome(record)))
                 continue
@@ -217,17 +219,40 @@ class ResultGroup(Generic[R]):
 
     async def as_completed(self, timeout: Seconds | None = None) -> AsyncIterator[R]:
         """Values in the order the jobs finish; raises the first error met."""
-        # Tasks of their own, not a task group: a generator must not yield inside a cancel scope.
+        # The jobs that had ended come first, from one read of them all, in the order they ended.
+        # The others are waited for by tasks of their own, not a task group: a generator must not
+        # yield inside a cancel scope.
         seconds = timedelta_or_seconds(timeout)
-        waiters = [Background(job.result(timeout=seconds)) for job in self.jobs]
+        deadline = None if seconds is None else anyio.current_time() + seconds
+        records = await _records_at_once(self.jobs, seconds)
+        ended = sorted((r for r in records if r is not None and r.state in _FINAL),
+                       key=lambda r: r.finished_at or 0.0)
+        left = None if deadline is None else max(0.0, deadline - anyio.current_time())
+        waiters = [Background(job.result(timeout=left))
+                   for job, record in zip(self.jobs, records, strict=True)
+                   if record is None or record.state not in _FINAL]
         for waiter in waiters:  # once one error is raised, the others' are read here, not logged
             waiter.task.add_done_callback(_read_outcome)    # by asyncio as never retrieved
         try:
+            for record in ended:
+                yield cast(R, outcome(record))
             for next_done in asyncio.as_completed([waiter.task for waiter in waiters]):
                 yield cast(R, await next_done)
         finally:
             for waiter in waiters:
                 waiter.cancel()
+
+
+async def _records_at_once(jobs: Sequence[Job[Any]], seconds: float | None) -> list[JobRecord | None]:
+    """The jobs' records, read together if the broker answers within `seconds` and a moment more
+    (a read takes well under a millisecond); else none, and each job is then waited for on its own,
+    as `Job.result` waits: within the time given, and riding through Redis out of reach."""
+    with anyio.move_on_after(None if seconds is None else seconds + FIRST_READ_GRACE):
+        try:
+            return await records_of(jobs)
+        except BrokerConnectionError:
+            pass
+    return [None] * len(jobs)
 
 
 async def records_of(jobs: Sequence[Job[Any]]) -> list[JobRecord | None]:

@@ -306,7 +306,11 @@ class Batch:
         whose callback failed with its members' errors among its values, those members, whose
         success runs the callback again. Returns how many jobs were run again."""
         retried = 0
-        for job in self.members:
+        # Only a member that ended failed or cancelled can have a failed step: the others, most of
+        # a batch as a rule, are passed over from one read of them all.
+        for job, record in zip(self.members, await records_of(self.members.jobs), strict=True):
+            if record is None or record.state not in (JobState.FAILED, JobState.CANCELLED):
+                continue
             for failed in await _failed_steps(self.queue, job.id, set()):
                 if await self.queue.retry(failed):
                     retried += 1

@@ -27,6 +27,7 @@ from aqueue import (
     JobState,
     LockTimeout,
     Queue,
+    ResultGroup,
     TaskError,
     every,
 )
@@ -428,6 +429,54 @@ async def waits_across_an_outage(
                 while len(results) < waits:  # noqa: ASYNC110 - the waits end as the job does
                     await anyio.sleep(0.01)
     return results
+
+
+async def test_a_groups_get_and_as_completed_ride_through_redis_out_of_reach_as_job_waits_do(
+    cut_off_queue: tuple[Queue, Queue], proxy: FreezingProxy,
+) -> None:
+    # Their read of every record at once failed at once (BrokerConnectionError) while Redis was
+    # out of reach, where each job's own wait rides through.
+    queue, direct = cut_off_queue
+    group = ResultGroup([await queue.tasks["two"].enqueue() for _ in range(3)])
+    proxy.cut()
+    results: list[list[int]] = []
+
+    async def get() -> None:
+        results.append(await group.get(timeout=30))
+
+    async def as_completed() -> None:
+        results.append([value async for value in group.as_completed(timeout=30)])
+
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(get)
+            tg.start_soon(as_completed)
+            while proxy.refused < 4:  # noqa: ASYNC110 - the calls try again, and are refused
+                await anyio.sleep(0.01)
+            proxy.mend()
+            async with direct.worker():
+                while len(results) < 2:  # noqa: ASYNC110 - they end as the jobs do
+                    await anyio.sleep(0.01)
+    assert results == [[2, 2, 2]] * 2
+
+
+async def test_a_groups_get_gives_up_its_read_of_a_silent_redis_within_its_timeout(queue_name: str) -> None:
+    # A Redis that holds its connections without a word: the read of every record at once waited
+    # for the connection's socket_timeout (5 s), past the group's timeout.
+    server = start_redis()
+    queue = Queue(server.url, name=queue_name)
+    queue.task(name="two")(two)
+    try:
+        group = ResultGroup([await queue.tasks["two"].enqueue() for _ in range(3)])
+        server.process.send_signal(signal.SIGSTOP)
+        try:
+            with anyio.fail_after(3), pytest.raises(TimeoutError):
+                await group.get(timeout=0.2)
+        finally:
+            server.process.send_signal(signal.SIGCONT)
+    finally:
+        await queue.close()
+        server.stop()
 
 
 async def test_every_wait_pauses_before_it_tries_again_not_only_the_one_whose_call_failed(

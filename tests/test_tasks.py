@@ -614,19 +614,54 @@ async def test_as_completed_yields_every_value(queue: Queue) -> None:
     assert sorted(seen) == [1, 2, 3]
 
 
+async def test_as_completed_gives_ended_jobs_first_in_the_order_they_ended_and_waits_for_the_rest(
+    queue: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    @queue.task
+    async def value(n: int) -> int:
+        return n
+
+    ended = []
+    async with queue.worker():
+        for n in (3, 1, 2):
+            ended.append(await value.enqueue(n))
+            assert await ended[-1].result(timeout=10) == n
+    waited: list[str] = []
+    wait = queue.broker.wait
+
+    async def counted_wait(queue_name: str, job_id: str, timeout: float | None) -> Any:
+        waited.append(job_id)
+        return await wait(queue_name, job_id, timeout)
+
+    monkeypatch.setattr(queue.broker, "wait", counted_wait)
+    pending = await value.enqueue(4)  # no worker runs it
+    async with aclosing(ResultGroup([pending, *reversed(ended)]).as_completed(timeout=0.1)) as values:
+        assert [await anext(values) for _ in range(3)] == [3, 1, 2]
+        with pytest.raises(TimeoutError):
+            await anext(values)
+    assert waited == [pending.id]
+
+
 async def test_as_completed_reads_the_errors_it_does_not_raise(
     queue: Queue, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # It raises the first error; the other failed jobs' waits were left unread, and asyncio
     # logged each as "Task exception was never retrieved".
+    # The jobs fail once it waits for all three (a job that has ended is given from the read of
+    # them all, with no wait of its own).
+    waiting_for_all = anyio.Event()
+
     @queue.task
     async def fail(n: int) -> None:
+        await waiting_for_all.wait()
         raise ValueError(n)
 
     waiters: list[Background[Any]] = []
 
     def kept(coro: Any) -> Background[Any]:
         waiters.append(Background(coro))
+        if len(waiters) == 3:
+            waiting_for_all.set()
         return waiters[-1]
 
     monkeypatch.setattr(jobs_module, "Background", kept)
@@ -636,12 +671,13 @@ async def test_as_completed_reads_the_errors_it_does_not_raise(
     try:
         async with queue.worker():
             group = await fail.map([1, 2, 3])
+            with pytest.raises(TaskError):
+                async for _ in group.as_completed(timeout=10):
+                    pass
             for job in group:
                 with pytest.raises(TaskError):
                     await job.result(timeout=10)
-        with pytest.raises(TaskError):
-            async for _ in group.as_completed(timeout=10):
-                pass
+        assert len(waiters) == 3
         with anyio.fail_after(10):
             await asyncio.wait([w.task for w in waiters])
         waiters.clear()  # the last references: an unread error is logged as its task goes
@@ -660,7 +696,9 @@ async def test_leaving_as_completed_ends_a_wait_that_swallowed_its_cancellation(
     async def value(n: int) -> int:
         return n
 
-    first, stuck = await value.enqueue(1), await value.enqueue(2)
+    # The job it is left waiting for must not have ended when it begins: a job that has is given
+    # from the read of them all, with no wait of its own.
+    first, stuck = await value.enqueue(1), await value.options(delay=3600).enqueue(2)
     real_result = Job.result
     waiting, ended = anyio.Event(), anyio.Event()
     swallowed: list[str] = []
