@@ -29,6 +29,7 @@ MACHINES = {
     ("AMD", "25", "17"): "model-17 EPYC",
     ("AMD", "25", "1"): "model-1 EPYC",
     ("AMD", "26", "2"): "family-26 EPYC",
+    ("AMD", "23", "1"): "family-23 EPYC",
     ("Intel", "6", "167"): "model-167 Xeon",
 }
 
