@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
@@ -178,7 +179,8 @@ class Job(Generic[R]):
 
 
 _FINAL = {s.value for s in JobState if s.is_final}
-FIRST_READ_GRACE = 0.5  # seconds past a group's timeout that the read of its records may take
+READ_CHUNK = 200  # records a group reads at a time
+FIRST_READ_AT_LEAST = 0.5  # seconds a group's read of its records may take, whatever its timeout
 
 
 class ResultGroup(Generic[R]):
@@ -207,14 +209,17 @@ class ResultGroup(Generic[R]):
         seconds = timedelta_or_seconds(timeout)
         deadline = None if seconds is None else anyio.current_time() + seconds
         values = []
-        # The jobs that had ended give their outcomes from one read of them all: only the others
-        # are waited for (or found missing) one by one.
-        for job, record in zip(self.jobs, await _records_at_once(self.jobs, seconds), strict=True):
-            if record is not None and record.state in _FINAL:
-                values.append(cast(R, outcome(record)))
-                continue
+        # The jobs that had ended give their outcomes from one read of a chunk of them at a time:
+        # only the others are waited for (or found missing) one by one.
+        for start in range(0, len(self.jobs), READ_CHUNK):
+            jobs = self.jobs[start:start + READ_CHUNK]
             left = None if deadline is None else max(0.0, deadline - anyio.current_time())
-            values.append(await job.result(timeout=left))
+            for job, record in zip(jobs, await _records_at_once(jobs, left), strict=True):
+                if record is not None and record.state in _FINAL:
+                    values.append(cast(R, outcome(record)))
+                    continue
+                left = None if deadline is None else max(0.0, deadline - anyio.current_time())
+                values.append(await job.result(timeout=left))
         return values
 
     async def as_completed(self, timeout: Seconds | None = None) -> AsyncIterator[R]:
@@ -231,6 +236,7 @@ class ResultGroup(Generic[R]):
         waiters = [Background(job.result(timeout=left))
                    for job, record in zip(self.jobs, records, strict=True)
                    if record is None or record.state not in _FINAL]
+        del records  # (what is left of them is in `ended`)
         for waiter in waiters:  # once one error is raised, the others' are read here, not logged
             waiter.task.add_done_callback(_read_outcome)    # by asyncio as never retrieved
         try:
@@ -244,29 +250,45 @@ class ResultGroup(Generic[R]):
 
 
 async def _records_at_once(jobs: Sequence[Job[Any]], seconds: float | None) -> list[JobRecord | None]:
-    """The jobs' records, read together if the broker answers within `seconds` and a moment more
-    (a read takes well under a millisecond); else none, and each job is then waited for on its own,
-    as `Job.result` waits: within the time given, and riding through Redis out of reach."""
-    with anyio.move_on_after(None if seconds is None else seconds + FIRST_READ_GRACE):
-        try:
-            return await records_of(jobs)
-        except BrokerConnectionError:
-            pass
-    return [None] * len(jobs)
+    """The jobs' records, as far as the brokers answer within `seconds` (half a second at least:
+    the time a wait takes to read a record once its timeout has passed). A job whose record was
+    not read, its broker out of reach or slow, is then waited for on its own, as `Job.result`
+    waits: within the time given, and riding through Redis out of reach."""
+    found: list[JobRecord | None] = [None] * len(jobs)
+    with anyio.move_on_after(None if seconds is None else max(seconds, FIRST_READ_AT_LEAST)):
+        for queue, places in _by_queue(jobs):
+            with contextlib.suppress(BrokerConnectionError):
+                await _read_records(found, jobs, queue, places)
+    return found
 
 
 async def records_of(jobs: Sequence[Job[Any]]) -> list[JobRecord | None]:
-    """The jobs' records as they stand, in order, read together (a broker's `get_many`) for each
-    queue among them."""
+    """The jobs' records as they stand, in order, without their payloads (see `_read_records`)."""
     found: list[JobRecord | None] = [None] * len(jobs)
+    for queue, places in _by_queue(jobs):
+        await _read_records(found, jobs, queue, places)
+    return found
+
+
+def _by_queue(jobs: Sequence[Job[Any]]) -> Iterator[tuple[Queue, list[int]]]:
+    """Each queue among the jobs, with the places of its jobs."""
     by_queue: dict[int, tuple[Queue, list[int]]] = {}
     for at, job in enumerate(jobs):
         by_queue.setdefault(id(job.queue), (job.queue, []))[1].append(at)
-    for queue, places in by_queue.values():
-        records = await queue.broker.get_many(queue.name, [jobs[at].id for at in places])
-        for at, record in zip(places, records, strict=True):
-            found[at] = record
-    return found
+    return iter(by_queue.values())
+
+
+async def _read_records(
+    found: list[JobRecord | None], jobs: Sequence[Job[Any]], queue: Queue, places: list[int]
+) -> None:
+    """Into `found`, the records of the jobs at `places` (all of `queue`), a chunk at a time
+    (a broker's `get_many`), each without its payload, which no caller reads: a chunk's payloads
+    are all that is held at once."""
+    for start in range(0, len(places), READ_CHUNK):
+        chunk = places[start:start + READ_CHUNK]
+        records = await queue.broker.get_many(queue.name, [jobs[at].id for at in chunk])
+        for at, record in zip(chunk, records, strict=True):
+            found[at] = None if record is None else replace(record, payload=b"")
 
 
 def _read_outcome(task: asyncio.Task[Any]) -> None:

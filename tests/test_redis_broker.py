@@ -649,9 +649,9 @@ async def test_listings_read_records_a_page_at_a_time_whatever_the_limit(
     read: list[int] = []
     records = queue.broker._records  # type: ignore[attr-defined]
 
-    async def counted(name: str, ids: list[str]) -> Any:
+    async def counted(name: str, ids: list[str], budget: int = 0) -> Any:
         read.append(len(ids))
-        return await records(name, ids)
+        return await records(name, ids, budget)
 
     async with queue:
         jobs = await fails.map(range(250))
@@ -2002,9 +2002,9 @@ async def test_jobs_that_come_or_go_while_the_listing_reads_it_move_none_across_
     real_records = redis_broker._records
     pages = 0
 
-    async def records_then_change(queue: str, ids: Any) -> Any:
+    async def records_then_change(queue: str, ids: Any, budget: int = 0) -> Any:
         nonlocal pages
-        records = await real_records(queue, ids)
+        records = await real_records(queue, ids, budget)  # (a page of 150: one call)
         pages += 1
         if pages == 1 and between_pages == "enqueued":
             await redis_broker.enqueue(queue_name, [job("a") for _ in range(20)])
@@ -2331,3 +2331,31 @@ async def test_rate_limit_windows_are_those_of_redis_clock_not_the_callers(
         assert refused.value.retry_after == pytest.approx((math.floor(now / 3600) + 1) * 3600 - now, abs=1)
     finally:
         await queue.close()
+
+
+async def test_get_many_stops_each_call_at_a_budget_of_bytes(
+    redis_broker: RedisBroker, queue_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A call of 200 whole records held Redis while it copied them: 200 records of 1 MB took 740 ms,
+    # every other client waiting (and a reply of 200 records of 7 MB outlasted the socket_timeout).
+    monkeypatch.setattr(redis_broker_module, "RECORDS_BUDGET", 10_000)
+    payload = b"x" * 4_000
+    ids = [f"big-{i}" for i in range(20)]
+    await redis_broker.enqueue(queue_name, [NewJob(id=job_id, task="t", payload=payload) for job_id in ids])
+    pages: list[int] = []
+    run = redis_broker._run
+
+    async def counted(queue: str, name: str, args: Any) -> Any:
+        reply = await run(queue, name, args)
+        if name == "records":
+            pages.append(len(reply))
+        return reply
+
+    monkeypatch.setattr(redis_broker, "_run", counted)
+    records = await redis_broker.get_many(queue_name, [*ids, "unknown"])
+    assert [r.id if r else None for r in records] == [*ids, None]
+    assert all(r.payload == payload for r in records if r)
+    assert pages == [3, 3, 3, 3, 3, 3, 3]  # three records of 4 KB reach 10 KB; the last page's third is none
+    listed = await redis_broker.jobs(queue_name, None, None, 100)  # a listing reads its records so too
+    assert sorted(r.id for r in listed) == sorted(ids)
+    assert len(pages) == 14

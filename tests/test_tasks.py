@@ -596,8 +596,10 @@ async def test_map_enqueues_in_bulk(queue: Queue) -> None:
         with pytest.raises(ConfigurationError, match="map\\(\\) takes a list of items"):
             await add.map(items)  # type: ignore[arg-type]
     assert len(await queue.jobs()) == 3
-    # Finished: read at once, as `Job.result(timeout=0)` reads them (on Redis the whole group was
-    # cut off by its deadline before any read).
+    # Finished: read at once, by `Job.result(timeout=0)` and by a group's read of its records,
+    # which has half a second whatever the timeout (on Redis the whole group was cut off by its
+    # deadline before any read).
+    assert [await job.result(timeout=0) for job in group] == [3, 7, 11]
     assert await group.get(timeout=0) == [3, 7, 11]
     assert sorted([v async for v in group.as_completed(timeout=0)]) == [3, 7, 11]
 
@@ -640,6 +642,25 @@ async def test_as_completed_gives_ended_jobs_first_in_the_order_they_ended_and_w
         with pytest.raises(TimeoutError):
             await anext(values)
     assert waited == [pending.id]
+
+
+async def test_a_group_across_two_queues_gives_each_jobs_value_in_its_place(queue: Queue) -> None:
+    other = Queue(broker=queue.broker, name=f"{queue.name}-other")
+
+    @queue.task(name="double")
+    async def double(n: int) -> int:
+        return 2 * n
+
+    @other.task(name="triple")
+    async def triple(n: int) -> int:
+        return 3 * n
+
+    async with queue.worker(), other.worker():
+        doubled = [await double.enqueue(n) for n in (1, 2)]
+        tripled = [await triple.enqueue(n) for n in (1, 2)]
+        group = ResultGroup([doubled[0], tripled[0], doubled[1], tripled[1], doubled[0]])
+        assert await group.get(timeout=10) == [2, 3, 4, 6, 2]
+        assert sorted([v async for v in group.as_completed(timeout=10)]) == [2, 2, 3, 4, 6]
 
 
 async def test_as_completed_reads_the_errors_it_does_not_raise(
