@@ -209,12 +209,19 @@ class ResultGroup(Generic[R]):
         seconds = timedelta_or_seconds(timeout)
         deadline = None if seconds is None else anyio.current_time() + seconds
         values = []
-        # The jobs that had ended give their outcomes from one read of a chunk of them at a time:
-        # only the others are waited for (or found missing) one by one.
+        # The jobs that had ended give their outcomes from one read of a chunk of them at a time
+        # (per queue, as its first job of the chunk comes: an error met before it is raised without
+        # waiting for that queue's broker); only the others are waited for, or found missing, one
+        # by one.
         for start in range(0, len(self.jobs), READ_CHUNK):
             jobs = self.jobs[start:start + READ_CHUNK]
-            left = None if deadline is None else max(0.0, deadline - anyio.current_time())
-            for job, record in zip(jobs, await _records_at_once(jobs, left), strict=True):
+            found: list[JobRecord | None] = [None] * len(jobs)
+            unread = {id(queue): (queue, places) for queue, places in _by_queue(jobs)}
+            for at, job in enumerate(jobs):
+                if (queue_and_places := unread.pop(id(job.queue), None)) is not None:
+                    left = None if deadline is None else max(0.0, deadline - anyio.current_time())
+                    await _read_at_once(found, jobs, *queue_and_places, left)
+                record = found[at]
                 if record is not None and record.state in _FINAL:
                     values.append(cast(R, outcome(record)))
                     continue
@@ -250,16 +257,26 @@ class ResultGroup(Generic[R]):
 
 
 async def _records_at_once(jobs: Sequence[Job[Any]], seconds: float | None) -> list[JobRecord | None]:
-    """The jobs' records, as far as the brokers answer within `seconds` (half a second at least:
-    the time a wait takes to read a record once its timeout has passed). A job whose record was
-    not read, its broker out of reach or slow, is then waited for on its own, as `Job.result`
-    waits: within the time given, and riding through Redis out of reach."""
+    """The jobs' records, each queue's read as `_read_at_once` reads it, all within one bound."""
     found: list[JobRecord | None] = [None] * len(jobs)
     with anyio.move_on_after(None if seconds is None else max(seconds, FIRST_READ_AT_LEAST)):
         for queue, places in _by_queue(jobs):
-            with contextlib.suppress(BrokerConnectionError):
-                await _read_records(found, jobs, queue, places)
+            await _read_at_once(found, jobs, queue, places, None)
     return found
+
+
+async def _read_at_once(
+    found: list[JobRecord | None], jobs: Sequence[Job[Any]], queue: Queue, places: list[int],
+    seconds: float | None,
+) -> None:
+    """Into `found`, the records of `queue`'s jobs at `places`, as far as its broker answers
+    within `seconds` (half a second at least: the time a wait takes to read a record once its
+    timeout has passed). A job whose record was not read, its broker out of reach or slow, is then
+    waited for on its own, as `Job.result` waits: within the time given, and riding through Redis
+    out of reach."""
+    with anyio.move_on_after(None if seconds is None else max(seconds, FIRST_READ_AT_LEAST)):
+        with contextlib.suppress(BrokerConnectionError):
+            await _read_records(found, jobs, queue, places)
 
 
 async def records_of(jobs: Sequence[Job[Any]]) -> list[JobRecord | None]:

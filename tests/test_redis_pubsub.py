@@ -479,6 +479,37 @@ async def test_a_groups_get_gives_up_its_read_of_a_silent_redis_within_its_timeo
         server.stop()
 
 
+async def test_a_groups_error_met_before_a_silent_brokers_jobs_is_raised_without_waiting_for_it(
+    redis_url: str, queue_name: str
+) -> None:
+    # A group across two brokers, the second holding its connections without a word: the error of
+    # the first job, on the first broker, came only once the second's read gave up (5 s).
+    server = start_redis()
+    here, there = Queue(redis_url, name=queue_name), Queue(server.url, name=queue_name)
+
+    @here.task(name="fails", retries=0)
+    async def fails() -> None:
+        raise ValueError("no")
+
+    there.task(name="two")(two)
+    try:
+        failed = await fails.enqueue()
+        async with here.worker():
+            with pytest.raises(TaskError):
+                await failed.result(timeout=10)
+        group = ResultGroup([failed, await there.tasks["two"].enqueue()])
+        server.process.send_signal(signal.SIGSTOP)
+        try:
+            with anyio.fail_after(2), pytest.raises(TaskError):
+                await group.get()
+        finally:
+            server.process.send_signal(signal.SIGCONT)
+    finally:
+        await here.close()
+        await there.close()
+        server.stop()
+
+
 async def test_every_wait_pauses_before_it_tries_again_not_only_the_one_whose_call_failed(
     cut_off_queue: tuple[Queue, Queue], proxy: FreezingProxy, queue_name: str, admin: redis.asyncio.Redis,
     monkeypatch: pytest.MonkeyPatch,
