@@ -219,13 +219,13 @@ class ResultGroup(Generic[R]):
             unread = {id(queue): (queue, places) for queue, places in _by_queue(jobs)}
             for at, job in enumerate(jobs):
                 if (queue_and_places := unread.pop(id(job.queue), None)) is not None:
-                    left = None if deadline is None else max(0.0, deadline - anyio.current_time())
+                    left = _time_left(deadline)
                     await _read_at_once(found, jobs, *queue_and_places, left)
                 record = found[at]
                 if record is not None and record.state in _FINAL:
                     values.append(cast(R, outcome(record)))
                     continue
-                left = None if deadline is None else max(0.0, deadline - anyio.current_time())
+                left = _time_left(deadline)
                 values.append(await job.result(timeout=left))
         return values
 
@@ -239,7 +239,7 @@ class ResultGroup(Generic[R]):
         records = await _records_at_once(self.jobs, seconds)
         ended = sorted((r for r in records if r is not None and r.state in _FINAL),
                        key=lambda r: r.finished_at or 0.0)
-        left = None if deadline is None else max(0.0, deadline - anyio.current_time())
+        left = _time_left(deadline)
         waiters = [Background(job.result(timeout=left))
                    for job, record in zip(self.jobs, records, strict=True)
                    if record is None or record.state not in _FINAL]
@@ -306,6 +306,11 @@ async def _read_records(
         records = await queue.broker.get_many(queue.name, [jobs[at].id for at in chunk])
         for at, record in zip(chunk, records, strict=True):
             found[at] = None if record is None else replace(record, payload=b"")
+
+
+def _time_left(deadline: float | None) -> float | None:
+    """Seconds to an `anyio.current_time()` deadline, none below 0; None for none."""
+    return None if deadline is None else max(0.0, deadline - anyio.current_time())
 
 
 def _read_outcome(task: asyncio.Task[Any]) -> None:
