@@ -142,8 +142,8 @@ class Job(Generic[R]):
         return cast(R, outcome(record))
 
     async def state(self) -> JobState | None:
-        record = await self.queue.broker.get(self.queue.name, self.id)
-        return None if record is None else JobState(record.state)
+        [state] = await self.queue.broker.get_states(self.queue.name, [self.id])
+        return None if state is None else JobState(state)
 
     async def info(self) -> JobInfo | None:
         record = await self.queue.broker.get(self.queue.name, self.id)
@@ -279,11 +279,14 @@ async def _read_at_once(
             await _read_records(found, jobs, queue, places)
 
 
-async def records_of(jobs: Sequence[Job[Any]]) -> list[JobRecord | None]:
-    """The jobs' records as they stand, in order, without their payloads (see `_read_records`)."""
-    found: list[JobRecord | None] = [None] * len(jobs)
+async def states_of(jobs: Sequence[Job[Any]]) -> list[JobState | None]:
+    """The jobs' states as they stand, in order (None: no record), each queue's read together
+    (a broker's `get_states`), without the rest of the records."""
+    found: list[JobState | None] = [None] * len(jobs)
     for queue, places in _by_queue(jobs):
-        await _read_records(found, jobs, queue, places)
+        states = await queue.broker.get_states(queue.name, [jobs[at].id for at in places])
+        for at, state in zip(places, states, strict=True):
+            found[at] = None if state is None else JobState(state)
     return found
 
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeAlias, TypeVar, overload
 
 from aqueue._exceptions import ConfigurationError
 from aqueue._ids import new_id
-from aqueue._jobs import Job, ResultGroup, records_of
+from aqueue._jobs import Job, ResultGroup, states_of
 from aqueue._serialization import ERROR_MARK, encode_call, loads
 from aqueue._states import JobState
 from aqueue._tasks import NO_OPTIONS, CallOptions, Task, TaskCall, call_eta, call_overrides
@@ -291,7 +291,7 @@ class Batch:
         return self.queue.job(batch_callback_id(self.id, kind))
 
     async def state(self) -> BatchState:
-        states = [None if r is None else JobState(r.state) for r in await records_of(self.members.jobs)]
+        states = await states_of(self.members.jobs)
         count = states.count
         # No record (None): it ended, and its record expired (`result_ttl`); only an ended job's
         # record expires. It is counted in none of the ends.
@@ -308,8 +308,8 @@ class Batch:
         retried = 0
         # Only a member that ended failed or cancelled can have a failed step: the others, most of
         # a batch as a rule, are passed over from one read of them all.
-        for job, record in zip(self.members, await records_of(self.members.jobs), strict=True):
-            if record is None or record.state not in (JobState.FAILED, JobState.CANCELLED):
+        for job, state in zip(self.members, await states_of(self.members.jobs), strict=True):
+            if state not in (JobState.FAILED, JobState.CANCELLED):
                 continue
             for failed in await _failed_steps(self.queue, job.id, set()):
                 if await self.queue.retry(failed):

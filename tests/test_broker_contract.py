@@ -74,6 +74,25 @@ async def test_get_many_reads_records_in_order_as_get_does(broker: Broker, queue
     assert await broker.get_many(queue_name, []) == []
 
 
+async def test_get_states_reads_states_in_order_as_get_does(broker: Broker, queue_name: str) -> None:
+    # More than one call's page on Redis, with unknown ids among them and an id given twice; one
+    # job running (a first delivery on Redis: its record still says pending), one ended, one due
+    # later.
+    ids = [f"j{i}" for i in range(1_050)]
+    await broker.enqueue(queue_name, [new(job_id) for job_id in ids])
+    await broker.enqueue(queue_name, [new("later", eta=time.time() + 60)])
+    running, ended = await take(broker, queue_name, count=2)
+    assert await broker.finish(queue_name, [done(ended, result=b"42")], 60) == [True]
+    asked = [*ids[:999], "nope", running.job_id, ended.job_id, "later", *ids[999:], "nope-2"]
+    states = await broker.get_states(queue_name, asked)
+    assert states == [r.state if r else None for r in await broker.get_many(queue_name, asked)]
+    assert states[999:1004] == [None, "running", "succeeded", "scheduled", "pending"]
+    assert states[-1] is None
+    # The interface's own version, which reads the records, for brokers that do not override it.
+    assert await Broker.get_states(broker, queue_name, asked[995:1005]) == states[995:1005]
+    assert await broker.get_states(queue_name, []) == []
+
+
 async def test_past_eta_is_ready_at_once(broker: Broker, queue_name: str) -> None:
     await broker.enqueue(queue_name, [new("a", eta=time.time() - 5)])
     assert (await record(broker, queue_name, "a")).state == "pending"

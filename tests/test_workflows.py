@@ -559,19 +559,22 @@ async def test_a_group_and_a_batch_read_their_jobs_records_together(
             return await method(*args)
         monkeypatch.setattr(queue.broker, name, call)
 
-    for name in ("get", "get_many", "wait"):
+    for name in ("get", "get_many", "get_states", "wait"):
         counted(name)
     assert await res.get(timeout=10) == [2 * i for i in range(250)]
+    assert calls == {"get_many": 2}  # two reads (200 at a time): no job read, or waited for, on its own
+    # A batch's state, and which members to retry, need only the members' states: one read each.
     assert await b.state() == BatchState(size=250, succeeded=250, failed=0, cancelled=0, unfinished=0)
     assert await b.retry_failed() == 0
-    assert calls == {"get_many": 6}  # two reads each (200 at a time): no job read, or waited for, on its own
+    assert await res.jobs[0].state() == JobState.SUCCEEDED
+    assert calls == {"get_many": 2, "get_states": 3}
     # Only a job that had not ended is waited for (or found missing), in its place.
     pending = await add.enqueue(1, 2)
     with pytest.raises(TimeoutError, match=pending.id):
         await ResultGroup([*res.jobs[:3], pending, *res.jobs[3:]]).get(timeout=0)
     with pytest.raises(JobNotFound):
         await ResultGroup([res.jobs[0], queue.job("never-enqueued")]).get(timeout=10)
-    assert (calls["get_many"], calls["wait"]) == (8, 2)  # (a wait on Redis reads its record once more)
+    assert (calls["get_many"], calls["wait"]) == (4, 2)  # (a wait on Redis reads its record once more)
 
 
 async def test_a_batch_that_succeeded_and_a_fired_chord_leave_no_bookkeeping(queue: Queue) -> None:

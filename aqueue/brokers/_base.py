@@ -379,6 +379,12 @@ class Broker(ABC):
         many records in one round trip overrides this; this one reads them one by one."""
         return [await self.get(queue, job_id) for job_id in job_ids]
 
+    async def get_states(self, queue: str, job_ids: Sequence[str]) -> list[str | None]:
+        """Each job's state as `get` gives it (None: no record), in the order of `job_ids`. A
+        broker that can read states without the rest of the records (payloads, results) overrides
+        this; this one reads the records."""
+        return [None if r is None else r.state for r in await self.get_many(queue, job_ids)]
+
     @abstractmethod
     async def wait(self, queue: str, job_id: str, timeout: float | None) -> JobRecord | None:
         """Wait, without polling, until the job is in a final state, and return its record.

@@ -470,6 +470,10 @@ class MemoryBroker(Broker):
         q = self._queue(queue)
         return [replace(rec) if (rec := self._record(q, job_id)) else None for job_id in job_ids]
 
+    async def get_states(self, queue: str, job_ids: Sequence[str]) -> list[str | None]:
+        q = self._queue(queue)
+        return [rec.state if (rec := self._record(q, job_id)) else None for job_id in job_ids]
+
     async def wait(
         self, queue: str, job_id: str,
         timeout: float | None,

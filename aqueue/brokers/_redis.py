@@ -94,6 +94,8 @@ LISTING_PAGE = 1_000
 # took 740 ms, every other client waiting.
 RECORDS_PAGE = 200
 RECORDS_BUDGET = 1 << 20
+# States read by one call of get_states: a few bytes each, but each a lookup that holds Redis.
+STATES_PAGE = 1_000
 RECHECK = 10.0  # a waiter re-reads the state this often, in case a notification was lost
 LAST_READ_WITHIN = 0.5  # how long past its timeout a wait may read the record it returns
 # Ended entries that may wait in a stream behind a job still pending, for the trim after it ends
@@ -329,9 +331,21 @@ def _record(job_id: str, fields: dict[bytes, bytes]) -> JobRecord:
         record = _fields(job_id, fields)
         JobState(record.state)
     except ValueError as exc:  # UnicodeDecodeError too
-        raise BrokerError(f"job {job_id!r}: its record on Redis is not one aqueue wrote ({exc}); "
-                          "delete or mend it") from None
+        raise _not_ours(job_id, exc) from None
     return record
+
+
+def _state(job_id: str, raw: bytes) -> str:
+    """A job's state as Redis holds it, refused as `_record` refuses a record aqueue did not write."""
+    try:
+        return JobState(raw.decode()).value
+    except ValueError as exc:  # UnicodeDecodeError too
+        raise _not_ours(job_id, exc) from None
+
+
+def _not_ours(job_id: str, exc: ValueError) -> BrokerError:
+    return BrokerError(f"job {job_id!r}: its record on Redis is not one aqueue wrote ({exc}); "
+                       "delete or mend it")
 
 
 def _fields(job_id: str, fields: dict[bytes, bytes]) -> JobRecord:
@@ -1175,6 +1189,15 @@ class RedisBroker(Broker):
         while len(found) < len(job_ids):
             page = job_ids[len(found):len(found) + RECORDS_PAGE]
             found += await self._records(queue, page, RECORDS_BUDGET)
+        return found
+
+    async def get_states(self, queue: str, job_ids: Sequence[str]) -> list[str | None]:
+        found: list[str | None] = []
+        for start in range(0, len(job_ids), STATES_PAGE):
+            page = list(job_ids[start:start + STATES_PAGE])
+            rows = await self._run(queue, "states", page)
+            found += [None if row is None else _state(job_id, row)
+                      for job_id, row in zip(page, rows, strict=True)]
         return found
 
     async def _records(self, queue: str, ids: Sequence[str], budget: int = 0) -> list[JobRecord | None]:

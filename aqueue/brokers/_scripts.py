@@ -40,6 +40,7 @@ NAMES = (
     "retry",
     "revoke",
     "start",
+    "states",
     "take",
     "tick",
     "watch",
