@@ -31,6 +31,7 @@ MACHINES = {
     ("AMD", "26", "2"): "family-26 EPYC",
     ("AMD", "23", "1"): "family-23 EPYC",
     ("Intel", "6", "167"): "model-167 Xeon",
+    ("Intel", "6", "207"): "model-207 Xeon",
 }
 
 
