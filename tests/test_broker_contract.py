@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 import anyio
 import orjson
@@ -74,7 +75,9 @@ async def test_get_many_reads_records_in_order_as_get_does(broker: Broker, queue
     assert await broker.get_many(queue_name, []) == []
 
 
-async def test_get_states_reads_states_in_order_as_get_does(broker: Broker, queue_name: str) -> None:
+async def test_get_states_reads_states_in_order_as_get_does(
+    broker: Broker, queue_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # More than one call's page on Redis, with unknown ids among them and an id given twice; one
     # job running (a first delivery on Redis: its record still says pending), one ended, one due
     # later.
@@ -88,8 +91,17 @@ async def test_get_states_reads_states_in_order_as_get_does(broker: Broker, queu
     assert states == [r.state if r else None for r in await broker.get_many(queue_name, asked)]
     assert states[999:1004] == [None, "running", "succeeded", "scheduled", "pending"]
     assert states[-1] is None
-    # The interface's own version, which reads the records, for brokers that do not override it.
-    assert await Broker.get_states(broker, queue_name, asked[995:1005]) == states[995:1005]
+    # The interface's own version, which reads the records, for brokers that do not override it:
+    # a chunk at a time through their get_many, never all of a long list in one call.
+    chunks: list[int] = []
+    read_many = broker.get_many
+
+    async def counted(queue: str, job_ids: Sequence[str]) -> list[JobRecord | None]:
+        chunks.append(len(job_ids))
+        return await read_many(queue, job_ids)
+    monkeypatch.setattr(broker, "get_many", counted)
+    assert await Broker.get_states(broker, queue_name, asked) == states
+    assert chunks == [200] * 5 + [len(asked) - 1_000]
     assert await broker.get_states(queue_name, []) == []
 
 

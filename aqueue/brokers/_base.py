@@ -61,6 +61,7 @@ def rate_window_ms(per: float) -> int:
 
 BATCH_CALLBACK_KINDS = ("success", "failure", "complete")
 PRUNE_EVERY = 10.0  # seconds between two prunes of expired records' leftovers (`Broker.prune`)
+STATES_BY_RECORDS = 200  # records the default `Broker.get_states` reads at a time
 
 
 def batch_callback_id(batch_id: str, kind: str) -> str:
@@ -382,8 +383,13 @@ class Broker(ABC):
     async def get_states(self, queue: str, job_ids: Sequence[str]) -> list[str | None]:
         """Each job's state as `get` gives it (None: no record), in the order of `job_ids`. A
         broker that can read states without the rest of the records (payloads, results) overrides
-        this; this one reads the records."""
-        return [None if r is None else r.state for r in await self.get_many(queue, job_ids)]
+        this; this one reads the records through `get_many`, a chunk at a time, so that no more
+        than a chunk's payloads are held at once."""
+        states: list[str | None] = []
+        for start in range(0, len(job_ids), STATES_BY_RECORDS):
+            records = await self.get_many(queue, job_ids[start:start + STATES_BY_RECORDS])
+            states += [None if r is None else r.state for r in records]
+        return states
 
     @abstractmethod
     async def wait(self, queue: str, job_id: str, timeout: float | None) -> JobRecord | None:

@@ -9,7 +9,7 @@ for i = 1, #ARGV do
   local jk = job_key(ARGV[i])
   local state = redis.call('HGET', jk, 'state')
   if not state and redis.call('EXISTS', jk) == 1 then
-    state = ''  -- a record with no state, which aqueue never writes: the caller says so
+    state = ''  -- a record that has no state, which aqueue never writes: the caller says so
   elseif state == 'pending' then
     local _, _, lean, pending = queued_entry(jk)
     if lean and pending then state = 'running' end
