@@ -341,17 +341,21 @@ async def test_retry_outcome_schedules_next_attempt(broker: Broker, queue_name: 
 
 
 async def test_a_retry_the_job_asked_for_is_counted_apart(broker: Broker, queue_name: str) -> None:
-    # RetryTask uses none of the task's retries: its runs count in `attempt` and in `asked`.
+    # RetryTask uses none of the task's retries: its runs count in `attempt` and in `asked`, and
+    # each delivery after them carries that count (the worker needs it to judge a retry).
     await broker.enqueue(queue_name, [new("a")])
     d = await take_one(broker, queue_name)
+    assert (d.attempt, d.asked) == (1, 0)
     retry = Completion(delivery=d, outcome=Outcome.RETRY, finished_at=time.time(), asked=True)
     assert await broker.finish(queue_name, [retry], 60) == [True]
     rec = await record(broker, queue_name, "a")
     assert (rec.state, rec.attempt, rec.asked) == ("pending", 2, 1)
     d = await take_one(broker, queue_name)
+    assert (d.attempt, d.asked) == (2, 1)
     assert await broker.finish(queue_name, [done(d, Outcome.RETRY)], 60) == [True]
     assert ((rec := await record(broker, queue_name, "a")).attempt, rec.asked) == (3, 1)
     d = await take_one(broker, queue_name)
+    assert (d.attempt, d.asked) == (3, 1)
     assert await broker.finish(queue_name, [done(d, Outcome.FAILED, reason="out")], 60) == [True]
     assert await broker.retry(queue_name, "a", time.time())  # from the dead letters: counted anew
     assert ((rec := await record(broker, queue_name, "a")).attempt, rec.asked) == (1, 0)

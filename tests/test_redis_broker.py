@@ -1868,6 +1868,22 @@ async def test_a_record_another_program_wrote_is_named_in_a_broker_error(
             assert await job.state() == JobState.PENDING
 
 
+async def test_a_retry_count_another_program_wrote_counts_as_none_asked(
+    redis_broker: RedisBroker, client: redis.asyncio.Redis, queue_name: str
+) -> None:
+    # A delivery after a retry carries the record's `asked`; one that is no count of aqueue's
+    # must not fail the receive that meets it (every worker's, for as long as the job waits).
+    job = new_job()
+    await redis_broker.enqueue(queue_name, [job])
+    for asked in (True, False):
+        [d] = await redis_broker.receive(queue_name, "w", 1, 0, 5)
+        retry = Completion(d, Outcome.RETRY, time.time(), asked=asked)
+        assert await redis_broker.finish(queue_name, [retry], 60) == [True]
+    await client.hset(Keys(queue_name).job(job.id), "asked", "1.5")
+    [d] = await redis_broker.receive(queue_name, "w", 1, 0, 5)
+    assert (d.job_id, d.attempt, d.asked) == (job.id, 3, 0)
+
+
 async def drained(broker: RedisBroker, queue_name: str, consumer: str = "w") -> None:
     """Make `consumer`'s next receive go straight to the blocking read: its last one came back
     short (a job is taken and finished here). The take script is loaded, as after any earlier

@@ -161,6 +161,34 @@ async def test_retry_task_uses_none_of_the_tasks_retries(queue: Queue) -> None:
     assert again.value.metadata["attempt"] == 4
 
 
+async def test_a_retried_failure_is_judged_without_reading_the_jobs_record(
+    queue: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # How many retries a job has used comes with its delivery: each failure after the first read
+    # the whole record (payload included), a round trip and a connection for every one at once.
+    reads: list[str] = []
+    read = queue.broker.get
+
+    async def counted(name: str, job_id: str) -> object:
+        reads.append(job_id)
+        return await read(name, job_id)
+    monkeypatch.setattr(queue.broker, "get", counted)
+
+    @queue.task(retries=3, retry_delay=0.01, retry_backoff=1)
+    async def flaky() -> int:
+        attempt = current_job().attempt
+        if attempt == 1:
+            raise RetryTask(delay=0)  # asked: uses none of the three
+        if attempt <= 4:
+            raise ValueError("transient")
+        return attempt
+
+    async with queue.worker():
+        job = await flaky.enqueue()
+        assert await job.result(timeout=10) == 5
+    assert reads == []
+
+
 async def test_retry_task_without_a_delay_waits_the_tasks_retry_wait(queue: Queue) -> None:
     # As in Huey, where RetryTask() waits the task's retry_delay: it was retried at once.
     scheduled = anyio.Event()

@@ -354,8 +354,7 @@ async def execute(queue: Queue, running: RunningJob) -> Completion | None:
         if error.reschedule:  # run again in the next window, without using a retry
             now = time.time()
             return Completion(d, Outcome.DEFER, now, retry_at=now + error.retry_after)
-    # Read only where a retry is judged: a rate limit's reschedule, above, needs no count.
-    used = await _retries_used(queue, d)
+    used = _retries_used(d)
     if isinstance(error, RetryTask):  # uses none of the task's retries, as in Huey
         # With no delay of its own, after the task's retry wait, as in Huey.
         wait = policy.retry_wait(d.attempt) if error.delay is None else error.delay
@@ -484,18 +483,10 @@ def _errors_restored(value: Any) -> Any:
     return value
 
 
-async def _retries_used(queue: Queue, d: Delivery) -> int:
+def _retries_used(d: Delivery) -> int:
     """How many of the task's retries the job has used: its runs before this one, but for those
-    that ended in a retry it asked for (`RetryTask`), which its record counts."""
-    if d.attempt == 1:
-        return 0
-    try:
-        record = await queue.broker.get(queue.name, d.job_id)
-    except BrokerError as exc:
-        logger.warning("job %s (%s): could not read how many retries it asked for (every run "
-                       "before this one counts as a retry used): %s", d.job_id, d.task, exc)
-        return d.attempt - 1
-    return d.attempt - 1 - (record.asked if record is not None else 0)
+    that ended in a retry it asked for (`RetryTask`), which its delivery counts."""
+    return d.attempt - 1 - d.asked
 
 
 async def _retry(

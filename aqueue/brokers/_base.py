@@ -163,6 +163,9 @@ class Delivery:
     """The job's `expires` (epoch seconds) while it holds: set only when no delivery before this
     one started the job. A worker that would start it later (it waited for a slot) hands it back
     unstarted instead, to end expired."""
+    asked: int = 0
+    """Of the job's runs before this one, those that ended in a retry it asked for (`RetryTask`),
+    which use none of the task's retries: the record's `asked`."""
 
 
 class Outcome(StrEnum):

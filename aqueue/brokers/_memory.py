@@ -701,7 +701,7 @@ class MemoryBroker(Broker):
         return Delivery(job_id=rec.id, task=rec.task, payload=rec.payload, attempt=rec.attempt,
                         token=q.tokens[rec.id], priority=rec.priority, enqueued_at=rec.enqueued_at,
                         receipt=str(q.entries[rec.id]), consumer=consumer, leased_at=leased_at,
-                        expires=expires)
+                        expires=expires, asked=rec.asked)
 
     def _finalize(
         self, q: _Queue, rec: JobRecord, state: str, finished_at: float, ttl: float,

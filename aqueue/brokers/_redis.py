@@ -437,7 +437,8 @@ def _delivery(row: list[bytes], consumer: str, now: float) -> Delivery:
         ended=row[8].decode() or None if len(row) > 8 else None,
         consumer=consumer,
         leased_at=now,
-        expires=float(row[9]) if len(row) > 9 else None,
+        expires=float(row[9]) if len(row) > 9 and row[9] else None,
+        asked=int(row[10]) if len(row) > 10 else 0,
     )
 
 

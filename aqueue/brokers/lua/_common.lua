@@ -895,9 +895,16 @@ local function start(s, p, entry, fields, consumer, now, max_deliveries, ttl)
   if rec[12] then redis.call('HDEL', jk, 'unstarted') end
   -- Its last worker died or went silent: this run starts over.
   if deliveries ~= '1' then redis.call('HDEL', jk, 'progress') end
-  if expiry then
+  -- A run after a retry: the retries it asked for (11th), which use none of the task's. Only
+  -- such a run reads them (a first one has asked for none), and one unreadable counts as none.
+  local asked = nil
+  if rec[4] ~= '1' then
+    asked = redis.call('HGET', jk, 'asked')
+    if not (asked and count_field(asked)) then asked = nil end
+  end
+  if expiry or asked then
     -- The expiry too (10th; no ending, 9th): a worker that would start it later hands it back.
-    return {id, rec[2], rec[3], rec[4], token, p, rec[5], entry, '', expiry}
+    return {id, rec[2], rec[3], rec[4], token, p, rec[5], entry, '', expiry or '', asked}
   end
   return {id, rec[2], rec[3], rec[4], token, p, rec[5], entry}
 end
