@@ -463,6 +463,20 @@ async def test_recover_hands_over_a_job_anew_that_its_own_lost_takeover_leased(
     assert (await record(broker, queue_name, "a")).attempt == 2
 
 
+async def test_recover_hands_over_the_retries_a_job_asked_for(broker: Broker, queue_name: str) -> None:
+    # A job at its second attempt, started by a receive whose answer was lost: the delivery
+    # recovered carries the retries it asked for, as the receive's did (the worker judges the
+    # job's retries by them).
+    await broker.enqueue(queue_name, [new("a")])
+    d = await take_one(broker, queue_name)
+    retry = Completion(delivery=d, outcome=Outcome.RETRY, finished_at=time.time(), asked=True)
+    assert await broker.finish(queue_name, [retry], 60) == [True]
+    lost = await take_one(broker, queue_name)
+    [back] = await broker.recover(queue_name, "w1", [], MAX)
+    assert (lost.attempt, lost.asked) == (2, 1)
+    assert (back.job_id, back.token, back.attempt, back.asked) == ("a", lost.token, 2, 1)
+
+
 async def test_renew_keeps_lease_from_reclaim(broker: Broker, queue_name: str) -> None:
     await broker.enqueue(queue_name, [new("a"), new("b")])
     [da, db] = [await take_one(broker, queue_name) for _ in range(2)]

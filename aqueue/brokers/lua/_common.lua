@@ -441,6 +441,16 @@ end
 -- revocation's until) reads as aqueue writes it, in Lua and in Python alike (Lua alone reads
 -- "0x10", and reads "nan" as a number no comparison holds for); a missing one does.
 local function count_field(v) return not v or (#v <= 15 and string.find(v, '^%d+$') ~= nil) end
+
+-- For the delivery of a run after a retry (its 11th field): the retries the job asked for
+-- (`RetryTask`), which use none of the task's. A first attempt has asked for none, and is not
+-- read; a count another program wrote, unreadable, counts as none.
+local function asked_of(jk, attempt)
+  if attempt == '1' then return nil end
+  local asked = redis.call('HGET', jk, 'asked')
+  if asked and count_field(asked) then return asked end
+  return nil
+end
 local function number_field(v)
   local x = v and tonumber(v)
   return not v or (x ~= nil and x == x and not string.find(v, '[xX]'))
@@ -895,13 +905,7 @@ local function start(s, p, entry, fields, consumer, now, max_deliveries, ttl)
   if rec[12] then redis.call('HDEL', jk, 'unstarted') end
   -- Its last worker died or went silent: this run starts over.
   if deliveries ~= '1' then redis.call('HDEL', jk, 'progress') end
-  -- A run after a retry: the retries it asked for (11th), which use none of the task's. Only
-  -- such a run reads them (a first one has asked for none), and one unreadable counts as none.
-  local asked = nil
-  if rec[4] ~= '1' then
-    asked = redis.call('HGET', jk, 'asked')
-    if not (asked and count_field(asked)) then asked = nil end
-  end
+  local asked = asked_of(jk, rec[4])
   if expiry or asked then
     -- The expiry too (10th; no ending, 9th): a worker that would start it later hands it back.
     return {id, rec[2], rec[3], rec[4], token, p, rec[5], entry, '', expiry or '', asked}

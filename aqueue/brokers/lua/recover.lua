@@ -51,7 +51,10 @@ for _, p in ipairs(bands()) do
       elseif not known or (started and rec[4] ~= known) then
         redis.call('XCLAIM', s, GROUP, consumer, 0, entry, 'JUSTID')
         if started then
-          out[#out + 1] = {id, rec[5], rec[6], rec[7], rec[4], p, rec[8], entry}
+          local d = {id, rec[5], rec[6], rec[7], rec[4], p, rec[8], entry}
+          local asked = asked_of(job_key(id), rec[7])
+          if asked then d[9], d[10], d[11] = '', '', asked end
+          out[#out + 1] = d
         else  -- not started yet: leased as receive leases it
           local d = lean_delivery(p, entry, fields) or
             start(s, p, entry, fields, consumer, now, max_deliveries, ttl)
