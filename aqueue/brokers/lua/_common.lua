@@ -907,7 +907,8 @@ local function start(s, p, entry, fields, consumer, now, max_deliveries, ttl)
   if deliveries ~= '1' then redis.call('HDEL', jk, 'progress') end
   local asked = asked_of(jk, rec[4])
   if expiry or asked then
-    -- The expiry too (10th; no ending, 9th): a worker that would start it later hands it back.
+    -- The expiry too (10th; no ending, 9th): a worker that would start it later hands it back;
+    -- and the retries it asked for (11th).
     return {id, rec[2], rec[3], rec[4], token, p, rec[5], entry, '', expiry or '', asked}
   end
   return {id, rec[2], rec[3], rec[4], token, p, rec[5], entry}
