@@ -259,7 +259,7 @@ class ResultGroup(Generic[R]):
 async def _records_at_once(jobs: Sequence[Job[Any]], seconds: float | None) -> list[JobRecord | None]:
     """The jobs' records, each queue's read as `_read_at_once` reads it, all within one bound."""
     found: list[JobRecord | None] = [None] * len(jobs)
-    with anyio.move_on_after(None if seconds is None else max(seconds, FIRST_READ_AT_LEAST)):
+    with anyio.move_on_after(_read_bound(seconds)):
         for queue, places in _by_queue(jobs):
             await _read_at_once(found, jobs, queue, places, None)
     return found
@@ -274,9 +274,14 @@ async def _read_at_once(
     timeout has passed). A job whose record was not read, its broker out of reach or slow, is then
     waited for on its own, as `Job.result` waits: within the time given, and riding through Redis
     out of reach."""
-    with anyio.move_on_after(None if seconds is None else max(seconds, FIRST_READ_AT_LEAST)):
+    with anyio.move_on_after(_read_bound(seconds)):
         with contextlib.suppress(BrokerConnectionError):
             await _read_records(found, jobs, queue, places)
+
+
+def _read_bound(seconds: float | None) -> float | None:
+    """What a group's read of its records may take: its time, half a second at least."""
+    return None if seconds is None else max(seconds, FIRST_READ_AT_LEAST)
 
 
 async def states_of(jobs: Sequence[Job[Any]]) -> list[JobState | None]:
