@@ -9,6 +9,7 @@ import math
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
 from typing import Any
 
 import anyio
@@ -1154,18 +1155,22 @@ async def test_two_rate_limits_on_one_key_whose_windows_have_one_number_count_ap
             pass
 
 
-async def test_the_memory_brokers_rate_counts_go_with_their_windows() -> None:
+async def test_the_memory_brokers_rate_counts_go_with_their_windows(monkeypatch: pytest.MonkeyPatch) -> None:
     # A count per key and window length: one per user's key grew the dict for ever, where Redis
     # expires each count's key.
+    from aqueue.brokers import _memory
+
+    now = time.time()  # the broker's clock stands still: no window may end between the hits
+    monkeypatch.setattr(_memory, "time", SimpleNamespace(time=lambda: now, monotonic=time.monotonic))
     broker = MemoryBroker()
     queue = Queue(broker=broker)
     for user in range(3):
         async with queue.rate_limit(f"user:{user}", limit=5, per=60):
             pass
     counts = broker._queues[queue.name].rates
-    await broker.prune(queue.name, time.time(), 100)
+    await broker.prune(queue.name, now, 100)
     assert len(counts) == 3  # their windows run still
-    await broker.prune(queue.name, time.time() + 120, 100)
+    await broker.prune(queue.name, now + 120, 100)
     assert counts == {}
 
 
