@@ -303,6 +303,14 @@ local function queued_entry(jk)
   return s, entry, found ~= nil and found[2][3] == 'task', pending
 end
 
+-- A job whose record says 'pending' may be running all the same, on a lean delivery (see
+-- `lean_delivery`): returns that delivery's row in the pending list, or nil when none runs it.
+local function lean_running(jk)
+  local _, _, lean, pending = queued_entry(jk)
+  if lean then return pending end
+  return nil
+end
+
 -- The live job an idempotency key names, if any (the key's entry may outlive its job's end). A
 -- job past its expiry that never started is not: it ends expired when met, and never runs. Nor is
 -- one revoked that no worker holds (its entry not delivered, or none): it ends revoked when met.

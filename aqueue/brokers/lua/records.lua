@@ -12,12 +12,10 @@ for i = 3, #ARGV do
   local rec = redis.call('HGETALL', jk)
   for j = 1, #rec, 2 do
     if rec[j] == 'state' then
-      if rec[j + 1] == 'pending' then
-        local _, _, lean, pending = queued_entry(jk)
-        if lean and pending then
-          rec[j + 1] = 'running'
-          with(rec, unpack(lean_start(pending, now)))
-        end
+      local pending = rec[j + 1] == 'pending' and lean_running(jk)
+      if pending then
+        rec[j + 1] = 'running'
+        with(rec, unpack(lean_start(pending, now)))
       end
       break
     end

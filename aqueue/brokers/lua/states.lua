@@ -10,9 +10,8 @@ for i = 1, #ARGV do
   local state = redis.call('HGET', jk, 'state')
   if not state and redis.call('EXISTS', jk) == 1 then
     state = ''  -- a record that has no state, which aqueue never writes: the caller says so
-  elseif state == 'pending' then
-    local _, _, lean, pending = queued_entry(jk)
-    if lean and pending then state = 'running' end
+  elseif state == 'pending' and lean_running(jk) then
+    state = 'running'
   end
   out[i] = state
 end
