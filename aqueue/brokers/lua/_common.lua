@@ -449,6 +449,10 @@ end
 -- revocation's until) reads as aqueue writes it, in Lua and in Python alike (Lua alone reads
 -- "0x10", and reads "nan" as a number no comparison holds for); a missing one does.
 local function count_field(v) return not v or (#v <= 15 and string.find(v, '^%d+$') ~= nil) end
+local function number_field(v)
+  local x = v and tonumber(v)
+  return not v or (x ~= nil and x == x and not string.find(v, '[xX]'))
+end
 
 -- For the delivery of a run after a retry (its 11th field): the retries the job asked for
 -- (`RetryTask`), which use none of the task's. A first attempt has asked for none, and is not
@@ -458,10 +462,6 @@ local function asked_of(jk, attempt)
   local asked = redis.call('HGET', jk, 'asked')
   if asked and count_field(asked) then return asked end
   return nil
-end
-local function number_field(v)
-  local x = v and tonumber(v)
-  return not v or (x ~= nil and x == x and not string.find(v, '[xX]'))
 end
 
 -- Whether a task is revoked now; a revocation for one job only is used up here.
